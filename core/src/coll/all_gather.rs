@@ -1,0 +1,1 @@
+//! all_gather algorithms (to be written).

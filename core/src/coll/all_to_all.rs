@@ -1,0 +1,1 @@
+//! all_to_all algorithms (to be written).

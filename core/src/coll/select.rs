@@ -1,0 +1,1 @@
+//! Algorithm selection (to be written).

@@ -1,0 +1,1 @@
+//! Plan simulator (to be written).

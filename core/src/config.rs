@@ -1,0 +1,406 @@
+//! Configuration: every environment variable braid reads, in ONE table ([`VARS`]), read once
+//! into an immutable [`Config`]. `docs/config.md` is generated from the table (a test keeps it
+//! current: run `UPDATE_DOCS=1 cargo test -p braid config` after changing the table).
+//!
+//! Unknown `BRAID_*` variables produce a warning (a typo should not silently do nothing).
+//! When the `BRAID_*` rendezvous variables are unset, the conventions of other launchers are
+//! accepted: torchrun's `MASTER_ADDR`/`MASTER_PORT`/`RANK`/`WORLD_SIZE` (rank 0 hosts the
+//! coordinator), Open MPI's `OMPI_COMM_WORLD_RANK`/`OMPI_COMM_WORLD_SIZE`, SLURM's
+//! `SLURM_PROCID`/`SLURM_NTASKS`.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// One environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct VarSpec {
+    /// Name.
+    pub name: &'static str,
+    /// Value type as documented.
+    pub ty: &'static str,
+    /// Default ("" = unset).
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// Every `BRAID_*` variable.
+pub const VARS: &[VarSpec] = &[
+    VarSpec { name: "BRAID_COORDINATOR", ty: "host:port", default: "",
+        doc: "Address of the coordinator service. Unset: MASTER_ADDR:MASTER_PORT (rank 0 hosts it), else an error." },
+    VarSpec { name: "BRAID_WORLD_SIZE", ty: "integer", default: "",
+        doc: "Number of ranks. Unset: WORLD_SIZE, OMPI_COMM_WORLD_SIZE or SLURM_NTASKS." },
+    VarSpec { name: "BRAID_RANK", ty: "integer", default: "",
+        doc: "Requested rank (optional). Unset: RANK, OMPI_COMM_WORLD_RANK or SLURM_PROCID; else the coordinator assigns by arrival." },
+    VarSpec { name: "BRAID_GROUP", ty: "string", default: "world",
+        doc: "Rendezvous namespace on the coordinator, so several communicators can share one coordinator." },
+    VarSpec { name: "BRAID_TIMEOUT", ty: "seconds", default: "600",
+        doc: "Deadline of every blocking wait of an operation (a silent peer is reported after this long)." },
+    VarSpec { name: "BRAID_INIT_TIMEOUT", ty: "seconds", default: "300",
+        doc: "Deadline for rendezvous and connection set-up." },
+    VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp", default: "auto",
+        doc: "Transport between ranks. auto picks the best available (tcp in this version)." },
+    VarSpec { name: "BRAID_TCP_STREAMS", ty: "integer", default: "1",
+        doc: "TCP sockets per peer pair; messages of at least BRAID_TCP_STRIPE_MIN bytes are striped over them." },
+    VarSpec { name: "BRAID_TCP_STRIPE_MIN", ty: "bytes", default: "262144",
+        doc: "Smallest part of a striped TCP message." },
+    VarSpec { name: "BRAID_BIND_ADDR", ty: "IP address", default: "",
+        doc: "Address this rank listens on for peers. Unset: the local address used to reach the coordinator." },
+    VarSpec { name: "BRAID_HOST_ID", ty: "string", default: "",
+        doc: "Overrides the host id (ranks with the same host id are on one host). Unset: boot id + hostname." },
+    VarSpec { name: "BRAID_ALGO", ty: "list", default: "",
+        doc: "Forces algorithms, for benchmarking: `ring`, or per collective `all_reduce=recdoubling,broadcast=chain`." },
+    VarSpec { name: "BRAID_SMALL_BYTES", ty: "bytes", default: "65536",
+        doc: "All-reduce messages up to this size use the latency-optimal algorithm." },
+    VarSpec { name: "BRAID_SLICE_BYTES", ty: "bytes", default: "524288",
+        doc: "Pipelining unit of ring and chain algorithms (must be equal on all ranks; it is checked)." },
+    VarSpec { name: "BRAID_SPIN_US", ty: "microseconds", default: "200",
+        doc: "How long a waiting rank polls without sleeping before it blocks in poll(2)." },
+    VarSpec { name: "BRAID_LOG", ty: "filter", default: "warn",
+        doc: "Log filter (tracing EnvFilter syntax, e.g. `info` or `braid::net=debug`); logs go to stderr." },
+];
+
+/// Transport choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Best available.
+    Auto,
+    /// TCP only.
+    Tcp,
+}
+
+/// Immutable configuration of one communicator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Coordinator address.
+    pub coordinator: Option<String>,
+    /// Whether this process should host the coordinator (torchrun convention, rank 0).
+    pub host_coordinator: bool,
+    /// Number of ranks.
+    pub world_size: Option<usize>,
+    /// Requested rank.
+    pub rank: Option<usize>,
+    /// Rendezvous namespace.
+    pub group: String,
+    /// Per-operation deadline.
+    pub timeout: Duration,
+    /// Set-up deadline.
+    pub init_timeout: Duration,
+    /// Transport.
+    pub transport: TransportKind,
+    /// Sockets per peer.
+    pub tcp_streams: usize,
+    /// Smallest stripe.
+    pub tcp_stripe_min: usize,
+    /// Listen address.
+    pub bind_addr: Option<String>,
+    /// Host id override.
+    pub host_id: Option<String>,
+    /// Algorithm overrides (raw text of BRAID_ALGO).
+    pub algo: String,
+    /// Small all-reduce threshold.
+    pub small_bytes: usize,
+    /// Pipelining unit.
+    pub slice_bytes: usize,
+    /// Spin time before blocking.
+    pub spin: Duration,
+    /// Log filter.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults in VARS always parse.
+        match Config::from_lookup(|_| None) {
+            Ok(c) => c,
+            Err(_) => Config {
+                coordinator: None,
+                host_coordinator: false,
+                world_size: None,
+                rank: None,
+                group: "world".into(),
+                timeout: Duration::from_secs(600),
+                init_timeout: Duration::from_secs(300),
+                transport: TransportKind::Auto,
+                tcp_streams: 1,
+                tcp_stripe_min: 262144,
+                bind_addr: None,
+                host_id: None,
+                algo: String::new(),
+                small_bytes: 65536,
+                slice_bytes: 524288,
+                spin: Duration::from_micros(200),
+                log: "warn".into(),
+            },
+        }
+    }
+}
+
+fn default_of(name: &str) -> &'static str {
+    VARS.iter()
+        .find(|v| v.name == name)
+        .map(|v| v.default)
+        .unwrap_or("")
+}
+
+/// Parses a byte size with an optional K/M/G suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last()?.to_ascii_uppercase() {
+        'K' => (&s[..s.len() - 1], 1usize << 10),
+        'M' => (&s[..s.len() - 1], 1 << 20),
+        'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<usize>().ok()?.checked_mul(mul)
+}
+
+fn parse_secs(name: &str, s: &str) -> Result<Duration> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("{name}={s}: not a number of seconds")))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "{name}={s}: must be a positive number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_usize(name: &str, s: &str) -> Result<usize> {
+    s.trim()
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("{name}={s}: not a non-negative integer")))
+}
+
+fn parse_size(name: &str, s: &str) -> Result<usize> {
+    parse_bytes(s).ok_or_else(|| {
+        Error::InvalidArgument(format!("{name}={s}: not a byte size (e.g. 4096, 64K, 1M)"))
+    })
+}
+
+impl Config {
+    /// Reads the process environment (warns about unknown `BRAID_*` names).
+    pub fn from_env() -> Result<Config> {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BRAID_") && !VARS.iter().any(|v| v.name == k) {
+                tracing::warn!(target: "braid::init", "unknown environment variable {k} (see docs/config.md)");
+            }
+        }
+        Config::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Builds a configuration from a lookup function (for tests and embedding).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let val = |name: &str| get(name).unwrap_or_else(|| default_of(name).to_string());
+        let opt = |name: &str| get(name).filter(|s| !s.is_empty());
+
+        let mut host_coordinator = false;
+        let coordinator = match opt("BRAID_COORDINATOR") {
+            Some(c) => Some(c),
+            None => match (get("MASTER_ADDR"), get("MASTER_PORT")) {
+                (Some(a), Some(p)) => {
+                    host_coordinator = true; // decided below by rank
+                    Some(format!("{a}:{p}"))
+                }
+                _ => None,
+            },
+        };
+        let world_size = match opt("BRAID_WORLD_SIZE")
+            .or_else(|| get("WORLD_SIZE"))
+            .or_else(|| get("OMPI_COMM_WORLD_SIZE"))
+            .or_else(|| get("SLURM_NTASKS"))
+        {
+            Some(s) => Some(parse_usize("BRAID_WORLD_SIZE", &s)?),
+            None => None,
+        };
+        if world_size == Some(0) {
+            return Err(Error::InvalidArgument("world size must be at least 1".into()));
+        }
+        let rank = match opt("BRAID_RANK")
+            .or_else(|| get("RANK"))
+            .or_else(|| get("OMPI_COMM_WORLD_RANK"))
+            .or_else(|| get("SLURM_PROCID"))
+        {
+            Some(s) => Some(parse_usize("BRAID_RANK", &s)?),
+            None => None,
+        };
+        if let (Some(r), Some(n)) = (rank, world_size) {
+            if r >= n {
+                return Err(Error::InvalidArgument(format!(
+                    "rank {r} is not below the world size {n}"
+                )));
+            }
+        }
+        // torchrun convention: rank 0 hosts the coordinator at MASTER_ADDR:MASTER_PORT.
+        host_coordinator = host_coordinator && rank == Some(0);
+
+        let transport = match val("BRAID_TRANSPORT").to_ascii_lowercase().as_str() {
+            "auto" => TransportKind::Auto,
+            "tcp" => TransportKind::Tcp,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_TRANSPORT={other}: expected auto or tcp (shm is not in this build)"
+                )))
+            }
+        };
+        let tcp_streams = parse_usize("BRAID_TCP_STREAMS", &val("BRAID_TCP_STREAMS"))?;
+        if !(1..=64).contains(&tcp_streams) {
+            return Err(Error::InvalidArgument(format!(
+                "BRAID_TCP_STREAMS={tcp_streams}: expected 1..=64"
+            )));
+        }
+        let slice_bytes = parse_size("BRAID_SLICE_BYTES", &val("BRAID_SLICE_BYTES"))?;
+        if slice_bytes < 4096 {
+            return Err(Error::InvalidArgument(
+                "BRAID_SLICE_BYTES must be at least 4096".into(),
+            ));
+        }
+        let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
+        Ok(Config {
+            coordinator,
+            host_coordinator,
+            world_size,
+            rank,
+            group: val("BRAID_GROUP"),
+            timeout: parse_secs("BRAID_TIMEOUT", &val("BRAID_TIMEOUT"))?,
+            init_timeout: parse_secs("BRAID_INIT_TIMEOUT", &val("BRAID_INIT_TIMEOUT"))?,
+            transport,
+            tcp_streams,
+            tcp_stripe_min: parse_size("BRAID_TCP_STRIPE_MIN", &val("BRAID_TCP_STRIPE_MIN"))?
+                .max(4096),
+            bind_addr: opt("BRAID_BIND_ADDR"),
+            host_id: opt("BRAID_HOST_ID"),
+            algo: val("BRAID_ALGO"),
+            small_bytes: parse_size("BRAID_SMALL_BYTES", &val("BRAID_SMALL_BYTES"))?,
+            slice_bytes,
+            spin: Duration::from_micros(spin_us as u64),
+            log: val("BRAID_LOG"),
+        })
+    }
+
+    /// The variable table as Markdown (the content of docs/config.md).
+    pub fn markdown_table() -> String {
+        let mut s = String::from(
+            "# braid environment variables\n\n\
+             Generated from `core/src/config.rs` (`VARS`); do not edit by hand.\n\n\
+             | variable | type | default | meaning |\n|---|---|---|---|\n",
+        );
+        for v in VARS {
+            let d = if v.default.is_empty() {
+                "(unset)".to_string()
+            } else {
+                format!("`{}`", v.default)
+            };
+            s.push_str(&format!("| `{}` | {} | {} | {} |\n", v.name, v.ty, d, v.doc));
+        }
+        s
+    }
+}
+
+/// Installs a stderr logger with the `BRAID_LOG` filter, once per process (later calls do
+/// nothing; an application's own subscriber wins).
+pub fn init_logging(filter: &str) {
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(600));
+        assert_eq!(c.group, "world");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn torchrun_convention() {
+        let c = cfg(&[
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("RANK", "0"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.coordinator.as_deref(), Some("127.0.0.1:29500"));
+        assert!(c.host_coordinator);
+        assert_eq!(c.world_size, Some(4));
+        let c1 = cfg(&[
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert!(!c1.host_coordinator);
+    }
+
+    #[test]
+    fn mpi_and_slurm() {
+        let c = cfg(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3")]).unwrap();
+        assert_eq!((c.rank, c.world_size), (Some(2), Some(3)));
+        let c = cfg(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")]).unwrap();
+        assert_eq!((c.rank, c.world_size), (Some(1), Some(2)));
+        // BRAID_* wins.
+        let c = cfg(&[("SLURM_PROCID", "1"), ("BRAID_RANK", "0"), ("SLURM_NTASKS", "2")]).unwrap();
+        assert_eq!(c.rank, Some(0));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for (k, v) in [
+            ("BRAID_TIMEOUT", "x"),
+            ("BRAID_TIMEOUT", "-1"),
+            ("BRAID_TRANSPORT", "carrier-pigeon"),
+            ("BRAID_TCP_STREAMS", "0"),
+            ("BRAID_SLICE_BYTES", "12Q"),
+            ("BRAID_WORLD_SIZE", "0"),
+        ] {
+            let e = cfg(&[(k, v)]).unwrap_err();
+            assert!(e.to_string().contains(k) || e.to_string().contains("world size"), "{e}");
+        }
+        assert!(cfg(&[("BRAID_RANK", "4"), ("BRAID_WORLD_SIZE", "4")]).is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("8"), Some(8));
+        assert_eq!(parse_bytes("64K"), Some(65536));
+        assert_eq!(parse_bytes("256M"), Some(256 << 20));
+        assert_eq!(parse_bytes("1g"), Some(1 << 30));
+        assert_eq!(parse_bytes("M"), None);
+    }
+
+    #[test]
+    fn docs_are_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config.md");
+        let want = Config::markdown_table();
+        if std::env::var("UPDATE_DOCS").is_ok() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/config.md is stale: run UPDATE_DOCS=1 cargo test -p braid config"
+        );
+    }
+}

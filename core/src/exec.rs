@@ -1,0 +1,1 @@
+//! Executor (to be written).

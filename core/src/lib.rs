@@ -1,0 +1,29 @@
+//! braid: collective communication for distributed training.
+//!
+//! A [`Communicator`] joins the ranks of a job (through the coordinator service of
+//! [`membership`]) and runs collectives (all-reduce, reduce-scatter, all-gather, broadcast,
+//! reduce, all-to-all, gather, scatter, barrier) and tagged point-to-point transfers over the
+//! transports of `braid-transport`.
+//!
+//! Layers inside this crate: [`config`] and [`error`] at the base; [`types`] and [`reduce`]
+//! (element types and reduction kernels); [`coll`] (algorithms as plans, no I/O); `exec`
+//! (runs plans over connections); [`comm`] (the public API); [`membership`] (coordinator,
+//! rendezvous, views).
+
+pub mod coll;
+pub mod comm;
+pub mod config;
+pub mod error;
+mod exec;
+mod mem;
+pub mod membership;
+pub mod reduce;
+pub mod types;
+
+pub use comm::{Communicator, Handle};
+pub use config::Config;
+pub use error::{Error, ErrorClass, Result};
+pub use types::{DataType, Element, ReduceOp};
+
+/// braid's version as (major, minor, patch).
+pub const VERSION: (u32, u32, u32) = (0, 1, 0);

@@ -1,0 +1,1 @@
+//! Raw buffers (to be written).

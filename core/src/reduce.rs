@@ -1,0 +1,1 @@
+//! Reduction kernels (to be written).

@@ -1,0 +1,226 @@
+//! braid byte transports.
+//!
+//! A transport moves tagged messages between two endpoints. It is small and non-blocking, in
+//! the shape of NCCL's `ncclNet_t`:
+//!
+//! * [`Transport::devices`] lists what the transport can use,
+//! * [`Transport::listen`] opens a [`Listener`] and returns the [`ConnectHandle`] (a small
+//!   versioned blob: magic, version, addresses) that the rendezvous carries to peers,
+//! * [`Transport::connect`] and [`Listener::accept`] make a [`Conn`],
+//! * [`Transport::register`] registers a memory region (a no-op for tcp),
+//! * [`Conn::isend`] / [`Conn::irecv`] post tagged operations and return a [`Request`] or
+//!   `None` ("not now": backpressure is a value, not an error), [`Conn::test`] asks whether a
+//!   request completed, [`Conn::progress`] moves bytes,
+//! * connections close when dropped.
+//!
+//! Messages on one connection are matched in order: the n-th message sent is received by the
+//! n-th receive posted on the other side. The receiver states the tag and the exact length it
+//! expects; a message that differs is reported ([`NetError::Mismatch`]) with the sender's
+//! [`Meta`] so that the layer above can say what the peer was doing. Nothing here knows about
+//! collectives, ranks or membership.
+
+use std::os::fd::RawFd;
+
+pub mod handle;
+pub mod mem;
+pub mod tcp;
+
+pub use handle::ConnectHandle;
+
+/// Number of opaque bytes a sender attaches to every message (like an RDMA immediate, larger).
+pub const META_LEN: usize = 32;
+
+/// Opaque bytes that travel with every message; the layer above encodes what it needs.
+pub type Meta = [u8; META_LEN];
+
+/// Errors of a transport.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    /// An operating-system call failed.
+    #[error("{op}: {msg}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// The OS error text.
+        msg: String,
+    },
+    /// The peer went away: connection reset or closed without a goodbye.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The peer closed the connection cleanly (sent a goodbye) while something was expected.
+    #[error("peer closed the connection: {0}")]
+    Closed(String),
+    /// The peer sent an abort notice with this reason.
+    #[error("peer aborted: {0}")]
+    PeerAborted(String),
+    /// The incoming message does not match the posted receive (tag or length).
+    #[error("message mismatch: expected tag {expected_tag} len {expected_len}, got tag {got_tag} len {got_len}")]
+    Mismatch {
+        /// Tag the receiver posted.
+        expected_tag: u64,
+        /// Length the receiver posted.
+        expected_len: u64,
+        /// Tag on the wire.
+        got_tag: u64,
+        /// Length on the wire.
+        got_len: u64,
+        /// The sender's meta bytes.
+        meta: Meta,
+    },
+    /// Bytes on the wire that are not this protocol (bad magic, version, truncated frame).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A connect or accept did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The transport cannot be used here (no device, unsupported pointer kind, ...).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl NetError {
+    pub(crate) fn io(op: impl Into<String>, e: std::io::Error) -> Self {
+        NetError::Io {
+            op: op.into(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type NetResult<T> = Result<T, NetError>;
+
+/// Which pointers a device accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PtrSupport {
+    /// Host memory.
+    pub host: bool,
+    /// CUDA device memory.
+    pub cuda: bool,
+}
+
+/// Properties of one device of a transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceProps {
+    /// Device name (interface name for tcp).
+    pub name: String,
+    /// Link speed in Mbit/s, 0 when unknown.
+    pub speed_mbps: u64,
+    /// Typical one-way latency in microseconds, 0 when unknown.
+    pub latency_us: f64,
+    /// Which pointers `isend`/`irecv` accept.
+    pub ptr_support: PtrSupport,
+}
+
+/// An opaque registration of a memory region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemHandle {
+    /// Transport-specific key (0 for transports that need no registration).
+    pub key: u64,
+}
+
+/// A posted operation on a [`Conn`]. Requests of one direction complete in posting order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// True for a send, false for a receive.
+    pub send: bool,
+    /// Position in that direction's posting order.
+    pub seq: u64,
+}
+
+/// A completed receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Bytes transferred.
+    pub len: usize,
+    /// The sender's meta bytes (zero for a send completion).
+    pub meta: Meta,
+}
+
+/// A byte transport.
+pub trait Transport: Send + Sync {
+    /// Short name ("tcp", "mem", ...).
+    fn name(&self) -> &'static str;
+    /// Devices usable by this transport; an empty list means it cannot be used here.
+    fn devices(&self) -> NetResult<Vec<DeviceProps>>;
+    /// Starts listening on device `dev`; the handle tells peers how to connect.
+    fn listen(&self, dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)>;
+    /// Connects to the listener behind `handle`, sending `hello` (at most 4 KiB) that the
+    /// acceptor receives with the connection. Blocks until connected or `deadline`.
+    fn connect(
+        &self,
+        handle: &ConnectHandle,
+        hello: &[u8],
+        deadline: std::time::Instant,
+    ) -> NetResult<Box<dyn Conn>>;
+    /// Registers a memory region for zero-copy transfers (a no-op for transports that do not
+    /// need it). The region must stay valid until deregistered.
+    fn register(&self, _ptr: *const u8, _len: usize) -> NetResult<MemHandle> {
+        Ok(MemHandle { key: 0 })
+    }
+    /// Releases a registration.
+    fn deregister(&self, _mh: MemHandle) -> NetResult<()> {
+        Ok(())
+    }
+}
+
+/// A listening endpoint.
+pub trait Listener: Send {
+    /// Non-blocking accept: returns a connection whose hello arrived and passed the transport's
+    /// checks, together with the hello bytes. Connections from strangers (bad magic, version or
+    /// truncated hello) are dropped with a log line and never returned.
+    fn accept(&mut self) -> NetResult<Option<(Box<dyn Conn>, Vec<u8>)>>;
+    /// A file descriptor that becomes readable when `accept` may make progress, if any.
+    fn fd(&self) -> Option<RawFd>;
+}
+
+/// One connection to a peer: ordered, tagged, bidirectional messages.
+pub trait Conn: Send {
+    /// Posts a send of `len` bytes at `buf` with `tag` and `meta`. Returns `Ok(None)` when the
+    /// connection cannot take more posted work now (call [`Conn::progress`] and retry).
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be readable and must not be written until the request completed
+    /// (per [`Conn::test`]) or the connection is dropped.
+    unsafe fn isend(
+        &mut self,
+        tag: u64,
+        meta: &Meta,
+        buf: *const u8,
+        len: usize,
+    ) -> NetResult<Option<Request>>;
+
+    /// Posts a receive of exactly `len` bytes with `tag` into `buf`. Returns `Ok(None)` when the
+    /// connection cannot take more posted work now.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be writable and not accessed by anyone else until the request
+    /// completed or the connection is dropped.
+    unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>>;
+
+    /// Moves bytes for every posted request; returns whether anything moved. Errors are sticky.
+    fn progress(&mut self) -> NetResult<bool>;
+
+    /// Whether `req` completed (does not call `progress`). A receive completion carries the
+    /// sender's meta.
+    fn test(&mut self, req: Request) -> NetResult<Option<Completion>>;
+
+    /// Number of posted requests not yet completed.
+    fn pending(&self) -> usize;
+
+    /// File descriptors to wait on, with whether write readiness matters now. Empty when the
+    /// connection cannot be waited on through file descriptors (in-process transport).
+    fn poll_fds(&self, out: &mut Vec<(RawFd, bool)>);
+
+    /// Best effort: tells the peer that this side aborts, with a reason, and stops all I/O.
+    fn abort(&mut self, reason: &str);
+
+    /// Best effort: tells the peer that this side closes cleanly.
+    fn goodbye(&mut self);
+
+    /// A short description of the remote end (address), for error messages.
+    fn peer_desc(&self) -> String;
+
+    /// Bytes sent and received over this connection so far (payload only).
+    fn bytes(&self) -> (u64, u64);
+}
