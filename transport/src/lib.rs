@@ -119,6 +119,17 @@ pub struct MemHandle {
     pub key: u64,
 }
 
+/// A file descriptor to wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollFd {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// Whether readability means progress is possible.
+    pub read: bool,
+    /// Whether writability means progress is possible.
+    pub write: bool,
+}
+
 /// A posted operation on a [`Conn`]. Requests of one direction complete in posting order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -208,9 +219,10 @@ pub trait Conn: Send {
     /// Number of posted requests not yet completed.
     fn pending(&self) -> usize;
 
-    /// File descriptors to wait on, with whether write readiness matters now. Empty when the
-    /// connection cannot be waited on through file descriptors (in-process transport).
-    fn poll_fds(&self, out: &mut Vec<(RawFd, bool)>);
+    /// File descriptors to wait on and the readiness that matters now. Nothing is pushed when
+    /// the connection cannot be waited on through file descriptors (in-process transport).
+    /// Hang-ups and errors matter always (the caller polls for them even when `read` is false).
+    fn poll_fds(&self, out: &mut Vec<PollFd>);
 
     /// Best effort: tells the peer that this side aborts, with a reason, and stops all I/O.
     fn abort(&mut self, reason: &str);
@@ -223,4 +235,36 @@ pub trait Conn: Send {
 
     /// Bytes sent and received over this connection so far (payload only).
     fn bytes(&self) -> (u64, u64);
+}
+
+/// Waits until one of `fds` is ready (per its `read`/`write` flags; hang-ups and errors always
+/// count) or `timeout` passes. Returns whether any descriptor is ready. Interrupted waits count
+/// as ready (the caller re-checks everything anyway).
+pub fn wait_fds(fds: &[PollFd], timeout: std::time::Duration, scratch: &mut Vec<libc::pollfd>) -> NetResult<bool> {
+    scratch.clear();
+    for p in fds {
+        let mut ev = libc::POLLRDHUP;
+        if p.read {
+            ev |= libc::POLLIN;
+        }
+        if p.write {
+            ev |= libc::POLLOUT;
+        }
+        scratch.push(libc::pollfd {
+            fd: p.fd,
+            events: ev,
+            revents: 0,
+        });
+    }
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: the pointer and length describe `scratch`, a live, initialised vector of pollfd.
+    let n = unsafe { libc::poll(scratch.as_mut_ptr(), scratch.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(true);
+        }
+        return Err(NetError::io("poll", e));
+    }
+    Ok(n > 0)
 }

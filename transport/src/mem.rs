@@ -1,1 +1,441 @@
-//! mem (to be written).
+//! In-process transport: ranks as threads of one process, for fast deterministic tests.
+//!
+//! A [`MemFabric`] plays the network: listeners register on it and connections are made
+//! through it (no global state; each test makes its own fabric). A send is matched with the
+//! receive posted on the other side and copied once, from the sender's buffer straight into
+//! the receiver's, by whichever side drives progress first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::{
+    Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
+    PtrSupport, Request, Transport, META_LEN,
+};
+
+type Incoming = (MemConn, Vec<u8>);
+
+/// The in-process "network".
+#[derive(Default)]
+pub struct MemFabric {
+    next: AtomicU64,
+    listeners: Mutex<HashMap<u64, mpsc::Sender<Incoming>>>,
+}
+
+impl MemFabric {
+    /// A new, empty fabric.
+    pub fn new() -> Arc<MemFabric> {
+        Arc::new(MemFabric::default())
+    }
+}
+
+/// The in-process transport over one fabric.
+#[derive(Clone)]
+pub struct MemTransport {
+    fabric: Arc<MemFabric>,
+}
+
+impl MemTransport {
+    /// A transport on `fabric`.
+    pub fn new(fabric: Arc<MemFabric>) -> MemTransport {
+        MemTransport { fabric }
+    }
+}
+
+struct PSend {
+    tag: u64,
+    meta: Meta,
+    ptr: *const u8,
+    len: usize,
+    seq: u64,
+}
+
+struct PRecv {
+    tag: u64,
+    ptr: *mut u8,
+    len: usize,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Chan {
+    sends: VecDeque<PSend>,
+    recvs: VecDeque<PRecv>,
+    /// Completed sends (count, in order).
+    send_done: u64,
+    /// Completed receives, with their metas (front = oldest not yet forgotten).
+    recv_done: u64,
+    recv_meta: VecDeque<(u64, Meta)>,
+    error: Option<NetError>,
+    bytes: u64,
+}
+
+// SAFETY: the raw pointers in PSend/PRecv are only dereferenced while matching, under the
+// channel's mutex, and point into buffers the posting side promised (isend/irecv contracts) to
+// keep valid until completion or until the connection is dropped (Drop fails the channel
+// before returning, so no pointer of a dropped side is used afterwards).
+unsafe impl Send for Chan {}
+
+#[derive(Default)]
+struct Shared {
+    /// dir[0]: side 0 → side 1, dir[1]: side 1 → side 0.
+    dir: [Mutex<Chan>; 2],
+    closed: [Mutex<Option<bool>>; 2], // Some(true) = goodbye, Some(false) = dropped/aborted
+    abort_reason: [Mutex<Option<String>>; 2],
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One side of an in-process connection.
+pub struct MemConn {
+    shared: Arc<Shared>,
+    side: usize,
+    sends_posted: u64,
+    recvs_posted: u64,
+    desc: String,
+    done_local: bool,
+}
+
+impl MemConn {
+    fn out_dir(&self) -> usize {
+        self.side
+    }
+    fn in_dir(&self) -> usize {
+        1 - self.side
+    }
+
+    /// Matches heads of one direction; returns whether anything moved.
+    fn match_dir(chan: &mut Chan) -> bool {
+        let mut moved = false;
+        while chan.error.is_none() && !chan.sends.is_empty() && !chan.recvs.is_empty() {
+            let (Some(s), Some(r)) = (chan.sends.front(), chan.recvs.front()) else {
+                break;
+            };
+            if s.tag != r.tag || s.len != r.len {
+                chan.error = Some(NetError::Mismatch {
+                    expected_tag: r.tag,
+                    expected_len: r.len as u64,
+                    got_tag: s.tag,
+                    got_len: s.len as u64,
+                    meta: s.meta,
+                });
+                break;
+            }
+            if s.len > 0 {
+                // SAFETY: both buffers are valid for `len` bytes per the isend/irecv contracts;
+                // they belong to different posted requests and do not overlap (a receive buffer
+                // is exclusively the receiver's until completion).
+                unsafe { std::ptr::copy_nonoverlapping(s.ptr, r.ptr, s.len) };
+            }
+            let meta = s.meta;
+            let (sseq, rseq, len) = (s.seq, r.seq, s.len);
+            chan.sends.pop_front();
+            chan.recvs.pop_front();
+            chan.send_done = sseq + 1;
+            chan.recv_done = rseq + 1;
+            chan.recv_meta.push_back((rseq, meta));
+            chan.bytes += len as u64;
+            moved = true;
+        }
+        moved
+    }
+
+    fn peer_state(&self) -> Option<bool> {
+        *lock(&self.shared.closed[1 - self.side])
+    }
+}
+
+impl Conn for MemConn {
+    unsafe fn isend(
+        &mut self,
+        tag: u64,
+        meta: &Meta,
+        buf: *const u8,
+        len: usize,
+    ) -> NetResult<Option<Request>> {
+        self.progress()?;
+        let seq = self.sends_posted;
+        self.sends_posted += 1;
+        let mut c = lock(&self.shared.dir[self.out_dir()]);
+        c.sends.push_back(PSend {
+            tag,
+            meta: *meta,
+            ptr: buf,
+            len,
+            seq,
+        });
+        Self::match_dir(&mut c);
+        Ok(Some(Request { send: true, seq }))
+    }
+
+    unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
+        self.progress()?;
+        let seq = self.recvs_posted;
+        self.recvs_posted += 1;
+        let mut c = lock(&self.shared.dir[self.in_dir()]);
+        c.recvs.push_back(PRecv {
+            tag,
+            ptr: buf,
+            len,
+            seq,
+        });
+        Self::match_dir(&mut c);
+        Ok(Some(Request { send: false, seq }))
+    }
+
+    fn progress(&mut self) -> NetResult<bool> {
+        if let Some(r) = lock(&self.shared.abort_reason[1 - self.side]).clone() {
+            return Err(NetError::PeerAborted(r));
+        }
+        if self.done_local {
+            return Err(NetError::Closed("connection closed locally".into()));
+        }
+        let mut moved = false;
+        for d in [self.out_dir(), self.in_dir()] {
+            let mut c = lock(&self.shared.dir[d]);
+            moved |= Self::match_dir(&mut c);
+            if let Some(e) = &c.error {
+                return Err(e.clone());
+            }
+        }
+        match self.peer_state() {
+            Some(false) => Err(NetError::Lost(format!("{} dropped", self.desc))),
+            Some(true) => {
+                let pending_recv = lock(&self.shared.dir[self.in_dir()]).recvs.len();
+                if pending_recv > 0 {
+                    Err(NetError::Closed(format!(
+                        "{} closed while a receive was pending",
+                        self.desc
+                    )))
+                } else {
+                    Ok(moved)
+                }
+            }
+            None => Ok(moved),
+        }
+    }
+
+    fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
+        if req.send {
+            let c = lock(&self.shared.dir[self.out_dir()]);
+            if req.seq < c.send_done {
+                return Ok(Some(Completion {
+                    len: 0,
+                    meta: [0; META_LEN],
+                }));
+            }
+            return match &c.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(None),
+            };
+        }
+        let mut c = lock(&self.shared.dir[self.in_dir()]);
+        if req.seq < c.recv_done {
+            let meta = c
+                .recv_meta
+                .iter()
+                .find(|(s, _)| *s == req.seq)
+                .map(|(_, m)| *m)
+                .unwrap_or([0; META_LEN]);
+            // Forget metas older than this one (requests are tested roughly in order).
+            while c.recv_meta.len() > 1024 {
+                c.recv_meta.pop_front();
+            }
+            return Ok(Some(Completion { len: 0, meta }));
+        }
+        match &c.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    fn pending(&self) -> usize {
+        let s = lock(&self.shared.dir[self.out_dir()]).sends.len();
+        let r = lock(&self.shared.dir[self.in_dir()]).recvs.len();
+        s + r
+    }
+
+    fn poll_fds(&self, _out: &mut Vec<PollFd>) {}
+
+    fn abort(&mut self, reason: &str) {
+        *lock(&self.shared.abort_reason[self.side]) = Some(reason.to_string());
+        self.fail_local(false);
+    }
+
+    fn goodbye(&mut self) {
+        self.fail_local(true);
+    }
+
+    fn peer_desc(&self) -> String {
+        self.desc.clone()
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        let tx = lock(&self.shared.dir[self.out_dir()]).bytes;
+        let rx = lock(&self.shared.dir[self.in_dir()]).bytes;
+        (tx, rx)
+    }
+}
+
+impl MemConn {
+    /// Marks this side closed and forgets its posted pointers, so the peer never touches this
+    /// side's buffers after it went away.
+    fn fail_local(&mut self, clean: bool) {
+        if self.done_local {
+            return;
+        }
+        self.done_local = true;
+        {
+            let mut st = lock(&self.shared.closed[self.side]);
+            if st.is_none() {
+                *st = Some(clean);
+            }
+        }
+        let mut o = lock(&self.shared.dir[self.out_dir()]);
+        o.sends.clear();
+        drop(o);
+        let mut i = lock(&self.shared.dir[self.in_dir()]);
+        i.recvs.clear();
+    }
+}
+
+impl Drop for MemConn {
+    fn drop(&mut self) {
+        self.fail_local(false);
+    }
+}
+
+/// Listener of the in-process transport.
+pub struct MemListener {
+    rx: mpsc::Receiver<Incoming>,
+    id: u64,
+    fabric: Arc<MemFabric>,
+}
+
+impl Listener for MemListener {
+    fn accept(&mut self) -> NetResult<Option<(Box<dyn Conn>, Vec<u8>)>> {
+        match self.rx.try_recv() {
+            Ok((c, hello)) => Ok(Some((Box::new(c), hello))),
+            Err(_) => Ok(None),
+        }
+    }
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl Drop for MemListener {
+    fn drop(&mut self) {
+        lock(&self.fabric.listeners).remove(&self.id);
+    }
+}
+
+impl Transport for MemTransport {
+    fn name(&self) -> &'static str {
+        "mem"
+    }
+
+    fn devices(&self) -> NetResult<Vec<DeviceProps>> {
+        Ok(vec![DeviceProps {
+            name: "mem".into(),
+            speed_mbps: 0,
+            latency_us: 0.0,
+            ptr_support: PtrSupport {
+                host: true,
+                cuda: false,
+            },
+        }])
+    }
+
+    fn listen(&self, _dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)> {
+        let id = self.fabric.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.fabric.listeners).insert(id, tx);
+        Ok((
+            Box::new(MemListener {
+                rx,
+                id,
+                fabric: self.fabric.clone(),
+            }),
+            ConnectHandle {
+                transport: "mem".into(),
+                addr: id.to_le_bytes().to_vec(),
+            },
+        ))
+    }
+
+    fn connect(
+        &self,
+        handle: &ConnectHandle,
+        hello: &[u8],
+        _deadline: Instant,
+    ) -> NetResult<Box<dyn Conn>> {
+        if handle.transport != "mem" || handle.addr.len() != 8 {
+            return Err(NetError::Protocol("not a mem connect handle".into()));
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&handle.addr);
+        let id = u64::from_le_bytes(b);
+        let shared = Arc::new(Shared::default());
+        let mine = MemConn {
+            shared: shared.clone(),
+            side: 0,
+            sends_posted: 0,
+            recvs_posted: 0,
+            desc: format!("mem listener {id}"),
+            done_local: false,
+        };
+        let theirs = MemConn {
+            shared,
+            side: 1,
+            sends_posted: 0,
+            recvs_posted: 0,
+            desc: "mem connector".into(),
+            done_local: false,
+        };
+        let tx = lock(&self.fabric.listeners)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| NetError::Lost(format!("no mem listener {id}")))?;
+        tx.send((theirs, hello.to_vec()))
+            .map_err(|_| NetError::Lost(format!("mem listener {id} is gone")))?;
+        Ok(Box::new(mine))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_recv_and_mismatch() {
+        let f = MemFabric::new();
+        let t = MemTransport::new(f);
+        let (mut l, h) = t.listen(0).unwrap();
+        let mut a = t.connect(&h, b"hi", Instant::now()).unwrap();
+        let (mut b, hello) = l.accept().unwrap().unwrap();
+        assert_eq!(hello, b"hi");
+        let src = [1u8, 2, 3, 4];
+        let mut dst = [0u8; 4];
+        let meta = [7u8; META_LEN];
+        // SAFETY: buffers outlive the requests.
+        let s = unsafe { a.isend(3, &meta, src.as_ptr(), 4) }.unwrap().unwrap();
+        // SAFETY: as above.
+        let r = unsafe { b.irecv(3, dst.as_mut_ptr(), 4) }.unwrap().unwrap();
+        assert!(a.test(s).unwrap().is_some());
+        assert_eq!(b.test(r).unwrap().unwrap().meta, meta);
+        assert_eq!(dst, src);
+        // SAFETY: as above.
+        unsafe { a.isend(4, &meta, src.as_ptr(), 4) }.unwrap();
+        // SAFETY: as above.
+        unsafe { b.irecv(4, dst.as_mut_ptr(), 2) }.unwrap();
+        assert!(matches!(b.progress(), Err(NetError::Mismatch { .. })));
+        drop(a);
+        assert!(b.progress().is_err());
+    }
+}
