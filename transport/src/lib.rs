@@ -175,12 +175,15 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// A connection just accepted, with the hello bytes its connector sent.
+pub type Accepted = (Box<dyn Conn>, Vec<u8>);
+
 /// A listening endpoint.
 pub trait Listener: Send {
     /// Non-blocking accept: returns a connection whose hello arrived and passed the transport's
     /// checks, together with the hello bytes. Connections from strangers (bad magic, version or
     /// truncated hello) are dropped with a log line and never returned.
-    fn accept(&mut self) -> NetResult<Option<(Box<dyn Conn>, Vec<u8>)>>;
+    fn accept(&mut self) -> NetResult<Option<Accepted>>;
     /// A file descriptor that becomes readable when `accept` may make progress, if any.
     fn fd(&self) -> Option<RawFd>;
 }
@@ -240,7 +243,11 @@ pub trait Conn: Send {
 /// Waits until one of `fds` is ready (per its `read`/`write` flags; hang-ups and errors always
 /// count) or `timeout` passes. Returns whether any descriptor is ready. Interrupted waits count
 /// as ready (the caller re-checks everything anyway).
-pub fn wait_fds(fds: &[PollFd], timeout: std::time::Duration, scratch: &mut Vec<libc::pollfd>) -> NetResult<bool> {
+pub fn wait_fds(
+    fds: &[PollFd],
+    timeout: std::time::Duration,
+    scratch: &mut Vec<libc::pollfd>,
+) -> NetResult<bool> {
     scratch.clear();
     for p in fds {
         let mut ev = libc::POLLRDHUP;

@@ -318,7 +318,7 @@ pub struct MemListener {
 }
 
 impl Listener for MemListener {
-    fn accept(&mut self) -> NetResult<Option<(Box<dyn Conn>, Vec<u8>)>> {
+    fn accept(&mut self) -> NetResult<Option<crate::Accepted>> {
         match self.rx.try_recv() {
             Ok((c, hello)) => Ok(Some((Box::new(c), hello))),
             Err(_) => Ok(None),
@@ -424,7 +424,9 @@ mod tests {
         let mut dst = [0u8; 4];
         let meta = [7u8; META_LEN];
         // SAFETY: buffers outlive the requests.
-        let s = unsafe { a.isend(3, &meta, src.as_ptr(), 4) }.unwrap().unwrap();
+        let s = unsafe { a.isend(3, &meta, src.as_ptr(), 4) }
+            .unwrap()
+            .unwrap();
         // SAFETY: as above.
         let r = unsafe { b.irecv(3, dst.as_mut_ptr(), 4) }.unwrap().unwrap();
         assert!(a.test(s).unwrap().is_some());

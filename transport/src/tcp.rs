@@ -154,9 +154,7 @@ impl Transport for TcpTransport {
             .map_err(|e| NetError::io(format!("bind {}", self.opts.bind), e))?;
         l.set_nonblocking(true)
             .map_err(|e| NetError::io("set_nonblocking", e))?;
-        let addr = l
-            .local_addr()
-            .map_err(|e| NetError::io("local_addr", e))?;
+        let addr = l.local_addr().map_err(|e| NetError::io("local_addr", e))?;
         let handle = ConnectHandle {
             transport: "tcp".into(),
             addr: addr.to_string().into_bytes(),
@@ -218,7 +216,9 @@ impl Transport for TcpTransport {
             h.extend_from_slice(&(i as u16).to_le_bytes());
             h.extend_from_slice(&(n as u16).to_le_bytes());
             h.extend_from_slice(&0u16.to_le_bytes());
-            h.extend_from_slice(&(self.opts.stripe_min.min(u32::MAX as usize) as u32).to_le_bytes());
+            h.extend_from_slice(
+                &(self.opts.stripe_min.min(u32::MAX as usize) as u32).to_le_bytes(),
+            );
             h.extend_from_slice(&conn_id.to_le_bytes());
             let hl = if i == 0 { hello.len() } else { 0 };
             h.extend_from_slice(&(hl as u32).to_le_bytes());
@@ -330,8 +330,8 @@ impl TcpListen {
                     if p.buf.len() < SOCK_HELLO {
                         SOCK_HELLO - p.buf.len()
                     } else {
-                        let hl =
-                            u32::from_le_bytes([p.buf[24], p.buf[25], p.buf[26], p.buf[27]]) as usize;
+                        let hl = u32::from_le_bytes([p.buf[24], p.buf[25], p.buf[26], p.buf[27]])
+                            as usize;
                         SOCK_HELLO + hl - p.buf.len()
                     }
                 }
@@ -351,7 +351,7 @@ impl TcpListen {
 }
 
 impl Listener for TcpListen {
-    fn accept(&mut self) -> NetResult<Option<(Box<dyn Conn>, Vec<u8>)>> {
+    fn accept(&mut self) -> NetResult<Option<crate::Accepted>> {
         loop {
             match self.listener.accept() {
                 Ok((s, peer)) => {
@@ -411,7 +411,10 @@ impl Listener for TcpListen {
                         since: now,
                         peer: p.peer,
                     });
-                    if g.socks.len() != nsock || g.socks[index].is_some() || g.stripe_min != stripe_min {
+                    if g.socks.len() != nsock
+                        || g.socks[index].is_some()
+                        || g.stripe_min != stripe_min
+                    {
                         tracing::warn!(target: "braid::net", "dropping connection from {}: inconsistent socket hello", p.peer);
                         continue;
                     }
@@ -547,7 +550,9 @@ fn decode_hdr(b: &[u8]) -> NetResult<Hdr> {
     };
     let kind = b[4];
     if !(KIND_DATA..=KIND_BYE).contains(&kind) {
-        return Err(NetError::Protocol(format!("corrupt frame: unknown kind {kind}")));
+        return Err(NetError::Protocol(format!(
+            "corrupt frame: unknown kind {kind}"
+        )));
     }
     Ok(Hdr {
         kind,
@@ -1061,7 +1066,10 @@ impl Conn for TcpConn {
                 return Err(self.fail(e));
             }
         }
-        Ok(Some(Request { send: true, seq: req }))
+        Ok(Some(Request {
+            send: true,
+            seq: req,
+        }))
     }
 
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
@@ -1248,11 +1256,19 @@ mod tests {
         let mut rreqs = vec![];
         for (k, buf) in bufs.iter().enumerate() {
             // SAFETY: test buffers outlive the requests (waited below).
-            sreqs.push(unsafe { a.isend(k as u64, &meta, buf.as_ptr(), buf.len()) }.unwrap().unwrap());
+            sreqs.push(
+                unsafe { a.isend(k as u64, &meta, buf.as_ptr(), buf.len()) }
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         for (k, out) in outs.iter_mut().enumerate() {
             // SAFETY: as above.
-            rreqs.push(unsafe { b.irecv(k as u64, out.as_mut_ptr(), out.len()) }.unwrap().unwrap());
+            rreqs.push(
+                unsafe { b.irecv(k as u64, out.as_mut_ptr(), out.len()) }
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         // Drive both sides from two threads.
         let th = std::thread::spawn(move || {
@@ -1353,7 +1369,10 @@ mod tests {
             }
             assert!(Instant::now() < end);
         };
-        assert!(matches!(&e, NetError::PeerAborted(r) if r == "rank 3 lost"), "{e}");
+        assert!(
+            matches!(&e, NetError::PeerAborted(r) if r == "rank 3 lost"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1362,7 +1381,8 @@ mod tests {
         let (mut l, h) = t.listen(0).unwrap();
         let addr: SocketAddr = std::str::from_utf8(&h.addr).unwrap().parse().unwrap();
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n garbage garbage garbage").unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n garbage garbage garbage")
+            .unwrap();
         let mut s2 = TcpStream::connect(addr).unwrap();
         let mut bad = HELLO_MAGIC.to_vec();
         bad.extend_from_slice(&[0xff; 40]);

@@ -1,1 +1,276 @@
-//! Membership (to be written).
+//! Membership: the coordinator service, its client, and views.
+//!
+//! The coordinator ([`Coordinator`], embeddable like torch's `TCPStore`, or standalone as the
+//! `braid-coordinator` binary) runs rendezvous for named groups ("world" by default). Each member
+//! connects, sends a [`Registration`] (world size, optional requested rank, host, pid, role and
+//! an opaque transport connect handle) and waits in [`rendezvous`] until the group is complete.
+//! The coordinator then publishes a [`View`] to every member: the epoch, a random nonce (which
+//! authenticates data connections between members of this view) and the members ordered by
+//! rank (rank = index in [`View::members`]).
+//!
+//! Rules:
+//! * Member ids are `u64` from one counter per coordinator, strictly increasing and never
+//!   reused, not even for a registration that was dropped (like pids).
+//! * A group's world size is fixed by its first registration; a registration with another world
+//!   size is refused.
+//! * Requested ranks are honoured (a duplicate request or a rank not below the world size is
+//!   refused); members without a request fill the free positions in arrival order.
+//! * A member whose connection drops before the view is complete is removed (its id retired),
+//!   so a restarted process can register again. A group nobody waits in any more is forgotten.
+//! * A group whose view is published refuses further registrations (elastic join comes later:
+//!   a later view has a higher epoch, members that stay keep their relative order, joiners come
+//!   last).
+//! * After the view is published each member keeps its [`Client`] connection open (later:
+//!   heartbeats and view changes). A group whose members have all disconnected is forgotten, so
+//!   a long-running coordinator can serve successive jobs.
+//!
+//! The wire protocol is in `proto` (length-prefixed JSON frames with magic and version).
+//! Logs use the target `braid::membership`.
+
+mod client;
+mod coordinator;
+mod proto;
+#[cfg(test)]
+mod tests;
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{rendezvous, Client};
+pub use coordinator::{Coordinator, CoordinatorOptions};
+
+/// Log target of this module.
+pub(crate) const LOG: &str = "braid::membership";
+
+/// What a member does in the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A training rank taking part in collectives (the only role the coordinator accepts in
+    /// this version).
+    Worker,
+    /// A parameter server (push/pull); reserved.
+    Server,
+    /// A read-only consumer of parameters (inference); reserved.
+    Reader,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Worker => "worker",
+            Role::Server => "server",
+            Role::Reader => "reader",
+        })
+    }
+}
+
+/// One member of a [`View`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Member id: unique per coordinator, never reused.
+    pub id: u64,
+    /// Host id (members with equal host ids share a host; see [`local_host_id`]).
+    pub host_id: String,
+    /// Host name, for messages.
+    pub hostname: String,
+    /// Process id on its host, for messages.
+    pub pid: u32,
+    /// Role.
+    pub role: Role,
+    /// Opaque connect-handle bytes (a `braid_transport::ConnectHandle`, encoded). Hex-encoded
+    /// in JSON.
+    #[serde(with = "hex_bytes")]
+    pub handle: Vec<u8>,
+}
+
+/// A membership view: who is in a group, in rank order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// Group (namespace on the coordinator).
+    pub group: String,
+    /// Epoch: 1 for the first view of a group; each later view of the group has a higher one.
+    pub epoch: u64,
+    /// Random per view; members present it when they connect to each other so connections of
+    /// another view or job are rejected.
+    pub nonce: u64,
+    /// Members; rank = index.
+    pub members: Vec<Member>,
+}
+
+impl View {
+    /// The rank of member `id` in this view, if it is a member.
+    pub fn rank_of(&self, id: u64) -> Option<usize> {
+        self.members.iter().position(|m| m.id == id)
+    }
+
+    /// Number of members.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+}
+
+/// What a member sends to register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// Group to join (e.g. "world"); 1 to 256 bytes.
+    pub group: String,
+    /// World size of the group (at least 1); must equal that of the group's first registration.
+    pub world_size: usize,
+    /// Requested rank (must be below `world_size` and not requested by another member), or
+    /// `None` to take a free position in arrival order.
+    pub rank: Option<usize>,
+    /// Host id ([`local_host_id`] unless overridden).
+    pub host_id: String,
+    /// Host name ([`local_hostname`]).
+    pub hostname: String,
+    /// Process id.
+    pub pid: u32,
+    /// Role (only [`Role::Worker`] is accepted in this version).
+    pub role: Role,
+    /// Opaque connect-handle bytes published to the other members (at most 64 KiB). Hex-encoded
+    /// in JSON.
+    #[serde(with = "hex_bytes")]
+    pub handle: Vec<u8>,
+}
+
+impl Registration {
+    /// A worker registration for this process (host id, host name and pid filled in).
+    pub fn worker(group: &str, world_size: usize, rank: Option<usize>, handle: Vec<u8>) -> Self {
+        Registration {
+            group: group.to_string(),
+            world_size,
+            rank,
+            host_id: local_host_id(),
+            hostname: local_hostname(),
+            pid: std::process::id(),
+            role: Role::Worker,
+            handle,
+        }
+    }
+}
+
+/// This host's name (`gethostname(2)`; falls back to `/proc/sys/kernel/hostname`, then
+/// `"localhost"`).
+pub fn local_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: FFI call; `buf` is valid for writes of `buf.len()` bytes for the duration of the
+    // call, and gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast::<libc::c_char>(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+        if !name.is_empty() {
+            return name;
+        }
+    }
+    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// This host's id: `/proc/sys/kernel/random/boot_id` + `":"` + host name (just the host name
+/// where the boot id cannot be read). Two processes have the same host id exactly when they
+/// run on the same (booted instance of a) machine, even inside containers with equal host
+/// names. `BRAID_HOST_ID` overrides it at the communicator level.
+pub fn local_host_id() -> String {
+    let host = local_hostname();
+    match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(b) if !b.trim().is_empty() => format!("{}:{host}", b.trim()),
+        _ => host,
+    }
+}
+
+/// The local IP address this host uses to reach `addr` (`host:port`), found by routing only
+/// (a UDP socket is connected, nothing is sent). Useful as the default address a member
+/// listens on for its peers.
+///
+/// Errors: `Error::InvalidArgument` for an address that does not resolve,
+/// `Error::System` where no route exists.
+pub fn local_ip_towards(addr: &str) -> crate::error::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| crate::error::Error::InvalidArgument(format!("address {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| {
+            crate::error::Error::InvalidArgument(format!("address {addr} resolves to nothing"))
+        })?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = std::net::UdpSocket::bind(bind)
+        .map_err(|e| crate::error::Error::System(format!("udp socket: {e}")))?;
+    sock.connect(target)
+        .map_err(|e| crate::error::Error::System(format!("no route to {addr}: {e}")))?;
+    Ok(sock
+        .local_addr()
+        .map_err(|e| crate::error::Error::System(format!("local address towards {addr}: {e}")))?
+        .ip())
+}
+
+/// A random u64 for view nonces: `/dev/urandom`, or (where it cannot be read) the
+/// process-randomly keyed SipHash of the time and a per-call value.
+pub(crate) fn random_u64(salt: u64) -> u64 {
+    let mut b = [0u8; 8];
+    let from_dev = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    let v = match from_dev {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(salt);
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            h.write_u32(std::process::id());
+            h.finish()
+        }
+    };
+    // 0 is reserved for "no view" on the data path.
+    v.max(1)
+}
+
+/// Serde helpers: bytes as a lower-case hex string (half the size of a JSON number array, which
+/// matters for views of thousands of members within the 1 MiB frame limit).
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(b.len() * 2);
+        for &x in b {
+            out.push(char::from(DIGITS[usize::from(x >> 4)]));
+            out.push(char::from(DIGITS[usize::from(x & 15)]));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        let nib = |c: u8| -> Result<u8, D::Error> {
+            match c {
+                b'0'..=b'9' => Ok(c - b'0'),
+                b'a'..=b'f' => Ok(c - b'a' + 10),
+                b'A'..=b'F' => Ok(c - b'A' + 10),
+                _ => Err(serde::de::Error::custom("handle is not a hex string")),
+            }
+        };
+        let b = s.as_bytes();
+        if b.len() % 2 != 0 {
+            return Err(serde::de::Error::custom(
+                "handle hex string has an odd length",
+            ));
+        }
+        b.chunks(2)
+            .map(|p| Ok((nib(p[0])? << 4) | nib(p[1])?))
+            .collect()
+    }
+}

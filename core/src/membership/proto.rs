@@ -1,0 +1,337 @@
+//! Wire protocol between members and the coordinator.
+//!
+//! Every message is one frame over TCP:
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic b"BRDC"
+//! 4       2     protocol version (u16, big-endian), currently 1
+//! 6       2     message type (u16, big-endian), see [`MsgType`]
+//! 8       4     payload length (u32, big-endian), at most MAX_PAYLOAD (1 MiB)
+//! 12      len   payload: JSON (serde_json) of the message's body
+//! ```
+//!
+//! Every read has a deadline: the first byte of a frame may be awaited up to a caller-chosen
+//! deadline (or, for an established member connection, until it closes or the service stops),
+//! and once the first byte arrived the rest of the frame must follow within the frame timeout.
+//! A peer speaking another protocol version gets an [`MsgType::Error`] frame whose message names
+//! both versions, then the connection closes. Bad magic, truncated frames and oversize lengths
+//! are reported as [`FrameError`]s; nothing here panics on peer input.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::View;
+
+/// Frame magic.
+pub(crate) const MAGIC: [u8; 4] = *b"BRDC";
+/// Protocol version spoken by this build.
+pub(crate) const VERSION: u16 = 1;
+/// Header length in bytes.
+pub(crate) const HEADER_LEN: usize = 12;
+/// Largest accepted payload.
+pub(crate) const MAX_PAYLOAD: usize = 1 << 20;
+/// Longest single blocking read, so stop/abort flags are seen promptly.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// Message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub(crate) enum MsgType {
+    /// member → coordinator: a [`super::Registration`].
+    Register = 1,
+    /// coordinator → member: [`Registered`] (registration accepted, view pending).
+    Registered = 2,
+    /// coordinator → member: [`ViewMsg`].
+    View = 3,
+    /// either way: [`ErrorMsg`]; the sender closes the connection afterwards.
+    Error = 4,
+    /// member → coordinator: polite departure (empty JSON object).
+    Goodbye = 5,
+}
+
+impl MsgType {
+    /// Decodes a type number.
+    pub(crate) fn from_u16(v: u16) -> Option<MsgType> {
+        Some(match v {
+            1 => MsgType::Register,
+            2 => MsgType::Registered,
+            3 => MsgType::View,
+            4 => MsgType::Error,
+            5 => MsgType::Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// Body of [`MsgType::Registered`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Registered {
+    /// The member id given to this registration.
+    pub member_id: u64,
+    /// Group joined.
+    pub group: String,
+    /// World size of the group.
+    pub world_size: usize,
+    /// Members registered so far, this one included.
+    pub registered: usize,
+}
+
+/// Body of [`MsgType::View`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ViewMsg {
+    /// The receiver's member id.
+    pub member_id: u64,
+    /// The view.
+    pub view: View,
+}
+
+/// Body of [`MsgType::Error`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ErrorMsg {
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Body of [`MsgType::Goodbye`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub(crate) struct Goodbye {}
+
+/// One received frame (magic and length already validated; version not yet).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Frame {
+    /// Protocol version of the sender.
+    pub version: u16,
+    /// Message type number.
+    pub ty: u16,
+    /// JSON payload.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Decodes the JSON payload.
+    pub(crate) fn body<T: for<'de> Deserialize<'de>>(&self) -> std::result::Result<T, String> {
+        serde_json::from_slice(&self.payload).map_err(|e| e.to_string())
+    }
+}
+
+/// Why no frame was read.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// The peer closed the connection cleanly between frames.
+    Closed,
+    /// No frame started before the caller's deadline.
+    Idle,
+    /// A frame started but did not complete within the frame timeout.
+    Stalled {
+        /// Bytes of the frame received.
+        got: usize,
+    },
+    /// The stop condition became true.
+    Stopped,
+    /// The connection closed in the middle of a frame.
+    Truncated {
+        /// Bytes of the frame received.
+        got: usize,
+        /// Bytes the frame should have had (header only, if the header was incomplete).
+        want: usize,
+    },
+    /// The first four bytes were not the magic.
+    BadMagic([u8; 4]),
+    /// The length field exceeded [`MAX_PAYLOAD`].
+    Oversize {
+        /// Declared length.
+        len: u32,
+    },
+    /// A socket error.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Closed => write!(f, "connection closed"),
+            FrameError::Idle => write!(f, "no message before the deadline"),
+            FrameError::Stalled { got } => {
+                write!(f, "frame stalled after {got} bytes (frame timeout)")
+            }
+            FrameError::Stopped => write!(f, "stopped"),
+            FrameError::Truncated { got, want } => {
+                write!(
+                    f,
+                    "connection closed after {got} of {want} bytes of a frame"
+                )
+            }
+            FrameError::BadMagic(m) => write!(
+                f,
+                "not the braid coordinator protocol (first bytes {:02x?}, expected \"BRDC\")",
+                m
+            ),
+            FrameError::Oversize { len, .. } => write!(
+                f,
+                "frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD} bytes"
+            ),
+            FrameError::Io(e) => write!(f, "socket error: {e}"),
+        }
+    }
+}
+
+enum Partial {
+    Eof(usize),
+    Timeout(usize),
+    Stopped,
+    Io(std::io::Error),
+}
+
+/// Reads exactly `buf.len()` bytes, in blocking reads of at most `slice`, until `deadline`
+/// (`None`: no deadline) or until `stop()` is true (checked between reads).
+fn read_full(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+    slice: Duration,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<(), Partial> {
+    let mut got = 0;
+    while got < buf.len() {
+        if stop() {
+            return Err(Partial::Stopped);
+        }
+        let slice = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Partial::Timeout(got));
+                }
+                left.min(slice)
+            }
+            None => slice,
+        };
+        // A zero timeout is refused by set_read_timeout; the slice is never zero here.
+        if let Err(e) = s.set_read_timeout(Some(slice.max(Duration::from_millis(1)))) {
+            return Err(Partial::Io(e));
+        }
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(Partial::Eof(got)),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(Partial::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame. The first byte is awaited until `first_byte_deadline` (`None`: until the
+/// peer closes or `stop()`); the rest must arrive within `frame_timeout` of the first byte.
+/// `stop()` is checked at least every 100 ms.
+pub(crate) fn read_frame(
+    s: &mut TcpStream,
+    first_byte_deadline: Option<Instant>,
+    frame_timeout: Duration,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<Frame, FrameError> {
+    read_frame_sliced(s, first_byte_deadline, frame_timeout, POLL_SLICE, stop)
+}
+
+/// [`read_frame`] checking `stop()` every `slice` (for long idle waits whose wake-up comes
+/// from a socket shutdown rather than from the flag).
+pub(crate) fn read_frame_sliced(
+    s: &mut TcpStream,
+    first_byte_deadline: Option<Instant>,
+    frame_timeout: Duration,
+    slice: Duration,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<Frame, FrameError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    match read_full(s, &mut hdr[..1], first_byte_deadline, slice, stop) {
+        Ok(()) => {}
+        Err(Partial::Eof(_)) => return Err(FrameError::Closed),
+        Err(Partial::Timeout(_)) => return Err(FrameError::Idle),
+        Err(Partial::Stopped) => return Err(FrameError::Stopped),
+        Err(Partial::Io(e)) => return Err(FrameError::Io(e)),
+    }
+    let frame_deadline = Instant::now() + frame_timeout;
+    let map = |p: Partial, base: usize, want: usize| match p {
+        Partial::Eof(got) => FrameError::Truncated {
+            got: base + got,
+            want,
+        },
+        Partial::Timeout(got) => FrameError::Stalled { got: base + got },
+        Partial::Stopped => FrameError::Stopped,
+        Partial::Io(e) => FrameError::Io(e),
+    };
+    read_full(s, &mut hdr[1..], Some(frame_deadline), slice, stop)
+        .map_err(|p| map(p, 1, HEADER_LEN))?;
+    let magic = [hdr[0], hdr[1], hdr[2], hdr[3]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = u16::from_be_bytes([hdr[4], hdr[5]]);
+    let ty = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let len = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    if len as usize > MAX_PAYLOAD {
+        return Err(FrameError::Oversize { len });
+    }
+    let mut payload = vec![0u8; len as usize];
+    read_full(s, &mut payload, Some(frame_deadline), slice, stop)
+        .map_err(|p| map(p, HEADER_LEN, HEADER_LEN + len as usize))?;
+    Ok(Frame {
+        version,
+        ty,
+        payload,
+    })
+}
+
+/// Encodes a frame with an explicit version (tests use other versions).
+pub(crate) fn encode_raw(version: u16, ty: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&version.to_be_bytes());
+    v.extend_from_slice(&ty.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Encodes a message of this protocol version.
+pub(crate) fn encode<T: Serialize>(ty: MsgType, body: &T) -> crate::error::Result<Vec<u8>> {
+    let payload = serde_json::to_vec(body)
+        .map_err(|e| crate::error::Error::Internal(format!("encoding {ty:?}: {e}")))?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{ty:?} message of {} bytes exceeds the protocol limit of {MAX_PAYLOAD} bytes",
+            payload.len()
+        )));
+    }
+    Ok(encode_raw(VERSION, ty as u16, &payload))
+}
+
+/// An error frame (never fails: the message is plain text).
+pub(crate) fn encode_error(message: &str) -> Vec<u8> {
+    let body = ErrorMsg {
+        message: message.to_string(),
+    };
+    let payload = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"message\":\"\"}".to_vec());
+    encode_raw(VERSION, MsgType::Error as u16, &payload)
+}
+
+/// Writes a whole frame with a write deadline (one `write_all`, so frames are never torn
+/// by concurrent writers holding the same lock).
+pub(crate) fn write_bytes(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    s.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    s.write_all(bytes)?;
+    s.flush()
+}

@@ -1,0 +1,564 @@
+//! Unit tests of the coordinator, the client and the protocol.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, MsgType};
+use super::*;
+use crate::error::Error;
+
+fn reg(group: &str, n: usize, rank: Option<usize>) -> Registration {
+    Registration::worker(group, n, rank, vec![rank.map_or(0xff, |r| r as u8), 1, 2])
+}
+
+fn secs(s: f64) -> Instant {
+    Instant::now() + Duration::from_secs_f64(s)
+}
+
+fn coord() -> (Coordinator, String) {
+    let c = Coordinator::bind("127.0.0.1:0").unwrap();
+    let a = c.local_addr().to_string();
+    (c, a)
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let end = secs(10.0);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Spawns a rendezvous on a thread.
+fn spawn_rdv(
+    addr: &str,
+    r: Registration,
+) -> thread::JoinHandle<crate::error::Result<(Client, u64, View)>> {
+    let addr = addr.to_string();
+    thread::spawn(move || rendezvous(&addr, &r, secs(20.0), &AtomicBool::new(false)))
+}
+
+/// Registers over a raw socket; returns the socket and the acknowledged member id.
+fn raw_register(addr: &str, r: &Registration) -> (TcpStream, u64) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&proto::encode(MsgType::Register, r).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut s, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    assert_eq!(
+        f.ty,
+        MsgType::Registered as u16,
+        "{:?}",
+        String::from_utf8_lossy(&f.payload)
+    );
+    let ack: proto::Registered = f.body().unwrap();
+    (s, ack.member_id)
+}
+
+/// Reads frames until the coordinator closes; returns the error messages seen.
+fn drain_until_closed(s: &mut TcpStream) -> Vec<String> {
+    let mut msgs = Vec::new();
+    loop {
+        match proto::read_frame(s, Some(secs(5.0)), Duration::from_secs(5), &|| false) {
+            Ok(f) => {
+                if f.ty == MsgType::Error as u16 {
+                    msgs.push(f.body::<proto::ErrorMsg>().unwrap().message);
+                }
+            }
+            Err(proto::FrameError::Closed) | Err(proto::FrameError::Io(_)) => return msgs,
+            Err(e) => panic!("coordinator did not close the connection: {e}"),
+        }
+    }
+}
+
+fn refusal(addr: &str, r: &Registration) -> String {
+    match rendezvous(addr, r, secs(10.0), &AtomicBool::new(false)) {
+        Err(Error::Coordinator(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn frames_round_trip_and_reject_garbage() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut a = TcpStream::connect(addr).unwrap();
+    let (mut b, _) = l.accept().unwrap();
+    let body = proto::ErrorMsg {
+        message: "hé".into(),
+    };
+    a.write_all(&proto::encode(MsgType::Error, &body).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut b, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    assert_eq!((f.version, f.ty), (proto::VERSION, MsgType::Error as u16));
+    assert_eq!(f.body::<proto::ErrorMsg>().unwrap(), body);
+    // Oversize length.
+    a.write_all(&[b'B', b'R', b'D', b'C', 0, 1, 0, 1, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    let e =
+        proto::read_frame(&mut b, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap_err();
+    assert!(matches!(e, proto::FrameError::Oversize { .. }), "{e}");
+    // Bad magic.
+    a.write_all(b"GET / HTTP/1").unwrap(); // exactly one header long
+    let e =
+        proto::read_frame(&mut b, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap_err();
+    assert!(matches!(e, proto::FrameError::BadMagic(_)), "{e}");
+    // Idle deadline and stop flag.
+    let t = Instant::now();
+    let e =
+        proto::read_frame(&mut b, Some(secs(0.2)), Duration::from_secs(5), &|| false).unwrap_err();
+    assert!(matches!(e, proto::FrameError::Idle), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let e = proto::read_frame(&mut b, None, Duration::from_secs(5), &|| true).unwrap_err();
+    assert!(matches!(e, proto::FrameError::Stopped), "{e}");
+    // Stalled frame (header started, rest never comes) and truncation.
+    a.write_all(b"BRD").unwrap();
+    let e = proto::read_frame(&mut b, Some(secs(5.0)), Duration::from_millis(200), &|| {
+        false
+    })
+    .unwrap_err();
+    assert!(matches!(e, proto::FrameError::Stalled { got: 3 }), "{e}");
+    a.write_all(&proto::encode_raw(1, 1, b"{}")[..8]).unwrap();
+    drop(a);
+    let e =
+        proto::read_frame(&mut b, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap_err();
+    assert!(
+        matches!(e, proto::FrameError::Truncated { got: 8, want: 12 }),
+        "{e}"
+    );
+}
+
+#[test]
+fn handles_travel_as_hex() {
+    let mut r = reg("world", 2, Some(1));
+    r.handle = vec![0, 0x7f, 0xff, 0x10];
+    let j = serde_json::to_string(&r).unwrap();
+    assert!(j.contains("\"handle\":\"007fff10\""), "{j}");
+    assert_eq!(serde_json::from_str::<Registration>(&j).unwrap(), r);
+    for bad in ["\"0\"", "\"zz\"", "[1,2]"] {
+        let j2 = j.replace("\"007fff10\"", bad);
+        assert!(serde_json::from_str::<Registration>(&j2).is_err(), "{j2}");
+    }
+}
+
+#[test]
+fn host_names_and_ids() {
+    let h = local_hostname();
+    assert!(!h.is_empty());
+    let id = local_host_id();
+    assert!(id.ends_with(&h), "{id} / {h}");
+    assert_eq!(id, local_host_id());
+    assert_ne!(random_u64(1), random_u64(1));
+}
+
+#[test]
+fn single_member_view() {
+    let (c, addr) = coord();
+    let r = reg("world", 1, None);
+    let (client, id, view) = rendezvous(&addr, &r, secs(10.0), &AtomicBool::new(false)).unwrap();
+    assert_eq!(client.member_id(), id);
+    assert_eq!(client.group(), "world");
+    assert_eq!(view.epoch, 1);
+    assert_ne!(view.nonce, 0);
+    assert_eq!(view.members.len(), 1);
+    let m = &view.members[0];
+    assert_eq!(
+        (m.id, &m.host_id, &m.hostname, m.pid, m.role, &m.handle),
+        (id, &r.host_id, &r.hostname, r.pid, Role::Worker, &r.handle)
+    );
+    assert_eq!(view.rank_of(id), Some(0));
+    assert!(client.local_addr().unwrap().ip().is_loopback());
+    drop(c);
+}
+
+#[test]
+fn requested_ranks_are_honoured_and_free_positions_filled_in_arrival_order() {
+    let (c, addr) = coord();
+    // Arrival order: A(any), B(rank 2), C(any), D(rank 0).
+    let wants = [None, Some(2), None, Some(0)];
+    let mut handles = Vec::new();
+    for (i, w) in wants.iter().enumerate() {
+        handles.push(spawn_rdv(&addr, reg("world", 4, *w)));
+        if i < 3 {
+            wait_until("registration", || c.registered("world") == i + 1);
+        }
+    }
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    let ids: Vec<u64> = results.iter().map(|r| r.1).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids by arrival: {ids:?}"
+    );
+    let view = &results[0].2;
+    for r in &results {
+        assert_eq!(&r.2, view, "all members see the same view");
+    }
+    // rank 0 = D, rank 1 = A, rank 2 = B, rank 3 = C.
+    let by_rank: Vec<u64> = view.members.iter().map(|m| m.id).collect();
+    assert_eq!(by_rank, vec![ids[3], ids[0], ids[1], ids[2]]);
+    assert_eq!(view.members[2].handle[0], 2);
+}
+
+#[test]
+fn ids_strictly_increase_across_groups_and_after_a_dropped_registration() {
+    let (c, addr) = coord();
+    let (_a, id_a, _) = rendezvous(
+        &addr,
+        &reg("a", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    // Registered in group b, then the process "dies" before the view.
+    let (s, id_dropped) = raw_register(&addr, &reg("b", 2, Some(0)));
+    assert!(id_dropped > id_a);
+    assert_eq!(c.registered("b"), 1);
+    drop(s);
+    wait_until("retirement", || c.registered("b") == 0);
+    // The restarted process gets the same rank again, with a new id.
+    let h0 = spawn_rdv(&addr, reg("b", 2, Some(0)));
+    let h1 = spawn_rdv(&addr, reg("b", 2, None));
+    let (_c0, id0, v0) = h0.join().unwrap().unwrap();
+    let (_c1, id1, v1) = h1.join().unwrap().unwrap();
+    assert_eq!(v0, v1);
+    assert!(id0 > id_dropped && id1 > id_dropped);
+    assert_ne!(id0, id1);
+    assert_eq!(v0.rank_of(id0), Some(0));
+    assert!(!v0.members.iter().any(|m| m.id == id_dropped));
+    let (_d, id_d, _) = rendezvous(
+        &addr,
+        &reg("c", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(id_d > id0.max(id1));
+}
+
+#[test]
+fn refusals_are_clear_errors() {
+    let (c, addr) = coord();
+    let (_s, _) = raw_register(&addr, &reg("world", 3, Some(1)));
+    // World size mismatch.
+    let m = refusal(&addr, &reg("world", 4, None));
+    assert!(m.contains("world size 3") && m.contains("says 4"), "{m}");
+    // Duplicate requested rank.
+    let m = refusal(&addr, &reg("world", 3, Some(1)));
+    assert!(m.contains("rank 1") && m.contains("already taken"), "{m}");
+    // Rank not below the world size: refused by the client before sending...
+    let e = rendezvous(
+        &addr,
+        &reg("world", 3, Some(3)),
+        secs(5.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    // ... and by the coordinator.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&proto::encode(MsgType::Register, &reg("world", 3, Some(7))).unwrap())
+        .unwrap();
+    let m = drain_until_closed(&mut s);
+    assert!(
+        m[0].contains("rank 7 is not below the world size 3"),
+        "{m:?}"
+    );
+    // Other roles are not accepted yet.
+    let mut r = reg("world", 3, None);
+    r.role = Role::Server;
+    let m = refusal(&addr, &r);
+    assert!(m.contains("role server"), "{m}");
+    assert_eq!(c.registered("world"), 1);
+    // Complete group.
+    let h0 = spawn_rdv(&addr, reg("world", 3, None));
+    let h2 = spawn_rdv(&addr, reg("world", 3, None));
+    let done: Vec<_> = [h0, h2]
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    let m = refusal(&addr, &reg("world", 3, None));
+    assert_eq!(
+        m,
+        "group world is complete (3 members); elastic join is not enabled"
+    );
+    drop(done);
+}
+
+#[test]
+fn other_protocol_version_gets_a_clear_message() {
+    let (c, addr) = coord();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let payload = serde_json::to_vec(&reg("world", 2, None)).unwrap();
+    s.write_all(&proto::encode_raw(2, MsgType::Register as u16, &payload))
+        .unwrap();
+    let msgs = drain_until_closed(&mut s);
+    assert_eq!(
+        msgs,
+        vec!["coordinator speaks protocol v1, client sent v2".to_string()]
+    );
+    assert_eq!(c.registered("world"), 0);
+}
+
+#[test]
+fn client_validates_replies() {
+    // A "coordinator" that answers with garbage, with another version, or not at all.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        let replies: Vec<Vec<u8>> = vec![
+            b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+            proto::encode_raw(2, MsgType::Registered as u16, b"{}"),
+            proto::encode_raw(2, MsgType::Error as u16, b"{\"message\":\"v2 says no\"}"),
+            proto::encode_raw(1, MsgType::View as u16, b"not json"),
+            proto::encode_raw(1, 77, b"{}"),
+        ];
+        for r in replies {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = proto::read_frame(&mut s, Some(secs(5.0)), Duration::from_secs(5), &|| false);
+            s.write_all(&r).unwrap();
+            thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let expect = [
+        "not the braid coordinator protocol",
+        "speaks protocol v2, this client speaks v1",
+        "v2 says no",
+        "invalid reply",
+        "unexpected message type 77",
+    ];
+    for want in expect {
+        match rendezvous(
+            &addr,
+            &reg("world", 2, None),
+            secs(10.0),
+            &AtomicBool::new(false),
+        ) {
+            Err(Error::Coordinator(m)) => assert!(m.contains(want), "{m} / {want}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn garbage_connections_do_not_disturb_a_concurrent_rendezvous() {
+    let opts = CoordinatorOptions {
+        handshake_timeout: Duration::from_millis(500),
+        frame_timeout: Duration::from_millis(500),
+        ..CoordinatorOptions::default()
+    };
+    let c = Coordinator::bind_with("127.0.0.1:0", opts).unwrap();
+    let addr = c.local_addr().to_string();
+    let garbage: Vec<Vec<u8>> = vec![
+        // Random bytes.
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect(),
+        // Truncated header, then close.
+        b"BRDC\x00".to_vec(),
+        // Truncated payload, then close.
+        proto::encode_raw(1, 1, b"{\"group\":\"world\"}")[..20].to_vec(),
+        // Oversize length.
+        vec![b'B', b'R', b'D', b'C', 0, 1, 0, 1, 0x7f, 0xff, 0xff, 0xff],
+        // Valid frame, payload not a registration.
+        proto::encode_raw(1, 1, b"[1,2,3]"),
+        // Valid frame of the wrong type.
+        proto::encode_raw(1, MsgType::View as u16, b"{}"),
+        // Half a header that never completes (stalls; dropped after the frame timeout).
+        b"BRD".to_vec(),
+        // Nothing at all (dropped after the handshake timeout).
+        Vec::new(),
+    ];
+    let mut bad = Vec::new();
+    let mut clients = Vec::new();
+    for (i, g) in garbage.into_iter().enumerate() {
+        let close = i < 3;
+        let a = addr.clone();
+        bad.push(thread::spawn(move || {
+            let mut s = TcpStream::connect(&a).unwrap();
+            s.write_all(&g).unwrap();
+            if close {
+                return;
+            }
+            // The coordinator must close the connection (maybe after an error frame).
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let t = Instant::now();
+            let mut buf = [0u8; 256];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(4),
+                "garbage connection {i} not dropped"
+            );
+        }));
+        if i % 3 == 0 {
+            clients.push(spawn_rdv(&addr, reg("world", 3, None)));
+        }
+    }
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    for b in bad {
+        b.join().unwrap();
+    }
+    assert_eq!(results.len(), 3);
+    let v = &results[0].2;
+    assert_eq!(v.members.len(), 3);
+    assert!(results.iter().all(|r| &r.2 == v));
+    assert_eq!(c.registered("world"), 3);
+}
+
+#[test]
+fn abort_stops_a_waiting_rendezvous_promptly() {
+    let (c, addr) = coord();
+    let abort = Arc::new(AtomicBool::new(false));
+    let a2 = Arc::clone(&abort);
+    let setter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        a2.store(true, std::sync::atomic::Ordering::SeqCst);
+        Instant::now()
+    });
+    let e = rendezvous(&addr, &reg("world", 2, None), secs(30.0), &abort).unwrap_err();
+    let set_at = setter.join().unwrap();
+    assert_eq!(e, Error::Aborted);
+    assert!(
+        set_at.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        set_at.elapsed()
+    );
+    wait_until("retirement", || c.registered("world") == 0);
+
+    // Also while the coordinator is unreachable.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap().to_string();
+    drop(l);
+    let abort = Arc::new(AtomicBool::new(false));
+    let a2 = Arc::clone(&abort);
+    let setter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        a2.store(true, std::sync::atomic::Ordering::SeqCst);
+        Instant::now()
+    });
+    let e = rendezvous(&dead, &reg("world", 2, None), secs(30.0), &abort).unwrap_err();
+    let set_at = setter.join().unwrap();
+    assert_eq!(e, Error::Aborted);
+    assert!(
+        set_at.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        set_at.elapsed()
+    );
+}
+
+#[test]
+fn deadline_when_the_group_never_completes() {
+    let (c, addr) = coord();
+    let t = Instant::now();
+    let e = rendezvous(
+        &addr,
+        &reg("world", 2, None),
+        secs(0.5),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    match &e {
+        Error::Timeout { what, secs } => {
+            assert!(what.contains(&addr) && what.contains("1 of 2"), "{what}");
+            assert!(*secs >= 0.4, "{secs}");
+        }
+        other => panic!("{other:?}"),
+    }
+    wait_until("retirement", || c.registered("world") == 0);
+}
+
+#[test]
+fn unreachable_coordinator_is_retried_until_the_deadline() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let e = rendezvous(
+        &addr,
+        &reg("world", 1, None),
+        secs(0.4),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    match &e {
+        Error::Timeout { what, .. } => assert!(what.contains(&addr), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // A coordinator that comes up late is found.
+    let h = spawn_rdv(&addr, reg("world", 1, None));
+    thread::sleep(Duration::from_millis(300));
+    let c = Coordinator::bind(&addr).unwrap();
+    let (_client, _, v) = h.join().unwrap().unwrap();
+    assert_eq!(v.members.len(), 1);
+    drop(c);
+    // A malformed address is an argument error, not a retry loop.
+    let e = rendezvous(
+        "no-port",
+        &reg("world", 1, None),
+        secs(5.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+}
+
+#[test]
+fn completed_group_is_forgotten_when_all_members_left() {
+    let (c, addr) = coord();
+    let h0 = spawn_rdv(&addr, reg("world", 2, None));
+    let h1 = spawn_rdv(&addr, reg("world", 2, None));
+    let a = h0.join().unwrap().unwrap();
+    let b = h1.join().unwrap().unwrap();
+    assert_eq!(c.registered("world"), 2);
+    drop(a);
+    wait_until("departure", || c.registered("world") == 1);
+    // Still complete while a member remains.
+    let m = refusal(&addr, &reg("world", 2, None));
+    assert!(m.contains("complete (2 members)"), "{m}");
+    drop(b);
+    wait_until("group forgotten", || c.registered("world") == 0);
+    let (_x, _, v) = rendezvous(
+        &addr,
+        &reg("world", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(v.epoch, 1);
+}
+
+#[test]
+fn shutdown_is_prompt_with_open_connections() {
+    let (mut c, addr) = coord();
+    let waiting = spawn_rdv(&addr, reg("world", 2, None));
+    let (_done, _, _) = rendezvous(
+        &addr,
+        &reg("other", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    wait_until("registration", || c.registered("world") == 1);
+    let idle = TcpStream::connect(&addr).unwrap();
+    let t = Instant::now();
+    c.shutdown();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    c.shutdown(); // idempotent
+    let e = waiting.join().unwrap().unwrap_err();
+    assert!(matches!(e, Error::Coordinator(_) | Error::System(_)), "{e}");
+    drop(idle);
+}
