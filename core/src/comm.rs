@@ -1,5 +1,1627 @@
-//! Communicator (to be written).
-/// A communicator.
-pub struct Communicator;
-/// A handle.
-pub struct Handle;
+//! The communicator: the public API of braid.
+//!
+//! # Buffers, in-place calls and aliasing
+//! Out-of-place calls take a send slice and a receive slice (Rust's borrow rules keep them
+//! disjoint). In-place calls (`*_inplace`) take one slice; their layout is stated per method.
+//! Buffers that are "significant only at the root" may be empty on other ranks.
+//!
+//! # Blocking and non-blocking
+//! Blocking calls are driven by the calling thread (no hand-off, lowest latency). Non-blocking
+//! calls (`i*`) take owned buffers, return a [`Handle`] and run, in issue order, on a progress
+//! thread of the communicator (started at the first non-blocking call). A blocking call issued
+//! after non-blocking ones runs after them. All ranks must issue collectives in the same order.
+//!
+//! # Threads
+//! A `Communicator` is `Send + Sync`; calls from several threads are serialised in the order
+//! they take the communicator's lock (that order must match across ranks, so in practice issue
+//! collectives from one thread). [`Communicator::abort`] may be called from any thread at any
+//! time and never blocks for long.
+//!
+//! # Errors
+//! Argument errors ([`Error::InvalidArgument`]) are reported before anything is sent and leave
+//! the communicator usable. Any other error is sticky: the communicator tells its peers (so they
+//! fail too, naming the cause, instead of hanging) and every later call returns the same error.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use braid_transport::mem::{MemFabric, MemTransport};
+use braid_transport::tcp::{TcpOptions, TcpTransport};
+use braid_transport::{Conn, ConnectHandle, Transport};
+
+use crate::coll::{select, Algo, CollKind, Plan, PlanCtx};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::exec::{Exec, P2pBatch, P2pOp, Peer, Sig};
+use crate::mem::RawBuf;
+use crate::membership::{self, Client, Coordinator, Registration, Role, View};
+use crate::types::{DataType, Element, ReduceOp};
+
+const HELLO_MAGIC: &[u8; 4] = b"BRDA";
+const HELLO_VERSION: u16 = 1;
+const PLAN_CACHE: usize = 32;
+
+/// What a job does.
+#[derive(Debug, Clone)]
+enum JobDesc {
+    Coll {
+        kind: CollKind,
+        dtype: DataType,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+    },
+    P2p(Vec<P2pOp>),
+}
+
+/// A job's outcome and the buffers it owned.
+type Outcome = (Result<()>, Box<dyn Any + Send>);
+/// Turns a job's owned buffers into what its handle returns.
+type Finisher<R> = Box<dyn FnOnce(Box<dyn Any + Send>) -> R + Send>;
+
+struct Slot {
+    res: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+struct Job {
+    desc: JobDesc,
+    bufs: [RawBuf; 2],
+    keep: Box<dyn Any + Send>,
+    slot: Arc<Slot>,
+}
+
+// SAFETY (Send for P2pOp is derived from RawBuf's): a job owns (`keep`) the buffers its raw
+// views point into, so moving it to the progress thread keeps them valid.
+
+struct State {
+    peers: Vec<Option<Peer>>,
+    exec: Exec,
+    seq: u64,
+    error: Option<Error>,
+    plans: HashMap<(PlanCtx, Algo), Arc<Plan>>,
+}
+
+/// Non-blocking jobs not yet completed (queued or in flight), in issue order.
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Jobs submitted and not yet completed (queued + running + point-to-point in flight).
+    outstanding: usize,
+    closed: bool,
+}
+
+struct Inner {
+    rank: usize,
+    size: usize,
+    member: u64,
+    view: View,
+    cfg: Config,
+    policy: select::Policy,
+    transport: &'static str,
+    listen_addr: String,
+    state: Mutex<State>,
+    queue: Mutex<Queue>,
+    qcv: Condvar,
+    abort: Arc<AtomicBool>,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A group of ranks that run collectives together.
+pub struct Communicator {
+    inner: Arc<Inner>,
+    progress: Mutex<Option<JoinHandle<()>>>,
+    acceptor: Option<JoinHandle<()>>,
+    acceptor_stop: Arc<AtomicBool>,
+    client: Mutex<Option<Client>>,
+    coordinator: Option<Coordinator>,
+}
+
+/// The completion handle of a non-blocking operation.
+pub struct Handle<R> {
+    slot: Arc<Slot>,
+    finish: Option<Finisher<R>>,
+}
+
+impl<R> Handle<R> {
+    /// Whether the operation has completed (successfully or not); never blocks.
+    pub fn test(&self) -> bool {
+        lock(&self.slot.res).is_some()
+    }
+
+    /// Waits for completion and returns the operation's result (its buffers, for operations
+    /// that own them). The operation itself is bounded by `BRAID_TIMEOUT`.
+    pub fn wait(mut self) -> Result<R> {
+        let mut g = lock(&self.slot.res);
+        loop {
+            if let Some((res, keep)) = g.take() {
+                drop(g);
+                res?;
+                let f = self
+                    .finish
+                    .take()
+                    .ok_or_else(|| Error::Internal("handle already consumed".into()))?;
+                return Ok(f(keep));
+            }
+            g = self
+                .slot
+                .cv
+                .wait_timeout(g, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+fn bytes_of<T: Element>(s: &[T]) -> &[u8] {
+    bytemuck::cast_slice(s)
+}
+
+fn bytes_of_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(s)
+}
+
+fn invalid<T>(msg: String) -> Result<T> {
+    Err(Error::InvalidArgument(msg))
+}
+
+fn hello_bytes(nonce: u64, epoch: u64, rank: usize, member: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(36);
+    h.extend_from_slice(HELLO_MAGIC);
+    h.extend_from_slice(&HELLO_VERSION.to_le_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&nonce.to_le_bytes());
+    h.extend_from_slice(&epoch.to_le_bytes());
+    h.extend_from_slice(&(rank as u64).to_le_bytes());
+    h.extend_from_slice(&member.to_le_bytes());
+    h
+}
+
+/// Parses a data-connection hello: (nonce, epoch, rank, member).
+fn parse_hello(h: &[u8]) -> Option<(u64, u64, usize, u64)> {
+    if h.len() != 40 || &h[..4] != HELLO_MAGIC {
+        return None;
+    }
+    if u16::from_le_bytes([h[4], h[5]]) != HELLO_VERSION {
+        return None;
+    }
+    let u = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    Some((u(8), u(16), u(24) as usize, u(32)))
+}
+
+/// Builds the transport the configuration asks for.
+fn make_transport(cfg: &Config) -> Result<Arc<dyn Transport>> {
+    let bind = match &cfg.bind_addr {
+        Some(a) => a.parse().map_err(|_| {
+            Error::InvalidArgument(format!("BRAID_BIND_ADDR={a}: not an IP address"))
+        })?,
+        None => cfg
+            .coordinator
+            .as_deref()
+            .and_then(|a| membership::local_ip_towards(a).ok())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+    };
+    let t = TcpTransport::new(TcpOptions {
+        streams: cfg.tcp_streams,
+        stripe_min: cfg.tcp_stripe_min,
+        bind,
+        sock_buf: None,
+    })
+    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok(Arc::new(t))
+}
+
+impl Communicator {
+    /// Creates a communicator from the environment (`BRAID_*`, or torchrun/MPI/SLURM
+    /// variables): rendezvous through the coordinator, then connections to every peer.
+    ///
+    /// Errors: invalid configuration; coordinator unreachable or refusing (after
+    /// `BRAID_INIT_TIMEOUT`); peers not connecting in time.
+    pub fn init() -> Result<Communicator> {
+        let cfg = Config::from_env()?;
+        Communicator::init_with(cfg)
+    }
+
+    /// Creates a communicator from an explicit configuration over the transport it names.
+    pub fn init_with(cfg: Config) -> Result<Communicator> {
+        crate::config::init_logging(&cfg.log);
+        let t = make_transport(&cfg)?;
+        Communicator::init_on(cfg, t)
+    }
+
+    /// Creates a communicator over the in-process transport of `fabric` (ranks as threads of
+    /// one process; for tests and examples). The coordinator is still used for rendezvous.
+    pub fn init_in_process(cfg: Config, fabric: Arc<MemFabric>) -> Result<Communicator> {
+        Communicator::init_on(cfg, Arc::new(MemTransport::new(fabric)))
+    }
+
+    fn init_on(cfg: Config, transport: Arc<dyn Transport>) -> Result<Communicator> {
+        let deadline = Instant::now() + cfg.init_timeout;
+        let world = cfg.world_size.ok_or_else(|| {
+            Error::InvalidArgument(
+                "world size unknown: set BRAID_WORLD_SIZE (or WORLD_SIZE), or launch with braid-run"
+                    .into(),
+            )
+        })?;
+        let coord_addr = cfg.coordinator.clone().ok_or_else(|| {
+            Error::InvalidArgument(
+                "coordinator unknown: set BRAID_COORDINATOR=host:port (or MASTER_ADDR and MASTER_PORT), or launch with braid-run"
+                    .into(),
+            )
+        })?;
+        let policy = select::Policy::parse(&cfg.algo, cfg.small_bytes)?;
+        let coordinator = if cfg.host_coordinator {
+            Some(Coordinator::bind(&coord_addr)?)
+        } else {
+            None
+        };
+
+        let (listener, handle) = transport
+            .listen(0)
+            .map_err(|e| Error::System(format!("listen: {e}")))?;
+        let (conn_tx, conn_rx) = mpsc::channel::<(Box<dyn Conn>, Vec<u8>)>();
+        let acceptor_stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = acceptor_stop.clone();
+            let mut listener = listener;
+            std::thread::Builder::new()
+                .name("braid-accept".into())
+                .spawn(move || {
+                    let mut scratch = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match listener.accept() {
+                            Ok(Some(c)) => {
+                                // After set-up nobody listens: the connection is dropped there.
+                                let _ = conn_tx.send(c);
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(target: "braid::net", "accept: {e}");
+                            }
+                        }
+                        match listener.fd() {
+                            Some(fd) => {
+                                let pf = [braid_transport::PollFd {
+                                    fd,
+                                    read: true,
+                                    write: false,
+                                }];
+                                let _ = braid_transport::wait_fds(
+                                    &pf,
+                                    Duration::from_millis(20),
+                                    &mut scratch,
+                                );
+                            }
+                            None => std::thread::sleep(Duration::from_micros(200)),
+                        }
+                    }
+                })
+                .map_err(|e| Error::System(format!("spawning the accept thread: {e}")))?
+        };
+
+        let abort = Arc::new(AtomicBool::new(false));
+        let reg = Registration {
+            group: cfg.group.clone(),
+            world_size: world,
+            rank: cfg.rank,
+            host_id: cfg
+                .host_id
+                .clone()
+                .unwrap_or_else(membership::local_host_id),
+            hostname: membership::local_hostname(),
+            pid: std::process::id(),
+            role: Role::Worker,
+            handle: handle.encode(),
+        };
+        let stop_acceptor = |acc: JoinHandle<()>| {
+            acceptor_stop.store(true, Ordering::Relaxed);
+            let _ = acc.join();
+        };
+        let (client, member, view) =
+            match membership::rendezvous(&coord_addr, &reg, deadline, &abort) {
+                Ok(x) => x,
+                Err(e) => {
+                    stop_acceptor(acceptor);
+                    return Err(e);
+                }
+            };
+        let rank = match view.members.iter().position(|m| m.id == member) {
+            Some(r) => r,
+            None => {
+                stop_acceptor(acceptor);
+                return Err(Error::Coordinator(format!(
+                    "view of epoch {} does not contain this member ({member})",
+                    view.epoch
+                )));
+            }
+        };
+        let size = view.members.len();
+        tracing::info!(target: "braid::init", "rank {rank}/{size} member {member} epoch {} transport {}", view.epoch, transport.name());
+
+        let peers =
+            match connect_peers(&*transport, &view, rank, member, &conn_rx, deadline, &abort) {
+                Ok(p) => p,
+                Err(e) => {
+                    stop_acceptor(acceptor);
+                    return Err(e);
+                }
+            };
+        // Later connections (strangers, stale jobs) are drained and dropped by a small thread
+        // reading the channel, so they never pile up.
+        std::thread::Builder::new()
+            .name("braid-strangers".into())
+            .spawn(move || {
+                while let Ok((c, hello)) = conn_rx.recv() {
+                    tracing::warn!(target: "braid::net", "dropping unexpected data connection from {} ({})",
+                        c.peer_desc(),
+                        if parse_hello(&hello).is_some() { "a braid hello after set-up" } else { "not a braid hello" });
+                }
+            })
+            .map_err(|e| Error::System(format!("spawning a thread: {e}")))?;
+
+        let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
+        let inner = Arc::new(Inner {
+            rank,
+            size,
+            member,
+            view,
+            policy,
+            transport: transport.name(),
+            listen_addr: String::from_utf8_lossy(&handle.addr).into_owned(),
+            cfg,
+            state: Mutex::new(State {
+                peers,
+                exec,
+                seq: 0,
+                error: None,
+                plans: HashMap::new(),
+            }),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                outstanding: 0,
+                closed: false,
+            }),
+            qcv: Condvar::new(),
+            abort,
+            stop: AtomicBool::new(false),
+        });
+        Ok(Communicator {
+            inner,
+            progress: Mutex::new(None),
+            acceptor: Some(acceptor),
+            acceptor_stop,
+            client: Mutex::new(Some(client)),
+            coordinator,
+        })
+    }
+
+    /// This rank (0-based position in the view).
+    pub fn rank(&self) -> usize {
+        self.inner.rank
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.inner.size
+    }
+
+    /// This process's member id (assigned by the coordinator; never reused).
+    pub fn member_id(&self) -> u64 {
+        self.inner.member
+    }
+
+    /// The membership view this communicator runs on (epoch, members in rank order).
+    pub fn view(&self) -> &View {
+        &self.inner.view
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// Name of the transport between ranks ("tcp", "mem").
+    pub fn transport_name(&self) -> &'static str {
+        self.inner.transport
+    }
+
+    /// Where this rank accepts data connections from peers (for tcp, `ip:port`).
+    pub fn listen_addr(&self) -> &str {
+        &self.inner.listen_addr
+    }
+
+    /// Payload bytes (sent, received) per peer rank so far, over all transports.
+    pub fn bytes_per_peer(&self) -> Vec<(usize, u64, u64)> {
+        let st = lock(&self.inner.state);
+        st.peers
+            .iter()
+            .flatten()
+            .map(|p| {
+                let (t, r) = p.conn.bytes();
+                (p.rank, t, r)
+            })
+            .collect()
+    }
+
+    /// The sticky error, if an operation failed.
+    pub fn error(&self) -> Option<Error> {
+        lock(&self.inner.state).error.clone()
+    }
+
+    /// Aborts the communicator: pending and later operations fail with [`Error::Aborted`],
+    /// peers are told (so they fail instead of hanging). Never blocks for long; safe from any
+    /// thread. [`Drop`] is still needed to release resources.
+    pub fn abort(&self) {
+        self.inner.abort.store(true, Ordering::SeqCst);
+        // If no operation runs, close the connections now; otherwise the running operation
+        // sees the flag within ~50 ms and its error path does it.
+        if let Ok(mut st) = self.inner.state.try_lock() {
+            fail_state(&mut st, Error::Aborted);
+        }
+        self.inner.qcv.notify_all();
+    }
+
+    // ---- internals -------------------------------------------------------------------
+
+    fn check_root(&self, root: usize) -> Result<()> {
+        if root >= self.size() {
+            return invalid(format!(
+                "root {root} is not a rank of this communicator of {} ranks",
+                self.size()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a job on the calling thread, after any queued non-blocking jobs.
+    fn run_blocking(&self, desc: JobDesc, bufs: [RawBuf; 2]) -> Result<()> {
+        let mut q = lock(&self.inner.queue);
+        while q.outstanding > 0 {
+            q = self
+                .inner
+                .qcv
+                .wait_timeout(q, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if q.closed {
+            return Err(Error::InvalidUsage("communicator is closed".into()));
+        }
+        // The queue lock is held while the call runs so that operations issued meanwhile
+        // by other threads are ordered after it.
+        let mut st = lock(&self.inner.state);
+        run_job(&self.inner, &mut st, desc, bufs)
+    }
+
+    /// Queues a job for the progress thread.
+    fn submit<R: 'static>(
+        &self,
+        desc: JobDesc,
+        bufs: [RawBuf; 2],
+        keep: Box<dyn Any + Send>,
+        finish: impl FnOnce(Box<dyn Any + Send>) -> R + Send + 'static,
+    ) -> Result<Handle<R>> {
+        let slot = Arc::new(Slot {
+            res: Mutex::new(None),
+            cv: Condvar::new(),
+        });
+        {
+            let mut q = lock(&self.inner.queue);
+            if q.closed {
+                return Err(Error::InvalidUsage("communicator is closed".into()));
+            }
+            q.jobs.push_back(Job {
+                desc,
+                bufs,
+                keep,
+                slot: slot.clone(),
+            });
+            q.outstanding += 1;
+        }
+        self.ensure_progress_thread()?;
+        self.inner.qcv.notify_all();
+        Ok(Handle {
+            slot,
+            finish: Some(Box::new(finish)),
+        })
+    }
+
+    fn ensure_progress_thread(&self) -> Result<()> {
+        let mut g = lock(&self.progress);
+        if g.is_some() {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("braid-progress-{}", self.rank()))
+            .spawn(move || progress_loop(inner))
+            .map_err(|e| Error::System(format!("spawning the progress thread: {e}")))?;
+        *g = Some(h);
+        Ok(())
+    }
+
+    fn coll<T: Element>(
+        &self,
+        kind: CollKind,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+        send: RawBuf,
+        recv: RawBuf,
+    ) -> Result<()> {
+        self.run_blocking(
+            JobDesc::Coll {
+                kind,
+                dtype: T::DTYPE,
+                op,
+                count,
+                root,
+            },
+            [send, recv],
+        )
+    }
+
+    // ---- collectives -----------------------------------------------------------------
+
+    /// All-reduce: `recv[i] = send_0[i] ⊕ … ⊕ send_{n-1}[i]` on every rank.
+    ///
+    /// Errors: `send.len() != recv.len()`.
+    pub fn all_reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        if send.len() != recv.len() {
+            return invalid(format!(
+                "all_reduce: send has {} elements, recv {}",
+                send.len(),
+                recv.len()
+            ));
+        }
+        let n = send.len();
+        self.coll::<T>(
+            CollKind::AllReduce,
+            op,
+            n,
+            0,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place all-reduce of `buf`.
+    pub fn all_reduce_inplace<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(buf));
+        self.coll::<T>(CollKind::AllReduce, op, n, 0, b, b)
+    }
+
+    /// Reduce-scatter: `send` holds `n` blocks of `recv.len()` elements; rank r receives the
+    /// reduction of everyone's block r.
+    ///
+    /// Errors: `send.len() != recv.len() * n`.
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.size();
+        if send.len() != recv.len() * n {
+            return invalid(format!(
+                "reduce_scatter: send has {} elements, expected recv ({}) × ranks ({n})",
+                send.len(),
+                recv.len()
+            ));
+        }
+        let c = recv.len();
+        self.coll::<T>(
+            CollKind::ReduceScatter,
+            op,
+            c,
+            0,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place reduce-scatter: `buf` holds `n` blocks; the result lands in this rank's block
+    /// (`buf[rank*c..(rank+1)*c]`), the other blocks are left unspecified.
+    ///
+    /// Errors: `buf.len()` not a multiple of the rank count.
+    pub fn reduce_scatter_inplace<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "reduce_scatter_inplace: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let es = T::DTYPE.size();
+        let all = RawBuf::from_mut(bytes_of_mut(buf));
+        let mine = sub(all, self.rank() * c * es, c * es)?;
+        self.coll::<T>(CollKind::ReduceScatter, op, c, 0, all, mine)
+    }
+
+    /// All-gather: `recv` gets every rank's `send`, in rank order.
+    ///
+    /// Errors: `recv.len() != send.len() * n`.
+    pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let n = self.size();
+        if recv.len() != send.len() * n {
+            return invalid(format!(
+                "all_gather: recv has {} elements, expected send ({}) × ranks ({n})",
+                recv.len(),
+                send.len()
+            ));
+        }
+        self.coll::<T>(
+            CollKind::AllGather,
+            ReduceOp::Sum,
+            send.len(),
+            0,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place all-gather: this rank's contribution is already in its block of `buf`.
+    ///
+    /// Errors: `buf.len()` not a multiple of the rank count.
+    pub fn all_gather_inplace<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "all_gather_inplace: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let es = T::DTYPE.size();
+        let all = RawBuf::from_mut(bytes_of_mut(buf));
+        let mine = sub(all, self.rank() * c * es, c * es)?;
+        self.coll::<T>(CollKind::AllGather, ReduceOp::Sum, c, 0, mine, all)
+    }
+
+    /// In-place broadcast: the root's `buf` is copied into every rank's `buf`.
+    ///
+    /// Errors: root out of range.
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.check_root(root)?;
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(buf));
+        self.coll::<T>(CollKind::Broadcast, ReduceOp::Sum, n, root, b, b)
+    }
+
+    /// Out-of-place broadcast: the root's `send` lands in every rank's `recv` (`send` is
+    /// significant only at the root and may be empty elsewhere).
+    ///
+    /// Errors: root out of range; at the root `send.len() != recv.len()`.
+    pub fn broadcast_from<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        root: usize,
+    ) -> Result<()> {
+        self.check_root(root)?;
+        if self.rank() == root && send.len() != recv.len() {
+            return invalid(format!(
+                "broadcast: root send has {} elements, recv {}",
+                send.len(),
+                recv.len()
+            ));
+        }
+        let n = recv.len();
+        self.coll::<T>(
+            CollKind::Broadcast,
+            ReduceOp::Sum,
+            n,
+            root,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// Reduce to the root: the root's `recv` gets the reduction of every rank's `send`
+    /// (`recv` is significant only at the root and may be empty elsewhere).
+    ///
+    /// Errors: root out of range; at the root `send.len() != recv.len()`.
+    pub fn reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.check_root(root)?;
+        if self.rank() == root && send.len() != recv.len() {
+            return invalid(format!(
+                "reduce: send has {} elements, root recv {}",
+                send.len(),
+                recv.len()
+            ));
+        }
+        let n = send.len();
+        self.coll::<T>(
+            CollKind::Reduce,
+            op,
+            n,
+            root,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place reduce: the root's `buf` is replaced by the reduction; other ranks' `buf` is
+    /// left unchanged.
+    pub fn reduce_inplace<T: Element>(
+        &self,
+        buf: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.check_root(root)?;
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(buf));
+        self.coll::<T>(CollKind::Reduce, op, n, root, b, b)
+    }
+
+    /// All-to-all: block j of `send` goes to rank j; block j of `recv` comes from rank j
+    /// (blocks of `send.len() / n` elements).
+    ///
+    /// Errors: lengths differ or are not a multiple of the rank count.
+    pub fn all_to_all<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let n = self.size();
+        if send.len() != recv.len() || send.len() % n != 0 {
+            return invalid(format!(
+                "all_to_all: send {} and recv {} elements must be equal multiples of {n} ranks",
+                send.len(),
+                recv.len()
+            ));
+        }
+        self.coll::<T>(
+            CollKind::AllToAll,
+            ReduceOp::Sum,
+            send.len() / n,
+            0,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place all-to-all on `buf` (uses a scratch copy of one rank's share).
+    pub fn all_to_all_inplace<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "all_to_all_inplace: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let b = RawBuf::from_mut(bytes_of_mut(buf));
+        self.coll::<T>(CollKind::AllToAll, ReduceOp::Sum, c, 0, b, b)
+    }
+
+    /// Gather to the root: block r of the root's `recv` gets rank r's `send` (`recv` is
+    /// significant only at the root).
+    ///
+    /// Errors: root out of range; at the root `recv.len() != send.len() * n`.
+    pub fn gather<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        self.check_root(root)?;
+        let n = self.size();
+        if self.rank() == root && recv.len() != send.len() * n {
+            return invalid(format!(
+                "gather: root recv has {} elements, expected send ({}) × ranks ({n})",
+                recv.len(),
+                send.len()
+            ));
+        }
+        self.coll::<T>(
+            CollKind::Gather,
+            ReduceOp::Sum,
+            send.len(),
+            root,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place gather: `buf` has `n` blocks on every rank; rank r's contribution is its block
+    /// r; the root's `buf` ends up with every block.
+    pub fn gather_inplace<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.check_root(root)?;
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "gather_inplace: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let es = T::DTYPE.size();
+        let all = RawBuf::from_mut(bytes_of_mut(buf));
+        let mine = sub(all, self.rank() * c * es, c * es)?;
+        self.coll::<T>(CollKind::Gather, ReduceOp::Sum, c, root, mine, all)
+    }
+
+    /// Scatter from the root: rank r's `recv` gets block r of the root's `send` (`send` is
+    /// significant only at the root).
+    ///
+    /// Errors: root out of range; at the root `send.len() != recv.len() * n`.
+    pub fn scatter<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        self.check_root(root)?;
+        let n = self.size();
+        if self.rank() == root && send.len() != recv.len() * n {
+            return invalid(format!(
+                "scatter: root send has {} elements, expected recv ({}) × ranks ({n})",
+                send.len(),
+                recv.len()
+            ));
+        }
+        self.coll::<T>(
+            CollKind::Scatter,
+            ReduceOp::Sum,
+            recv.len(),
+            root,
+            RawBuf::from_slice(bytes_of(send)),
+            RawBuf::from_mut(bytes_of_mut(recv)),
+        )
+    }
+
+    /// In-place scatter: `buf` has `n` blocks on every rank; rank r's block r receives block r
+    /// of the root's `buf`.
+    pub fn scatter_inplace<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.check_root(root)?;
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "scatter_inplace: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let es = T::DTYPE.size();
+        let all = RawBuf::from_mut(bytes_of_mut(buf));
+        let mine = sub(all, self.rank() * c * es, c * es)?;
+        self.coll::<T>(CollKind::Scatter, ReduceOp::Sum, c, root, all, mine)
+    }
+
+    /// Barrier: returns once every rank has entered it.
+    pub fn barrier(&self) -> Result<()> {
+        self.run_blocking(
+            JobDesc::Coll {
+                kind: CollKind::Barrier,
+                dtype: DataType::U8,
+                op: ReduceOp::Sum,
+                count: 0,
+                root: 0,
+            },
+            [RawBuf::empty(), RawBuf::empty()],
+        )
+    }
+
+    // ---- point-to-point ----------------------------------------------------------------
+
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        if peer >= self.size() || peer == self.rank() {
+            return invalid(format!(
+                "peer {peer} is not another rank of this communicator (rank {} of {})",
+                self.rank(),
+                self.size()
+            ));
+        }
+        Ok(())
+    }
+
+    fn p2p_sig<T: Element>(count: usize, tag: u64) -> Sig {
+        Sig {
+            kind: CollKind::P2p,
+            dtype: T::DTYPE,
+            op: ReduceOp::Sum,
+            algo: Algo::P2p,
+            root: 0,
+            slice_kib: 0,
+            count: count as u64,
+            seq: tag,
+        }
+    }
+
+    /// Sends `buf` to `peer` with `tag`. Messages between two ranks are matched in order; the
+    /// receiver's tag, type and count must match (else both sides get an error naming both).
+    pub fn send<T: Element>(&self, buf: &[T], peer: usize, tag: u64) -> Result<()> {
+        self.check_peer(peer)?;
+        let op = P2pOp {
+            send: true,
+            peer,
+            buf: RawBuf::from_slice(bytes_of(buf)),
+            sig: Self::p2p_sig::<T>(buf.len(), tag),
+        };
+        self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Receives into `buf` from `peer` with `tag` (see [`Communicator::send`]).
+    pub fn recv<T: Element>(&self, buf: &mut [T], peer: usize, tag: u64) -> Result<()> {
+        self.check_peer(peer)?;
+        let n = buf.len();
+        let op = P2pOp {
+            send: false,
+            peer,
+            buf: RawBuf::from_mut(bytes_of_mut(buf)),
+            sig: Self::p2p_sig::<T>(n, tag),
+        };
+        self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Starts a group of point-to-point operations: post many sends and receives, then
+    /// [`Group::run`] waits for all of them, so exchange patterns cannot deadlock.
+    pub fn group(&self) -> Group<'_, '_> {
+        Group {
+            comm: self,
+            ops: Vec::new(),
+            _bufs: std::marker::PhantomData,
+        }
+    }
+
+    // ---- non-blocking forms ----------------------------------------------------------
+
+    /// Non-blocking in-place all-reduce; the handle returns the buffer.
+    pub fn iall_reduce<T: Element>(&self, mut buf: Vec<T>, op: ReduceOp) -> Result<Handle<Vec<T>>> {
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(&mut buf));
+        self.submit_coll::<T, _>(CollKind::AllReduce, op, n, 0, [b, b], buf, |v| v)
+    }
+
+    /// Non-blocking reduce-scatter; the handle returns this rank's reduced block.
+    pub fn ireduce_scatter<T: Element>(
+        &self,
+        send: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Handle<Vec<T>>> {
+        let n = self.size();
+        if send.len() % n != 0 {
+            return invalid(format!(
+                "reduce_scatter: {} elements are not a multiple of {n} ranks",
+                send.len()
+            ));
+        }
+        let c = send.len() / n;
+        let mut recv = vec![T::default(); c];
+        let s = RawBuf::from_slice(bytes_of(&send));
+        let r = RawBuf::from_mut(bytes_of_mut(&mut recv));
+        self.submit_coll::<T, _>(
+            CollKind::ReduceScatter,
+            op,
+            c,
+            0,
+            [s, r],
+            (send, recv),
+            |(_, r)| r,
+        )
+    }
+
+    /// Non-blocking all-gather; the handle returns the gathered buffer (`n × send.len()`).
+    pub fn iall_gather<T: Element>(&self, send: Vec<T>) -> Result<Handle<Vec<T>>> {
+        let c = send.len();
+        let mut recv = vec![T::default(); c * self.size()];
+        let s = RawBuf::from_slice(bytes_of(&send));
+        let r = RawBuf::from_mut(bytes_of_mut(&mut recv));
+        self.submit_coll::<T, _>(
+            CollKind::AllGather,
+            ReduceOp::Sum,
+            c,
+            0,
+            [s, r],
+            (send, recv),
+            |(_, r)| r,
+        )
+    }
+
+    /// Non-blocking in-place broadcast from `root`.
+    pub fn ibroadcast<T: Element>(&self, mut buf: Vec<T>, root: usize) -> Result<Handle<Vec<T>>> {
+        self.check_root(root)?;
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(&mut buf));
+        self.submit_coll::<T, _>(
+            CollKind::Broadcast,
+            ReduceOp::Sum,
+            n,
+            root,
+            [b, b],
+            buf,
+            |v| v,
+        )
+    }
+
+    /// Non-blocking in-place reduce to `root` (other ranks get their buffer back unchanged).
+    pub fn ireduce<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Handle<Vec<T>>> {
+        self.check_root(root)?;
+        let n = buf.len();
+        let b = RawBuf::from_mut(bytes_of_mut(&mut buf));
+        self.submit_coll::<T, _>(CollKind::Reduce, op, n, root, [b, b], buf, |v| v)
+    }
+
+    /// Non-blocking all-to-all; the handle returns the received blocks.
+    pub fn iall_to_all<T: Element>(&self, send: Vec<T>) -> Result<Handle<Vec<T>>> {
+        let n = self.size();
+        if send.len() % n != 0 {
+            return invalid(format!(
+                "all_to_all: {} elements are not a multiple of {n} ranks",
+                send.len()
+            ));
+        }
+        let mut recv = vec![T::default(); send.len()];
+        let s = RawBuf::from_slice(bytes_of(&send));
+        let r = RawBuf::from_mut(bytes_of_mut(&mut recv));
+        let c = send.len() / n;
+        self.submit_coll::<T, _>(
+            CollKind::AllToAll,
+            ReduceOp::Sum,
+            c,
+            0,
+            [s, r],
+            (send, recv),
+            |(_, r)| r,
+        )
+    }
+
+    /// Non-blocking gather to `root`; the handle returns the gathered buffer at the root and
+    /// an empty vector elsewhere.
+    pub fn igather<T: Element>(&self, send: Vec<T>, root: usize) -> Result<Handle<Vec<T>>> {
+        self.check_root(root)?;
+        let c = send.len();
+        let rl = if self.rank() == root {
+            c * self.size()
+        } else {
+            0
+        };
+        let mut recv = vec![T::default(); rl];
+        let s = RawBuf::from_slice(bytes_of(&send));
+        let r = RawBuf::from_mut(bytes_of_mut(&mut recv));
+        self.submit_coll::<T, _>(
+            CollKind::Gather,
+            ReduceOp::Sum,
+            c,
+            root,
+            [s, r],
+            (send, recv),
+            |(_, r)| r,
+        )
+    }
+
+    /// Non-blocking scatter from `root` of blocks of `count` elements (`send` significant only
+    /// at the root, where it must hold `count × n` elements).
+    pub fn iscatter<T: Element>(
+        &self,
+        send: Vec<T>,
+        count: usize,
+        root: usize,
+    ) -> Result<Handle<Vec<T>>> {
+        self.check_root(root)?;
+        if self.rank() == root && send.len() != count * self.size() {
+            return invalid(format!(
+                "scatter: root send has {} elements, expected {count} × {} ranks",
+                send.len(),
+                self.size()
+            ));
+        }
+        let mut recv = vec![T::default(); count];
+        let s = RawBuf::from_slice(bytes_of(&send));
+        let r = RawBuf::from_mut(bytes_of_mut(&mut recv));
+        self.submit_coll::<T, _>(
+            CollKind::Scatter,
+            ReduceOp::Sum,
+            count,
+            root,
+            [s, r],
+            (send, recv),
+            |(_, r)| r,
+        )
+    }
+
+    /// Non-blocking barrier.
+    pub fn ibarrier(&self) -> Result<Handle<()>> {
+        self.submit(
+            JobDesc::Coll {
+                kind: CollKind::Barrier,
+                dtype: DataType::U8,
+                op: ReduceOp::Sum,
+                count: 0,
+                root: 0,
+            },
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(()),
+            |_| (),
+        )
+    }
+
+    /// Non-blocking send; the handle returns the buffer.
+    pub fn isend<T: Element>(&self, buf: Vec<T>, peer: usize, tag: u64) -> Result<Handle<Vec<T>>> {
+        self.igroup_with(vec![P2p::Send { buf, peer, tag }], |mut v| {
+            v.pop().unwrap_or_default()
+        })
+    }
+
+    /// Non-blocking receive into `buf` (its length is the count); the handle returns it.
+    pub fn irecv<T: Element>(&self, buf: Vec<T>, peer: usize, tag: u64) -> Result<Handle<Vec<T>>> {
+        self.igroup_with(vec![P2p::Recv { buf, peer, tag }], |mut v| {
+            v.pop().unwrap_or_default()
+        })
+    }
+
+    /// Non-blocking group of point-to-point operations on owned buffers; the handle returns
+    /// the buffers in the order given.
+    pub fn igroup<T: Element>(&self, ops: Vec<P2p<T>>) -> Result<Handle<Vec<Vec<T>>>> {
+        self.igroup_with(ops, |v| v)
+    }
+
+    fn igroup_with<T: Element, R: 'static>(
+        &self,
+        ops: Vec<P2p<T>>,
+        finish: fn(Vec<Vec<T>>) -> R,
+    ) -> Result<Handle<R>> {
+        let mut bufs: Vec<Vec<T>> = Vec::with_capacity(ops.len());
+        let mut pops = Vec::with_capacity(ops.len());
+        for o in ops {
+            let (send, mut buf, peer, tag) = match o {
+                P2p::Send { buf, peer, tag } => (true, buf, peer, tag),
+                P2p::Recv { buf, peer, tag } => (false, buf, peer, tag),
+            };
+            self.check_peer(peer)?;
+            let rb = RawBuf::from_mut(bytes_of_mut(&mut buf));
+            pops.push(P2pOp {
+                send,
+                peer,
+                buf: rb,
+                sig: Self::p2p_sig::<T>(buf.len(), tag),
+            });
+            bufs.push(buf);
+        }
+        self.submit(
+            JobDesc::P2p(pops),
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(bufs),
+            move |k| match k.downcast::<Vec<Vec<T>>>() {
+                Ok(b) => finish(*b),
+                Err(_) => finish(Vec::new()),
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_coll<T: Element, K: Send + 'static>(
+        &self,
+        kind: CollKind,
+        op: ReduceOp,
+        count: usize,
+        root: usize,
+        bufs: [RawBuf; 2],
+        keep: K,
+        finish: fn(K) -> Vec<T>,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(
+            JobDesc::Coll {
+                kind,
+                dtype: T::DTYPE,
+                op,
+                count,
+                root,
+            },
+            bufs,
+            Box::new(keep),
+            move |k| match k.downcast::<K>() {
+                Ok(b) => finish(*b),
+                Err(_) => Vec::new(),
+            },
+        )
+    }
+}
+
+/// A point-to-point operation of a non-blocking group ([`Communicator::igroup`]).
+pub enum P2p<T> {
+    /// Send `buf` to `peer` with `tag`.
+    Send {
+        /// The data.
+        buf: Vec<T>,
+        /// Destination rank.
+        peer: usize,
+        /// Tag.
+        tag: u64,
+    },
+    /// Receive `buf.len()` elements from `peer` with `tag`.
+    Recv {
+        /// The destination (its length is the count).
+        buf: Vec<T>,
+        /// Source rank.
+        peer: usize,
+        /// Tag.
+        tag: u64,
+    },
+}
+
+/// A group of blocking point-to-point operations on borrowed buffers
+/// ([`Communicator::group`]).
+pub struct Group<'c, 'b> {
+    comm: &'c Communicator,
+    ops: Vec<P2pOp>,
+    _bufs: std::marker::PhantomData<&'b mut [u8]>,
+}
+
+impl<'c, 'b> Group<'c, 'b> {
+    /// Adds a send of `buf` to `peer`.
+    pub fn send<T: Element>(mut self, buf: &'b [T], peer: usize, tag: u64) -> Result<Self> {
+        self.comm.check_peer(peer)?;
+        self.ops.push(P2pOp {
+            send: true,
+            peer,
+            buf: RawBuf::from_slice(bytes_of(buf)),
+            sig: Communicator::p2p_sig::<T>(buf.len(), tag),
+        });
+        Ok(self)
+    }
+
+    /// Adds a receive into `buf` from `peer`.
+    pub fn recv<T: Element>(mut self, buf: &'b mut [T], peer: usize, tag: u64) -> Result<Self> {
+        self.comm.check_peer(peer)?;
+        let n = buf.len();
+        self.ops.push(P2pOp {
+            send: false,
+            peer,
+            buf: RawBuf::from_mut(bytes_of_mut(buf)),
+            sig: Communicator::p2p_sig::<T>(n, tag),
+        });
+        Ok(self)
+    }
+
+    /// Posts every operation and waits for all of them.
+    pub fn run(self) -> Result<()> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        self.comm
+            .run_blocking(JobDesc::P2p(self.ops), [RawBuf::empty(), RawBuf::empty()])
+    }
+}
+
+fn sub(b: RawBuf, off: usize, len: usize) -> Result<RawBuf> {
+    let p = b.at(off, len)?;
+    // SAFETY: p..p+len lies inside `b` (checked by at), which the caller keeps alive for the
+    // operation.
+    Ok(unsafe { RawBuf::from_raw(p, len) })
+}
+
+/// Marks the communicator failed and tells every peer why.
+fn fail_state(st: &mut State, e: Error) {
+    if st.error.is_none() {
+        st.error = Some(e.clone());
+    }
+    let reason = e.to_string();
+    for p in st.peers.iter_mut().flatten() {
+        p.conn.abort(&reason);
+    }
+}
+
+/// Refuses work on a failed or aborted communicator.
+fn check_usable(inner: &Inner, st: &mut State) -> Result<()> {
+    if let Some(e) = &st.error {
+        return Err(e.clone());
+    }
+    if inner.abort.load(Ordering::Relaxed) {
+        fail_state(st, Error::Aborted);
+        return Err(Error::Aborted);
+    }
+    Ok(())
+}
+
+fn note_failure(inner: &Inner, st: &mut State, e: &Error) {
+    if e.is_sticky() {
+        tracing::error!(target: "braid::coll", "rank {}: {e}", inner.rank);
+        fail_state(st, e.clone());
+    }
+}
+
+fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> Result<()> {
+    check_usable(inner, st)?;
+    let res = match desc {
+        JobDesc::Coll {
+            kind,
+            dtype,
+            op,
+            count,
+            root,
+        } => {
+            let ctx = PlanCtx {
+                kind,
+                rank: inner.rank,
+                size: inner.size,
+                count,
+                dtype,
+                op,
+                root,
+                slice_bytes: inner.cfg.slice_bytes,
+            };
+            let bytes = count * dtype.size();
+            let algo = inner.policy.choose(kind, inner.size, bytes)?;
+            let plan = match st.plans.get(&(ctx, algo)) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(select::plan(&ctx, algo)?);
+                    if st.plans.len() >= PLAN_CACHE {
+                        st.plans.clear();
+                    }
+                    st.plans.insert((ctx, algo), p.clone());
+                    p
+                }
+            };
+            let sig = Sig {
+                kind,
+                dtype,
+                op,
+                algo,
+                root: root as u32,
+                slice_kib: (inner.cfg.slice_bytes / 1024) as u32,
+                count: count as u64,
+                seq: st.seq,
+            };
+            st.seq += 1;
+            let State { peers, exec, .. } = st;
+            exec.run_plan(peers, &ctx, &plan, bufs, &sig)
+        }
+        JobDesc::P2p(ops) => {
+            let State { peers, exec, .. } = st;
+            exec.run_p2p(peers, ops)
+        }
+    };
+    if let Err(e) = &res {
+        note_failure(inner, st, e);
+    }
+    res
+}
+
+fn complete(inner: &Inner, slot: Arc<Slot>, keep: Box<dyn Any + Send>, res: Result<()>) {
+    *lock(&slot.res) = Some((res, keep));
+    slot.cv.notify_all();
+    let mut q = lock(&inner.queue);
+    q.outstanding = q.outstanding.saturating_sub(1);
+    drop(q);
+    inner.qcv.notify_all();
+}
+
+type InFlight = (P2pBatch, Arc<Slot>, Box<dyn Any + Send>);
+
+/// The progress thread: runs queued jobs in issue order. Point-to-point groups are posted and
+/// kept in flight together (so an `isend` followed by an `irecv` cannot deadlock); a collective
+/// waits until every earlier point-to-point group completed.
+fn progress_loop(inner: Arc<Inner>) {
+    let mut inflight: Vec<InFlight> = Vec::new();
+    loop {
+        let next = {
+            let mut q = lock(&inner.queue);
+            loop {
+                let front_p2p = q.jobs.front().map(|j| matches!(j.desc, JobDesc::P2p(_)));
+                match front_p2p {
+                    Some(true) => break q.jobs.pop_front(),
+                    Some(false) if inflight.is_empty() => break q.jobs.pop_front(),
+                    Some(false) => break None,
+                    None if !inflight.is_empty() => break None,
+                    None => {
+                        if inner.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        q = inner
+                            .qcv
+                            .wait_timeout(q, Duration::from_millis(100))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                }
+            }
+        };
+        match next {
+            Some(Job {
+                desc: JobDesc::P2p(ops),
+                slot,
+                keep,
+                ..
+            }) => {
+                let mut st = lock(&inner.state);
+                let begun = check_usable(&inner, &mut st).and_then(|_| {
+                    let State { peers, exec, .. } = &mut *st;
+                    exec.p2p_begin(peers, ops)
+                });
+                drop(st);
+                match begun {
+                    Ok(b) => inflight.push((b, slot, keep)),
+                    Err(e) => complete(&inner, slot, keep, Err(e)),
+                }
+            }
+            Some(job) => {
+                let mut st = lock(&inner.state);
+                let res = run_job(&inner, &mut st, job.desc, job.bufs);
+                drop(st);
+                complete(&inner, job.slot, job.keep, res);
+            }
+            None => {
+                let mut st = lock(&inner.state);
+                let mut failed: Option<Error> = None;
+                let mut progressed = false;
+                {
+                    let State { peers, exec, .. } = &mut *st;
+                    for (b, _, _) in inflight.iter_mut() {
+                        match exec.p2p_step(peers, b) {
+                            Ok(p) => progressed |= p,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    if failed.is_none() && !progressed {
+                        if let Some((b, _, _)) = inflight.iter_mut().find(|(b, _, _)| !b.finished())
+                        {
+                            if let Err(e) = exec.p2p_idle(peers, b, Duration::from_millis(1)) {
+                                failed = Some(e);
+                            }
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    note_failure(&inner, &mut st, &e);
+                    drop(st);
+                    for (_, slot, keep) in inflight.drain(..) {
+                        complete(&inner, slot, keep, Err(e.clone()));
+                    }
+                } else {
+                    drop(st);
+                    let mut i = 0;
+                    while i < inflight.len() {
+                        if inflight[i].0.finished() {
+                            let (_, slot, keep) = inflight.swap_remove(i);
+                            complete(&inner, slot, keep, Ok(()));
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn connect_peers(
+    transport: &dyn Transport,
+    view: &View,
+    rank: usize,
+    member: u64,
+    incoming: &mpsc::Receiver<(Box<dyn Conn>, Vec<u8>)>,
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<Vec<Option<Peer>>> {
+    let size = view.members.len();
+    let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+    let hello = hello_bytes(view.nonce, view.epoch, rank, member);
+    // Connect to every higher rank; accept from every lower one.
+    for (j, m) in view.members.iter().enumerate().skip(rank + 1) {
+        let h = ConnectHandle::decode(&m.handle)
+            .map_err(|e| Error::Coordinator(format!("rank {j}'s connect handle: {e}")))?;
+        let conn = transport
+            .connect(&h, &hello, deadline)
+            .map_err(|e| Error::PeerLost {
+                rank: j,
+                member: m.id,
+                host: m.hostname.clone(),
+                detail: format!("connecting: {e}"),
+            })?;
+        peers[j] = Some(Peer {
+            conn,
+            rank: j,
+            member: m.id,
+            host: m.hostname.clone(),
+        });
+    }
+    let mut missing = rank;
+    while missing > 0 {
+        if abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let who: Vec<String> = (0..rank)
+                .filter(|r| peers[*r].is_none())
+                .map(|r| format!("rank {r} ({})", view.members[r].hostname))
+                .collect();
+            return Err(Error::Timeout {
+                what: format!("waiting for connections from {}", who.join(", ")),
+                secs: 0.0,
+            });
+        }
+        let (conn, h) = match incoming.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(x) => x,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::Internal("accept thread stopped".into()))
+            }
+        };
+        let ok = match parse_hello(&h) {
+            Some((nonce, epoch, r, mid))
+                if nonce == view.nonce
+                    && epoch == view.epoch
+                    && r < rank
+                    && view.members.get(r).map(|m| m.id) == Some(mid)
+                    && peers[r].is_none() =>
+            {
+                Some(r)
+            }
+            _ => None,
+        };
+        match ok {
+            Some(r) => {
+                peers[r] = Some(Peer {
+                    conn,
+                    rank: r,
+                    member: view.members[r].id,
+                    host: view.members[r].hostname.clone(),
+                });
+                missing -= 1;
+            }
+            None => {
+                tracing::warn!(target: "braid::net", "dropping data connection from {}: not a member of this job's view (wrong nonce, epoch or rank)", conn.peer_desc());
+            }
+        }
+    }
+    Ok(peers)
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Let queued non-blocking operations finish (each is bounded by its deadline).
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.qcv.notify_all();
+        if let Some(h) = lock(&self.progress).take() {
+            let _ = h.join();
+        }
+        let queued: Vec<Job> = {
+            let mut q = lock(&self.inner.queue);
+            q.closed = true;
+            q.jobs.drain(..).collect()
+        };
+        for j in queued {
+            complete(
+                &self.inner,
+                j.slot,
+                j.keep,
+                Err(Error::InvalidUsage("communicator destroyed".into())),
+            );
+        }
+        {
+            let mut st = lock(&self.inner.state);
+            if st.error.is_none() {
+                for p in st.peers.iter_mut().flatten() {
+                    p.conn.goodbye();
+                }
+            }
+        }
+        self.acceptor_stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+        drop(lock(&self.client).take());
+        if let Some(mut c) = self.coordinator.take() {
+            c.shutdown();
+        }
+    }
+}

@@ -221,7 +221,9 @@ impl Config {
             None => None,
         };
         if world_size == Some(0) {
-            return Err(Error::InvalidArgument("world size must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "world size must be at least 1".into(),
+            ));
         }
         let rank = match opt("BRAID_RANK")
             .or_else(|| get("RANK"))
@@ -298,7 +300,10 @@ impl Config {
             } else {
                 format!("`{}`", v.default)
             };
-            s.push_str(&format!("| `{}` | {} | {} | {} |\n", v.name, v.ty, d, v.doc));
+            s.push_str(&format!(
+                "| `{}` | {} | {} | {} |\n",
+                v.name, v.ty, d, v.doc
+            ));
         }
         s
     }
@@ -312,6 +317,7 @@ pub fn init_logging(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(f)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -365,7 +371,12 @@ mod tests {
         let c = cfg(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")]).unwrap();
         assert_eq!((c.rank, c.world_size), (Some(1), Some(2)));
         // BRAID_* wins.
-        let c = cfg(&[("SLURM_PROCID", "1"), ("BRAID_RANK", "0"), ("SLURM_NTASKS", "2")]).unwrap();
+        let c = cfg(&[
+            ("SLURM_PROCID", "1"),
+            ("BRAID_RANK", "0"),
+            ("SLURM_NTASKS", "2"),
+        ])
+        .unwrap();
         assert_eq!(c.rank, Some(0));
     }
 
@@ -380,7 +391,10 @@ mod tests {
             ("BRAID_WORLD_SIZE", "0"),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
-            assert!(e.to_string().contains(k) || e.to_string().contains("world size"), "{e}");
+            assert!(
+                e.to_string().contains(k) || e.to_string().contains("world size"),
+                "{e}"
+            );
         }
         assert!(cfg(&[("BRAID_RANK", "4"), ("BRAID_WORLD_SIZE", "4")]).is_err());
     }

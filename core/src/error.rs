@@ -31,7 +31,9 @@ pub enum Error {
     #[error("invalid usage: {0}")]
     InvalidUsage(String),
     /// Ranks called different collectives (or the same one with different arguments).
-    #[error("collective mismatch: this rank {rank} called {local}, but rank {peer} called {remote}")]
+    #[error(
+        "collective mismatch: this rank {rank} called {local}, but rank {peer} called {remote}"
+    )]
     Mismatch {
         /// This rank.
         rank: usize,

@@ -1,1 +1,878 @@
-//! Executor (to be written).
+//! The executor: runs a [`Plan`] (or a group of point-to-point operations) over the
+//! connections to the other ranks.
+//!
+//! The calling thread drives everything itself (non-blocking sockets, readiness polling): after
+//! a round with no progress it spins for `BRAID_SPIN_US` (yielding the CPU), then blocks in
+//! `poll(2)` on every connection, so that an idle rank burns no CPU and a dead peer (hang-up on
+//! any connection) is noticed at once. Every wait has a deadline (`BRAID_TIMEOUT` without
+//! progress) and watches the communicator's abort flag.
+//!
+//! Every message carries the collective's signature ([`Sig`], in the transport's meta bytes);
+//! a receive whose sender's signature differs fails with both signatures named.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use braid_transport::{Conn, Meta, NetError, PollFd, Request, META_LEN};
+
+use crate::coll::{Algo, Buf, CollKind, Op, Plan, PlanCtx, Span};
+use crate::error::{Error, Result};
+use crate::mem::{self, RawBuf};
+use crate::reduce;
+use crate::types::{DataType, ReduceOp};
+
+/// A connection to another rank, with that rank's identity for error messages.
+pub(crate) struct Peer {
+    pub conn: Box<dyn Conn>,
+    pub rank: usize,
+    pub member: u64,
+    pub host: String,
+}
+
+/// The signature of one operation; it travels with every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sig {
+    pub kind: CollKind,
+    pub dtype: DataType,
+    pub op: ReduceOp,
+    pub algo: Algo,
+    pub root: u32,
+    pub slice_kib: u32,
+    pub count: u64,
+    /// Collective sequence number, or the user's tag for point-to-point.
+    pub seq: u64,
+}
+
+const SIG_VERSION: u8 = 1;
+
+impl Sig {
+    pub(crate) fn encode(&self) -> Meta {
+        let mut m = [0u8; META_LEN];
+        m[0] = SIG_VERSION;
+        m[1] = self.kind as u8;
+        m[2] = self.dtype as u8;
+        m[3] = self.op as u8;
+        m[4] = self.algo as u8;
+        m[8..12].copy_from_slice(&self.root.to_le_bytes());
+        m[12..16].copy_from_slice(&self.slice_kib.to_le_bytes());
+        m[16..24].copy_from_slice(&self.count.to_le_bytes());
+        m[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        m
+    }
+
+    pub(crate) fn decode(m: &Meta) -> Option<Sig> {
+        if m[0] != SIG_VERSION {
+            return None;
+        }
+        let u32at = |o: usize| u32::from_le_bytes([m[o], m[o + 1], m[o + 2], m[o + 3]]);
+        let u64at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        Some(Sig {
+            kind: CollKind::from_code(m[1])?,
+            dtype: DataType::from_code(m[2])?,
+            op: ReduceOp::from_code(m[3])?,
+            algo: Algo::from_code(m[4])?,
+            root: u32at(8),
+            slice_kib: u32at(12),
+            count: u64at(16),
+            seq: u64at(24),
+        })
+    }
+
+    /// Human-readable form, e.g. `all_reduce(float, sum, count=1000, algo=ring, seq=3)`.
+    pub(crate) fn describe(&self) -> String {
+        match self.kind {
+            CollKind::P2p => format!(
+                "send/recv({}, count={}, tag={})",
+                self.dtype, self.count, self.seq
+            ),
+            CollKind::Barrier => format!("barrier(seq={})", self.seq),
+            k => {
+                let mut s = format!("{}({}", k.name(), self.dtype);
+                if matches!(
+                    k,
+                    CollKind::AllReduce | CollKind::ReduceScatter | CollKind::Reduce
+                ) {
+                    s.push_str(&format!(", {}", self.op));
+                }
+                s.push_str(&format!(", count={}", self.count));
+                if k.rooted() {
+                    s.push_str(&format!(", root={}", self.root));
+                }
+                s.push_str(&format!(
+                    ", algo={}, slice={}KiB, seq={})",
+                    self.algo.name(),
+                    self.slice_kib,
+                    self.seq
+                ));
+                s
+            }
+        }
+    }
+
+    fn describe_meta(m: &Meta) -> String {
+        match Sig::decode(m) {
+            Some(s) => s.describe(),
+            None => "an unknown operation (incompatible braid version?)".into(),
+        }
+    }
+}
+
+/// One point-to-point operation of a group.
+#[derive(Debug, Clone)]
+pub(crate) struct P2pOp {
+    pub send: bool,
+    pub peer: usize,
+    pub buf: RawBuf,
+    pub sig: Sig,
+}
+
+/// Maximum receive-reduce operations in flight per peer (each holds one staging buffer).
+const STAGING_PER_PEER: usize = 4;
+
+/// Reusable executor state (one per communicator; buffers are kept between calls).
+pub(crate) struct Exec {
+    pub spin: Duration,
+    pub timeout: Duration,
+    pub abort: Arc<AtomicBool>,
+    pub rank: usize,
+    scratch: Vec<u64>,
+    staging: Vec<Vec<u64>>,
+    free_staging: Vec<usize>,
+    pollfds: Vec<PollFd>,
+    pollscratch: Vec<libc::pollfd>,
+    // Per-run scratch vectors, kept to avoid allocation.
+    deps_left: Vec<u32>,
+    child_off: Vec<u32>,
+    children: Vec<u32>,
+    ready: Vec<bool>,
+    work: Vec<u32>,
+}
+
+#[derive(Default)]
+struct PeerQ {
+    sends: VecDeque<u32>,
+    recvs: VecDeque<u32>,
+    /// (step, request, staging index or usize::MAX)
+    inflight_s: VecDeque<(u32, Request)>,
+    inflight_r: VecDeque<(u32, Request, usize)>,
+    staging_used: usize,
+}
+
+impl PeerQ {
+    fn busy(&self) -> bool {
+        !self.inflight_s.is_empty() || !self.inflight_r.is_empty()
+    }
+}
+
+/// Translates a transport error on the connection to `peer` into braid's error.
+pub(crate) fn net_error(peer: &Peer, e: NetError, me: usize, mine: &str) -> Error {
+    let who = || format!("rank {} ({})", peer.rank, peer.host);
+    match e {
+        NetError::Lost(d) => Error::PeerLost {
+            rank: peer.rank,
+            member: peer.member,
+            host: peer.host.clone(),
+            detail: d,
+        },
+        NetError::Closed(d) => Error::PeerLost {
+            rank: peer.rank,
+            member: peer.member,
+            host: peer.host.clone(),
+            detail: d,
+        },
+        NetError::PeerAborted(d) => Error::Remote {
+            rank: peer.rank,
+            host: peer.host.clone(),
+            detail: d,
+        },
+        NetError::Mismatch {
+            meta,
+            got_len,
+            expected_len,
+            ..
+        } => Error::Mismatch {
+            rank: me,
+            peer: peer.rank,
+            local: format!("{mine} expecting {expected_len} bytes"),
+            remote: format!("{} sending {got_len} bytes", Sig::describe_meta(&meta)),
+        },
+        NetError::Protocol(d) => Error::System(format!("protocol error from {}: {d}", who())),
+        NetError::Timeout(d) => Error::Timeout {
+            what: format!("{} ({d})", who()),
+            secs: 0.0,
+        },
+        NetError::Io { op, msg } => Error::System(format!("{op} with {}: {msg}", who())),
+        NetError::Unavailable(d) => Error::System(d),
+    }
+}
+
+impl Exec {
+    pub(crate) fn new(
+        rank: usize,
+        spin: Duration,
+        timeout: Duration,
+        abort: Arc<AtomicBool>,
+    ) -> Exec {
+        Exec {
+            spin,
+            timeout,
+            abort,
+            rank,
+            scratch: Vec::new(),
+            staging: Vec::new(),
+            free_staging: Vec::new(),
+            pollfds: Vec::new(),
+            pollscratch: Vec::new(),
+            deps_left: Vec::new(),
+            child_off: Vec::new(),
+            children: Vec::new(),
+            ready: Vec::new(),
+            work: Vec::new(),
+        }
+    }
+
+    fn resolve(&mut self, bufs: &[RawBuf; 2], s: &Span) -> Result<*mut u8> {
+        match s.buf {
+            Buf::Send => bufs[0].at(s.off, s.len),
+            Buf::Recv => bufs[1].at(s.off, s.len),
+            Buf::Scratch => {
+                let sb: &mut [u8] = bytemuck::cast_slice_mut(&mut self.scratch);
+                RawBuf::from_mut(sb).at(s.off, s.len)
+            }
+        }
+    }
+
+    fn take_staging(&mut self, len: usize) -> usize {
+        let words = len.div_ceil(8);
+        let idx = match self.free_staging.pop() {
+            Some(i) => i,
+            None => {
+                self.staging.push(Vec::new());
+                self.staging.len() - 1
+            }
+        };
+        if self.staging[idx].len() < words {
+            self.staging[idx].resize(words, 0);
+        }
+        idx
+    }
+
+    /// Checks a plan before anything is sent: dependencies point backwards, spans are in
+    /// bounds, nothing writes to the send buffer, peers exist.
+    fn validate(&self, plan: &Plan, bufs: &[RawBuf; 2], peers: &[Option<Peer>]) -> Result<()> {
+        let bad = |i: usize, what: &str| Err(Error::Internal(format!("plan step {i}: {what}")));
+        let inb = |s: &Span| -> bool {
+            let cap = match s.buf {
+                Buf::Send => bufs[0].len(),
+                Buf::Recv => bufs[1].len(),
+                Buf::Scratch => plan.scratch_bytes,
+            };
+            s.off.checked_add(s.len).map(|e| e <= cap).unwrap_or(false)
+        };
+        for (i, st) in plan.steps.iter().enumerate() {
+            if st.deps.iter().any(|&d| d as usize >= i) {
+                return bad(i, "depends on a later step");
+            }
+            let (reads, writes, peer): (&[Span], Option<Span>, Option<usize>) = match &st.op {
+                Op::Send { peer, src } => (std::slice::from_ref(src), None, Some(*peer)),
+                Op::Recv { peer, dst } => (&[], Some(*dst), Some(*peer)),
+                Op::RecvReduce { peer, acc, dst } => {
+                    if acc.len != dst.len {
+                        return bad(i, "acc and dst lengths differ");
+                    }
+                    (std::slice::from_ref(acc), Some(*dst), Some(*peer))
+                }
+                Op::Reduce { a, b, dst } => {
+                    if a.len != dst.len || b.len != dst.len {
+                        return bad(i, "operand lengths differ");
+                    }
+                    if !inb(a) || !inb(b) {
+                        return bad(i, "span out of bounds");
+                    }
+                    (&[], Some(*dst), None)
+                }
+                Op::Copy { src, dst } => {
+                    if src.len != dst.len {
+                        return bad(i, "copy lengths differ");
+                    }
+                    (std::slice::from_ref(src), Some(*dst), None)
+                }
+                Op::Finalize { span } => (&[], Some(*span), None),
+            };
+            if reads.iter().any(|s| !inb(s)) {
+                return bad(i, "span out of bounds");
+            }
+            if let Some(w) = writes {
+                if !inb(&w) {
+                    return bad(i, "span out of bounds");
+                }
+                if w.buf == Buf::Send && w.len > 0 {
+                    return bad(i, "writes to the send buffer");
+                }
+            }
+            if let Some(p) = peer {
+                if p >= peers.len() || p == self.rank || peers[p].is_none() {
+                    return bad(i, &format!("no connection to rank {p}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn local_op(&mut self, ctx: &PlanCtx, bufs: &[RawBuf; 2], op: &Op) -> Result<()> {
+        match op {
+            Op::Copy { src, dst } => {
+                let s = self.resolve(bufs, src)?;
+                let d = self.resolve(bufs, dst)?;
+                mem::copy(d, s, src.len);
+            }
+            Op::Reduce { a, b, dst } => {
+                let pa = self.resolve(bufs, a)?;
+                let pb = self.resolve(bufs, b)?;
+                let pd = self.resolve(bufs, dst)?;
+                let len = dst.len;
+                if pd == pa {
+                    mem::with2(pd, pb, len, |d, s| {
+                        reduce::reduce_inplace(ctx.dtype, ctx.op, d, s)
+                    })??;
+                } else if pd == pb {
+                    mem::with2(pd, pa, len, |d, s| {
+                        reduce::reduce_inplace(ctx.dtype, ctx.op, d, s)
+                    })??;
+                } else {
+                    mem::with3(pd, pa, pb, len, |d, x, y| {
+                        reduce::reduce_into(ctx.dtype, ctx.op, d, x, y)
+                    })??;
+                }
+            }
+            Op::Finalize { span } => {
+                let p = self.resolve(bufs, span)?;
+                mem::with_mut(p, span.len, |d| {
+                    reduce::finalize(ctx.dtype, ctx.op, d, ctx.size)
+                })?;
+            }
+            _ => return Err(Error::Internal("network op executed locally".into())),
+        }
+        Ok(())
+    }
+
+    /// Runs this rank's plan of one collective.
+    pub(crate) fn run_plan(
+        &mut self,
+        peers: &mut [Option<Peer>],
+        ctx: &PlanCtx,
+        plan: &Plan,
+        bufs: [RawBuf; 2],
+        sig: &Sig,
+    ) -> Result<()> {
+        self.validate(plan, &bufs, peers)?;
+        let n = plan.steps.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let words = plan.scratch_bytes.div_ceil(8);
+        if self.scratch.len() < words {
+            self.scratch.resize(words, 0);
+        }
+        let meta = sig.encode();
+        let tag = sig.seq;
+        let mine = sig.describe();
+
+        // Dependency graph in CSR form.
+        self.deps_left.clear();
+        self.child_off.clear();
+        self.child_off.resize(n + 1, 0);
+        for st in &plan.steps {
+            self.deps_left.push(st.deps.len() as u32);
+            for &d in &st.deps {
+                self.child_off[d as usize + 1] += 1;
+            }
+        }
+        for i in 0..n {
+            self.child_off[i + 1] += self.child_off[i];
+        }
+        self.children.clear();
+        self.children.resize(self.child_off[n] as usize, 0);
+        {
+            let mut fill: Vec<u32> = self.child_off[..n].to_vec();
+            for (i, st) in plan.steps.iter().enumerate() {
+                for &d in &st.deps {
+                    self.children[fill[d as usize] as usize] = i as u32;
+                    fill[d as usize] += 1;
+                }
+            }
+        }
+        self.ready.clear();
+        self.ready.resize(n, false);
+        let mut queues: Vec<PeerQ> = (0..peers.len()).map(|_| PeerQ::default()).collect();
+        for (i, st) in plan.steps.iter().enumerate() {
+            match st.op {
+                Op::Send { peer, .. } => queues[peer].sends.push_back(i as u32),
+                Op::Recv { peer, .. } | Op::RecvReduce { peer, .. } => {
+                    queues[peer].recvs.push_back(i as u32)
+                }
+                _ => {}
+            }
+        }
+        self.work.clear();
+        for i in 0..n {
+            if self.deps_left[i] == 0 {
+                self.work.push(i as u32);
+            }
+        }
+        let mut done = 0usize;
+        let mut last_progress = Instant::now();
+        let mut last_full_sweep = Instant::now();
+        let result = (|| -> Result<()> {
+            loop {
+                let mut progressed = false;
+                // 1. Execute ready local steps; mark network steps ready.
+                while let Some(i) = self.work.pop() {
+                    let op = plan.steps[i as usize].op;
+                    match op {
+                        Op::Send { .. } | Op::Recv { .. } | Op::RecvReduce { .. } => {
+                            self.ready[i as usize] = true;
+                        }
+                        _ => {
+                            self.local_op(ctx, &bufs, &op)?;
+                            done += 1;
+                            self.finish(i);
+                        }
+                    }
+                    progressed = true;
+                }
+                // 2. Post what can be posted, in per-peer order.
+                for (p, q) in queues.iter_mut().enumerate() {
+                    let Some(peer) = peers[p].as_mut() else {
+                        continue;
+                    };
+                    while let Some(&h) = q.sends.front() {
+                        if !self.ready[h as usize] {
+                            break;
+                        }
+                        let Op::Send { src, .. } = plan.steps[h as usize].op else {
+                            break;
+                        };
+                        let ptr = self.resolve(&bufs, &src)?;
+                        // SAFETY: ptr..ptr+len is inside a live buffer of this operation (checked
+                        // by resolve); the request is completed or the connection aborted
+                        // before this function returns (see the end of run_plan).
+                        let r = unsafe { peer.conn.isend(tag, &meta, ptr, src.len) }
+                            .map_err(|e| net_error(peer, e, self.rank, &mine))?;
+                        let Some(r) = r else { break };
+                        q.sends.pop_front();
+                        q.inflight_s.push_back((h, r));
+                        progressed = true;
+                    }
+                    while let Some(&h) = q.recvs.front() {
+                        if !self.ready[h as usize] {
+                            break;
+                        }
+                        let (ptr, len, stg) = match plan.steps[h as usize].op {
+                            Op::Recv { dst, .. } => {
+                                (self.resolve(&bufs, &dst)?, dst.len, usize::MAX)
+                            }
+                            Op::RecvReduce { dst, .. } => {
+                                if q.staging_used >= STAGING_PER_PEER {
+                                    break;
+                                }
+                                let idx = self.take_staging(dst.len);
+                                let sb: &mut [u8] =
+                                    bytemuck::cast_slice_mut(&mut self.staging[idx]);
+                                (sb.as_mut_ptr(), dst.len, idx)
+                            }
+                            _ => break,
+                        };
+                        // SAFETY: as for isend; staging buffers are owned by self and not
+                        // touched until the request completes.
+                        let r = unsafe { peer.conn.irecv(tag, ptr, len) };
+                        let r = match r {
+                            Ok(Some(r)) => r,
+                            Ok(None) => {
+                                if stg != usize::MAX {
+                                    self.free_staging.push(stg);
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                if stg != usize::MAX {
+                                    self.free_staging.push(stg);
+                                }
+                                return Err(net_error(peer, e, self.rank, &mine));
+                            }
+                        };
+                        if stg != usize::MAX {
+                            q.staging_used += 1;
+                        }
+                        q.recvs.pop_front();
+                        q.inflight_r.push_back((h, r, stg));
+                        progressed = true;
+                    }
+                }
+                // 3. Progress and completions.
+                for (p, q) in queues.iter_mut().enumerate() {
+                    if !q.busy() {
+                        continue;
+                    }
+                    let Some(peer) = peers[p].as_mut() else {
+                        continue;
+                    };
+                    let moved = peer
+                        .conn
+                        .progress()
+                        .map_err(|e| net_error(peer, e, self.rank, &mine))?;
+                    progressed |= moved;
+                    while let Some(&(h, r)) = q.inflight_s.front() {
+                        match peer.conn.test(r) {
+                            Ok(Some(_)) => {
+                                q.inflight_s.pop_front();
+                                done += 1;
+                                self.finish(h);
+                                progressed = true;
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Err(net_error(peer, e, self.rank, &mine)),
+                        }
+                    }
+                    while let Some(&(h, r, stg)) = q.inflight_r.front() {
+                        let c = match peer.conn.test(r) {
+                            Ok(Some(c)) => c,
+                            Ok(None) => break,
+                            Err(e) => return Err(net_error(peer, e, self.rank, &mine)),
+                        };
+                        if c.meta != meta {
+                            return Err(Error::Mismatch {
+                                rank: self.rank,
+                                peer: peer.rank,
+                                local: mine.clone(),
+                                remote: Sig::describe_meta(&c.meta),
+                            });
+                        }
+                        q.inflight_r.pop_front();
+                        if let Op::RecvReduce { acc, dst, .. } = plan.steps[h as usize].op {
+                            let pa = self.resolve(&bufs, &acc)?;
+                            let pd = self.resolve(&bufs, &dst)?;
+                            let sb: &[u8] = bytemuck::cast_slice(&self.staging[stg]);
+                            let ps = sb.as_ptr();
+                            if pa == pd {
+                                mem::with2(pd, ps, dst.len, |d, s| {
+                                    reduce::reduce_inplace(ctx.dtype, ctx.op, d, s)
+                                })??;
+                            } else {
+                                mem::with3(pd, pa, ps, dst.len, |d, a, s| {
+                                    reduce::reduce_into(ctx.dtype, ctx.op, d, a, s)
+                                })??;
+                            }
+                            self.free_staging.push(stg);
+                            q.staging_used -= 1;
+                        }
+                        done += 1;
+                        self.finish(h);
+                        progressed = true;
+                    }
+                }
+                if done == n {
+                    return Ok(());
+                }
+                if progressed || !self.work.is_empty() {
+                    last_progress = Instant::now();
+                    continue;
+                }
+                self.idle(
+                    peers,
+                    &mut last_progress,
+                    &mut last_full_sweep,
+                    &mine,
+                    Duration::from_millis(50),
+                )?;
+            }
+        })();
+        if let Err(e) = &result {
+            // Buffers of this call may still be referenced by posted requests: make every
+            // connection with outstanding work drop them before returning (telling the peer
+            // why).
+            self.cancel_pending(peers, &e.to_string());
+        }
+        result
+    }
+
+    fn finish(&mut self, i: u32) {
+        let (a, b) = (
+            self.child_off[i as usize] as usize,
+            self.child_off[i as usize + 1] as usize,
+        );
+        for k in a..b {
+            let c = self.children[k] as usize;
+            self.deps_left[c] -= 1;
+            if self.deps_left[c] == 0 {
+                self.work.push(c as u32);
+            }
+        }
+    }
+
+    /// Aborts connections that still hold posted requests (their buffers are about to go away).
+    pub(crate) fn cancel_pending(&mut self, peers: &mut [Option<Peer>], why: &str) {
+        for p in peers.iter_mut().flatten() {
+            if p.conn.pending() > 0 {
+                p.conn.abort(why);
+            }
+        }
+    }
+
+    /// Nothing moved: spin briefly, then block in poll on every connection; check the abort
+    /// flag, the deadline, and hang-ups on idle connections.
+    fn idle(
+        &mut self,
+        peers: &mut [Option<Peer>],
+        last_progress: &mut Instant,
+        last_sweep: &mut Instant,
+        mine: &str,
+        max_wait: Duration,
+    ) -> Result<()> {
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted);
+        }
+        let now = Instant::now();
+        let quiet = now.duration_since(*last_progress);
+        if quiet > self.timeout {
+            let waiting: Vec<String> = peers
+                .iter()
+                .flatten()
+                .filter(|p| p.conn.pending() > 0)
+                .map(|p| format!("rank {} ({})", p.rank, p.host))
+                .collect();
+            return Err(Error::Timeout {
+                what: format!(
+                    "{mine}: no progress; waiting on {} (BRAID_TIMEOUT)",
+                    if waiting.is_empty() {
+                        "nothing?".to_string()
+                    } else {
+                        waiting.join(", ")
+                    }
+                ),
+                secs: quiet.as_secs_f64(),
+            });
+        }
+        if quiet < self.spin {
+            std::thread::yield_now();
+            return Ok(());
+        }
+        self.pollfds.clear();
+        let mut fd_less = false;
+        for p in peers.iter().flatten() {
+            let before = self.pollfds.len();
+            p.conn.poll_fds(&mut self.pollfds);
+            if self.pollfds.len() == before {
+                fd_less = true;
+            }
+        }
+        let wait = max_wait.min(self.timeout.saturating_sub(quiet));
+        if fd_less || self.pollfds.is_empty() {
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            braid_transport::wait_fds(&self.pollfds, wait, &mut self.pollscratch)
+                .map_err(|e| Error::System(e.to_string()))?;
+        }
+        // Sweep every connection (idle ones too) for hang-ups and abort notices, at most every
+        // few milliseconds.
+        if last_sweep.elapsed() >= Duration::from_millis(5) || !fd_less {
+            *last_sweep = Instant::now();
+            for p in peers.iter_mut().flatten() {
+                if let Err(e) = p.conn.progress() {
+                    return Err(net_error(p, e, self.rank, mine));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a group of point-to-point operations and prepares its state.
+    pub(crate) fn p2p_begin(&self, peers: &[Option<Peer>], ops: Vec<P2pOp>) -> Result<P2pBatch> {
+        for (i, o) in ops.iter().enumerate() {
+            if o.peer >= peers.len() || peers[o.peer].is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "operation {i} of the group names rank {}, which is not a peer of rank {}",
+                    o.peer, self.rank
+                )));
+            }
+        }
+        let n = ops.len();
+        Ok(P2pBatch {
+            metas: ops.iter().map(|o| o.sig.encode()).collect(),
+            ops,
+            reqs: vec![None; n],
+            complete: vec![false; n],
+            done: 0,
+            last_progress: Instant::now(),
+            last_sweep: Instant::now(),
+        })
+    }
+
+    /// One round for a group: posts what can be posted (in group order per peer), drives the
+    /// connections, collects completions. Returns whether anything moved.
+    pub(crate) fn p2p_step(
+        &mut self,
+        peers: &mut [Option<Peer>],
+        b: &mut P2pBatch,
+    ) -> Result<bool> {
+        let mut progressed = false;
+        let mut blocked = vec![false; peers.len()];
+        for (i, o) in b.ops.iter().enumerate() {
+            if b.reqs[i].is_some() || b.complete[i] || blocked[o.peer] {
+                continue;
+            }
+            let Some(peer) = peers[o.peer].as_mut() else {
+                continue;
+            };
+            let p = o.buf.at(0, o.buf.len())?;
+            // SAFETY: the buffer is live until the group completes (the caller borrows or owns
+            // it) and pending requests are cancelled before an error is returned to the caller.
+            let r = unsafe {
+                if o.send {
+                    peer.conn.isend(o.sig.seq, &b.metas[i], p, o.buf.len())
+                } else {
+                    peer.conn.irecv(o.sig.seq, p, o.buf.len())
+                }
+            }
+            .map_err(|e| net_error(peer, e, self.rank, &o.sig.describe()))?;
+            match r {
+                Some(r) => {
+                    b.reqs[i] = Some(r);
+                    progressed = true;
+                }
+                None => blocked[o.peer] = true,
+            }
+        }
+        let mut moved_peers = vec![false; peers.len()];
+        for (i, o) in b.ops.iter().enumerate() {
+            let Some(r) = b.reqs[i] else { continue };
+            let Some(peer) = peers[o.peer].as_mut() else {
+                continue;
+            };
+            if !moved_peers[o.peer] {
+                moved_peers[o.peer] = true;
+                progressed |= peer
+                    .conn
+                    .progress()
+                    .map_err(|e| net_error(peer, e, self.rank, &o.sig.describe()))?;
+            }
+            match peer.conn.test(r) {
+                Ok(Some(c)) => {
+                    if !o.send && c.meta != b.metas[i] {
+                        return Err(Error::Mismatch {
+                            rank: self.rank,
+                            peer: o.peer,
+                            local: o.sig.describe(),
+                            remote: Sig::describe_meta(&c.meta),
+                        });
+                    }
+                    b.complete[i] = true;
+                    b.reqs[i] = None;
+                    b.done += 1;
+                    progressed = true;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(net_error(peer, e, self.rank, &o.sig.describe())),
+            }
+        }
+        if progressed {
+            b.last_progress = Instant::now();
+        }
+        Ok(progressed)
+    }
+
+    /// Waits (spin, then poll up to `max_wait`) on behalf of a group that made no progress.
+    pub(crate) fn p2p_idle(
+        &mut self,
+        peers: &mut [Option<Peer>],
+        b: &mut P2pBatch,
+        max_wait: Duration,
+    ) -> Result<()> {
+        let what = b
+            .ops
+            .iter()
+            .zip(&b.complete)
+            .find(|(_, c)| !**c)
+            .map(|(o, _)| {
+                format!(
+                    "{} {} rank {}",
+                    o.sig.describe(),
+                    if o.send { "to" } else { "from" },
+                    o.peer
+                )
+            })
+            .unwrap_or_default();
+        let (mut lp, mut ls) = (b.last_progress, b.last_sweep);
+        let r = self.idle(peers, &mut lp, &mut ls, &what, max_wait);
+        b.last_sweep = ls;
+        r
+    }
+
+    /// Runs a group of point-to-point operations: posts all (per-peer order = group order),
+    /// waits for all.
+    pub(crate) fn run_p2p(&mut self, peers: &mut [Option<Peer>], ops: Vec<P2pOp>) -> Result<()> {
+        let mut b = self.p2p_begin(peers, ops)?;
+        let result = (|| -> Result<()> {
+            loop {
+                let progressed = self.p2p_step(peers, &mut b)?;
+                if b.done == b.ops.len() {
+                    return Ok(());
+                }
+                if !progressed {
+                    self.p2p_idle(peers, &mut b, Duration::from_millis(50))?;
+                }
+            }
+        })();
+        if let Err(e) = &result {
+            self.cancel_pending(peers, &e.to_string());
+        }
+        result
+    }
+}
+
+/// State of a group of point-to-point operations in flight.
+pub(crate) struct P2pBatch {
+    ops: Vec<P2pOp>,
+    metas: Vec<Meta>,
+    reqs: Vec<Option<Request>>,
+    complete: Vec<bool>,
+    done: usize,
+    last_progress: Instant,
+    last_sweep: Instant,
+}
+
+impl P2pBatch {
+    /// Whether every operation completed.
+    pub(crate) fn finished(&self) -> bool {
+        self.done == self.ops.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sig_round_trip_and_describe() {
+        let s = Sig {
+            kind: CollKind::AllReduce,
+            dtype: DataType::F32,
+            op: ReduceOp::Sum,
+            algo: Algo::Ring,
+            root: 0,
+            slice_kib: 512,
+            count: 1000,
+            seq: 3,
+        };
+        assert_eq!(Sig::decode(&s.encode()), Some(s));
+        let d = s.describe();
+        assert!(d.contains("all_reduce(float, sum, count=1000"), "{d}");
+        assert!(Sig::decode(&[0u8; META_LEN]).is_none());
+    }
+}

@@ -20,7 +20,8 @@ pub mod membership;
 pub mod reduce;
 pub mod types;
 
-pub use comm::{Communicator, Handle};
+pub use braid_transport as transport;
+pub use comm::{Communicator, Group, Handle, P2p};
 pub use config::Config;
 pub use error::{Error, ErrorClass, Result};
 pub use types::{DataType, Element, ReduceOp};

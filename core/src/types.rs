@@ -175,7 +175,7 @@ mod sealed {
 /// A Rust type that braid can move and reduce. Implemented for i8 u8 i32 u32 i64 u64 f16 bf16
 /// f32 f64; sealed because buffers are reinterpreted as bytes (every implementor is plain old
 /// data: no padding, every bit pattern valid).
-pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + 'static {
+pub trait Element: sealed::Sealed + bytemuck::Pod + Send + Sync + Default {
     /// The matching [`DataType`].
     const DTYPE: DataType;
 }

@@ -642,9 +642,74 @@ impl TcpConn {
 
     fn fail(&mut self, e: NetError) -> NetError {
         if self.error.is_none() {
-            self.error = Some(e.clone());
+            // A peer that aborts sends its reason and goes away; our write may fail before we
+            // read it. Look for that reason in what is left to read.
+            let e = match e {
+                NetError::Lost(d) => match self.scan_for_abort() {
+                    Some(reason) => NetError::PeerAborted(reason),
+                    None => NetError::Lost(d),
+                },
+                other => other,
+            };
+            self.error = Some(e);
         }
-        self.error.clone().unwrap_or(e)
+        self.error
+            .clone()
+            .unwrap_or(NetError::Lost("connection failed".into()))
+    }
+
+    /// Reads what is left on socket 0 (for at most 100 ms), skipping data frames, and returns
+    /// the reason of an abort frame if the peer sent one. Only used once the connection is
+    /// broken: it consumes the stream.
+    fn scan_for_abort(&mut self) -> Option<String> {
+        let end = Instant::now() + Duration::from_millis(100);
+        let mut skip = match self.socks.first()?.rx.front() {
+            Some(rx) if rx.got_hdr => rx.len - rx.done,
+            _ => 0,
+        };
+        let nsock = self.socks.len();
+        loop {
+            let sock = &mut self.socks[0];
+            let buffered = sock.re - sock.rs;
+            if skip > 0 && buffered > 0 {
+                let k = skip.min(buffered);
+                sock.rs += k;
+                skip -= k;
+                continue;
+            }
+            if skip == 0 && buffered >= HDR {
+                let h = decode_hdr(&sock.rbuf[sock.rs..sock.rs + HDR]).ok()?;
+                match h.kind {
+                    KIND_ABORT => {
+                        let len = (h.total as usize).min(MAX_REASON);
+                        if buffered >= HDR + len {
+                            let r = &sock.rbuf[sock.rs + HDR..sock.rs + HDR + len];
+                            return Some(String::from_utf8_lossy(r).into_owned());
+                        }
+                    }
+                    KIND_BYE => return None,
+                    _ => {
+                        let n = (h.nparts as usize).clamp(1, nsock);
+                        skip = part_range(h.total as usize, n, 0).1;
+                        sock.rs += HDR;
+                        continue;
+                    }
+                }
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            match self.fill(0) {
+                Ok(0) => {
+                    if self.socks[0].eof {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     fn check(&self) -> NetResult<()> {

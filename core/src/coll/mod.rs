@@ -183,7 +183,7 @@ impl Algo {
 }
 
 /// Everything an algorithm needs to build this rank's plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PlanCtx {
     /// The collective.
     pub kind: CollKind,

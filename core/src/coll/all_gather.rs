@@ -1,1 +1,0 @@
-//! all_gather algorithms (to be written).

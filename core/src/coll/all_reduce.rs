@@ -1,1 +1,0 @@
-//! all_reduce algorithms (to be written).

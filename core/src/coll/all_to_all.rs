@@ -1,1 +1,0 @@
-//! all_to_all algorithms (to be written).

@@ -1,1 +1,0 @@
-//! barrier algorithms (to be written).

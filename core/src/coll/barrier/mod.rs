@@ -1,0 +1,5 @@
+//! barrier algorithms: no rank leaves before every rank entered.
+//!
+//! - [`dissemination`]: dissemination barrier.
+
+pub mod dissemination;

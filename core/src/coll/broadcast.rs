@@ -1,1 +1,0 @@
-//! broadcast algorithms (to be written).

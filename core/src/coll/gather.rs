@@ -1,1 +1,0 @@
-//! gather algorithms (to be written).

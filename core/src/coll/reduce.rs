@@ -1,1 +1,0 @@
-//! reduce algorithms (to be written).

@@ -1,1 +1,0 @@
-//! reduce_scatter algorithms (to be written).

@@ -1,1 +1,0 @@
-//! scatter algorithms (to be written).
