@@ -1231,6 +1231,199 @@ impl Communicator {
     }
 }
 
+/// One collective call on raw buffers ([`Communicator::coll_raw`], the C ABI's entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawColl {
+    /// Which collective.
+    pub kind: CollKind,
+    /// Element type.
+    pub dtype: DataType,
+    /// Reduction operator (ignored by non-reductions).
+    pub op: ReduceOp,
+    /// Element count as NCCL counts it: all_reduce, broadcast, reduce: the buffer; reduce_scatter:
+    /// the per-rank result (recvcount); all_gather: the per-rank input (sendcount); all_to_all,
+    /// gather, scatter: the per-rank block.
+    pub count: usize,
+    /// Root rank (rooted collectives).
+    pub root: usize,
+}
+
+/// One point-to-point operation on a raw buffer ([`Communicator::p2p_raw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawP2p {
+    /// Send (true) or receive.
+    pub send: bool,
+    /// The buffer.
+    pub buf: *mut u8,
+    /// Element count.
+    pub count: usize,
+    /// Element type.
+    pub dtype: DataType,
+    /// The other rank.
+    pub peer: usize,
+    /// Tag (must match the other side's).
+    pub tag: u64,
+}
+
+impl Communicator {
+    /// Byte lengths of the (send, recv) buffers of a raw collective on this rank.
+    fn raw_lens(&self, c: &RawColl) -> Result<(usize, usize)> {
+        let n = self.size();
+        let es = c.dtype.size();
+        let is_root = self.rank() == c.root;
+        if c.kind.rooted() {
+            self.check_root(c.root)?;
+        }
+        let blk = c
+            .count
+            .checked_mul(es)
+            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+        let all = blk
+            .checked_mul(n)
+            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+        Ok(match c.kind {
+            CollKind::AllReduce => (blk, blk),
+            CollKind::ReduceScatter => (all, blk),
+            CollKind::AllGather => (blk, all),
+            CollKind::Broadcast => (if is_root { blk } else { 0 }, blk),
+            CollKind::Reduce => (blk, if is_root { blk } else { 0 }),
+            CollKind::AllToAll => (all, all),
+            CollKind::Gather => (blk, if is_root { all } else { 0 }),
+            CollKind::Scatter => (if is_root { all } else { 0 }, blk),
+            CollKind::Barrier => (0, 0),
+            CollKind::P2p => {
+                return Err(Error::InvalidArgument(
+                    "point-to-point goes through p2p_raw".into(),
+                ))
+            }
+        })
+    }
+
+    fn raw_bufs(&self, c: &RawColl, send: *const u8, recv: *mut u8) -> Result<[RawBuf; 2]> {
+        let (sl, rl) = self.raw_lens(c)?;
+        if (sl > 0 && send.is_null()) || (rl > 0 && recv.is_null()) {
+            return invalid(format!(
+                "{}: NULL buffer for {} bytes",
+                c.kind.name(),
+                if sl > 0 && send.is_null() { sl } else { rl }
+            ));
+        }
+        // SAFETY: the caller of coll_raw/icoll_raw guarantees these ranges are valid.
+        Ok(unsafe {
+            [
+                RawBuf::from_raw(send as *mut u8, sl),
+                RawBuf::from_raw(recv, rl),
+            ]
+        })
+    }
+
+    /// Runs a collective on raw buffers (blocking). In-place follows nccl.h: `send == recv`
+    /// (all_gather: `send == recv + rank*count*size`; reduce_scatter:
+    /// `recv == send + rank*count*size`).
+    ///
+    /// # Safety
+    /// `send` and `recv` must be valid for the lengths the collective implies on this rank (see
+    /// [`RawColl::count`]) for the duration of the call; buffers not significant on this rank
+    /// may be NULL.
+    pub unsafe fn coll_raw(&self, c: RawColl, send: *const u8, recv: *mut u8) -> Result<()> {
+        let bufs = self.raw_bufs(&c, send, recv)?;
+        self.run_blocking(
+            JobDesc::Coll {
+                kind: c.kind,
+                dtype: c.dtype,
+                op: c.op,
+                count: c.count,
+                root: c.root,
+            },
+            bufs,
+        )
+    }
+
+    /// Starts a collective on raw buffers; the handle completes when it is done.
+    ///
+    /// # Safety
+    /// As [`Communicator::coll_raw`], and the buffers must stay valid and untouched until the
+    /// handle reports completion (`test` true or `wait` returned).
+    pub unsafe fn icoll_raw(
+        &self,
+        c: RawColl,
+        send: *const u8,
+        recv: *mut u8,
+    ) -> Result<Handle<()>> {
+        let bufs = self.raw_bufs(&c, send, recv)?;
+        self.submit(
+            JobDesc::Coll {
+                kind: c.kind,
+                dtype: c.dtype,
+                op: c.op,
+                count: c.count,
+                root: c.root,
+            },
+            bufs,
+            Box::new(()),
+            |_| (),
+        )
+    }
+
+    fn raw_p2p_ops(&self, ops: &[RawP2p]) -> Result<Vec<P2pOp>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for o in ops {
+            self.check_peer(o.peer)?;
+            let len = o
+                .count
+                .checked_mul(o.dtype.size())
+                .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+            if len > 0 && o.buf.is_null() {
+                return invalid("send/recv: NULL buffer".into());
+            }
+            out.push(P2pOp {
+                send: o.send,
+                peer: o.peer,
+                // SAFETY: the caller of p2p_raw/ip2p_raw guarantees the range is valid.
+                buf: unsafe { RawBuf::from_raw(o.buf, len) },
+                sig: Sig {
+                    kind: CollKind::P2p,
+                    dtype: o.dtype,
+                    op: ReduceOp::Sum,
+                    algo: Algo::P2p,
+                    root: 0,
+                    slice_kib: 0,
+                    count: o.count as u64,
+                    seq: o.tag,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs a group of point-to-point operations on raw buffers (blocking).
+    ///
+    /// # Safety
+    /// Every buffer must be valid for `count` elements for the duration of the call; receive
+    /// buffers must not overlap anything else of the group.
+    pub unsafe fn p2p_raw(&self, ops: &[RawP2p]) -> Result<()> {
+        let ops = self.raw_p2p_ops(ops)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.run_blocking(JobDesc::P2p(ops), [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Starts a group of point-to-point operations on raw buffers.
+    ///
+    /// # Safety
+    /// As [`Communicator::p2p_raw`], until the handle reports completion.
+    pub unsafe fn ip2p_raw(&self, ops: &[RawP2p]) -> Result<Handle<()>> {
+        let ops = self.raw_p2p_ops(ops)?;
+        self.submit(
+            JobDesc::P2p(ops),
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(()),
+            |_| (),
+        )
+    }
+}
+
 /// A point-to-point operation of a non-blocking group ([`Communicator::igroup`]).
 pub enum P2p<T> {
     /// Send `buf` to `peer` with `tag`.

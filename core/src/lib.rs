@@ -21,7 +21,7 @@ pub mod reduce;
 pub mod types;
 
 pub use braid_transport as transport;
-pub use comm::{Communicator, Group, Handle, P2p};
+pub use comm::{Communicator, Group, Handle, P2p, RawColl, RawP2p};
 pub use config::Config;
 pub use error::{Error, ErrorClass, Result};
 pub use types::{DataType, Element, ReduceOp};
