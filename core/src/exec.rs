@@ -152,6 +152,8 @@ pub(crate) struct Exec {
     children: Vec<u32>,
     ready: Vec<bool>,
     work: Vec<u32>,
+    fill: Vec<u32>,
+    queues: Vec<PeerQ>,
 }
 
 #[derive(Default)]
@@ -234,6 +236,8 @@ impl Exec {
             children: Vec::new(),
             ready: Vec::new(),
             work: Vec::new(),
+            fill: Vec::new(),
+            queues: Vec::new(),
         }
     }
 
@@ -382,7 +386,6 @@ impl Exec {
         }
         let meta = sig.encode();
         let tag = sig.seq;
-        let mine = sig.describe();
 
         // Dependency graph in CSR form.
         self.deps_left.clear();
@@ -400,17 +403,29 @@ impl Exec {
         self.children.clear();
         self.children.resize(self.child_off[n] as usize, 0);
         {
-            let mut fill: Vec<u32> = self.child_off[..n].to_vec();
+            let mut fill = std::mem::take(&mut self.fill);
+            fill.clear();
+            fill.extend_from_slice(&self.child_off[..n]);
             for (i, st) in plan.steps.iter().enumerate() {
                 for &d in &st.deps {
                     self.children[fill[d as usize] as usize] = i as u32;
                     fill[d as usize] += 1;
                 }
             }
+            self.fill = fill;
         }
         self.ready.clear();
         self.ready.resize(n, false);
-        let mut queues: Vec<PeerQ> = (0..peers.len()).map(|_| PeerQ::default()).collect();
+        // Per-peer queues are kept between calls (no allocation on the hot path).
+        let mut queues = std::mem::take(&mut self.queues);
+        queues.resize_with(peers.len(), PeerQ::default);
+        for q in queues.iter_mut() {
+            q.sends.clear();
+            q.recvs.clear();
+            q.inflight_s.clear();
+            q.inflight_r.clear();
+            q.staging_used = 0;
+        }
         for (i, st) in plan.steps.iter().enumerate() {
             match st.op {
                 Op::Send { peer, .. } => queues[peer].sends.push_back(i as u32),
@@ -464,7 +479,7 @@ impl Exec {
                         // by resolve); the request is completed or the connection aborted
                         // before this function returns (see the end of run_plan).
                         let r = unsafe { peer.conn.isend(tag, &meta, ptr, src.len) }
-                            .map_err(|e| net_error(peer, e, self.rank, &mine))?;
+                            .map_err(|e| net_error(peer, e, self.rank, &sig.describe()))?;
                         let Some(r) = r else { break };
                         q.sends.pop_front();
                         q.inflight_s.push_back((h, r));
@@ -504,7 +519,7 @@ impl Exec {
                                 if stg != usize::MAX {
                                     self.free_staging.push(stg);
                                 }
-                                return Err(net_error(peer, e, self.rank, &mine));
+                                return Err(net_error(peer, e, self.rank, &sig.describe()));
                             }
                         };
                         if stg != usize::MAX {
@@ -526,7 +541,7 @@ impl Exec {
                     let moved = peer
                         .conn
                         .progress()
-                        .map_err(|e| net_error(peer, e, self.rank, &mine))?;
+                        .map_err(|e| net_error(peer, e, self.rank, &sig.describe()))?;
                     progressed |= moved;
                     while let Some(&(h, r)) = q.inflight_s.front() {
                         match peer.conn.test(r) {
@@ -537,20 +552,20 @@ impl Exec {
                                 progressed = true;
                             }
                             Ok(None) => break,
-                            Err(e) => return Err(net_error(peer, e, self.rank, &mine)),
+                            Err(e) => return Err(net_error(peer, e, self.rank, &sig.describe())),
                         }
                     }
                     while let Some(&(h, r, stg)) = q.inflight_r.front() {
                         let c = match peer.conn.test(r) {
                             Ok(Some(c)) => c,
                             Ok(None) => break,
-                            Err(e) => return Err(net_error(peer, e, self.rank, &mine)),
+                            Err(e) => return Err(net_error(peer, e, self.rank, &sig.describe())),
                         };
                         if c.meta != meta {
                             return Err(Error::Mismatch {
                                 rank: self.rank,
                                 peer: peer.rank,
-                                local: mine.clone(),
+                                local: sig.describe(),
                                 remote: Sig::describe_meta(&c.meta),
                             });
                         }
@@ -588,11 +603,20 @@ impl Exec {
                     peers,
                     &mut last_progress,
                     &mut last_full_sweep,
-                    &mine,
+                    &|| sig.describe(),
                     Duration::from_millis(50),
                 )?;
             }
         })();
+        // Staging buffers still held by receives that never completed go back to the pool.
+        for q in queues.iter_mut() {
+            for &(_, _, stg) in q.inflight_r.iter() {
+                if stg != usize::MAX {
+                    self.free_staging.push(stg);
+                }
+            }
+        }
+        self.queues = queues;
         if let Err(e) = &result {
             // Buffers of this call may still be referenced by posted requests: make every
             // connection with outstanding work drop them before returning (telling the peer
@@ -632,7 +656,7 @@ impl Exec {
         peers: &mut [Option<Peer>],
         last_progress: &mut Instant,
         last_sweep: &mut Instant,
-        mine: &str,
+        mine: &dyn Fn() -> String,
         max_wait: Duration,
     ) -> Result<()> {
         if self.abort.load(Ordering::Relaxed) {
@@ -649,7 +673,8 @@ impl Exec {
                 .collect();
             return Err(Error::Timeout {
                 what: format!(
-                    "{mine}: no progress; waiting on {} (BRAID_TIMEOUT)",
+                    "{}: no progress; waiting on {} (BRAID_TIMEOUT)",
+                    mine(),
                     if waiting.is_empty() {
                         "nothing?".to_string()
                     } else {
@@ -685,7 +710,7 @@ impl Exec {
             *last_sweep = Instant::now();
             for p in peers.iter_mut().flatten() {
                 if let Err(e) = p.conn.progress() {
-                    return Err(net_error(p, e, self.rank, mine));
+                    return Err(net_error(p, e, self.rank, &mine()));
                 }
             }
         }
@@ -794,20 +819,22 @@ impl Exec {
         b: &mut P2pBatch,
         max_wait: Duration,
     ) -> Result<()> {
-        let what = b
-            .ops
-            .iter()
-            .zip(&b.complete)
-            .find(|(_, c)| !**c)
-            .map(|(o, _)| {
-                format!(
-                    "{} {} rank {}",
-                    o.sig.describe(),
-                    if o.send { "to" } else { "from" },
-                    o.peer
-                )
-            })
-            .unwrap_or_default();
+        let ops = &b.ops;
+        let complete = &b.complete;
+        let what = || {
+            ops.iter()
+                .zip(complete)
+                .find(|(_, c)| !**c)
+                .map(|(o, _)| {
+                    format!(
+                        "{} {} rank {}",
+                        o.sig.describe(),
+                        if o.send { "to" } else { "from" },
+                        o.peer
+                    )
+                })
+                .unwrap_or_default()
+        };
         let (mut lp, mut ls) = (b.last_progress, b.last_sweep);
         let r = self.idle(peers, &mut lp, &mut ls, &what, max_wait);
         b.last_sweep = ls;
