@@ -273,3 +273,48 @@ fn broadcast_against_all_reduce_fails_on_every_rank() {
         res[1].1
     );
 }
+
+#[test]
+fn a_stopped_peer_is_caught_by_the_deadline() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let mut ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            Command::new(perf())
+                .args("all_reduce -b 64K -e 64K -n 1000000 -w 0".split_whitespace())
+                .env("BRAID_COORDINATOR", &addr)
+                .env("BRAID_WORLD_SIZE", "2")
+                .env("BRAID_RANK", r.to_string())
+                .env("BRAID_TIMEOUT", "2")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let victim = ranks.remove(1);
+    let st = Command::new("kill")
+        .args(["-STOP", &victim.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    let res = wait_all(ranks, Duration::from_secs(20));
+    let took = t0.elapsed();
+    let _ = Command::new("kill")
+        .args(["-KILL", &victim.id().to_string()])
+        .status();
+    let _ = victim.wait_with_output();
+    let (ok, err, _) = &res[0];
+    assert!(!ok);
+    assert!(err.contains("timeout") && err.contains("rank 1"), "{err}");
+    eprintln!(
+        "the stopped peer was reported after {:.2} s (BRAID_TIMEOUT=2)",
+        took.as_secs_f64()
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+}
