@@ -318,3 +318,29 @@ fn a_stopped_peer_is_caught_by_the_deadline() {
         "{took:?}"
     );
 }
+
+#[test]
+fn torchrun_variables_work_with_rank_zero_hosting_the_coordinator() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<Child> = (0..3)
+        .map(|r| {
+            Command::new(perf())
+                .args("all_gather -b 1K -e 64K -f 8 -n 2 -w 1".split_whitespace())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (ok, err, _) in wait_all(children, Duration::from_secs(60)) {
+        assert!(ok, "{err}");
+    }
+}
