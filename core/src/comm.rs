@@ -573,6 +573,23 @@ impl Communicator {
         )
     }
 
+    /// Splits an in-place buffer of `n` equal blocks: (block count, whole buffer, this rank's
+    /// block).
+    fn own_block<T: Element>(&self, what: &str, buf: &mut [T]) -> Result<(usize, RawBuf, RawBuf)> {
+        let n = self.size();
+        if buf.len() % n != 0 {
+            return invalid(format!(
+                "{what}: {} elements are not a multiple of {n} ranks",
+                buf.len()
+            ));
+        }
+        let c = buf.len() / n;
+        let es = T::DTYPE.size();
+        let all = RawBuf::from_mut(bytes_of_mut(buf));
+        let mine = sub(all, self.rank() * c * es, c * es)?;
+        Ok((c, all, mine))
+    }
+
     // ---- collectives -----------------------------------------------------------------
 
     /// All-reduce: `recv[i] = send_0[i] ⊕ … ⊕ send_{n-1}[i]` on every rank.
@@ -638,17 +655,7 @@ impl Communicator {
     ///
     /// Errors: `buf.len()` not a multiple of the rank count.
     pub fn reduce_scatter_inplace<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let n = self.size();
-        if buf.len() % n != 0 {
-            return invalid(format!(
-                "reduce_scatter_inplace: {} elements are not a multiple of {n} ranks",
-                buf.len()
-            ));
-        }
-        let c = buf.len() / n;
-        let es = T::DTYPE.size();
-        let all = RawBuf::from_mut(bytes_of_mut(buf));
-        let mine = sub(all, self.rank() * c * es, c * es)?;
+        let (c, all, mine) = self.own_block("reduce_scatter_inplace", buf)?;
         self.coll::<T>(CollKind::ReduceScatter, op, c, 0, all, mine)
     }
 
@@ -678,17 +685,7 @@ impl Communicator {
     ///
     /// Errors: `buf.len()` not a multiple of the rank count.
     pub fn all_gather_inplace<T: Element>(&self, buf: &mut [T]) -> Result<()> {
-        let n = self.size();
-        if buf.len() % n != 0 {
-            return invalid(format!(
-                "all_gather_inplace: {} elements are not a multiple of {n} ranks",
-                buf.len()
-            ));
-        }
-        let c = buf.len() / n;
-        let es = T::DTYPE.size();
-        let all = RawBuf::from_mut(bytes_of_mut(buf));
-        let mine = sub(all, self.rank() * c * es, c * es)?;
+        let (c, all, mine) = self.own_block("all_gather_inplace", buf)?;
         self.coll::<T>(CollKind::AllGather, ReduceOp::Sum, c, 0, mine, all)
     }
 
@@ -840,17 +837,7 @@ impl Communicator {
     /// r; the root's `buf` ends up with every block.
     pub fn gather_inplace<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root(root)?;
-        let n = self.size();
-        if buf.len() % n != 0 {
-            return invalid(format!(
-                "gather_inplace: {} elements are not a multiple of {n} ranks",
-                buf.len()
-            ));
-        }
-        let c = buf.len() / n;
-        let es = T::DTYPE.size();
-        let all = RawBuf::from_mut(bytes_of_mut(buf));
-        let mine = sub(all, self.rank() * c * es, c * es)?;
+        let (c, all, mine) = self.own_block("gather_inplace", buf)?;
         self.coll::<T>(CollKind::Gather, ReduceOp::Sum, c, root, mine, all)
     }
 
@@ -882,17 +869,7 @@ impl Communicator {
     /// of the root's `buf`.
     pub fn scatter_inplace<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         self.check_root(root)?;
-        let n = self.size();
-        if buf.len() % n != 0 {
-            return invalid(format!(
-                "scatter_inplace: {} elements are not a multiple of {n} ranks",
-                buf.len()
-            ));
-        }
-        let c = buf.len() / n;
-        let es = T::DTYPE.size();
-        let all = RawBuf::from_mut(bytes_of_mut(buf));
-        let mine = sub(all, self.rank() * c * es, c * es)?;
+        let (c, all, mine) = self.own_block("scatter_inplace", buf)?;
         self.coll::<T>(CollKind::Scatter, ReduceOp::Sum, c, root, all, mine)
     }
 
