@@ -1,8 +1,11 @@
 # braid: the single entry point for building, the demo and the tests.
 CARGO ?= cargo
 PREFIX ?= /usr/local
+## Profile whose libbraid `make install` copies (release or debug); NO_BUILD=1 skips the build.
+PROFILE ?= release
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-.PHONY: all build demo test test-fast lint docs clean
+.PHONY: all build demo test test-fast lint docs clean deps install header
 
 all: build
 
@@ -17,12 +20,38 @@ demo: build
 test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --lib
 	$(CARGO) test --workspace -- --test-threads=2
 
-## Native and Python dependencies of the tests (none beyond the Rust toolchain yet).
+## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config.
 deps:
-	@true
+	@command -v pkg-config >/dev/null || apt-get install -y pkg-config
+
+## Installs libbraid.so, libbraid.a, include/braid.h and a pkg-config file braid.pc under PREFIX.
+install:
+ifeq ($(NO_BUILD),)
+	$(CARGO) build -p braid-capi $(if $(filter release,$(PROFILE)),--release,)
+endif
+	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include
+	install -m 755 target/$(PROFILE)/libbraid.so $(DESTDIR)$(PREFIX)/lib/libbraid.so
+	install -m 644 target/$(PROFILE)/libbraid.a $(DESTDIR)$(PREFIX)/lib/libbraid.a
+	install -m 644 include/braid.h $(DESTDIR)$(PREFIX)/include/braid.h
+	printf '%s\n' \
+	  'prefix=$(PREFIX)' \
+	  'libdir=$${prefix}/lib' \
+	  'includedir=$${prefix}/include' \
+	  '' \
+	  'Name: braid' \
+	  'Description: collective communication for distributed training (C ABI)' \
+	  'Version: $(VERSION)' \
+	  'Libs: -L$${libdir} -lbraid' \
+	  'Libs.private: -lpthread -ldl -lm' \
+	  'Cflags: -I$${includedir}' \
+	  > $(DESTDIR)$(PREFIX)/lib/pkgconfig/braid.pc
+
+## Regenerates include/braid.h (cbindgen) after a change of the C ABI.
+header:
+	UPDATE_HEADER=1 $(CARGO) test -p braid-capi --test header
 
 docs:
 	UPDATE_DOCS=1 $(CARGO) test -p braid --lib config::tests::docs_are_current

@@ -30,11 +30,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use braid_transport::mem::{MemFabric, MemTransport};
+use braid_transport::shm::{ShmOptions, ShmTransport};
 use braid_transport::tcp::{TcpOptions, TcpTransport};
-use braid_transport::{Conn, ConnectHandle, Transport};
+use braid_transport::{Conn, ConnectHandle, Listener, Transport};
 
 use crate::coll::{select, Algo, CollKind, Plan, PlanCtx};
-use crate::config::Config;
+use crate::config::{Config, TransportKind};
 use crate::error::{Error, Result};
 use crate::exec::{Exec, P2pBatch, P2pOp, Peer, Sig};
 use crate::mem::RawBuf;
@@ -102,6 +103,7 @@ struct Inner {
     cfg: Config,
     policy: select::Policy,
     transport: &'static str,
+    peer_transports: Vec<(usize, &'static str)>,
     listen_addr: String,
     state: Mutex<State>,
     queue: Mutex<Queue>,
@@ -200,8 +202,73 @@ fn parse_hello(h: &[u8]) -> Option<(u64, u64, usize, u64)> {
     Some((u(8), u(16), u(24) as usize, u(32)))
 }
 
-/// Builds the transport the configuration asks for.
-fn make_transport(cfg: &Config) -> Result<Arc<dyn Transport>> {
+const HANDLES_MAGIC: &[u8; 4] = b"BRDL";
+
+/// An accepted data connection: the connection, its hello, the transport it came over.
+type Incoming = (Box<dyn Conn>, Vec<u8>, &'static str);
+/// The peers (indexed by rank) and the transport name used for each, by rank.
+type Connected = (Vec<Option<Peer>>, Vec<(usize, &'static str)>);
+
+/// Encodes the connect handles of every transport a rank listens on (the membership handle):
+/// magic `BRDL`, a count (u8), then per handle a u16 LE length and `ConnectHandle::encode()`.
+fn encode_handles(hs: &[ConnectHandle]) -> Vec<u8> {
+    let mut v = HANDLES_MAGIC.to_vec();
+    v.push(hs.len().min(255) as u8);
+    for h in hs.iter().take(255) {
+        let b = h.encode();
+        v.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_le_bytes());
+        v.extend_from_slice(&b[..b.len().min(u16::MAX as usize)]);
+    }
+    v
+}
+
+/// Decodes [`encode_handles`] output (or a single bare handle).
+fn decode_handles(b: &[u8]) -> std::result::Result<Vec<ConnectHandle>, String> {
+    if b.len() < 5 || &b[..4] != HANDLES_MAGIC {
+        return ConnectHandle::decode(b)
+            .map(|h| vec![h])
+            .map_err(|e| e.to_string());
+    }
+    let n = b[4] as usize;
+    let mut off = 5;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = b
+            .get(off..off + 2)
+            .map(|x| u16::from_le_bytes([x[0], x[1]]) as usize)
+            .ok_or("truncated handle list")?;
+        let blob = b
+            .get(off + 2..off + 2 + len)
+            .ok_or("truncated handle list")?;
+        out.push(ConnectHandle::decode(blob).map_err(|e| e.to_string())?);
+        off += 2 + len;
+    }
+    if off != b.len() {
+        return Err("trailing bytes after the handle list".into());
+    }
+    Ok(out)
+}
+
+/// Builds the transports the configuration allows, in order of preference (shm is used only
+/// between ranks with the same host id).
+fn make_transport(cfg: &Config) -> Result<Vec<Arc<dyn Transport>>> {
+    let shm = || -> Result<Arc<dyn Transport>> {
+        let t = ShmTransport::new(ShmOptions {
+            spin: cfg.shm_spin,
+            ..ShmOptions::default()
+        })
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(Arc::new(t))
+    };
+    match cfg.transport {
+        TransportKind::Shm => return Ok(vec![shm()?]),
+        TransportKind::Auto => return Ok(vec![shm()?, make_tcp(cfg)?]),
+        TransportKind::Tcp => {}
+    }
+    Ok(vec![make_tcp(cfg)?])
+}
+
+fn make_tcp(cfg: &Config) -> Result<Arc<dyn Transport>> {
     let bind = match &cfg.bind_addr {
         Some(a) => a.parse().map_err(|_| {
             Error::InvalidArgument(format!("BRAID_BIND_ADDR={a}: not an IP address"))
@@ -236,17 +303,17 @@ impl Communicator {
     /// Creates a communicator from an explicit configuration over the transport it names.
     pub fn init_with(cfg: Config) -> Result<Communicator> {
         crate::config::init_logging(&cfg.log);
-        let t = make_transport(&cfg)?;
-        Communicator::init_on(cfg, t)
+        let ts = make_transport(&cfg)?;
+        Communicator::init_on(cfg, ts)
     }
 
     /// Creates a communicator over the in-process transport of `fabric` (ranks as threads of
     /// one process; for tests and examples). The coordinator is still used for rendezvous.
     pub fn init_in_process(cfg: Config, fabric: Arc<MemFabric>) -> Result<Communicator> {
-        Communicator::init_on(cfg, Arc::new(MemTransport::new(fabric)))
+        Communicator::init_on(cfg, vec![Arc::new(MemTransport::new(fabric))])
     }
 
-    fn init_on(cfg: Config, transport: Arc<dyn Transport>) -> Result<Communicator> {
+    fn init_on(cfg: Config, transports: Vec<Arc<dyn Transport>>) -> Result<Communicator> {
         let deadline = Instant::now() + cfg.init_timeout;
         let world = cfg.world_size.ok_or_else(|| {
             Error::InvalidArgument(
@@ -267,44 +334,63 @@ impl Communicator {
             None
         };
 
-        let (listener, handle) = transport
-            .listen(0)
-            .map_err(|e| Error::System(format!("listen: {e}")))?;
-        let (conn_tx, conn_rx) = mpsc::channel::<(Box<dyn Conn>, Vec<u8>)>();
+        let mut listeners: Vec<(Box<dyn Listener>, &'static str)> = Vec::new();
+        let mut handles: Vec<ConnectHandle> = Vec::new();
+        for t in &transports {
+            let (l, h) = t
+                .listen(0)
+                .map_err(|e| Error::System(format!("{} listen: {e}", t.name())))?;
+            listeners.push((l, t.name()));
+            handles.push(h);
+        }
+        let (conn_tx, conn_rx) = mpsc::channel::<Incoming>();
         let acceptor_stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
             let stop = acceptor_stop.clone();
-            let mut listener = listener;
             std::thread::Builder::new()
                 .name("braid-accept".into())
                 .spawn(move || {
                     let mut scratch = Vec::new();
+                    let mut pf = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok(Some(c)) => {
-                                // After set-up nobody listens: the connection is dropped there.
-                                let _ = conn_tx.send(c);
-                                continue;
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!(target: "braid::net", "accept: {e}");
+                        let mut got = false;
+                        for (listener, name) in listeners.iter_mut() {
+                            match listener.accept() {
+                                Ok(Some((c, hello))) => {
+                                    // After set-up nobody listens: the connection is dropped
+                                    // there.
+                                    let _ = conn_tx.send((c, hello, *name));
+                                    got = true;
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    tracing::warn!(target: "braid::net", "{name} accept: {e}");
+                                }
                             }
                         }
-                        match listener.fd() {
-                            Some(fd) => {
-                                let pf = [braid_transport::PollFd {
+                        if got {
+                            continue;
+                        }
+                        pf.clear();
+                        let mut fd_less = false;
+                        for (listener, _) in listeners.iter() {
+                            match listener.fd() {
+                                Some(fd) => pf.push(braid_transport::PollFd {
                                     fd,
                                     read: true,
                                     write: false,
-                                }];
-                                let _ = braid_transport::wait_fds(
-                                    &pf,
-                                    Duration::from_millis(20),
-                                    &mut scratch,
-                                );
+                                }),
+                                None => fd_less = true,
                             }
-                            None => std::thread::sleep(Duration::from_micros(200)),
+                        }
+                        if fd_less || pf.is_empty() {
+                            std::thread::sleep(Duration::from_micros(200));
+                        } else {
+                            let _ = braid_transport::wait_fds(
+                                &pf,
+                                Duration::from_millis(20),
+                                &mut scratch,
+                            );
                         }
                     }
                 })
@@ -323,7 +409,7 @@ impl Communicator {
             hostname: membership::local_hostname(),
             pid: std::process::id(),
             role: Role::Worker,
-            handle: handle.encode(),
+            handle: encode_handles(&handles),
         };
         let stop_acceptor = |acc: JoinHandle<()>| {
             acceptor_stop.store(true, Ordering::Relaxed);
@@ -348,22 +434,42 @@ impl Communicator {
             }
         };
         let size = view.members.len();
-        tracing::info!(target: "braid::init", "rank {rank}/{size} member {member} epoch {} transport {}", view.epoch, transport.name());
+        let names: Vec<&str> = transports.iter().map(|t| t.name()).collect();
+        tracing::info!(target: "braid::init", "rank {rank}/{size} member {member} epoch {} transports {}", view.epoch, names.join(","));
 
-        let peers =
-            match connect_peers(&*transport, &view, rank, member, &conn_rx, deadline, &abort) {
-                Ok(p) => p,
-                Err(e) => {
-                    stop_acceptor(acceptor);
-                    return Err(e);
-                }
-            };
+        let (peers, peer_transports) = match connect_peers(
+            &transports,
+            cfg.transport,
+            &view,
+            rank,
+            member,
+            &conn_rx,
+            deadline,
+            &abort,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                stop_acceptor(acceptor);
+                return Err(e);
+            }
+        };
+        let transport = match peer_transports.first() {
+            Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
+            Some(_) => "mixed",
+            None => transports.first().map(|t| t.name()).unwrap_or("none"),
+        };
+        let listen_addr = handles
+            .iter()
+            .find(|h| h.transport == "tcp")
+            .or(handles.first())
+            .map(|h| String::from_utf8_lossy(&h.addr).into_owned())
+            .unwrap_or_default();
         // Later connections (strangers, stale jobs) are drained and dropped by a small thread
         // reading the channel, so they never pile up.
         std::thread::Builder::new()
             .name("braid-strangers".into())
             .spawn(move || {
-                while let Ok((c, hello)) = conn_rx.recv() {
+                while let Ok((c, hello, _)) = conn_rx.recv() {
                     tracing::warn!(target: "braid::net", "dropping unexpected data connection from {} ({})",
                         c.peer_desc(),
                         if parse_hello(&hello).is_some() { "a braid hello after set-up" } else { "not a braid hello" });
@@ -378,8 +484,9 @@ impl Communicator {
             member,
             view,
             policy,
-            transport: transport.name(),
-            listen_addr: String::from_utf8_lossy(&handle.addr).into_owned(),
+            transport,
+            peer_transports,
+            listen_addr,
             cfg,
             state: Mutex::new(State {
                 peers,
@@ -432,12 +539,20 @@ impl Communicator {
         &self.inner.cfg
     }
 
-    /// Name of the transport between ranks ("tcp", "mem").
+    /// Name of the transport between ranks ("tcp", "shm", "mem"), or "mixed" when peers are
+    /// reached over different transports (see [`Communicator::peer_transports`]).
     pub fn transport_name(&self) -> &'static str {
         self.inner.transport
     }
 
-    /// Where this rank accepts data connections from peers (for tcp, `ip:port`).
+    /// The transport used to reach each peer rank: (rank, "shm" | "tcp" | "mem"), in rank
+    /// order, without this rank.
+    pub fn peer_transports(&self) -> Vec<(usize, &'static str)> {
+        self.inner.peer_transports.clone()
+    }
+
+    /// Where this rank accepts data connections from peers (for tcp, `ip:port`; without tcp,
+    /// the address of the first transport it listens on).
     pub fn listen_addr(&self) -> &str {
         &self.inner.listen_addr
     }
@@ -1672,22 +1787,61 @@ fn progress_loop(inner: Arc<Inner>) {
     }
 }
 
+/// Connects to every peer: to higher ranks over the first transport of `transports` that the
+/// peer also listens on (shm only when the host ids are equal), and accepts from lower ranks.
+/// Returns the peers and the transport name used for each.
+#[allow(clippy::too_many_arguments)]
 fn connect_peers(
-    transport: &dyn Transport,
+    transports: &[Arc<dyn Transport>],
+    kind: TransportKind,
     view: &View,
     rank: usize,
     member: u64,
-    incoming: &mpsc::Receiver<(Box<dyn Conn>, Vec<u8>)>,
+    incoming: &mpsc::Receiver<Incoming>,
     deadline: Instant,
     abort: &AtomicBool,
-) -> Result<Vec<Option<Peer>>> {
+) -> Result<Connected> {
     let size = view.members.len();
     let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+    let mut names: Vec<Option<&'static str>> = vec![None; size];
     let hello = hello_bytes(view.nonce, view.epoch, rank, member);
+    let me = &view.members[rank];
+    if kind == TransportKind::Shm {
+        // Every rank checks every pair, so all fail at once instead of waiting for a connect.
+        for (j, m) in view.members.iter().enumerate() {
+            if m.host_id != me.host_id {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_TRANSPORT=shm, but rank {j} is on host {} (host id {}) and rank {rank} on host {} (host id {}): shared memory works only within one host (use auto or tcp)",
+                    m.hostname, m.host_id, me.hostname, me.host_id
+                )));
+            }
+        }
+    }
     // Connect to every higher rank; accept from every lower one.
     for (j, m) in view.members.iter().enumerate().skip(rank + 1) {
-        let h = ConnectHandle::decode(&m.handle)
+        let hs = decode_handles(&m.handle)
             .map_err(|e| Error::Coordinator(format!("rank {j}'s connect handle: {e}")))?;
+        let same_host = m.host_id == me.host_id;
+        let pick = transports.iter().find_map(|t| {
+            if t.name() == "shm" && !same_host {
+                return None;
+            }
+            hs.iter()
+                .find(|h| h.transport == t.name())
+                .map(|h| (t, h.clone()))
+        });
+        let Some((transport, h)) = pick else {
+            let theirs: Vec<&str> = hs.iter().map(|h| h.transport.as_str()).collect();
+            let mine: Vec<&str> = transports.iter().map(|t| t.name()).collect();
+            return Err(Error::InvalidArgument(format!(
+                "no transport in common with rank {j} on host {} (this rank offers {}, it offers {}; same host: {same_host}); set the same BRAID_TRANSPORT on all ranks",
+                m.hostname,
+                mine.join(","),
+                theirs.join(",")
+            )));
+        };
+        names[j] = Some(transport.name());
+        tracing::debug!(target: "braid::init", "rank {rank} -> rank {j}: {}", transport.name());
         let conn = transport
             .connect(&h, &hello, deadline)
             .map_err(|e| Error::PeerLost {
@@ -1719,7 +1873,7 @@ fn connect_peers(
                 secs: 0.0,
             });
         }
-        let (conn, h) = match incoming.recv_timeout(left.min(Duration::from_millis(100))) {
+        let (conn, h, tname) = match incoming.recv_timeout(left.min(Duration::from_millis(100))) {
             Ok(x) => x,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -1746,6 +1900,7 @@ fn connect_peers(
                     member: view.members[r].id,
                     host: view.members[r].hostname.clone(),
                 });
+                names[r] = Some(tname);
                 missing -= 1;
             }
             None => {
@@ -1753,7 +1908,12 @@ fn connect_peers(
             }
         }
     }
-    Ok(peers)
+    let used = names
+        .iter()
+        .enumerate()
+        .filter_map(|(r, n)| n.map(|n| (r, n)))
+        .collect();
+    Ok((peers, used))
 }
 
 impl Drop for Communicator {

@@ -43,8 +43,10 @@ pub const VARS: &[VarSpec] = &[
         doc: "Deadline of every blocking wait of an operation (a silent peer is reported after this long)." },
     VarSpec { name: "BRAID_INIT_TIMEOUT", ty: "seconds", default: "300",
         doc: "Deadline for rendezvous and connection set-up." },
-    VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp", default: "auto",
-        doc: "Transport between ranks. auto picks the best available (tcp in this version)." },
+    VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp|shm", default: "auto",
+        doc: "Transport between ranks. auto: shared memory between ranks with the same host id, tcp between hosts (in one communicator); tcp or shm forces one (shm between different hosts is an error)." },
+    VarSpec { name: "BRAID_SHM_SPIN", ty: "microseconds", default: "20",
+        doc: "How long the shared-memory transport spins on its rings before the waiting rank blocks in poll(2) (on top of BRAID_SPIN_US)." },
     VarSpec { name: "BRAID_TCP_STREAMS", ty: "integer", default: "1",
         doc: "TCP sockets per peer pair; messages of at least BRAID_TCP_STRIPE_MIN bytes are striped over them." },
     VarSpec { name: "BRAID_TCP_STRIPE_MIN", ty: "bytes", default: "262144",
@@ -72,6 +74,8 @@ pub enum TransportKind {
     Auto,
     /// TCP only.
     Tcp,
+    /// Shared memory only (all ranks on one host).
+    Shm,
 }
 
 /// Immutable configuration of one communicator.
@@ -109,6 +113,8 @@ pub struct Config {
     pub slice_bytes: usize,
     /// Spin time before blocking.
     pub spin: Duration,
+    /// Spin time of the shared-memory transport before blocking.
+    pub shm_spin: Duration,
     /// Log filter.
     pub log: String,
 }
@@ -135,6 +141,7 @@ impl Default for Config {
                 small_bytes: 65536,
                 slice_bytes: 524288,
                 spin: Duration::from_micros(200),
+                shm_spin: Duration::from_micros(20),
                 log: "warn".into(),
             },
         }
@@ -246,9 +253,10 @@ impl Config {
         let transport = match val("BRAID_TRANSPORT").to_ascii_lowercase().as_str() {
             "auto" => TransportKind::Auto,
             "tcp" => TransportKind::Tcp,
+            "shm" => TransportKind::Shm,
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "BRAID_TRANSPORT={other}: expected auto or tcp (shm is not in this build)"
+                    "BRAID_TRANSPORT={other}: expected auto, tcp or shm"
                 )))
             }
         };
@@ -265,6 +273,7 @@ impl Config {
             ));
         }
         let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
+        let shm_spin_us = parse_usize("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"))?;
         Ok(Config {
             coordinator,
             host_coordinator,
@@ -283,6 +292,7 @@ impl Config {
             small_bytes: parse_size("BRAID_SMALL_BYTES", &val("BRAID_SMALL_BYTES"))?,
             slice_bytes,
             spin: Duration::from_micros(spin_us as u64),
+            shm_spin: Duration::from_micros(shm_spin_us as u64),
             log: val("BRAID_LOG"),
         })
     }

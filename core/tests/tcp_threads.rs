@@ -25,6 +25,7 @@ fn strangers_on_coordinator_and_data_ports_do_not_disturb_the_job() {
                     world_size: Some(n),
                     rank: Some(r),
                     timeout: Duration::from_secs(30),
+                    transport: braid::config::TransportKind::Tcp,
                     ..Config::default()
                 };
                 let c = Communicator::init_with(cfg).unwrap();

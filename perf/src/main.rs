@@ -19,7 +19,7 @@ use std::io::Write;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use braid::config::parse_bytes;
+use braid::config::{parse_bytes, TransportKind};
 use braid::membership::Coordinator;
 use braid::{Communicator, Config, DataType, Element, ReduceOp};
 use half::{bf16, f16};
@@ -224,12 +224,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(t) = &args.transport {
-        if t == "shm" {
-            eprintln!("braid-perf: --transport shm: the shared-memory transport is not in this build (use tcp or auto)");
-            return ExitCode::from(2);
-        }
-    }
     if under_launcher() {
         match run_rank(&args) {
             Ok(true) => ExitCode::SUCCESS,
@@ -354,7 +348,14 @@ struct Row {
 }
 
 fn run_rank(args: &Args) -> Result<bool, String> {
-    let cfg = Config::from_env().map_err(|e| e.to_string())?;
+    let mut cfg = Config::from_env().map_err(|e| e.to_string())?;
+    if let Some(t) = &args.transport {
+        cfg.transport = match t.as_str() {
+            "tcp" => TransportKind::Tcp,
+            "shm" => TransportKind::Shm,
+            _ => TransportKind::Auto,
+        };
+    }
     let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
     let rows = match args.dtype {
         DataType::I8 => bench::<i8>(&comm, args),
@@ -418,13 +419,15 @@ fn run_rank(args: &Args) -> Result<bool, String> {
         }
     }
     if args.verbose {
-        let mut s = format!(
-            "# rank {} bytes per peer (transport {}):",
-            comm.rank(),
-            comm.transport_name()
-        );
+        let kinds = comm.peer_transports();
+        let mut s = format!("# rank {} bytes per peer:", comm.rank());
         for (p, tx, rx) in comm.bytes_per_peer() {
-            s.push_str(&format!(" [peer {p}: sent {tx} recv {rx}]"));
+            let t = kinds
+                .iter()
+                .find(|(r, _)| *r == p)
+                .map(|(_, t)| *t)
+                .unwrap_or("?");
+            s.push_str(&format!(" [peer {p} via {t}: sent {tx} recv {rx}]"));
         }
         eprintln!("{s}");
     }

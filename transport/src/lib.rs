@@ -23,6 +23,7 @@ use std::os::fd::RawFd;
 
 pub mod handle;
 pub mod mem;
+pub mod shm;
 pub mod tcp;
 
 pub use handle::ConnectHandle;

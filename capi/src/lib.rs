@@ -1,0 +1,1622 @@
+//! braid's C ABI: `libbraid.so` / `libbraid.a`, declared by `include/braid.h`.
+//!
+//! The header is generated from this file by cbindgen (`capi/cbindgen.toml`; the test
+//! `capi/tests/header.rs` checks that the committed header is current, and rewrites it with
+//! `UPDATE_HEADER=1`). The rules every function follows (status codes, last error, NULL
+//! handling, threads, in-place calls) are stated in the header's preamble, which lives in
+//! `cbindgen.toml`.
+//!
+//! Every `extern "C"` function runs inside [`boundary`]: a panic never crosses into C (it
+//! becomes `braid_internal_error`), and every failure stores a message in this thread's
+//! last-error slot.
+//!
+//! Thread-local state (the only mutable state outside communicators and requests): the last
+//! error message and the pending `braid_group_start`/`braid_group_end` group of this thread.
+
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::mem::{offset_of, size_of};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use braid_core::coll::CollKind;
+use braid_core::{
+    Communicator, Config, DataType, Error, ErrorClass, Handle, RawColl, RawP2p, ReduceOp,
+};
+
+// ---- version -------------------------------------------------------------------------------
+
+/// Major version of this header (the library's is returned by braid_get_version).
+pub const BRAID_VERSION_MAJOR: c_int = 0;
+/// Minor version of this header.
+pub const BRAID_VERSION_MINOR: c_int = 1;
+/// Patch version of this header.
+pub const BRAID_VERSION_PATCH: c_int = 0;
+/// Version of `braid_config_t` this header describes (its fields are append-only).
+pub const BRAID_CONFIG_VERSION: u32 = 1;
+
+const _: () = assert!(
+    BRAID_VERSION_MAJOR as u32 == braid_core::VERSION.0
+        && BRAID_VERSION_MINOR as u32 == braid_core::VERSION.1
+        && BRAID_VERSION_PATCH as u32 == braid_core::VERSION.2,
+    "the C version macros must match braid::VERSION"
+);
+
+// ---- enums ---------------------------------------------------------------------------------
+
+/// Status of a braid call. Every function that can fail returns one; on failure
+/// braid_get_last_error() says why.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum braid_status_t {
+    /// The call succeeded.
+    braid_success = 0,
+    /// A bad argument: NULL pointer, out-of-range rank/root/peer, invalid datatype or
+    /// operator value, bad configuration. Reported before anything is sent; the communicator
+    /// stays usable.
+    braid_invalid_argument = 1,
+    /// A call that is wrong in this state: ranks issued mismatched collectives, use after
+    /// braid_comm_abort, a group mixing communicators, braid_group_end without
+    /// braid_group_start. Sticky on the communicator when it comes from communication.
+    braid_invalid_usage = 2,
+    /// The operating system failed a call (socket, thread, memory). Sticky.
+    braid_system_error = 3,
+    /// A peer was lost or reported an error (or the coordinator failed). Sticky.
+    braid_remote_error = 4,
+    /// A deadline passed (BRAID_TIMEOUT, BRAID_INIT_TIMEOUT, config timeout_s). Sticky.
+    braid_timeout = 5,
+    /// A bug in braid (including a caught Rust panic). Sticky.
+    braid_internal_error = 6,
+    /// An operation has not completed yet. Reserved for non-blocking communicator set-up;
+    /// not returned by this release (braid_test reports progress through its `done` flag).
+    braid_in_progress = 7,
+}
+
+/// Element type of a buffer. Values other than those listed give braid_invalid_argument.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum braid_datatype_t {
+    /// int8_t.
+    braid_int8 = 0,
+    /// uint8_t.
+    braid_uint8 = 1,
+    /// int32_t.
+    braid_int32 = 2,
+    /// uint32_t.
+    braid_uint32 = 3,
+    /// int64_t.
+    braid_int64 = 4,
+    /// uint64_t.
+    braid_uint64 = 5,
+    /// IEEE 754 half precision (binary16), passed as 16-bit patterns.
+    braid_float16 = 6,
+    /// bfloat16, passed as 16-bit patterns.
+    braid_bfloat16 = 7,
+    /// float.
+    braid_float32 = 8,
+    /// double.
+    braid_float64 = 9,
+}
+
+/// Reduction operator. Values other than those listed give braid_invalid_argument.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum braid_redop_t {
+    /// Sum.
+    braid_sum = 0,
+    /// Product.
+    braid_prod = 1,
+    /// Minimum.
+    braid_min = 2,
+    /// Maximum.
+    braid_max = 3,
+    /// Average: the sum divided by the number of ranks (integer division for integer types).
+    braid_avg = 4,
+}
+
+/// A `braid_datatype_t` as received from C: any int (an out-of-range value must not become a
+/// Rust enum). Named `braid_datatype_t` in the header.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct DatatypeArg(pub c_int);
+
+/// A `braid_redop_t` as received from C. Named `braid_redop_t` in the header.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct RedopArg(pub c_int);
+
+/// A `braid_status_t` as received from C. Named `braid_status_t` in the header.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct StatusArg(pub c_int);
+
+// ---- configuration -------------------------------------------------------------------------
+
+/// Configuration of braid_comm_init. Initialise it with BRAID_CONFIG_INITIALIZER or
+/// braid_config_init(), then set the fields you need; fields left unset come from the
+/// environment (BRAID_COORDINATOR, BRAID_WORLD_SIZE, BRAID_RANK, BRAID_TIMEOUT,
+/// BRAID_TRANSPORT, ... as set by braid-run, torchrun, mpirun or SLURM). Set fields win over
+/// the environment. Strings are read during braid_comm_init only.
+///
+/// Compatibility: fields are only ever appended. `size` (sizeof(braid_config_t) of the
+/// caller's header) and `version` let a newer library read an older caller's struct (fields
+/// beyond `size` count as unset) and an older library ignore a newer caller's extra fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct braid_config_t {
+    /// sizeof(braid_config_t) as the caller compiled it.
+    pub size: usize,
+    /// BRAID_CONFIG_VERSION as the caller compiled it (must not be 0).
+    pub version: u32,
+    /// Coordinator address "host:port"; NULL: unset.
+    pub coordinator: *const c_char,
+    /// Number of ranks (>= 1); -1: unset.
+    pub world_size: c_int,
+    /// This process's rank (0 <= rank < world_size); -1: unset (the coordinator assigns
+    /// ranks by arrival).
+    pub rank: c_int,
+    /// Deadline in seconds of every blocking wait of an operation; <= 0: unset.
+    pub timeout_s: f64,
+    /// Transport between ranks ("auto", "tcp", ...; see BRAID_TRANSPORT); NULL: unset.
+    pub transport: *const c_char,
+    /// Job token; NULL: unset. Reserved: stored, checked by a later release (ranks of one job
+    /// will have to present the same token).
+    pub job_token: *const c_char,
+}
+
+// ---- opaque objects ------------------------------------------------------------------------
+
+/// A communicator (opaque). Created by braid_comm_init / braid_comm_init_rank, freed by
+/// braid_comm_destroy.
+pub struct braid_comm {
+    comm: Communicator,
+    /// braid_config_t::job_token (reserved: checked by a later release).
+    #[allow(dead_code)]
+    job_token: Option<CString>,
+}
+
+/// Handle of a communicator. Using it after braid_comm_destroy is undefined behaviour (the
+/// library cannot detect a dangling pointer).
+pub type braid_comm_t = *mut braid_comm;
+
+/// A non-blocking operation (opaque). Created by the braid_i* functions, freed by
+/// braid_request_free.
+pub struct braid_request {
+    handle: Option<Handle<()>>,
+    result: Option<Result<(), Fail>>,
+}
+
+/// Handle of a non-blocking operation. Using it after braid_request_free is undefined
+/// behaviour.
+pub type braid_request_t = *mut braid_request;
+
+// ---- errors and the panic boundary ---------------------------------------------------------
+
+/// A failed call: its status and message.
+#[derive(Debug, Clone)]
+struct Fail {
+    status: braid_status_t,
+    msg: String,
+}
+
+impl Fail {
+    fn arg(msg: impl Into<String>) -> Fail {
+        Fail {
+            status: braid_status_t::braid_invalid_argument,
+            msg: format!("invalid argument: {}", msg.into()),
+        }
+    }
+
+    fn usage(msg: impl Into<String>) -> Fail {
+        Fail {
+            status: braid_status_t::braid_invalid_usage,
+            msg: format!("invalid usage: {}", msg.into()),
+        }
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail {
+            status: status_of(e.class()),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// The status code of an error class.
+fn status_of(c: ErrorClass) -> braid_status_t {
+    match c {
+        ErrorClass::InvalidArgument => braid_status_t::braid_invalid_argument,
+        ErrorClass::InvalidUsage => braid_status_t::braid_invalid_usage,
+        ErrorClass::System => braid_status_t::braid_system_error,
+        ErrorClass::Remote => braid_status_t::braid_remote_error,
+        ErrorClass::Timeout => braid_status_t::braid_timeout,
+        ErrorClass::Internal => braid_status_t::braid_internal_error,
+    }
+}
+
+type CResult<T = ()> = Result<T, Fail>;
+
+thread_local! {
+    /// This thread's last failure message (what braid_get_last_error returns).
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// This thread's open group (braid_group_start .. braid_group_end).
+    static GROUP: RefCell<GroupState> = RefCell::new(GroupState::default());
+}
+
+fn set_last_error(func: &str, msg: &str) {
+    let text = format!("{func}: {msg}").replace('\0', " ");
+    let c = CString::new(text).unwrap_or_default();
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+/// Runs the body of an `extern "C"` function: catches panics (internal error) and records the
+/// message of a failure in this thread's last error.
+fn boundary(func: &'static str, f: impl FnOnce() -> CResult) -> braid_status_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => braid_status_t::braid_success,
+        Ok(Err(fail)) => {
+            set_last_error(func, &fail.msg);
+            fail.status
+        }
+        Err(p) => {
+            set_last_error(
+                func,
+                &format!("internal error: panic inside braid: {}", panic_message(&*p)),
+            );
+            braid_status_t::braid_internal_error
+        }
+    }
+}
+
+// ---- argument helpers ----------------------------------------------------------------------
+
+/// The communicator behind a handle.
+///
+/// # Safety
+/// `comm` is NULL or a handle from braid_comm_init* not yet destroyed.
+unsafe fn comm_ref<'a>(comm: braid_comm_t) -> CResult<&'a braid_comm> {
+    // SAFETY: per this function's contract, a non-NULL `comm` points to a live braid_comm
+    // (created by Box::into_raw in braid_comm_init*, freed only by braid_comm_destroy).
+    unsafe { comm.cast_const().as_ref() }.ok_or_else(|| Fail::arg("comm is NULL"))
+}
+
+fn dtype_of(d: DatatypeArg) -> CResult<DataType> {
+    Ok(match d.0 {
+        0 => DataType::I8,
+        1 => DataType::U8,
+        2 => DataType::I32,
+        3 => DataType::U32,
+        4 => DataType::I64,
+        5 => DataType::U64,
+        6 => DataType::F16,
+        7 => DataType::BF16,
+        8 => DataType::F32,
+        9 => DataType::F64,
+        v => return Err(Fail::arg(format!("datatype {v} is not a braid_datatype_t"))),
+    })
+}
+
+fn op_of(o: RedopArg) -> CResult<ReduceOp> {
+    Ok(match o.0 {
+        0 => ReduceOp::Sum,
+        1 => ReduceOp::Prod,
+        2 => ReduceOp::Min,
+        3 => ReduceOp::Max,
+        4 => ReduceOp::Avg,
+        v => return Err(Fail::arg(format!("op {v} is not a braid_redop_t"))),
+    })
+}
+
+fn rank_arg(what: &str, v: c_int, size: usize) -> CResult<usize> {
+    match usize::try_from(v) {
+        Ok(r) if r < size => Ok(r),
+        _ => Err(Fail::arg(format!(
+            "{what} {v} is not a rank of this communicator (size {size})"
+        ))),
+    }
+}
+
+/// Writes `v` through an out-pointer.
+///
+/// # Safety
+/// `p` is NULL or valid for a write of `T`.
+unsafe fn put<T>(p: *mut T, what: &str, v: T) -> CResult {
+    if p.is_null() {
+        return Err(Fail::arg(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL, and valid for writes per this function's contract.
+    unsafe { p.write(v) };
+    Ok(())
+}
+
+fn in_group() -> bool {
+    GROUP.try_with(|g| g.borrow().depth > 0).unwrap_or(false)
+}
+
+/// Stores a new request in `*req` (which was checked non-NULL by the caller).
+///
+/// # Safety
+/// `req` is valid for a write.
+unsafe fn store_request(req: *mut braid_request_t, h: Handle<()>) {
+    let r = Box::into_raw(Box::new(braid_request {
+        handle: Some(h),
+        result: None,
+    }));
+    // SAFETY: the caller checked `req` and guarantees it is valid for a write.
+    unsafe { req.write(r) };
+}
+
+/// Clears `*req` (so a failed call leaves NULL) or fails when `req` is NULL.
+///
+/// # Safety
+/// `req` is NULL or valid for a write.
+unsafe fn reset_request(req: *mut braid_request_t) -> CResult {
+    // SAFETY: forwarded contract.
+    unsafe { put(req, "req", std::ptr::null_mut()) }
+}
+
+// ---- collectives (shared body) -------------------------------------------------------------
+
+struct CollArgs {
+    kind: CollKind,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: DatatypeArg,
+    op: Option<RedopArg>,
+    root: Option<c_int>,
+}
+
+/// Body of every collective: blocking when `req` is None, else non-blocking.
+///
+/// # Safety
+/// The buffer and handle contracts of the public function that calls it.
+unsafe fn coll(
+    func: &'static str,
+    a: CollArgs,
+    comm: braid_comm_t,
+    req: Option<*mut braid_request_t>,
+) -> braid_status_t {
+    boundary(func, || {
+        if let Some(r) = req {
+            // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
+            unsafe { reset_request(r) }?;
+        }
+        // SAFETY: caller contract (a live communicator or NULL).
+        let c = unsafe { comm_ref(comm) }?;
+        if in_group() {
+            return Err(Fail::usage(
+                "collectives cannot be issued between braid_group_start and braid_group_end \
+                 (groups hold braid_send/braid_recv only)",
+            ));
+        }
+        let dtype = dtype_of(a.dtype)?;
+        let op = match a.op {
+            Some(o) => op_of(o)?,
+            None => ReduceOp::Sum,
+        };
+        let root = match a.root {
+            Some(r) => rank_arg("root", r, c.comm.size())?,
+            None => 0,
+        };
+        let rc = RawColl {
+            kind: a.kind,
+            dtype,
+            op,
+            count: a.count,
+            root,
+        };
+        match req {
+            None => {
+                // SAFETY: the caller guarantees the buffers are valid for the lengths this
+                // collective implies (documented per function) for the duration of the call.
+                unsafe { c.comm.coll_raw(rc, a.send.cast(), a.recv.cast()) }?;
+            }
+            Some(r) => {
+                // SAFETY: as above, and the caller keeps the buffers valid and untouched until
+                // the request completes (documented on every braid_i* function).
+                let h = unsafe { c.comm.icoll_raw(rc, a.send.cast(), a.recv.cast()) }?;
+                // SAFETY: `r` was checked non-NULL by reset_request above.
+                unsafe { store_request(r, h) };
+            }
+        }
+        Ok(())
+    })
+}
+
+// ---- point-to-point and groups -------------------------------------------------------------
+
+/// This thread's open group: the sends and receives issued since braid_group_start.
+#[derive(Default)]
+struct GroupState {
+    depth: u32,
+    comm: Option<*const braid_comm>,
+    ops: Vec<RawP2p>,
+    failed: Option<Fail>,
+}
+
+struct P2pArgs {
+    send: bool,
+    buf: *mut c_void,
+    count: usize,
+    dtype: DatatypeArg,
+    peer: c_int,
+    tag: u64,
+}
+
+/// Body of braid_send/recv/isend/irecv.
+///
+/// # Safety
+/// The buffer and handle contracts of the public function that calls it.
+unsafe fn p2p(
+    func: &'static str,
+    a: P2pArgs,
+    comm: braid_comm_t,
+    req: Option<*mut braid_request_t>,
+) -> braid_status_t {
+    boundary(func, || {
+        if let Some(r) = req {
+            // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
+            unsafe { reset_request(r) }?;
+        }
+        let grouped = in_group();
+        let res = (|| {
+            // SAFETY: caller contract (a live communicator or NULL).
+            let c = unsafe { comm_ref(comm) }?;
+            let dtype = dtype_of(a.dtype)?;
+            let peer = rank_arg("peer", a.peer, c.comm.size())?;
+            if a.count > 0 && a.buf.is_null() {
+                return Err(Fail::arg("buf is NULL"));
+            }
+            let op = RawP2p {
+                send: a.send,
+                buf: a.buf.cast(),
+                count: a.count,
+                dtype,
+                peer,
+                tag: a.tag,
+            };
+            if grouped {
+                if req.is_some() {
+                    return Err(Fail::usage(
+                        "braid_isend/braid_irecv cannot be issued inside a group; use \
+                         braid_send/braid_recv there (braid_group_end runs them)",
+                    ));
+                }
+                return GROUP
+                    .try_with(|g| {
+                        let mut g = g.borrow_mut();
+                        let this = comm.cast_const();
+                        match g.comm {
+                            Some(p) if p != this => Err(Fail::usage(
+                                "a group may hold operations of one communicator only",
+                            )),
+                            _ => {
+                                g.comm = Some(this);
+                                g.ops.push(op);
+                                Ok(())
+                            }
+                        }
+                    })
+                    .unwrap_or_else(|_| Err(Fail::usage("thread is exiting")));
+            }
+            match req {
+                None => {
+                    // SAFETY: the caller guarantees `buf` is valid for `count` elements for
+                    // the duration of the call.
+                    unsafe { c.comm.p2p_raw(&[op]) }?;
+                }
+                Some(r) => {
+                    // SAFETY: as above, until the request completes (documented).
+                    let h = unsafe { c.comm.ip2p_raw(&[op]) }?;
+                    // SAFETY: `r` was checked non-NULL by reset_request above.
+                    unsafe { store_request(r, h) };
+                }
+            }
+            Ok(())
+        })();
+        if grouped {
+            if let Err(f) = &res {
+                // The group will not run: braid_group_end reports the first failure.
+                let _ = GROUP.try_with(|g| {
+                    let mut g = g.borrow_mut();
+                    if g.failed.is_none() {
+                        g.failed = Some(f.clone());
+                    }
+                });
+            }
+        }
+        res
+    })
+}
+
+// ---- exported functions: library -----------------------------------------------------------
+
+/// Writes the library's version as MAJOR*10000 + MINOR*100 + PATCH to `*version` (compare with
+/// BRAID_VERSION_CODE of the header you compiled with).
+///
+/// # Safety
+/// `version` is NULL (braid_invalid_argument) or valid for writing an int.
+#[no_mangle]
+pub unsafe extern "C" fn braid_get_version(version: *mut c_int) -> braid_status_t {
+    boundary("braid_get_version", || {
+        let v = BRAID_VERSION_MAJOR * 10000 + BRAID_VERSION_MINOR * 100 + BRAID_VERSION_PATCH;
+        // SAFETY: caller contract.
+        unsafe { put(version, "version", v) }
+    })
+}
+
+/// A static, human-readable name of a status ("braid_success", ...; "unknown braid status"
+/// for other values). Never NULL; never fails.
+#[no_mangle]
+pub extern "C" fn braid_status_string(status: StatusArg) -> *const c_char {
+    let s: &'static CStr = match status.0 {
+        0 => c"braid_success: no error",
+        1 => c"braid_invalid_argument: invalid argument",
+        2 => c"braid_invalid_usage: invalid usage",
+        3 => c"braid_system_error: system error",
+        4 => c"braid_remote_error: remote error (peer lost or failed)",
+        5 => c"braid_timeout: timeout",
+        6 => c"braid_internal_error: internal error",
+        7 => c"braid_in_progress: operation in progress",
+        _ => c"unknown braid status",
+    };
+    s.as_ptr()
+}
+
+/// This thread's last failure message ("" if no call of this thread has failed). The message
+/// names the function and the cause (for a collective mismatch it contains "mismatch" and
+/// both signatures). The pointer stays valid until this thread's next braid call. A successful
+/// call does not clear it. Never NULL.
+#[no_mangle]
+pub extern "C" fn braid_get_last_error() -> *const c_char {
+    catch_unwind(|| {
+        LAST_ERROR
+            .try_with(|e| e.borrow().as_ptr())
+            .unwrap_or(c"".as_ptr())
+    })
+    .unwrap_or(c"".as_ptr())
+}
+
+/// Initialises `*config` with "everything unset" (the values of BRAID_CONFIG_INITIALIZER).
+///
+/// # Safety
+/// `config` is NULL (braid_invalid_argument) or valid for writing a braid_config_t.
+#[no_mangle]
+pub unsafe extern "C" fn braid_config_init(config: *mut braid_config_t) -> braid_status_t {
+    boundary("braid_config_init", || {
+        let c = braid_config_t {
+            size: size_of::<braid_config_t>(),
+            version: BRAID_CONFIG_VERSION,
+            coordinator: std::ptr::null(),
+            world_size: -1,
+            rank: -1,
+            timeout_s: 0.0,
+            transport: std::ptr::null(),
+            job_token: std::ptr::null(),
+        };
+        // SAFETY: caller contract.
+        unsafe { put(config, "config", c) }
+    })
+}
+
+// ---- exported functions: communicators -----------------------------------------------------
+
+/// Reads a field of a caller's config if its `size` covers it.
+macro_rules! field {
+    ($cfg:expr, $size:expr, $f:ident) => {
+        if $size >= offset_of!(braid_config_t, $f) + size_of_field(|c: &braid_config_t| &c.$f) {
+            // SAFETY: the caller's struct is at least `size` bytes long (contract of
+            // braid_comm_init) and this field lies inside it; read_unaligned tolerates any
+            // alignment.
+            Some(unsafe { std::ptr::addr_of!((*$cfg).$f).read_unaligned() })
+        } else {
+            None
+        }
+    };
+}
+
+fn size_of_field<T>(_: impl Fn(&braid_config_t) -> &T) -> usize {
+    size_of::<T>()
+}
+
+/// Reads an optional C string argument.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn opt_str(p: *const c_char, what: &str) -> CResult<Option<String>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-NULL and NUL-terminated per contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| Fail::arg(format!("{what} is not UTF-8")))
+}
+
+/// Builds a communicator from an optional caller config (unset fields from the environment).
+///
+/// # Safety
+/// `config` is NULL or points to at least `config->size` readable bytes.
+unsafe fn init_comm(config: *const braid_config_t) -> CResult<Box<braid_comm>> {
+    let mut over: Vec<(&'static str, String)> = Vec::new();
+    let mut job_token = None;
+    if !config.is_null() {
+        // SAFETY: non-NULL; the first field is always present (the caller's struct begins with
+        // `size_t size`).
+        let size = unsafe { std::ptr::addr_of!((*config).size).read_unaligned() };
+        if size < offset_of!(braid_config_t, version) + size_of::<u32>() {
+            return Err(Fail::arg(format!(
+                "config->size is {size}: initialise the config with BRAID_CONFIG_INITIALIZER or \
+                 braid_config_init"
+            )));
+        }
+        let version = field!(config, size, version).unwrap_or(0);
+        if version == 0 {
+            return Err(Fail::arg(
+                "config->version is 0: initialise the config with BRAID_CONFIG_INITIALIZER or \
+                 braid_config_init",
+            ));
+        }
+        if let Some(p) = field!(config, size, coordinator) {
+            // SAFETY: a non-NULL field is a NUL-terminated string (documented).
+            if let Some(s) = unsafe { opt_str(p, "config->coordinator") }? {
+                over.push(("BRAID_COORDINATOR", s));
+            }
+        }
+        if let Some(n) = field!(config, size, world_size) {
+            match n {
+                -1 => {}
+                n if n >= 1 => over.push(("BRAID_WORLD_SIZE", n.to_string())),
+                n => {
+                    return Err(Fail::arg(format!(
+                        "config->world_size is {n}: expected >= 1 or -1 (unset)"
+                    )))
+                }
+            }
+        }
+        if let Some(r) = field!(config, size, rank) {
+            match r {
+                -1 => {}
+                r if r >= 0 => over.push(("BRAID_RANK", r.to_string())),
+                r => {
+                    return Err(Fail::arg(format!(
+                        "config->rank is {r}: expected >= 0 or -1 (unset)"
+                    )))
+                }
+            }
+        }
+        if let Some(t) = field!(config, size, timeout_s) {
+            if t.is_nan() || t == f64::INFINITY {
+                return Err(Fail::arg(format!(
+                    "config->timeout_s is {t}: expected a finite number of seconds (<= 0: unset)"
+                )));
+            }
+            if t > 0.0 {
+                over.push(("BRAID_TIMEOUT", format!("{t}")));
+            }
+        }
+        if let Some(p) = field!(config, size, transport) {
+            // SAFETY: as for coordinator.
+            if let Some(s) = unsafe { opt_str(p, "config->transport") }? {
+                over.push(("BRAID_TRANSPORT", s));
+            }
+        }
+        if let Some(p) = field!(config, size, job_token) {
+            if !p.is_null() {
+                // SAFETY: a non-NULL field is a NUL-terminated string (documented).
+                job_token = Some(unsafe { CStr::from_ptr(p) }.to_owned());
+            }
+        }
+    }
+    // Set fields win; everything else comes from the environment as Config::from_env reads it.
+    let cfg = Config::from_lookup(|k| {
+        over.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    })?;
+    let comm = Communicator::init_with(cfg)?;
+    Ok(Box::new(braid_comm { comm, job_token }))
+}
+
+/// Creates a communicator (collective over all ranks of the job: every rank must call it).
+/// `config` may be NULL: everything comes from the environment (as set by braid-run,
+/// torchrun, mpirun or SLURM). On failure `*comm` is set to NULL.
+///
+/// Errors: braid_invalid_argument (NULL `comm`, bad config or environment), braid_remote_error
+/// (coordinator unreachable or refusing), braid_timeout (BRAID_INIT_TIMEOUT passed),
+/// braid_system_error.
+///
+/// # Safety
+/// `comm` is NULL or valid for a write; `config` is NULL or a braid_config_t initialised as
+/// documented whose string fields are NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_init(
+    comm: *mut braid_comm_t,
+    config: *const braid_config_t,
+) -> braid_status_t {
+    boundary("braid_comm_init", || {
+        // SAFETY: caller contract.
+        unsafe { put(comm, "comm", std::ptr::null_mut()) }?;
+        // SAFETY: caller contract.
+        let c = unsafe { init_comm(config) }?;
+        // SAFETY: checked non-NULL above; caller contract.
+        unsafe { comm.write(Box::into_raw(c)) };
+        Ok(())
+    })
+}
+
+/// Creates a communicator of `nranks` ranks in which this process is `rank`, meeting at the
+/// coordinator "host:port" `coordinator` (like ncclCommInitRank, with the coordinator address
+/// in the role of the unique id). The coordinator must be running (braid-run starts one and
+/// exports BRAID_COORDINATOR; or run braid-coordinator). `coordinator` may be NULL: taken from
+/// the environment. Other settings come from the environment. On failure `*comm` is NULL.
+///
+/// Errors: as braid_comm_init; braid_invalid_argument when nranks < 1 or rank is not in
+/// [0, nranks).
+///
+/// # Safety
+/// `comm` is NULL or valid for a write; `coordinator` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_init_rank(
+    comm: *mut braid_comm_t,
+    nranks: c_int,
+    rank: c_int,
+    coordinator: *const c_char,
+) -> braid_status_t {
+    boundary("braid_comm_init_rank", || {
+        // SAFETY: caller contract.
+        unsafe { put(comm, "comm", std::ptr::null_mut()) }?;
+        if nranks < 1 {
+            return Err(Fail::arg(format!("nranks is {nranks}: expected >= 1")));
+        }
+        if rank < 0 || rank >= nranks {
+            return Err(Fail::arg(format!("rank {rank} is not in [0, {nranks})")));
+        }
+        let cfg = braid_config_t {
+            size: size_of::<braid_config_t>(),
+            version: BRAID_CONFIG_VERSION,
+            coordinator,
+            world_size: nranks,
+            rank,
+            timeout_s: 0.0,
+            transport: std::ptr::null(),
+            job_token: std::ptr::null(),
+        };
+        // SAFETY: `cfg` is a full struct; `coordinator` is NULL or NUL-terminated (contract).
+        let c = unsafe { init_comm(&cfg) }?;
+        // SAFETY: checked non-NULL above; caller contract.
+        unsafe { comm.write(Box::into_raw(c)) };
+        Ok(())
+    })
+}
+
+/// Writes this process's rank in `comm` to `*rank`.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator; `rank` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_rank(comm: braid_comm_t, rank: *mut c_int) -> braid_status_t {
+    boundary("braid_comm_rank", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        let r = c_int::try_from(c.comm.rank()).map_err(|_| Fail::arg("rank overflows int"))?;
+        // SAFETY: caller contract.
+        unsafe { put(rank, "rank", r) }
+    })
+}
+
+/// Writes the number of ranks of `comm` to `*size`.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator; `size` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_size(comm: braid_comm_t, size: *mut c_int) -> braid_status_t {
+    boundary("braid_comm_size", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        let n = c_int::try_from(c.comm.size()).map_err(|_| Fail::arg("size overflows int"))?;
+        // SAFETY: caller contract.
+        unsafe { put(size, "size", n) }
+    })
+}
+
+/// Aborts `comm`: pending and later operations on it fail (braid_invalid_usage, "communicator
+/// aborted"; that error is sticky) and the peers are told, so they fail instead of hanging.
+/// May be called from any thread at any time, also while another thread is blocked in a call
+/// on `comm`; returns quickly. braid_comm_destroy is still needed to free it.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_abort(comm: braid_comm_t) -> braid_status_t {
+    boundary("braid_comm_abort", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        c.comm.abort();
+        Ok(())
+    })
+}
+
+/// Frees `comm` and everything it holds (connections, threads). Valid after braid_comm_abort.
+/// Operations still running are failed first; their requests stay valid until freed. No other
+/// thread may use `comm` during or after this call (use after destroy is undefined
+/// behaviour). NULL is a no-op returning braid_success.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator not used by any other thread.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_destroy(comm: braid_comm_t) -> braid_status_t {
+    boundary("braid_comm_destroy", || {
+        if !comm.is_null() {
+            // SAFETY: `comm` came from Box::into_raw in braid_comm_init* and is freed once
+            // (caller contract).
+            drop(unsafe { Box::from_raw(comm) });
+        }
+        Ok(())
+    })
+}
+
+// ---- exported functions: collectives -------------------------------------------------------
+
+/// All-reduce: `recvbuf[i]` = op over all ranks of `sendbuf[i]`, i < count, on every rank.
+/// In place when sendbuf == recvbuf.
+///
+/// # Safety
+/// `sendbuf` and `recvbuf` are valid for `count` elements of `datatype` for the duration of
+/// the call (NULL allowed when count is 0); `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_all_reduce(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllReduce,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: Some(op),
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_all_reduce", a, comm, None) }
+}
+
+/// Reduce-scatter: rank r receives in `recvbuf` (recvcount elements) block r of the reduction
+/// of all ranks' `sendbuf` (nranks*recvcount elements). In place when
+/// recvbuf == sendbuf + rank*recvcount*sizeof(datatype).
+///
+/// # Safety
+/// `sendbuf` valid for nranks*recvcount elements, `recvbuf` for recvcount, for the duration
+/// of the call; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_reduce_scatter(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::ReduceScatter,
+        send: sendbuf,
+        recv: recvbuf,
+        count: recvcount,
+        dtype: datatype,
+        op: Some(op),
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_reduce_scatter", a, comm, None) }
+}
+
+/// All-gather: every rank receives in `recvbuf` (nranks*sendcount elements) the `sendbuf`
+/// (sendcount elements) of every rank, rank r's at offset r*sendcount. In place when
+/// sendbuf == recvbuf + rank*sendcount*sizeof(datatype).
+///
+/// # Safety
+/// `sendbuf` valid for sendcount elements, `recvbuf` for nranks*sendcount, for the duration of
+/// the call; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_all_gather(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    sendcount: usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllGather,
+        send: sendbuf,
+        recv: recvbuf,
+        count: sendcount,
+        dtype: datatype,
+        op: None,
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_all_gather", a, comm, None) }
+}
+
+/// Broadcast: copies `count` elements of the root's `sendbuf` to every rank's `recvbuf`.
+/// `sendbuf` is significant only on the root (may be NULL elsewhere). In place when
+/// sendbuf == recvbuf.
+///
+/// # Safety
+/// `sendbuf` (root) and `recvbuf` valid for `count` elements for the duration of the call;
+/// `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_broadcast(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Broadcast,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_broadcast", a, comm, None) }
+}
+
+/// Reduce: the root's `recvbuf[i]` = op over all ranks of `sendbuf[i]`, i < count. `recvbuf`
+/// is significant only on the root (may be NULL elsewhere). In place when sendbuf == recvbuf.
+///
+/// # Safety
+/// `sendbuf` and `recvbuf` (root) valid for `count` elements for the duration of the call;
+/// `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_reduce(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    root: c_int,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Reduce,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: Some(op),
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_reduce", a, comm, None) }
+}
+
+/// All-to-all: block j (`count` elements) of rank i's `sendbuf` lands in block i of rank j's
+/// `recvbuf`; both buffers hold nranks*count elements. In place when sendbuf == recvbuf.
+///
+/// # Safety
+/// Both buffers valid for nranks*count elements for the duration of the call; `comm` is NULL
+/// or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_all_to_all(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllToAll,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: None,
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_all_to_all", a, comm, None) }
+}
+
+/// Gather: the root's `recvbuf` (nranks*sendcount elements) receives every rank's `sendbuf`
+/// (sendcount elements), rank r's at offset r*sendcount. `recvbuf` is significant only on the
+/// root. In place (root) when sendbuf == recvbuf + root*sendcount*sizeof(datatype).
+///
+/// # Safety
+/// `sendbuf` valid for sendcount elements, `recvbuf` (root) for nranks*sendcount, for the
+/// duration of the call; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_gather(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    sendcount: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Gather,
+        send: sendbuf,
+        recv: recvbuf,
+        count: sendcount,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_gather", a, comm, None) }
+}
+
+/// Scatter: rank r's `recvbuf` (recvcount elements) receives block r of the root's `sendbuf`
+/// (nranks*recvcount elements). `sendbuf` is significant only on the root. In place (root)
+/// when recvbuf == sendbuf + root*recvcount*sizeof(datatype).
+///
+/// # Safety
+/// `sendbuf` (root) valid for nranks*recvcount elements, `recvbuf` for recvcount, for the
+/// duration of the call; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_scatter(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Scatter,
+        send: sendbuf,
+        recv: recvbuf,
+        count: recvcount,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_scatter", a, comm, None) }
+}
+
+/// Barrier: returns once every rank has entered it.
+///
+/// # Safety
+/// `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_barrier(comm: braid_comm_t) -> braid_status_t {
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_barrier", barrier_args(), comm, None) }
+}
+
+fn barrier_args() -> CollArgs {
+    CollArgs {
+        kind: CollKind::Barrier,
+        send: std::ptr::null(),
+        recv: std::ptr::null_mut(),
+        count: 0,
+        dtype: DatatypeArg(0),
+        op: None,
+        root: None,
+    }
+}
+
+/// Sends `count` elements of `buf` to rank `peer` with `tag` (the receive must name this rank
+/// and the same tag, count and datatype). Between braid_group_start and braid_group_end the
+/// send is only recorded (`buf` must stay valid until braid_group_end returns) and runs there
+/// with the group's other sends and receives; otherwise it blocks until done.
+///
+/// # Safety
+/// `buf` valid for `count` elements (NULL allowed when count is 0) until the send completes;
+/// `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_send(
+    buf: *const c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    peer: c_int,
+    tag: u64,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = P2pArgs {
+        send: true,
+        buf: buf.cast_mut(),
+        count,
+        dtype: datatype,
+        peer,
+        tag,
+    };
+    // SAFETY: this function's contract.
+    unsafe { p2p("braid_send", a, comm, None) }
+}
+
+/// Receives `count` elements into `buf` from rank `peer` with `tag`. Grouping as braid_send.
+///
+/// # Safety
+/// `buf` valid for `count` elements, not overlapping any other buffer of its group, until the
+/// receive completes; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_recv(
+    buf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    peer: c_int,
+    tag: u64,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = P2pArgs {
+        send: false,
+        buf,
+        count,
+        dtype: datatype,
+        peer,
+        tag,
+    };
+    // SAFETY: this function's contract.
+    unsafe { p2p("braid_recv", a, comm, None) }
+}
+
+/// Opens a group on this thread: braid_send/braid_recv calls until the matching
+/// braid_group_end are recorded, not run, and braid_group_end runs them all at once (so a ring
+/// exchange cannot deadlock). Groups nest; only the outermost braid_group_end runs the group.
+/// A group holds operations of one communicator; collectives and braid_isend/braid_irecv are
+/// refused inside a group (braid_invalid_usage). The group is per thread (thread-local state).
+#[no_mangle]
+pub extern "C" fn braid_group_start() -> braid_status_t {
+    boundary("braid_group_start", || {
+        GROUP
+            .try_with(|g| {
+                let mut g = g.borrow_mut();
+                g.depth = g.depth.saturating_add(1);
+            })
+            .map_err(|_| Fail::usage("thread is exiting"))
+    })
+}
+
+/// Closes a group opened by braid_group_start; the outermost one runs the recorded operations
+/// (blocking until all complete) and returns their status. If a call inside the group failed
+/// (bad argument, a second communicator), nothing runs and that call's status is returned
+/// again. braid_invalid_usage without an open group.
+#[no_mangle]
+pub extern "C" fn braid_group_end() -> braid_status_t {
+    boundary("braid_group_end", || {
+        let taken = GROUP
+            .try_with(|g| {
+                let mut g = g.borrow_mut();
+                if g.depth == 0 {
+                    return Err(Fail::usage("braid_group_end without braid_group_start"));
+                }
+                g.depth -= 1;
+                if g.depth > 0 {
+                    return Ok(None);
+                }
+                Ok(Some(std::mem::take(&mut *g)))
+            })
+            .map_err(|_| Fail::usage("thread is exiting"))??;
+        let Some(g) = taken else { return Ok(()) };
+        if let Some(f) = g.failed {
+            return Err(Fail {
+                status: f.status,
+                msg: format!("group not run: a call in it failed: {}", f.msg),
+            });
+        }
+        let Some(comm) = g.comm else { return Ok(()) };
+        // SAFETY: the pointer was a live communicator when the operations were recorded; using
+        // it after braid_comm_destroy is undefined behaviour per the documented contract.
+        let c = unsafe { comm_ref(comm.cast_mut()) }?;
+        // SAFETY: the buffers of recorded operations stay valid until braid_group_end returns
+        // (documented on braid_send/braid_recv).
+        unsafe { c.comm.p2p_raw(&g.ops) }?;
+        Ok(())
+    })
+}
+
+// ---- exported functions: non-blocking ------------------------------------------------------
+
+/// Non-blocking braid_all_reduce: starts it and writes a request to `*req` (NULL on failure).
+/// The buffers must stay valid and untouched until braid_test reports done or braid_wait
+/// returns. Non-blocking operations run in issue order on a progress thread of the
+/// communicator; a blocking call issued later runs after them.
+///
+/// # Safety
+/// As braid_all_reduce, for the lifetime of the operation; `req` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_iall_reduce(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllReduce,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: Some(op),
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_iall_reduce", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_reduce_scatter (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_reduce_scatter, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_ireduce_scatter(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::ReduceScatter,
+        send: sendbuf,
+        recv: recvbuf,
+        count: recvcount,
+        dtype: datatype,
+        op: Some(op),
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_ireduce_scatter", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_all_gather (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_all_gather, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_iall_gather(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    sendcount: usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllGather,
+        send: sendbuf,
+        recv: recvbuf,
+        count: sendcount,
+        dtype: datatype,
+        op: None,
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_iall_gather", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_broadcast (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_broadcast, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_ibroadcast(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Broadcast,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_ibroadcast", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_reduce (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_reduce, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_ireduce(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    op: RedopArg,
+    root: c_int,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Reduce,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: Some(op),
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_ireduce", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_all_to_all (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_all_to_all, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_iall_to_all(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::AllToAll,
+        send: sendbuf,
+        recv: recvbuf,
+        count,
+        dtype: datatype,
+        op: None,
+        root: None,
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_iall_to_all", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_gather (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_gather, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_igather(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    sendcount: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Gather,
+        send: sendbuf,
+        recv: recvbuf,
+        count: sendcount,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_igather", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_scatter (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// As braid_scatter, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_iscatter(
+    sendbuf: *const c_void,
+    recvbuf: *mut c_void,
+    recvcount: usize,
+    datatype: DatatypeArg,
+    root: c_int,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = CollArgs {
+        kind: CollKind::Scatter,
+        send: sendbuf,
+        recv: recvbuf,
+        count: recvcount,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_iscatter", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_barrier (request rules as braid_iall_reduce).
+///
+/// # Safety
+/// `comm` is NULL or live; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_ibarrier(
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_ibarrier", barrier_args(), comm, Some(req)) }
+}
+
+/// Non-blocking braid_send (request rules as braid_iall_reduce). Refused inside a group.
+///
+/// # Safety
+/// As braid_send, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_isend(
+    buf: *const c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    peer: c_int,
+    tag: u64,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = P2pArgs {
+        send: true,
+        buf: buf.cast_mut(),
+        count,
+        dtype: datatype,
+        peer,
+        tag,
+    };
+    // SAFETY: this function's contract.
+    unsafe { p2p("braid_isend", a, comm, Some(req)) }
+}
+
+/// Non-blocking braid_recv (request rules as braid_iall_reduce). Refused inside a group.
+///
+/// # Safety
+/// As braid_recv, for the lifetime of the operation; `req` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_irecv(
+    buf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    peer: c_int,
+    tag: u64,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = P2pArgs {
+        send: false,
+        buf,
+        count,
+        dtype: datatype,
+        peer,
+        tag,
+    };
+    // SAFETY: this function's contract.
+    unsafe { p2p("braid_irecv", a, comm, Some(req)) }
+}
+
+// ---- exported functions: requests ----------------------------------------------------------
+
+/// The request behind a handle.
+///
+/// # Safety
+/// `req` is NULL or a request not yet freed, used by this thread only.
+unsafe fn req_mut<'a>(req: braid_request_t) -> CResult<&'a mut braid_request> {
+    // SAFETY: per contract, a non-NULL `req` came from Box::into_raw in store_request and has
+    // not been freed; requests must not be used from two threads at once (documented).
+    unsafe { req.as_mut() }.ok_or_else(|| Fail::arg("req is NULL"))
+}
+
+/// Waits for a request's operation (if not yet done) and returns its outcome.
+fn finish(r: &mut braid_request, block: bool) -> Option<CResult> {
+    if r.result.is_none() {
+        let h = r.handle.take()?;
+        if !block && !h.test() {
+            r.handle = Some(h);
+            return None;
+        }
+        r.result = Some(h.wait().map_err(Fail::from));
+    }
+    r.result.clone()
+}
+
+/// Checks a request without blocking: `*done` = 1 and the operation's status returned when it
+/// has completed (its buffers may be used again), `*done` = 0 and braid_success while it runs.
+/// May be called again after completion (same status).
+///
+/// # Safety
+/// `req` is NULL or a live request; `done` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_test(req: braid_request_t, done: *mut c_int) -> braid_status_t {
+    boundary("braid_test", || {
+        if done.is_null() {
+            return Err(Fail::arg("done is NULL"));
+        }
+        // SAFETY: caller contract.
+        let r = unsafe { req_mut(req) }?;
+        let out = finish(r, false);
+        // SAFETY: checked non-NULL; caller contract.
+        unsafe { done.write(c_int::from(out.is_some())) };
+        out.unwrap_or(Ok(()))
+    })
+}
+
+/// Blocks until the request's operation has completed and returns its status (bounded by the
+/// communicator's timeout). May be called again (same status). The request still has to be
+/// freed with braid_request_free.
+///
+/// # Safety
+/// `req` is NULL or a live request.
+#[no_mangle]
+pub unsafe extern "C" fn braid_wait(req: braid_request_t) -> braid_status_t {
+    boundary("braid_wait", || {
+        // SAFETY: caller contract.
+        let r = unsafe { req_mut(req) }?;
+        finish(r, true).unwrap_or_else(|| Err(Fail::usage("request holds no operation")))
+    })
+}
+
+/// Frees a request. An incomplete operation is waited for first (its buffers are in use until
+/// then), and if its failure had not been reported by braid_test/braid_wait, that status is
+/// returned. NULL is a no-op returning braid_success. The handle is invalid afterwards.
+///
+/// # Safety
+/// `req` is NULL or a live request not used by any other thread.
+#[no_mangle]
+pub unsafe extern "C" fn braid_request_free(req: braid_request_t) -> braid_status_t {
+    boundary("braid_request_free", || {
+        if req.is_null() {
+            return Ok(());
+        }
+        // SAFETY: `req` came from Box::into_raw in store_request and is freed once (contract).
+        let mut r = unsafe { Box::from_raw(req) };
+        let reported = r.result.is_some();
+        let out = finish(&mut r, true);
+        drop(r);
+        match out {
+            Some(Err(f)) if !reported => Err(f),
+            _ => Ok(()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_match_core() {
+        for (i, d) in DataType::ALL.iter().enumerate() {
+            assert_eq!(dtype_of(DatatypeArg(i as c_int)).ok(), Some(*d));
+        }
+        for (i, o) in ReduceOp::ALL.iter().enumerate() {
+            assert_eq!(op_of(RedopArg(i as c_int)).ok(), Some(*o));
+        }
+        assert!(dtype_of(DatatypeArg(10)).is_err());
+        assert!(op_of(RedopArg(-1)).is_err());
+    }
+}

@@ -1,0 +1,324 @@
+//! Ranks as processes on one host over the shared-memory transport (and mixed shm + tcp).
+//!
+//! The test binary re-runs itself as the ranks: with `BRAID_SHM_TEST_ROLE` set, the test
+//! `rank_entry` acts as one rank (configured from `BRAID_*` variables); otherwise it does
+//! nothing. The parent hosts the coordinator and checks the ranks' exit codes and output.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use braid::membership::Coordinator;
+use braid::{Communicator, Config, ReduceOp};
+
+const ROLE: &str = "BRAID_SHM_TEST_ROLE";
+
+fn dev_shm() -> BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Children killed on drop (a failed assertion never leaves ranks behind).
+struct Ranks(Vec<Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
+    let exe = std::env::current_exe().unwrap();
+    let mut v = Vec::new();
+    for r in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
+            .env(ROLE, role)
+            .env("BRAID_COORDINATOR", coord)
+            .env("BRAID_WORLD_SIZE", n.to_string())
+            .env("BRAID_RANK", r.to_string())
+            .env("BRAID_INIT_TIMEOUT", "30")
+            .env("BRAID_TIMEOUT", "60")
+            .env_remove("BRAID_HOST_ID")
+            .env_remove("BRAID_TRANSPORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, val) in env(r) {
+            cmd.env(k, val);
+        }
+        v.push(cmd.spawn().unwrap());
+    }
+    Ranks(v)
+}
+
+/// Waits for every rank (deadline), returns (success, stdout+stderr) per rank.
+fn finish(mut ranks: Ranks, limit: Duration) -> Vec<(bool, String)> {
+    let end = Instant::now() + limit;
+    let mut out = Vec::new();
+    for c in ranks.0.iter_mut() {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < end, "ranks did not finish in {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut s = String::new();
+        c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+        c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        out.push((st.success(), s));
+    }
+    out
+}
+
+fn check_all(res: &[(bool, String)]) {
+    for (r, (ok, s)) in res.iter().enumerate() {
+        assert!(ok, "rank {r} failed:\n{s}");
+        assert!(s.contains("RANK-OK"), "rank {r}:\n{s}");
+    }
+}
+
+// ---- rank side -------------------------------------------------------------------------
+
+fn collectives(c: &Communicator) {
+    let (r, n) = (c.rank(), c.size());
+    for &count in &[0usize, 1, 7, 1000, 65_537, (3 << 20) / 4 + 1] {
+        let send: Vec<f32> = (0..count).map(|i| (r * 1000 + i % 1000) as f32).collect();
+        let mut recv = vec![0f32; count];
+        c.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap();
+        for (i, v) in recv.iter().enumerate() {
+            let want: usize = (0..n).map(|k| k * 1000 + i % 1000).sum();
+            assert_eq!(*v, want as f32, "all_reduce count {count} at {i}");
+        }
+        let mut all = vec![0f32; count * n];
+        c.all_gather(&send, &mut all).unwrap();
+        for k in 0..n {
+            for i in (0..count).step_by(97) {
+                assert_eq!(all[k * count + i], (k * 1000 + i % 1000) as f32);
+            }
+        }
+        let mut b: Vec<u32> = if r == 1 % n {
+            (0..count as u32).collect()
+        } else {
+            vec![0; count]
+        };
+        c.broadcast(&mut b, 1 % n).unwrap();
+        assert!(b.iter().enumerate().all(|(i, v)| *v == i as u32));
+        let per = count / n + 1;
+        let a2a: Vec<u64> = (0..per * n).map(|i| (r * 1_000_000 + i) as u64).collect();
+        let mut got = vec![0u64; per * n];
+        c.all_to_all(&a2a, &mut got).unwrap();
+        for k in 0..n {
+            for i in 0..per {
+                assert_eq!(got[k * per + i], (k * 1_000_000 + r * per + i) as u64);
+            }
+        }
+        // Ring exchange with point-to-point calls.
+        let to = (r + 1) % n;
+        let from = (r + n - 1) % n;
+        let mine: Vec<i32> = (0..count).map(|i| (r * 7 + i) as i32).collect();
+        let mut theirs = vec![0i32; count];
+        if n > 1 {
+            c.group()
+                .send(&mine, to, 5)
+                .unwrap()
+                .recv(&mut theirs, from, 5)
+                .unwrap()
+                .run()
+                .unwrap();
+            assert!(theirs
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == (from * 7 + i) as i32));
+        }
+    }
+    c.barrier().unwrap();
+}
+
+fn rank_main(role: &str) {
+    let mut cfg = Config::from_env().unwrap();
+    cfg.timeout = Duration::from_secs(60);
+    let c = match Communicator::init_with(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("INIT-ERR: {e}");
+            std::process::exit(3);
+        }
+    };
+    let r = c.rank();
+    println!("rank {r} transports {:?}", c.peer_transports());
+    match role {
+        "coll" => {
+            assert!(c.peer_transports().iter().all(|(_, t)| *t == "shm"));
+            assert_eq!(c.transport_name(), "shm");
+            collectives(&c);
+        }
+        "mixed" => {
+            let host = |k: usize| k / 2;
+            for (p, t) in c.peer_transports() {
+                let want = if host(p) == host(r) { "shm" } else { "tcp" };
+                assert_eq!(t, want, "rank {r} -> {p}");
+            }
+            collectives(&c);
+            for (p, tx, rx) in c.bytes_per_peer() {
+                println!("rank {r} peer {p} tx {tx} rx {rx}");
+            }
+            // Every pair exchanged data in all_to_all, whatever its transport.
+            assert!(c
+                .bytes_per_peer()
+                .iter()
+                .all(|(_, tx, rx)| *tx > 0 && *rx > 0));
+        }
+        "kill" => {
+            let mut x = vec![1f32; 4 << 20];
+            println!("RUNNING");
+            let t0 = Instant::now();
+            loop {
+                if let Err(e) = c.all_reduce_inplace(&mut x, ReduceOp::Max) {
+                    println!("COLL-ERR after {:?}: {e}", t0.elapsed());
+                    std::process::exit(4);
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    std::process::exit(5);
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+    drop(c);
+    println!("RANK-OK");
+}
+
+#[test]
+fn rank_entry() {
+    if let Ok(role) = std::env::var(ROLE) {
+        rank_main(&role);
+    }
+}
+
+// ---- parent side -----------------------------------------------------------------------
+
+fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn collectives_over_shm_processes() {
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let ranks = spawn("coll", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
+    let res = finish(ranks, Duration::from_secs(120));
+    check_all(&res);
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
+
+#[test]
+fn mixed_shm_within_hosts_and_tcp_across() {
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let ranks = spawn("mixed", &addr, 4, &|r| {
+        env_of(&[("BRAID_HOST_ID", if r < 2 { "host-a" } else { "host-b" })])
+    });
+    let res = finish(ranks, Duration::from_secs(120));
+    check_all(&res);
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
+
+#[test]
+fn forced_shm_across_hosts_is_an_error_naming_both() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let ranks = spawn("coll", &addr, 2, &|r| {
+        env_of(&[
+            ("BRAID_TRANSPORT", "shm"),
+            ("BRAID_HOST_ID", if r == 0 { "host-a" } else { "host-b" }),
+        ])
+    });
+    let res = finish(ranks, Duration::from_secs(60));
+    for (r, (ok, s)) in res.iter().enumerate() {
+        assert!(!ok, "rank {r} should fail:\n{s}");
+        assert!(
+            s.contains("INIT-ERR") && s.contains("host-a") && s.contains("host-b"),
+            "rank {r}:\n{s}"
+        );
+    }
+}
+
+#[test]
+fn killed_rank_is_reported_within_two_seconds() {
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let mut ranks = spawn("kill", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
+    // Wait until all ranks run collectives, then let them transfer a little.
+    let mut outs = Vec::new();
+    for c in ranks.0.iter_mut() {
+        let mut so = c.stdout.take().unwrap();
+        let mut acc = Vec::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut b = [0u8; 256];
+        while !String::from_utf8_lossy(&acc).contains("RUNNING") {
+            assert!(Instant::now() < end, "rank did not start");
+            let k = so.read(&mut b).unwrap();
+            assert!(
+                k > 0,
+                "rank exited early: {}",
+                String::from_utf8_lossy(&acc)
+            );
+            acc.extend_from_slice(&b[..k]);
+        }
+        outs.push((so, acc));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = ranks.0[2].id();
+    // SAFETY-free: kill through the kill(1) command.
+    let st = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    for (i, c) in ranks.0.iter_mut().enumerate().take(2) {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "rank {i} still running 2 s after rank 2 was killed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (so, acc) = &mut outs[i];
+        so.read_to_end(acc).unwrap();
+        let text = String::from_utf8_lossy(acc);
+        assert_eq!(st.code(), Some(4), "rank {i}: {text}");
+        assert!(
+            text.contains("COLL-ERR") && text.contains("rank 2"),
+            "rank {i}: {text}"
+        );
+    }
+    let _ = ranks.0[2].wait();
+    drop(ranks);
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
