@@ -9,10 +9,10 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 all: build
 
-build:
+build: deps
 	$(CARGO) build --release --workspace
 
-## The bandwidth demo: braid-perf all_reduce over 4 local ranks (TCP).
+## The bandwidth demo: braid-perf all_reduce over 4 local ranks (shared memory on one host).
 demo: build
 	./target/release/braid-perf all_reduce --ranks 4 -b 8 -e 64M -f 8 -n 10 -w 2
 
@@ -23,12 +23,17 @@ test: deps
 	$(CARGO) build --workspace --bins --lib
 	$(CARGO) test --workspace -- --test-threads=2
 
-## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config.
+## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config;
+## hwloc (>= 2.8) and libudev headers for braid's topology discovery (hwlocality).
+## Installs only what is missing; refreshes the apt lists only when there are none.
+DEB_DEPS := pkg-config libhwloc-dev libudev-dev
 deps:
-	@command -v pkg-config >/dev/null || apt-get install -y pkg-config
+	@dpkg -s $(DEB_DEPS) >/dev/null 2>&1 || { \
+	  { ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q; } && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS); }; }; }
 
 ## Installs libbraid.so, libbraid.a, include/braid.h and a pkg-config file braid.pc under PREFIX.
-install:
+install: deps
 ifeq ($(NO_BUILD),)
 	$(CARGO) build -p braid-capi $(if $(filter release,$(PROFILE)),--release,)
 endif

@@ -661,7 +661,12 @@ impl Communicator {
         let inner = self.inner.clone();
         let h = std::thread::Builder::new()
             .name(format!("braid-progress-{}", self.rank()))
-            .spawn(move || progress_loop(inner))
+            .spawn(move || {
+                if let Some(cpus) = &inner.cfg.cpu_affinity {
+                    crate::topo::pin_current_thread(cpus);
+                }
+                progress_loop(inner)
+            })
             .map_err(|e| Error::System(format!("spawning the progress thread: {e}")))?;
         *g = Some(h);
         Ok(())

@@ -55,6 +55,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Address this rank listens on for peers. Unset: the local address used to reach the coordinator." },
     VarSpec { name: "BRAID_HOST_ID", ty: "string", default: "",
         doc: "Overrides the host id (ranks with the same host id are on one host). Unset: boot id + hostname." },
+    VarSpec { name: "BRAID_CPU_AFFINITY", ty: "CPU list", default: "",
+        doc: "CPUs (e.g. `0-3,8`) the communicator's progress thread is pinned to when it starts. Unset: not pinned." },
     VarSpec { name: "BRAID_ALGO", ty: "list", default: "",
         doc: "Forces algorithms, for benchmarking: `ring`, or per collective `all_reduce=recdoubling,broadcast=chain`." },
     VarSpec { name: "BRAID_SMALL_BYTES", ty: "bytes", default: "65536",
@@ -105,6 +107,8 @@ pub struct Config {
     pub bind_addr: Option<String>,
     /// Host id override.
     pub host_id: Option<String>,
+    /// CPUs the progress thread is pinned to (BRAID_CPU_AFFINITY); `None`: not pinned.
+    pub cpu_affinity: Option<Vec<u32>>,
     /// Algorithm overrides (raw text of BRAID_ALGO).
     pub algo: String,
     /// Small all-reduce threshold.
@@ -137,6 +141,7 @@ impl Default for Config {
                 tcp_stripe_min: 262144,
                 bind_addr: None,
                 host_id: None,
+                cpu_affinity: None,
                 algo: String::new(),
                 small_bytes: 65536,
                 slice_bytes: 524288,
@@ -272,6 +277,17 @@ impl Config {
                 "BRAID_SLICE_BYTES must be at least 4096".into(),
             ));
         }
+        let cpu_affinity = match opt("BRAID_CPU_AFFINITY") {
+            Some(s) => match crate::topo::parse_cpu_list(&s) {
+                Some(cpus) if !cpus.is_empty() => Some(cpus),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "BRAID_CPU_AFFINITY={s}: expected a CPU list such as 0-3,8"
+                    )))
+                }
+            },
+            None => None,
+        };
         let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
         let shm_spin_us = parse_usize("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"))?;
         Ok(Config {
@@ -288,6 +304,7 @@ impl Config {
                 .max(4096),
             bind_addr: opt("BRAID_BIND_ADDR"),
             host_id: opt("BRAID_HOST_ID"),
+            cpu_affinity,
             algo: val("BRAID_ALGO"),
             small_bytes: parse_size("BRAID_SMALL_BYTES", &val("BRAID_SMALL_BYTES"))?,
             slice_bytes,
@@ -399,6 +416,9 @@ mod tests {
             ("BRAID_TCP_STREAMS", "0"),
             ("BRAID_SLICE_BYTES", "12Q"),
             ("BRAID_WORLD_SIZE", "0"),
+            ("BRAID_CPU_AFFINITY", "3-1"),
+            ("BRAID_CPU_AFFINITY", "a,b"),
+            ("BRAID_CPU_AFFINITY", ","),
         ] {
             let e = cfg(&[(k, v)]).unwrap_err();
             assert!(
@@ -407,6 +427,13 @@ mod tests {
             );
         }
         assert!(cfg(&[("BRAID_RANK", "4"), ("BRAID_WORLD_SIZE", "4")]).is_err());
+    }
+
+    #[test]
+    fn cpu_affinity() {
+        assert_eq!(cfg(&[]).unwrap().cpu_affinity, None);
+        let c = cfg(&[("BRAID_CPU_AFFINITY", "0-3,8")]).unwrap();
+        assert_eq!(c.cpu_affinity, Some(vec![0, 1, 2, 3, 8]));
     }
 
     #[test]

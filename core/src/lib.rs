@@ -8,7 +8,7 @@
 //! Layers inside this crate: [`config`] and [`error`] at the base; [`types`] and [`reduce`]
 //! (element types and reduction kernels); [`coll`] (algorithms as plans, no I/O); `exec`
 //! (runs plans over connections); [`comm`] (the public API); [`membership`] (coordinator,
-//! rendezvous, views).
+//! rendezvous, views); [`topo`] (host topology through hwloc, sysfs fallback).
 
 pub mod coll;
 pub mod comm;
@@ -18,6 +18,7 @@ mod exec;
 mod mem;
 pub mod membership;
 pub mod reduce;
+pub mod topo;
 pub mod types;
 
 pub use braid_transport as transport;

@@ -5,6 +5,7 @@
 //!     [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT]
 //!     [--ranks N] [--transport tcp|shm|auto] [--json FILE] [-v]
 //! braid-perf kernels [-b MIN] [-e MAX]     # reduction kernel vs memcpy bandwidth, one process
+//! braid-perf topo [--json]                 # this host's topology (hwloc, sysfs fallback)
 //! ```
 //!
 //! Under a launcher (braid-run, torchrun, mpirun: `BRAID_COORDINATOR`, `MASTER_ADDR`, ... set)
@@ -119,7 +120,7 @@ struct Args {
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|auto] [--json FILE] [-v]\n       braid-perf kernels [-b MIN] [-e MAX]\n\
+[--transport tcp|shm|auto] [--json FILE] [-v]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -216,6 +217,9 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(|s| s.as_str()) == Some("kernels") {
         return kernels(&argv[1..]);
+    }
+    if argv.first().map(|s| s.as_str()) == Some("topo") {
+        return topo(&argv[1..]);
     }
     let args = match parse_args(&argv) {
         Ok(a) => a,
@@ -709,6 +713,38 @@ fn kernels(argv: &[String]) -> ExitCode {
         size = (size * 4).min(max);
     }
     ExitCode::SUCCESS
+}
+
+/// `braid-perf topo [--json]`: this host's topology as text, or as JSON with `--json`.
+fn topo(argv: &[String]) -> ExitCode {
+    let json = match argv {
+        [] => false,
+        [f] if f == "--json" => true,
+        _ => {
+            eprintln!("usage: braid-perf topo [--json]");
+            return ExitCode::from(2);
+        }
+    };
+    // The hwloc fallback warning goes to stderr (BRAID_LOG filter).
+    let log = Config::from_env().map_or_else(|_| "warn".to_string(), |c| c.log);
+    braid::config::init_logging(&log);
+    let t = braid::topo::discover();
+    let text = if json {
+        match serde_json::to_string_pretty(&t) {
+            Ok(s) => s + "\n",
+            Err(e) => {
+                eprintln!("braid-perf topo: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        t.to_string()
+    };
+    // A closed pipe (`| head`) is not worth a panic.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 fn memcpy_bw(bytes: usize, iters: usize) -> f64 {
