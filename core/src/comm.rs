@@ -34,7 +34,7 @@ use braid_transport::shm::{ShmOptions, ShmTransport};
 use braid_transport::tcp::{TcpOptions, TcpTransport};
 use braid_transport::{Conn, ConnectHandle, Listener, Transport};
 
-use crate::coll::{select, Algo, CollKind, Plan, PlanCtx};
+use crate::coll::{order, select, Algo, CollKind, Plan, PlanCtx};
 use crate::config::{Config, TransportKind};
 use crate::error::{Error, Result};
 use crate::exec::{Exec, P2pBatch, P2pOp, Peer, Sig};
@@ -104,6 +104,9 @@ struct Inner {
     policy: select::Policy,
     transport: &'static str,
     peer_transports: Vec<(usize, &'static str)>,
+    /// Host-contiguous ring order for ring and chain algorithms (None when rank order already
+    /// keeps each host's ranks together).
+    ring: Option<Vec<usize>>,
     listen_addr: String,
     state: Mutex<State>,
     queue: Mutex<Queue>,
@@ -477,6 +480,16 @@ impl Communicator {
             })
             .map_err(|e| Error::System(format!("spawning a thread: {e}")))?;
 
+        let ring = {
+            let hosts: Vec<&str> = view.members.iter().map(|m| m.host_id.as_str()).collect();
+            let ring = order::host_ring(&hosts);
+            if ring.iter().enumerate().all(|(v, r)| v == *r) {
+                None
+            } else {
+                tracing::info!(target: "braid::topo", "ring order by host: {ring:?}");
+                Some(ring)
+            }
+        };
         let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
         let inner = Arc::new(Inner {
             rank,
@@ -486,6 +499,7 @@ impl Communicator {
             policy,
             transport,
             peer_transports,
+            ring,
             listen_addr,
             cfg,
             state: Mutex::new(State {
@@ -549,6 +563,15 @@ impl Communicator {
     /// order, without this rank.
     pub fn peer_transports(&self) -> Vec<(usize, &'static str)> {
         self.inner.peer_transports.clone()
+    }
+
+    /// The ring order used by ring and chain algorithms: ranks grouped host by host (identity
+    /// when rank order already keeps each host's ranks together).
+    pub fn ring_order(&self) -> Vec<usize> {
+        match &self.inner.ring {
+            Some(r) => r.clone(),
+            None => (0..self.size()).collect(),
+        }
     }
 
     /// Where this rank accepts data connections from peers (for tcp, `ip:port`; without tcp,
@@ -1649,7 +1672,13 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
             let plan = match st.plans.get(&(ctx, algo)) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = Arc::new(select::plan(&ctx, algo)?);
+                    let p = match &inner.ring {
+                        Some(ring) if order::follows_ring(algo) => {
+                            order::plan_in_order(&ctx, algo, ring)?
+                        }
+                        _ => select::plan(&ctx, algo)?,
+                    };
+                    let p = Arc::new(p);
                     if st.plans.len() >= PLAN_CACHE {
                         st.plans.clear();
                     }

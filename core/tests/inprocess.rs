@@ -13,6 +13,11 @@ use braid::{Communicator, Config, Element, ReduceOp};
 use half::{bf16, f16};
 
 fn with_ranks(n: usize, algo: &str, f: impl Fn(&Communicator) + Send + Sync) {
+    with_hosts(n, algo, &[], f)
+}
+
+/// Like `with_ranks`, with a host id per rank (empty: all on this host).
+fn with_hosts(n: usize, algo: &str, hosts: &[&str], f: impl Fn(&Communicator) + Send + Sync) {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
     let fabric = MemFabric::new();
@@ -30,6 +35,7 @@ fn with_ranks(n: usize, algo: &str, f: impl Fn(&Communicator) + Send + Sync) {
                     slice_bytes: 4096,
                     small_bytes: 256,
                     timeout: std::time::Duration::from_secs(30),
+                    host_id: hosts.get(r).map(|h| h.to_string()),
                     ..Config::default()
                 };
                 let c = Communicator::init_in_process(cfg, fabric).unwrap();
@@ -519,5 +525,44 @@ fn abort_fails_pending_and_later_calls() {
             let e = c.barrier().unwrap_err();
             assert_eq!(e.class(), braid::ErrorClass::Remote, "{e}");
         }
+    });
+}
+
+#[test]
+fn rings_keep_each_hosts_ranks_together() {
+    // Hosts a, b, a, b: the ring is 0, 2, 1, 3, so it crosses between hosts once each way.
+    let hosts = ["a", "b", "a", "b"];
+    let algo = "all_reduce=ring,reduce_scatter=ring,all_gather=ring,broadcast=chain,reduce=chain";
+    with_hosts(4, algo, &hosts, |c| {
+        assert_eq!(c.ring_order(), vec![0, 2, 1, 3]);
+        // A ring all-reduce only talks to the ring neighbours.
+        let mut x = vec![1.0f32; 100_000];
+        c.all_reduce_inplace(&mut x, ReduceOp::Sum).unwrap();
+        assert!(x.iter().all(|v| *v == 4.0));
+        let ring = c.ring_order();
+        let pos = ring.iter().position(|r| *r == c.rank()).unwrap();
+        let next = ring[(pos + 1) % 4];
+        let prev = ring[(pos + 3) % 4];
+        for (p, tx, rx) in c.bytes_per_peer() {
+            if p == next {
+                assert!(tx > 0, "rank {} sends to {p}", c.rank());
+            } else {
+                assert_eq!(
+                    tx,
+                    0,
+                    "rank {} sent to {p}, not its ring successor {next}",
+                    c.rank()
+                );
+            }
+            if p == prev {
+                assert!(rx > 0);
+            } else {
+                assert_eq!(rx, 0, "rank {} received from {p}", c.rank());
+            }
+        }
+        // Results stay in rank order for every collective.
+        reductions::<f32>(c);
+        movement::<i32>(c);
+        p2p(c);
     });
 }

@@ -30,6 +30,7 @@
 //! with identical source and destination is a no-op, and a plan never reads a send-buffer byte
 //! after writing the receive-buffer byte aliased to it, except through identity copies.
 
+pub mod order;
 pub mod select;
 
 pub mod all_gather;
