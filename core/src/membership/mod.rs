@@ -29,6 +29,7 @@
 
 mod client;
 mod coordinator;
+pub mod pipeline;
 mod proto;
 #[cfg(test)]
 mod tests;
