@@ -1952,10 +1952,21 @@ fn connect_peers(
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        // Let queued non-blocking operations finish (each is bounded by its deadline).
+        // Let queued non-blocking operations finish for a while; what is still pending after
+        // min(BRAID_TIMEOUT, 10 s) is aborted (its handles report Aborted, peers are told), so
+        // dropping a communicator never blocks for long.
         self.inner.stop.store(true, Ordering::SeqCst);
         self.inner.qcv.notify_all();
         if let Some(h) = lock(&self.progress).take() {
+            let grace = self.inner.cfg.timeout.min(Duration::from_secs(10));
+            let end = Instant::now() + grace;
+            while !h.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !h.is_finished() {
+                tracing::warn!(target: "braid::coll", "rank {}: communicator dropped with operations pending for {:.1} s; aborting them", self.inner.rank, grace.as_secs_f64());
+                self.inner.abort.store(true, Ordering::SeqCst);
+            }
             let _ = h.join();
         }
         let queued: Vec<Job> = {

@@ -566,3 +566,40 @@ fn rings_keep_each_hosts_ranks_together() {
         p2p(c);
     });
 }
+
+#[test]
+fn dropping_with_an_unmatched_receive_does_not_hang() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let fabric = MemFabric::new();
+    std::thread::scope(|s| {
+        for r in 0..2 {
+            let (addr, fabric) = (addr.clone(), fabric.clone());
+            s.spawn(move || {
+                let cfg = Config {
+                    coordinator: Some(addr),
+                    world_size: Some(2),
+                    rank: Some(r),
+                    timeout: std::time::Duration::from_secs(600),
+                    ..Config::default()
+                };
+                let c = Communicator::init_in_process(cfg, fabric).unwrap();
+                c.barrier().unwrap();
+                if r == 0 {
+                    // Nobody ever sends this.
+                    let h = c.irecv(vec![0u8; 16], 1, 77).unwrap();
+                    let t0 = std::time::Instant::now();
+                    drop(c);
+                    let took = t0.elapsed();
+                    assert!(took < std::time::Duration::from_secs(11), "{took:?}");
+                    assert!(took >= std::time::Duration::from_secs(9), "{took:?}");
+                    let e = h.wait().unwrap_err();
+                    assert!(matches!(e, braid::Error::Aborted), "{e}");
+                } else {
+                    // Stay alive (silent) past rank 0's grace period of 10 s.
+                    std::thread::sleep(std::time::Duration::from_secs(12));
+                }
+            });
+        }
+    });
+}
