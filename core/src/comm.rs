@@ -413,6 +413,7 @@ impl Communicator {
             pid: std::process::id(),
             role: Role::Worker,
             handle: encode_handles(&handles),
+            numa: crate::topo::local_numa_node(),
         };
         let stop_acceptor = |acc: JoinHandle<()>| {
             acceptor_stop.store(true, Ordering::Relaxed);
@@ -565,6 +566,11 @@ impl Communicator {
         self.inner.peer_transports.clone()
     }
 
+    /// The NUMA node of every rank (index = rank), as each reported it at registration.
+    pub fn numa_nodes(&self) -> Vec<Option<u32>> {
+        self.inner.view.members.iter().map(|m| m.numa).collect()
+    }
+
     /// The ring order used by ring and chain algorithms: ranks grouped host by host (identity
     /// when rank order already keeps each host's ranks together).
     pub fn ring_order(&self) -> Vec<usize> {
@@ -685,8 +691,13 @@ impl Communicator {
         let h = std::thread::Builder::new()
             .name(format!("braid-progress-{}", self.rank()))
             .spawn(move || {
-                if let Some(cpus) = &inner.cfg.cpu_affinity {
-                    crate::topo::pin_current_thread(cpus);
+                // BRAID_CPU_AFFINITY wins; otherwise, on a machine with several NUMA nodes, the
+                // progress thread (and the staging it first touches) stays on this rank's node.
+                let cpus = inner.cfg.cpu_affinity.clone().or_else(|| {
+                    crate::topo::local_numa_cpus().filter(|_| crate::topo::numa_node_count() > 1)
+                });
+                if let Some(cpus) = cpus {
+                    crate::topo::pin_current_thread(&cpus);
                 }
                 progress_loop(inner)
             })

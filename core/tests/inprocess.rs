@@ -535,6 +535,13 @@ fn rings_keep_each_hosts_ranks_together() {
     let algo = "all_reduce=ring,reduce_scatter=ring,all_gather=ring,broadcast=chain,reduce=chain";
     with_hosts(4, algo, &hosts, |c| {
         assert_eq!(c.ring_order(), vec![0, 2, 1, 3]);
+        // Every rank's NUMA node travels with the view.
+        assert_eq!(c.numa_nodes().len(), 4);
+        // (Threads may migrate between nodes on a multi-node machine: compare presence only.)
+        assert_eq!(
+            c.numa_nodes()[c.rank()].is_some(),
+            braid::topo::local_numa_node().is_some()
+        );
         // A ring all-reduce only talks to the ring neighbours.
         let mut x = vec![1.0f32; 100_000];
         c.all_reduce_inplace(&mut x, ReduceOp::Sum).unwrap();

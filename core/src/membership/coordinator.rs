@@ -569,6 +569,7 @@ fn complete(name: &str, group: &mut Group) -> View {
                 pid: e.reg.pid,
                 role: e.reg.role,
                 handle: e.reg.handle.clone(),
+                numa: e.reg.numa,
             })
             .collect(),
     };

@@ -84,6 +84,9 @@ pub struct Member {
     /// in JSON.
     #[serde(with = "hex_bytes")]
     pub handle: Vec<u8>,
+    /// NUMA node the member runs on, where known.
+    #[serde(default)]
+    pub numa: Option<u32>,
 }
 
 /// A membership view: who is in a group, in rank order.
@@ -134,6 +137,9 @@ pub struct Registration {
     /// in JSON.
     #[serde(with = "hex_bytes")]
     pub handle: Vec<u8>,
+    /// NUMA node of the registering process, where known (published in the view).
+    #[serde(default)]
+    pub numa: Option<u32>,
 }
 
 impl Registration {
@@ -148,6 +154,7 @@ impl Registration {
             pid: std::process::id(),
             role: Role::Worker,
             handle,
+            numa: crate::topo::local_numa_node(),
         }
     }
 }
