@@ -596,6 +596,30 @@ fn format_cpu_list(cpus: &[u32]) -> String {
     }
 }
 
+/// Number of NUMA nodes the kernel reports (1 where unknown).
+pub fn numa_node_count() -> usize {
+    std::fs::read_dir("/sys/devices/system/node")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.starts_with("node") && n[4..].parse::<u32>().is_ok()
+                })
+                .count()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// CPUs of the calling thread's NUMA node (from sysfs), where known.
+pub fn local_numa_cpus() -> Option<Vec<u32>> {
+    let node = local_numa_node()?;
+    let list =
+        std::fs::read_to_string(format!("/sys/devices/system/node/node{node}/cpulist")).ok()?;
+    parse_cpu_list(&list).filter(|c| !c.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -708,28 +732,4 @@ mod tests {
             assert!(t.numa_nodes.iter().any(|x| x.os_index == n), "{n} {t:?}");
         }
     }
-}
-
-/// Number of NUMA nodes the kernel reports (1 where unknown).
-pub fn numa_node_count() -> usize {
-    std::fs::read_dir("/sys/devices/system/node")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    let n = e.file_name();
-                    let n = n.to_string_lossy();
-                    n.starts_with("node") && n[4..].parse::<u32>().is_ok()
-                })
-                .count()
-        })
-        .unwrap_or(1)
-        .max(1)
-}
-
-/// CPUs of the calling thread's NUMA node (from sysfs), where known.
-pub fn local_numa_cpus() -> Option<Vec<u32>> {
-    let node = local_numa_node()?;
-    let list =
-        std::fs::read_to_string(format!("/sys/devices/system/node/node{node}/cpulist")).ok()?;
-    parse_cpu_list(&list).filter(|c| !c.is_empty())
 }
