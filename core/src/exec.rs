@@ -685,7 +685,13 @@ impl Exec {
             });
         }
         if quiet < self.spin {
-            std::thread::yield_now();
+            // Pure spinning for the first microseconds (a reply is usually this close), then
+            // yield the CPU between polls so oversubscribed ranks can run.
+            if quiet < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
             return Ok(());
         }
         self.pollfds.clear();
