@@ -21,6 +21,8 @@
 
 use std::os::fd::RawFd;
 
+#[cfg(test)]
+mod conformance;
 pub mod handle;
 pub mod mem;
 pub mod shm;

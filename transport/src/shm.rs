@@ -1349,6 +1349,7 @@ impl Transport for ShmTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance as conf;
 
     fn pair(opts: ShmOptions) -> (Box<dyn Conn>, Box<dyn Conn>) {
         let t = ShmTransport::new(opts).unwrap();
@@ -1367,202 +1368,29 @@ mod tests {
         (a, b)
     }
 
-    /// Drives `c` until `r` completes, blocking in poll like the executor does.
-    fn wait(c: &mut dyn Conn, r: Request) -> NetResult<Completion> {
-        let end = Instant::now() + Duration::from_secs(20);
-        let mut fds = Vec::new();
-        let mut scratch = Vec::new();
-        loop {
-            let moved = c.progress()?;
-            if let Some(x) = c.test(r)? {
-                return Ok(x);
-            }
-            if !moved {
-                fds.clear();
-                c.poll_fds(&mut fds);
-                crate::wait_fds(&fds, Duration::from_millis(100), &mut scratch)?;
-            }
-            assert!(Instant::now() < end, "timeout");
-        }
+    fn default_pair() -> (Box<dyn Conn>, Box<dyn Conn>) {
+        pair(ShmOptions::default())
     }
-
-    fn exchange(opts: ShmOptions, sizes: &[usize]) {
-        let (mut a, mut b) = pair(opts);
-        let bufs: Vec<Vec<u8>> = sizes
-            .iter()
-            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
-            .collect();
-        let mut outs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-        let mut meta = [0u8; META_LEN];
-        meta[0] = 42;
-        let mut sreqs = vec![];
-        let mut rreqs = vec![];
-        for (k, buf) in bufs.iter().enumerate() {
-            // SAFETY: test buffers outlive the requests (waited below).
-            sreqs.push(
-                unsafe { a.isend(k as u64, &meta, buf.as_ptr(), buf.len()) }
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        for (k, out) in outs.iter_mut().enumerate() {
-            // SAFETY: as above.
-            rreqs.push(
-                unsafe { b.irecv(k as u64, out.as_mut_ptr(), out.len()) }
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        let th = std::thread::spawn(move || {
-            for r in sreqs {
-                wait(a.as_mut(), r).unwrap();
-            }
-            a
-        });
-        for r in rreqs {
-            let c = wait(b.as_mut(), r).unwrap();
-            assert_eq!(c.meta[0], 42);
-        }
-        let a = th.join().unwrap();
-        assert_eq!(outs, bufs);
-        let total: usize = sizes.iter().sum();
-        assert_eq!(a.bytes().0, total as u64);
-        assert_eq!(b.bytes().1, total as u64);
-    }
-
-    const SIZES: &[usize] = &[0, 1, 63, 64, 65, 4096, 100_000, 3 << 20, 7];
 
     #[test]
-    fn shm_messages_of_many_sizes() {
-        exchange(ShmOptions::default(), SIZES);
+    fn shm_conformance() {
+        conf::exchange(&default_pair, conf::SIZES);
+        conf::both_directions_at_once(&default_pair);
+        conf::mismatch_is_reported_with_meta(&default_pair);
+        conf::death_goodbye_and_abort(&default_pair);
     }
 
     #[test]
     fn shm_small_ring_wraps_and_backpressures() {
-        exchange(
-            ShmOptions {
+        let small = || {
+            pair(ShmOptions {
                 ring_bytes: 4096 + 13,
                 chunk_bytes: 1000,
                 spin: Duration::ZERO,
-            },
-            SIZES,
-        );
-    }
-
-    #[test]
-    fn shm_both_directions_at_once() {
-        let (mut a, mut b) = pair(ShmOptions {
-            ring_bytes: 64 << 10,
-            ..Default::default()
-        });
-        let n = 1 << 20;
-        let th = std::thread::spawn(move || {
-            let src: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-            let mut dst = vec![0u8; n];
-            // SAFETY: buffers outlive the requests (waited below).
-            let s = unsafe { a.isend(1, &[1; META_LEN], src.as_ptr(), n) }
-                .unwrap()
-                .unwrap();
-            // SAFETY: as above.
-            let r = unsafe { a.irecv(2, dst.as_mut_ptr(), n) }.unwrap().unwrap();
-            wait(a.as_mut(), s).unwrap();
-            wait(a.as_mut(), r).unwrap();
-            assert!(dst.iter().enumerate().all(|(i, &x)| x == (i % 241) as u8));
-        });
-        let src: Vec<u8> = (0..n).map(|i| (i % 241) as u8).collect();
-        let mut dst = vec![0u8; n];
-        // SAFETY: as above.
-        let s = unsafe { b.isend(2, &[2; META_LEN], src.as_ptr(), n) }
-            .unwrap()
-            .unwrap();
-        // SAFETY: as above.
-        let r = unsafe { b.irecv(1, dst.as_mut_ptr(), n) }.unwrap().unwrap();
-        wait(b.as_mut(), s).unwrap();
-        assert_eq!(wait(b.as_mut(), r).unwrap().meta, [1; META_LEN]);
-        th.join().unwrap();
-        assert!(dst.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
-    }
-
-    #[test]
-    fn shm_mismatch_is_reported_with_meta() {
-        let (mut a, mut b) = pair(ShmOptions::default());
-        let buf = [1u8; 16];
-        let mut out = [0u8; 8];
-        let meta = [9u8; META_LEN];
-        // SAFETY: buffers outlive the requests.
-        unsafe { a.isend(5, &meta, buf.as_ptr(), 16) }.unwrap();
-        // SAFETY: as above.
-        let e = match unsafe { b.irecv(5, out.as_mut_ptr(), 8) } {
-            Ok(Some(r)) => wait(b.as_mut(), r).unwrap_err(),
-            Ok(None) => panic!("backpressure"),
-            Err(e) => e,
+            })
         };
-        match e {
-            NetError::Mismatch {
-                expected_len,
-                got_len,
-                meta,
-                ..
-            } => {
-                assert_eq!((expected_len, got_len), (8, 16));
-                assert_eq!(meta, [9u8; META_LEN]);
-            }
-            other => panic!("{other}"),
-        }
-    }
-
-    #[test]
-    fn shm_death_goodbye_and_abort() {
-        // Peer dropped without goodbye: a pending receive fails with Lost.
-        let (a, mut b) = pair(ShmOptions::default());
-        let mut out = [0u8; 8];
-        // SAFETY: out outlives the request (waited below).
-        let r = unsafe { b.irecv(1, out.as_mut_ptr(), 8) }.unwrap().unwrap();
-        drop(a);
-        assert!(matches!(wait(b.as_mut(), r), Err(NetError::Lost(_))));
-
-        // Goodbye: idle is fine, a pending receive fails with Closed.
-        let (mut a, mut b) = pair(ShmOptions::default());
-        a.goodbye();
-        drop(a);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(b.progress().is_ok());
-        // SAFETY: as above.
-        let r = unsafe { b.irecv(1, out.as_mut_ptr(), 8) };
-        let res = match r {
-            Ok(Some(r)) => wait(b.as_mut(), r).map(|_| ()),
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        assert!(matches!(res, Err(NetError::Closed(_))), "{res:?}");
-
-        // Data sent before a goodbye is still delivered.
-        let (mut a, mut b) = pair(ShmOptions::default());
-        let src = [5u8; 8];
-        // SAFETY: src outlives the request (goodbye pushes it into the ring).
-        unsafe { a.isend(3, &[0; META_LEN], src.as_ptr(), 8) }.unwrap();
-        a.goodbye();
-        drop(a);
-        // SAFETY: as above.
-        let r = unsafe { b.irecv(3, out.as_mut_ptr(), 8) }.unwrap().unwrap();
-        wait(b.as_mut(), r).unwrap();
-        assert_eq!(out, src);
-
-        // Abort carries the reason, and a blocked peer wakes up for it.
-        let (mut a, mut b) = pair(ShmOptions::default());
-        // SAFETY: as above.
-        let r = unsafe { b.irecv(1, out.as_mut_ptr(), 8) }.unwrap().unwrap();
-        let th = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            a.abort("rank 3 lost");
-            a
-        });
-        let e = wait(b.as_mut(), r).unwrap_err();
-        assert!(
-            matches!(&e, NetError::PeerAborted(r) if r == "rank 3 lost"),
-            "{e}"
-        );
-        th.join().unwrap();
+        conf::exchange(&small, conf::SIZES);
+        conf::both_directions_at_once(&small);
     }
 
     #[test]
@@ -1643,7 +1471,7 @@ mod tests {
                     let s = unsafe { a.isend(i, &[0; META_LEN], src.as_ptr(), n) }
                         .unwrap()
                         .unwrap();
-                    wait(a.as_mut(), s).unwrap();
+                    conf::wait(a.as_mut(), s).unwrap();
                 }
             });
             let mut dst = vec![7u8; n];
@@ -1651,7 +1479,7 @@ mod tests {
             for i in 0..iters {
                 // SAFETY: dst outlives the request.
                 let r = unsafe { b.irecv(i, dst.as_mut_ptr(), n) }.unwrap().unwrap();
-                wait(b.as_mut(), r).unwrap();
+                conf::wait(b.as_mut(), r).unwrap();
             }
             let dt = t0.elapsed().as_secs_f64();
             th.join().unwrap();

@@ -1279,6 +1279,7 @@ impl Conn for TcpConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance as conf;
 
     fn pair(opts: TcpOptions) -> (Box<dyn Conn>, Box<dyn Conn>) {
         let t = TcpTransport::new(opts).unwrap();
@@ -1297,147 +1298,32 @@ mod tests {
         (a, th.join().unwrap())
     }
 
-    fn wait(c: &mut dyn Conn, r: Request) -> NetResult<Completion> {
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            c.progress()?;
-            if let Some(x) = c.test(r)? {
-                return Ok(x);
-            }
-            assert!(Instant::now() < end, "timeout");
-        }
-    }
-
-    fn exchange(opts: TcpOptions, sizes: &[usize]) {
-        let (mut a, mut b) = pair(opts);
-        let bufs: Vec<Vec<u8>> = sizes
-            .iter()
-            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
-            .collect();
-        let mut outs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-        let mut meta = [0u8; META_LEN];
-        meta[0] = 42;
-        let mut sreqs = vec![];
-        let mut rreqs = vec![];
-        for (k, buf) in bufs.iter().enumerate() {
-            // SAFETY: test buffers outlive the requests (waited below).
-            sreqs.push(
-                unsafe { a.isend(k as u64, &meta, buf.as_ptr(), buf.len()) }
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        for (k, out) in outs.iter_mut().enumerate() {
-            // SAFETY: as above.
-            rreqs.push(
-                unsafe { b.irecv(k as u64, out.as_mut_ptr(), out.len()) }
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        // Drive both sides from two threads.
-        let th = std::thread::spawn(move || {
-            for r in sreqs {
-                wait(a.as_mut(), r).unwrap();
-            }
-            a
-        });
-        for r in rreqs {
-            let c = wait(b.as_mut(), r).unwrap();
-            assert_eq!(c.meta[0], 42);
-        }
-        th.join().unwrap();
-        assert_eq!(outs, bufs);
+    fn default_pair() -> (Box<dyn Conn>, Box<dyn Conn>) {
+        pair(TcpOptions::default())
     }
 
     #[test]
-    fn messages_of_many_sizes() {
-        exchange(
-            TcpOptions::default(),
-            &[0, 1, 63, 64, 65, 4096, 100_000, 3 << 20, 7],
-        );
+    fn conformance() {
+        conf::exchange(&default_pair, conf::SIZES);
+        conf::both_directions_at_once(&default_pair);
+        conf::mismatch_is_reported_with_meta(&default_pair);
+        conf::death_goodbye_and_abort(&default_pair);
     }
 
     #[test]
     fn striped_messages() {
-        exchange(
-            TcpOptions {
+        let striped = || {
+            pair(TcpOptions {
                 streams: 3,
                 stripe_min: 4096,
                 ..Default::default()
-            },
+            })
+        };
+        conf::exchange(
+            &striped,
             &[0, 1, 8191, 8192, 12289, 1 << 20, 5, (4 << 20) + 3],
         );
-    }
-
-    #[test]
-    fn mismatch_is_reported_with_meta() {
-        let (mut a, mut b) = pair(TcpOptions::default());
-        let buf = [1u8; 16];
-        let mut out = [0u8; 8];
-        let meta = [9u8; META_LEN];
-        // SAFETY: buffers outlive the requests.
-        unsafe { a.isend(5, &meta, buf.as_ptr(), 16) }.unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        // SAFETY: as above.
-        let e = match unsafe { b.irecv(5, out.as_mut_ptr(), 8) } {
-            Ok(Some(r)) => wait(b.as_mut(), r).unwrap_err(),
-            Ok(None) => panic!("backpressure"),
-            Err(e) => e,
-        };
-        match e {
-            NetError::Mismatch {
-                expected_len,
-                got_len,
-                meta,
-                ..
-            } => {
-                assert_eq!((expected_len, got_len), (8, 16));
-                assert_eq!(meta, [9u8; META_LEN]);
-            }
-            other => panic!("{other}"),
-        }
-    }
-
-    #[test]
-    fn death_goodbye_and_abort() {
-        // Peer dropped without goodbye: a pending receive fails with Lost.
-        let (a, mut b) = pair(TcpOptions::default());
-        let mut out = [0u8; 8];
-        // SAFETY: out outlives the request (waited below).
-        let r = unsafe { b.irecv(1, out.as_mut_ptr(), 8) }.unwrap().unwrap();
-        drop(a);
-        assert!(matches!(wait(b.as_mut(), r), Err(NetError::Lost(_))));
-
-        // Goodbye: idle is fine, a pending receive fails with Closed.
-        let (mut a, mut b) = pair(TcpOptions::default());
-        a.goodbye();
-        drop(a);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(b.progress().is_ok());
-        // SAFETY: as above.
-        let r = unsafe { b.irecv(1, out.as_mut_ptr(), 8) };
-        let res = match r {
-            Ok(Some(r)) => wait(b.as_mut(), r).map(|_| ()),
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        assert!(matches!(res, Err(NetError::Closed(_))), "{res:?}");
-
-        // Abort carries the reason.
-        let (mut a, mut b) = pair(TcpOptions::default());
-        a.abort("rank 3 lost");
-        let end = Instant::now() + Duration::from_secs(5);
-        let e = loop {
-            if let Err(e) = b.progress() {
-                break e;
-            }
-            assert!(Instant::now() < end);
-        };
-        assert!(
-            matches!(&e, NetError::PeerAborted(r) if r == "rank 3 lost"),
-            "{e}"
-        );
+        conf::both_directions_at_once(&striped);
     }
 
     #[test]
