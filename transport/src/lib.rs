@@ -25,6 +25,7 @@ use std::os::fd::RawFd;
 mod conformance;
 pub mod handle;
 pub mod mem;
+mod reqs;
 pub mod shm;
 pub mod tcp;
 

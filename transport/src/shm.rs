@@ -32,6 +32,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::reqs::ReqTable;
 use crate::{
     Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
     PtrSupport, Request, Transport, META_LEN,
@@ -342,13 +343,6 @@ struct Rx {
     req: u64,
 }
 
-#[derive(Clone, Copy)]
-struct ReqState {
-    done: bool,
-    tested: bool,
-    meta: Meta,
-}
-
 /// One side of a shared-memory connection.
 pub struct ShmConn {
     seg: Seg,
@@ -369,11 +363,8 @@ pub struct ShmConn {
     peer_head: u64,
     tx: VecDeque<Tx>,
     rx: VecDeque<Rx>,
-    send_base: u64,
-    sends: VecDeque<ReqState>,
-    recv_base: u64,
-    recvs: VecDeque<ReqState>,
-    posted: usize,
+    sends: ReqTable,
+    recvs: ReqTable,
     error: Option<NetError>,
     closed_local: bool,
     bye_received: bool,
@@ -417,11 +408,8 @@ impl ShmConn {
             peer_head: 0,
             tx: VecDeque::new(),
             rx: VecDeque::new(),
-            send_base: 0,
-            sends: VecDeque::new(),
-            recv_base: 0,
-            recvs: VecDeque::new(),
-            posted: 0,
+            sends: ReqTable::default(),
+            recvs: ReqTable::default(),
             error: None,
             closed_local: false,
             bye_received: false,
@@ -482,21 +470,14 @@ impl ShmConn {
         }
     }
 
-    fn complete(&mut self, send: bool, req: u64, len: usize, meta: Option<Meta>) {
-        let (base, q) = if send {
+    fn complete(&mut self, send: bool, req: u64, len: usize) {
+        if send {
             self.bytes_tx += len as u64;
-            (self.send_base, &mut self.sends)
+            self.sends.part_done(req);
         } else {
             self.bytes_rx += len as u64;
-            (self.recv_base, &mut self.recvs)
-        };
-        if let Some(st) = q.get_mut((req - base) as usize) {
-            st.done = true;
-            if let Some(m) = meta {
-                st.meta = m;
-            }
+            self.recvs.part_done(req);
         }
-        self.posted = self.posted.saturating_sub(1);
     }
 
     /// Copies queued sends into this side's ring as far as there is room.
@@ -560,7 +541,7 @@ impl ShmConn {
             }
             let (req, len) = (t.req, t.len);
             self.tx.pop_front();
-            self.complete(true, req, len, None);
+            self.complete(true, req, len);
         }
         self.publish_head();
         moved
@@ -611,9 +592,9 @@ impl ShmConn {
                 self.tail += HDR as u64;
                 avail -= HDR as u64;
                 moved = true;
-                if let Some(st) = self.recvs.get_mut((req - self.recv_base) as usize) {
-                    st.meta.copy_from_slice(&h[32..32 + META_LEN]);
-                }
+                let mut m = [0u8; META_LEN];
+                m.copy_from_slice(&h[32..32 + META_LEN]);
+                self.recvs.set_meta(req, m);
             }
             let Some(rx) = self.rx.front_mut() else {
                 break Ok(());
@@ -650,7 +631,7 @@ impl ShmConn {
             }
             let (req, len) = (rx.req, rx.len);
             self.rx.pop_front();
-            self.complete(false, req, len, None);
+            self.complete(false, req, len);
         };
         self.publish_tail();
         res.map(|()| moved)
@@ -799,16 +780,10 @@ impl Conn for ShmConn {
         len: usize,
     ) -> NetResult<Option<Request>> {
         self.check()?;
-        if self.posted >= MAX_POSTED {
+        if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
         }
-        let req = self.send_base + self.sends.len() as u64;
-        self.sends.push_back(ReqState {
-            done: false,
-            tested: false,
-            meta: [0; META_LEN],
-        });
-        self.posted += 1;
+        let req = self.sends.post(1);
         self.tx.push_back(Tx {
             tag,
             meta: *meta,
@@ -829,16 +804,10 @@ impl Conn for ShmConn {
 
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
         self.check()?;
-        if self.posted >= MAX_POSTED {
+        if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
         }
-        let req = self.recv_base + self.recvs.len() as u64;
-        self.recvs.push_back(ReqState {
-            done: false,
-            tested: false,
-            meta: [0; META_LEN],
-        });
-        self.posted += 1;
+        let req = self.recvs.post(1);
         self.rx.push_back(Rx {
             tag,
             ptr: buf,
@@ -867,46 +836,16 @@ impl Conn for ShmConn {
     }
 
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
-        let (base, q) = if req.send {
-            (self.send_base, &mut self.sends)
+        let t = if req.send {
+            &mut self.sends
         } else {
-            (self.recv_base, &mut self.recvs)
+            &mut self.recvs
         };
-        if req.seq < base {
-            return Ok(Some(Completion {
-                len: 0,
-                meta: [0; META_LEN],
-            }));
-        }
-        let Some(st) = q.get_mut((req.seq - base) as usize) else {
-            return Err(NetError::Protocol(format!("unknown request {req:?}")));
-        };
-        if !st.done {
-            if let Some(e) = &self.error {
-                return Err(e.clone());
-            }
-            return Ok(None);
-        }
-        st.tested = true;
-        let c = Completion {
-            len: 0,
-            meta: st.meta,
-        };
-        let mut popped = 0;
-        while q.front().map(|s| s.done && s.tested).unwrap_or(false) {
-            q.pop_front();
-            popped += 1;
-        }
-        if req.send {
-            self.send_base += popped;
-        } else {
-            self.recv_base += popped;
-        }
-        Ok(Some(c))
+        t.test(req, self.error.as_ref())
     }
 
     fn pending(&self) -> usize {
-        self.posted
+        self.sends.pending() + self.recvs.pending()
     }
 
     fn poll_fds(&self, out: &mut Vec<PollFd>) {

@@ -23,6 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::reqs::ReqTable;
 use crate::{
     Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
     PtrSupport, Request, Transport, META_LEN,
@@ -484,23 +485,13 @@ struct Sock {
     eof: bool,
 }
 
-#[derive(Clone, Copy)]
-struct ReqState {
-    left: u32,
-    tested: bool,
-    meta: Meta,
-}
-
 /// A TCP connection (one or more sockets).
 pub struct TcpConn {
     socks: Vec<Sock>,
     stripe_min: usize,
     peer: String,
-    send_base: u64,
-    sends: VecDeque<ReqState>,
-    recv_base: u64,
-    recvs: VecDeque<ReqState>,
-    posted: usize,
+    sends: ReqTable,
+    recvs: ReqTable,
     error: Option<NetError>,
     bye_received: bool,
     closed_local: bool,
@@ -626,11 +617,8 @@ impl TcpConn {
                 .collect(),
             stripe_min,
             peer,
-            send_base: 0,
-            sends: VecDeque::new(),
-            recv_base: 0,
-            recvs: VecDeque::new(),
-            posted: 0,
+            sends: ReqTable::default(),
+            recvs: ReqTable::default(),
             error: None,
             bye_received: false,
             closed_local: false,
@@ -723,18 +711,12 @@ impl TcpConn {
         if req == NO_REQ {
             return;
         }
-        let (base, q) = if send {
+        if send {
             self.bytes_tx += len as u64;
-            (self.send_base, &mut self.sends)
+            self.sends.part_done(req);
         } else {
             self.bytes_rx += len as u64;
-            (self.recv_base, &mut self.recvs)
-        };
-        if let Some(st) = q.get_mut((req - base) as usize) {
-            st.left = st.left.saturating_sub(1);
-            if st.left == 0 {
-                self.posted = self.posted.saturating_sub(1);
-            }
+            self.recvs.part_done(req);
         }
     }
 
@@ -960,10 +942,7 @@ impl TcpConn {
                 }
                 let req = rx.req;
                 if h.part == 0 && req != NO_REQ {
-                    let base = self.recv_base;
-                    if let Some(st) = self.recvs.get_mut((req - base) as usize) {
-                        st.meta = h.meta;
-                    }
+                    self.recvs.set_meta(req, h.meta);
                 }
                 let sock = &mut self.socks[i];
                 sock.rs += HDR;
@@ -1103,17 +1082,11 @@ impl Conn for TcpConn {
         len: usize,
     ) -> NetResult<Option<Request>> {
         self.check()?;
-        if self.posted >= MAX_POSTED {
+        if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
         }
         let n = nparts(len, self.socks.len(), self.stripe_min);
-        let req = self.send_base + self.sends.len() as u64;
-        self.sends.push_back(ReqState {
-            left: n as u32,
-            tested: false,
-            meta: [0; META_LEN],
-        });
-        self.posted += 1;
+        let req = self.sends.post(n as u32);
         for p in 0..n {
             let (off, plen) = part_range(len, n, p);
             self.socks[p].tx.push_back(Tx {
@@ -1139,17 +1112,11 @@ impl Conn for TcpConn {
 
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
         self.check()?;
-        if self.posted >= MAX_POSTED {
+        if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
         }
         let n = nparts(len, self.socks.len(), self.stripe_min);
-        let req = self.recv_base + self.recvs.len() as u64;
-        self.recvs.push_back(ReqState {
-            left: n as u32,
-            tested: false,
-            meta: [0; META_LEN],
-        });
-        self.posted += 1;
+        let req = self.recvs.post(n as u32);
         for p in 0..n {
             let (off, plen) = part_range(len, n, p);
             self.socks[p].rx.push_back(Rx {
@@ -1183,47 +1150,16 @@ impl Conn for TcpConn {
     }
 
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
-        let (base, q) = if req.send {
-            (self.send_base, &mut self.sends)
+        let t = if req.send {
+            &mut self.sends
         } else {
-            (self.recv_base, &mut self.recvs)
+            &mut self.recvs
         };
-        if req.seq < base {
-            return Ok(Some(Completion {
-                len: 0,
-                meta: [0; META_LEN],
-            }));
-        }
-        let idx = (req.seq - base) as usize;
-        let Some(st) = q.get_mut(idx) else {
-            return Err(NetError::Protocol(format!("unknown request {req:?}")));
-        };
-        if st.left > 0 {
-            if let Some(e) = &self.error {
-                return Err(e.clone());
-            }
-            return Ok(None);
-        }
-        st.tested = true;
-        let c = Completion {
-            len: 0,
-            meta: st.meta,
-        };
-        let mut popped = 0;
-        while q.front().map(|s| s.left == 0 && s.tested).unwrap_or(false) {
-            q.pop_front();
-            popped += 1;
-        }
-        if req.send {
-            self.send_base += popped;
-        } else {
-            self.recv_base += popped;
-        }
-        Ok(Some(c))
+        t.test(req, self.error.as_ref())
     }
 
     fn pending(&self) -> usize {
-        self.posted
+        self.sends.pending() + self.recvs.pending()
     }
 
     fn poll_fds(&self, out: &mut Vec<PollFd>) {
