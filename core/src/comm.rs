@@ -25,7 +25,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use crate::config::{Config, TransportKind};
 use crate::error::{Error, Result};
 use crate::exec::{Exec, P2pBatch, P2pOp, Peer, Sig};
 use crate::mem::RawBuf;
-use crate::membership::{self, Client, Coordinator, Registration, Role, View};
+use crate::membership::{self, auth, Client, ClientOptions, Coordinator, Registration, Role, View};
 use crate::types::{DataType, Element, ReduceOp};
 
 const HELLO_MAGIC: &[u8; 4] = b"BRDA";
@@ -127,6 +127,191 @@ pub struct Communicator {
     acceptor_stop: Arc<AtomicBool>,
     client: Mutex<Option<Client>>,
     coordinator: Option<Coordinator>,
+    /// Transports this rank listens on (kept for connections of later views).
+    transports: Vec<Arc<dyn Transport>>,
+    /// Their connect handles (published at registration).
+    handles: Vec<ConnectHandle>,
+    /// Accepted data connections not yet claimed by a view.
+    stash: Arc<Stash>,
+    /// Job token for data-connection hellos.
+    token: Option<Vec<u8>>,
+    /// This member left the group (it is not in the installed view).
+    left: bool,
+    /// Highest epoch whose installation was attempted.
+    attempted: u64,
+}
+
+impl Inner {
+    /// An inner that runs nothing (before the first view is installed, or after this member
+    /// left): every operation fails with `InvalidUsage`.
+    fn placeholder(
+        cfg: Config,
+        policy: select::Policy,
+        member: u64,
+        view: View,
+        abort: Arc<AtomicBool>,
+    ) -> Inner {
+        let why = if view.rank_of(member).is_some() {
+            format!("view epoch {} is not installed", view.epoch)
+        } else {
+            format!("member {member} left the group at epoch {}", view.epoch)
+        };
+        Inner {
+            rank: 0,
+            size: view.members.len(),
+            member,
+            view,
+            policy,
+            transport: "none",
+            peer_transports: Vec::new(),
+            ring: None,
+            listen_addr: String::new(),
+            state: Mutex::new(State {
+                peers: Vec::new(),
+                exec: Exec::new(0, cfg.spin, cfg.timeout, abort.clone()),
+                seq: 0,
+                error: Some(Error::InvalidUsage(why)),
+                plans: HashMap::new(),
+            }),
+            cfg,
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                outstanding: 0,
+                closed: false,
+            }),
+            qcv: Condvar::new(),
+            abort,
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Builds the communicator state of an installed view.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    cfg: Config,
+    policy: select::Policy,
+    transports: &[Arc<dyn Transport>],
+    handles: &[ConnectHandle],
+    view: View,
+    rank: usize,
+    member: u64,
+    peers: Vec<Option<Peer>>,
+    peer_transports: Vec<(usize, &'static str)>,
+    abort: Arc<AtomicBool>,
+) -> Inner {
+    let size = view.members.len();
+    let transport = match peer_transports.first() {
+        Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
+        Some(_) => "mixed",
+        None => transports.first().map(|t| t.name()).unwrap_or("none"),
+    };
+    let listen_addr = handles
+        .iter()
+        .find(|h| h.transport == "tcp")
+        .or(handles.first())
+        .map(|h| String::from_utf8_lossy(&h.addr).into_owned())
+        .unwrap_or_default();
+    let ring = {
+        let hosts: Vec<&str> = view.members.iter().map(|m| m.host_id.as_str()).collect();
+        let ring = order::host_ring(&hosts);
+        if ring.iter().enumerate().all(|(v, r)| v == *r) {
+            None
+        } else {
+            tracing::info!(target: "braid::topo", "ring order by host: {ring:?}");
+            Some(ring)
+        }
+    };
+    let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
+    Inner {
+        rank,
+        size,
+        member,
+        view,
+        policy,
+        transport,
+        peer_transports,
+        ring,
+        listen_addr,
+        cfg,
+        state: Mutex::new(State {
+            peers,
+            exec,
+            seq: 0,
+            error: None,
+            plans: HashMap::new(),
+        }),
+        queue: Mutex::new(Queue {
+            jobs: VecDeque::new(),
+            outstanding: 0,
+            closed: false,
+        }),
+        qcv: Condvar::new(),
+        abort,
+        stop: AtomicBool::new(false),
+    }
+}
+
+/// Starts the thread that accepts data connections on every listener, checks their hello
+/// (and job-token MAC) and puts them in the stash; strangers are dropped with a log line.
+fn spawn_acceptor(
+    mut listeners: Vec<(Box<dyn Listener>, &'static str)>,
+    stash: Arc<Stash>,
+    stop: Arc<AtomicBool>,
+    token: Option<Vec<u8>>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("braid-accept".into())
+        .spawn(move || {
+            let mut scratch = Vec::new();
+            let mut pf = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut got = false;
+                for (listener, name) in listeners.iter_mut() {
+                    match listener.accept() {
+                        Ok(Some((c, hello))) => {
+                            got = true;
+                            match parse_hello(&hello, token.as_deref()) {
+                                Ok(h) => stash.push(Arrived {
+                                    conn: c,
+                                    hello: h,
+                                    transport: name,
+                                    at: Instant::now(),
+                                }),
+                                Err(why) => {
+                                    tracing::warn!(target: "braid::net", "dropping data connection from {}: {why}", c.peer_desc());
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(target: "braid::net", "{name} accept: {e}");
+                        }
+                    }
+                }
+                if got {
+                    continue;
+                }
+                pf.clear();
+                let mut fd_less = false;
+                for (listener, _) in listeners.iter() {
+                    match listener.fd() {
+                        Some(fd) => pf.push(braid_transport::PollFd {
+                            fd,
+                            read: true,
+                            write: false,
+                        }),
+                        None => fd_less = true,
+                    }
+                }
+                if fd_less || pf.is_empty() {
+                    std::thread::sleep(Duration::from_micros(200));
+                } else {
+                    let _ = braid_transport::wait_fds(&pf, Duration::from_millis(20), &mut scratch);
+                }
+            }
+        })
+        .map_err(|e| Error::System(format!("spawning the accept thread: {e}")))
 }
 
 /// The completion handle of a non-blocking operation.
@@ -177,8 +362,8 @@ fn invalid<T>(msg: String) -> Result<T> {
     Err(Error::InvalidArgument(msg))
 }
 
-fn hello_bytes(nonce: u64, epoch: u64, rank: usize, member: u64) -> Vec<u8> {
-    let mut h = Vec::with_capacity(36);
+fn hello_bytes(nonce: u64, epoch: u64, rank: usize, member: u64, token: Option<&[u8]>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(40 + auth::MAC_LEN);
     h.extend_from_slice(HELLO_MAGIC);
     h.extend_from_slice(&HELLO_VERSION.to_le_bytes());
     h.extend_from_slice(&[0, 0]);
@@ -186,29 +371,97 @@ fn hello_bytes(nonce: u64, epoch: u64, rank: usize, member: u64) -> Vec<u8> {
     h.extend_from_slice(&epoch.to_le_bytes());
     h.extend_from_slice(&(rank as u64).to_le_bytes());
     h.extend_from_slice(&member.to_le_bytes());
+    if let Some(t) = token {
+        let m = auth::data_mac(t, &h);
+        h.extend_from_slice(&m);
+    }
     h
 }
 
-/// Parses a data-connection hello: (nonce, epoch, rank, member).
-fn parse_hello(h: &[u8]) -> Option<(u64, u64, usize, u64)> {
-    if h.len() != 40 || &h[..4] != HELLO_MAGIC {
-        return None;
+/// A parsed data-connection hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hello {
+    nonce: u64,
+    epoch: u64,
+    rank: usize,
+    member: u64,
+}
+
+/// Parses (and with a job token, authenticates) a data-connection hello.
+fn parse_hello(h: &[u8], token: Option<&[u8]>) -> std::result::Result<Hello, &'static str> {
+    if h.len() < 40 || &h[..4] != HELLO_MAGIC {
+        return Err("not a braid hello");
     }
     if u16::from_le_bytes([h[4], h[5]]) != HELLO_VERSION {
-        return None;
+        return Err("another braid hello version");
+    }
+    match (token, h.len()) {
+        (None, 40) => {}
+        (None, _) => return Err("the peer authenticates with a job token, this rank has none"),
+        (Some(t), n) if n == 40 + auth::MAC_LEN => {
+            if !auth::check_data(t, &h[..40], &h[40..]) {
+                return Err("wrong job-token MAC");
+            }
+        }
+        (Some(_), _) => return Err("no job-token MAC"),
     }
     let u = |o: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&h[o..o + 8]);
         u64::from_le_bytes(b)
     };
-    Some((u(8), u(16), u(24) as usize, u(32)))
+    Ok(Hello {
+        nonce: u(8),
+        epoch: u(16),
+        rank: u(24) as usize,
+        member: u(32),
+    })
+}
+
+/// An accepted, well-formed data connection waiting to be claimed by a view installation.
+struct Arrived {
+    conn: Box<dyn Conn>,
+    hello: Hello,
+    transport: &'static str,
+    at: Instant,
+}
+
+/// Data connections accepted and not yet claimed. Connections for a view this rank has not
+/// installed yet wait here (a faster peer may connect first); connections of an epoch this
+/// rank already installed, or older than [`STASH_MAX_AGE`], are dropped.
+struct Stash {
+    list: Mutex<Vec<Arrived>>,
+    cv: Condvar,
+    /// Connections of epochs below this are stale.
+    floor: std::sync::atomic::AtomicU64,
+}
+
+/// How long an unclaimed connection is kept.
+const STASH_MAX_AGE: Duration = Duration::from_secs(300);
+
+impl Stash {
+    fn push(&self, a: Arrived) {
+        let mut l = lock(&self.list);
+        let floor = self.floor.load(Ordering::SeqCst);
+        l.retain(|x| x.hello.epoch >= floor && x.at.elapsed() < STASH_MAX_AGE);
+        if a.hello.epoch < floor {
+            tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", a.hello.epoch, a.conn.peer_desc());
+            return;
+        }
+        l.push(a);
+        drop(l);
+        self.cv.notify_all();
+    }
+
+    /// Marks epochs up to `epoch` installed (their connections are stale now).
+    fn installed(&self, epoch: u64) {
+        self.floor.store(epoch + 1, Ordering::SeqCst);
+        lock(&self.list).retain(|x| x.hello.epoch > epoch);
+    }
 }
 
 const HANDLES_MAGIC: &[u8; 4] = b"BRDL";
 
-/// An accepted data connection: the connection, its hello, the transport it came over.
-type Incoming = (Box<dyn Conn>, Vec<u8>, &'static str);
 /// The peers (indexed by rank) and the transport name used for each, by rank.
 type Connected = (Vec<Option<Peer>>, Vec<(usize, &'static str)>);
 
@@ -316,6 +569,24 @@ impl Communicator {
         Communicator::init_on(cfg, vec![Arc::new(MemTransport::new(fabric))])
     }
 
+    /// Joins a running elastic group (configuration from the environment, as
+    /// [`Communicator::init`], with `BRAID_ELASTIC` forced on): registers with the coordinator
+    /// and returns once the running ranks admitted this process at their next view change
+    /// (when they call [`Communicator::update`]). Rank = position in the new view (joiners
+    /// come after the members that stay). Call [`Communicator::sync_from_oldest`] next, as the
+    /// running ranks do after their `update()` returned true, to receive the current state.
+    ///
+    /// If the group is still forming (its first view not yet published), this process becomes
+    /// one of its initial ranks instead.
+    ///
+    /// Errors: as [`Communicator::init`]; `Error::Timeout` if not admitted within
+    /// `BRAID_INIT_TIMEOUT`.
+    pub fn join() -> Result<Communicator> {
+        let mut cfg = Config::from_env()?;
+        cfg.elastic = true;
+        Communicator::init_with(cfg)
+    }
+
     fn init_on(cfg: Config, transports: Vec<Arc<dyn Transport>>) -> Result<Communicator> {
         let deadline = Instant::now() + cfg.init_timeout;
         let world = cfg.world_size.ok_or_else(|| {
@@ -331,8 +602,16 @@ impl Communicator {
             )
         })?;
         let policy = select::Policy::parse(&cfg.algo, cfg.small_bytes)?;
+        let token: Option<Vec<u8>> = cfg.job_token.as_ref().map(|t| t.0.clone());
         let coordinator = if cfg.host_coordinator {
-            Some(Coordinator::bind(&coord_addr)?)
+            Some(Coordinator::bind_with(
+                &coord_addr,
+                membership::CoordinatorOptions {
+                    job_token: token.clone(),
+                    state_file: cfg.coordinator_state.clone(),
+                    ..membership::CoordinatorOptions::default()
+                },
+            )?)
         } else {
             None
         };
@@ -346,59 +625,18 @@ impl Communicator {
             listeners.push((l, t.name()));
             handles.push(h);
         }
-        let (conn_tx, conn_rx) = mpsc::channel::<Incoming>();
+        let stash = Arc::new(Stash {
+            list: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            floor: std::sync::atomic::AtomicU64::new(0),
+        });
         let acceptor_stop = Arc::new(AtomicBool::new(false));
-        let acceptor = {
-            let stop = acceptor_stop.clone();
-            std::thread::Builder::new()
-                .name("braid-accept".into())
-                .spawn(move || {
-                    let mut scratch = Vec::new();
-                    let mut pf = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let mut got = false;
-                        for (listener, name) in listeners.iter_mut() {
-                            match listener.accept() {
-                                Ok(Some((c, hello))) => {
-                                    // After set-up nobody listens: the connection is dropped
-                                    // there.
-                                    let _ = conn_tx.send((c, hello, *name));
-                                    got = true;
-                                }
-                                Ok(None) => {}
-                                Err(e) => {
-                                    tracing::warn!(target: "braid::net", "{name} accept: {e}");
-                                }
-                            }
-                        }
-                        if got {
-                            continue;
-                        }
-                        pf.clear();
-                        let mut fd_less = false;
-                        for (listener, _) in listeners.iter() {
-                            match listener.fd() {
-                                Some(fd) => pf.push(braid_transport::PollFd {
-                                    fd,
-                                    read: true,
-                                    write: false,
-                                }),
-                                None => fd_less = true,
-                            }
-                        }
-                        if fd_less || pf.is_empty() {
-                            std::thread::sleep(Duration::from_micros(200));
-                        } else {
-                            let _ = braid_transport::wait_fds(
-                                &pf,
-                                Duration::from_millis(20),
-                                &mut scratch,
-                            );
-                        }
-                    }
-                })
-                .map_err(|e| Error::System(format!("spawning the accept thread: {e}")))?
-        };
+        let acceptor = spawn_acceptor(
+            listeners,
+            stash.clone(),
+            acceptor_stop.clone(),
+            token.clone(),
+        )?;
 
         let abort = Arc::new(AtomicBool::new(false));
         let reg = Registration {
@@ -414,119 +652,354 @@ impl Communicator {
             role: Role::Worker,
             handle: encode_handles(&handles),
             numa: crate::topo::local_numa_node(),
+            weight: cfg.weight,
+            elastic: cfg.elastic,
+            policy: membership::GroupPolicy {
+                min_size: cfg.min_size,
+                max_size: cfg.max_size,
+                join_window_ms: cfg.join_window.as_millis() as u64,
+            },
+            heartbeat_timeout_ms: if cfg.elastic {
+                cfg.heartbeat_timeout.as_millis() as u64
+            } else {
+                0
+            },
+            light: false,
+            client_nonce: String::new(),
+        };
+        let copts = ClientOptions {
+            token: token.clone(),
+            heartbeat: if cfg.elastic {
+                cfg.heartbeat
+            } else {
+                Duration::ZERO
+            },
         };
         let stop_acceptor = |acc: JoinHandle<()>| {
             acceptor_stop.store(true, Ordering::Relaxed);
             let _ = acc.join();
         };
         let (client, member, view) =
-            match membership::rendezvous(&coord_addr, &reg, deadline, &abort) {
+            match membership::rendezvous_with(&coord_addr, &reg, &copts, deadline, &abort) {
                 Ok(x) => x,
                 Err(e) => {
                     stop_acceptor(acceptor);
                     return Err(e);
                 }
             };
-        let rank = match view.members.iter().position(|m| m.id == member) {
-            Some(r) => r,
-            None => {
-                stop_acceptor(acceptor);
-                return Err(Error::Coordinator(format!(
-                    "view of epoch {} does not contain this member ({member})",
-                    view.epoch
-                )));
-            }
-        };
-        let size = view.members.len();
         let names: Vec<&str> = transports.iter().map(|t| t.name()).collect();
-        tracing::info!(target: "braid::init", "rank {rank}/{size} member {member} epoch {} transports {}", view.epoch, names.join(","));
-
-        let (peers, peer_transports) = match connect_peers(
-            &transports,
-            cfg.transport,
-            &view,
-            rank,
-            member,
-            &conn_rx,
-            deadline,
-            &abort,
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                stop_acceptor(acceptor);
-                return Err(e);
-            }
-        };
-        let transport = match peer_transports.first() {
-            Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
-            Some(_) => "mixed",
-            None => transports.first().map(|t| t.name()).unwrap_or("none"),
-        };
-        let listen_addr = handles
-            .iter()
-            .find(|h| h.transport == "tcp")
-            .or(handles.first())
-            .map(|h| String::from_utf8_lossy(&h.addr).into_owned())
-            .unwrap_or_default();
-        // Later connections (strangers, stale jobs) are drained and dropped by a small thread
-        // reading the channel, so they never pile up.
-        std::thread::Builder::new()
-            .name("braid-strangers".into())
-            .spawn(move || {
-                while let Ok((c, hello, _)) = conn_rx.recv() {
-                    tracing::warn!(target: "braid::net", "dropping unexpected data connection from {} ({})",
-                        c.peer_desc(),
-                        if parse_hello(&hello).is_some() { "a braid hello after set-up" } else { "not a braid hello" });
-                }
-            })
-            .map_err(|e| Error::System(format!("spawning a thread: {e}")))?;
-
-        let ring = {
-            let hosts: Vec<&str> = view.members.iter().map(|m| m.host_id.as_str()).collect();
-            let ring = order::host_ring(&hosts);
-            if ring.iter().enumerate().all(|(v, r)| v == *r) {
-                None
-            } else {
-                tracing::info!(target: "braid::topo", "ring order by host: {ring:?}");
-                Some(ring)
-            }
-        };
-        let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
-        let inner = Arc::new(Inner {
-            rank,
-            size,
-            member,
-            view,
-            policy,
-            transport,
-            peer_transports,
-            ring,
-            listen_addr,
-            cfg,
-            state: Mutex::new(State {
-                peers,
-                exec,
-                seq: 0,
-                error: None,
-                plans: HashMap::new(),
-            }),
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                outstanding: 0,
-                closed: false,
-            }),
-            qcv: Condvar::new(),
-            abort,
-            stop: AtomicBool::new(false),
-        });
-        Ok(Communicator {
-            inner,
+        tracing::info!(target: "braid::init", "member {member} epoch {} size {} transports {}", view.epoch, view.members.len(), names.join(","));
+        let mut comm = Communicator {
+            inner: Arc::new(Inner::placeholder(cfg, policy, member, view.clone(), abort)),
             progress: Mutex::new(None),
             acceptor: Some(acceptor),
             acceptor_stop,
             client: Mutex::new(Some(client)),
             coordinator,
-        })
+            transports,
+            handles,
+            stash,
+            token,
+            left: false,
+            attempted: 0,
+        };
+        comm.install(view, deadline)?;
+        Ok(comm)
+    }
+
+    /// Connects to the members of `view` and makes it this communicator's view. The old
+    /// view's connections are closed (after everything sent on them was delivered).
+    fn install(&mut self, view: View, deadline: Instant) -> Result<()> {
+        let member = self.inner.member;
+        self.attempted = self.attempted.max(view.epoch);
+        let old_peers = std::mem::take(&mut lock(&self.inner.state).peers);
+        for mut p in old_peers.into_iter().flatten() {
+            p.conn.goodbye();
+        }
+        let Some(rank) = view.rank_of(member) else {
+            // Not in the new view: this member left.
+            self.left = true;
+            if let Some(c) = lock(&self.client).as_ref() {
+                c.installed(view.epoch);
+            }
+            self.stash.installed(view.epoch);
+            tracing::info!(target: "braid::init", "member {member}: not in view epoch {}; left the group", view.epoch);
+            let cfg = self.inner.cfg.clone();
+            let policy = self.inner.policy.clone();
+            self.inner = Arc::new(Inner::placeholder(
+                cfg,
+                policy,
+                member,
+                view,
+                Arc::new(AtomicBool::new(false)),
+            ));
+            return Ok(());
+        };
+        let abort = Arc::new(AtomicBool::new(false));
+        let superseded = || {
+            lock(&self.client)
+                .as_ref()
+                .is_some_and(|c| c.announced_epoch() > view.epoch || c.expelled().is_some())
+        };
+        let res = connect_peers(
+            &self.transports,
+            self.inner.cfg.transport,
+            &view,
+            rank,
+            member,
+            &self.stash,
+            self.token.as_deref(),
+            deadline,
+            &abort,
+            &superseded,
+        );
+        let (peers, peer_transports) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                // The communicator stays on its old view, failed: update() moves on.
+                fail_state(&mut lock(&self.inner.state), e.clone());
+                return Err(e);
+            }
+        };
+        let cfg = self.inner.cfg.clone();
+        let policy = self.inner.policy.clone();
+        let inner = assemble(
+            cfg,
+            policy,
+            &self.transports,
+            &self.handles,
+            view,
+            rank,
+            member,
+            peers,
+            peer_transports,
+            abort,
+        );
+        let epoch = inner.view.epoch;
+        self.inner = Arc::new(inner);
+        self.stash.installed(epoch);
+        if let Some(c) = lock(&self.client).as_ref() {
+            c.installed(epoch);
+        }
+        tracing::info!(target: "braid::init", "member {member}: installed view epoch {epoch}: rank {rank} of {}", self.inner.size);
+        Ok(())
+    }
+
+    /// Waits for queued non-blocking operations and stops the progress thread (it restarts
+    /// on the next non-blocking call, on the then current view).
+    fn quiesce(&mut self) -> Result<()> {
+        let end = Instant::now() + self.inner.cfg.timeout;
+        {
+            let mut q = lock(&self.inner.queue);
+            while q.outstanding > 0 {
+                if Instant::now() >= end {
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "update(): waiting for {} pending non-blocking operations",
+                            q.outstanding
+                        ),
+                        secs: self.inner.cfg.timeout.as_secs_f64(),
+                    });
+                }
+                q = self
+                    .inner
+                    .qcv
+                    .wait_timeout(q, Duration::from_millis(20))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.qcv.notify_all();
+        if let Some(h) = lock(&self.progress).take() {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// Adopts the next membership view, if there is one, at a point all members agree on.
+    ///
+    /// Call it from the training loop between steps, on every rank (it is collective over the
+    /// current view). Returns `Ok(true)` when the view changed: rank and size may differ, new
+    /// members are connected, collectives include them; the caller then typically runs
+    /// [`Communicator::sync_from_oldest`] so joiners receive the current state. Returns
+    /// `Ok(false)` when nothing changed (cost: one 8-byte all-reduce; nothing is asked of the
+    /// coordinator, which pushes announcements to members).
+    ///
+    /// After a failure (a collective returned `PeerLost`, or a peer aborted), `update()` moves
+    /// the survivors into the next view that excludes the lost member: it asks the coordinator
+    /// for a resync and waits (at most `BRAID_INIT_TIMEOUT`) for that view, then returns
+    /// `Ok(true)`; the sticky error is cleared. Non-blocking operations still pending are waited
+    /// for first.
+    ///
+    /// After [`Communicator::leave`], the update that excludes this member returns `Ok(true)`
+    /// with [`Communicator::has_left`] true; later collectives fail with `InvalidUsage`.
+    ///
+    /// On a group that is not elastic (`BRAID_ELASTIC` unset) it returns `Ok(false)`, or the
+    /// sticky error if the communicator failed.
+    ///
+    /// Errors: the sticky error on non-elastic groups; `Error::Aborted` after
+    /// [`Communicator::abort`]; `Error::Coordinator` when the coordinator retired this member
+    /// (declared dead, e.g. after a network partition: it may join again as a new member);
+    /// `Error::Timeout` when no view arrives in time.
+    pub fn update(&mut self) -> Result<bool> {
+        if self.left {
+            return Err(Error::InvalidUsage(format!(
+                "member {} left the group at epoch {}",
+                self.inner.member, self.inner.view.epoch
+            )));
+        }
+        let sticky = self.error();
+        if !self.inner.cfg.elastic {
+            return match sticky {
+                Some(e) => Err(e),
+                None => Ok(false),
+            };
+        }
+        if matches!(sticky, Some(Error::Aborted)) || self.inner.abort.load(Ordering::SeqCst) {
+            return Err(Error::Aborted);
+        }
+        if let Some(why) = lock(&self.client).as_ref().and_then(|c| c.expelled()) {
+            return Err(Error::Coordinator(why));
+        }
+        self.quiesce()?;
+        let cur = self.inner.view.epoch;
+        let announced = lock(&self.client)
+            .as_ref()
+            .map_or(cur, |c| c.announced_epoch());
+        // 1. Healthy: agree on the highest announced epoch.
+        let mut target = None;
+        if sticky.is_none() && self.attempted <= cur {
+            let mut v = [announced];
+            match self.all_reduce_inplace(&mut v, ReduceOp::Max) {
+                Ok(()) if v[0] <= cur => return Ok(false),
+                Ok(()) => target = Some(v[0]),
+                Err(e) => {
+                    tracing::warn!(target: "braid::init", "member {}: update() agreement failed: {e}; resynchronising", self.inner.member);
+                }
+            }
+        }
+        let deadline = Instant::now() + self.inner.cfg.init_timeout;
+        let start = Instant::now();
+        let mut round = 0u32;
+        loop {
+            round += 1;
+            let epoch = match target.take() {
+                Some(e) => e,
+                None => {
+                    // 2. Failed: ask for the next view and wait for it.
+                    let base = cur.max(self.attempted);
+                    let suspects = self.suspects();
+                    let guard = lock(&self.client);
+                    let Some(c) = guard.as_ref() else {
+                        return Err(Error::InvalidUsage("no coordinator connection".into()));
+                    };
+                    c.resync(base, suspects);
+                    let abort = self.inner.abort.clone();
+                    c.wait_epoch(base + 1, deadline, &abort)?
+                }
+            };
+            let got = {
+                let guard = lock(&self.client);
+                let Some(c) = guard.as_ref() else {
+                    return Err(Error::InvalidUsage("no coordinator connection".into()));
+                };
+                c.view_of(epoch).or_else(|| {
+                    // Agreed on an epoch whose view this member missed (it reconnected meanwhile):
+                    // take the newest.
+                    let top = c.announced_epoch();
+                    c.view_of(top)
+                })
+            };
+            let Some((view, reason)) = got else {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout {
+                        what: format!("update(): view epoch {epoch} never arrived"),
+                        secs: start.elapsed().as_secs_f64(),
+                    });
+                }
+                continue;
+            };
+            let ep = view.epoch;
+            match self.install(view, deadline) {
+                Ok(()) => {
+                    tracing::info!(target: "braid::init", "member {}: view epoch {ep} ({reason}) after {:.3} s, {round} round(s)",
+                        self.inner.member, start.elapsed().as_secs_f64());
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if let Some(why) = lock(&self.client).as_ref().and_then(|c| c.expelled()) {
+                        return Err(Error::Coordinator(why));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(target: "braid::init", "member {}: installing view epoch {ep} failed: {e}; trying the next one", self.inner.member);
+                }
+            }
+        }
+    }
+
+    /// Member ids named by the sticky error (the peers this member lost).
+    fn suspects(&self) -> Vec<u64> {
+        let view = &self.inner.view;
+        match self.error() {
+            Some(Error::PeerLost { member, .. }) => vec![member],
+            Some(Error::Remote { rank, .. }) => {
+                view.members.get(rank).map(|m| m.id).into_iter().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Announces a graceful leave to the coordinator. Keep running the training loop (with
+    /// [`Communicator::update`] between steps) until `update()` returns true and
+    /// [`Communicator::has_left`] is true: the other members adopt a view without this member
+    /// at that point, and nothing fails.
+    ///
+    /// Errors: `InvalidUsage` when the group is not elastic or this member already left.
+    pub fn leave(&mut self) -> Result<()> {
+        if !self.inner.cfg.elastic {
+            return Err(Error::InvalidUsage(
+                "leave() needs an elastic group (BRAID_ELASTIC=1)".into(),
+            ));
+        }
+        if self.left {
+            return Err(Error::InvalidUsage("this member already left".into()));
+        }
+        match lock(&self.client).as_ref() {
+            Some(c) => {
+                c.leave();
+                Ok(())
+            }
+            None => Err(Error::InvalidUsage("no coordinator connection".into())),
+        }
+    }
+
+    /// Whether this member left the group (see [`Communicator::leave`]).
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// Broadcasts `buf` from the member with the smallest id (the oldest member) to all: after
+    /// a view change, joiners start from the current parameters. Collective; call it on every
+    /// rank, once per buffer, in the same order.
+    ///
+    /// Errors: as [`Communicator::broadcast`].
+    pub fn sync_from_oldest<T: Element>(&self, buf: &mut [T]) -> Result<()> {
+        let root = self.oldest_rank();
+        self.broadcast(buf, root)
+    }
+
+    /// The rank of the member with the smallest id.
+    pub fn oldest_rank(&self) -> usize {
+        self.inner
+            .view
+            .members
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, m)| m.id)
+            .map_or(0, |(r, _)| r)
     }
 
     /// This rank (0-based position in the view).
@@ -1842,14 +2315,16 @@ fn connect_peers(
     view: &View,
     rank: usize,
     member: u64,
-    incoming: &mpsc::Receiver<Incoming>,
+    stash: &Stash,
+    token: Option<&[u8]>,
     deadline: Instant,
     abort: &AtomicBool,
+    superseded: &dyn Fn() -> bool,
 ) -> Result<Connected> {
     let size = view.members.len();
     let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
     let mut names: Vec<Option<&'static str>> = vec![None; size];
-    let hello = hello_bytes(view.nonce, view.epoch, rank, member);
+    let hello = hello_bytes(view.nonce, view.epoch, rank, member, token);
     let me = &view.members[rank];
     if kind == TransportKind::Shm {
         // Every rank checks every pair, so all fail at once instead of waiting for a connect.
@@ -1903,9 +2378,48 @@ fn connect_peers(
         });
     }
     let mut missing = rank;
+    let mut list = lock(&stash.list);
     while missing > 0 {
+        // Claim the connections of this view; keep those of later epochs.
+        let mut i = 0;
+        while i < list.len() {
+            let h = list[i].hello;
+            if h.epoch > view.epoch {
+                i += 1;
+                continue;
+            }
+            let a = list.swap_remove(i);
+            let ok = h.nonce == view.nonce
+                && h.epoch == view.epoch
+                && h.rank < rank
+                && view.members.get(h.rank).map(|m| m.id) == Some(h.member)
+                && peers[h.rank].is_none();
+            if ok {
+                let r = h.rank;
+                peers[r] = Some(Peer {
+                    conn: a.conn,
+                    rank: r,
+                    member: view.members[r].id,
+                    host: view.members[r].hostname.clone(),
+                });
+                names[r] = Some(a.transport);
+                missing -= 1;
+            } else {
+                tracing::warn!(target: "braid::net", "dropping data connection from {}: not a member of this view (epoch {}, rank {}, member {})",
+                    a.conn.peer_desc(), h.epoch, h.rank, h.member);
+            }
+        }
+        if missing == 0 {
+            break;
+        }
         if abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted);
+        }
+        if superseded() {
+            return Err(Error::Coordinator(format!(
+                "view epoch {} was superseded while connecting",
+                view.epoch
+            )));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -1914,45 +2428,21 @@ fn connect_peers(
                 .map(|r| format!("rank {r} ({})", view.members[r].hostname))
                 .collect();
             return Err(Error::Timeout {
-                what: format!("waiting for connections from {}", who.join(", ")),
+                what: format!(
+                    "waiting for connections from {} (view epoch {})",
+                    who.join(", "),
+                    view.epoch
+                ),
                 secs: 0.0,
             });
         }
-        let (conn, h, tname) = match incoming.recv_timeout(left.min(Duration::from_millis(100))) {
-            Ok(x) => x,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(Error::Internal("accept thread stopped".into()))
-            }
-        };
-        let ok = match parse_hello(&h) {
-            Some((nonce, epoch, r, mid))
-                if nonce == view.nonce
-                    && epoch == view.epoch
-                    && r < rank
-                    && view.members.get(r).map(|m| m.id) == Some(mid)
-                    && peers[r].is_none() =>
-            {
-                Some(r)
-            }
-            _ => None,
-        };
-        match ok {
-            Some(r) => {
-                peers[r] = Some(Peer {
-                    conn,
-                    rank: r,
-                    member: view.members[r].id,
-                    host: view.members[r].hostname.clone(),
-                });
-                names[r] = Some(tname);
-                missing -= 1;
-            }
-            None => {
-                tracing::warn!(target: "braid::net", "dropping data connection from {}: not a member of this job's view (wrong nonce, epoch or rank)", conn.peer_desc());
-            }
-        }
+        list = stash
+            .cv
+            .wait_timeout(list, left.min(Duration::from_millis(50)))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
     }
+    drop(list);
     let used = names
         .iter()
         .enumerate()

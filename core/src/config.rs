@@ -37,6 +37,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Set by braid-run: index of this process among the ranks braid-run started on this host (also exported as LOCAL_RANK)." },
     VarSpec { name: "BRAID_LOCAL_SIZE", ty: "integer", default: "",
         doc: "Set by braid-run: number of ranks braid-run started on this host." },
+    VarSpec { name: "BRAID_RUN_INDEX", ty: "integer", default: "",
+        doc: "Set by braid-run: the launcher index of this process (0..N-1 for the initial ranks, N and up for joiners started by --join); stable across view changes, unlike the rank." },
     VarSpec { name: "BRAID_GROUP", ty: "string", default: "world",
         doc: "Rendezvous namespace on the coordinator, so several communicators can share one coordinator." },
     VarSpec { name: "BRAID_TIMEOUT", ty: "seconds", default: "600",
@@ -65,6 +67,24 @@ pub const VARS: &[VarSpec] = &[
         doc: "Pipelining unit of ring and chain algorithms (must be equal on all ranks; it is checked)." },
     VarSpec { name: "BRAID_SPIN_US", ty: "microseconds", default: "200",
         doc: "How long a waiting rank polls without sleeping before it blocks in poll(2)." },
+    VarSpec { name: "BRAID_ELASTIC", ty: "0|1", default: "0",
+        doc: "1: the group is elastic. A process that registers while the group is forming becomes an initial rank; one that registers while it runs joins at the next epoch (Communicator::update on the running ranks)." },
+    VarSpec { name: "BRAID_MIN_SIZE", ty: "integer", default: "1",
+        doc: "Elastic groups: the coordinator publishes no view smaller than this (survivors of a failure wait in update() until joiners make up the size)." },
+    VarSpec { name: "BRAID_MAX_SIZE", ty: "integer", default: "",
+        doc: "Elastic groups: the coordinator publishes no view larger than this; further joiners wait. Unset: no limit." },
+    VarSpec { name: "BRAID_JOIN_WINDOW", ty: "seconds", default: "0.5",
+        doc: "Elastic groups: joiners arriving within this window of the first waiting joiner are admitted in one view change." },
+    VarSpec { name: "BRAID_HEARTBEAT", ty: "seconds", default: "1",
+        doc: "Interval of a member's heartbeats to the coordinator." },
+    VarSpec { name: "BRAID_HEARTBEAT_TIMEOUT", ty: "seconds", default: "10",
+        doc: "A member silent for this long is declared dead by the coordinator (its id is retired; the next view excludes it)." },
+    VarSpec { name: "BRAID_JOB_TOKEN", ty: "string", default: "",
+        doc: "Shared secret of the job. Set: registering with the coordinator needs it (HMAC-SHA256 challenge-response; the token never crosses the wire) and data connections between ranks carry a MAC keyed by it. Must be equal for the coordinator and every rank." },
+    VarSpec { name: "BRAID_COORDINATOR_STATE", ty: "path", default: "",
+        doc: "For a process hosting the coordinator (braid-run, braid-coordinator, rank 0): file where it persists the member-id high-water mark and the views, so a restarted coordinator never reuses an id and members can reconnect." },
+    VarSpec { name: "BRAID_WEIGHT", ty: "number", default: "1",
+        doc: "This member's relative throughput, published in the view (pipeline planning balances blocks by it)." },
     VarSpec { name: "BRAID_LOG", ty: "filter", default: "warn",
         doc: "Log filter (tracing EnvFilter syntax, e.g. `info` or `braid::net=debug`); logs go to stderr." },
 ];
@@ -121,6 +141,35 @@ pub struct Config {
     pub shm_spin: Duration,
     /// Log filter.
     pub log: String,
+    /// Elastic group (BRAID_ELASTIC).
+    pub elastic: bool,
+    /// Smallest view the coordinator publishes (elastic groups).
+    pub min_size: usize,
+    /// Largest view the coordinator publishes (elastic groups); `None`: no limit.
+    pub max_size: Option<usize>,
+    /// Batching window for joiners.
+    pub join_window: Duration,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Heartbeat timeout.
+    pub heartbeat_timeout: Duration,
+    /// Shared secret of the job (BRAID_JOB_TOKEN).
+    pub job_token: Option<Secret>,
+    /// Where a hosted coordinator persists its state.
+    pub coordinator_state: Option<std::path::PathBuf>,
+    /// This member's weight (pipeline planning).
+    pub weight: f64,
+}
+
+/// A secret string (a job token): compared and used, never printed (`Debug` shows
+/// `Secret(..)`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Default for Config {
@@ -148,6 +197,15 @@ impl Default for Config {
                 spin: Duration::from_micros(200),
                 shm_spin: Duration::from_micros(20),
                 log: "warn".into(),
+                elastic: false,
+                min_size: 1,
+                max_size: None,
+                join_window: Duration::from_millis(500),
+                heartbeat: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(10),
+                job_token: None,
+                coordinator_state: None,
+                weight: 1.0,
             },
         }
     }
@@ -290,6 +348,60 @@ impl Config {
         };
         let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
         let shm_spin_us = parse_usize("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"))?;
+        let elastic = match val("BRAID_ELASTIC").trim() {
+            "0" | "" | "false" | "no" => false,
+            "1" | "true" | "yes" => true,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_ELASTIC={other}: expected 0 or 1"
+                )))
+            }
+        };
+        let min_size = parse_usize("BRAID_MIN_SIZE", &val("BRAID_MIN_SIZE"))?.max(1);
+        let max_size = match opt("BRAID_MAX_SIZE") {
+            Some(s) => Some(parse_usize("BRAID_MAX_SIZE", &s)?),
+            None => None,
+        };
+        if let Some(m) = max_size {
+            if m < min_size {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_MAX_SIZE={m} is below BRAID_MIN_SIZE={min_size}"
+                )));
+            }
+        }
+        let heartbeat = parse_secs("BRAID_HEARTBEAT", &val("BRAID_HEARTBEAT"))?;
+        let heartbeat_timeout =
+            parse_secs("BRAID_HEARTBEAT_TIMEOUT", &val("BRAID_HEARTBEAT_TIMEOUT"))?;
+        if heartbeat_timeout <= heartbeat {
+            return Err(Error::InvalidArgument(format!(
+                "BRAID_HEARTBEAT_TIMEOUT ({} s) must exceed BRAID_HEARTBEAT ({} s)",
+                heartbeat_timeout.as_secs_f64(),
+                heartbeat.as_secs_f64()
+            )));
+        }
+        let join_window = {
+            let s = val("BRAID_JOIN_WINDOW");
+            let v: f64 = s.trim().parse().map_err(|_| {
+                Error::InvalidArgument(format!("BRAID_JOIN_WINDOW={s}: not a number of seconds"))
+            })?;
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_JOIN_WINDOW={s}: must be 0 or more seconds"
+                )));
+            }
+            Duration::from_secs_f64(v)
+        };
+        let weight: f64 = {
+            let s = val("BRAID_WEIGHT");
+            match s.trim().parse::<f64>() {
+                Ok(w) if w.is_finite() && w > 0.0 => w,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "BRAID_WEIGHT={s}: expected a positive number"
+                    )))
+                }
+            }
+        };
         Ok(Config {
             coordinator,
             host_coordinator,
@@ -311,6 +423,15 @@ impl Config {
             spin: Duration::from_micros(spin_us as u64),
             shm_spin: Duration::from_micros(shm_spin_us as u64),
             log: val("BRAID_LOG"),
+            elastic,
+            min_size,
+            max_size,
+            join_window,
+            heartbeat,
+            heartbeat_timeout,
+            job_token: opt("BRAID_JOB_TOKEN").map(|t| Secret(t.into_bytes())),
+            coordinator_state: opt("BRAID_COORDINATOR_STATE").map(std::path::PathBuf::from),
+            weight,
         })
     }
 

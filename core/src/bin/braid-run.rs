@@ -4,6 +4,10 @@
 //! It starts an embedded coordinator on 127.0.0.1 (unless `--coordinator` names one), spawns
 //! the ranks with the `BRAID_*` rendezvous variables set, prefixes their output lines with
 //! `[rank] `, and stops all ranks when one fails.
+//!
+//! Elastic drills: `--join K@T` starts K more processes (joiners, admitted by the coordinator)
+//! T seconds after the start, and `--kill R@T` sends SIGKILL to the process started as rank R
+//! at time T. Killed processes do not count as failures.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -15,22 +19,40 @@ use std::time::{Duration, Instant};
 use braid::membership::Coordinator;
 
 const USAGE: &str = "\
-usage: braid-run -n N [--coordinator HOST:PORT] [--] CMD [ARGS...]
+usage: braid-run -n N [--coordinator HOST:PORT] [--join K@SECONDS]... [--kill RANK@SECONDS]...
+                 [--] CMD [ARGS...]
 
 Starts N processes of CMD on this host, one per rank, and waits for them.
 
 options:
   -n, --nproc N              number of ranks to start (1 or more)
   --coordinator HOST:PORT    use this coordinator instead of starting one on 127.0.0.1
+  --join K@SECONDS           start K more processes (1 or more) as joiners SECONDS (a decimal
+                             number, 0 or more) after the start; repeatable
+  --kill RANK@SECONDS        send SIGKILL to rank RANK (0 <= RANK < N) SECONDS after the
+                             start, a resilience drill; repeatable. RANK means rank RANK at
+                             start: ranks change when the view changes, but processes keep
+                             their launcher index, and the process killed is the one started
+                             as rank RANK (launcher index RANK)
   -h, --help                 this text
 
 Each rank gets BRAID_COORDINATOR, BRAID_WORLD_SIZE=N, BRAID_RANK=i, BRAID_LOCAL_RANK=i,
-BRAID_LOCAL_SIZE=N and LOCAL_RANK=i in its environment; its stdin is /dev/null. Every line
-a rank writes to stdout (stderr) appears on braid-run's stdout (stderr) prefixed with `[i] `.
+BRAID_LOCAL_SIZE=N, LOCAL_RANK=i and BRAID_RUN_INDEX=i in its environment; its stdin is
+/dev/null. Every line a rank writes to stdout (stderr) appears on braid-run's stdout (stderr)
+prefixed with `[i] `.
 
-If a rank fails (non-zero exit or a signal), the others get SIGTERM, then SIGKILL after 3 s,
-and braid-run exits with the failed rank's exit code (128+signal if it was killed). SIGINT
-and SIGTERM sent to braid-run are forwarded to the ranks. Exit 0 when all ranks exited 0.
+With --join or --kill the job is elastic: every process also gets BRAID_ELASTIC=1. Joiners
+get launcher indices j = N, N+1, ... in the order they start, and BRAID_COORDINATOR,
+BRAID_WORLD_SIZE=N (the initial size), BRAID_ELASTIC=1, BRAID_RUN_INDEX=j,
+BRAID_LOCAL_RANK=j, LOCAL_RANK=j, BRAID_LOCAL_SIZE=(N + all joiners) and no BRAID_RANK (the
+coordinator assigns their rank when it admits them); their output is prefixed with `[j] `.
+Scheduled joins and kills that are due after every process has exited are dropped.
+
+If a process fails (non-zero exit or a signal) the others get SIGTERM, then SIGKILL after
+3 s, no more joiners are started, and braid-run exits with the failed process's exit code
+(128+signal if it was killed). Processes killed by --kill are not failures. SIGINT and
+SIGTERM sent to braid-run are forwarded to the processes. Exit 0 when every process that
+braid-run did not kill exited 0.
 ";
 
 /// Grace period between SIGTERM and SIGKILL when stopping ranks.
@@ -114,16 +136,99 @@ fn exit_code_of(st: &ExitStatus) -> u8 {
     }
 }
 
+/// A scheduled action of an elastic drill.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    /// Start this many joiners.
+    Join(usize),
+    /// SIGKILL the process with this launcher index.
+    Kill(usize),
+}
+
+/// An [`Action`] due `at` after the start.
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    at: Duration,
+    action: Action,
+}
+
 struct Opts {
     n: usize,
     coordinator: Option<String>,
+    /// Sorted by time; events due at the same time keep the command-line order.
+    events: Vec<Event>,
     cmd: Vec<String>,
+}
+
+impl Opts {
+    /// Whether the job is elastic (any --join or --kill).
+    fn elastic(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Number of processes braid-run starts over the whole run (ranks and joiners).
+    fn total(&self) -> usize {
+        self.n
+            + self
+                .events
+                .iter()
+                .map(|e| match e.action {
+                    Action::Join(k) => k,
+                    Action::Kill(_) => 0,
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Parses the `X@SECONDS` value of `opt` (`--join` or `--kill`) into X and the time.
+fn parse_at(opt: &str, v: &str, what: &str) -> Result<(usize, Duration), String> {
+    let (x, t) = v
+        .split_once('@')
+        .ok_or_else(|| format!("{opt} {v}: expected {what}@SECONDS"))?;
+    let x = x
+        .trim()
+        .parse::<usize>()
+        .map_err(|_| format!("{opt} {v}: {what} must be a whole number, not {x:?}"))?;
+    let secs = t
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite())
+        .ok_or_else(|| format!("{opt} {v}: SECONDS must be a number, not {t:?}"))?;
+    if secs < 0.0 {
+        return Err(format!("{opt} {v}: SECONDS must be 0 or more"));
+    }
+    let at = Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{opt} {v}: SECONDS {t:?} is too large"))?;
+    Ok((x, at))
+}
+
+fn parse_join(v: &str) -> Result<Event, String> {
+    let (k, at) = parse_at("--join", v, "K")?;
+    if !(1..=65536).contains(&k) {
+        return Err(format!(
+            "--join {v}: K (the number of joiners) must be 1 or more"
+        ));
+    }
+    Ok(Event {
+        at,
+        action: Action::Join(k),
+    })
+}
+
+fn parse_kill(v: &str) -> Result<Event, String> {
+    let (r, at) = parse_at("--kill", v, "RANK")?;
+    Ok(Event {
+        at,
+        action: Action::Kill(r),
+    })
 }
 
 /// `Ok(None)`: help was asked for.
 fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
     let mut n: Option<usize> = None;
     let mut coordinator = None;
+    let mut events = Vec::new();
     let mut it = args.into_iter();
     let parse_n = |v: &str| -> Result<usize, String> {
         match v.parse::<usize>() {
@@ -146,10 +251,20 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
             "--coordinator" => {
                 coordinator = Some(it.next().ok_or("--coordinator needs HOST:PORT")?);
             }
+            "--join" => {
+                let v = it.next().ok_or("--join needs K@SECONDS")?;
+                events.push(parse_join(&v)?);
+            }
+            "--kill" => {
+                let v = it.next().ok_or("--kill needs RANK@SECONDS")?;
+                events.push(parse_kill(&v)?);
+            }
             s if s.starts_with("--nproc=") => n = Some(parse_n(&s["--nproc=".len()..])?),
             s if s.starts_with("--coordinator=") => {
                 coordinator = Some(s["--coordinator=".len()..].to_string())
             }
+            s if s.starts_with("--join=") => events.push(parse_join(&s["--join=".len()..])?),
+            s if s.starts_with("--kill=") => events.push(parse_kill(&s["--kill=".len()..])?),
             s if s.starts_with("-n") && s.len() > 2 => n = Some(parse_n(&s[2..])?),
             s if s.starts_with('-') => return Err(format!("unknown option {s:?}")),
             _ => {
@@ -160,12 +275,25 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         }
     }
     let n = n.ok_or("missing -n N (number of ranks)")?;
+    for e in &events {
+        if let Action::Kill(r) = e.action {
+            if r >= n {
+                return Err(format!(
+                    "--kill {r}@{}: RANK must be below N = {n} (a rank at start)",
+                    e.at.as_secs_f64()
+                ));
+            }
+        }
+    }
     if cmd.is_empty() {
         return Err("missing the command to run".into());
     }
+    // Stable: events due at the same time keep the command-line order.
+    events.sort_by_key(|e| e.at);
     Ok(Some(Opts {
         n,
         coordinator,
+        events,
         cmd,
     }))
 }
@@ -203,30 +331,61 @@ fn pump(rank: usize, src: impl Read, to_stderr: bool) {
     }
 }
 
-struct Rank {
+/// A process braid-run started: an initial rank or a joiner.
+struct Proc {
     child: Child,
     pid: u32,
+    /// Launcher index: the initial rank (below N) or N, N+1, ... for joiners.
+    index: usize,
+    joiner: bool,
+    /// braid-run sent it SIGKILL for a --kill: its end is not a failure.
+    killed: bool,
     status: Option<ExitStatus>,
 }
 
-fn spawn_rank(
+impl Proc {
+    /// `rank 3` / `joiner [5]`, for messages.
+    fn label(&self) -> String {
+        if self.joiner {
+            format!("joiner [{}]", self.index)
+        } else {
+            format!("rank {}", self.index)
+        }
+    }
+}
+
+/// Starts launcher index `index` (a rank if below N, else a joiner).
+fn spawn_proc(
     opts: &Opts,
     addr: &str,
-    i: usize,
+    index: usize,
     pumps: &mut Vec<JoinHandle<()>>,
-) -> std::io::Result<Rank> {
+) -> std::io::Result<Proc> {
+    let joiner = index >= opts.n;
     let mut cmd = Command::new(&opts.cmd[0]);
     cmd.args(&opts.cmd[1..])
         .env("BRAID_COORDINATOR", addr)
         .env("BRAID_WORLD_SIZE", opts.n.to_string())
-        .env("BRAID_RANK", i.to_string())
-        .env("BRAID_LOCAL_RANK", i.to_string())
-        .env("BRAID_LOCAL_SIZE", opts.n.to_string())
-        .env("LOCAL_RANK", i.to_string())
+        .env("BRAID_LOCAL_RANK", index.to_string())
+        .env("LOCAL_RANK", index.to_string())
+        .env("BRAID_RUN_INDEX", index.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if joiner {
+        // The coordinator assigns a joiner's rank when it admits it; never pass on one that
+        // braid-run's own environment may hold.
+        cmd.env_remove("BRAID_RANK")
+            .env("BRAID_LOCAL_SIZE", opts.total().to_string())
+            .env("BRAID_ELASTIC", "1");
+    } else {
+        cmd.env("BRAID_RANK", index.to_string())
+            .env("BRAID_LOCAL_SIZE", opts.n.to_string());
+        if opts.elastic() {
+            cmd.env("BRAID_ELASTIC", "1");
+        }
+    }
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
     // is async-signal-safe. It makes the rank receive SIGTERM if braid-run dies (ranks lead
     // their own process groups, so they would otherwise outlive it).
@@ -240,90 +399,218 @@ fn spawn_rank(
     let pid = child.id();
     if let Some(out) = child.stdout.take() {
         if let Ok(h) = std::thread::Builder::new()
-            .name(format!("braid-run-out-{i}"))
-            .spawn(move || pump(i, out, false))
+            .name(format!("braid-run-out-{index}"))
+            .spawn(move || pump(index, out, false))
         {
             pumps.push(h);
         }
     }
     if let Some(err) = child.stderr.take() {
         if let Ok(h) = std::thread::Builder::new()
-            .name(format!("braid-run-err-{i}"))
-            .spawn(move || pump(i, err, true))
+            .name(format!("braid-run-err-{index}"))
+            .spawn(move || pump(index, err, true))
         {
             pumps.push(h);
         }
     }
-    Ok(Rank {
+    Ok(Proc {
         child,
         pid,
+        index,
+        joiner,
+        killed: false,
         status: None,
     })
 }
 
-/// Waits for all ranks; stops the others when one fails. Returns the first failure.
-fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
-    let mut failed: Option<(usize, ExitStatus)> = None;
-    let mut kill_at: Option<Instant> = None;
-    let mut killed = false;
-    loop {
-        let sig = SIGNAL.swap(0, Ordering::SeqCst);
-        if sig != 0 {
-            eprintln!(
-                "braid-run: got signal {sig} ({}); forwarding it to the ranks",
-                signal_name(sig)
-            );
-            for r in ranks.iter().filter(|r| r.status.is_none()) {
-                signal_group(r.pid, sig);
+/// Seconds since `start`, for messages.
+fn secs_since(start: Instant) -> String {
+    format!("{:.2}", start.elapsed().as_secs_f64())
+}
+
+/// Supervises the processes: runs the scheduled joins and kills, and stops all processes when
+/// one that was not killed on purpose fails.
+struct Supervisor<'a> {
+    opts: &'a Opts,
+    addr: &'a str,
+    start: Instant,
+    procs: Vec<Proc>,
+    pumps: Vec<JoinHandle<()>>,
+    /// Index of the next event of `opts.events` to run.
+    next_event: usize,
+    /// Exit code of the first failure.
+    failed: Option<u8>,
+    /// Stopping (a failure, or a forwarded signal): no more events run.
+    stopping: bool,
+    /// When the processes that ignore SIGTERM get SIGKILL.
+    kill_at: Option<Instant>,
+    sigkill_sent: bool,
+}
+
+impl Supervisor<'_> {
+    fn running(&self) -> impl Iterator<Item = &Proc> {
+        self.procs.iter().filter(|p| p.status.is_none())
+    }
+
+    /// A failure: remembers its exit code (the first one counts), sends SIGTERM to the others
+    /// and cancels the events still to come.
+    fn fail(&mut self, code: u8) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.failed = Some(code);
+        self.stopping = true;
+        if self.running().next().is_some() {
+            eprintln!("braid-run: stopping the other ranks");
+            for p in self.running() {
+                signal_group(p.pid, libc::SIGTERM);
+            }
+            self.kill_at = Some(Instant::now() + KILL_GRACE);
+        }
+    }
+
+    fn run_event(&mut self, action: Action) {
+        match action {
+            Action::Join(k) => {
+                let first = self.procs.len();
+                let last = first + k - 1;
+                let which = if k == 1 {
+                    format!("[{first}]")
+                } else {
+                    format!("[{first}]..[{last}]")
+                };
+                eprintln!(
+                    "braid-run: starting {k} joiner(s) {which} at {} s",
+                    secs_since(self.start)
+                );
+                for j in first..=last {
+                    match spawn_proc(self.opts, self.addr, j, &mut self.pumps) {
+                        Ok(p) => self.procs.push(p),
+                        Err(e) => {
+                            eprintln!(
+                                "braid-run: cannot start joiner [{j}] ({}): {e}",
+                                self.opts.cmd[0]
+                            );
+                            self.fail(127);
+                            return;
+                        }
+                    }
+                }
+            }
+            Action::Kill(r) => {
+                let t = secs_since(self.start);
+                let Some(p) = self.procs.get_mut(r) else {
+                    return;
+                };
+                if p.killed {
+                    eprintln!("braid-run: [{r}] (pid {}) was killed already; not killing it again at {t} s", p.pid);
+                } else if p.status.is_some() {
+                    eprintln!(
+                        "braid-run: [{r}] (pid {}) has exited already; nothing to kill at {t} s",
+                        p.pid
+                    );
+                } else {
+                    eprintln!("braid-run: killing [{r}] (pid {}) at {t} s", p.pid);
+                    p.killed = true;
+                    signal_group(p.pid, libc::SIGKILL);
+                }
             }
         }
-        for i in 0..ranks.len() {
-            if ranks[i].status.is_some() {
+    }
+
+    /// Runs the events that are due.
+    fn run_due_events(&mut self) {
+        while !self.stopping {
+            let Some(e) = self.opts.events.get(self.next_event).copied() else {
+                return;
+            };
+            if self.start.elapsed() < e.at {
+                return;
+            }
+            self.next_event += 1;
+            self.run_event(e.action);
+        }
+    }
+
+    /// Reaps the processes that exited.
+    fn reap(&mut self) {
+        for i in 0..self.procs.len() {
+            let p = &mut self.procs[i];
+            if p.status.is_some() {
                 continue;
             }
-            let st = match ranks[i].child.try_wait() {
+            let st = match p.child.try_wait() {
                 Ok(Some(st)) => st,
                 Ok(None) => continue,
                 Err(e) => {
-                    eprintln!("braid-run: cannot wait for rank {i}: {e}");
+                    eprintln!("braid-run: cannot wait for {}: {e}", p.label());
                     continue;
                 }
             };
-            ranks[i].status = Some(st);
-            if !st.success() && failed.is_none() {
-                failed = Some((i, st));
+            p.status = Some(st);
+            if p.killed {
                 eprintln!(
-                    "braid-run: rank {i} (pid {}) {}",
-                    ranks[i].pid,
+                    "braid-run: [{}] (pid {}) {} (killed by --kill; not a failure)",
+                    p.index,
+                    p.pid,
                     describe(&st)
                 );
-                let others: Vec<&Rank> = ranks.iter().filter(|r| r.status.is_none()).collect();
-                if !others.is_empty() {
-                    eprintln!("braid-run: stopping the other ranks");
-                    for r in others {
-                        signal_group(r.pid, libc::SIGTERM);
-                    }
-                    kill_at = Some(Instant::now() + KILL_GRACE);
-                }
+            } else if !st.success() && self.failed.is_none() {
+                eprintln!("braid-run: {} (pid {}) {}", p.label(), p.pid, describe(&st));
+                self.fail(exit_code_of(&st));
             }
         }
-        if ranks.iter().all(|r| r.status.is_some()) {
-            return failed;
-        }
-        if let Some(t) = kill_at {
-            if !killed && Instant::now() >= t {
-                killed = true;
-                for (i, r) in ranks.iter().enumerate().filter(|(_, r)| r.status.is_none()) {
+    }
+
+    /// Waits until every process has exited. Returns the exit code of the first failure.
+    fn run(&mut self) -> Option<u8> {
+        loop {
+            let sig = SIGNAL.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                eprintln!(
+                    "braid-run: got signal {sig} ({}); forwarding it to the ranks",
+                    signal_name(sig)
+                );
+                for p in self.running() {
+                    signal_group(p.pid, sig);
+                }
+                // The job is being stopped: start no joiners, kill no one.
+                self.stopping = true;
+            }
+            self.run_due_events();
+            self.reap();
+            if self.running().next().is_none() {
+                let left = self.opts.events.len() - self.next_event;
+                if left > 0 && !self.stopping {
                     eprintln!(
-                        "braid-run: rank {i} (pid {}) did not stop within {} s of SIGTERM; killing it",
-                        r.pid,
-                        KILL_GRACE.as_secs()
+                        "braid-run: every process has exited; dropping {left} scheduled --join/--kill"
                     );
-                    signal_group(r.pid, libc::SIGKILL);
+                }
+                return self.failed;
+            }
+            if let Some(t) = self.kill_at {
+                if !self.sigkill_sent && Instant::now() >= t {
+                    self.sigkill_sent = true;
+                    for p in self.running() {
+                        eprintln!(
+                            "braid-run: {} (pid {}) did not stop within {} s of SIGTERM; killing it",
+                            p.label(),
+                            p.pid,
+                            KILL_GRACE.as_secs()
+                        );
+                        signal_group(p.pid, libc::SIGKILL);
+                    }
                 }
             }
+            // Poll every 20 ms, waking earlier for the next event.
+            let mut nap = Duration::from_millis(20);
+            if !self.stopping {
+                if let Some(e) = self.opts.events.get(self.next_event) {
+                    nap = nap.min(e.at.saturating_sub(self.start.elapsed()));
+                }
+            }
+            std::thread::sleep(nap);
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -346,6 +633,7 @@ fn main() -> ExitCode {
     braid::config::init_logging(&filter);
     install_handlers();
 
+    // The embedded coordinator stays up until every process (joiners included) has exited.
     let mut _coordinator: Option<Coordinator> = None;
     let addr = match &opts.coordinator {
         Some(a) => a.clone(),
@@ -362,25 +650,40 @@ fn main() -> ExitCode {
         },
     };
 
-    let mut ranks = Vec::with_capacity(opts.n);
+    // Scheduled times count from here.
+    let start = Instant::now();
+    let mut procs = Vec::with_capacity(opts.total());
     let mut pumps = Vec::new();
     for i in 0..opts.n {
-        match spawn_rank(&opts, &addr, i, &mut pumps) {
-            Ok(r) => ranks.push(r),
+        match spawn_proc(&opts, &addr, i, &mut pumps) {
+            Ok(p) => procs.push(p),
             Err(e) => {
                 eprintln!("braid-run: cannot start rank {i} ({}): {e}", opts.cmd[0]);
-                for r in &ranks {
-                    signal_group(r.pid, libc::SIGKILL);
+                for p in &procs {
+                    signal_group(p.pid, libc::SIGKILL);
                 }
-                for r in &mut ranks {
-                    let _ = r.child.wait();
+                for p in &mut procs {
+                    let _ = p.child.wait();
                 }
                 return ExitCode::from(127);
             }
         }
     }
 
-    let failed = supervise(&mut ranks);
+    let mut sup = Supervisor {
+        opts: &opts,
+        addr: &addr,
+        start,
+        procs,
+        pumps,
+        next_event: 0,
+        failed: None,
+        stopping: false,
+        kill_at: None,
+        sigkill_sent: false,
+    };
+    let failed = sup.run();
+    let pumps = std::mem::take(&mut sup.pumps);
 
     // Let the output of the ranks drain (a helper a rank left behind may keep a pipe open;
     // do not wait for it forever).
@@ -395,7 +698,7 @@ fn main() -> ExitCode {
     drop(_coordinator);
 
     match failed {
-        Some((_, st)) => ExitCode::from(exit_code_of(&st)),
+        Some(code) => ExitCode::from(code),
         None => ExitCode::SUCCESS,
     }
 }

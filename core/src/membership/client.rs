@@ -1,12 +1,14 @@
 //! The member side: [`rendezvous`] and the [`Client`] connection it leaves open.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::proto::{self, FrameError, MsgType};
-use super::{Registration, View, LOG};
+use super::{auth, Registration, View, LOG};
 use crate::error::{Error, Result};
 
 /// How often waits look at the abort flag.
@@ -20,34 +22,128 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Write deadline for the goodbye in `Drop`.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
 
+/// Options of a member's coordinator connection.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// Job token (`BRAID_JOB_TOKEN`) for the HMAC challenge-response; `None`: no token.
+    pub token: Option<Vec<u8>>,
+    /// Heartbeat interval (`BRAID_HEARTBEAT`); zero: no heartbeats.
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
+}
+
+/// What the member knows of the membership (updated by the client's thread).
+#[derive(Debug, Default)]
+struct MState {
+    /// Epoch this member installed (told by the communicator).
+    installed: u64,
+    /// Views received with an epoch above the installed one.
+    views: BTreeMap<u64, (View, String)>,
+    /// Notices received (light members): epoch → (size, rank).
+    notices: BTreeMap<u64, (usize, Option<usize>)>,
+    /// Set when the coordinator retired this member (declared dead, or left).
+    expelled: Option<String>,
+    /// The last refusal or failure talking to the coordinator.
+    coordinator_error: Option<String>,
+    /// Whether the connection to the coordinator is up.
+    connected: bool,
+}
+
+struct Shared {
+    addr: String,
+    group: String,
+    member_id: u64,
+    opts: ClientOptions,
+    writer: Mutex<Option<TcpStream>>,
+    state: Mutex<MState>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// This member's open connection to the coordinator, returned by [`rendezvous`].
 ///
 /// Keep it for as long as the member belongs to the group: the coordinator sees a closed
-/// connection as the member leaving (later versions send heartbeats and view changes over it).
-/// Dropping it sends a polite goodbye (best effort, waiting at most about 200 ms) and closes
-/// the connection; it never panics.
-#[derive(Debug)]
+/// connection as the member leaving. A background thread sends heartbeats, receives view
+/// changes, and reconnects (with `Rejoin`) when the connection to the coordinator breaks, e.g.
+/// after a coordinator restart. Dropping it sends a polite goodbye (best effort, waiting at
+/// most about 200 ms) and closes the connection; it never panics.
 pub struct Client {
-    stream: TcpStream,
-    coordinator: String,
-    member_id: u64,
-    group: String,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("coordinator", &self.shared.addr)
+            .field("member_id", &self.shared.member_id)
+            .field("group", &self.shared.group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
+    fn start(
+        stream: TcpStream,
+        addr: &str,
+        group: &str,
+        member_id: u64,
+        opts: ClientOptions,
+        installed: u64,
+    ) -> Result<Client> {
+        let reader = stream
+            .try_clone()
+            .map_err(|e| Error::System(format!("coordinator connection: {e}")))?;
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            group: group.to_string(),
+            member_id,
+            opts,
+            writer: Mutex::new(Some(stream)),
+            state: Mutex::new(MState {
+                installed,
+                connected: true,
+                ..MState::default()
+            }),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("braid-member".into())
+            .spawn(move || member_thread(sh, reader))
+            .map_err(|e| Error::System(format!("spawning the membership thread: {e}")))?;
+        Ok(Client {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
     /// This member's id.
     pub fn member_id(&self) -> u64 {
-        self.member_id
+        self.shared.member_id
     }
 
     /// The coordinator address as given to [`rendezvous`].
     pub fn coordinator(&self) -> &str {
-        &self.coordinator
+        &self.shared.addr
     }
 
     /// The group joined.
     pub fn group(&self) -> &str {
-        &self.group
+        &self.shared.group
     }
 
     /// The local address of the connection to the coordinator (the interface this host uses to
@@ -55,18 +151,502 @@ impl Client {
     ///
     /// Errors: `Error::System` if the socket is no longer usable.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.stream
-            .local_addr()
-            .map_err(|e| Error::System(format!("coordinator connection: {e}")))
+        match &*lock(&self.shared.writer) {
+            Some(s) => s
+                .local_addr()
+                .map_err(|e| Error::System(format!("coordinator connection: {e}"))),
+            None => Err(Error::System("not connected to the coordinator".into())),
+        }
+    }
+
+    /// Records that this member installed the view of `epoch` and acknowledges it to the
+    /// coordinator (views up to that epoch are forgotten).
+    pub fn installed(&self, epoch: u64) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.installed = st.installed.max(epoch);
+            st.views = st.views.split_off(&(epoch + 1));
+        }
+        self.send(MsgType::Ack, &proto::Ack { epoch });
+    }
+
+    /// The epoch this member installed last.
+    pub fn installed_epoch(&self) -> u64 {
+        lock(&self.shared.state).installed
+    }
+
+    /// The highest epoch announced by the coordinator (the installed one when none is newer).
+    pub fn announced_epoch(&self) -> u64 {
+        let st = lock(&self.shared.state);
+        st.views
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(st.installed)
+    }
+
+    /// The announced view of `epoch` and why it was made, if it was received.
+    pub fn view_of(&self, epoch: u64) -> Option<(View, String)> {
+        lock(&self.shared.state).views.get(&epoch).cloned()
+    }
+
+    /// Why the coordinator retired this member, if it did (declared dead, or left). Such a
+    /// member can never rejoin with its id.
+    pub fn expelled(&self) -> Option<String> {
+        lock(&self.shared.state).expelled.clone()
+    }
+
+    /// Whether the connection to the coordinator is up, and the last error seen on it.
+    pub fn coordinator_state(&self) -> (bool, Option<String>) {
+        let st = lock(&self.shared.state);
+        (st.connected, st.coordinator_error.clone())
+    }
+
+    /// Light members: the last notice received (epoch, size, rank).
+    pub fn last_notice(&self) -> Option<(u64, usize, Option<usize>)> {
+        lock(&self.shared.state)
+            .notices
+            .iter()
+            .next_back()
+            .map(|(e, (s, r))| (*e, *s, *r))
+    }
+
+    /// Announces a graceful leave: the next view excludes this member.
+    pub fn leave(&self) {
+        self.send(MsgType::Leave, &serde_json::json!({}));
+    }
+
+    /// Tells the coordinator that the view of `epoch` broke (contact lost with `suspects`)
+    /// and the next view is needed.
+    pub fn resync(&self, epoch: u64, suspects: Vec<u64>) {
+        self.send(MsgType::Resync, &proto::Resync { epoch, suspects });
+    }
+
+    /// Waits until the coordinator announced a view with an epoch of at least `min_epoch`
+    /// (or retired this member), checking `abort` every 100 ms. Returns the highest announced
+    /// epoch.
+    ///
+    /// Errors: `Error::Timeout` at `deadline` (naming the coordinator and its state),
+    /// `Error::Aborted`, `Error::Coordinator` when this member was retired.
+    pub fn wait_epoch(&self, min_epoch: u64, deadline: Instant, abort: &AtomicBool) -> Result<u64> {
+        let start = Instant::now();
+        let mut st = lock(&self.shared.state);
+        loop {
+            if let Some(why) = &st.expelled {
+                return Err(Error::Coordinator(why.clone()));
+            }
+            let top = st.views.keys().next_back().copied().unwrap_or(0);
+            if top >= min_epoch {
+                return Ok(top);
+            }
+            if abort.load(Ordering::SeqCst) {
+                return Err(Error::Aborted);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let coord = if st.connected {
+                    "connected".to_string()
+                } else {
+                    format!(
+                        "not connected ({})",
+                        st.coordinator_error.as_deref().unwrap_or("reconnecting")
+                    )
+                };
+                return Err(timeout(
+                    format!(
+                        "waiting for view epoch {min_epoch} of group {} from the coordinator at {} ({coord})",
+                        self.shared.group, self.shared.addr
+                    ),
+                    start,
+                ));
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, (deadline - now).min(ABORT_SLICE))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn send<T: serde::Serialize>(&self, ty: MsgType, body: &T) {
+        send_on(&self.shared, ty, body);
+    }
+}
+
+fn send_on<T: serde::Serialize>(sh: &Shared, ty: MsgType, body: &T) {
+    let Ok(bytes) = proto::encode(ty, body) else {
+        return;
+    };
+    let mut w = lock(&sh.writer);
+    if let Some(s) = w.as_mut() {
+        if let Err(e) = proto::write_bytes(s, &bytes, WRITE_TIMEOUT) {
+            tracing::debug!(target: LOG, "member {}: sending {ty:?} to the coordinator: {e}", sh.member_id);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Ok(bytes) = proto::encode(MsgType::Goodbye, &proto::Goodbye::default()) {
-            let _ = proto::write_bytes(&mut self.stream, &bytes, GOODBYE_TIMEOUT);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = lock(&self.shared.writer).as_mut() {
+            if let Ok(bytes) = proto::encode(MsgType::Goodbye, &proto::Goodbye::default()) {
+                let _ = proto::write_bytes(s, &bytes, GOODBYE_TIMEOUT);
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.shared.cv.notify_all();
+        if let Some(h) = self.thread.take() {
+            let end = Instant::now() + Duration::from_secs(2);
+            while !h.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The membership thread: heartbeats, incoming views, reconnection.
+fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
+    let stop = || sh.stop.load(Ordering::SeqCst);
+    let hb = sh.opts.heartbeat;
+    let mut next_hb = Instant::now() + hb;
+    loop {
+        if stop() {
+            return;
+        }
+        let now = Instant::now();
+        if !hb.is_zero() && now >= next_hb {
+            let epoch = lock(&sh.state).installed;
+            send_on(&sh, MsgType::Heartbeat, &proto::Heartbeat { epoch });
+            next_hb = now + hb;
+        }
+        let until = if hb.is_zero() {
+            now + ABORT_SLICE
+        } else {
+            next_hb.min(now + ABORT_SLICE)
+        };
+        match proto::read_frame(&mut reader, Some(until), FRAME_TIMEOUT, &stop) {
+            Ok(f) => {
+                if !handle_frame(&sh, &f) {
+                    return;
+                }
+            }
+            Err(FrameError::Idle) => {}
+            Err(FrameError::Stopped) => return,
+            Err(e) => {
+                if stop() {
+                    return;
+                }
+                tracing::warn!(target: LOG, "member {}: connection to the coordinator at {} lost ({e}); reconnecting",
+                    sh.member_id, sh.addr);
+                {
+                    let mut st = lock(&sh.state);
+                    st.connected = false;
+                    st.coordinator_error = Some(format!("connection lost: {e}"));
+                }
+                *lock(&sh.writer) = None;
+                match reconnect(&sh) {
+                    Some(r) => reader = r,
+                    None => return,
+                }
+                next_hb = Instant::now();
+            }
+        }
+    }
+}
+
+/// Handles one frame from the coordinator; false: stop the thread (retired).
+fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
+    match MsgType::from_u16(f.ty) {
+        Some(MsgType::View) => match f.body::<proto::ViewMsg>() {
+            Ok(v) if v.member_id == sh.member_id && v.view.group == sh.group => {
+                let mut st = lock(&sh.state);
+                if v.view.epoch > st.installed {
+                    tracing::info!(target: LOG, "member {}: view epoch {} announced ({} members; {})",
+                        sh.member_id, v.view.epoch, v.view.members.len(), v.reason);
+                    st.views.insert(v.view.epoch, (v.view, v.reason));
+                }
+                drop(st);
+                sh.cv.notify_all();
+            }
+            Ok(_) => {
+                tracing::warn!(target: LOG, "member {}: ignoring a view addressed to another member", sh.member_id)
+            }
+            Err(e) => {
+                tracing::warn!(target: LOG, "member {}: bad view from the coordinator: {e}", sh.member_id)
+            }
+        },
+        Some(MsgType::Notice) => {
+            if let Ok(n) = f.body::<proto::Notice>() {
+                lock(&sh.state).notices.insert(n.epoch, (n.size, n.rank));
+                sh.cv.notify_all();
+            }
+        }
+        Some(MsgType::Error) => {
+            let m: proto::ErrorMsg = f.body().unwrap_or(proto::ErrorMsg {
+                message: "unreadable error".into(),
+                code: None,
+            });
+            let mut st = lock(&sh.state);
+            if m.code.as_deref() == Some("retired") {
+                tracing::error!(target: LOG, "member {}: {}", sh.member_id, m.message);
+                st.expelled = Some(m.message);
+                drop(st);
+                sh.cv.notify_all();
+                return false;
+            }
+            tracing::warn!(target: LOG, "member {}: coordinator: {}", sh.member_id, m.message);
+            st.coordinator_error = Some(m.message);
+        }
+        _ => {
+            tracing::debug!(target: LOG, "member {}: ignoring message type {} from the coordinator", sh.member_id, f.ty);
+        }
+    }
+    true
+}
+
+/// Reconnects and rejoins, retrying with backoff until stopped. `None`: stopped or retired.
+fn reconnect(sh: &Shared) -> Option<TcpStream> {
+    let mut backoff = Duration::from_millis(50);
+    let never = AtomicBool::new(false);
+    loop {
+        // Sleep the backoff in slices, watching the stop flag.
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            if sh.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        let deadline = Instant::now() + CONNECT_ATTEMPT;
+        let Ok(mut stream) = connect(&sh.addr, deadline, &never, Instant::now()) else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (installed, client_nonce) = (lock(&sh.state).installed, super::random_nonce());
+        let Ok(first) = proto::encode(
+            MsgType::Rejoin,
+            &proto::Rejoin {
+                group: sh.group.clone(),
+                member_id: sh.member_id,
+                epoch: installed,
+                client_nonce: client_nonce.clone(),
+            },
+        ) else {
+            return None;
+        };
+        let stop = || sh.stop.load(Ordering::SeqCst);
+        match open(
+            &mut stream,
+            &first,
+            &sh.opts,
+            &client_nonce,
+            deadline,
+            &stop,
+            &sh.addr,
+        ) {
+            Ok((f, server_nonce)) => match MsgType::from_u16(f.ty) {
+                Some(MsgType::Registered) => {
+                    if let Err(e) = check_proof(
+                        &f,
+                        &sh.opts,
+                        &client_nonce,
+                        server_nonce.as_deref(),
+                        &sh.addr,
+                    ) {
+                        lock(&sh.state).coordinator_error = Some(e.to_string());
+                        continue;
+                    }
+                    let Ok(writer) = stream.try_clone() else {
+                        continue;
+                    };
+                    *lock(&sh.writer) = Some(writer);
+                    {
+                        let mut st = lock(&sh.state);
+                        st.connected = true;
+                        st.coordinator_error = None;
+                    }
+                    tracing::info!(target: LOG, "member {}: reconnected to the coordinator at {}", sh.member_id, sh.addr);
+                    return Some(stream);
+                }
+                Some(MsgType::Error) => {
+                    let m: proto::ErrorMsg = f.body().unwrap_or(proto::ErrorMsg {
+                        message: "unreadable error".into(),
+                        code: None,
+                    });
+                    let mut st = lock(&sh.state);
+                    if m.code.as_deref() == Some("retired") {
+                        tracing::error!(target: LOG, "member {}: {}", sh.member_id, m.message);
+                        st.expelled = Some(m.message);
+                        drop(st);
+                        sh.cv.notify_all();
+                        return None;
+                    }
+                    if st.coordinator_error.as_deref() != Some(m.message.as_str()) {
+                        tracing::error!(target: LOG, "member {}: the coordinator refused to take it back: {}", sh.member_id, m.message);
+                    }
+                    st.coordinator_error = Some(m.message);
+                    backoff = Duration::from_secs(2);
+                }
+                _ => continue,
+            },
+            Err(e) => {
+                lock(&sh.state).coordinator_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Sends the opening message and answers a job-token challenge; returns the first other
+/// frame and the server nonce of the challenge (if there was one).
+fn open(
+    stream: &mut TcpStream,
+    first: &[u8],
+    opts: &ClientOptions,
+    client_nonce: &str,
+    deadline: Instant,
+    stop: &dyn Fn() -> bool,
+    addr: &str,
+) -> Result<(proto::Frame, Option<String>)> {
+    let wt = deadline
+        .saturating_duration_since(Instant::now())
+        .min(WRITE_TIMEOUT);
+    proto::write_bytes(stream, first, wt)
+        .map_err(|e| Error::System(format!("sending to the coordinator at {addr}: {e}")))?;
+    let mut server_nonce = None;
+    loop {
+        let f = match proto::read_frame(stream, Some(deadline), FRAME_TIMEOUT, stop) {
+            Ok(f) => f,
+            Err(FrameError::Stopped) => return Err(Error::Aborted),
+            Err(FrameError::Idle) => {
+                return Err(Error::Timeout {
+                    what: format!("waiting for the coordinator at {addr} to answer"),
+                    secs: 0.0,
+                })
+            }
+            Err(FrameError::Closed) => {
+                return Err(Error::Coordinator(format!(
+                    "the coordinator at {addr} closed the connection"
+                )))
+            }
+            Err(FrameError::Io(e)) => {
+                return Err(Error::System(format!(
+                    "connection to the coordinator at {addr}: {e}"
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Coordinator(format!(
+                    "invalid reply from the coordinator at {addr}: {e}"
+                )))
+            }
+        };
+        if f.version == proto::VERSION && MsgType::from_u16(f.ty) == Some(MsgType::Challenge) {
+            let ch: proto::Challenge = f.body().map_err(|e| {
+                Error::Coordinator(format!(
+                    "invalid challenge from the coordinator at {addr}: {e}"
+                ))
+            })?;
+            let Some(token) = &opts.token else {
+                return Err(Error::Coordinator(format!(
+                    "the coordinator at {addr} requires a job token: set BRAID_JOB_TOKEN"
+                )));
+            };
+            let answer = proto::encode(
+                MsgType::Auth,
+                &proto::Auth {
+                    mac: auth::client_mac(token, &ch.server_nonce, client_nonce),
+                },
+            )?;
+            proto::write_bytes(stream, &answer, WRITE_TIMEOUT)
+                .map_err(|e| Error::System(format!("sending to the coordinator at {addr}: {e}")))?;
+            server_nonce = Some(ch.server_nonce);
+            continue;
+        }
+        return Ok((f, server_nonce));
+    }
+}
+
+/// With a token, the coordinator's acknowledgement must prove it knows the token too.
+fn check_proof(
+    f: &proto::Frame,
+    opts: &ClientOptions,
+    client_nonce: &str,
+    server_nonce: Option<&str>,
+    addr: &str,
+) -> Result<()> {
+    let Some(token) = &opts.token else {
+        return Ok(());
+    };
+    let proof = serde_json::from_slice::<serde_json::Value>(&f.payload)
+        .ok()
+        .and_then(|v| v.get("proof").and_then(|p| p.as_str()).map(str::to_string));
+    match (server_nonce, proof) {
+        (Some(sn), Some(p)) if auth::check_server(token, client_nonce, sn, &p) => Ok(()),
+        (None, _) => Err(Error::Coordinator(format!(
+            "BRAID_JOB_TOKEN is set but the coordinator at {addr} does not ask for it (it runs without a job token)"
+        ))),
+        _ => Err(Error::Coordinator(format!(
+            "the coordinator at {addr} could not prove it knows the job token"
+        ))),
+    }
+}
+
+/// Asks the coordinator at `addr` for its status (the JSON of [`super::Coordinator::status`]).
+///
+/// Errors: as [`rendezvous`] (unreachable, refused, token rejected) within `timeout`.
+pub fn coordinator_status(
+    addr: &str,
+    token: Option<&[u8]>,
+    timeout_after: Duration,
+) -> Result<serde_json::Value> {
+    let start = Instant::now();
+    let deadline = start + timeout_after;
+    let never = AtomicBool::new(false);
+    let mut stream = connect(addr, deadline, &never, start)?;
+    let client_nonce = super::random_nonce();
+    let first = proto::encode(
+        MsgType::StatusReq,
+        &proto::StatusReq {
+            client_nonce: client_nonce.clone(),
+        },
+    )?;
+    let opts = ClientOptions {
+        token: token.map(<[u8]>::to_vec),
+        heartbeat: Duration::ZERO,
+    };
+    let (f, server_nonce) = open(
+        &mut stream,
+        &first,
+        &opts,
+        &client_nonce,
+        deadline,
+        &|| false,
+        addr,
+    )?;
+    match MsgType::from_u16(f.ty) {
+        Some(MsgType::StatusReply) => {
+            check_proof(&f, &opts, &client_nonce, server_nonce.as_deref(), addr)?;
+            let v: serde_json::Value = f.body().map_err(|e| {
+                Error::Coordinator(format!(
+                    "invalid status from the coordinator at {addr}: {e}"
+                ))
+            })?;
+            Ok(v.get("status").cloned().unwrap_or(serde_json::Value::Null))
+        }
+        Some(MsgType::Error) => {
+            let m: proto::ErrorMsg = f.body().map_err(Error::Coordinator)?;
+            Err(Error::Coordinator(m.message))
+        }
+        _ => Err(Error::Coordinator(format!(
+            "unexpected reply type {} from the coordinator at {addr}",
+            f.ty
+        ))),
     }
 }
 
@@ -182,6 +762,24 @@ pub fn rendezvous(
     deadline: Instant,
     abort: &AtomicBool,
 ) -> Result<(Client, u64, View)> {
+    rendezvous_with(addr, reg, &ClientOptions::default(), deadline, abort)
+}
+
+/// [`rendezvous`] with options: a job token, and heartbeats sent by the returned client.
+///
+/// A registration of an elastic group (`reg.elastic`) that arrives while the group runs waits
+/// for admission at the next view change (the returned view is the first that contains this
+/// member).
+///
+/// Errors: as [`rendezvous`]; `Error::Coordinator` when the job token is refused or the
+/// coordinator cannot prove it knows it.
+pub fn rendezvous_with(
+    addr: &str,
+    reg: &Registration,
+    opts: &ClientOptions,
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<(Client, u64, View)> {
     let start = Instant::now();
     if reg.world_size == 0 {
         return Err(Error::InvalidArgument(
@@ -196,24 +794,51 @@ pub fn rendezvous(
             )));
         }
     }
+    let client_nonce = super::random_nonce();
+    let mut reg = reg.clone();
+    reg.client_nonce = client_nonce.clone();
+    let reg = &reg;
     let register = proto::encode(MsgType::Register, reg)?;
     let mut stream = connect(addr, deadline, abort, start)?;
     let _ = stream.set_nodelay(true);
     tracing::debug!(target: LOG, "connected to the coordinator at {addr}; registering in group {}", reg.group);
-    let wt = deadline
-        .saturating_duration_since(Instant::now())
-        .min(WRITE_TIMEOUT);
-    proto::write_bytes(&mut stream, &register, wt).map_err(|e| {
-        Error::System(format!(
-            "sending the registration to the coordinator at {addr}: {e}"
-        ))
-    })?;
-
     let stop = || abort.load(Ordering::SeqCst);
+    let (first, server_nonce) = match open(
+        &mut stream,
+        &register,
+        opts,
+        &client_nonce,
+        deadline,
+        &stop,
+        addr,
+    ) {
+        Err(Error::Timeout { .. }) => {
+            return Err(timeout(
+                format!(
+                    "waiting for the view of group {} from the coordinator at {addr} (no acknowledgement of the registration)",
+                    reg.group
+                ),
+                start,
+            ))
+        }
+        Err(Error::Coordinator(m)) if m.contains("closed the connection") => {
+            return Err(Error::Coordinator(format!(
+                "the coordinator at {addr} closed the connection before publishing the view of group {}",
+                reg.group
+            )))
+        }
+        other => other?,
+    };
+    let mut pending = Some(first);
     let mut member_id: Option<u64> = None;
     let mut registered = 0usize;
+    let mut joining = false;
     loop {
-        let frame = match proto::read_frame(&mut stream, Some(deadline), FRAME_TIMEOUT, &stop) {
+        let next = match pending.take() {
+            Some(f) => Ok(f),
+            None => proto::read_frame(&mut stream, Some(deadline), FRAME_TIMEOUT, &stop),
+        };
+        let frame = match next {
             Ok(f) => f,
             Err(FrameError::Stopped) => return Err(Error::Aborted),
             Err(FrameError::Idle) => {
@@ -272,8 +897,10 @@ pub fn rendezvous(
                 return Err(Error::Coordinator(m.message));
             }
             Some(MsgType::Registered) => {
+                check_proof(&frame, opts, &client_nonce, server_nonce.as_deref(), addr)?;
                 let r: proto::Registered = frame.body().map_err(bad)?;
-                if r.group != reg.group || r.world_size != reg.world_size {
+                joining = r.joining;
+                if r.group != reg.group || (r.world_size != reg.world_size && !r.joining) {
                     return Err(bad(format!(
                         "acknowledged group {} of size {}, registered for group {} of size {}",
                         r.group, r.world_size, reg.group, reg.world_size
@@ -287,17 +914,16 @@ pub fn rendezvous(
             }
             Some(MsgType::View) => {
                 let v: proto::ViewMsg = frame.body().map_err(bad)?;
-                check_view(reg, member_id, &v).map_err(bad)?;
+                if v.view.rank_of(v.member_id).is_none() && reg.elastic {
+                    // A view change of the running group that does not admit us yet.
+                    continue;
+                }
+                check_view(reg, member_id, joining, &v).map_err(bad)?;
                 tracing::info!(target: LOG,
                     "group {}: view epoch {} with {} members; this is member {} at rank {:?}",
                     v.view.group, v.view.epoch, v.view.members.len(), v.member_id,
                     v.view.rank_of(v.member_id));
-                let client = Client {
-                    stream,
-                    coordinator: addr.to_string(),
-                    member_id: v.member_id,
-                    group: reg.group.clone(),
-                };
+                let client = Client::start(stream, addr, &reg.group, v.member_id, opts.clone(), 0)?;
                 return Ok((client, v.member_id, v.view));
             }
             _ => return Err(bad(format!("unexpected message type {}", frame.ty))),
@@ -309,6 +935,7 @@ pub fn rendezvous(
 fn check_view(
     reg: &Registration,
     acked: Option<u64>,
+    joining: bool,
     v: &proto::ViewMsg,
 ) -> std::result::Result<(), String> {
     if acked.is_some_and(|id| id != v.member_id) {
@@ -323,7 +950,7 @@ fn check_view(
             v.view.group, reg.group
         ));
     }
-    if v.view.members.len() != reg.world_size {
+    if v.view.members.len() != reg.world_size && !reg.elastic {
         return Err(format!(
             "view with {} members, world size {}",
             v.view.members.len(),
@@ -334,7 +961,7 @@ fn check_view(
         .view
         .rank_of(v.member_id)
         .ok_or_else(|| format!("view does not contain member {}", v.member_id))?;
-    if reg.rank.is_some_and(|r| r != rank) {
+    if !joining && !reg.elastic && reg.rank.is_some_and(|r| r != rank) {
         return Err(format!(
             "requested rank {:?}, view gives rank {rank}",
             reg.rank

@@ -3,13 +3,16 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::proto::{self, Frame, FrameError, MsgType};
-use super::{random_u64, Member, Registration, Role, View, LOG};
+use super::{auth, random_u64, GroupPolicy, Member, Registration, Role, View, LOG};
 use crate::error::{Error, Result};
 
 /// Longest accepted group name.
@@ -36,8 +39,17 @@ pub struct CoordinatorOptions {
     pub handshake_timeout: Duration,
     /// How long the rest of a frame may take once its first byte arrived (default 10 s).
     pub frame_timeout: Duration,
-    /// Most connections served at once (default 4096); more are closed at once with a warning.
+    /// Most connections served at once (default 16384); more are closed at once with a
+    /// warning.
     pub max_connections: usize,
+    /// Job token (`BRAID_JOB_TOKEN`): when set, every client must answer an HMAC-SHA256
+    /// challenge keyed by it.
+    pub job_token: Option<Vec<u8>>,
+    /// File where the id high-water mark and the views are persisted
+    /// (`BRAID_COORDINATOR_STATE`); read at start when it exists.
+    pub state_file: Option<PathBuf>,
+    /// Stack size of the per-connection threads (default 256 KiB).
+    pub thread_stack: usize,
 }
 
 impl Default for CoordinatorOptions {
@@ -45,7 +57,22 @@ impl Default for CoordinatorOptions {
         CoordinatorOptions {
             handshake_timeout: Duration::from_secs(30),
             frame_timeout: Duration::from_secs(10),
-            max_connections: 4096,
+            max_connections: 16384,
+            job_token: None,
+            state_file: None,
+            thread_stack: 256 << 10,
+        }
+    }
+}
+
+impl CoordinatorOptions {
+    /// Options from the environment: `BRAID_JOB_TOKEN` and `BRAID_COORDINATOR_STATE`.
+    pub fn from_env() -> CoordinatorOptions {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        CoordinatorOptions {
+            job_token: get("BRAID_JOB_TOKEN").map(String::into_bytes),
+            state_file: get("BRAID_COORDINATOR_STATE").map(PathBuf::from),
+            ..CoordinatorOptions::default()
         }
     }
 }
@@ -55,21 +82,73 @@ struct Entry {
     id: u64,
     reg: Registration,
     peer: SocketAddr,
-    writer: Arc<Mutex<TcpStream>>,
+    /// `None` while the member is disconnected (after a coordinator restart, until it
+    /// rejoins).
+    writer: Option<Arc<Mutex<TcpStream>>>,
+    last_seen: Instant,
+    /// Highest epoch this member acknowledged as installed.
+    acked: u64,
+    /// It announced a graceful leave.
+    leaving: bool,
+    /// It asked for a resync of this epoch, naming these suspects.
+    resync: Option<(u64, Vec<u64>)>,
+}
+
+impl Entry {
+    fn member(&self) -> Member {
+        Member {
+            id: self.id,
+            host_id: self.reg.host_id.clone(),
+            hostname: self.reg.hostname.clone(),
+            pid: self.reg.pid,
+            role: self.reg.role,
+            handle: self.reg.handle.clone(),
+            numa: self.reg.numa,
+            weight: self.reg.weight,
+        }
+    }
+}
+
+/// One entry of a group's history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hist {
+    epoch: u64,
+    size: usize,
+    reason: String,
+    /// Seconds since the Unix epoch.
+    at: f64,
 }
 
 /// One rendezvous namespace.
 struct Group {
     world_size: usize,
-    /// Registered members, in arrival order (before the view) or rank order (after).
+    elastic: bool,
+    policy: GroupPolicy,
+    /// Members of the current view (in view order) — or, before the first view, registrations
+    /// in arrival order. Dead members are removed at once (the view still lists them until the
+    /// next epoch).
     entries: Vec<Entry>,
+    /// Registered joiners waiting for admission (elastic groups), in id order.
+    joiners: Vec<Entry>,
+    /// Members removed from the current view but still connected until they say goodbye
+    /// (leavers); they get the next view so they know they are out.
+    leavers: Vec<(u64, Arc<Mutex<TcpStream>>, SocketAddr)>,
     /// The published view, if any.
     view: Option<View>,
+    /// When the first waiting joiner registered.
+    join_wait: Option<Instant>,
+    /// Why the next view is needed (removals).
+    reasons: Vec<String>,
+    /// Retired ids of this group and why (refused if they come back).
+    retired: HashMap<u64, String>,
+    history: Vec<Hist>,
 }
 
 struct State {
     /// Next member id (one counter for all groups; ids are never reused).
     next_id: u64,
+    /// Ids below this may have been handed out (persisted before use).
+    id_high_water: u64,
     groups: HashMap<String, Group>,
 }
 
@@ -85,6 +164,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Ids handed out between two writes of the state file.
+const ID_BLOCK: u64 = 1024;
+/// How often the ticker looks at heartbeats and batching windows.
+const TICK: Duration = Duration::from_millis(20);
+
 /// The coordinator service, running on background threads (an accept thread and one thread per
 /// connection). Dropping it shuts it down.
 ///
@@ -94,6 +185,7 @@ pub struct Coordinator {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -130,12 +222,10 @@ impl Coordinator {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::System(format!("coordinator listener: {e}")))?;
+        let state = load_state(&opts)?;
         let shared = Arc::new(Shared {
             opts,
-            state: Mutex::new(State {
-                next_id: 1,
-                groups: HashMap::new(),
-            }),
+            state: Mutex::new(state),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -144,12 +234,25 @@ impl Coordinator {
             .name("braid-coord-accept".into())
             .spawn(move || accept_loop(listener, sh))
             .map_err(|e| Error::System(format!("cannot start the coordinator thread: {e}")))?;
+        let sh = Arc::clone(&shared);
+        let ticker = std::thread::Builder::new()
+            .name("braid-coord-tick".into())
+            .spawn(move || tick_loop(sh))
+            .map_err(|e| Error::System(format!("cannot start the coordinator thread: {e}")))?;
         tracing::info!(target: LOG, "coordinator listening on {local}");
         Ok(Coordinator {
             addr: local,
             shared,
             accept: Some(accept),
+            ticker: Some(ticker),
         })
+    }
+
+    /// The service's status as JSON: per group the current view (epoch, members with rank,
+    /// id, host, pid, role, heartbeat age), waiting joiners, and the history of epochs with
+    /// their reasons. The same document `braid-coordinator status ADDR` prints.
+    pub fn status(&self) -> serde_json::Value {
+        status_json(&self.shared)
     }
 
     /// The address the service is bound to (with the port chosen when binding port 0).
@@ -176,6 +279,9 @@ impl Coordinator {
         let deadline = Instant::now() + JOIN_TIMEOUT;
         if let Some(h) = self.accept.take() {
             join_until(h, deadline, "accept");
+        }
+        if let Some(h) = self.ticker.take() {
+            join_until(h, deadline, "tick");
         }
         let conns = std::mem::take(&mut *lock(&self.shared.conns));
         for (s, _) in &conns {
@@ -227,6 +333,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 let sh2 = Arc::clone(&sh);
                 match std::thread::Builder::new()
                     .name("braid-coord-conn".into())
+                    .stack_size(sh.opts.thread_stack.max(64 << 10))
                     .spawn(move || serve(stream, peer, sh2))
                 {
                     Ok(h) => conns.push((clone, h)),
@@ -249,8 +356,16 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 
 /// Sends an error frame (best effort) and logs the refusal.
 fn refuse(s: &Mutex<TcpStream>, peer: SocketAddr, message: &str) {
+    refuse_code(s, peer, message, None);
+}
+
+fn refuse_code(s: &Mutex<TcpStream>, peer: SocketAddr, message: &str, code: Option<&str>) {
     tracing::info!(target: LOG, "coordinator: refused {peer}: {message}");
-    let _ = proto::write_bytes(&mut lock(s), &proto::encode_error(message), WRITE_TIMEOUT);
+    let _ = proto::write_bytes(
+        &mut lock(s),
+        &proto::encode_error_code(message, code),
+        WRITE_TIMEOUT,
+    );
 }
 
 /// Serves one connection until it closes, then shuts the socket down (the service keeps a
@@ -261,6 +376,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
     if let Ok(c) = closer {
         let _ = c.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// What the first frame asked for.
+enum Opening {
+    Register(Registration),
+    Rejoin(proto::Rejoin),
+    Status,
 }
 
 fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
@@ -274,88 +396,269 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
         }
     };
     let writer = Arc::new(Mutex::new(stream));
-    let stop = || sh.stop.load(Ordering::SeqCst);
+    let hs_deadline = Instant::now() + sh.opts.handshake_timeout;
 
-    // 1. The first frame must be a registration, within the handshake timeout.
-    let first = read_checked(
-        &mut reader,
-        &writer,
-        peer,
-        Some(Instant::now() + sh.opts.handshake_timeout),
-        &sh,
-    );
-    let Some(frame) = first else { return };
-    if MsgType::from_u16(frame.ty) != Some(MsgType::Register) {
-        tracing::warn!(target: LOG,
-            "coordinator: dropping {peer}: first message has type {}, expected a registration",
-            frame.ty);
-        refuse(
-            &writer,
-            peer,
-            &format!(
-                "expected a registration (message type {}), got message type {}",
-                MsgType::Register as u16,
-                frame.ty
-            ),
-        );
+    // 1. The first frame must be a registration, a rejoin or a status request, within the
+    //    handshake timeout.
+    let Some(frame) = read_checked(&mut reader, &writer, peer, Some(hs_deadline), &sh) else {
         return;
-    }
-    let reg: Registration = match frame.body() {
-        Ok(r) => r,
+    };
+    let opening = match MsgType::from_u16(frame.ty) {
+        Some(MsgType::Register) => frame.body::<Registration>().map(Opening::Register),
+        Some(MsgType::Rejoin) => frame.body::<proto::Rejoin>().map(Opening::Rejoin),
+        Some(MsgType::StatusReq) => frame.body::<proto::StatusReq>().map(|_| Opening::Status),
+        _ => {
+            tracing::warn!(target: LOG,
+                "coordinator: dropping {peer}: first message has type {}, expected a registration",
+                frame.ty);
+            refuse(
+                &writer,
+                peer,
+                &format!(
+                    "expected a registration (message type {}), got message type {}",
+                    MsgType::Register as u16,
+                    frame.ty
+                ),
+            );
+            return;
+        }
+    };
+    let opening = match opening {
+        Ok(o) => o,
         Err(e) => {
-            tracing::warn!(target: LOG, "coordinator: dropping {peer}: bad registration: {e}");
+            tracing::warn!(target: LOG, "coordinator: dropping {peer}: bad first message: {e}");
             refuse(&writer, peer, &format!("malformed registration: {e}"));
             return;
         }
     };
-    let (id, group, publish) = match register(&sh, reg, peer, &writer) {
-        Ok(x) => x,
-        Err(msg) => {
-            refuse(&writer, peer, &msg);
+    let client_nonce = match &opening {
+        Opening::Register(r) => r.client_nonce.clone(),
+        Opening::Rejoin(r) => r.client_nonce.clone(),
+        Opening::Status => frame
+            .body::<proto::StatusReq>()
+            .map(|r| r.client_nonce)
+            .unwrap_or_default(),
+    };
+
+    // 2. Job token: challenge-response.
+    let proof = match &sh.opts.job_token {
+        None => None,
+        Some(token) => match challenge(
+            &mut reader,
+            &writer,
+            peer,
+            hs_deadline,
+            &sh,
+            token,
+            &client_nonce,
+        ) {
+            Some(server_nonce) => Some(auth::server_mac(token, &client_nonce, &server_nonce)),
+            None => return,
+        },
+    };
+
+    // 3. Admission.
+    let (id, group) = match opening {
+        Opening::Status => {
+            let body = status_json(&sh);
+            let mut doc = serde_json::json!({ "status": body });
+            if let Some(p) = proof {
+                doc["proof"] = serde_json::Value::String(p);
+            }
+            match serde_json::to_vec(&doc) {
+                Ok(payload) => {
+                    let bytes =
+                        proto::encode_raw(proto::VERSION, MsgType::StatusReply as u16, &payload);
+                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                }
+                Err(e) => refuse(&writer, peer, &format!("status: {e}")),
+            }
             return;
         }
+        Opening::Register(reg) => match register(&sh, reg, peer, &writer, proof) {
+            Ok((id, group, publish)) => {
+                publish_all(publish);
+                (id, group)
+            }
+            Err((msg, code)) => {
+                refuse_code(&writer, peer, &msg, code);
+                return;
+            }
+        },
+        Opening::Rejoin(rj) => match rejoin(&sh, &rj, peer, &writer, proof) {
+            Ok(publish) => {
+                publish_all(publish);
+                (rj.member_id, rj.group)
+            }
+            Err((msg, code)) => {
+                refuse_code(&writer, peer, &msg, code);
+                return;
+            }
+        },
     };
-    publish_view(publish);
 
-    // 2. Keep the connection until goodbye or disconnect. (Heartbeats and view changes of
-    //    elastic membership will make this a loop over messages.)
-    let polite = match proto::read_frame_sliced(
-        &mut reader,
-        None,
-        sh.opts.frame_timeout,
-        IDLE_SLICE,
-        &stop,
+    // 4. Member messages until goodbye or disconnect.
+    let polite = member_loop(&mut reader, &writer, peer, &sh, id, &group);
+    let publish = depart(&sh, id, &group, peer, polite);
+    publish_all(publish);
+}
+
+/// Runs the challenge-response; returns the server nonce when the client proved the token.
+fn challenge(
+    reader: &mut TcpStream,
+    writer: &Mutex<TcpStream>,
+    peer: SocketAddr,
+    deadline: Instant,
+    sh: &Shared,
+    token: &[u8],
+    client_nonce: &str,
+) -> Option<String> {
+    let server_nonce = super::random_nonce();
+    let ch = match proto::encode(
+        MsgType::Challenge,
+        &proto::Challenge {
+            server_nonce: server_nonce.clone(),
+        },
     ) {
-        Ok(f) if f.version != proto::VERSION => {
+        Ok(b) => b,
+        Err(_) => return None,
+    };
+    if proto::write_bytes(&mut lock(writer), &ch, WRITE_TIMEOUT).is_err() {
+        return None;
+    }
+    let f = read_checked(reader, writer, peer, Some(deadline), sh)?;
+    let ok = MsgType::from_u16(f.ty) == Some(MsgType::Auth)
+        && f.body::<proto::Auth>()
+            .is_ok_and(|a| auth::check_client(token, &server_nonce, client_nonce, &a.mac));
+    if !ok {
+        tracing::warn!(target: LOG, "coordinator: refused {peer}: job token missing or wrong");
+        refuse_code(
+            writer,
+            peer,
+            "job token rejected: this coordinator requires BRAID_JOB_TOKEN and the answer did not prove it",
+            Some("auth"),
+        );
+        return None;
+    }
+    Some(server_nonce)
+}
+
+/// Reads member frames until goodbye (true) or disconnect/violation (false).
+fn member_loop(
+    reader: &mut TcpStream,
+    writer: &Mutex<TcpStream>,
+    peer: SocketAddr,
+    sh: &Shared,
+    id: u64,
+    group: &str,
+) -> bool {
+    let stop = || sh.stop.load(Ordering::SeqCst);
+    loop {
+        let f = match proto::read_frame_sliced(
+            reader,
+            None,
+            sh.opts.frame_timeout,
+            IDLE_SLICE,
+            &stop,
+        ) {
+            Ok(f) => f,
+            Err(FrameError::Closed) | Err(FrameError::Stopped) => return false,
+            Err(e) => {
+                tracing::warn!(target: LOG, "coordinator: member {id} ({peer}): {e}; dropping it");
+                return false;
+            }
+        };
+        if f.version != proto::VERSION {
             tracing::warn!(target: LOG,
                 "coordinator: member {id} ({peer}) switched to protocol v{}; dropping it",
                 f.version);
-            false
+            return false;
         }
-        Ok(f) => match MsgType::from_u16(f.ty) {
-            Some(MsgType::Goodbye) => true,
-            Some(MsgType::Register) => {
-                refuse(
-                    &writer,
+        let ty = MsgType::from_u16(f.ty);
+        let publish = {
+            let mut st = lock(&sh.state);
+            let Some(g) = st.groups.get_mut(group) else {
+                return matches!(ty, Some(MsgType::Goodbye));
+            };
+            let now = Instant::now();
+            if let Some(e) = g
+                .entries
+                .iter_mut()
+                .chain(g.joiners.iter_mut())
+                .find(|e| e.id == id)
+            {
+                e.last_seen = now;
+            } else if !g.leavers.iter().any(|l| l.0 == id) {
+                // Declared dead meanwhile: its connection is being closed.
+                let why = g.retired.get(&id).cloned().unwrap_or_default();
+                drop(st);
+                refuse_code(
+                    writer,
                     peer,
-                    &format!("this connection is already registered as member {id}"),
+                    &format!("member {id} was removed from group {group} ({why}); its id is retired: join again as a new member"),
+                    Some("retired"),
                 );
-                false
+                return false;
             }
-            _ => {
-                tracing::warn!(target: LOG,
-                    "coordinator: member {id} ({peer}) sent unexpected message type {}; dropping it",
-                    f.ty);
-                false
+            match ty {
+                Some(MsgType::Heartbeat) => Vec::new(),
+                Some(MsgType::Goodbye) => return true,
+                Some(MsgType::Ack) => match f.body::<proto::Ack>() {
+                    Ok(a) => {
+                        if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
+                            e.acked = e.acked.max(a.epoch);
+                        }
+                        decide(sh, &mut st, group, now)
+                    }
+                    Err(_) => Vec::new(),
+                },
+                Some(MsgType::Leave) => {
+                    if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
+                        if !e.leaving {
+                            tracing::info!(target: LOG, "coordinator: group {group}: member {id} announced its leave");
+                            e.leaving = true;
+                            g.reasons.push(format!("leave of {id}"));
+                        }
+                    } else if let Some(pos) = g.joiners.iter().position(|e| e.id == id) {
+                        g.joiners.remove(pos);
+                        g.retired.insert(id, "left before admission".into());
+                    }
+                    decide(sh, &mut st, group, now)
+                }
+                Some(MsgType::Resync) => match f.body::<proto::Resync>() {
+                    Ok(r) => {
+                        let cur = g.view.as_ref().map_or(0, |v| v.epoch);
+                        if r.epoch >= cur {
+                            if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
+                                tracing::info!(target: LOG,
+                                    "coordinator: group {group}: member {id} asks for a resync of epoch {} (suspects {:?})",
+                                    r.epoch, r.suspects);
+                                e.resync = Some((r.epoch, r.suspects));
+                            }
+                        }
+                        decide(sh, &mut st, group, now)
+                    }
+                    Err(_) => Vec::new(),
+                },
+                Some(MsgType::Register) | Some(MsgType::Rejoin) => {
+                    drop(st);
+                    refuse(
+                        writer,
+                        peer,
+                        &format!("this connection is already registered as member {id}"),
+                    );
+                    return false;
+                }
+                _ => {
+                    tracing::warn!(target: LOG,
+                        "coordinator: member {id} ({peer}) sent unexpected message type {}; dropping it",
+                        f.ty);
+                    return false;
+                }
             }
-        },
-        Err(FrameError::Closed) | Err(FrameError::Stopped) => false,
-        Err(e) => {
-            tracing::warn!(target: LOG, "coordinator: member {id} ({peer}): {e}; dropping it");
-            false
-        }
-    };
-    depart(&sh, id, &group, peer, polite);
+        };
+        publish_all(publish);
+    }
 }
 
 /// Reads one frame, handling protocol errors (warning with the peer address, error frame where
@@ -426,114 +729,317 @@ fn validate(reg: &Registration) -> std::result::Result<(), String> {
             reg.handle.len()
         ));
     }
-    if reg.role != Role::Worker {
-        return Err(format!(
-            "role {} is not supported by this coordinator (only worker)",
-            reg.role
-        ));
+    if !(reg.weight.is_finite() && reg.weight > 0.0) {
+        return Err(format!("weight {} is not a positive number", reg.weight));
+    }
+    if reg.role != Role::Worker && reg.role != Role::Server && reg.role != Role::Reader {
+        return Err(format!("role {} is not supported", reg.role));
     }
     Ok(())
 }
 
 type Publish = Vec<(Arc<Mutex<TcpStream>>, SocketAddr, Vec<u8>)>;
+type Refusal = (String, Option<&'static str>);
 
-/// Registers a member; on success returns its id, its group and the view frames to send if
-/// this registration completed the group. `Err`: the refusal text.
+/// Allocates a member id (persisting the high-water mark first when a state file is used).
+fn alloc_id(sh: &Shared, st: &mut State) -> std::result::Result<u64, String> {
+    if st.next_id >= st.id_high_water {
+        st.id_high_water = st.next_id + ID_BLOCK;
+        if let Err(e) = persist(sh, st) {
+            st.id_high_water = st.next_id;
+            return Err(format!("coordinator cannot persist its state: {e}"));
+        }
+    }
+    let id = st.next_id;
+    st.next_id += 1;
+    Ok(id)
+}
+
+/// Registers a member; on success returns its id, its group and the frames to send (views if
+/// this registration completed the group). `Err`: the refusal text.
 fn register(
     sh: &Shared,
     reg: Registration,
     peer: SocketAddr,
     writer: &Arc<Mutex<TcpStream>>,
-) -> std::result::Result<(u64, String, Publish), String> {
-    validate(&reg)?;
+    proof: Option<String>,
+) -> std::result::Result<(u64, String, Publish), Refusal> {
+    validate(&reg).map_err(|m| (m, None))?;
     let mut st = lock(&sh.state);
-    let st = &mut *st;
     let group_name = reg.group.clone();
+    let mut joining = false;
     if let Some(g) = st.groups.get(&group_name) {
         if let Some(v) = &g.view {
-            return Err(format!(
-                "group {} is complete ({} members); elastic join is not enabled",
-                group_name,
-                v.members.len()
-            ));
-        }
-        if g.world_size != reg.world_size {
-            return Err(format!(
-                "group {} has world size {} (set by its first registration); this registration says {}",
-                group_name, g.world_size, reg.world_size
-            ));
-        }
-        if let Some(r) = reg.rank {
-            if let Some(other) = g.entries.iter().find(|e| e.reg.rank == Some(r)) {
-                return Err(format!(
-                    "rank {r} of group {} is already taken by member {} (host {}, pid {})",
-                    group_name, other.id, other.reg.hostname, other.reg.pid
+            if !g.elastic {
+                return Err((
+                    format!(
+                        "group {} is complete ({} members); elastic join is not enabled (BRAID_ELASTIC=1)",
+                        group_name,
+                        v.members.len()
+                    ),
+                    None,
                 ));
+            }
+            joining = true;
+        } else {
+            if g.world_size != reg.world_size {
+                return Err((format!(
+                    "group {} has world size {} (set by its first registration); this registration says {}",
+                    group_name, g.world_size, reg.world_size
+                ), None));
+            }
+            if let Some(r) = reg.rank {
+                if let Some(other) = g.entries.iter().find(|e| e.reg.rank == Some(r)) {
+                    if !g.elastic {
+                        return Err((
+                            format!(
+                            "rank {r} of group {} is already taken by member {} (host {}, pid {})",
+                            group_name, other.id, other.reg.hostname, other.reg.pid
+                        ),
+                            None,
+                        ));
+                    }
+                    joining = true;
+                }
             }
         }
     }
-    let id = st.next_id;
-    st.next_id += 1;
+    let id = alloc_id(sh, &mut st).map_err(|m| (m, None))?;
+    let st = &mut *st;
     let group = st
         .groups
         .entry(group_name.clone())
         .or_insert_with(|| Group {
             world_size: reg.world_size,
+            elastic: reg.elastic,
+            policy: reg.policy.clone(),
             entries: Vec::new(),
+            joiners: Vec::new(),
+            leavers: Vec::new(),
             view: None,
+            join_wait: None,
+            reasons: Vec::new(),
+            retired: HashMap::new(),
+            history: Vec::new(),
         });
+    let registered = if joining {
+        group.joiners.len() + 1
+    } else {
+        group.entries.len() + 1
+    };
     let ack = proto::encode(
         MsgType::Registered,
         &proto::Registered {
             member_id: id,
             group: group_name.clone(),
             world_size: group.world_size,
-            registered: group.entries.len() + 1,
+            registered,
+            joining,
+            proof,
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| (e.to_string(), None))?;
     // The acknowledgement is written under the state lock so that it always precedes the view
     // (which may be published by another connection's thread right after the lock is released).
     if let Err(e) = proto::write_bytes(&mut lock(writer), &ack, WRITE_TIMEOUT) {
         tracing::info!(target: LOG,
             "coordinator: member {id} ({peer}) vanished while registering: {e}; id retired");
-        if group.entries.is_empty() {
+        if group.entries.is_empty() && group.joiners.is_empty() && group.view.is_none() {
             st.groups.remove(&group_name);
         }
-        return Err(format!("acknowledgement failed: {e}"));
+        return Err((format!("acknowledgement failed: {e}"), None));
     }
-    tracing::info!(target: LOG,
-        "coordinator: group {group_name}: member {id} registered ({}/{}; host {}, pid {}, rank {}, from {peer})",
-        group.entries.len() + 1, group.world_size, reg.hostname, reg.pid,
-        reg.rank.map_or("any".to_string(), |r| r.to_string()));
-    group.entries.push(Entry {
+    let entry = Entry {
         id,
         reg,
         peer,
-        writer: Arc::clone(writer),
-    });
+        writer: Some(Arc::clone(writer)),
+        last_seen: Instant::now(),
+        acked: 0,
+        leaving: false,
+        resync: None,
+    };
+    if joining {
+        tracing::info!(target: LOG,
+            "coordinator: group {group_name}: member {id} waits to join (host {}, pid {}, from {peer})",
+            entry.reg.hostname, entry.reg.pid);
+        group.joiners.push(entry);
+        if group.join_wait.is_none() {
+            group.join_wait = Some(Instant::now());
+        }
+        let publish = decide(sh, st, &group_name, Instant::now());
+        return Ok((id, group_name, publish));
+    }
+    tracing::info!(target: LOG,
+        "coordinator: group {group_name}: member {id} registered ({}/{}; host {}, pid {}, rank {}, from {peer})",
+        group.entries.len() + 1, group.world_size, entry.reg.hostname, entry.reg.pid,
+        entry.reg.rank.map_or("any".to_string(), |r| r.to_string()));
+    group.entries.push(entry);
     let mut publish = Vec::new();
     if group.entries.len() == group.world_size {
         let view = complete(&group_name, group);
-        for e in &group.entries {
-            match proto::encode(
-                MsgType::View,
-                &proto::ViewMsg {
-                    member_id: e.id,
-                    view: view.clone(),
-                },
-            ) {
-                Ok(bytes) => publish.push((Arc::clone(&e.writer), e.peer, bytes)),
-                Err(err) => {
-                    tracing::error!(target: LOG, "coordinator: cannot encode view: {err}")
-                }
-            }
-        }
+        group.history.push(Hist {
+            epoch: view.epoch,
+            size: view.members.len(),
+            reason: "initial".into(),
+            at: unix_now(),
+        });
+        publish = view_frames(group, &view, "initial");
         tracing::info!(target: LOG,
             "coordinator: group {group_name} complete: view epoch {} with {} members",
             view.epoch, view.members.len());
+        if let Err(e) = persist(sh, st) {
+            tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
+        }
     }
     Ok((id, group_name, publish))
+}
+
+/// A member reconnecting (after a coordinator restart or a lost connection).
+fn rejoin(
+    sh: &Shared,
+    rj: &proto::Rejoin,
+    peer: SocketAddr,
+    writer: &Arc<Mutex<TcpStream>>,
+    proof: Option<String>,
+) -> std::result::Result<Publish, Refusal> {
+    let mut st = lock(&sh.state);
+    let Some(g) = st.groups.get_mut(&rj.group) else {
+        return Err((format!(
+            "the coordinator has no record of group {} (was it restarted without BRAID_COORDINATOR_STATE?); member {} cannot rejoin",
+            rj.group, rj.member_id
+        ), Some("unknown")));
+    };
+    if let Some(why) = g.retired.get(&rj.member_id) {
+        return Err((format!(
+            "member {} was removed from group {} ({why}); its id is retired: join again as a new member",
+            rj.member_id, rj.group
+        ), Some("retired")));
+    }
+    let registered = g.entries.len();
+    let world_size = g.world_size;
+    let view = g.view.clone();
+    let reason = g
+        .history
+        .last()
+        .map(|h| h.reason.clone())
+        .unwrap_or_default();
+    let Some(e) = g
+        .entries
+        .iter_mut()
+        .chain(g.joiners.iter_mut())
+        .find(|e| e.id == rj.member_id)
+    else {
+        return Err((
+            format!(
+            "member {} is not a member of group {}; its id is retired: join again as a new member",
+            rj.member_id, rj.group
+        ),
+            Some("retired"),
+        ));
+    };
+    let ack = proto::encode(
+        MsgType::Registered,
+        &proto::Registered {
+            member_id: e.id,
+            group: rj.group.clone(),
+            world_size,
+            registered,
+            joining: false,
+            proof,
+        },
+    )
+    .map_err(|e| (e.to_string(), None))?;
+    proto::write_bytes(&mut lock(writer), &ack, WRITE_TIMEOUT)
+        .map_err(|e| (format!("acknowledgement failed: {e}"), None))?;
+    if let Some(old) = e.writer.replace(Arc::clone(writer)) {
+        let _ = lock(&old).shutdown(std::net::Shutdown::Both);
+    }
+    e.peer = peer;
+    e.last_seen = Instant::now();
+    e.acked = e.acked.max(rj.epoch);
+    tracing::info!(target: LOG, "coordinator: group {}: member {} reconnected from {peer} (epoch {})",
+        rj.group, rj.member_id, rj.epoch);
+    // Resend the current view if the member is behind.
+    let mut publish = Vec::new();
+    if let Some(v) = &view {
+        if rj.epoch < v.epoch && v.rank_of(rj.member_id).is_some() {
+            if let Some(b) = view_frame(e, v, &reason) {
+                publish.push((Arc::clone(writer), peer, b));
+            }
+        }
+    }
+    Ok(publish)
+}
+
+/// The frame announcing `view` to `e` (a whole view, or a notice for light members).
+fn view_frame(e: &Entry, view: &View, reason: &str) -> Option<Vec<u8>> {
+    let r = if e.reg.light {
+        proto::encode(
+            MsgType::Notice,
+            &proto::Notice {
+                member_id: e.id,
+                group: view.group.clone(),
+                epoch: view.epoch,
+                size: view.members.len(),
+                rank: view.rank_of(e.id),
+            },
+        )
+    } else {
+        proto::encode(
+            MsgType::View,
+            &proto::ViewMsg {
+                member_id: e.id,
+                view: view.clone(),
+                reason: reason.to_string(),
+            },
+        )
+    };
+    match r {
+        Ok(b) => Some(b),
+        Err(err) => {
+            tracing::error!(target: LOG, "coordinator: cannot encode view: {err}");
+            None
+        }
+    }
+}
+
+/// Frames announcing `view` to every connected member of the group (members, joiners,
+/// leavers). Whole views are encoded once per member (the member id differs); light members
+/// get a small notice.
+fn view_frames(g: &Group, view: &View, reason: &str) -> Publish {
+    let mut out = Vec::new();
+    // Encode the view once and splice the member id in (views of thousands of members).
+    let body = serde_json::to_string(view).unwrap_or_default();
+    let reason_json = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
+    for e in g.entries.iter().chain(g.joiners.iter()) {
+        let Some(w) = &e.writer else { continue };
+        let bytes = if e.reg.light {
+            view_frame(e, view, reason)
+        } else {
+            let payload = format!(
+                "{{\"member_id\":{},\"view\":{body},\"reason\":{reason_json}}}",
+                e.id
+            );
+            Some(proto::encode_raw(
+                proto::VERSION,
+                MsgType::View as u16,
+                payload.as_bytes(),
+            ))
+        };
+        if let Some(b) = bytes {
+            out.push((Arc::clone(w), e.peer, b));
+        }
+    }
+    for (id, w, peer) in &g.leavers {
+        let payload = format!("{{\"member_id\":{id},\"view\":{body},\"reason\":{reason_json}}}");
+        out.push((
+            Arc::clone(w),
+            *peer,
+            proto::encode_raw(proto::VERSION, MsgType::View as u16, payload.as_bytes()),
+        ));
+    }
+    out
 }
 
 /// Orders the group's entries by rank (requested ranks first, then free positions in arrival
@@ -559,65 +1065,517 @@ fn complete(name: &str, group: &mut Group) -> View {
         group: name.to_string(),
         epoch: 1,
         nonce: random_u64(group.entries.first().map_or(0, |e| e.id)),
-        members: group
-            .entries
-            .iter()
-            .map(|e| Member {
-                id: e.id,
-                host_id: e.reg.host_id.clone(),
-                hostname: e.reg.hostname.clone(),
-                pid: e.reg.pid,
-                role: e.reg.role,
-                handle: e.reg.handle.clone(),
-                numa: e.reg.numa,
-            })
-            .collect(),
+        members: group.entries.iter().map(Entry::member).collect(),
     };
     group.view = Some(view.clone());
     view
 }
 
-fn publish_view(publish: Publish) {
+fn publish_all(publish: Publish) {
     for (w, peer, bytes) in publish {
         if let Err(e) = proto::write_bytes(&mut lock(&w), &bytes, WRITE_TIMEOUT) {
-            tracing::warn!(target: LOG, "coordinator: cannot send the view to {peer}: {e}");
+            tracing::warn!(target: LOG, "coordinator: cannot send a view to {peer}: {e}");
         }
     }
 }
 
+/// Retires a member of the current view (dead or gone): it is removed now and excluded from
+/// the next view.
+fn retire(g: &mut Group, id: u64, why: String) -> Option<Entry> {
+    let pos = g.entries.iter().position(|e| e.id == id)?;
+    let e = g.entries.remove(pos);
+    g.retired.insert(id, why.clone());
+    g.reasons.push(why);
+    Some(e)
+}
+
 /// A member's connection ended.
-fn depart(sh: &Shared, id: u64, group_name: &str, peer: SocketAddr, polite: bool) {
+fn depart(sh: &Shared, id: u64, group_name: &str, peer: SocketAddr, polite: bool) -> Publish {
     let mut st = lock(&sh.state);
+    if sh.stop.load(Ordering::SeqCst) {
+        // Shutting down: the membership stays as it is (and as persisted) for a restart.
+        return Vec::new();
+    }
+    let stopping = false;
     let Some(g) = st.groups.get_mut(group_name) else {
-        return;
+        return Vec::new();
     };
     let how = if polite { "left" } else { "disconnected" };
-    match &g.view {
-        None => {
-            g.entries.retain(|e| e.id != id);
-            tracing::info!(target: LOG,
-                "coordinator: group {group_name}: member {id} ({peer}) {how} before the view was complete; id retired ({}/{} registered)",
-                g.entries.len(), g.world_size);
-            if g.entries.is_empty() {
-                st.groups.remove(group_name);
-            }
+    if let Some(pos) = g.leavers.iter().position(|l| l.0 == id) {
+        g.leavers.remove(pos);
+        return Vec::new();
+    }
+    if let Some(pos) = g.joiners.iter().position(|e| e.id == id) {
+        g.joiners.remove(pos);
+        g.retired.insert(id, format!("{how} before admission"));
+        tracing::info!(target: LOG, "coordinator: group {group_name}: joiner {id} ({peer}) {how} before admission; id retired");
+        if g.joiners.is_empty() {
+            g.join_wait = None;
         }
-        Some(v) => {
-            let rank = v.rank_of(id);
-            let epoch = v.epoch;
-            if polite || sh.stop.load(Ordering::SeqCst) {
+    } else {
+        match &g.view {
+            None => {
+                g.entries.retain(|e| e.id != id);
                 tracing::info!(target: LOG,
-                    "coordinator: group {group_name}: member {id} (rank {rank:?}, {peer}) {how} after view epoch {epoch}");
-            } else {
-                tracing::warn!(target: LOG,
-                    "coordinator: group {group_name}: member {id} (rank {rank:?}, {peer}) {how} after view epoch {epoch}");
+                    "coordinator: group {group_name}: member {id} ({peer}) {how} before the view was complete; id retired ({}/{} registered)",
+                    g.entries.len(), g.world_size);
             }
-            g.entries.retain(|e| e.id != id);
-            if g.entries.is_empty() {
-                tracing::info!(target: LOG,
-                    "coordinator: group {group_name}: all members gone; group forgotten");
-                st.groups.remove(group_name);
+            Some(v) => {
+                let rank = v.rank_of(id);
+                let epoch = v.epoch;
+                let is_current = g
+                    .entries
+                    .iter()
+                    .any(|e| e.id == id && e.writer.as_ref().is_some());
+                if !is_current {
+                    return Vec::new();
+                }
+                if polite || stopping {
+                    tracing::info!(target: LOG,
+                        "coordinator: group {group_name}: member {id} (rank {rank:?}, {peer}) {how} after view epoch {epoch}");
+                } else {
+                    tracing::warn!(target: LOG,
+                        "coordinator: group {group_name}: member {id} (rank {rank:?}, {peer}) {how} after view epoch {epoch}");
+                }
+                let why = if polite {
+                    format!("leave of {id}")
+                } else {
+                    format!("failure of {id} (connection to the coordinator lost)")
+                };
+                retire(g, id, why);
             }
         }
     }
+    if g.entries.is_empty() && g.joiners.is_empty() {
+        tracing::info!(target: LOG,
+            "coordinator: group {group_name}: all members gone; group forgotten");
+        st.groups.remove(group_name);
+        if let Err(e) = persist(sh, &st) {
+            tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
+        }
+        return Vec::new();
+    }
+    if stopping {
+        return Vec::new();
+    }
+    decide(sh, &mut st, group_name, Instant::now())
+}
+
+/// Publishes the next view of an elastic group when one is due. Called with the state lock
+/// held after every event; returns the frames to send once the lock is released.
+fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
+    let Some(g) = st.groups.get_mut(name) else {
+        return Vec::new();
+    };
+    if !g.elastic {
+        return Vec::new();
+    }
+    let Some(view) = g.view.clone() else {
+        return Vec::new();
+    };
+    // Members of the view that are gone (retired) or leaving.
+    let gone: Vec<u64> = view
+        .members
+        .iter()
+        .filter(|m| !g.entries.iter().any(|e| e.id == m.id && !e.leaving))
+        .map(|m| m.id)
+        .collect();
+    let resync: Vec<&Entry> = g
+        .entries
+        .iter()
+        .filter(|e| e.resync.as_ref().is_some_and(|(ep, _)| *ep >= view.epoch))
+        .collect();
+    // A resync waits until every suspect is dead or asks too (a killed process's connection
+    // closes at once; a hung one is declared dead after its heartbeat timeout).
+    let unresolved = resync.iter().any(|e| {
+        e.resync.as_ref().is_some_and(|(_, sus)| {
+            sus.iter().any(|s| {
+                g.entries
+                    .iter()
+                    .any(|o| o.id == *s && o.resync.is_none() && !o.leaving)
+            })
+        })
+    });
+    let stable = g.entries.iter().all(|e| e.acked >= view.epoch || e.leaving);
+    let window = Duration::from_millis(g.policy.join_window_ms);
+    let joins_due = !g.joiners.is_empty() && g.join_wait.is_some_and(|t| now >= t + window);
+    let want_resync = !resync.is_empty() && !unresolved;
+    if gone.is_empty() && !want_resync && !(joins_due && stable) {
+        return Vec::new();
+    }
+    let keep: Vec<u64> = view
+        .members
+        .iter()
+        .filter(|m| !gone.contains(&m.id))
+        .map(|m| m.id)
+        .collect();
+    let room = g
+        .policy
+        .max_size
+        .map_or(usize::MAX, |m| m.saturating_sub(keep.len()));
+    // Joiners are admitted when their window passed, or along with a failure-driven change.
+    let admit = if joins_due || !gone.is_empty() || want_resync {
+        g.joiners.len().min(room)
+    } else {
+        0
+    };
+    let new_size = keep.len() + admit;
+    if new_size < g.policy.min_size.max(1) {
+        if !g.reasons.iter().any(|r| r.starts_with("waiting")) {
+            tracing::warn!(target: LOG,
+                "coordinator: group {name}: the next view would have {new_size} members, below the minimum {}; waiting for joiners",
+                g.policy.min_size);
+            g.reasons
+                .push(format!("waiting for {} members", g.policy.min_size));
+        }
+        return Vec::new();
+    }
+    if gone.is_empty() && admit == 0 && !want_resync {
+        return Vec::new();
+    }
+    let admitted: Vec<Entry> = g.joiners.drain(..admit).collect();
+    let mut reasons: Vec<String> = g
+        .reasons
+        .drain(..)
+        .filter(|r| !r.starts_with("waiting"))
+        .collect();
+    for l in g.entries.iter().filter(|e| e.leaving) {
+        let r = format!("leave of {}", l.id);
+        if !reasons.contains(&r) {
+            reasons.push(r);
+        }
+    }
+    if !admitted.is_empty() {
+        let ids: Vec<String> = admitted.iter().map(|e| e.id.to_string()).collect();
+        reasons.push(format!("join of {}", ids.join(",")));
+    }
+    if reasons.is_empty() {
+        let who: Vec<String> = resync.iter().map(|e| e.id.to_string()).collect();
+        reasons.push(format!("resync asked by {}", who.join(",")));
+    }
+    let reason = reasons.join("; ");
+    // Leavers move out of the entries but get this view.
+    let leaving: Vec<Entry> = {
+        let (out, stay): (Vec<Entry>, Vec<Entry>) = g.entries.drain(..).partition(|e| e.leaving);
+        g.entries = stay;
+        out
+    };
+    for l in leaving {
+        g.retired
+            .insert(l.id, format!("left at epoch {}", view.epoch + 1));
+        if let Some(w) = l.writer {
+            g.leavers.push((l.id, w, l.peer));
+        }
+    }
+    // Order: members that stay keep their relative order; joiners last, in id order.
+    g.entries
+        .sort_by_key(|e| view.rank_of(e.id).unwrap_or(usize::MAX));
+    let mut admitted = admitted;
+    admitted.sort_by_key(|e| e.id);
+    g.entries.extend(admitted);
+    for e in g.entries.iter_mut() {
+        e.resync = None;
+    }
+    let next = View {
+        group: name.to_string(),
+        epoch: view.epoch + 1,
+        nonce: random_u64(view.nonce),
+        members: g.entries.iter().map(Entry::member).collect(),
+    };
+    g.join_wait = if g.joiners.is_empty() {
+        None
+    } else {
+        Some(now)
+    };
+    g.history.push(Hist {
+        epoch: next.epoch,
+        size: next.members.len(),
+        reason: reason.clone(),
+        at: unix_now(),
+    });
+    if g.history.len() > 1000 {
+        g.history.remove(0);
+    }
+    tracing::info!(target: LOG,
+        "coordinator: group {name}: view epoch {} with {} members ({reason})",
+        next.epoch, next.members.len());
+    let publish = view_frames(g, &next, &reason);
+    g.view = Some(next);
+    if let Err(e) = persist(sh, st) {
+        tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
+    }
+    publish
+}
+
+/// Heartbeat timeouts and batching windows.
+fn tick_loop(sh: Arc<Shared>) {
+    while !sh.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(TICK);
+        let now = Instant::now();
+        let mut publish = Vec::new();
+        let mut close = Vec::new();
+        {
+            let mut st = lock(&sh.state);
+            let names: Vec<String> = st.groups.keys().cloned().collect();
+            for name in names {
+                if let Some(g) = st.groups.get_mut(&name) {
+                    if !g.elastic || g.view.is_none() {
+                        continue;
+                    }
+                    let dead: Vec<(u64, Duration)> = g
+                        .entries
+                        .iter()
+                        .chain(g.joiners.iter())
+                        .filter(|e| e.reg.heartbeat_timeout_ms > 0)
+                        .filter(|e| {
+                            now.saturating_duration_since(e.last_seen)
+                                > Duration::from_millis(e.reg.heartbeat_timeout_ms)
+                        })
+                        .map(|e| (e.id, now.saturating_duration_since(e.last_seen)))
+                        .collect();
+                    for (id, age) in dead {
+                        let why = format!(
+                            "failure of {id} (no heartbeat for {:.1} s)",
+                            age.as_secs_f64()
+                        );
+                        tracing::warn!(target: LOG, "coordinator: group {name}: member {id} declared dead: no heartbeat for {:.1} s", age.as_secs_f64());
+                        let e = match retire(g, id, why.clone()) {
+                            Some(e) => Some(e),
+                            None => g.joiners.iter().position(|e| e.id == id).map(|p| {
+                                g.retired.insert(id, why.clone());
+                                g.joiners.remove(p)
+                            }),
+                        };
+                        if let Some(w) = e.and_then(|e| e.writer) {
+                            close.push(w);
+                        }
+                    }
+                }
+                publish.extend(decide(&sh, &mut st, &name, now));
+            }
+        }
+        let bye = proto::encode_error_code(
+            "declared dead: no heartbeat within the timeout; the id is retired",
+            Some("retired"),
+        );
+        for w in close {
+            let mut s = lock(&w);
+            let _ = proto::write_bytes(&mut s, &bye, Duration::from_millis(200));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        publish_all(publish);
+    }
+}
+
+/// What the state file holds.
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    /// Ids below this may have been handed out.
+    id_high_water: u64,
+    groups: Vec<PersistedGroup>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedGroup {
+    world_size: usize,
+    elastic: bool,
+    policy: GroupPolicy,
+    view: View,
+    /// Heartbeat timeout of each member (ms), by id.
+    heartbeat_ms: Vec<(u64, u64)>,
+    history: Vec<Hist>,
+}
+
+/// Writes the state file (temporary file + rename, so a crash never leaves half a file).
+fn persist(sh: &Shared, st: &State) -> std::io::Result<()> {
+    let Some(path) = &sh.opts.state_file else {
+        return Ok(());
+    };
+    let doc = Persisted {
+        id_high_water: st.id_high_water.max(st.next_id),
+        groups: st
+            .groups
+            .values()
+            .filter_map(|g| {
+                let view = g.view.clone()?;
+                Some(PersistedGroup {
+                    world_size: g.world_size,
+                    elastic: g.elastic,
+                    policy: g.policy.clone(),
+                    heartbeat_ms: g
+                        .entries
+                        .iter()
+                        .map(|e| (e.id, e.reg.heartbeat_timeout_ms))
+                        .collect(),
+                    view,
+                    history: g.history.clone(),
+                })
+            })
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&doc).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the state file, if any: ids continue above the high-water mark; each group's view is
+/// restored with its members waiting to reconnect (each has its heartbeat timeout to do so).
+fn load_state(opts: &CoordinatorOptions) -> Result<State> {
+    let mut st = State {
+        next_id: 1,
+        id_high_water: 1,
+        groups: HashMap::new(),
+    };
+    let Some(path) = &opts.state_file else {
+        return Ok(st);
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+        Err(e) => {
+            return Err(Error::System(format!(
+                "coordinator state file {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let doc: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::System(format!(
+            "coordinator state file {} is not valid: {e}",
+            path.display()
+        ))
+    })?;
+    st.next_id = doc.id_high_water.max(1);
+    st.id_high_water = st.next_id;
+    let now = Instant::now();
+    let unknown: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+    for pg in doc.groups {
+        let hb: HashMap<u64, u64> = pg.heartbeat_ms.iter().copied().collect();
+        let entries = pg
+            .view
+            .members
+            .iter()
+            .map(|m| Entry {
+                id: m.id,
+                reg: Registration {
+                    group: pg.view.group.clone(),
+                    world_size: pg.world_size,
+                    rank: None,
+                    host_id: m.host_id.clone(),
+                    hostname: m.hostname.clone(),
+                    pid: m.pid,
+                    role: m.role,
+                    handle: m.handle.clone(),
+                    numa: m.numa,
+                    weight: m.weight,
+                    elastic: pg.elastic,
+                    policy: pg.policy.clone(),
+                    // A member that never reconnects is declared dead after its timeout (at
+                    // least 10 s after the restart, even for members without heartbeats).
+                    heartbeat_timeout_ms: hb
+                        .get(&m.id)
+                        .copied()
+                        .filter(|t| *t > 0)
+                        .unwrap_or(10_000),
+                    light: false,
+                    client_nonce: String::new(),
+                },
+                peer: unknown,
+                writer: None,
+                last_seen: now,
+                acked: pg.view.epoch,
+                leaving: false,
+                resync: None,
+            })
+            .collect();
+        tracing::info!(target: LOG,
+            "coordinator: restored group {} at epoch {} with {} members (waiting for them to reconnect)",
+            pg.view.group, pg.view.epoch, pg.view.members.len());
+        st.groups.insert(
+            pg.view.group.clone(),
+            Group {
+                world_size: pg.world_size,
+                elastic: pg.elastic,
+                policy: pg.policy,
+                entries,
+                joiners: Vec::new(),
+                leavers: Vec::new(),
+                view: Some(pg.view),
+                join_wait: None,
+                reasons: Vec::new(),
+                retired: HashMap::new(),
+                history: pg.history,
+            },
+        );
+    }
+    tracing::info!(target: LOG, "coordinator: state restored from {}; ids continue at {}", path.display(), st.next_id);
+    Ok(st)
+}
+
+/// The status document (see [`Coordinator::status`]).
+fn status_json(sh: &Shared) -> serde_json::Value {
+    let st = lock(&sh.state);
+    let now = Instant::now();
+    let mut groups: Vec<serde_json::Value> = st
+        .groups
+        .iter()
+        .map(|(name, g)| {
+            let members: Vec<serde_json::Value> = match &g.view {
+                Some(v) => v
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, m)| {
+                        let e = g.entries.iter().find(|e| e.id == m.id);
+                        serde_json::json!({
+                            "rank": rank,
+                            "id": m.id,
+                            "host": m.hostname,
+                            "host_id": m.host_id,
+                            "pid": m.pid,
+                            "role": m.role,
+                            "weight": m.weight,
+                            "alive": e.is_some(),
+                            "connected": e.is_some_and(|e| e.writer.is_some()),
+                            "installed_epoch": e.map(|e| e.acked),
+                            "leaving": e.is_some_and(|e| e.leaving),
+                            "heartbeat_age_s": e.map(|e| now.saturating_duration_since(e.last_seen).as_secs_f64()),
+                        })
+                    })
+                    .collect(),
+                None => g
+                    .entries
+                    .iter()
+                    .map(|e| serde_json::json!({"id": e.id, "host": e.reg.hostname, "pid": e.reg.pid, "registered": true}))
+                    .collect(),
+            };
+            let joiners: Vec<serde_json::Value> = g
+                .joiners
+                .iter()
+                .map(|e| serde_json::json!({"id": e.id, "host": e.reg.hostname, "pid": e.reg.pid,
+                    "waiting_s": now.saturating_duration_since(e.last_seen).as_secs_f64()}))
+                .collect();
+            serde_json::json!({
+                "group": name,
+                "elastic": g.elastic,
+                "world_size": g.world_size,
+                "policy": g.policy,
+                "epoch": g.view.as_ref().map(|v| v.epoch),
+                "size": g.view.as_ref().map(|v| v.members.len()),
+                "members": members,
+                "joiners": joiners,
+                "history": g.history,
+            })
+        })
+        .collect();
+    groups.sort_by(|a, b| a["group"].as_str().cmp(&b["group"].as_str()));
+    serde_json::json!({
+        "next_member_id": st.next_id,
+        "groups": groups,
+    })
 }

@@ -26,7 +26,24 @@
 //!
 //! The wire protocol is in `proto` (length-prefixed JSON frames with magic and version).
 //! Logs use the target `braid::membership`.
+//!
+//! # Elastic groups
+//! A group whose first registration says `elastic` changes its view while it runs:
+//! * a registration arriving while the group runs is a *joiner*; joiners arriving within the
+//!   group's batching window are admitted together, when every member has installed the current
+//!   view (so changes never overlap), within `min_size..=max_size`;
+//! * a member that leaves (`Leave`), closes its connection, or sends no frame for its heartbeat
+//!   timeout is removed at the next epoch; its id is retired and refused if it comes back;
+//! * a member whose data connections broke asks for a `Resync`; the coordinator publishes the
+//!   next view as soon as every member it named is either dead or asking too;
+//! * members that stay keep their relative order; joiners come last, in id order.
+//!
+//! Every view change is sent to every connected member of the group; members install it at a
+//! point they agree on (see `Communicator::update`) and acknowledge it (`Ack`).
+//! With a state file the coordinator persists the id high-water mark and the views, so after
+//! a restart it never reuses an id and members reconnect with `Rejoin`.
 
+pub(crate) mod auth;
 mod client;
 mod coordinator;
 pub mod pipeline;
@@ -38,7 +55,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{rendezvous, Client};
+pub use client::{coordinator_status, rendezvous, rendezvous_with, Client, ClientOptions};
 pub use coordinator::{Coordinator, CoordinatorOptions};
 
 /// Log target of this module.
@@ -68,7 +85,7 @@ impl std::fmt::Display for Role {
 }
 
 /// One member of a [`View`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Member {
     /// Member id: unique per coordinator, never reused.
     pub id: u64,
@@ -87,10 +104,17 @@ pub struct Member {
     /// NUMA node the member runs on, where known.
     #[serde(default)]
     pub numa: Option<u32>,
+    /// Relative throughput reported at registration (`BRAID_WEIGHT`; pipeline planning).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A membership view: who is in a group, in rank order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct View {
     /// Group (namespace on the coordinator).
     pub group: String,
@@ -116,7 +140,7 @@ impl View {
 }
 
 /// What a member sends to register.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
     /// Group to join (e.g. "world"); 1 to 256 bytes.
     pub group: String,
@@ -140,6 +164,48 @@ pub struct Registration {
     /// NUMA node of the registering process, where known (published in the view).
     #[serde(default)]
     pub numa: Option<u32>,
+    /// Relative throughput of this member (published in the view; pipeline planning).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// The group is elastic (joins and failures change the view). Fixed by the group's first
+    /// registration; a registration that arrives while an elastic group runs is a joiner.
+    #[serde(default)]
+    pub elastic: bool,
+    /// Elastic policy proposed for the group (the first registration's policy is used).
+    #[serde(default)]
+    pub policy: GroupPolicy,
+    /// The coordinator declares this member dead after this many milliseconds without a
+    /// frame from it (0: never).
+    #[serde(default)]
+    pub heartbeat_timeout_ms: u64,
+    /// A light member receives view-change notices (epoch, size, its rank) instead of whole
+    /// views (monitors, readers, scale tests).
+    #[serde(default)]
+    pub light: bool,
+    /// Random per connection (hex), for the job-token handshake.
+    #[serde(default)]
+    pub client_nonce: String,
+}
+
+/// Elastic policy of a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupPolicy {
+    /// No view smaller than this is published.
+    pub min_size: usize,
+    /// No view larger than this is published (`None`: no limit).
+    pub max_size: Option<usize>,
+    /// Batching window for joiners, in milliseconds.
+    pub join_window_ms: u64,
+}
+
+impl Default for GroupPolicy {
+    fn default() -> Self {
+        GroupPolicy {
+            min_size: 1,
+            max_size: None,
+            join_window_ms: 500,
+        }
+    }
 }
 
 impl Registration {
@@ -155,6 +221,12 @@ impl Registration {
             role: Role::Worker,
             handle,
             numa: crate::topo::local_numa_node(),
+            weight: 1.0,
+            elastic: false,
+            policy: GroupPolicy::default(),
+            heartbeat_timeout_ms: 0,
+            light: false,
+            client_nonce: String::new(),
         }
     }
 }
@@ -247,7 +319,46 @@ pub(crate) fn random_u64(salt: u64) -> u64 {
 }
 
 /// Serde helpers: bytes as a lower-case hex string (half the size of a JSON number array, which
-/// matters for views of thousands of members within the 1 MiB frame limit).
+/// matters for views of thousands of members within the frame limit).
+/// Lower-case hex of bytes.
+pub(crate) fn to_hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(b.len() * 2);
+    for &x in b {
+        out.push(char::from(DIGITS[usize::from(x >> 4)]));
+        out.push(char::from(DIGITS[usize::from(x & 15)]));
+    }
+    out
+}
+
+/// Bytes of a hex string (`None` if it is not one).
+pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
+    let nib = |c: u8| -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    };
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    b.chunks(2)
+        .map(|p| Some((nib(p[0])? << 4) | nib(p[1])?))
+        .collect()
+}
+
+/// 16 random bytes as hex (handshake nonces).
+pub(crate) fn random_nonce() -> String {
+    let a = random_u64(1).to_le_bytes();
+    let b = random_u64(2).to_le_bytes();
+    let mut v = a.to_vec();
+    v.extend_from_slice(&b);
+    to_hex(&v)
+}
+
 mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 

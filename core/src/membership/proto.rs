@@ -7,7 +7,7 @@
 //! 0       4     magic b"BRDC"
 //! 4       2     protocol version (u16, big-endian), currently 1
 //! 6       2     message type (u16, big-endian), see [`MsgType`]
-//! 8       4     payload length (u32, big-endian), at most MAX_PAYLOAD (1 MiB)
+//! 8       4     payload length (u32, big-endian), at most MAX_PAYLOAD (16 MiB)
 //! 12      len   payload: JSON (serde_json) of the message's body
 //! ```
 //!
@@ -33,7 +33,7 @@ pub(crate) const VERSION: u16 = 1;
 /// Header length in bytes.
 pub(crate) const HEADER_LEN: usize = 12;
 /// Largest accepted payload.
-pub(crate) const MAX_PAYLOAD: usize = 1 << 20;
+pub(crate) const MAX_PAYLOAD: usize = 16 << 20;
 /// Longest single blocking read, so stop/abort flags are seen promptly.
 const POLL_SLICE: Duration = Duration::from_millis(100);
 
@@ -51,6 +51,28 @@ pub(crate) enum MsgType {
     Error = 4,
     /// member → coordinator: polite departure (empty JSON object).
     Goodbye = 5,
+    /// member → coordinator: [`Heartbeat`] (any frame counts as a sign of life).
+    Heartbeat = 6,
+    /// member → coordinator: [`Ack`] — this member installed the view of an epoch.
+    Ack = 7,
+    /// member → coordinator: graceful leave (empty JSON object); the next view excludes it.
+    Leave = 8,
+    /// member → coordinator: [`Resync`] — this member's view broke (a peer was lost); please
+    /// publish the next view.
+    Resync = 9,
+    /// member → coordinator: [`Rejoin`] — first message of a member reconnecting (after a
+    /// coordinator restart or a lost connection), instead of a registration.
+    Rejoin = 10,
+    /// coordinator → client: [`Challenge`] (job token in force).
+    Challenge = 11,
+    /// client → coordinator: [`Auth`], the answer to a challenge.
+    Auth = 12,
+    /// anyone → coordinator: [`StatusReq`]; answered with [`MsgType::StatusReply`].
+    StatusReq = 13,
+    /// coordinator → client: the status as JSON.
+    StatusReply = 14,
+    /// coordinator → light member: [`Notice`] (a view change, without the member list).
+    Notice = 15,
 }
 
 impl MsgType {
@@ -62,6 +84,16 @@ impl MsgType {
             3 => MsgType::View,
             4 => MsgType::Error,
             5 => MsgType::Goodbye,
+            6 => MsgType::Heartbeat,
+            7 => MsgType::Ack,
+            8 => MsgType::Leave,
+            9 => MsgType::Resync,
+            10 => MsgType::Rejoin,
+            11 => MsgType::Challenge,
+            12 => MsgType::Auth,
+            13 => MsgType::StatusReq,
+            14 => MsgType::StatusReply,
+            15 => MsgType::Notice,
             _ => return None,
         })
     }
@@ -78,6 +110,86 @@ pub(crate) struct Registered {
     pub world_size: usize,
     /// Members registered so far, this one included.
     pub registered: usize,
+    /// The member waits for admission into a running group (elastic join).
+    #[serde(default)]
+    pub joining: bool,
+    /// With a job token: HMAC proving the coordinator knows the token too (hex).
+    #[serde(default)]
+    pub proof: Option<String>,
+}
+
+/// Body of [`MsgType::Heartbeat`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub(crate) struct Heartbeat {
+    /// Epoch the member runs in.
+    pub epoch: u64,
+}
+
+/// Body of [`MsgType::Ack`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Ack {
+    /// Epoch installed.
+    pub epoch: u64,
+}
+
+/// Body of [`MsgType::Resync`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Resync {
+    /// Epoch whose view broke.
+    pub epoch: u64,
+    /// Member ids this member lost contact with.
+    pub suspects: Vec<u64>,
+}
+
+/// Body of [`MsgType::Rejoin`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Rejoin {
+    /// Group.
+    pub group: String,
+    /// The member id assigned at registration.
+    pub member_id: u64,
+    /// Epoch the member runs in.
+    pub epoch: u64,
+    /// Random per connection (hex), for the job-token handshake.
+    #[serde(default)]
+    pub client_nonce: String,
+}
+
+/// Body of [`MsgType::Challenge`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Challenge {
+    /// Random per connection (hex).
+    pub server_nonce: String,
+}
+
+/// Body of [`MsgType::Auth`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Auth {
+    /// HMAC-SHA256(token, "braid-client" | server nonce | client nonce), hex.
+    pub mac: String,
+}
+
+/// Body of [`MsgType::StatusReq`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub(crate) struct StatusReq {
+    /// Random per connection (hex), for the job-token handshake.
+    #[serde(default)]
+    pub client_nonce: String,
+}
+
+/// Body of [`MsgType::Notice`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Notice {
+    /// The receiver's member id.
+    pub member_id: u64,
+    /// Group.
+    pub group: String,
+    /// New epoch.
+    pub epoch: u64,
+    /// Members in the new view.
+    pub size: usize,
+    /// The receiver's rank in it (`None`: not a member any more).
+    pub rank: Option<usize>,
 }
 
 /// Body of [`MsgType::View`].
@@ -87,6 +199,9 @@ pub(crate) struct ViewMsg {
     pub member_id: u64,
     /// The view.
     pub view: View,
+    /// Why this view was made ("initial", "join of 5,6", "failure of 3: ...", ...).
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Body of [`MsgType::Error`].
@@ -94,6 +209,11 @@ pub(crate) struct ViewMsg {
 pub(crate) struct ErrorMsg {
     /// Human-readable reason.
     pub message: String,
+    /// Machine-readable reason where one applies: "retired" (the member was declared dead or
+    /// left; its id is never accepted again), "unknown" (the coordinator has no record of the
+    /// group), "auth" (job token refused).
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
 /// Body of [`MsgType::Goodbye`].
@@ -315,10 +435,12 @@ pub(crate) fn encode<T: Serialize>(ty: MsgType, body: &T) -> crate::error::Resul
     Ok(encode_raw(VERSION, ty as u16, &payload))
 }
 
-/// An error frame (never fails: the message is plain text).
-pub(crate) fn encode_error(message: &str) -> Vec<u8> {
+/// An error frame with an optional machine-readable code (never fails: the message is plain
+/// text).
+pub(crate) fn encode_error_code(message: &str, code: Option<&str>) -> Vec<u8> {
     let body = ErrorMsg {
         message: message.to_string(),
+        code: code.map(str::to_string),
     };
     let payload = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"message\":\"\"}".to_vec());
     encode_raw(VERSION, MsgType::Error as u16, &payload)

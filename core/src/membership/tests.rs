@@ -89,6 +89,7 @@ fn frames_round_trip_and_reject_garbage() {
     let (mut b, _) = l.accept().unwrap();
     let body = proto::ErrorMsg {
         message: "hé".into(),
+        code: None,
     };
     a.write_all(&proto::encode(MsgType::Error, &body).unwrap())
         .unwrap();
@@ -269,11 +270,11 @@ fn refusals_are_clear_errors() {
         m[0].contains("rank 7 is not below the world size 3"),
         "{m:?}"
     );
-    // Other roles are not accepted yet.
+    // A weight that is not a positive number.
     let mut r = reg("world", 3, None);
-    r.role = Role::Server;
+    r.weight = -1.0;
     let m = refusal(&addr, &r);
-    assert!(m.contains("role server"), "{m}");
+    assert!(m.contains("weight -1"), "{m}");
     assert_eq!(c.registered("world"), 1);
     // Complete group.
     let h0 = spawn_rdv(&addr, reg("world", 3, None));
@@ -285,7 +286,7 @@ fn refusals_are_clear_errors() {
     let m = refusal(&addr, &reg("world", 3, None));
     assert_eq!(
         m,
-        "group world is complete (3 members); elastic join is not enabled"
+        "group world is complete (3 members); elastic join is not enabled (BRAID_ELASTIC=1)"
     );
     drop(done);
 }
