@@ -2,10 +2,14 @@
 //! connections to the other ranks.
 //!
 //! The calling thread drives everything itself (non-blocking sockets, readiness polling): after
-//! a round with no progress it spins for `BRAID_SPIN_US` (yielding the CPU), then blocks in
+//! a round with no progress it keeps looking for `BRAID_SPIN_US`, yielding the CPU between
+//! looks (never spinning bare: a co-scheduled peer must get the CPU), then blocks in
 //! `poll(2)` on every connection, so that an idle rank burns no CPU and a dead peer (hang-up on
-//! any connection) is noticed at once. Every wait has a deadline (`BRAID_TIMEOUT` without
-//! progress) and watches the communicator's abort flag.
+//! any connection) is noticed at once. When a connection reports an oversubscribed host
+//! ([`Conn::oversubscribed`]: more same-host ranks than CPUs) the yielding lasts longer
+//! ([`OVERSUB_YIELD`]) before blocking: the peer waited for is then usually runnable but off the
+//! CPU. Every wait has a deadline (`BRAID_TIMEOUT` without progress) and watches the
+//! communicator's abort flag.
 //!
 //! Every message carries the collective's signature ([`Sig`], in the transport's meta bytes);
 //! a receive whose sender's signature differs fails with both signatures named.
@@ -131,6 +135,15 @@ pub(crate) struct P2pOp {
     pub buf: RawBuf,
     pub sig: Sig,
 }
+
+/// How long a rank on an oversubscribed host ([`Conn::oversubscribed`]) keeps yielding the CPU
+/// between looks at its connections before it blocks in `poll(2)` (at least `BRAID_SPIN_US`).
+const OVERSUB_YIELD: Duration = Duration::from_millis(2);
+
+/// Collectives of at least this many bytes per rank receive their results past the cache
+/// ([`Conn::irecv_hint`]): such results are not read again soon, and writing them past the cache
+/// skips reading the destination first.
+const STREAM_BYTES: usize = 32 << 20;
 
 /// Maximum receive-reduce operations in flight per peer (each holds one staging buffer).
 const STAGING_PER_PEER: usize = 4;
@@ -441,6 +454,9 @@ impl Exec {
                 self.work.push(i as u32);
             }
         }
+        // Results of a large collective are not read again soon: receives into them may go past
+        // the cache; receives into staging buffers (reduced at once) never do.
+        let stream = ctx.count * ctx.esize() >= STREAM_BYTES;
         let mut done = 0usize;
         let mut last_progress = Instant::now();
         let mut last_full_sweep = Instant::now();
@@ -506,7 +522,10 @@ impl Exec {
                         };
                         // SAFETY: as for isend; staging buffers are owned by self and not
                         // touched until the request completes.
-                        let r = unsafe { peer.conn.irecv(tag, ptr, len) };
+                        let r = unsafe {
+                            peer.conn
+                                .irecv_hint(tag, ptr, len, stream && stg == usize::MAX)
+                        };
                         let r = match r {
                             Ok(Some(r)) => r,
                             Ok(None) => {
@@ -684,14 +703,22 @@ impl Exec {
                 secs: quiet.as_secs_f64(),
             });
         }
-        if quiet < self.spin {
-            // Pure spinning for the first microseconds (a reply is usually this close), then
-            // yield the CPU between polls so oversubscribed ranks can run.
-            if quiet < Duration::from_micros(20) {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        // Look again after yielding the CPU, never after a bare spin: when the host has more
+        // runnable threads than CPUs (more ranks than CPUs, or other work) the peer waited for
+        // is often runnable on this very CPU, and a spinning waiter keeps it off for the whole
+        // spin (measured: 2 ranks next to one busy process took 22 µs per 8-byte all_reduce
+        // with 20 µs of spinning first, 2-3 µs yielding at once; on a quiet host both ~1 µs,
+        // since sched_yield returns at once when nobody else wants the CPU). With more ranks
+        // than CPUs, yield for longer before blocking: a blocked rank costs a full wake-up
+        // through the scheduler on both sides.
+        let oversub = peers.iter().flatten().any(|p| p.conn.oversubscribed());
+        let spin = if oversub {
+            self.spin.max(OVERSUB_YIELD)
+        } else {
+            self.spin
+        };
+        if quiet < spin {
+            std::thread::yield_now();
             return Ok(());
         }
         self.pollfds.clear();

@@ -216,6 +216,26 @@ pub trait Conn: Send {
     /// completed or the connection is dropped.
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>>;
 
+    /// As [`Conn::irecv`], with a hint about the destination: `stream` says that the received
+    /// bytes are not read again soon (a large result buffer), so a transport that copies may
+    /// write them past the cache; `!stream` says that they are (a staging buffer reduced at
+    /// once), so it should not. Plain [`Conn::irecv`] lets the transport decide by `len`.
+    /// Default: [`Conn::irecv`].
+    ///
+    /// # Safety
+    /// As [`Conn::irecv`].
+    unsafe fn irecv_hint(
+        &mut self,
+        tag: u64,
+        buf: *mut u8,
+        len: usize,
+        stream: bool,
+    ) -> NetResult<Option<Request>> {
+        let _ = stream;
+        // SAFETY: the caller's contract is irecv's.
+        unsafe { self.irecv(tag, buf, len) }
+    }
+
     /// Moves bytes for every posted request; returns whether anything moved. Errors are sticky.
     fn progress(&mut self) -> NetResult<bool>;
 
@@ -242,6 +262,14 @@ pub trait Conn: Send {
 
     /// Bytes sent and received over this connection so far (payload only).
     fn bytes(&self) -> (u64, u64);
+
+    /// Whether a rank waiting on this connection should yield the CPU between looks rather
+    /// than spin or block at once: the peer is a process on this host, and this host runs more
+    /// such processes than there are CPUs for them, so a spinning waiter keeps off the CPU the
+    /// very peer it waits for, and a blocked one pays a full wake-up. Default: false.
+    fn oversubscribed(&self) -> bool {
+        false
+    }
 }
 
 /// Waits until one of `fds` is ready (per its `read`/`write` flags; hang-ups and errors always

@@ -21,7 +21,10 @@
 //! `spin`, then sets the side's "waiting" flag and re-checks the rings (a ready ring signals its
 //! own eventfd so the poll returns at once). A side that publishes head or tail checks the
 //! peer's flag afterwards and writes the peer's eventfd when it is set. Both use sequentially
-//! consistent fences, so one of the two always sees the other.
+//! consistent fences, so one of the two always sees the other. On an oversubscribed host (more
+//! same-host ranks than CPUs, [`ShmOptions::oversubscribed`]) `poll_fds` does not spin: the
+//! caller yields the CPU between looks instead ([`Conn::oversubscribed`]), since a spinning
+//! waiter keeps the peer it waits for off the CPU.
 //!
 //! Goodbye and abort set the side's state (abort also writes the reason into the segment),
 //! signal the peer and shut the socket down; a peer that dies without either is seen as a
@@ -29,7 +32,8 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::reqs::ReqTable;
@@ -60,6 +64,12 @@ const MAX_HELLO: usize = 4096;
 const MAX_POSTED: usize = 4096;
 const NFDS: usize = 3;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receives of at least this many bytes posted with plain `irecv` go past the cache (the copy
+/// out of the ring uses non-temporal stores), like glibc's memcpy does for large copies: at this
+/// size the destination does not stay in cache anyway, and the stores skip reading it first.
+const NT_MIN_MSG: usize = 4 << 20;
+/// Receives smaller than this never use non-temporal stores, whatever the hint.
+const NT_MIN_COPY: usize = 16 << 10;
 /// How often a busy connection checks its socket for a hang-up.
 const SOCK_CHECK: Duration = Duration::from_millis(1);
 
@@ -72,6 +82,11 @@ pub struct ShmOptions {
     pub chunk_bytes: usize,
     /// How long `poll_fds` spins on the rings before the caller blocks in `poll(2)`.
     pub spin: Duration,
+    /// Whether this host runs more ranks than there are CPUs for them ([`Conn::oversubscribed`]:
+    /// waiters yield instead of spinning). `None` decides it from the connections: with every
+    /// same-host pair connected (a full mesh), a process with `k` open shm connections shares
+    /// the host with `k` other ranks, compared with the CPUs this process may run on.
+    pub oversubscribed: Option<bool>,
 }
 
 impl Default for ShmOptions {
@@ -80,7 +95,42 @@ impl Default for ShmOptions {
             ring_bytes: 4 << 20,
             chunk_bytes: 256 << 10,
             spin: Duration::from_micros(20),
+            oversubscribed: None,
         }
+    }
+}
+
+/// What the connections of one transport know about the load of the host.
+#[derive(Debug)]
+struct Load {
+    /// Open connections made by this transport (other same-host ranks in a full mesh).
+    live: AtomicUsize,
+    /// CPUs this process may run on.
+    cpus: usize,
+    /// [`ShmOptions::oversubscribed`].
+    force: Option<bool>,
+}
+
+impl Load {
+    fn oversubscribed(&self) -> bool {
+        self.force
+            .unwrap_or_else(|| self.live.load(Ordering::Relaxed) + 1 > self.cpus)
+    }
+}
+
+/// Counts one open connection in its transport's [`Load`] while it lives.
+struct LiveGuard(Arc<Load>);
+
+impl LiveGuard {
+    fn new(load: &Arc<Load>) -> LiveGuard {
+        load.live.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(load.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -88,6 +138,7 @@ impl Default for ShmOptions {
 #[derive(Debug, Clone)]
 pub struct ShmTransport {
     opts: ShmOptions,
+    load: Arc<Load>,
 }
 
 impl ShmTransport {
@@ -102,7 +153,13 @@ impl ShmTransport {
         if opts.chunk_bytes == 0 {
             return Err(NetError::Unavailable("shm chunk of 0 bytes".into()));
         }
-        Ok(ShmTransport { opts })
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let load = Arc::new(Load {
+            live: AtomicUsize::new(0),
+            cpus,
+            force: opts.oversubscribed,
+        });
+        Ok(ShmTransport { opts, load })
     }
 }
 
@@ -293,18 +350,58 @@ unsafe fn ring_write(ring: *mut u8, r: usize, pos: u64, src: *const u8, n: usize
     }
 }
 
-/// Copies `n` bytes out of the ring at stream position `pos` into `dst`.
+/// Copies `n` bytes from `src` to `dst`; with `nt`, bypassing the cache for the destination
+/// (non-temporal stores: no read-for-ownership of `dst`, no eviction of the ring), followed by
+/// a store fence so that the bytes are visible before any later publication.
+///
+/// # Safety
+/// As `std::ptr::copy_nonoverlapping`.
+unsafe fn copy_out(dst: *mut u8, src: *const u8, n: usize, nt: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if nt && n >= 1024 {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        // SAFETY: all accesses stay inside src..src+n and dst..dst+n (caller's contract); the
+        // streaming stores go to 16-byte aligned addresses; SSE2 is part of x86_64.
+        unsafe {
+            let head = dst.align_offset(64).min(n);
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            let (mut s, mut d) = (src.add(head), dst.add(head));
+            let body = (n - head) / 64;
+            for _ in 0..body {
+                let a = _mm_loadu_si128(s as *const __m128i);
+                let b = _mm_loadu_si128(s.add(16) as *const __m128i);
+                let c = _mm_loadu_si128(s.add(32) as *const __m128i);
+                let e = _mm_loadu_si128(s.add(48) as *const __m128i);
+                _mm_stream_si128(d as *mut __m128i, a);
+                _mm_stream_si128(d.add(16) as *mut __m128i, b);
+                _mm_stream_si128(d.add(32) as *mut __m128i, c);
+                _mm_stream_si128(d.add(48) as *mut __m128i, e);
+                s = s.add(64);
+                d = d.add(64);
+            }
+            std::ptr::copy_nonoverlapping(s, d, n - head - body * 64);
+            _mm_sfence();
+        }
+        return;
+    }
+    let _ = nt;
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+}
+
+/// Copies `n` bytes out of the ring at stream position `pos` into `dst` (see [`copy_out`] for
+/// `nt`).
 ///
 /// # Safety
 /// As [`ring_write`], with `dst` valid for `n` writable bytes.
-unsafe fn ring_read(ring: *const u8, r: usize, pos: u64, dst: *mut u8, n: usize) {
+unsafe fn ring_read(ring: *const u8, r: usize, pos: u64, dst: *mut u8, n: usize, nt: bool) {
     let off = (pos % r as u64) as usize;
     let first = n.min(r - off);
     // SAFETY: as in ring_write.
     unsafe {
-        std::ptr::copy_nonoverlapping(ring.add(off), dst, first);
+        copy_out(dst, ring.add(off), first, nt);
         if n > first {
-            std::ptr::copy_nonoverlapping(ring, dst.add(first), n - first);
+            copy_out(dst.add(first), ring, n - first, nt);
         }
     }
 }
@@ -338,6 +435,8 @@ struct Rx {
     tag: u64,
     ptr: *mut u8,
     len: usize,
+    /// Copy out with non-temporal stores ([`copy_out`]).
+    nt: bool,
     got_hdr: bool,
     done: usize,
     req: u64,
@@ -373,6 +472,7 @@ pub struct ShmConn {
     bytes_tx: u64,
     bytes_rx: u64,
     desc: String,
+    live: LiveGuard,
 }
 
 // SAFETY: the raw pointers in Tx/Rx point into buffers that the caller of isend/irecv promised
@@ -390,6 +490,7 @@ impl ShmConn {
         efd_me: OwnedFd,
         efd_peer: OwnedFd,
         desc: String,
+        load: &Arc<Load>,
     ) -> ShmConn {
         ShmConn {
             seg,
@@ -418,6 +519,7 @@ impl ShmConn {
             bytes_tx: 0,
             bytes_rx: 0,
             desc,
+            live: LiveGuard::new(load),
         }
     }
 
@@ -569,7 +671,7 @@ impl ShmConn {
                 }
                 let mut h = [0u8; HDR];
                 // SAFETY: HDR published bytes start at tail in the peer's ring.
-                unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR) };
+                unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR, false) };
                 if h[0..4] != FRAME_MAGIC {
                     break Err(NetError::Protocol(
                         "corrupt shm frame: bad magic in a frame header".into(),
@@ -613,7 +715,7 @@ impl ShmConn {
                 let k = (avail as usize).min(rx.len - rx.done).min(self.chunk);
                 // SAFETY: k published bytes start at tail; rx.ptr..+len is the posted receive
                 // buffer (irecv contract).
-                unsafe { ring_read(ring, self.ring, self.tail, rx.ptr.add(rx.done), k) };
+                unsafe { ring_read(ring, self.ring, self.tail, rx.ptr.add(rx.done), k, rx.nt) };
                 rx.done += k;
                 self.tail += k as u64;
                 avail -= k as u64;
@@ -803,6 +905,17 @@ impl Conn for ShmConn {
     }
 
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
+        // SAFETY: the caller's contract is irecv's.
+        unsafe { self.irecv_hint(tag, buf, len, len >= NT_MIN_MSG) }
+    }
+
+    unsafe fn irecv_hint(
+        &mut self,
+        tag: u64,
+        buf: *mut u8,
+        len: usize,
+        stream: bool,
+    ) -> NetResult<Option<Request>> {
         self.check()?;
         if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
@@ -812,6 +925,7 @@ impl Conn for ShmConn {
             tag,
             ptr: buf,
             len,
+            nt: stream && len >= NT_MIN_COPY,
             got_hdr: false,
             done: 0,
             req,
@@ -862,7 +976,14 @@ impl Conn for ShmConn {
         if self.error.is_some() || self.closed_local {
             return;
         }
-        let end = Instant::now() + self.spin;
+        // Oversubscribed: the caller already yielded between looks; spinning here would only
+        // keep the peer off the CPU.
+        let spin = if self.live.0.oversubscribed() {
+            Duration::ZERO
+        } else {
+            self.spin
+        };
+        let end = Instant::now() + spin;
         loop {
             if self.ready() {
                 signal(self.efd_me.as_raw_fd());
@@ -928,6 +1049,10 @@ impl Conn for ShmConn {
     fn bytes(&self) -> (u64, u64) {
         (self.bytes_tx, self.bytes_rx)
     }
+
+    fn oversubscribed(&self) -> bool {
+        self.live.0.oversubscribed()
+    }
 }
 
 struct PendingSock {
@@ -939,6 +1064,7 @@ struct PendingSock {
 pub struct ShmListen {
     fd: OwnedFd,
     opts: ShmOptions,
+    load: Arc<Load>,
     pending: Vec<PendingSock>,
 }
 
@@ -1053,7 +1179,7 @@ impl ShmListen {
             None => "shm peer".into(),
         };
         // Side 1: wakes on efd1, wakes the connector on efd0.
-        let conn = ShmConn::new(seg, 1, ring, &self.opts, sock, efd1, efd0, desc);
+        let conn = ShmConn::new(seg, 1, ring, &self.opts, sock, efd1, efd0, desc, &self.load);
         HelloRead::Conn(Box::new(conn), b[HELLO_FIXED..].to_vec())
     }
 }
@@ -1156,6 +1282,7 @@ impl Transport for ShmTransport {
             Box::new(ShmListen {
                 fd,
                 opts: self.opts.clone(),
+                load: self.load.clone(),
                 pending: Vec::new(),
             }),
             ConnectHandle {
@@ -1280,7 +1407,7 @@ impl Transport for ShmTransport {
         // Side 0: wakes on efd0, wakes the acceptor on efd1. The memfd closes here; the
         // mappings keep the segment alive and nothing names it.
         Ok(Box::new(ShmConn::new(
-            seg, 0, ring, &self.opts, sock, efd0, efd1, desc,
+            seg, 0, ring, &self.opts, sock, efd0, efd1, desc, &self.load,
         )))
     }
 }
@@ -1326,10 +1453,79 @@ mod tests {
                 ring_bytes: 4096 + 13,
                 chunk_bytes: 1000,
                 spin: Duration::ZERO,
+                oversubscribed: None,
             })
         };
         conf::exchange(&small, conf::SIZES);
         conf::both_directions_at_once(&small);
+    }
+
+    #[test]
+    fn shm_nt_copy_out_matches_memcpy() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 31 + 7) as u8).collect();
+        for (so, dof, n) in [
+            (0, 0, 65_000),
+            (3, 5, 50_001),
+            (1, 63, 1024),
+            (0, 1, 4097),
+            (7, 0, 1000),
+        ] {
+            let mut dst = vec![0xAAu8; 70_100];
+            // SAFETY: both ranges lie inside the vectors.
+            unsafe { copy_out(dst.as_mut_ptr().add(dof), src.as_ptr().add(so), n, true) };
+            assert_eq!(&dst[dof..dof + n], &src[so..so + n], "{so} {dof} {n}");
+            assert!(dst[..dof].iter().all(|&b| b == 0xAA));
+            assert!(dst[dof + n..].iter().all(|&b| b == 0xAA));
+        }
+    }
+
+    #[test]
+    fn shm_streaming_receives_wrap_and_backpressure() {
+        // Receives of NT_MIN_MSG bytes and more are copied out with non-temporal stores; an odd
+        // ring and chunk make every copy start and end unaligned and wrap around.
+        let odd = || {
+            pair(ShmOptions {
+                ring_bytes: (256 << 10) + 13,
+                chunk_bytes: 50_001,
+                spin: Duration::ZERO,
+                oversubscribed: None,
+            })
+        };
+        conf::exchange(&odd, &[NT_MIN_MSG + 3, 17, NT_MIN_MSG, 100_000]);
+        conf::exchange(&default_pair, &[NT_MIN_MSG + 1, NT_MIN_MSG - 1]);
+    }
+
+    #[test]
+    fn shm_oversubscription_follows_open_connections() {
+        let t = ShmTransport::new(ShmOptions::default()).unwrap();
+        let cpus = t.load.cpus;
+        assert!(!t.load.oversubscribed());
+        // k open connections: k + 1 ranks on the host.
+        let mut guards: Vec<LiveGuard> = (1..cpus).map(|_| LiveGuard::new(&t.load)).collect();
+        assert!(
+            !t.load.oversubscribed(),
+            "{} connections, {cpus} cpus",
+            guards.len()
+        );
+        guards.push(LiveGuard::new(&t.load));
+        assert!(
+            t.load.oversubscribed(),
+            "{} connections, {cpus} cpus",
+            guards.len()
+        );
+        drop(guards);
+        assert!(!t.load.oversubscribed());
+        let forced = ShmTransport::new(ShmOptions {
+            oversubscribed: Some(true),
+            ..ShmOptions::default()
+        })
+        .unwrap();
+        assert!(forced.load.oversubscribed());
+        let (a, b) = pair(ShmOptions {
+            oversubscribed: Some(false),
+            ..ShmOptions::default()
+        });
+        assert!(!a.oversubscribed() && !b.oversubscribed());
     }
 
     #[test]
@@ -1400,6 +1596,7 @@ mod tests {
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(20),
                 ),
+                oversubscribed: None,
             });
             let n = 64 << 20;
             let iters = 10;
