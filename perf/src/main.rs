@@ -3,7 +3,7 @@
 //! ```text
 //! braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv
 //!     [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT]
-//!     [--ranks N] [--transport tcp|shm|auto] [--json FILE] [-v]
+//!     [--ranks N] [--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration S]]
 //! braid-perf kernels [-b MIN] [-e MAX]     # reduction kernel vs memcpy bandwidth, one process
 //! braid-perf topo [--json]                 # this host's topology (hwloc, sysfs fallback)
 //! ```
@@ -15,6 +15,15 @@
 //! Columns follow nccl-tests: `size count type redop root`, then for out-of-place and in-place
 //! `time algbw busbw #wrong`. Time is the maximum over ranks of the mean per iteration; #wrong
 //! counts elements that differ from the closed-form expected result of a separate checked run.
+//!
+//! `--elastic --duration S` (elastic groups: run under `braid-run --join/--kill`, or with
+//! `BRAID_ELASTIC=1`) loops the collective at one size (`-e`, or `-b`) for S seconds, calling
+//! `update()` between iterations and recovering from lost peers. Every rank prints
+//! `# view epoch=E size=N rank=R` when it starts and on every view change, and rank 0 prints a
+//! progress row per second (`time epoch size steps step_us busbw #wrong`). Expected values are
+//! computed for the current view, so #wrong stays exact while the size changes. The last line
+//! of each rank is `# elastic: steps completed C failed F view changes V epoch E size N
+//! #wrong W`. Exit status 0 when no element was wrong.
 
 use std::io::Write;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -115,12 +124,15 @@ struct Args {
     transport: Option<String>,
     json: Option<String>,
     verbose: bool,
+    /// `--elastic`: loop for `duration` seconds through view changes.
+    elastic: bool,
+    duration: f64,
     raw: Vec<String>,
 }
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|auto] [--json FILE] [-v]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n\
+[--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -142,6 +154,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         transport: None,
         json: None,
         verbose: false,
+        elastic: false,
+        duration: 10.0,
         raw: argv.to_vec(),
     };
     let mut max_set = false;
@@ -184,6 +198,17 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--json" => a.json = Some(val()?),
             "-v" | "--verbose" => a.verbose = true,
+            "--elastic" => a.elastic = true,
+            "--duration" => {
+                let v = val()?;
+                a.duration = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|d| d.is_finite() && *d > 0.0)
+                    .ok_or_else(|| {
+                        format!("--duration {v}: expected a positive number of seconds")
+                    })?;
+            }
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown option '{other}'\n{USAGE}")),
         }
@@ -269,6 +294,9 @@ fn spawn_local(args: &Args) -> ExitCode {
             .stdin(Stdio::null());
         if let Some(t) = &args.transport {
             cmd.env("BRAID_TRANSPORT", t);
+        }
+        if args.elastic {
+            cmd.env("BRAID_ELASTIC", "1");
         }
         if r != 0 {
             cmd.stdout(Stdio::null());
@@ -360,6 +388,22 @@ fn run_rank(args: &Args) -> Result<bool, String> {
             _ => TransportKind::Auto,
         };
     }
+    if args.elastic {
+        cfg.elastic = true;
+        let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
+        return match args.dtype {
+            DataType::I8 => elastic::<i8>(comm, args),
+            DataType::U8 => elastic::<u8>(comm, args),
+            DataType::I32 => elastic::<i32>(comm, args),
+            DataType::U32 => elastic::<u32>(comm, args),
+            DataType::I64 => elastic::<i64>(comm, args),
+            DataType::U64 => elastic::<u64>(comm, args),
+            DataType::F16 => elastic::<f16>(comm, args),
+            DataType::BF16 => elastic::<bf16>(comm, args),
+            DataType::F32 => elastic::<f32>(comm, args),
+            DataType::F64 => elastic::<f64>(comm, args),
+        };
+    }
     let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
     let rows = match args.dtype {
         DataType::I8 => bench::<i8>(&comm, args),
@@ -436,6 +480,189 @@ fn run_rank(args: &Args) -> Result<bool, String> {
         eprintln!("{s}");
     }
     Ok(wrong == 0)
+}
+
+/// Buffers and sizes of one view in the elastic loop.
+struct ElasticBufs<T> {
+    n: usize,
+    rank: usize,
+    per: usize,
+    size_eff: usize,
+    root: usize,
+    b: Bufs<T>,
+}
+
+fn elastic_bufs<T: PerfElem>(comm: &Communicator, a: &Args) -> ElasticBufs<T> {
+    let (n, rank) = (comm.size(), comm.rank());
+    let es = T::DTYPE.size();
+    let size = a.max.max(a.min);
+    let unit = if a.coll.size_is_total() { es * n } else { es };
+    let size_eff = (size / unit) * unit;
+    let total = size_eff / es;
+    let per = if a.coll.size_is_total() {
+        total / n
+    } else {
+        total
+    };
+    let root = a.root.min(n - 1);
+    let b = check::buffers::<T>(a.coll_kind(), n, rank, per, root, false, a.op);
+    ElasticBufs {
+        n,
+        rank,
+        per,
+        size_eff,
+        root,
+        b,
+    }
+}
+
+fn view_line(comm: &Communicator) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "# view epoch={} size={} rank={}",
+        comm.view().epoch,
+        comm.size(),
+        comm.rank()
+    );
+    let _ = out.flush();
+}
+
+/// The `--elastic` loop (see the module docs).
+fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args) -> Result<bool, String> {
+    let start = Instant::now();
+    let mut completed = 0u64;
+    let mut failed = 0u64;
+    let mut changes = 0u64;
+    let mut wrong_total = 0u64;
+    // Shared state handed to joiners: the job's step count.
+    let mut state = [0u64];
+    comm.sync_from_oldest(&mut state)
+        .map_err(|e| format!("initial sync: {e}"))?;
+    view_line(&comm);
+    let mut eb = elastic_bufs::<T>(&comm, a);
+    let mut last_print = Instant::now();
+    let mut window = (0u64, 0.0f64, 0u64); // steps, seconds, wrong since the last print
+    let mut normal_step_s: Vec<f64> = Vec::new();
+    loop {
+        let t0 = Instant::now();
+        let mut ok = true;
+        // 1. The step, checked against the current view.
+        let a2 = Args {
+            root: eb.root,
+            ..a.clone()
+        };
+        match call(&comm, &a2, &mut eb.b, false) {
+            Ok(()) => {
+                let w = check::count_wrong(
+                    a.coll_kind(),
+                    eb.n,
+                    eb.rank,
+                    eb.per,
+                    eb.root,
+                    false,
+                    a.op,
+                    &eb.b.recv,
+                );
+                wrong_total += w;
+                window.2 += w;
+                completed += 1;
+                state[0] += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                ok = false;
+                eprintln!("# step failed (epoch {}): {e}", comm.view().epoch);
+            }
+        }
+        let step_s = t0.elapsed().as_secs_f64();
+        // 2. Stop together: the first rank whose time is up stops everyone.
+        let mut stop = false;
+        if ok {
+            let mut f = [u8::from(start.elapsed().as_secs_f64() >= a.duration)];
+            match comm.all_reduce_inplace(&mut f, ReduceOp::Max) {
+                Ok(()) => stop = f[0] == 1,
+                Err(e) => eprintln!("# control all-reduce failed: {e}"),
+            }
+        }
+        if stop {
+            break;
+        }
+        // 3. Adopt a new view if there is one.
+        let tu = Instant::now();
+        match comm.update() {
+            Ok(true) => {
+                changes += 1;
+                if comm.has_left() {
+                    break;
+                }
+                comm.sync_from_oldest(&mut state)
+                    .map_err(|e| format!("sync after the view change: {e}"))?;
+                let switch = step_s + tu.elapsed().as_secs_f64();
+                view_line(&comm);
+                normal_step_s.sort_by(f64::total_cmp);
+                let median = normal_step_s.get(normal_step_s.len() / 2).copied();
+                if comm.rank() == 0 {
+                    println!(
+                        "# switch to epoch {}: step + update took {:.3} ms (median step before: {})",
+                        comm.view().epoch,
+                        switch * 1e3,
+                        median.map_or("n/a".to_string(), |m| format!("{:.3} ms", m * 1e3))
+                    );
+                }
+                normal_step_s.clear();
+                eb = elastic_bufs::<T>(&comm, a);
+            }
+            Ok(false) => {
+                if ok {
+                    normal_step_s.push(step_s + tu.elapsed().as_secs_f64());
+                    if normal_step_s.len() > 4096 {
+                        normal_step_s.drain(..2048);
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(format!(
+                    "member {}: update failed: {e} (steps completed {completed}, failed {failed})",
+                    comm.member_id()
+                ))
+            }
+        }
+        if ok {
+            window.0 += 1;
+            window.1 += step_s;
+        }
+        if comm.rank() == 0 && last_print.elapsed() >= Duration::from_secs(1) {
+            let us = if window.0 > 0 {
+                window.1 / window.0 as f64 * 1e6
+            } else {
+                0.0
+            };
+            let busbw = if us > 0.0 {
+                eb.size_eff as f64 / us / 1e3 * a.coll.bus_factor(eb.n)
+            } else {
+                0.0
+            };
+            println!(
+                "  {:>7.1} epoch {:>4} size {:>4} steps {:>8} step_us {:>10.2} busbw {:>8.3} #wrong {}",
+                start.elapsed().as_secs_f64(),
+                comm.view().epoch,
+                eb.n,
+                state[0],
+                us,
+                busbw,
+                window.2
+            );
+            window = (0, 0.0, 0);
+            last_print = Instant::now();
+        }
+    }
+    println!(
+        "# elastic: steps completed {completed} failed {failed} view changes {changes} epoch {} size {} #wrong {wrong_total}",
+        comm.view().epoch,
+        comm.size()
+    );
+    Ok(wrong_total == 0)
 }
 
 fn peak_rss_kib() -> u64 {

@@ -1074,7 +1074,7 @@ fn complete(name: &str, group: &mut Group) -> View {
 fn publish_all(publish: Publish) {
     for (w, peer, bytes) in publish {
         if let Err(e) = proto::write_bytes(&mut lock(&w), &bytes, WRITE_TIMEOUT) {
-            tracing::warn!(target: LOG, "coordinator: cannot send a view to {peer}: {e}");
+            tracing::info!(target: LOG, "coordinator: cannot send a view to {peer}: {e}");
         }
     }
 }
