@@ -17,7 +17,7 @@
 //! counts elements that differ from the closed-form expected result of a separate checked run.
 //!
 //! `--elastic --duration S` (elastic groups: run under `braid-run --join/--kill`, or with
-//! `BRAID_ELASTIC=1`) loops the collective at one size (`-e`, or `-b`) for S seconds, calling
+//! `BRAID_ELASTIC=1`) loops the collective at one size (`-e` if given, else `-b`) for S seconds, calling
 //! `update()` between iterations and recovering from lost peers. Every rank prints
 //! `# view epoch=E size=N rank=R` when it starts and on every view change, and rank 0 prints a
 //! progress row per second (`time epoch size steps step_us busbw #wrong`). Expected values are
@@ -127,6 +127,8 @@ struct Args {
     /// `--elastic`: loop for `duration` seconds through view changes.
     elastic: bool,
     duration: f64,
+    /// `-e` was given.
+    max_set: bool,
     raw: Vec<String>,
 }
 
@@ -156,6 +158,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         verbose: false,
         elastic: false,
         duration: 10.0,
+        max_set: false,
         raw: argv.to_vec(),
     };
     let mut max_set = false;
@@ -213,6 +216,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             other => return Err(format!("unknown option '{other}'\n{USAGE}")),
         }
     }
+    a.max_set = max_set;
     if !max_set && a.max < a.min {
         a.max = a.min;
     }
@@ -269,7 +273,10 @@ fn main() -> ExitCode {
 
 /// Starts `args.ranks` child processes of this program with an embedded coordinator.
 fn spawn_local(args: &Args) -> ExitCode {
-    let coord = match Coordinator::bind("127.0.0.1:0") {
+    let coord = match Coordinator::bind_with(
+        "127.0.0.1:0",
+        braid::membership::CoordinatorOptions::from_env(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("braid-perf: starting the coordinator: {e}");
@@ -495,7 +502,8 @@ struct ElasticBufs<T> {
 fn elastic_bufs<T: PerfElem>(comm: &Communicator, a: &Args) -> ElasticBufs<T> {
     let (n, rank) = (comm.size(), comm.rank());
     let es = T::DTYPE.size();
-    let size = a.max.max(a.min);
+    // One size: -e if given, else -b.
+    let size = if a.max_set { a.max } else { a.min };
     let unit = if a.coll.size_is_total() { es * n } else { es };
     let size_eff = (size / unit) * unit;
     let total = size_eff / es;

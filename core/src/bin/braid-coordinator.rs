@@ -12,15 +12,25 @@ use std::time::Duration;
 use braid::membership::Coordinator;
 
 const USAGE: &str = "\
-usage: braid-coordinator [--bind HOST:PORT]
+usage: braid-coordinator [--bind HOST:PORT] [--state FILE]
+       braid-coordinator status HOST:PORT [--json]
 
-Runs the braid membership service (rendezvous of ranks) until SIGINT or SIGTERM.
-Ranks find it through BRAID_COORDINATOR=HOST:PORT.
+Runs the braid membership service (rendezvous of ranks, elastic views, heartbeats) until
+SIGINT or SIGTERM. Ranks find it through BRAID_COORDINATOR=HOST:PORT.
 
 options:
   --bind HOST:PORT   address to listen on (default 0.0.0.0:29400; port 0 picks a free one)
+  --state FILE       persist the member-id high-water mark and the views in FILE, and restore
+                     them at start (default: BRAID_COORDINATOR_STATE); members reconnect to a
+                     restarted coordinator and ids are never reused
   -h, --help         this text
 
+`status HOST:PORT` asks a running coordinator for its groups: current view (epoch, members
+with rank, id, host, pid, heartbeat age), waiting joiners and the history of epochs with their
+reasons (initial, join, leave, failure); as text, or the raw JSON with --json.
+
+BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
+token never crosses the wire); `status` uses it too.
 Prints `braid-coordinator listening on ADDR` on stdout once bound.
 Logs go to stderr; BRAID_LOG sets the filter (e.g. info, braid::membership=debug).
 ";
@@ -42,9 +52,127 @@ fn install_handlers() {
     }
 }
 
+/// `braid-coordinator status ADDR [--json]`.
+fn status(args: &[String]) -> ExitCode {
+    let mut addr = None;
+    let mut json = false;
+    for a in args {
+        match a.as_str() {
+            "--json" => json = true,
+            s if !s.starts_with('-') && addr.is_none() => addr = Some(s.to_string()),
+            other => {
+                eprintln!("braid-coordinator status: unexpected argument {other:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(addr) = addr else {
+        eprintln!("braid-coordinator status: needs HOST:PORT\n\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let token = std::env::var("BRAID_JOB_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let st = match braid::membership::coordinator_status(
+        &addr,
+        token.as_deref().map(str::as_bytes),
+        Duration::from_secs(10),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("braid-coordinator status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&st).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let _ = writeln!(
+        out,
+        "coordinator {addr}: next member id {}",
+        st["next_member_id"]
+    );
+    for g in st["groups"].as_array().cloned().unwrap_or_default() {
+        let _ = writeln!(
+            out,
+            "group {} ({}): epoch {} size {}",
+            g["group"].as_str().unwrap_or("?"),
+            if g["elastic"] == true {
+                "elastic"
+            } else {
+                "fixed"
+            },
+            g["epoch"],
+            g["size"]
+        );
+        let _ = writeln!(
+            out,
+            "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>10} {:>9}",
+            "rank", "id", "host", "pid", "role", "heartbeat", "state"
+        );
+        for m in g["members"].as_array().cloned().unwrap_or_default() {
+            let age = m["heartbeat_age_s"]
+                .as_f64()
+                .map_or("-".to_string(), |a| format!("{a:.1} s"));
+            let state = if m["alive"] == false {
+                "dead"
+            } else if m["leaving"] == true {
+                "leaving"
+            } else if m["connected"] == false {
+                "away"
+            } else {
+                "ok"
+            };
+            let _ = writeln!(
+                out,
+                "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>10} {:>9}",
+                m["rank"].to_string(),
+                m["id"].to_string(),
+                m["host"].as_str().unwrap_or("?"),
+                m["pid"].to_string(),
+                m["role"].as_str().unwrap_or("?"),
+                age,
+                state
+            );
+        }
+        for j in g["joiners"].as_array().cloned().unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "  joiner {} (host {}, pid {}) waiting",
+                j["id"],
+                j["host"].as_str().unwrap_or("?"),
+                j["pid"]
+            );
+        }
+        let _ = writeln!(out, "  history:");
+        for h in g["history"].as_array().cloned().unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "    epoch {:>4} size {:>5} at {:.3}: {}",
+                h["epoch"].to_string(),
+                h["size"].to_string(),
+                h["at"].as_f64().unwrap_or(0.0),
+                h["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("status") {
+        return status(&argv[1..]);
+    }
     let mut bind = String::from("0.0.0.0:29400");
-    let mut args = std::env::args().skip(1);
+    let mut opts = braid::membership::CoordinatorOptions::from_env();
+    let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "-h" | "--help" => {
@@ -59,6 +187,13 @@ fn main() -> ExitCode {
                 }
             },
             s if s.starts_with("--bind=") => bind = s["--bind=".len()..].to_string(),
+            "--state" => match args.next() {
+                Some(v) => opts.state_file = Some(v.into()),
+                None => {
+                    eprintln!("braid-coordinator: --state needs FILE\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             other => {
                 eprintln!("braid-coordinator: unknown argument {other:?}\n\n{USAGE}");
                 return ExitCode::from(2);
@@ -72,7 +207,7 @@ fn main() -> ExitCode {
     braid::config::init_logging(&filter);
     install_handlers();
 
-    let mut coord = match Coordinator::bind(&bind) {
+    let mut coord = match Coordinator::bind_with(&bind, opts) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("braid-coordinator: {e}");

@@ -637,7 +637,10 @@ fn main() -> ExitCode {
     let mut _coordinator: Option<Coordinator> = None;
     let addr = match &opts.coordinator {
         Some(a) => a.clone(),
-        None => match Coordinator::bind("127.0.0.1:0") {
+        None => match Coordinator::bind_with(
+            "127.0.0.1:0",
+            braid::membership::CoordinatorOptions::from_env(),
+        ) {
             Ok(c) => {
                 let a = c.local_addr().to_string();
                 _coordinator = Some(c);
