@@ -167,8 +167,8 @@ typedef struct {
   double timeout_s;
   // Transport between ranks ("auto", "tcp", ...; see BRAID_TRANSPORT); NULL: unset.
   const char *transport;
-  // Job token; NULL: unset. Reserved: stored, checked by a later release (ranks of one job
-  // will have to present the same token).
+  // Job token (as BRAID_JOB_TOKEN: the coordinator and every rank must present the same
+  // one; HMAC-SHA256, never sent); NULL: unset (the environment decides).
   const char *job_token;
 } braid_config_t;
 
@@ -256,6 +256,60 @@ braid_status_t braid_comm_size(braid_comm_t comm, int *size);
 // # Safety
 // `comm` is NULL or a live communicator.
 braid_status_t braid_comm_abort(braid_comm_t comm);
+
+// Writes this process's member id (assigned by the coordinator, never reused) to `*id`.
+//
+// # Safety
+// `comm` is NULL or a live communicator; `id` is NULL or valid for a write.
+braid_status_t braid_comm_member_id(braid_comm_t comm, uint64_t *id);
+
+// Writes the epoch of the membership view `comm` runs on to `*epoch`.
+//
+// # Safety
+// `comm` is NULL or a live communicator; `epoch` is NULL or valid for a write.
+braid_status_t braid_comm_epoch(braid_comm_t comm, uint64_t *epoch);
+
+// Elastic groups (BRAID_ELASTIC=1): adopts the next membership view, if there is one, at a
+// point every member agrees on (collective over the current view; call it on every rank
+// between training steps). `*changed` is set to 1 when the view changed (rank and size may
+// differ: read them again; then call braid_sync_from_oldest so joiners get the state), else 0.
+// After a failure (braid_remote_error from a collective: a peer was lost) it moves the
+// survivors into the next view without the lost member and clears the error. No other call
+// on `comm` may run concurrently.
+//
+// Errors: the sticky error on groups that are not elastic; braid_invalid_usage after abort or
+// after this member left; braid_remote_error when the coordinator removed this member;
+// braid_timeout when no view arrives within BRAID_INIT_TIMEOUT.
+//
+// # Safety
+// `comm` is NULL or a live communicator not used by another thread during the call; `changed`
+// is NULL or valid for a write.
+braid_status_t braid_comm_update(braid_comm_t comm, int *changed);
+
+// Elastic groups: announces a graceful leave. Keep calling collectives and braid_comm_update
+// as usual; the update that excludes this member sets `*changed` and braid_comm_has_left
+// reports 1; then destroy the communicator.
+//
+// # Safety
+// `comm` is NULL or a live communicator not used by another thread during the call.
+braid_status_t braid_comm_leave(braid_comm_t comm);
+
+// Writes 1 to `*left` when this member left the group (see braid_comm_leave), else 0.
+//
+// # Safety
+// `comm` is NULL or a live communicator; `left` is NULL or valid for a write.
+braid_status_t braid_comm_has_left(braid_comm_t comm, int *left);
+
+// Broadcasts `count` elements of `buf` from the member with the smallest id (the oldest) to
+// every rank, in place: after a view change, joiners receive the current parameters.
+// Collective.
+//
+// # Safety
+// `buf` valid for `count` elements for the duration of the call; `comm` is NULL or live.
+braid_status_t braid_sync_from_oldest(void *buf,
+                                      size_t count,
+                                      braid_datatype_t datatype,
+                                      braid_comm_t comm);
 
 // Frees `comm` and everything it holds (connections, threads). Valid after braid_comm_abort.
 // Operations still running are failed first; their requests stay valid until freed. No other

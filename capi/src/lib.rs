@@ -160,8 +160,8 @@ pub struct braid_config_t {
     pub timeout_s: f64,
     /// Transport between ranks ("auto", "tcp", ...; see BRAID_TRANSPORT); NULL: unset.
     pub transport: *const c_char,
-    /// Job token; NULL: unset. Reserved: stored, checked by a later release (ranks of one job
-    /// will have to present the same token).
+    /// Job token (as BRAID_JOB_TOKEN: the coordinator and every rank must present the same
+    /// one; HMAC-SHA256, never sent); NULL: unset (the environment decides).
     pub job_token: *const c_char,
 }
 
@@ -171,9 +171,6 @@ pub struct braid_config_t {
 /// braid_comm_destroy.
 pub struct braid_comm {
     comm: Communicator,
-    /// braid_config_t::job_token (reserved: checked by a later release).
-    #[allow(dead_code)]
-    job_token: Option<CString>,
 }
 
 /// Handle of a communicator. Using it after braid_comm_destroy is undefined behaviour (the
@@ -654,7 +651,6 @@ unsafe fn opt_str(p: *const c_char, what: &str) -> CResult<Option<String>> {
 /// `config` is NULL or points to at least `config->size` readable bytes.
 unsafe fn init_comm(config: *const braid_config_t) -> CResult<Box<braid_comm>> {
     let mut over: Vec<(&'static str, String)> = Vec::new();
-    let mut job_token = None;
     if !config.is_null() {
         // SAFETY: non-NULL; the first field is always present (the caller's struct begins with
         // `size_t size`).
@@ -717,9 +713,9 @@ unsafe fn init_comm(config: *const braid_config_t) -> CResult<Box<braid_comm>> {
             }
         }
         if let Some(p) = field!(config, size, job_token) {
-            if !p.is_null() {
-                // SAFETY: a non-NULL field is a NUL-terminated string (documented).
-                job_token = Some(unsafe { CStr::from_ptr(p) }.to_owned());
+            // SAFETY: a non-NULL field is a NUL-terminated string (documented).
+            if let Some(s) = unsafe { opt_str(p, "config->job_token") }? {
+                over.push(("BRAID_JOB_TOKEN", s));
             }
         }
     }
@@ -731,7 +727,7 @@ unsafe fn init_comm(config: *const braid_config_t) -> CResult<Box<braid_comm>> {
             .or_else(|| std::env::var(k).ok().filter(|v| !v.is_empty()))
     })?;
     let comm = Communicator::init_with(cfg)?;
-    Ok(Box::new(braid_comm { comm, job_token }))
+    Ok(Box::new(braid_comm { comm }))
 }
 
 /// Creates a communicator (collective over all ranks of the job: every rank must call it).
@@ -851,6 +847,132 @@ pub unsafe extern "C" fn braid_comm_abort(comm: braid_comm_t) -> braid_status_t 
         c.comm.abort();
         Ok(())
     })
+}
+
+/// Writes this process's member id (assigned by the coordinator, never reused) to `*id`.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator; `id` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_member_id(comm: braid_comm_t, id: *mut u64) -> braid_status_t {
+    boundary("braid_comm_member_id", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        // SAFETY: caller contract.
+        unsafe { put(id, "id", c.comm.member_id()) }
+    })
+}
+
+/// Writes the epoch of the membership view `comm` runs on to `*epoch`.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator; `epoch` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_epoch(comm: braid_comm_t, epoch: *mut u64) -> braid_status_t {
+    boundary("braid_comm_epoch", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        // SAFETY: caller contract.
+        unsafe { put(epoch, "epoch", c.comm.view().epoch) }
+    })
+}
+
+/// Elastic groups (BRAID_ELASTIC=1): adopts the next membership view, if there is one, at a
+/// point every member agrees on (collective over the current view; call it on every rank
+/// between training steps). `*changed` is set to 1 when the view changed (rank and size may
+/// differ: read them again; then call braid_sync_from_oldest so joiners get the state), else 0.
+/// After a failure (braid_remote_error from a collective: a peer was lost) it moves the
+/// survivors into the next view without the lost member and clears the error. No other call
+/// on `comm` may run concurrently.
+///
+/// Errors: the sticky error on groups that are not elastic; braid_invalid_usage after abort or
+/// after this member left; braid_remote_error when the coordinator removed this member;
+/// braid_timeout when no view arrives within BRAID_INIT_TIMEOUT.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator not used by another thread during the call; `changed`
+/// is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_update(
+    comm: braid_comm_t,
+    changed: *mut c_int,
+) -> braid_status_t {
+    boundary("braid_comm_update", || {
+        if changed.is_null() {
+            return Err(Fail::arg("changed is NULL"));
+        }
+        // SAFETY: non-NULL `comm` is live and not shared during this call (contract).
+        let c = unsafe { comm.as_mut() }.ok_or_else(|| Fail::arg("comm is NULL"))?;
+        let v = c.comm.update()?;
+        // SAFETY: caller contract; checked non-NULL.
+        unsafe { put(changed, "changed", c_int::from(v)) }
+    })
+}
+
+/// Elastic groups: announces a graceful leave. Keep calling collectives and braid_comm_update
+/// as usual; the update that excludes this member sets `*changed` and braid_comm_has_left
+/// reports 1; then destroy the communicator.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_leave(comm: braid_comm_t) -> braid_status_t {
+    boundary("braid_comm_leave", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm.as_mut() }.ok_or_else(|| Fail::arg("comm is NULL"))?;
+        c.comm.leave()?;
+        Ok(())
+    })
+}
+
+/// Writes 1 to `*left` when this member left the group (see braid_comm_leave), else 0.
+///
+/// # Safety
+/// `comm` is NULL or a live communicator; `left` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_has_left(
+    comm: braid_comm_t,
+    left: *mut c_int,
+) -> braid_status_t {
+    boundary("braid_comm_has_left", || {
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        // SAFETY: caller contract.
+        unsafe { put(left, "left", c_int::from(c.comm.has_left())) }
+    })
+}
+
+/// Broadcasts `count` elements of `buf` from the member with the smallest id (the oldest) to
+/// every rank, in place: after a view change, joiners receive the current parameters.
+/// Collective.
+///
+/// # Safety
+/// `buf` valid for `count` elements for the duration of the call; `comm` is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_sync_from_oldest(
+    buf: *mut c_void,
+    count: usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let root = {
+        // SAFETY: caller contract.
+        match unsafe { comm_ref(comm) } {
+            Ok(c) => c_int::try_from(c.comm.oldest_rank()).unwrap_or(0),
+            Err(_) => 0,
+        }
+    };
+    let a = CollArgs {
+        kind: CollKind::Broadcast,
+        send: buf.cast_const(),
+        recv: buf,
+        count,
+        dtype: datatype,
+        op: None,
+        root: Some(root),
+    };
+    // SAFETY: this function's contract.
+    unsafe { coll("braid_sync_from_oldest", a, comm, None) }
 }
 
 /// Frees `comm` and everything it holds (connections, threads). Valid after braid_comm_abort.

@@ -151,6 +151,25 @@ fn check_program(name: &str, ranks: &[usize]) {
 }
 
 #[test]
+fn elastic_join_through_the_c_abi() {
+    let dir = scratch("elastic");
+    let exe = build("elastic", &dir);
+    let mut cmd = Command::new(target_dir().join("braid-run"));
+    cmd.args(["-n", "2", "--join", "1@1", "--"])
+        .arg(&exe)
+        .env("LD_LIBRARY_PATH", target_dir())
+        .env("BRAID_TIMEOUT", "60")
+        .env("BRAID_INIT_TIMEOUT", "60")
+        .env("BRAID_TRANSPORT", "tcp")
+        .env_remove("BRAID_GROUP");
+    let (ok, out) = run(&mut cmd, "elastic");
+    assert!(ok, "elastic failed:\n{out}");
+    assert_eq!(out.matches("elastic ok").count(), 3, "{out}");
+    assert_eq!(out.matches("1 view change(s)").count(), 2, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn collectives() {
     check_program("collectives", &[1, 2, 3, 4]);
 }

@@ -224,6 +224,29 @@ pub fn plan_pipeline(block_costs: &[f64], members: &[(u64, f64)]) -> Result<Pipe
     replan_pipeline(block_costs, members, None).map(|(p, _)| p)
 }
 
+/// Plans `block_costs` over the members of `view`, in view order, balanced by the weight each
+/// member published at registration (`BRAID_WEIGHT`).
+///
+/// Errors: as [`plan_pipeline`].
+pub fn plan_for_view(block_costs: &[f64], view: &super::View) -> Result<PipelinePlan> {
+    let members: Vec<(u64, f64)> = view.members.iter().map(|m| (m.id, m.weight)).collect();
+    plan_pipeline(block_costs, &members)
+}
+
+/// Re-plans for a new view (after a join or a failure), moving as few blocks as possible away
+/// from their owners in `previous`; each member learns from the moves which blocks it gains
+/// and from whom.
+///
+/// Errors: as [`plan_pipeline`].
+pub fn replan_for_view(
+    block_costs: &[f64],
+    view: &super::View,
+    previous: &PipelinePlan,
+) -> Result<(PipelinePlan, Vec<Move>)> {
+    let members: Vec<(u64, f64)> = view.members.iter().map(|m| (m.id, m.weight)).collect();
+    replan_pipeline(block_costs, &members, Some(previous))
+}
+
 /// Re-plans for a new member list: an optimal plan (smallest largest stage) that moves the
 /// fewest blocks away from their owners in `previous`; returns it with the moves.
 ///
@@ -384,6 +407,37 @@ mod tests {
             }
         }
         best
+    }
+
+    #[test]
+    fn plans_follow_the_view_and_its_weights() {
+        let m = |id: u64, w: f64| super::super::Member {
+            id,
+            host_id: "h".into(),
+            hostname: "h".into(),
+            pid: 1,
+            role: super::super::Role::Worker,
+            handle: Vec::new(),
+            numa: None,
+            weight: w,
+        };
+        let v = super::super::View {
+            group: "g".into(),
+            epoch: 1,
+            nonce: 1,
+            members: vec![m(1, 1.0), m(2, 1.0), m(3, 2.0)],
+        };
+        let p = plan_for_view(&[1.0; 8], &v).unwrap();
+        // The member of weight 2 takes about half of the blocks.
+        let big = p.stage_of(3).unwrap();
+        assert_eq!(big.blocks.len(), 4, "{p:?}");
+        let mut v2 = v.clone();
+        v2.epoch = 2;
+        v2.members.push(m(4, 2.0));
+        let (p2, moves) = replan_for_view(&[1.0; 8], &v2, &p).unwrap();
+        assert!(p2.stage_of(4).is_some());
+        assert!(moves.iter().all(|mv| mv.from != mv.to));
+        assert!(!moves.is_empty() && moves.len() < 8, "{moves:?}");
     }
 
     #[test]

@@ -563,3 +563,159 @@ fn shutdown_is_prompt_with_open_connections() {
     assert!(matches!(e, Error::Coordinator(_) | Error::System(_)), "{e}");
     drop(idle);
 }
+
+fn elastic_reg(group: &str, n: usize, hb_ms: u64) -> Registration {
+    let mut r = reg(group, n, None);
+    r.elastic = true;
+    r.heartbeat_timeout_ms = hb_ms;
+    r.policy.join_window_ms = 100;
+    r
+}
+
+#[test]
+fn a_member_declared_dead_is_refused_when_it_comes_back() {
+    let (c, addr) = coord();
+    // Member 1 sends heartbeats (through its client); member 2 registers raw and stays silent.
+    let h = {
+        let addr = addr.clone();
+        thread::spawn(move || {
+            rendezvous_with(
+                &addr,
+                &elastic_reg("g", 2, 5000),
+                &ClientOptions {
+                    token: None,
+                    heartbeat: Duration::from_millis(100),
+                },
+                secs(10.0),
+                &AtomicBool::new(false),
+            )
+            .unwrap()
+        })
+    };
+    let (mut silent, id) = raw_register(&addr, &elastic_reg("g", 2, 400));
+    let (client, _, view) = h.join().unwrap();
+    client.installed(view.epoch);
+    // The silent member gets its view, then is declared dead after 400 ms without a frame.
+    let msgs = drain_until_closed(&mut silent);
+    assert!(msgs.iter().any(|m| m.contains("declared dead")), "{msgs:?}");
+    // The survivor is told: the next view excludes it.
+    let top = client
+        .wait_epoch(2, secs(10.0), &AtomicBool::new(false))
+        .unwrap();
+    let (v2, why) = client.view_of(top).unwrap();
+    assert_eq!(v2.members.len(), 1);
+    assert!(
+        why.contains(&format!("failure of {id}")) && why.contains("heartbeat"),
+        "{why}"
+    );
+    // It comes back with its old id: refused, its id is retired.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let rj = proto::Rejoin {
+        group: "g".into(),
+        member_id: id,
+        epoch: 1,
+        client_nonce: String::new(),
+    };
+    s.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
+        .unwrap();
+    let m = drain_until_closed(&mut s);
+    assert!(
+        m[0].contains("retired") && m[0].contains(&id.to_string()),
+        "{m:?}"
+    );
+    // The history records why.
+    let st = c.status();
+    let hist = st["groups"][0]["history"].as_array().unwrap();
+    assert!(
+        hist.iter()
+            .any(|h| h["reason"].as_str().unwrap().contains("no heartbeat")),
+        "{st}"
+    );
+}
+
+#[test]
+fn a_join_storm_is_admitted_in_few_view_changes() {
+    let (c, addr) = coord();
+    let opts = ClientOptions {
+        token: None,
+        heartbeat: Duration::from_millis(200),
+    };
+    // A running group of 2 (members acknowledge their views as a communicator does).
+    let first: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            thread::spawn(move || {
+                let r = rendezvous_with(
+                    &addr,
+                    &elastic_reg("s", 2, 5000),
+                    &opts,
+                    secs(20.0),
+                    &AtomicBool::new(false),
+                )
+                .unwrap();
+                r.0.installed(r.2.epoch);
+                r
+            })
+        })
+        .collect();
+    let first: Vec<_> = first.into_iter().map(|h| h.join().unwrap()).collect();
+    // 32 light joiners (membership clients without a data plane) at once.
+    let t0 = Instant::now();
+    let joiners: Vec<_> = (0..32)
+        .map(|_| {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            thread::spawn(move || {
+                let r = rendezvous_with(
+                    &addr,
+                    &elastic_reg("s", 2, 5000),
+                    &opts,
+                    secs(30.0),
+                    &AtomicBool::new(false),
+                )
+                .unwrap();
+                r.0.installed(r.2.epoch);
+                r
+            })
+        })
+        .collect();
+    // The running members follow the views as they come (as update() would).
+    let stop = Arc::new(AtomicBool::new(false));
+    let followers: Vec<_> = first
+        .into_iter()
+        .map(|(client, _, _)| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let top = client.announced_epoch();
+                    if top > client.installed_epoch() {
+                        client.installed(top);
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                client
+            })
+        })
+        .collect();
+    let joined: Vec<_> = joiners.into_iter().map(|h| h.join().unwrap()).collect();
+    let admitted = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _clients: Vec<_> = followers.into_iter().map(|h| h.join().unwrap()).collect();
+    let st = c.status();
+    let g = &st["groups"][0];
+    let epochs = g["epoch"].as_u64().unwrap();
+    eprintln!(
+        "32 joiners admitted in {:.3} s over {} view change(s)",
+        admitted.as_secs_f64(),
+        epochs - 1
+    );
+    assert_eq!(g["size"], 34, "{st}");
+    assert!(
+        epochs - 1 <= 4,
+        "32 joiners took {} view changes",
+        epochs - 1
+    );
+    // Ids of the joiners are above those of the running members; ranks follow ids.
+    let last = &joined.iter().max_by_key(|r| r.2.epoch).unwrap().2;
+    let ids: Vec<u64> = last.members.iter().map(|m| m.id).collect();
+    assert!(ids[2..].windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
