@@ -23,7 +23,10 @@
 //! progress row per second (`time epoch size steps step_us busbw #wrong`). Expected values are
 //! computed for the current view, so #wrong stays exact while the size changes. The last line
 //! of each rank is `# elastic: steps completed C failed F view changes V epoch E size N
-//! #wrong W`. Exit status 0 when no element was wrong.
+//! #wrong W` (failed: iterations whose collectives failed, e.g. after a peer was lost). A
+//! joiner prints `# joined: ...` (join latency) at its first step; after a failure each rank
+//! prints `# recovered: ...` at its first completed step. Exit status 0 when no element was
+//! wrong.
 
 use std::io::Write;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -397,18 +400,19 @@ fn run_rank(args: &Args) -> Result<bool, String> {
     }
     if args.elastic {
         cfg.elastic = true;
+        let t_init = Instant::now();
         let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
         return match args.dtype {
-            DataType::I8 => elastic::<i8>(comm, args),
-            DataType::U8 => elastic::<u8>(comm, args),
-            DataType::I32 => elastic::<i32>(comm, args),
-            DataType::U32 => elastic::<u32>(comm, args),
-            DataType::I64 => elastic::<i64>(comm, args),
-            DataType::U64 => elastic::<u64>(comm, args),
-            DataType::F16 => elastic::<f16>(comm, args),
-            DataType::BF16 => elastic::<bf16>(comm, args),
-            DataType::F32 => elastic::<f32>(comm, args),
-            DataType::F64 => elastic::<f64>(comm, args),
+            DataType::I8 => elastic::<i8>(comm, args, t_init),
+            DataType::U8 => elastic::<u8>(comm, args, t_init),
+            DataType::I32 => elastic::<i32>(comm, args, t_init),
+            DataType::U32 => elastic::<u32>(comm, args, t_init),
+            DataType::I64 => elastic::<i64>(comm, args, t_init),
+            DataType::U64 => elastic::<u64>(comm, args, t_init),
+            DataType::F16 => elastic::<f16>(comm, args, t_init),
+            DataType::BF16 => elastic::<bf16>(comm, args, t_init),
+            DataType::F32 => elastic::<f32>(comm, args, t_init),
+            DataType::F64 => elastic::<f64>(comm, args, t_init),
         };
     }
     let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
@@ -537,8 +541,12 @@ fn view_line(comm: &Communicator) {
 }
 
 /// The `--elastic` loop (see the module docs).
-fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args) -> Result<bool, String> {
+fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args, t_init: Instant) -> Result<bool, String> {
     let start = Instant::now();
+    // A joiner (admitted into a running group) reports its join latency at its first step.
+    let mut joined = (comm.view().epoch > 1).then_some(start.duration_since(t_init));
+    // When a step failed: recovery is reported at the first step completed afterwards.
+    let mut failed_at: Option<Instant> = None;
     let mut completed = 0u64;
     let mut failed = 0u64;
     let mut changes = 0u64;
@@ -576,10 +584,26 @@ fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args) -> Result<bool, String
                 window.2 += w;
                 completed += 1;
                 state[0] += 1;
+                if let Some(adm) = joined.take() {
+                    println!(
+                        "# joined: admitted {:.1} ms after registering, first collective completed {:.1} ms after registering",
+                        adm.as_secs_f64() * 1e3,
+                        t_init.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                if let Some(f) = failed_at.take() {
+                    println!(
+                        "# recovered: first collective in epoch {} (size {}) completed {:.1} ms after the failure was seen",
+                        comm.view().epoch,
+                        comm.size(),
+                        f.elapsed().as_secs_f64() * 1e3
+                    );
+                }
             }
             Err(e) => {
                 failed += 1;
                 ok = false;
+                failed_at.get_or_insert_with(Instant::now);
                 eprintln!("# step failed (epoch {}): {e}", comm.view().epoch);
             }
         }
@@ -590,7 +614,11 @@ fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args) -> Result<bool, String
             let mut f = [u8::from(start.elapsed().as_secs_f64() >= a.duration)];
             match comm.all_reduce_inplace(&mut f, ReduceOp::Max) {
                 Ok(()) => stop = f[0] == 1,
-                Err(e) => eprintln!("# control all-reduce failed: {e}"),
+                Err(e) => {
+                    failed += 1;
+                    failed_at.get_or_insert_with(Instant::now);
+                    eprintln!("# control all-reduce failed: {e}");
+                }
             }
         }
         if stop {
