@@ -1012,10 +1012,26 @@ fn view_frames(g: &Group, view: &View, reason: &str) -> Publish {
     // Encode the view once and splice the member id in (views of thousands of members).
     let body = serde_json::to_string(view).unwrap_or_default();
     let reason_json = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
+    let rank_of: HashMap<u64, usize> = view
+        .members
+        .iter()
+        .enumerate()
+        .map(|(r, m)| (m.id, r))
+        .collect();
     for e in g.entries.iter().chain(g.joiners.iter()) {
         let Some(w) = &e.writer else { continue };
         let bytes = if e.reg.light {
-            view_frame(e, view, reason)
+            proto::encode(
+                MsgType::Notice,
+                &proto::Notice {
+                    member_id: e.id,
+                    group: view.group.clone(),
+                    epoch: view.epoch,
+                    size: view.members.len(),
+                    rank: rank_of.get(&e.id).copied(),
+                },
+            )
+            .ok()
         } else {
             let payload = format!(
                 "{{\"member_id\":{},\"view\":{body},\"reason\":{reason_json}}}",
@@ -1170,14 +1186,35 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     if !g.elastic {
         return Vec::new();
     }
+    // Cheap exit first (this runs on every acknowledgement and every tick, under the lock):
+    // nobody gone, leaving or asking for a resync, and no join that is both due and possible.
+    let (view_len, view_epoch) = match &g.view {
+        Some(v) => (v.members.len(), v.epoch),
+        None => return Vec::new(),
+    };
+    let quiet =
+        g.entries.len() == view_len && g.entries.iter().all(|e| !e.leaving && e.resync.is_none());
+    if quiet {
+        let window = Duration::from_millis(g.policy.join_window_ms);
+        let joins_due = !g.joiners.is_empty() && g.join_wait.is_some_and(|t| now >= t + window);
+        if !joins_due || g.entries.iter().any(|e| e.acked < view_epoch) {
+            return Vec::new();
+        }
+    }
     let Some(view) = g.view.clone() else {
         return Vec::new();
     };
     // Members of the view that are gone (retired) or leaving.
+    let live: std::collections::HashSet<u64> = g
+        .entries
+        .iter()
+        .filter(|e| !e.leaving)
+        .map(|e| e.id)
+        .collect();
     let gone: Vec<u64> = view
         .members
         .iter()
-        .filter(|m| !g.entries.iter().any(|e| e.id == m.id && !e.leaving))
+        .filter(|m| !live.contains(&m.id))
         .map(|m| m.id)
         .collect();
     let resync: Vec<&Entry> = g
@@ -1187,14 +1224,16 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
         .collect();
     // A resync waits until every suspect is dead or asks too (a killed process's connection
     // closes at once; a hung one is declared dead after its heartbeat timeout).
+    let quiet_ids: std::collections::HashSet<u64> = g
+        .entries
+        .iter()
+        .filter(|o| o.resync.is_none() && !o.leaving)
+        .map(|o| o.id)
+        .collect();
     let unresolved = resync.iter().any(|e| {
-        e.resync.as_ref().is_some_and(|(_, sus)| {
-            sus.iter().any(|s| {
-                g.entries
-                    .iter()
-                    .any(|o| o.id == *s && o.resync.is_none() && !o.leaving)
-            })
-        })
+        e.resync
+            .as_ref()
+            .is_some_and(|(_, sus)| sus.iter().any(|s| quiet_ids.contains(s)))
     });
     let stable = g.entries.iter().all(|e| e.acked >= view.epoch || e.leaving);
     let window = Duration::from_millis(g.policy.join_window_ms);

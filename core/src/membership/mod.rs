@@ -48,6 +48,7 @@ mod client;
 mod coordinator;
 pub mod pipeline;
 mod proto;
+pub mod scale;
 #[cfg(test)]
 mod tests;
 
