@@ -26,7 +26,7 @@ test: deps
 ## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config;
 ## hwloc (>= 2.8) and libudev headers for braid's topology discovery (hwlocality).
 ## Installs only what is missing; refreshes the apt lists only when there are none.
-DEB_DEPS := pkg-config libhwloc-dev libudev-dev
+DEB_DEPS := pkg-config libhwloc-dev libudev-dev iproute2
 deps:
 	@dpkg -s $(DEB_DEPS) >/dev/null 2>&1 || { \
 	  { ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q; } && \

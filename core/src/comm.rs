@@ -252,6 +252,42 @@ fn assemble(
     }
 }
 
+/// The membership watcher of an installed view: a later view that drops a member of this one
+/// for a failure, or this member losing the coordinator, trips the executor so that waits on
+/// such peers fail at once (a graceful leave trips nothing: the leaver takes part until the
+/// switch).
+fn tripwire(trip: Arc<crate::exec::Tripwire>, ids: Vec<u64>, me: u64) -> membership::WatchFn {
+    Box::new(move |w| match w {
+        membership::Watch::View(v, why) => {
+            if v.rank_of(me).is_none() {
+                return;
+            }
+            let failed: Vec<(u64, String)> = ids
+                .iter()
+                .filter(|id| v.rank_of(**id).is_none() && why.contains(&format!("failure of {id}")))
+                .map(|id| (*id, why.to_string()))
+                .collect();
+            if !failed.is_empty() {
+                if let Ok(mut d) = trip.dropped.lock() {
+                    d.extend(failed);
+                }
+                trip.set.store(true, Ordering::SeqCst);
+            }
+        }
+        membership::Watch::Isolated(msg) => {
+            if let Ok(mut i) = trip.isolated.lock() {
+                *i = Some(msg);
+            }
+            trip.set.store(true, Ordering::SeqCst);
+        }
+        membership::Watch::Reconnected => {
+            if let Ok(mut i) = trip.isolated.lock() {
+                *i = None;
+            }
+        }
+    })
+}
+
 /// Starts the thread that accepts data connections on every listener, checks their hello
 /// (and job-token MAC) and puts them in the stash; strangers are dropped with a log line.
 fn spawn_acceptor(
@@ -467,7 +503,7 @@ type Connected = (Vec<Option<Peer>>, Vec<(usize, &'static str)>);
 
 /// Encodes the connect handles of every transport a rank listens on (the membership handle):
 /// magic `BRDL`, a count (u8), then per handle a u16 LE length and `ConnectHandle::encode()`.
-fn encode_handles(hs: &[ConnectHandle]) -> Vec<u8> {
+pub(crate) fn encode_handles(hs: &[ConnectHandle]) -> Vec<u8> {
     let mut v = HANDLES_MAGIC.to_vec();
     v.push(hs.len().min(255) as u8);
     for h in hs.iter().take(255) {
@@ -479,7 +515,7 @@ fn encode_handles(hs: &[ConnectHandle]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_handles`] output (or a single bare handle).
-fn decode_handles(b: &[u8]) -> std::result::Result<Vec<ConnectHandle>, String> {
+pub(crate) fn decode_handles(b: &[u8]) -> std::result::Result<Vec<ConnectHandle>, String> {
     if b.len() < 5 || &b[..4] != HANDLES_MAGIC {
         return ConnectHandle::decode(b)
             .map(|h| vec![h])
@@ -507,7 +543,7 @@ fn decode_handles(b: &[u8]) -> std::result::Result<Vec<ConnectHandle>, String> {
 
 /// Builds the transports the configuration allows, in order of preference (shm is used only
 /// between ranks with the same host id).
-fn make_transport(cfg: &Config) -> Result<Vec<Arc<dyn Transport>>> {
+pub(crate) fn make_transport(cfg: &Config) -> Result<Vec<Arc<dyn Transport>>> {
     let shm = || -> Result<Arc<dyn Transport>> {
         let t = ShmTransport::new(ShmOptions {
             spin: cfg.shm_spin,
@@ -674,6 +710,11 @@ impl Communicator {
             } else {
                 Duration::ZERO
             },
+            silence: if cfg.elastic {
+                cfg.heartbeat_timeout
+            } else {
+                Duration::ZERO
+            },
         };
         let stop_acceptor = |acc: JoinHandle<()>| {
             acceptor_stop.store(true, Ordering::Relaxed);
@@ -776,9 +817,12 @@ impl Communicator {
             abort,
         );
         let epoch = inner.view.epoch;
+        let trip = lock(&inner.state).exec.trip.clone();
+        let ids: Vec<u64> = inner.view.members.iter().map(|m| m.id).collect();
         self.inner = Arc::new(inner);
         self.stash.installed(epoch);
         if let Some(c) = lock(&self.client).as_ref() {
+            c.set_watch(tripwire(trip, ids, member));
             c.installed(epoch);
         }
         tracing::info!(target: "braid::init", "member {member}: installed view epoch {epoch}: rank {rank} of {}", self.inner.size);

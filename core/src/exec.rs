@@ -148,11 +148,25 @@ const STREAM_BYTES: usize = 32 << 20;
 /// Maximum receive-reduce operations in flight per peer (each holds one staging buffer).
 const STAGING_PER_PEER: usize = 4;
 
+/// Set by the membership layer while an operation may be running: the coordinator announced
+/// a view without these members (declared dead, or gone), or this member lost the
+/// coordinator. Waits on such peers fail at once instead of running into `BRAID_TIMEOUT`.
+#[derive(Debug, Default)]
+pub(crate) struct Tripwire {
+    /// Any news (cheap to check).
+    pub set: AtomicBool,
+    /// Member ids dropped by an announced view, with the reason.
+    pub dropped: std::sync::Mutex<Vec<(u64, String)>>,
+    /// This member lost contact with the coordinator (it has presumably been declared dead).
+    pub isolated: std::sync::Mutex<Option<String>>,
+}
+
 /// Reusable executor state (one per communicator; buffers are kept between calls).
 pub(crate) struct Exec {
     pub spin: Duration,
     pub timeout: Duration,
     pub abort: Arc<AtomicBool>,
+    pub trip: Arc<Tripwire>,
     pub rank: usize,
     scratch: Vec<u64>,
     staging: Vec<Vec<u64>>,
@@ -238,6 +252,7 @@ impl Exec {
             spin,
             timeout,
             abort,
+            trip: Arc::new(Tripwire::default()),
             rank,
             scratch: Vec::new(),
             staging: Vec::new(),
@@ -668,6 +683,29 @@ impl Exec {
         }
     }
 
+    /// The error a tripped wire means for this operation: a peer it may wait on was dropped by
+    /// the membership, or this member is isolated.
+    fn tripped(&self, peers: &[Option<Peer>]) -> Option<Error> {
+        let dropped = self
+            .trip
+            .dropped
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        for (id, why) in dropped {
+            if let Some(p) = peers.iter().flatten().find(|p| p.member == id) {
+                return Some(Error::PeerLost {
+                    rank: p.rank,
+                    member: p.member,
+                    host: p.host.clone(),
+                    detail: format!("removed from the group by the coordinator: {why}"),
+                });
+            }
+        }
+        let iso = self.trip.isolated.lock().ok().and_then(|g| g.clone());
+        iso.map(Error::Coordinator)
+    }
+
     /// Nothing moved: spin briefly, then block in poll on every connection; check the abort
     /// flag, the deadline, and hang-ups on idle connections.
     fn idle(
@@ -680,6 +718,11 @@ impl Exec {
     ) -> Result<()> {
         if self.abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted);
+        }
+        if self.trip.set.load(Ordering::Relaxed) {
+            if let Some(e) = self.tripped(peers) {
+                return Err(e);
+            }
         }
         let now = Instant::now();
         let quiet = now.duration_since(*last_progress);

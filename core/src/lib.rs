@@ -17,6 +17,7 @@ pub mod error;
 mod exec;
 mod mem;
 pub mod membership;
+pub mod ps;
 pub mod reduce;
 pub mod topo;
 pub mod types;

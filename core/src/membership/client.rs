@@ -29,7 +29,26 @@ pub struct ClientOptions {
     pub token: Option<Vec<u8>>,
     /// Heartbeat interval (`BRAID_HEARTBEAT`); zero: no heartbeats.
     pub heartbeat: Duration,
+    /// With heartbeats: the coordinator answers each one; no frame from it for this long
+    /// (`BRAID_HEARTBEAT_TIMEOUT`) means this member is cut off (it has presumably been
+    /// declared dead): watchers are told and the client reconnects. Zero: not checked.
+    pub silence: Duration,
 }
+
+/// What a [`Client`] tells its watcher (see [`Client::set_watch`]).
+#[derive(Debug)]
+pub enum Watch<'a> {
+    /// A view was announced (with its reason).
+    View(&'a View, &'a str),
+    /// No word from the coordinator for the silence timeout, or it refuses this member: this
+    /// member is presumably declared dead.
+    Isolated(String),
+    /// The connection to the coordinator is back (this member was not declared dead).
+    Reconnected,
+}
+
+/// A watcher callback.
+pub type WatchFn = Box<dyn Fn(Watch<'_>) + Send + Sync>;
 
 impl std::fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +85,13 @@ struct Shared {
     state: Mutex<MState>,
     cv: Condvar,
     stop: AtomicBool,
+    watch: Mutex<Option<WatchFn>>,
+}
+
+fn notify(sh: &Shared, w: Watch<'_>) {
+    if let Some(f) = lock(&sh.watch).as_ref() {
+        f(w);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,6 +145,7 @@ impl Client {
             }),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            watch: Mutex::new(None),
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -134,6 +161,12 @@ impl Client {
     /// This member's id.
     pub fn member_id(&self) -> u64 {
         self.shared.member_id
+    }
+
+    /// Installs (replaces) the watcher: called on the client's thread for every announced
+    /// view and when the coordinator goes silent or comes back. Keep it short.
+    pub fn set_watch(&self, f: WatchFn) {
+        *lock(&self.shared.watch) = Some(f);
     }
 
     /// The coordinator address as given to [`rendezvous`].
@@ -315,11 +348,42 @@ fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
     let stop = || sh.stop.load(Ordering::SeqCst);
     let hb = sh.opts.heartbeat;
     let mut next_hb = Instant::now() + hb;
+    let mut last_rx = Instant::now();
     loop {
         if stop() {
             return;
         }
         let now = Instant::now();
+        if !hb.is_zero()
+            && !sh.opts.silence.is_zero()
+            && now.duration_since(last_rx) > sh.opts.silence
+        {
+            let msg = format!(
+                "no word from the coordinator at {} for {:.1} s: this member is cut off (presumably declared dead)",
+                sh.addr,
+                now.duration_since(last_rx).as_secs_f64()
+            );
+            tracing::warn!(target: LOG, "member {}: {msg}; reconnecting", sh.member_id);
+            notify(&sh, Watch::Isolated(msg.clone()));
+            {
+                let mut st = lock(&sh.state);
+                st.connected = false;
+                st.coordinator_error = Some(msg);
+            }
+            if let Some(w) = lock(&sh.writer).take() {
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            }
+            match reconnect(&sh) {
+                Some(r) => {
+                    reader = r;
+                    notify(&sh, Watch::Reconnected);
+                }
+                None => return,
+            }
+            last_rx = Instant::now();
+            next_hb = Instant::now();
+            continue;
+        }
         if !hb.is_zero() && now >= next_hb {
             let epoch = lock(&sh.state).installed;
             send_on(&sh, MsgType::Heartbeat, &proto::Heartbeat { epoch });
@@ -332,6 +396,7 @@ fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
         };
         match proto::read_frame(&mut reader, Some(until), FRAME_TIMEOUT, &stop) {
             Ok(f) => {
+                last_rx = Instant::now();
                 if !handle_frame(&sh, &f) {
                     return;
                 }
@@ -351,9 +416,13 @@ fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
                 }
                 *lock(&sh.writer) = None;
                 match reconnect(&sh) {
-                    Some(r) => reader = r,
+                    Some(r) => {
+                        reader = r;
+                        notify(&sh, Watch::Reconnected);
+                    }
                     None => return,
                 }
+                last_rx = Instant::now();
                 next_hb = Instant::now();
             }
         }
@@ -365,13 +434,18 @@ fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
     match MsgType::from_u16(f.ty) {
         Some(MsgType::View) => match f.body::<proto::ViewMsg>() {
             Ok(v) if v.member_id == sh.member_id && v.view.group == sh.group => {
-                let mut st = lock(&sh.state);
+                let st = lock(&sh.state);
                 if v.view.epoch > st.installed {
                     tracing::info!(target: LOG, "member {}: view epoch {} announced ({} members; {})",
                         sh.member_id, v.view.epoch, v.view.members.len(), v.reason);
-                    st.views.insert(v.view.epoch, (v.view, v.reason));
+                    drop(st);
+                    notify(sh, Watch::View(&v.view, &v.reason));
+                    lock(&sh.state)
+                        .views
+                        .insert(v.view.epoch, (v.view, v.reason));
+                } else {
+                    drop(st);
                 }
-                drop(st);
                 sh.cv.notify_all();
             }
             Ok(_) => {
@@ -395,8 +469,9 @@ fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
             let mut st = lock(&sh.state);
             if m.code.as_deref() == Some("retired") {
                 tracing::error!(target: LOG, "member {}: {}", sh.member_id, m.message);
-                st.expelled = Some(m.message);
+                st.expelled = Some(m.message.clone());
                 drop(st);
+                notify(sh, Watch::Isolated(m.message));
                 sh.cv.notify_all();
                 return false;
             }
@@ -483,8 +558,9 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
                     let mut st = lock(&sh.state);
                     if m.code.as_deref() == Some("retired") {
                         tracing::error!(target: LOG, "member {}: {}", sh.member_id, m.message);
-                        st.expelled = Some(m.message);
+                        st.expelled = Some(m.message.clone());
                         drop(st);
+                        notify(sh, Watch::Isolated(m.message));
                         sh.cv.notify_all();
                         return None;
                     }
@@ -597,6 +673,61 @@ fn check_proof(
     }
 }
 
+/// Fetches the current view of `group` from the coordinator at `addr` without joining it
+/// (push/pull readers find the servers this way).
+///
+/// Errors: as [`coordinator_status`]; `Error::Coordinator` when the group has no view.
+pub fn fetch_view(
+    addr: &str,
+    group: &str,
+    token: Option<&[u8]>,
+    timeout_after: Duration,
+) -> Result<View> {
+    let start = Instant::now();
+    let deadline = start + timeout_after;
+    let never = AtomicBool::new(false);
+    let mut stream = connect(addr, deadline, &never, start)?;
+    let client_nonce = super::random_nonce();
+    let first = proto::encode(
+        MsgType::ViewReq,
+        &proto::ViewReq {
+            group: group.to_string(),
+            client_nonce: client_nonce.clone(),
+        },
+    )?;
+    let opts = ClientOptions {
+        token: token.map(<[u8]>::to_vec),
+        heartbeat: Duration::ZERO,
+        silence: Duration::ZERO,
+    };
+    let (f, server_nonce) = open(
+        &mut stream,
+        &first,
+        &opts,
+        &client_nonce,
+        deadline,
+        &|| false,
+        addr,
+    )?;
+    match MsgType::from_u16(f.ty) {
+        Some(MsgType::View) => {
+            check_proof(&f, &opts, &client_nonce, server_nonce.as_deref(), addr)?;
+            let v: proto::ViewMsg = f.body().map_err(|e| {
+                Error::Coordinator(format!("invalid view from the coordinator at {addr}: {e}"))
+            })?;
+            Ok(v.view)
+        }
+        Some(MsgType::Error) => {
+            let m: proto::ErrorMsg = f.body().map_err(Error::Coordinator)?;
+            Err(Error::Coordinator(m.message))
+        }
+        _ => Err(Error::Coordinator(format!(
+            "unexpected reply type {} from the coordinator at {addr}",
+            f.ty
+        ))),
+    }
+}
+
 /// Asks the coordinator at `addr` for its status (the JSON of [`super::Coordinator::status`]).
 ///
 /// Errors: as [`rendezvous`] (unreachable, refused, token rejected) within `timeout`.
@@ -619,6 +750,7 @@ pub fn coordinator_status(
     let opts = ClientOptions {
         token: token.map(<[u8]>::to_vec),
         heartbeat: Duration::ZERO,
+        silence: Duration::ZERO,
     };
     let (f, server_nonce) = open(
         &mut stream,

@@ -383,6 +383,7 @@ enum Opening {
     Register(Registration),
     Rejoin(proto::Rejoin),
     Status,
+    ViewReq(String),
 }
 
 fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
@@ -407,6 +408,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
         Some(MsgType::Register) => frame.body::<Registration>().map(Opening::Register),
         Some(MsgType::Rejoin) => frame.body::<proto::Rejoin>().map(Opening::Rejoin),
         Some(MsgType::StatusReq) => frame.body::<proto::StatusReq>().map(|_| Opening::Status),
+        Some(MsgType::ViewReq) => frame
+            .body::<proto::ViewReq>()
+            .map(|r| Opening::ViewReq(r.group)),
         _ => {
             tracing::warn!(target: LOG,
                 "coordinator: dropping {peer}: first message has type {}, expected a registration",
@@ -438,6 +442,10 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
             .body::<proto::StatusReq>()
             .map(|r| r.client_nonce)
             .unwrap_or_default(),
+        Opening::ViewReq(_) => frame
+            .body::<proto::ViewReq>()
+            .map(|r| r.client_nonce)
+            .unwrap_or_default(),
     };
 
     // 2. Job token: challenge-response.
@@ -459,6 +467,34 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
 
     // 3. Admission.
     let (id, group) = match opening {
+        Opening::ViewReq(group) => {
+            let view = lock(&sh.state)
+                .groups
+                .get(&group)
+                .and_then(|g| g.view.clone());
+            match view {
+                Some(v) => {
+                    let mut doc =
+                        serde_json::json!({"member_id": 0, "view": v, "reason": "view request"});
+                    if let Some(p) = proof {
+                        doc["proof"] = serde_json::Value::String(p);
+                    }
+                    let bytes = proto::encode_raw(
+                        proto::VERSION,
+                        MsgType::View as u16,
+                        &serde_json::to_vec(&doc).unwrap_or_default(),
+                    );
+                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                }
+                None => refuse_code(
+                    &writer,
+                    peer,
+                    &format!("group {group} has no view (not formed, or unknown)"),
+                    Some("unknown"),
+                ),
+            }
+            return;
+        }
         Opening::Status => {
             let body = status_json(&sh);
             let mut doc = serde_json::json!({ "status": body });
@@ -526,7 +562,10 @@ fn challenge(
     if proto::write_bytes(&mut lock(writer), &ch, WRITE_TIMEOUT).is_err() {
         return None;
     }
-    let f = read_checked(reader, writer, peer, Some(deadline), sh)?;
+    let Some(f) = read_checked(reader, writer, peer, Some(deadline), sh) else {
+        tracing::warn!(target: LOG, "coordinator: refused {peer}: no answer to the job-token challenge (BRAID_JOB_TOKEN missing on that side?)");
+        return None;
+    };
     let ok = MsgType::from_u16(f.ty) == Some(MsgType::Auth)
         && f.body::<proto::Auth>()
             .is_ok_and(|a| auth::check_client(token, &server_nonce, client_nonce, &a.mac));
@@ -601,7 +640,15 @@ fn member_loop(
                 return false;
             }
             match ty {
-                Some(MsgType::Heartbeat) => Vec::new(),
+                Some(MsgType::Heartbeat) => {
+                    // Echo, so a member can tell it is cut off when the echoes stop.
+                    let epoch = g.view.as_ref().map_or(0, |v| v.epoch);
+                    drop(st);
+                    if let Ok(b) = proto::encode(MsgType::Heartbeat, &proto::Heartbeat { epoch }) {
+                        let _ = proto::write_bytes(&mut lock(writer), &b, WRITE_TIMEOUT);
+                    }
+                    continue;
+                }
                 Some(MsgType::Goodbye) => return true,
                 Some(MsgType::Ack) => match f.body::<proto::Ack>() {
                     Ok(a) => {

@@ -56,7 +56,10 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{coordinator_status, rendezvous, rendezvous_with, Client, ClientOptions};
+pub use client::{
+    coordinator_status, fetch_view, rendezvous, rendezvous_with, Client, ClientOptions, Watch,
+    WatchFn,
+};
 pub use coordinator::{Coordinator, CoordinatorOptions};
 
 /// Log target of this module.

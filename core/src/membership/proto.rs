@@ -73,6 +73,10 @@ pub(crate) enum MsgType {
     StatusReply = 14,
     /// coordinator → light member: [`Notice`] (a view change, without the member list).
     Notice = 15,
+    /// anyone → coordinator: [`ViewReq`], answered with a [`MsgType::View`] (member id 0) of
+    /// the group's current view, or an error; the connection then closes (readers outside
+    /// the group find the servers this way).
+    ViewReq = 16,
 }
 
 impl MsgType {
@@ -94,6 +98,7 @@ impl MsgType {
             13 => MsgType::StatusReq,
             14 => MsgType::StatusReply,
             15 => MsgType::Notice,
+            16 => MsgType::ViewReq,
             _ => return None,
         })
     }
@@ -172,6 +177,16 @@ pub(crate) struct Auth {
 /// Body of [`MsgType::StatusReq`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub(crate) struct StatusReq {
+    /// Random per connection (hex), for the job-token handshake.
+    #[serde(default)]
+    pub client_nonce: String,
+}
+
+/// Body of [`MsgType::ViewReq`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ViewReq {
+    /// Group.
+    pub group: String,
     /// Random per connection (hex), for the job-token handshake.
     #[serde(default)]
     pub client_nonce: String,

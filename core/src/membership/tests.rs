@@ -585,6 +585,7 @@ fn a_member_declared_dead_is_refused_when_it_comes_back() {
                 &ClientOptions {
                     token: None,
                     heartbeat: Duration::from_millis(100),
+                    silence: Duration::ZERO,
                 },
                 secs(10.0),
                 &AtomicBool::new(false),
@@ -639,6 +640,7 @@ fn a_join_storm_is_admitted_in_few_view_changes() {
     let opts = ClientOptions {
         token: None,
         heartbeat: Duration::from_millis(200),
+        silence: Duration::ZERO,
     };
     // A running group of 2 (members acknowledge their views as a communicator does).
     let first: Vec<_> = (0..2)

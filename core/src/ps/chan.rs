@@ -1,0 +1,386 @@
+//! A message channel over one transport connection: variable-length messages (a header and an
+//! optional body) on top of the transport's exact-length tagged messages, driven by a thread
+//! that owns the connection.
+//!
+//! On the wire each message is a 16-byte prefix (magic `BRPS`, header length, body length),
+//! then the header bytes, then the body bytes when there are any — three transport messages
+//! with tags 1, 2, 3. Outgoing messages are sent in priority order (higher first, FIFO within a
+//! priority). A peer that sends garbage, closes or dies ends the channel: `on_close` is called
+//! once with the reason.
+
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use braid_transport::{Conn, PollFd, Request};
+
+use crate::error::{Error, Result};
+
+const MAGIC: [u8; 4] = *b"BRPS";
+const TAG_PREFIX: u64 = 1;
+const TAG_HDR: u64 = 2;
+const TAG_BODY: u64 = 3;
+/// Largest accepted header.
+const MAX_HDR: usize = 64 << 20;
+/// Largest accepted body.
+const MAX_BODY: u64 = 1 << 40;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A message to send.
+pub(crate) struct Outgoing {
+    /// Higher first.
+    pub prio: i32,
+    /// Header bytes (JSON).
+    pub hdr: Vec<u8>,
+    /// Body bytes (shared: a request kept for a retry is not copied again).
+    pub body: Arc<Vec<u8>>,
+}
+
+struct Queued {
+    prio: i32,
+    seq: u64,
+    msg: Outgoing,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        self.prio == o.prio && self.seq == o.seq
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Max-heap: higher priority first, then lower sequence number first.
+        self.prio.cmp(&o.prio).then(o.seq.cmp(&self.seq))
+    }
+}
+
+/// A received message.
+pub(crate) struct Incoming {
+    /// Header bytes.
+    pub hdr: Vec<u8>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+struct Shared {
+    queue: Mutex<(BinaryHeap<Queued>, u64)>,
+    wake: i32,
+    stop: AtomicBool,
+    closed: Mutex<Option<String>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: `wake` is an eventfd this struct owns; closed once here.
+        unsafe {
+            libc::close(self.wake);
+        }
+    }
+}
+
+/// The sending side of a channel; dropping it (all clones) stops the thread with a goodbye.
+pub(crate) struct Chan {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    peer: String,
+}
+
+impl Chan {
+    /// Starts the channel thread on `conn`. `on_msg` runs on that thread for every message;
+    /// `on_close` runs once when the channel ends (not after [`Chan::close`]).
+    pub(crate) fn spawn(
+        conn: Box<dyn Conn>,
+        name: &str,
+        on_msg: Box<dyn FnMut(Incoming) + Send>,
+        on_close: Box<dyn FnOnce(String) + Send>,
+    ) -> Result<Chan> {
+        // SAFETY: FFI; eventfd(2) with valid flags returns a new descriptor or -1.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(Error::System(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new((BinaryHeap::new(), 0)),
+            wake,
+            stop: AtomicBool::new(false),
+            closed: Mutex::new(None),
+        });
+        let peer = conn.peer_desc();
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("braid-ps-{name}"))
+            .spawn(move || run(conn, sh, on_msg, on_close))
+            .map_err(|e| Error::System(format!("spawning a channel thread: {e}")))?;
+        Ok(Chan {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            peer,
+        })
+    }
+
+    /// Queues a message. Errors: the channel ended (with its reason).
+    pub(crate) fn send(&self, msg: Outgoing) -> Result<()> {
+        if let Some(why) = lock(&self.shared.closed).clone() {
+            return Err(Error::PeerLost {
+                rank: 0,
+                member: 0,
+                host: self.peer.clone(),
+                detail: why,
+            });
+        }
+        {
+            let mut q = lock(&self.shared.queue);
+            let seq = q.1;
+            q.1 += 1;
+            q.0.push(Queued {
+                prio: msg.prio,
+                seq,
+                msg,
+            });
+        }
+        self.poke();
+        Ok(())
+    }
+
+    fn poke(&self) {
+        let one: u64 = 1;
+        // SAFETY: FFI; writes 8 bytes from a live u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.shared.wake,
+                (&one as *const u64).cast::<libc::c_void>(),
+                8,
+            );
+        }
+    }
+
+    /// Whether the channel ended, and why.
+    pub(crate) fn closed(&self) -> Option<String> {
+        lock(&self.shared.closed).clone()
+    }
+
+    /// Stops the channel: queued messages are sent first (for at most about 2 s), then a
+    /// goodbye.
+    pub(crate) fn close(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.poke();
+        if let Some(h) = lock(&self.thread).take() {
+            // The last reference may be dropped by the channel's own thread (in a callback):
+            // it then ends by itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Chan {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+enum RState {
+    Idle,
+    Prefix(Request),
+    Hdr(Request, usize),
+    Body(Request),
+}
+
+fn run(
+    mut conn: Box<dyn Conn>,
+    sh: Arc<Shared>,
+    mut on_msg: Box<dyn FnMut(Incoming) + Send>,
+    on_close: Box<dyn FnOnce(String) + Send>,
+) {
+    match drive(&mut *conn, &sh, &mut *on_msg) {
+        Ok(()) => {
+            conn.goodbye();
+            *lock(&sh.closed) = Some("closed".into());
+        }
+        Err(why) => {
+            *lock(&sh.closed) = Some(why.clone());
+            if !sh.stop.load(Ordering::SeqCst) {
+                on_close(why);
+            }
+        }
+    }
+}
+
+/// The channel loop; `Ok` when stopped, `Err(reason)` when the connection failed.
+fn drive(
+    conn: &mut dyn Conn,
+    sh: &Shared,
+    on_msg: &mut dyn FnMut(Incoming),
+) -> std::result::Result<(), String> {
+    let mut sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)> = Default::default();
+    // Message being posted: its parts not yet accepted by the transport.
+    let mut posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)> = Default::default();
+    let mut prefix = Box::new([0u8; 16]);
+    let mut hdr: Vec<u8> = Vec::new();
+    let mut body: Vec<u8> = Vec::new();
+    let mut rstate = RState::Idle;
+    let mut fds: Vec<PollFd> = Vec::new();
+    let mut scratch = Vec::new();
+    let mut stop_since: Option<std::time::Instant> = None;
+    let zero = [0u8; braid_transport::META_LEN];
+    loop {
+        let mut moved = false;
+        // 1. Outgoing: one message at a time, in priority order.
+        loop {
+            if posting.is_empty() {
+                let next = lock(&sh.queue).0.pop();
+                let Some(q) = next else { break };
+                let m = q.msg;
+                let mut p = Vec::with_capacity(16);
+                p.extend_from_slice(&MAGIC);
+                p.extend_from_slice(&(m.hdr.len() as u32).to_le_bytes());
+                p.extend_from_slice(&(m.body.len() as u64).to_le_bytes());
+                posting.push_back((TAG_PREFIX, Arc::new(p)));
+                posting.push_back((TAG_HDR, Arc::new(m.hdr)));
+                if !m.body.is_empty() {
+                    posting.push_back((TAG_BODY, m.body));
+                }
+            }
+            let Some((tag, buf)) = posting.front() else {
+                break;
+            };
+            // SAFETY: the buffer moves into `sends` right after posting and stays there (heap
+            // memory of a Vec does not move) until the request completed.
+            let r = unsafe { conn.isend(*tag, &zero, buf.as_ptr(), buf.len()) }
+                .map_err(|e| e.to_string())?;
+            match r {
+                Some(req) => {
+                    if let Some((_, buf)) = posting.pop_front() {
+                        sends.push_back((req, buf));
+                    }
+                    moved = true;
+                }
+                None => break,
+            }
+        }
+        // 2. Incoming.
+        if matches!(rstate, RState::Idle) {
+            // SAFETY: `prefix` is a boxed array that lives for the whole loop.
+            if let Some(r) = unsafe { conn.irecv(TAG_PREFIX, prefix.as_mut_ptr(), 16) }
+                .map_err(|e| e.to_string())?
+            {
+                rstate = RState::Prefix(r);
+            }
+        }
+        moved |= conn.progress().map_err(|e| e.to_string())?;
+        while let Some((r, _)) = sends.front() {
+            if conn.test(*r).map_err(|e| e.to_string())?.is_some() {
+                sends.pop_front();
+                moved = true;
+            } else {
+                break;
+            }
+        }
+        loop {
+            let next = match &rstate {
+                RState::Idle => break,
+                RState::Prefix(r) => {
+                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                        break;
+                    }
+                    if prefix[..4] != MAGIC {
+                        return Err("not the braid push/pull protocol (bad magic)".into());
+                    }
+                    let hl =
+                        u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]) as usize;
+                    let mut b8 = [0u8; 8];
+                    b8.copy_from_slice(&prefix[8..16]);
+                    let bl = u64::from_le_bytes(b8);
+                    if hl == 0 || hl > MAX_HDR || bl > MAX_BODY {
+                        return Err(format!("bad message lengths (header {hl}, body {bl})"));
+                    }
+                    hdr = vec![0u8; hl];
+                    body = Vec::new();
+                    // SAFETY: `hdr` is not touched until the request completed.
+                    match unsafe { conn.irecv(TAG_HDR, hdr.as_mut_ptr(), hl) }
+                        .map_err(|e| e.to_string())?
+                    {
+                        Some(r) => RState::Hdr(r, bl as usize),
+                        None => return Err("transport refused a receive".into()),
+                    }
+                }
+                RState::Hdr(r, bl) => {
+                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                        break;
+                    }
+                    if *bl == 0 {
+                        on_msg(Incoming {
+                            hdr: std::mem::take(&mut hdr),
+                            body: Vec::new(),
+                        });
+                        RState::Idle
+                    } else {
+                        body = vec![0u8; *bl];
+                        // SAFETY: `body` is not touched until the request completed.
+                        match unsafe { conn.irecv(TAG_BODY, body.as_mut_ptr(), *bl) }
+                            .map_err(|e| e.to_string())?
+                        {
+                            Some(r) => RState::Body(r),
+                            None => return Err("transport refused a receive".into()),
+                        }
+                    }
+                }
+                RState::Body(r) => {
+                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                        break;
+                    }
+                    on_msg(Incoming {
+                        hdr: std::mem::take(&mut hdr),
+                        body: std::mem::take(&mut body),
+                    });
+                    RState::Idle
+                }
+            };
+            rstate = next;
+            moved = true;
+            if matches!(rstate, RState::Idle) {
+                break;
+            }
+        }
+        // 3. Stop when asked, once everything queued went out (bounded).
+        if sh.stop.load(Ordering::SeqCst) {
+            let since = *stop_since.get_or_insert_with(std::time::Instant::now);
+            let empty = lock(&sh.queue).0.is_empty() && posting.is_empty() && sends.is_empty();
+            if empty || since.elapsed() > Duration::from_secs(2) {
+                return Ok(());
+            }
+        }
+        if moved {
+            continue;
+        }
+        // 4. Wait for the connection or a new message.
+        fds.clear();
+        conn.poll_fds(&mut fds);
+        fds.push(PollFd {
+            fd: sh.wake,
+            read: true,
+            write: false,
+        });
+        let _ = braid_transport::wait_fds(&fds, Duration::from_millis(20), &mut scratch);
+        let mut b = [0u8; 8];
+        // SAFETY: FFI; reads at most 8 bytes into a live buffer from our nonblocking eventfd.
+        unsafe {
+            libc::read(sh.wake, b.as_mut_ptr().cast::<libc::c_void>(), 8);
+        }
+    }
+}

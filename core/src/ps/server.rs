@@ -1,0 +1,875 @@
+//! The push/pull server: owns the key parts the ring gives it, replicates every update to the
+//! next server(s) of the ring before acknowledging it, and hands state over when the view
+//! changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::chan::{Chan, Incoming, Outgoing};
+use super::node::{connect_to, Node};
+use super::shard::Ring;
+use super::store::{Event, KeyDump, Store};
+use super::wire::{Msg, PartRef};
+use super::PsOptions;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::membership::{Role, View};
+use crate::types::DataType;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Init,
+    Push,
+    Pull,
+}
+
+/// One client request being answered (its parts may complete at different times).
+struct Agg {
+    kind: Kind,
+    prio: i32,
+    n: usize,
+    done: usize,
+    versions: Vec<u64>,
+    data: Vec<Vec<u8>>,
+    /// Replications not yet acknowledged.
+    reps: usize,
+    failed: Option<(String, bool)>,
+}
+
+struct SState {
+    view: View,
+    ring: Ring,
+    store: Store,
+    chans: HashMap<u64, Arc<Chan>>,
+    /// store request id → (member, client request, part index)
+    reqs: HashMap<u64, (u64, u64, usize)>,
+    aggs: HashMap<(u64, u64), Agg>,
+    next_sreq: u64,
+    rep_seq: u64,
+    rep_wait: HashMap<u64, (u64, u64)>,
+    changed_at: Instant,
+}
+
+struct SInner {
+    me: u64,
+    my_host: String,
+    opts: PsOptions,
+    transports: Vec<Arc<dyn braid_transport::Transport>>,
+    token: Option<Vec<u8>>,
+    timeout: Duration,
+    st: Mutex<SState>,
+    stop: AtomicBool,
+}
+
+/// A push/pull server process (see the module docs). Dropping it leaves the group (the
+/// replicas take over its keys).
+pub struct KvServer {
+    inner: Arc<SInner>,
+    watcher: Option<JoinHandle<()>>,
+    node: Option<Node>,
+}
+
+impl std::fmt::Debug for KvServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvServer")
+            .field("member", &self.inner.me)
+            .finish_non_exhaustive()
+    }
+}
+
+type Slot = Arc<Mutex<Option<Arc<SInner>>>>;
+/// A connection accepted before the server state exists.
+type Early = (Box<dyn braid_transport::Conn>, u64);
+
+impl KvServer {
+    /// Starts a server: registers with the coordinator as a server of the group and serves
+    /// until dropped.
+    ///
+    /// Errors: as `Communicator::init` (configuration, coordinator, transports).
+    pub fn start(cfg: Config, opts: PsOptions) -> Result<KvServer> {
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let early: Arc<Mutex<Vec<Early>>> = Arc::default();
+        let on_conn = {
+            let slot = slot.clone();
+            let early = early.clone();
+            Box::new(move |c: Box<dyn braid_transport::Conn>, id: u64| {
+                let inner = lock(&slot).clone();
+                match inner {
+                    Some(inner) => adopt(&inner, c, id),
+                    None => lock(&early).push((c, id)),
+                }
+            })
+        };
+        let timeout = cfg.timeout;
+        let node = Node::start(cfg, Role::Server, on_conn)?;
+        let view = node.first_view.clone();
+        let ring = ring_of(&view);
+        let mut store = Store::new(opts.consistency, opts.rule.clone(), opts.history.max(1));
+        let _ = store.set_workers(&workers_of(&view));
+        let my_host = node.host_id();
+        let inner = Arc::new(SInner {
+            me: node.me,
+            my_host,
+            opts,
+            transports: node.transports.clone(),
+            token: node.token.clone(),
+            timeout,
+            st: Mutex::new(SState {
+                view: view.clone(),
+                ring,
+                store,
+                chans: HashMap::new(),
+                reqs: HashMap::new(),
+                aggs: HashMap::new(),
+                next_sreq: 1,
+                rep_seq: 1,
+                rep_wait: HashMap::new(),
+                changed_at: Instant::now(),
+            }),
+            stop: AtomicBool::new(false),
+        });
+        *lock(&slot) = Some(inner.clone());
+        for (c, id) in lock(&early).drain(..) {
+            adopt(&inner, c, id);
+        }
+        node.client.installed(view.epoch);
+        tracing::info!(target: "braid::ps", "server {} up (epoch {}, {} servers)", node.me, view.epoch, servers_of(&view).len());
+        let mut s = KvServer {
+            inner: inner.clone(),
+            watcher: None,
+            node: Some(node),
+        };
+        s.watcher = Some(spawn_watcher(
+            inner,
+            s.node.as_ref().map(|n| n.client.clone()),
+        ));
+        Ok(s)
+    }
+
+    /// This server's member id.
+    pub fn member_id(&self) -> u64 {
+        self.inner.me
+    }
+
+    /// Key parts held (owned or replicated).
+    pub fn parts_held(&self) -> usize {
+        lock(&self.inner.st).store.keys().count()
+    }
+
+    /// The epoch of the view this server runs on.
+    pub fn epoch(&self) -> u64 {
+        lock(&self.inner.st).view.epoch
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
+        for c in chans {
+            c.close();
+        }
+        drop(self.node.take());
+    }
+}
+
+pub(crate) fn workers_of(v: &View) -> Vec<u64> {
+    v.members
+        .iter()
+        .filter(|m| m.role == Role::Worker)
+        .map(|m| m.id)
+        .collect()
+}
+
+pub(crate) fn servers_of(v: &View) -> Vec<(u64, f64)> {
+    v.members
+        .iter()
+        .filter(|m| m.role == Role::Server)
+        .map(|m| (m.id, m.weight))
+        .collect()
+}
+
+pub(crate) fn ring_of(v: &View) -> Ring {
+    Ring::new(&servers_of(v))
+}
+
+/// Takes an accepted connection into service.
+fn adopt(inner: &Arc<SInner>, conn: Box<dyn braid_transport::Conn>, from: u64) {
+    // Readers are not members: they use ids in the upper half and may only read.
+    let reader = from >= 1 << 63;
+    let known = reader || lock(&inner.st).view.members.iter().any(|m| m.id == from);
+    if !known && inner.token.is_none() {
+        // Without a token, membership of the view is what admits a connection; a member of a
+        // newer view may connect before this server installed it, so give it a moment.
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            if lock(&inner.st).view.members.iter().any(|m| m.id == from) {
+                break;
+            }
+            if Instant::now() >= end || inner.stop.load(Ordering::SeqCst) {
+                tracing::warn!(target: "braid::ps", "server {}: dropping connection from {} claiming member {from}: not a member", inner.me, conn.peer_desc());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    match make_chan(inner, conn, from) {
+        Ok(c) => {
+            let old = lock(&inner.st).chans.insert(from, c);
+            if let Some(o) = old {
+                if o.closed().is_none() {
+                    // Keep both alive until the old one ends on its own.
+                    std::mem::forget(o);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(target: "braid::ps", "server {}: {e}", inner.me),
+    }
+}
+
+fn make_chan(
+    inner: &Arc<SInner>,
+    conn: Box<dyn braid_transport::Conn>,
+    from: u64,
+) -> Result<Arc<Chan>> {
+    let weak = Arc::downgrade(inner);
+    let on_msg = Box::new(move |m: Incoming| {
+        if let Some(inner) = weak.upgrade() {
+            handle(&inner, from, m);
+        }
+    });
+    let me = inner.me;
+    let on_close = Box::new(move |why: String| {
+        tracing::info!(target: "braid::ps", "server {me}: connection with member {from} ended: {why}");
+    });
+    Chan::spawn(conn, &format!("s{me}-{from}"), on_msg, on_close).map(Arc::new)
+}
+
+/// The channel to server `id`, connecting when there is none.
+fn server_chan(inner: &Arc<SInner>, id: u64) -> Option<Arc<Chan>> {
+    let (existing, member) = {
+        let st = lock(&inner.st);
+        (
+            st.chans.get(&id).filter(|c| c.closed().is_none()).cloned(),
+            st.view.members.iter().find(|m| m.id == id).cloned(),
+        )
+    };
+    if existing.is_some() {
+        return existing;
+    }
+    let m = member?;
+    let deadline = Instant::now() + Duration::from_secs(10).min(inner.timeout);
+    match connect_to(
+        &inner.transports,
+        inner.me,
+        &inner.my_host,
+        &m,
+        inner.token.as_deref(),
+        deadline,
+    )
+    .and_then(|c| make_chan(inner, c, id))
+    {
+        Ok(c) => {
+            lock(&inner.st).chans.insert(id, c.clone());
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!(target: "braid::ps", "server {}: cannot reach server {id}: {e}", inner.me);
+            None
+        }
+    }
+}
+
+fn send(ch: &Chan, prio: i32, m: &Msg, body: Vec<u8>) {
+    let _ = ch.send(Outgoing {
+        prio,
+        hdr: m.encode(),
+        body: Arc::new(body),
+    });
+}
+
+fn dtype_of(name: &str) -> Option<DataType> {
+    DataType::parse(name)
+}
+
+/// Handles one message from member `from`.
+fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
+    let msg = match Msg::decode(&m.hdr) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(target: "braid::ps", "server {}: bad message from member {from}: {e}", inner.me);
+            return;
+        }
+    };
+    let body = m.body;
+    if from >= 1 << 63 && !matches!(msg, Msg::Pull { .. } | Msg::SnapVer { .. }) {
+        tracing::warn!(target: "braid::ps", "server {}: reader {from:#x} sent a write ({msg:?}); refused", inner.me);
+        if let Msg::Init { req, .. } | Msg::Push { req, .. } = msg {
+            flush(
+                inner,
+                vec![(
+                    from,
+                    0,
+                    Msg::Fail {
+                        req,
+                        msg: "readers may only read".into(),
+                        retry: false,
+                    },
+                    Vec::new(),
+                )],
+                Vec::new(),
+            );
+        }
+        return;
+    }
+    let mut outbox: Vec<(u64, i32, Msg, Vec<u8>)> = Vec::new();
+    let mut reps: Vec<(u64, Msg, Vec<u8>)> = Vec::new();
+    {
+        let mut guard = lock(&inner.st);
+        let st = &mut *guard;
+        let msg = match msg {
+            Msg::Init {
+                req, dtype, parts, ..
+            } => Ok((true, req, dtype, parts)),
+            Msg::Push {
+                req, dtype, parts, ..
+            } => Ok((false, req, dtype, parts)),
+            other => Err(other),
+        };
+        let msg = match msg {
+            Ok((is_init, req, dtype, parts)) => {
+                let kind = if is_init { Kind::Init } else { Kind::Push };
+                let Some(dt) = dtype_of(&dtype) else {
+                    outbox.push((
+                        from,
+                        0,
+                        Msg::Fail {
+                            req,
+                            msg: format!("unknown dtype {dtype}"),
+                            retry: false,
+                        },
+                        Vec::new(),
+                    ));
+                    return flush(inner, outbox, reps);
+                };
+                let total: usize = parts.iter().map(|p| p.n).sum();
+                if total != body.len() {
+                    outbox.push((
+                        from,
+                        0,
+                        Msg::Fail {
+                            req,
+                            msg: format!(
+                                "message body has {} bytes, its parts say {total}",
+                                body.len()
+                            ),
+                            retry: false,
+                        },
+                        Vec::new(),
+                    ));
+                    return flush(inner, outbox, reps);
+                }
+                st.aggs.insert(
+                    (from, req),
+                    Agg {
+                        kind,
+                        prio: 0,
+                        n: parts.len(),
+                        done: 0,
+                        versions: vec![0; parts.len()],
+                        data: Vec::new(),
+                        reps: 0,
+                        failed: None,
+                    },
+                );
+                let mut off = 0;
+                let mut per_replica: BTreeMap<u64, (Vec<PartRef>, Vec<u8>)> = BTreeMap::new();
+                for (i, p) in parts.iter().enumerate() {
+                    let data = &body[off..off + p.n];
+                    off += p.n;
+                    let sreq = st.next_sreq;
+                    st.next_sreq += 1;
+                    st.reqs.insert(sreq, (from, req, i));
+                    let evs = if is_init {
+                        match st.store.init(p.s, dt, data) {
+                            Ok((_, evs)) => {
+                                let v = st.store.version(p.s).unwrap_or(0);
+                                let mut e = evs;
+                                e.push(Event::PushAck {
+                                    req: sreq,
+                                    key: p.s,
+                                    version: v,
+                                });
+                                e
+                            }
+                            Err(e) => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: e.to_string(),
+                            }],
+                        }
+                    } else {
+                        match st.store.push(sreq, from, p.s, dt, data) {
+                            Ok(evs) => evs,
+                            Err(e) => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: e.to_string(),
+                            }],
+                        }
+                    };
+                    apply_events(st, evs, &mut outbox);
+                    for r in st.ring.owners(p.s, inner.opts.replicas).into_iter().skip(1) {
+                        if r != inner.me {
+                            let e = per_replica.entry(r).or_default();
+                            e.0.push(*p);
+                            e.1.extend_from_slice(data);
+                        }
+                    }
+                }
+                for (r, (ps, data)) in per_replica {
+                    let seq = st.rep_seq;
+                    st.rep_seq += 1;
+                    st.rep_wait.insert(seq, (from, req));
+                    if let Some(a) = st.aggs.get_mut(&(from, req)) {
+                        a.reps += 1;
+                    }
+                    let op = if is_init {
+                        Msg::Init {
+                            req: 0,
+                            epoch: 0,
+                            dtype: dtype.clone(),
+                            parts: ps,
+                        }
+                    } else {
+                        Msg::Push {
+                            req: 0,
+                            epoch: 0,
+                            dtype: dtype.clone(),
+                            parts: ps,
+                        }
+                    };
+                    reps.push((
+                        r,
+                        Msg::Replicate {
+                            seq,
+                            worker: from,
+                            op: Box::new(op),
+                        },
+                        data,
+                    ));
+                }
+                complete(st, from, req, &mut outbox);
+                None
+            }
+            Err(other) => Some(other),
+        };
+        let Some(msg) = msg else {
+            drop(guard);
+            return flush(inner, outbox, reps);
+        };
+        match msg {
+            Msg::Pull {
+                req,
+                epoch: _,
+                parts,
+                min,
+                at,
+            } => {
+                st.aggs.insert(
+                    (from, req),
+                    Agg {
+                        kind: Kind::Pull,
+                        prio: 0,
+                        n: parts.len(),
+                        done: 0,
+                        versions: vec![0; parts.len()],
+                        data: vec![Vec::new(); parts.len()],
+                        reps: 0,
+                        failed: None,
+                    },
+                );
+                for (i, p) in parts.iter().enumerate() {
+                    let sreq = st.next_sreq;
+                    st.next_sreq += 1;
+                    st.reqs.insert(sreq, (from, req, i));
+                    let evs = match at {
+                        Some(v) => match st.store.read_at(p.s, v) {
+                            Some(d) if d.len() == p.n => vec![Event::Value {
+                                req: sreq,
+                                key: p.s,
+                                version: v,
+                                data: d.to_vec(),
+                            }],
+                            Some(d) => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: format!(
+                                    "key {} part {} has {} bytes, the request says {}",
+                                    p.k,
+                                    p.p,
+                                    d.len(),
+                                    p.n
+                                ),
+                            }],
+                            None => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: format!(
+                                    "version {v} of key {} is not held (evicted or not reached)",
+                                    p.k
+                                ),
+                            }],
+                        },
+                        None => match st.store.pull(sreq, from, p.s, min) {
+                            Ok(e) => e,
+                            Err(e) => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: e.to_string(),
+                            }],
+                        },
+                    };
+                    apply_events(st, evs, &mut outbox);
+                }
+                complete(st, from, req, &mut outbox);
+            }
+            Msg::SnapVer { req } => {
+                outbox.push((
+                    from,
+                    0,
+                    Msg::Snap {
+                        req,
+                        version: st.store.snapshot_version(),
+                    },
+                    Vec::new(),
+                ));
+            }
+            Msg::Replicate { seq, worker, op } => {
+                let mut off = 0;
+                let op = match *op {
+                    Msg::Init { dtype, parts, .. } => Some((true, dtype, parts)),
+                    Msg::Push { dtype, parts, .. } => Some((false, dtype, parts)),
+                    _ => None,
+                };
+                if let Some((is_init, dtype, parts)) = op {
+                    {
+                        if let Some(dt) = dtype_of(&dtype) {
+                            for p in &parts {
+                                if off + p.n > body.len() {
+                                    break;
+                                }
+                                let data = &body[off..off + p.n];
+                                off += p.n;
+                                let evs = if is_init {
+                                    st.store
+                                        .init(p.s, dt, data)
+                                        .map(|x| x.1)
+                                        .unwrap_or_default()
+                                } else {
+                                    st.store.push(0, worker, p.s, dt, data).unwrap_or_default()
+                                };
+                                apply_events(st, evs, &mut outbox);
+                            }
+                        }
+                    }
+                }
+                outbox.push((from, i32::MAX, Msg::RepAck { seq }, Vec::new()));
+            }
+            Msg::RepAck { seq } => {
+                if let Some((w, req)) = st.rep_wait.remove(&seq) {
+                    if let Some(a) = st.aggs.get_mut(&(w, req)) {
+                        a.reps = a.reps.saturating_sub(1);
+                    }
+                    complete(st, w, req, &mut outbox);
+                }
+            }
+            Msg::Transfer { dumps } => match serde_json::from_value::<Vec<KeyDump>>(dumps) {
+                Ok(d) => {
+                    let n = d.len();
+                    let evs = st.store.import(d);
+                    apply_events(st, evs, &mut outbox);
+                    tracing::info!(target: "braid::ps", "server {}: received {n} key part(s) from server {from}", inner.me);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "braid::ps", "server {}: bad transfer from {from}: {e}", inner.me)
+                }
+            },
+            other => {
+                tracing::warn!(target: "braid::ps", "server {}: unexpected message from member {from}: {other:?}", inner.me);
+            }
+        }
+    }
+    flush(inner, outbox, reps);
+}
+
+/// Sends what `handle` produced (outside the state lock).
+fn flush(
+    inner: &Arc<SInner>,
+    outbox: Vec<(u64, i32, Msg, Vec<u8>)>,
+    reps: Vec<(u64, Msg, Vec<u8>)>,
+) {
+    for (r, msg, body) in reps {
+        match server_chan(inner, r) {
+            Some(c) => send(&c, i32::MAX, &msg, body),
+            None => {
+                // The replica is unreachable: acknowledge without it (logged); the next view
+                // change re-seeds a replica.
+                if let Msg::Replicate { seq, .. } = msg {
+                    let mut out = Vec::new();
+                    {
+                        let mut st = lock(&inner.st);
+                        if let Some((w, req)) = st.rep_wait.remove(&seq) {
+                            if let Some(a) = st.aggs.get_mut(&(w, req)) {
+                                a.reps = a.reps.saturating_sub(1);
+                            }
+                            complete(&mut st, w, req, &mut out);
+                        }
+                    }
+                    flush(inner, out, Vec::new());
+                }
+            }
+        }
+    }
+    if outbox.is_empty() {
+        return;
+    }
+    let chans: HashMap<u64, Arc<Chan>> = {
+        let st = lock(&inner.st);
+        outbox
+            .iter()
+            .filter_map(|(m, ..)| st.chans.get(m).map(|c| (*m, c.clone())))
+            .collect()
+    };
+    for (m, prio, msg, body) in outbox {
+        match chans.get(&m) {
+            Some(c) => send(c, prio, &msg, body),
+            None => {
+                tracing::debug!(target: "braid::ps", "server {}: no connection to member {m} for {msg:?}", inner.me)
+            }
+        }
+    }
+}
+
+/// Records store events into the requests they answer.
+fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>) {
+    for ev in evs {
+        let (sreq, res) = match ev {
+            Event::PushAck { req, version, .. } => (req, Ok((version, None))),
+            Event::Value {
+                req, version, data, ..
+            } => (req, Ok((version, Some(data)))),
+            Event::Error { req, msg, .. } => (req, Err(msg)),
+            Event::RuleFailed { key, version, msg } => {
+                tracing::error!(target: "braid::ps", "update rule failed on part {key:#x} at round {version}: {msg}");
+                continue;
+            }
+        };
+        let Some((w, creq, idx)) = st.reqs.remove(&sreq) else {
+            continue;
+        };
+        if let Some(a) = st.aggs.get_mut(&(w, creq)) {
+            match res {
+                Ok((v, d)) => {
+                    if let Some(x) = a.versions.get_mut(idx) {
+                        *x = v;
+                    }
+                    if let (Some(d), Some(slot)) = (d, a.data.get_mut(idx)) {
+                        *slot = d;
+                    }
+                }
+                Err(msg) => {
+                    let retry = msg.contains("moved away")
+                        || (msg.contains("not initialised")
+                            && st.changed_at.elapsed() < Duration::from_secs(30));
+                    if a.failed.is_none() {
+                        a.failed = Some((msg, retry));
+                    }
+                }
+            }
+            a.done += 1;
+        }
+        complete(st, w, creq, outbox);
+    }
+}
+
+/// Answers request (w, req) when all its parts are done and replicated.
+fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>) {
+    let ready = st
+        .aggs
+        .get(&(w, req))
+        .is_some_and(|a| a.done >= a.n && a.reps == 0);
+    if !ready {
+        return;
+    }
+    let Some(a) = st.aggs.remove(&(w, req)) else {
+        return;
+    };
+    if let Some((msg, retry)) = a.failed {
+        outbox.push((w, a.prio, Msg::Fail { req, msg, retry }, Vec::new()));
+        return;
+    }
+    match a.kind {
+        Kind::Init | Kind::Push => outbox.push((
+            w,
+            a.prio,
+            Msg::Ack {
+                req,
+                versions: a.versions,
+            },
+            Vec::new(),
+        )),
+        Kind::Pull => {
+            let body: Vec<u8> = a.data.concat();
+            outbox.push((
+                w,
+                a.prio,
+                Msg::Values {
+                    req,
+                    versions: a.versions,
+                },
+                body,
+            ));
+        }
+    }
+}
+
+/// Applies a new view: worker set, ring, hand-over of key parts.
+fn apply_view(inner: &Arc<SInner>, view: View) {
+    let r = inner.opts.replicas;
+    let mut transfers: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut outbox = Vec::new();
+    let dead: Vec<Arc<Chan>>;
+    {
+        let mut guard = lock(&inner.st);
+        let st = &mut *guard;
+        let old = std::mem::replace(&mut st.ring, ring_of(&view));
+        let evs = st.store.set_workers(&workers_of(&view));
+        apply_events(st, evs, &mut outbox);
+        let keys: Vec<u64> = st.store.keys().collect();
+        let mut drop_keys = Vec::new();
+        for k in keys {
+            let before = old.owners(k, r);
+            let after = st.ring.owners(k, r);
+            let was_owner = before.first() == Some(&inner.me);
+            let now_owner = after.first() == Some(&inner.me);
+            // The (new) owner seeds holders that did not have the part. An old owner that
+            // lost the part hands it to the new owner (who may be new).
+            let sender = now_owner
+                || (was_owner && !after.contains(&inner.me))
+                || (was_owner
+                    && !before.is_empty()
+                    && !after.first().is_some_and(|o| before.contains(o)));
+            if sender {
+                for h in &after {
+                    if *h != inner.me && !before.contains(h) {
+                        transfers.entry(*h).or_default().push(k);
+                    }
+                }
+            }
+            if !after.contains(&inner.me) {
+                drop_keys.push(k);
+            }
+        }
+        // Parts this server no longer holds are removed after the hand-over below.
+        st.view = view.clone();
+        st.changed_at = Instant::now();
+        let keep: std::collections::HashSet<u64> = view.members.iter().map(|m| m.id).collect();
+        let gone: Vec<u64> = st
+            .chans
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        dead = gone
+            .into_iter()
+            .filter_map(|id| st.chans.remove(&id))
+            .collect();
+        // Requests waiting for replicas that are gone: count those replications as done.
+        let mut done = Vec::new();
+        st.rep_wait.retain(|_, (w, req)| {
+            let stay = keep.contains(w);
+            if !stay {
+                done.push((*w, *req));
+            }
+            stay
+        });
+        for (w, req) in done {
+            st.aggs.remove(&(w, req));
+        }
+        let dumps: Vec<(u64, Vec<KeyDump>)> = transfers
+            .iter()
+            .map(|(h, ks)| {
+                let set: std::collections::HashSet<u64> = ks.iter().copied().collect();
+                (*h, st.store.export(|k| set.contains(&k)))
+            })
+            .collect();
+        drop(guard);
+        for (h, d) in dumps {
+            let n = d.len();
+            match (server_chan(inner, h), serde_json::to_value(&d)) {
+                (Some(c), Ok(v)) => {
+                    send(&c, i32::MAX, &Msg::Transfer { dumps: v }, Vec::new());
+                    tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
+                }
+                _ => {
+                    tracing::warn!(target: "braid::ps", "server {}: cannot hand {n} key part(s) to server {h}", inner.me)
+                }
+            }
+        }
+        let drop_set: std::collections::HashSet<u64> = drop_keys.into_iter().collect();
+        let mut out = Vec::new();
+        {
+            let mut st = lock(&inner.st);
+            let evs = st.store.remove(|k| drop_set.contains(&k));
+            apply_events(&mut st, evs, &mut out);
+        }
+        flush(inner, out, Vec::new());
+    }
+    for c in dead {
+        c.close();
+    }
+    flush(inner, outbox, Vec::new());
+}
+
+fn spawn_watcher(
+    inner: Arc<SInner>,
+    client: Option<Arc<crate::membership::Client>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(client) = client else { return };
+        while !inner.stop.load(Ordering::SeqCst) {
+            let cur = lock(&inner.st).view.epoch;
+            let stop = AtomicBool::new(false);
+            let deadline = Instant::now() + Duration::from_millis(200);
+            match client.wait_epoch(cur + 1, deadline, &stop) {
+                Ok(top) => {
+                    if let Some((view, reason)) = client.view_of(top) {
+                        tracing::info!(target: "braid::ps", "server {}: view epoch {} ({reason})", inner.me, view.epoch);
+                        if view.rank_of(inner.me).is_none() {
+                            client.installed(view.epoch);
+                            return;
+                        }
+                        apply_view(&inner, view);
+                        client.installed(top);
+                    }
+                }
+                Err(Error::Timeout { .. }) => {}
+                Err(e) => {
+                    tracing::error!(target: "braid::ps", "server {}: membership: {e}", inner.me);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    })
+}

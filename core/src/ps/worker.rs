@@ -1,0 +1,1037 @@
+//! The push/pull worker (and reader) side: splits keys into parts, routes each part to its
+//! owner on the ring, waits for the answers, and re-routes what failed after a view change
+//! (a server died: its replica took over) until the operation's deadline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::chan::{Chan, Incoming, Outgoing};
+use super::node::{connect_to, Node};
+use super::server::{ring_of, servers_of};
+use super::shard::{split, Ring};
+use super::wire::{Msg, PartRef};
+use super::PsOptions;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::membership::{Client, Role, View};
+use crate::types::{DataType, Element};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Init,
+    Push,
+    Pull,
+    Snap,
+}
+
+/// A request to one server (part of an operation).
+struct WReq {
+    op: u64,
+    server: u64,
+    kind: Kind,
+    dtype: DataType,
+    parts: Vec<(PartRef, usize)>,
+    body: Arc<Vec<u8>>,
+    min: Option<u64>,
+    at: Option<u64>,
+    prio: i32,
+}
+
+/// A user operation: one or more requests.
+struct Op {
+    outstanding: usize,
+    out: Vec<u8>,
+    versions: BTreeMap<(u64, u32), u64>,
+    error: Option<Error>,
+    deadline: Instant,
+}
+
+struct WState {
+    view: View,
+    ring: Ring,
+    chans: HashMap<u64, Arc<Chan>>,
+    next_req: u64,
+    next_op: u64,
+    reqs: HashMap<u64, WReq>,
+    ops: HashMap<u64, Op>,
+    retry: Vec<WReq>,
+    /// Bytes and dtype of every key this worker has seen, to check later calls locally.
+    keys: HashMap<u64, (DataType, usize)>,
+    /// Pushes of push_pull calls (nobody waits on them; dropped when done).
+    chained: Vec<u64>,
+}
+
+pub(crate) struct WInner {
+    me: u64,
+    my_host: String,
+    opts: PsOptions,
+    transports: Vec<Arc<dyn braid_transport::Transport>>,
+    token: Option<Vec<u8>>,
+    timeout: Duration,
+    st: Mutex<WState>,
+    cv: Condvar,
+    stop: AtomicBool,
+    /// Readers refresh their view from the coordinator (they are not members).
+    reader: Option<(String, String)>,
+}
+
+/// Turns an operation's bytes and versions into what its handle returns.
+type Finish<R> = Box<dyn FnOnce(Vec<u8>, BTreeMap<(u64, u32), u64>) -> R + Send>;
+
+/// The completion handle of a push/pull operation.
+pub struct PsHandle<R> {
+    inner: Arc<WInner>,
+    op: u64,
+    finish: Option<Finish<R>>,
+}
+
+impl<R> std::fmt::Debug for PsHandle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsHandle").field("op", &self.op).finish()
+    }
+}
+
+impl<R> PsHandle<R> {
+    /// Whether the operation finished (successfully or not); never blocks.
+    pub fn test(&self) -> bool {
+        lock(&self.inner.st)
+            .ops
+            .get(&self.op)
+            .map_or(true, |o| o.outstanding == 0 || o.error.is_some())
+    }
+
+    /// Waits for the operation. Errors: a server's refusal (`InvalidArgument`: wrong length,
+    /// dtype, unknown key), `Timeout` after `BRAID_TIMEOUT` without an answer (servers lost
+    /// and no replica took over).
+    pub fn wait(mut self) -> Result<R> {
+        let mut st = lock(&self.inner.st);
+        loop {
+            let (done, deadline) = match st.ops.get(&self.op) {
+                Some(o) => (o.outstanding == 0 || o.error.is_some(), o.deadline),
+                None => return Err(Error::Internal("operation vanished".into())),
+            };
+            if done {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let o = st.ops.remove(&self.op);
+                return Err(Error::Timeout {
+                    what: format!(
+                        "push/pull operation: {} request(s) unanswered",
+                        o.map_or(0, |o| o.outstanding)
+                    ),
+                    secs: self.inner.timeout.as_secs_f64(),
+                });
+            }
+            st = self
+                .inner
+                .cv
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(100)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let o = st
+            .ops
+            .remove(&self.op)
+            .ok_or_else(|| Error::Internal("operation vanished".into()))?;
+        drop(st);
+        if let Some(e) = o.error {
+            return Err(e);
+        }
+        let f = self
+            .finish
+            .take()
+            .ok_or_else(|| Error::Internal("handle already consumed".into()))?;
+        Ok(f(o.out, o.versions))
+    }
+}
+
+/// A push/pull worker process: `init`, `push`, `pull`, `push_pull` on keys spread over the
+/// group's servers. Dropping it leaves the group.
+pub struct KvWorker {
+    inner: Arc<WInner>,
+    watcher: Option<JoinHandle<()>>,
+    node: Option<Node>,
+}
+
+impl std::fmt::Debug for KvWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvWorker")
+            .field("member", &self.inner.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a pull returned: the values and the version (round) of every key part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pulled<T> {
+    /// Values, concatenated in the order of the keys asked for.
+    pub values: Vec<T>,
+    /// Smallest version over the parts read.
+    pub version: u64,
+}
+
+impl KvWorker {
+    /// Starts a worker: registers with the coordinator as a worker of the group and connects
+    /// to the servers of the view.
+    ///
+    /// Errors: as `Communicator::init`.
+    pub fn start(cfg: Config, opts: PsOptions) -> Result<KvWorker> {
+        let timeout = cfg.timeout;
+        let node = Node::start(
+            cfg,
+            Role::Worker,
+            Box::new(|c: Box<dyn braid_transport::Conn>, id| {
+                tracing::warn!(target: "braid::ps", "worker: dropping an unexpected connection from {} (member {id})", c.peer_desc());
+            }),
+        )?;
+        let view = node.first_view.clone();
+        let my_host = node.host_id();
+        let inner = Arc::new(WInner {
+            me: node.me,
+            my_host,
+            opts,
+            transports: node.transports.clone(),
+            token: node.token.clone(),
+            timeout,
+            st: Mutex::new(new_state(view.clone())),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            reader: None,
+        });
+        node.client.installed(view.epoch);
+        let watcher = spawn_watcher(inner.clone(), Some(node.client.clone()));
+        Ok(KvWorker {
+            inner,
+            watcher: Some(watcher),
+            node: Some(node),
+        })
+    }
+
+    /// This worker's member id.
+    pub fn member_id(&self) -> u64 {
+        self.inner.me
+    }
+
+    /// Epoch of the view in use.
+    pub fn epoch(&self) -> u64 {
+        lock(&self.inner.st).view.epoch
+    }
+
+    /// Servers and workers in the view in use.
+    pub fn sizes(&self) -> (usize, usize) {
+        let st = lock(&self.inner.st);
+        let s = servers_of(&st.view).len();
+        let w = st
+            .view
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Worker)
+            .count();
+        (s, w)
+    }
+
+    /// Creates keys with initial values (first writer wins; others' inits are checked for the
+    /// same length and dtype). `lens[i]` elements of `vals` belong to `keys[i]`. Blocking.
+    ///
+    /// Errors: `InvalidArgument` for inconsistent lengths; a server's refusal; timeouts.
+    pub fn init<T: Element>(&self, keys: &[u64], lens: &[usize], vals: &[T]) -> Result<()> {
+        self.inner
+            .submit(
+                Kind::Init,
+                T::DTYPE,
+                keys,
+                lens,
+                bytemuck::cast_slice(vals),
+                None,
+                None,
+                0,
+            )
+            .and_then(|op| handle(&self.inner, op, |_, _| ()).wait())
+    }
+
+    /// Pushes gradients for `keys` (`lens[i]` elements each, concatenated in `vals`) with a
+    /// priority (higher is sent first when queues build up). Servers aggregate per the group's
+    /// consistency mode. The handle completes when every part was recorded and replicated.
+    ///
+    /// Errors: as [`KvWorker::init`].
+    pub fn push<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        prio: i32,
+    ) -> Result<PsHandle<()>> {
+        let op = self.inner.submit(
+            Kind::Push,
+            T::DTYPE,
+            keys,
+            lens,
+            bytemuck::cast_slice(vals),
+            None,
+            None,
+            prio,
+        )?;
+        Ok(handle(&self.inner, op, |_, _| ()))
+    }
+
+    /// Pulls `keys` (`lens[i]` elements each). `min_version`: wait until every part reached
+    /// this version; `None`: sync/bounded mode — the round this worker last pushed to (so a
+    /// push followed by a pull returns that round's aggregate); async — the latest.
+    ///
+    /// Errors: as [`KvWorker::init`]; pulling a key nobody initialised waits for it until the
+    /// deadline.
+    pub fn pull<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        min_version: Option<u64>,
+        prio: i32,
+    ) -> Result<PsHandle<Pulled<T>>> {
+        let op = self.inner.submit(
+            Kind::Pull,
+            T::DTYPE,
+            keys,
+            lens,
+            &[],
+            min_version,
+            None,
+            prio,
+        )?;
+        Ok(handle(&self.inner, op, pulled::<T>))
+    }
+
+    /// Push then pull of the same keys in one round trip (the pull is queued right behind the
+    /// push on each server's connection): returns the aggregate of the round this push took
+    /// part in (sync), or the value after it (async).
+    ///
+    /// Errors: as [`KvWorker::push`].
+    pub fn push_pull<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        prio: i32,
+    ) -> Result<PsHandle<Pulled<T>>> {
+        let push = self.inner.submit(
+            Kind::Push,
+            T::DTYPE,
+            keys,
+            lens,
+            bytemuck::cast_slice(vals),
+            None,
+            None,
+            prio,
+        )?;
+        self.inner.chain(push);
+        let pull = self
+            .inner
+            .submit(Kind::Pull, T::DTYPE, keys, lens, &[], None, None, prio)?;
+        Ok(handle(&self.inner, pull, pulled::<T>))
+    }
+}
+
+fn pulled<T: Element>(out: Vec<u8>, versions: BTreeMap<(u64, u32), u64>) -> Pulled<T> {
+    let n = out.len() / std::mem::size_of::<T>().max(1);
+    let mut values = vec![T::zeroed(); n];
+    bytemuck::cast_slice_mut::<T, u8>(&mut values)
+        .copy_from_slice(&out[..n * std::mem::size_of::<T>()]);
+    Pulled {
+        values,
+        version: versions.values().copied().min().unwrap_or(0),
+    }
+}
+
+fn handle<R>(
+    inner: &Arc<WInner>,
+    op: u64,
+    f: impl FnOnce(Vec<u8>, BTreeMap<(u64, u32), u64>) -> R + Send + 'static,
+) -> PsHandle<R> {
+    PsHandle {
+        inner: inner.clone(),
+        op,
+        finish: Some(Box::new(f)),
+    }
+}
+
+impl Drop for KvWorker {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
+        for c in chans {
+            c.close();
+        }
+        drop(self.node.take());
+    }
+}
+
+fn new_state(view: View) -> WState {
+    WState {
+        ring: ring_of(&view),
+        view,
+        chans: HashMap::new(),
+        next_req: 1,
+        next_op: 1,
+        reqs: HashMap::new(),
+        ops: HashMap::new(),
+        retry: Vec::new(),
+        keys: HashMap::new(),
+        chained: Vec::new(),
+    }
+}
+
+impl WInner {
+    /// The push of a push_pull: nobody waits on it; it is dropped once done (a failure is
+    /// logged; the pull that follows it on the same connections reports the server's view).
+    fn chain(&self, push: u64) {
+        lock(&self.st).chained.push(push);
+    }
+
+    /// Splits, routes and sends an operation; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        self: &Arc<Self>,
+        kind: Kind,
+        dtype: DataType,
+        keys: &[u64],
+        lens: &[usize],
+        data: &[u8],
+        min: Option<u64>,
+        at: Option<u64>,
+        prio: i32,
+    ) -> Result<u64> {
+        if keys.len() != lens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys but {} lengths",
+                keys.len(),
+                lens.len()
+            )));
+        }
+        let es = dtype.size();
+        let total: usize = lens.iter().sum::<usize>() * es;
+        if matches!(kind, Kind::Init | Kind::Push) && data.len() != total {
+            return Err(Error::InvalidArgument(format!(
+                "values hold {} bytes, the lengths say {total} ({} elements of {})",
+                data.len(),
+                total / es,
+                dtype.name()
+            )));
+        }
+        let mut parts: Vec<(PartRef, usize)> = Vec::new();
+        let mut off = 0;
+        for (&k, &n) in keys.iter().zip(lens) {
+            for p in split(k, n * es, es, self.opts.partition_bytes) {
+                parts.push((
+                    PartRef {
+                        s: p.skey,
+                        k,
+                        p: p.index,
+                        n: p.len,
+                    },
+                    off + p.offset,
+                ));
+            }
+            off += n * es;
+        }
+        let mut st = lock(&self.st);
+        for (&k, &n) in keys.iter().zip(lens) {
+            match st.keys.get(&k) {
+                Some(&(d, b)) if d != dtype || b != n * es => {
+                    return Err(Error::InvalidArgument(format!(
+                        "key {k} holds {} elements of {}; this call says {n} of {}",
+                        b / d.size(),
+                        d.name(),
+                        dtype.name()
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    if matches!(kind, Kind::Init | Kind::Push) {
+                        st.keys.insert(k, (dtype, n * es));
+                    }
+                }
+            }
+        }
+        let op = st.next_op;
+        st.next_op += 1;
+        st.ops.insert(
+            op,
+            Op {
+                outstanding: 0,
+                out: if kind == Kind::Pull {
+                    vec![0u8; total]
+                } else {
+                    Vec::new()
+                },
+                versions: BTreeMap::new(),
+                error: None,
+                deadline: Instant::now() + self.timeout,
+            },
+        );
+        let body = Arc::new(data.to_vec());
+        let reqs = route(&mut st, op, kind, dtype, parts, body, min, at, prio);
+        drop(st);
+        self.dispatch(reqs);
+        Ok(op)
+    }
+
+    /// Sends requests (connecting to servers as needed); what cannot be sent goes to the retry
+    /// list.
+    fn dispatch(self: &Arc<Self>, reqs: Vec<(u64, WReq)>) {
+        for (id, r) in reqs {
+            let chan = self.server_chan(r.server);
+            let msg = match r.kind {
+                Kind::Init => Msg::Init {
+                    req: id,
+                    epoch: 0,
+                    dtype: r.dtype.name().into(),
+                    parts: r.parts.iter().map(|p| p.0).collect(),
+                },
+                Kind::Push => Msg::Push {
+                    req: id,
+                    epoch: 0,
+                    dtype: r.dtype.name().into(),
+                    parts: r.parts.iter().map(|p| p.0).collect(),
+                },
+                Kind::Pull => Msg::Pull {
+                    req: id,
+                    epoch: 0,
+                    parts: r.parts.iter().map(|p| p.0).collect(),
+                    min: r.min,
+                    at: r.at,
+                },
+                Kind::Snap => Msg::SnapVer { req: id },
+            };
+            let body = if matches!(r.kind, Kind::Init | Kind::Push) {
+                Arc::new(
+                    r.parts
+                        .iter()
+                        .flat_map(|(p, off)| r.body[*off..*off + p.n].iter().copied())
+                        .collect::<Vec<u8>>(),
+                )
+            } else {
+                Arc::new(Vec::new())
+            };
+            let prio = r.prio;
+            let mut st = lock(&self.st);
+            let sent = chan.as_ref().is_some_and(|c| {
+                c.send(Outgoing {
+                    prio,
+                    hdr: msg.encode(),
+                    body,
+                })
+                .is_ok()
+            });
+            if sent {
+                st.reqs.insert(id, r);
+            } else {
+                st.retry.push(r);
+            }
+        }
+    }
+
+    fn server_chan(self: &Arc<Self>, id: u64) -> Option<Arc<Chan>> {
+        let (existing, member) = {
+            let st = lock(&self.st);
+            (
+                st.chans.get(&id).filter(|c| c.closed().is_none()).cloned(),
+                st.view.members.iter().find(|m| m.id == id).cloned(),
+            )
+        };
+        if existing.is_some() {
+            return existing;
+        }
+        let m = member?;
+        let deadline = Instant::now() + Duration::from_secs(5).min(self.timeout);
+        let conn = match connect_to(
+            &self.transports,
+            self.me,
+            &self.my_host,
+            &m,
+            self.token.as_deref(),
+            deadline,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(target: "braid::ps", "member {}: cannot reach server {id}: {e}", self.me);
+                return None;
+            }
+        };
+        let weak = Arc::downgrade(self);
+        let on_msg = Box::new(move |m: Incoming| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_reply(m);
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let on_close = Box::new(move |why: String| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_lost(id, &why);
+            }
+        });
+        match Chan::spawn(conn, &format!("w{}-{id}", self.me), on_msg, on_close) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                lock(&self.st).chans.insert(id, c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(target: "braid::ps", "member {}: {e}", self.me);
+                None
+            }
+        }
+    }
+
+    /// A server connection ended: its requests are re-routed after the view changes.
+    fn on_lost(&self, server: u64, why: &str) {
+        tracing::warn!(target: "braid::ps", "member {}: connection to server {server} lost: {why}; its requests wait for the next view", self.me);
+        let mut st = lock(&self.st);
+        st.chans.remove(&server);
+        let ids: Vec<u64> = st
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.server == server)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(r) = st.reqs.remove(&id) {
+                st.retry.push(r);
+            }
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn on_reply(&self, m: Incoming) {
+        let msg = match Msg::decode(&m.hdr) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(target: "braid::ps", "member {}: bad reply: {e}", self.me);
+                return;
+            }
+        };
+        let mut st = lock(&self.st);
+        let st = &mut *st;
+        let req = match &msg {
+            Msg::Ack { req, .. }
+            | Msg::Values { req, .. }
+            | Msg::Snap { req, .. }
+            | Msg::Fail { req, .. } => *req,
+            _ => return,
+        };
+        let Some(r) = st.reqs.remove(&req) else {
+            return;
+        };
+        match msg {
+            Msg::Fail {
+                msg, retry: true, ..
+            } => {
+                tracing::debug!(target: "braid::ps", "member {}: retrying request {req}: {msg}", self.me);
+                st.retry.push(r);
+                return;
+            }
+            Msg::Fail { msg, .. } => {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.error.get_or_insert(Error::InvalidArgument(format!(
+                        "server {}: {msg}",
+                        r.server
+                    )));
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
+            Msg::Ack { versions, .. } => {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    for ((p, _), v) in r.parts.iter().zip(versions) {
+                        o.versions.insert((p.k, p.p), v);
+                    }
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
+            Msg::Values { versions, .. } => {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    let mut src = 0;
+                    let mut bad = false;
+                    for (p, off) in &r.parts {
+                        if src + p.n > m.body.len() || off + p.n > o.out.len() {
+                            bad = true;
+                            break;
+                        }
+                        o.out[*off..*off + p.n].copy_from_slice(&m.body[src..src + p.n]);
+                        src += p.n;
+                    }
+                    if bad {
+                        o.error.get_or_insert(Error::Internal(format!(
+                            "server {} answered with a short body",
+                            r.server
+                        )));
+                    }
+                    for ((p, _), v) in r.parts.iter().zip(versions) {
+                        o.versions.insert((p.k, p.p), v);
+                    }
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
+            Msg::Snap { version, .. } => {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    // (MAX, 0): the smallest version over servers; (MAX, 1): some server has
+                    // no complete version yet.
+                    match version {
+                        Some(v) => {
+                            let e = o.versions.entry((u64::MAX, 0)).or_insert(v);
+                            *e = (*e).min(v);
+                        }
+                        None => {
+                            o.versions.insert((u64::MAX, 1), 0);
+                        }
+                    }
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+        // Chained pushes (push_pull): a failed push fails nothing by itself; drop done ones.
+        let done: Vec<u64> = st
+            .chained
+            .iter()
+            .copied()
+            .filter(|op| {
+                st.ops
+                    .get(op)
+                    .map_or(true, |o| o.outstanding == 0 || o.error.is_some())
+            })
+            .collect();
+        for op in done {
+            st.chained.retain(|x| *x != op);
+            if let Some(o) = st.ops.remove(&op) {
+                if let Some(e) = o.error {
+                    tracing::warn!(target: "braid::ps", "member {}: push of a push_pull failed: {e}", self.me);
+                }
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Re-routes the retry list over the current ring (called by the watcher).
+    fn retry_now(self: &Arc<Self>) {
+        let mut st = lock(&self.st);
+        if st.retry.is_empty() {
+            return;
+        }
+        let list = std::mem::take(&mut st.retry);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for r in list {
+            let alive = st
+                .ops
+                .get(&r.op)
+                .is_some_and(|o| o.error.is_none() && now < o.deadline);
+            if !alive {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+                continue;
+            }
+            if let Some(o) = st.ops.get_mut(&r.op) {
+                o.outstanding = o.outstanding.saturating_sub(1);
+            }
+            let WReq {
+                op,
+                kind,
+                dtype,
+                parts,
+                body,
+                min,
+                at,
+                prio,
+                ..
+            } = r;
+            out.extend(route(&mut st, op, kind, dtype, parts, body, min, at, prio));
+        }
+        drop(st);
+        self.dispatch(out);
+        self.cv.notify_all();
+    }
+
+    fn apply_view(self: &Arc<Self>, view: View) {
+        let mut st = lock(&self.st);
+        st.ring = ring_of(&view);
+        let keep: std::collections::HashSet<u64> = view.members.iter().map(|m| m.id).collect();
+        let gone: Vec<u64> = st
+            .chans
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        let mut dead = Vec::new();
+        for id in gone {
+            if let Some(c) = st.chans.remove(&id) {
+                dead.push(c);
+            }
+            let ids: Vec<u64> = st
+                .reqs
+                .iter()
+                .filter(|(_, r)| r.server == id)
+                .map(|(i, _)| *i)
+                .collect();
+            for i in ids {
+                if let Some(r) = st.reqs.remove(&i) {
+                    st.retry.push(r);
+                }
+            }
+        }
+        st.view = view;
+        drop(st);
+        for c in dead {
+            c.close();
+        }
+    }
+}
+
+/// Groups parts by their owner on the current ring and registers one request per server.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    st: &mut WState,
+    op: u64,
+    kind: Kind,
+    dtype: DataType,
+    parts: Vec<(PartRef, usize)>,
+    body: Arc<Vec<u8>>,
+    min: Option<u64>,
+    at: Option<u64>,
+    prio: i32,
+) -> Vec<(u64, WReq)> {
+    let mut by: BTreeMap<u64, Vec<(PartRef, usize)>> = BTreeMap::new();
+    if kind == Kind::Snap {
+        for s in st.ring.servers() {
+            by.insert(*s, Vec::new());
+        }
+    } else {
+        for p in parts {
+            match st.ring.owner(p.0.s) {
+                Some(o) => by.entry(o).or_default().push(p),
+                None => {
+                    // No server at all: keep it for a retry.
+                    st.retry.push(WReq {
+                        op,
+                        server: 0,
+                        kind,
+                        dtype,
+                        parts: vec![p],
+                        body: body.clone(),
+                        min,
+                        at,
+                        prio,
+                    });
+                    if let Some(o) = st.ops.get_mut(&op) {
+                        o.outstanding += 1;
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (server, ps) in by {
+        let id = st.next_req;
+        st.next_req += 1;
+        if let Some(o) = st.ops.get_mut(&op) {
+            o.outstanding += 1;
+        }
+        out.push((
+            id,
+            WReq {
+                op,
+                server,
+                kind,
+                dtype,
+                parts: ps,
+                body: body.clone(),
+                min,
+                at,
+                prio,
+            },
+        ));
+    }
+    out
+}
+
+fn spawn_watcher(inner: Arc<WInner>, client: Option<Arc<Client>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !inner.stop.load(Ordering::SeqCst) {
+            let cur = lock(&inner.st).view.epoch;
+            let stop = AtomicBool::new(false);
+            let deadline = Instant::now() + Duration::from_millis(50);
+            match &client {
+                Some(c) => match c.wait_epoch(cur + 1, deadline, &stop) {
+                    Ok(top) => {
+                        if let Some((view, reason)) = c.view_of(top) {
+                            tracing::info!(target: "braid::ps", "member {}: view epoch {} ({reason})", inner.me, view.epoch);
+                            inner.apply_view(view);
+                            c.installed(top);
+                        }
+                    }
+                    Err(Error::Timeout { .. }) => {}
+                    Err(e) => {
+                        tracing::error!(target: "braid::ps", "member {}: membership: {e}", inner.me);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                },
+                None => {
+                    // A reader: refresh the view from the coordinator while requests wait.
+                    let waiting = !lock(&inner.st).retry.is_empty();
+                    if waiting {
+                        if let Some((addr, group)) = &inner.reader {
+                            if let Ok(v) = crate::membership::fetch_view(
+                                addr,
+                                group,
+                                inner.token.as_deref(),
+                                Duration::from_secs(2),
+                            ) {
+                                if v.epoch != cur {
+                                    inner.apply_view(v);
+                                }
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            inner.retry_now();
+        }
+    })
+}
+
+/// A reader outside the training group: consistent snapshot reads of the servers' keys (every
+/// key from the same completed round), without joining the group or blocking training.
+pub struct KvReader {
+    inner: Arc<WInner>,
+    watcher: Option<JoinHandle<()>>,
+    last: u64,
+}
+
+impl std::fmt::Debug for KvReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvReader")
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvReader {
+    /// Connects to the servers of the group named in `cfg` (the view comes from the
+    /// coordinator; the reader does not register).
+    ///
+    /// Errors: coordinator unreachable or the group has no view; transports.
+    pub fn connect(cfg: Config, opts: PsOptions) -> Result<KvReader> {
+        crate::config::init_logging(&cfg.log);
+        let addr = cfg.coordinator.clone().ok_or_else(|| {
+            Error::InvalidArgument("coordinator unknown: set BRAID_COORDINATOR=host:port".into())
+        })?;
+        let token = cfg.job_token.as_ref().map(|t| t.0.clone());
+        let view =
+            crate::membership::fetch_view(&addr, &cfg.group, token.as_deref(), cfg.init_timeout)?;
+        // Readers are not members: they identify with a random id in the upper half.
+        let me = crate::membership::random_u64(7) | (1u64 << 63);
+        let inner = Arc::new(WInner {
+            me,
+            my_host: cfg
+                .host_id
+                .clone()
+                .unwrap_or_else(crate::membership::local_host_id),
+            opts,
+            transports: super::node::client_transports(&cfg)?,
+            token,
+            timeout: cfg.timeout,
+            st: Mutex::new(new_state(view)),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            reader: Some((addr, cfg.group.clone())),
+        });
+        let watcher = spawn_watcher(inner.clone(), None);
+        Ok(KvReader {
+            inner,
+            watcher: Some(watcher),
+            last: 0,
+        })
+    }
+
+    /// Reads `keys` (`lens[i]` elements each) all at one completed version: the newest that
+    /// every server holds for all its keys, and at least `min_version` and at least the
+    /// version of this reader's previous snapshot (versions never go backwards). Returns the
+    /// version and the values.
+    ///
+    /// Errors: `Timeout` when no such version is reached in time; a server's refusal.
+    pub fn snapshot<T: Element>(
+        &mut self,
+        keys: &[u64],
+        lens: &[usize],
+        min_version: Option<u64>,
+    ) -> Result<(u64, Vec<T>)> {
+        let floor = self.last.max(min_version.unwrap_or(0));
+        let end = Instant::now() + self.inner.timeout;
+        loop {
+            let op = self
+                .inner
+                .submit(Kind::Snap, T::DTYPE, &[], &[], &[], None, None, 0)?;
+            let vers = handle(&self.inner, op, |_, v| v).wait()?;
+            let version = if vers.contains_key(&(u64::MAX, 1)) {
+                None
+            } else {
+                vers.get(&(u64::MAX, 0)).copied()
+            };
+            match version {
+                Some(v) if v >= floor => {
+                    let op = self.inner.submit(
+                        Kind::Pull,
+                        T::DTYPE,
+                        keys,
+                        lens,
+                        &[],
+                        None,
+                        Some(v),
+                        0,
+                    )?;
+                    match handle(&self.inner, op, pulled::<T>).wait() {
+                        Ok(p) => {
+                            self.last = v;
+                            return Ok((v, p.values));
+                        }
+                        Err(Error::InvalidArgument(m)) if m.contains("not held") => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => {}
+            }
+            if Instant::now() >= end {
+                return Err(Error::Timeout {
+                    what: format!("a snapshot of version {floor} or newer"),
+                    secs: self.inner.timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for KvReader {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
+        for c in chans {
+            c.close();
+        }
+    }
+}

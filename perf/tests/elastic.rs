@@ -1,0 +1,1360 @@
+//! Multi-process tests of elastic membership (issue 4), with real processes, a real
+//! `braid-coordinator` and `braid-perf --elastic` loops whose `#wrong` check is exact for the
+//! current view:
+//!
+//! * two ranks in an all-reduce loop, two more join while it runs (tcp and shm): the first two
+//!   are never restarted and never fail a step;
+//! * kill -9 of one of four ranks mid-loop: the survivors are told which member they lost, move
+//!   to a view of three and go on; the dead id is never reused and a later joiner gets a higher
+//!   id;
+//! * a network cut (network namespaces, a veth link set down): the cut rank is declared dead
+//!   within the heartbeat timeout and the others continue; the cut rank does not hang;
+//! * a joiner with a wrong job token, one without a token and strangers on a data port are
+//!   refused or dropped, and the job is unaffected.
+//!
+//! Every test polls or reads what the processes print (`# view ...`, `# elastic: ...`, log
+//! lines, `braid-coordinator status --json`) and prints the figures it observed (join
+//! latency, recovery time, time to declare a cut rank dead) on stderr (`--nocapture`).
+//! Timing is asserted only as "within the heartbeat timeout + 5 s"; everything else has
+//! generous limits for a loaded 2-core machine.
+//!
+//! `braid-run` and `braid-coordinator` are binaries of the `braid` crate: build them first
+//! (`cargo build --workspace --bins`). The network-cut test needs root (`ip netns`); without
+//! it the test fails and says why.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Binaries and processes
+// ---------------------------------------------------------------------------------------------
+
+fn perf() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_braid-perf"))
+}
+
+fn bin(name: &str) -> PathBuf {
+    // Workspace binaries land next to braid-perf.
+    let p = perf().with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} not built (run cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// A command whose environment holds no launcher variables of the test's own environment
+/// (BRAID_*, torchrun's), with stdin from /dev/null.
+fn clean(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("BRAID_")
+                || [
+                    "MASTER_ADDR",
+                    "MASTER_PORT",
+                    "RANK",
+                    "WORLD_SIZE",
+                    "LOCAL_RANK",
+                ]
+                .contains(&k)
+            {
+                c.env_remove(k);
+            }
+        }
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// One line a process wrote, with the time the test read it.
+#[derive(Clone, Debug)]
+struct Line {
+    at: Instant,
+    stderr: bool,
+    text: String,
+}
+
+/// A child process whose stdout and stderr are read line by line, with timestamps, while it
+/// runs. Dropping it stops the process (SIGTERM, which braid-run forwards, then SIGKILL).
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<Line>>>,
+    readers: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+    /// Whether the test had to stop it.
+    stopped: bool,
+}
+
+fn reader(
+    src: impl Read + Send + 'static,
+    stderr: bool,
+    to: Arc<Mutex<Vec<Line>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(src);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string();
+                    to.lock().unwrap().push(Line {
+                        at: Instant::now(),
+                        stderr,
+                        text,
+                    });
+                }
+            }
+        }
+    })
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            reader(child.stdout.take().unwrap(), false, lines.clone()),
+            reader(child.stderr.take().unwrap(), true, lines.clone()),
+        ];
+        Proc {
+            name: name.to_string(),
+            child,
+            lines,
+            readers,
+            status: None,
+            stopped: false,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn lines(&self) -> Vec<Line> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Everything it printed so far, for assertion messages.
+    fn dump(&self) -> String {
+        let mut s = format!("---- {} (pid {}) ----\n", self.name, self.pid());
+        for l in self.lines() {
+            s.push_str(if l.stderr { "err| " } else { "out| " });
+            s.push_str(&l.text);
+            s.push('\n');
+        }
+        s
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+        }
+        self.status
+    }
+
+    /// Waits until a line matches `pred` (returns it) or `limit` passes or the process exits
+    /// without such a line (None).
+    fn wait_line(&mut self, limit: Duration, pred: impl Fn(&Line) -> bool) -> Option<Line> {
+        let end = Instant::now() + limit;
+        loop {
+            let done = self.exited().is_some();
+            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            if done {
+                // Let the readers drain what is left in the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return self.lines().into_iter().find(|l| pred(l));
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits at most `limit` for the process to exit.
+    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        while self.exited().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.exited()
+    }
+
+    /// Stops the process if it still runs (SIGTERM, 5 s, SIGKILL) and reaps it.
+    fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        self.stopped = true;
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        if self.wait_exit(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// Waits for the process (stopping it after `limit`) and for its output. Returns its exit
+    /// status, None if the test had to stop it.
+    fn finish(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let st = self.wait_exit(limit);
+        if st.is_none() {
+            self.stop();
+        }
+        // braid-run's children may hold the pipes a little longer; they die with it.
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for r in std::mem::take(&mut self.readers) {
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+        st
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The lines braid-run relayed from launcher index `idx` (prefix `[idx] ` removed).
+fn of_index(lines: &[Line], idx: usize) -> Vec<Line> {
+    let p = format!("[{idx}] ");
+    lines
+        .iter()
+        .filter_map(|l| {
+            l.text.strip_prefix(&p).map(|t| Line {
+                at: l.at,
+                stderr: l.stderr,
+                text: t.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The `# view epoch=E size=N rank=R` lines, as (E, N, R), in order.
+fn views(lines: &[Line]) -> Vec<(u64, usize, usize)> {
+    lines
+        .iter()
+        .filter(|l| !l.stderr)
+        .filter_map(|l| parse_view(&l.text))
+        .collect()
+}
+
+fn parse_view(s: &str) -> Option<(u64, usize, usize)> {
+    let rest = s.strip_prefix("# view ")?;
+    let mut e = None;
+    let mut n = None;
+    let mut r = None;
+    for kv in rest.split_whitespace() {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "epoch" => e = v.parse().ok(),
+            "size" => n = v.parse().ok(),
+            "rank" => r = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((e?, n?, r?))
+}
+
+/// The time of the first `# view` line for `epoch`.
+fn view_at(lines: &[Line], epoch: u64) -> Option<Instant> {
+    lines
+        .iter()
+        .find(|l| !l.stderr && parse_view(&l.text).is_some_and(|v| v.0 == epoch))
+        .map(|l| l.at)
+}
+
+/// The final `# elastic: steps completed C failed F view changes V epoch E size N #wrong W`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Final {
+    completed: u64,
+    failed: u64,
+    changes: u64,
+    epoch: u64,
+    size: usize,
+    wrong: u64,
+}
+
+fn finals(lines: &[Line]) -> Vec<Final> {
+    lines
+        .iter()
+        .filter(|l| !l.stderr)
+        .filter_map(|l| parse_final(&l.text))
+        .collect()
+}
+
+fn parse_final(s: &str) -> Option<Final> {
+    let rest = s.strip_prefix("# elastic: ")?;
+    let t: Vec<&str> = rest.split_whitespace().collect();
+    let after = |key: &str| -> Option<u64> {
+        let i = t.iter().position(|w| *w == key)?;
+        t.get(i + 1)?.parse().ok()
+    };
+    Some(Final {
+        completed: after("completed")?,
+        failed: after("failed")?,
+        changes: after("changes")?,
+        epoch: after("epoch")?,
+        size: after("size")? as usize,
+        wrong: after("#wrong")?,
+    })
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn since(a: Instant, b: Instant) -> f64 {
+    secs(b.saturating_duration_since(a))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordinator
+// ---------------------------------------------------------------------------------------------
+
+struct Coord {
+    proc: Proc,
+    addr: String,
+}
+
+/// Starts `braid-coordinator --bind BIND` and waits for its `listening on` line.
+fn start_coordinator(bind: &str, env: &[(&str, &str)]) -> Coord {
+    let mut c = clean(&bin("braid-coordinator"));
+    c.args(["--bind", bind]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut proc = Proc::spawn("braid-coordinator", c);
+    let l = proc
+        .wait_line(Duration::from_secs(30), |l| {
+            !l.stderr && l.text.starts_with("braid-coordinator listening on ")
+        })
+        .unwrap_or_else(|| panic!("the coordinator did not start\n{}", proc.dump()));
+    let addr = l.text.rsplit(' ').next().unwrap().to_string();
+    Coord { proc, addr }
+}
+
+/// `braid-coordinator status ADDR --json`, None when it fails.
+fn status(addr: &str, token: Option<&str>) -> Option<Value> {
+    let mut c = clean(&bin("braid-coordinator"));
+    c.args(["status", addr, "--json"]);
+    if let Some(t) = token {
+        c.env("BRAID_JOB_TOKEN", t);
+    }
+    let out = c.stderr(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The group `world` of a status document.
+fn world(v: &Value) -> Option<&Value> {
+    v["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["group"].as_str() == Some("world"))
+}
+
+/// One member of a view as the coordinator reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Member {
+    rank: usize,
+    id: u64,
+    pid: u64,
+}
+
+/// (epoch, members by rank) of the group `world`.
+fn view_of(v: &Value) -> Option<(u64, Vec<Member>)> {
+    let g = world(v)?;
+    let epoch = g["epoch"].as_u64()?;
+    let mut ms: Vec<Member> = g["members"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| {
+            Some(Member {
+                rank: m["rank"].as_u64()? as usize,
+                id: m["id"].as_u64()?,
+                pid: m["pid"].as_u64()?,
+            })
+        })
+        .collect();
+    ms.sort_by_key(|m| m.rank);
+    Some((epoch, ms))
+}
+
+/// The history of the group `world`: (epoch, size, reason).
+fn history(v: &Value) -> Vec<(u64, usize, String)> {
+    world(v)
+        .and_then(|g| g["history"].as_array())
+        .map(|h| {
+            h.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["epoch"].as_u64()?,
+                        e["size"].as_u64()? as usize,
+                        e["reason"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `status --json` in the background (the coordinator forgets a group once all its
+/// members are gone, so what the test checks afterwards must be seen while the job runs).
+struct Poller {
+    stop: Arc<AtomicBool>,
+    snaps: Arc<Mutex<Vec<(Instant, Value)>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(addr: &str, token: Option<&str>) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let snaps = Arc::new(Mutex::new(Vec::new()));
+        let (a, t, s, sn) = (
+            addr.to_string(),
+            token.map(String::from),
+            stop.clone(),
+            snaps.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if let Some(v) = status(&a, t.as_deref()) {
+                    sn.lock().unwrap().push((Instant::now(), v));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Poller {
+            stop,
+            snaps,
+            thread: Some(thread),
+        }
+    }
+
+    fn snaps(&self) -> Vec<(Instant, Value)> {
+        self.snaps.lock().unwrap().clone()
+    }
+
+    /// Waits for a snapshot that satisfies `pred`.
+    fn wait(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<(Instant, Value)> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.snaps().into_iter().find(|(_, v)| pred(v)) {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn finish(&mut self) -> Vec<(Instant, Value)> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.snaps()
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The members of the first snapshot at `epoch` with `size` members.
+fn members_at(snaps: &[(Instant, Value)], epoch: u64, size: usize) -> Option<Vec<Member>> {
+    snaps.iter().find_map(|(_, v)| {
+        view_of(v).and_then(|(e, ms)| (e == epoch && ms.len() == size).then_some(ms))
+    })
+}
+
+/// The longest history seen (the last snapshot while the group existed).
+fn longest_history(snaps: &[(Instant, Value)]) -> Vec<(u64, usize, String)> {
+    snaps
+        .iter()
+        .map(|(_, v)| history(v))
+        .max_by_key(|h| h.len())
+        .unwrap_or_default()
+}
+
+/// `braid-run -n ... --coordinator ADDR [drills] -- braid-perf ARGS`.
+fn braid_run(coord: &str, drills: &[&str], perf_args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut c = clean(&bin("braid-run"));
+    c.args(drills).args(["--coordinator", coord, "--"]);
+    c.arg(perf()).args(perf_args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Proc::spawn("braid-run", c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Join while running
+// ---------------------------------------------------------------------------------------------
+
+fn join_while_running(transport: &str) {
+    let coord = start_coordinator("127.0.0.1:0", &[]);
+    let mut poll = Poller::start(&coord.addr, None);
+    let mut run = braid_run(
+        &coord.addr,
+        &["-n", "2", "--join", "2@2"],
+        &[
+            "all_reduce",
+            "--elastic",
+            "--duration",
+            "6",
+            "-b",
+            "64K",
+            "--transport",
+            transport,
+        ],
+        &[("BRAID_TRANSPORT", transport)],
+    );
+    let st = run.finish(Duration::from_secs(90));
+    let snaps = poll.finish();
+    let all = run.lines();
+    let ctx = || format!("{}\n{}", run.dump(), coord.proc.dump());
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "braid-run ({transport}): {st:?}\n{}",
+        ctx()
+    );
+
+    // Launcher indices 0..4, nothing else: braid-run started each process once.
+    for l in &all {
+        if let Some(rest) = l.text.strip_prefix('[') {
+            let idx: usize = rest
+                .split(']')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(99);
+            assert!(
+                idx < 4,
+                "unexpected launcher index in {:?}\n{}",
+                l.text,
+                ctx()
+            );
+        }
+    }
+    let failure_lines: Vec<&Line> = all
+        .iter()
+        .filter(|l| {
+            l.text.contains("# step failed")
+                || l.text.contains("# control all-reduce failed")
+                || l.text.contains("update() agreement failed")
+                || l.text.contains("peer lost")
+        })
+        .collect();
+    assert!(
+        failure_lines.is_empty(),
+        "something failed during a join: {failure_lines:?}\n{}",
+        ctx()
+    );
+
+    // The first two: epoch 1 of 2, then epoch 2 of 4, same rank; one final line each.
+    for i in 0..2 {
+        let li = of_index(&all, i);
+        assert_eq!(
+            views(&li),
+            vec![(1, 2, i), (2, 4, i)],
+            "[{i}] views ({transport})\n{}",
+            ctx()
+        );
+        let f = finals(&li);
+        assert_eq!(f.len(), 1, "[{i}] final lines\n{}", ctx());
+        let f = f[0];
+        assert!(
+            f.failed == 0 && f.changes == 1 && f.epoch == 2 && f.size == 4 && f.wrong == 0,
+            "[{i}] {f:?}\n{}",
+            ctx()
+        );
+        assert!(f.completed > 0, "[{i}] {f:?}");
+    }
+    // The joiners: only epoch 2 of 4, ranks 2 and 3.
+    let mut joiner_ranks = Vec::new();
+    for j in 2..4 {
+        let lj = of_index(&all, j);
+        let v = views(&lj);
+        assert!(
+            v.len() == 1 && v[0].0 == 2 && v[0].1 == 4 && (v[0].2 == 2 || v[0].2 == 3),
+            "[{j}] views {v:?} ({transport})\n{}",
+            ctx()
+        );
+        joiner_ranks.push(v[0].2);
+        let f = finals(&lj);
+        assert!(
+            f.len() == 1
+                && f[0].failed == 0
+                && f[0].changes == 0
+                && f[0].epoch == 2
+                && f[0].size == 4
+                && f[0].wrong == 0
+                && f[0].completed > 0,
+            "[{j}] {f:?}\n{}",
+            ctx()
+        );
+    }
+    joiner_ranks.sort_unstable();
+    assert_eq!(joiner_ranks, vec![2, 3], "{}", ctx());
+    // Every process ran the same steps in epoch 2: the first two ran more (epoch 1 too).
+    let steps: Vec<u64> = (0..4)
+        .map(|i| finals(&of_index(&all, i))[0].completed)
+        .collect();
+    assert!(
+        steps[0] == steps[1] && steps[2] == steps[3] && steps[0] > steps[2],
+        "steps completed per process: {steps:?}"
+    );
+
+    // The coordinator's view: same ids and pids for ranks 0 and 1 before and after (never
+    // restarted); the joiners have new, higher ids; both admitted in one view change.
+    let before = members_at(&snaps, 1, 2).unwrap_or_else(|| {
+        panic!(
+            "no status snapshot of epoch 1 with 2 members: {snaps:?}\n{}",
+            ctx()
+        )
+    });
+    let after = members_at(&snaps, 2, 4).unwrap_or_else(|| {
+        panic!(
+            "no status snapshot of epoch 2 with 4 members: {snaps:?}\n{}",
+            ctx()
+        )
+    });
+    assert_eq!(
+        &after[..2],
+        &before[..],
+        "ranks 0 and 1 changed id or pid across the join"
+    );
+    let old_max = before.iter().map(|m| m.id).max().unwrap();
+    let old_pids: Vec<u64> = before.iter().map(|m| m.pid).collect();
+    for m in &after[2..] {
+        assert!(m.id > old_max, "joiner {m:?} has an id below {old_max}");
+        assert!(!old_pids.contains(&m.pid), "joiner {m:?}");
+    }
+    let h = longest_history(&snaps);
+    assert_eq!(h.len(), 2, "history {h:?}");
+    assert_eq!((h[0].0, h[0].1, h[0].2.as_str()), (1, 2, "initial"));
+    let join_reason = format!(
+        "join of {},{}",
+        after[2].id.min(after[3].id),
+        after[2].id.max(after[3].id)
+    );
+    let join_reason_rev = format!(
+        "join of {},{}",
+        after[2].id.max(after[3].id),
+        after[2].id.min(after[3].id)
+    );
+    assert!(
+        h[1].0 == 2 && h[1].1 == 4 && (h[1].2 == join_reason || h[1].2 == join_reason_rev),
+        "history {h:?}, expected {join_reason:?}"
+    );
+
+    // Figures: from braid-run starting the joiners to each joiner's first completed collective
+    // (the `# view` line is printed after sync_from_oldest, a broadcast in the new view).
+    let started = all
+        .iter()
+        .find(|l| l.stderr && l.text.starts_with("braid-run: starting 2 joiner(s)"))
+        .map(|l| l.at)
+        .unwrap_or_else(|| panic!("no joiner start line\n{}", ctx()));
+    let lat: Vec<String> = (0..4)
+        .map(|i| {
+            let t = view_at(&of_index(&all, i), 2).unwrap();
+            format!("[{i}] {:.3} s", since(started, t))
+        })
+        .collect();
+    let switch = of_index(&all, 0)
+        .into_iter()
+        .find(|l| l.text.starts_with("# switch to epoch 2"))
+        .map(|l| l.text)
+        .unwrap_or_default();
+    eprintln!(
+        "FIGURE join ({transport}): joiners started -> '# view epoch=2 size=4' (first collective in the new view): {}; rank 0: {switch}",
+        lat.join(", ")
+    );
+}
+
+#[test]
+fn two_join_a_running_all_reduce_loop_over_tcp() {
+    join_while_running("tcp");
+}
+
+#[test]
+fn two_join_a_running_all_reduce_loop_over_shm() {
+    join_while_running("shm");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. kill -9 of one of four
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn kill_minus_9_of_one_of_four_survivors_shrink_and_a_later_joiner_gets_a_higher_id() {
+    let coord = start_coordinator("127.0.0.1:0", &[]);
+    let mut poll = Poller::start(&coord.addr, None);
+    let mut run = braid_run(
+        &coord.addr,
+        &["-n", "4", "--kill", "2@3", "--join", "1@5.5"],
+        &["all_reduce", "--elastic", "--duration", "9", "-b", "64K"],
+        &[("BRAID_TRANSPORT", "tcp")],
+    );
+    let st = run.finish(Duration::from_secs(90));
+    let snaps = poll.finish();
+    let all = run.lines();
+    let ctx = || format!("{}\n{}", run.dump(), coord.proc.dump());
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "braid-run: {st:?}\n{}",
+        ctx()
+    );
+
+    // The killed process: `braid-run: killing [2] (pid P) at T s`.
+    let kill_line = all
+        .iter()
+        .find(|l| l.stderr && l.text.starts_with("braid-run: killing [2] (pid "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no kill line\n{}", ctx()));
+    let dead_pid: u64 = kill_line.text["braid-run: killing [2] (pid ".len()..]
+        .split(')')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let before = members_at(&snaps, 1, 4)
+        .unwrap_or_else(|| panic!("no status snapshot of epoch 1 with 4 members\n{}", ctx()));
+    let dead = before
+        .iter()
+        .find(|m| m.pid == dead_pid)
+        .unwrap_or_else(|| panic!("pid {dead_pid} not in {before:?}"))
+        .id;
+    let old_max = before.iter().map(|m| m.id).max().unwrap();
+
+    // Survivors [0], [1], [3]: told which member they lost (PeerLost naming it, directly or
+    // inside a peer's abort), then epoch 2 of 3 and epoch 3 of 4 in the same relative order.
+    let lost = format!("(member {dead}, host ");
+    for (i, r2) in [(0usize, 0usize), (1, 1), (3, 2)] {
+        let li = of_index(&all, i);
+        let named = li
+            .iter()
+            .filter(|l| l.stderr && l.text.contains("peer lost") && l.text.contains(&lost))
+            .count();
+        assert!(
+            named > 0,
+            "[{i}] never reported losing member {dead}\n{}",
+            ctx()
+        );
+        assert_eq!(
+            views(&li),
+            vec![(1, 4, i), (2, 3, r2), (3, 4, r2)],
+            "[{i}] views\n{}",
+            ctx()
+        );
+        let f = finals(&li);
+        assert!(
+            f.len() == 1
+                && f[0].epoch == 3
+                && f[0].size == 4
+                && f[0].changes == 2
+                && f[0].wrong == 0,
+            "[{i}] {f:?}\n{}",
+            ctx()
+        );
+    }
+    // The killed process printed no final line; the joiner [4] joined epoch 3 as rank 3.
+    assert!(finals(&of_index(&all, 2)).is_empty(), "{}", ctx());
+    let l4 = of_index(&all, 4);
+    assert_eq!(views(&l4), vec![(3, 4, 3)], "[4] views\n{}", ctx());
+    let f4 = finals(&l4);
+    assert!(
+        f4.len() == 1 && f4[0].failed == 0 && f4[0].wrong == 0 && f4[0].epoch == 3,
+        "[4] {f4:?}\n{}",
+        ctx()
+    );
+
+    // Coordinator: failure of the dead id, then the join of a higher id; the dead id never
+    // comes back.
+    let h = longest_history(&snaps);
+    assert!(h.len() == 3, "history {h:?}\n{}", ctx());
+    assert!(
+        h[1].0 == 2 && h[1].1 == 3 && h[1].2.starts_with(&format!("failure of {dead} (")),
+        "history {h:?}: expected the failure of {dead}"
+    );
+    let after = members_at(&snaps, 3, 4)
+        .unwrap_or_else(|| panic!("no status snapshot of epoch 3 with 4 members\n{}", ctx()));
+    let joiner = after[3];
+    assert!(
+        joiner.id > old_max && joiner.id > dead,
+        "joiner {joiner:?}: id not above every earlier id ({before:?})"
+    );
+    assert_eq!(
+        h[2],
+        (3, 4, format!("join of {}", joiner.id)),
+        "history {h:?}"
+    );
+    for (_, v) in &snaps {
+        if let Some((e, ms)) = view_of(v) {
+            if e >= 2 {
+                assert!(
+                    ms.iter().all(|m| m.id != dead && m.pid != dead_pid),
+                    "dead member {dead} in epoch {e}: {ms:?}"
+                );
+            }
+            assert!(
+                v["next_member_id"].as_u64().is_some_and(|n| n > ms
+                    .iter()
+                    .map(|m| m.id)
+                    .max()
+                    .unwrap_or(0)),
+                "next_member_id not above the members' ids: {v}"
+            );
+        }
+    }
+    // Ranks 0, 1 and 3 at start kept their ids and pids.
+    let kept: Vec<Member> = before.iter().filter(|m| m.id != dead).copied().collect();
+    for (k, a) in kept.iter().zip(&after[..3]) {
+        assert_eq!((k.id, k.pid), (a.id, a.pid), "{before:?} -> {after:?}");
+    }
+
+    // Figures: recovery = kill -> the last survivor's first collective in epoch 2.
+    let recovered = [0usize, 1, 3]
+        .iter()
+        .filter_map(|&i| view_at(&of_index(&all, i), 2))
+        .max()
+        .unwrap();
+    let rec_lines: Vec<String> = all
+        .iter()
+        .filter(|l| l.text.contains("# recovered") || l.text.contains("# switch to epoch"))
+        .map(|l| l.text.clone())
+        .collect();
+    let join_start = all
+        .iter()
+        .find(|l| l.stderr && l.text.starts_with("braid-run: starting 1 joiner(s)"))
+        .map(|l| l.at)
+        .unwrap();
+    eprintln!(
+        "FIGURE recovery: kill -9 -> last survivor's '# view epoch=2 size=3' {:.3} s; joiner start -> its '# view epoch=3' {:.3} s; {rec_lines:?}",
+        since(kill_line.at, recovered),
+        since(join_start, view_at(&l4, 3).unwrap()),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Network cut (network namespaces)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `ip ARGS`; Err with its output when it fails.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {} {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace with a veth pair to the host; removed on drop.
+struct NetNs {
+    ns: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl NetNs {
+    fn create() -> Result<NetNs, String> {
+        let pid = std::process::id();
+        // A /30 per test process: 10.213.X.Y, unlikely to collide with anything else.
+        let (x, y) = ((pid / 64) % 256, (pid % 64) * 4);
+        let n = NetNs {
+            ns: format!("braid-el-{pid}"),
+            host_if: format!("bdh{pid}"),
+            host_ip: format!("10.213.{x}.{}", y + 1),
+            ns_ip: format!("10.213.{x}.{}", y + 2),
+        };
+        let ns_if = format!("bdn{pid}");
+        ip(&["netns", "add", &n.ns])?;
+        ip(&[
+            "link", "add", &n.host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &n.ns])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", n.host_ip),
+            "dev",
+            &n.host_if,
+        ])?;
+        ip(&["link", "set", &n.host_if, "up"])?;
+        ip(&[
+            "netns",
+            "exec",
+            &n.ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", n.ns_ip),
+            "dev",
+            &ns_if,
+        ])?;
+        ip(&["netns", "exec", &n.ns, "ip", "link", "set", &ns_if, "up"])?;
+        ip(&["netns", "exec", &n.ns, "ip", "link", "set", "lo", "up"])?;
+        Ok(n)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the host end.
+        let _ = ip(&["netns", "del", &self.ns]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+const HEARTBEAT_TIMEOUT_S: f64 = 2.0;
+
+#[test]
+fn a_rank_whose_link_is_cut_is_declared_dead_and_the_others_continue() {
+    // Created first, dropped last (after every process below has been stopped).
+    let net = NetNs::create().unwrap_or_else(|e| {
+        panic!(
+            "this test needs network namespaces (root, iproute2): {e}. It cuts a rank's link \
+             with `ip link set ... down`; it cannot run without them"
+        )
+    });
+    let coord = start_coordinator(&format!("{}:0", net.host_ip), &[]);
+    let hb_timeout = HEARTBEAT_TIMEOUT_S.to_string();
+    let rank = |r: usize, in_ns: bool| -> Proc {
+        let mut c = if in_ns {
+            let mut c = clean(Path::new("ip"));
+            c.args(["netns", "exec", &net.ns]).arg(perf());
+            c
+        } else {
+            clean(&perf())
+        };
+        c.args(["all_reduce", "--elastic", "--duration", "14", "-b", "64K"])
+            .env("BRAID_COORDINATOR", &coord.addr)
+            .env("BRAID_WORLD_SIZE", "3")
+            .env("BRAID_RANK", r.to_string())
+            .env("BRAID_ELASTIC", "1")
+            .env("BRAID_TRANSPORT", "tcp")
+            .env("BRAID_HEARTBEAT", "0.2")
+            .env("BRAID_HEARTBEAT_TIMEOUT", &hb_timeout)
+            .env(
+                "BRAID_BIND_ADDR",
+                if in_ns { &net.ns_ip } else { &net.host_ip },
+            );
+        if in_ns {
+            // The cut rank errors out by itself: its collective hits BRAID_TIMEOUT (4 s), then
+            // update() waits at most BRAID_INIT_TIMEOUT (5 s) for a view from the coordinator
+            // it can no longer reach, and fails.
+            c.env("BRAID_TIMEOUT", "4").env("BRAID_INIT_TIMEOUT", "5");
+        } else {
+            // Far above the bound checked below: the survivors must move on because the
+            // coordinator declared the cut rank dead, not because a collective timed out.
+            c.env("BRAID_TIMEOUT", "60");
+        }
+        Proc::spawn(
+            &format!("rank {r}{}", if in_ns { " (in the namespace)" } else { "" }),
+            c,
+        )
+    };
+    let mut ranks = vec![rank(0, false), rank(1, false), rank(2, true)];
+    let ctx = |ranks: &[Proc], coord: &Coord| {
+        let mut s: String = ranks.iter().map(Proc::dump).collect();
+        s.push_str(&coord.proc.dump());
+        s
+    };
+    for r in 0..3 {
+        let got = ranks[r].wait_line(Duration::from_secs(60), |l| {
+            parse_view(&l.text) == Some((1, 3, r))
+        });
+        assert!(
+            got.is_some(),
+            "rank {r} did not start\n{}",
+            ctx(&ranks, &coord)
+        );
+    }
+    let (_, snap) = {
+        let mut poll = Poller::start(&coord.addr, None);
+        let s = poll.wait(Duration::from_secs(20), |v| {
+            view_of(v).is_some_and(|(e, ms)| e == 1 && ms.len() == 3)
+        });
+        poll.finish();
+        s.unwrap_or_else(|| panic!("no status of epoch 1\n{}", ctx(&ranks, &coord)))
+    };
+    let (_, members) = view_of(&snap).unwrap();
+    let cut_pid = u64::from(ranks[2].pid());
+    let cut_id = members
+        .iter()
+        .find(|m| m.pid == cut_pid)
+        .unwrap_or_else(|| panic!("pid {cut_pid} (ip netns exec braid-perf) not in {members:?}"))
+        .id;
+    // Let the loop run a little, then cut the link.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (r, p) in ranks.iter_mut().enumerate() {
+        assert!(
+            p.exited().is_none(),
+            "rank {r} ended before the cut\n{}",
+            p.dump()
+        );
+    }
+    let mut poll = Poller::start(&coord.addr, None);
+    let cut = Instant::now();
+    ip(&["link", "set", &net.host_if, "down"]).unwrap();
+
+    let bound = Duration::from_secs_f64(HEARTBEAT_TIMEOUT_S + 5.0);
+    let failure = format!("failure of {cut_id} (");
+    let declared = poll.wait(bound, |v| {
+        history(v).iter().any(|h| h.2.starts_with(&failure))
+    });
+    // The survivors' first collective in a view of 2 (the `# view` line follows a broadcast).
+    let mut moved = Vec::new();
+    for (r, p) in ranks.iter_mut().enumerate().take(2) {
+        let left = bound.saturating_sub(cut.elapsed());
+        moved.push(p.wait_line(left, |l| parse_view(&l.text) == Some((2, 2, r))));
+    }
+    // The cut rank must end by itself (see its BRAID_TIMEOUT/BRAID_INIT_TIMEOUT above).
+    let cut_status = ranks[2].wait_exit(Duration::from_secs(25).saturating_sub(cut.elapsed()));
+    let cut_ended = cut.elapsed();
+    // Survivors: give them the rest of their --duration (14 s from their start, the cut came
+    // at least 1.5 s after it), then stop whatever still runs.
+    let mut survivor_status = Vec::new();
+    for p in ranks.iter_mut().take(2) {
+        let left = Duration::from_secs(22).saturating_sub(cut.elapsed());
+        survivor_status.push(p.finish(left));
+    }
+    ranks[2].finish(Duration::from_secs(1));
+    poll.finish();
+    let dump = ctx(&ranks, &coord);
+
+    // Figures first (also when an assertion below fails).
+    let declared_s = declared.as_ref().map(|(t, _)| since(cut, *t));
+    let dead_line = coord
+        .proc
+        .lines()
+        .into_iter()
+        .find(|l| l.text.contains(&format!("member {cut_id} declared dead")));
+    eprintln!(
+        "FIGURE network cut (heartbeat 0.2 s, timeout {HEARTBEAT_TIMEOUT_S} s): status history shows the failure {:?} s after the cut (coordinator log line {:?} s after: {:?}); survivors' '# view epoch=2 size=2' after {:?} s; the cut rank exited after {:.3} s with {:?}",
+        declared_s,
+        dead_line.as_ref().map(|l| since(cut, l.at)),
+        dead_line.as_ref().map(|l| l.text.clone()),
+        moved.iter().map(|m| m.as_ref().map(|l| since(cut, l.at))).collect::<Vec<_>>(),
+        secs(cut_ended),
+        cut_status,
+    );
+
+    // Declared dead within the heartbeat timeout (+ 5 s slack), for no heartbeat.
+    let (_, dv) = declared.unwrap_or_else(|| {
+        panic!("member {cut_id} was not declared dead within {bound:?} of the cut\n{dump}")
+    });
+    let reason = history(&dv)
+        .into_iter()
+        .find(|h| h.2.starts_with(&failure))
+        .unwrap();
+    assert!(
+        reason.1 == 2 && reason.2.contains("no heartbeat"),
+        "{reason:?}\n{dump}"
+    );
+    // The others continue with a view of 2 within the same bound.
+    for (r, m) in moved.iter().enumerate() {
+        assert!(
+            m.is_some(),
+            "rank {r} did not reach '# view epoch=2 size=2 rank={r}' within {bound:?} of the cut \
+             (member {cut_id} declared dead after {declared_s:?} s)\n{dump}"
+        );
+    }
+    for (r, st) in survivor_status.iter().enumerate() {
+        assert!(st.is_some_and(|s| s.success()), "rank {r}: {st:?}\n{dump}");
+        let f = finals(&ranks[r].lines());
+        assert!(
+            f.len() == 1 && f[0].epoch == 2 && f[0].size == 2 && f[0].wrong == 0,
+            "rank {r}: {f:?}\n{dump}"
+        );
+    }
+    // The cut rank did not hang: it exited by itself, non-zero, with update() failing
+    // (a timeout waiting for a view it cannot receive, or a retired/removed id).
+    let st =
+        cut_status.unwrap_or_else(|| panic!("the cut rank hung (stopped by the test)\n{dump}"));
+    assert!(!st.success(), "the cut rank exited 0\n{dump}");
+    let why = ranks[2]
+        .lines()
+        .into_iter()
+        .find(|l| l.stderr && l.text.contains("update failed"))
+        .unwrap_or_else(|| panic!("the cut rank did not report a failed update()\n{dump}"));
+    assert!(
+        ["timeout", "retired", "removed"]
+            .iter()
+            .any(|w| why.text.contains(w)),
+        "{why:?}"
+    );
+    assert!(
+        views(&ranks[2].lines()).iter().all(|v| v.0 == 1),
+        "the cut rank adopted a later view\n{dump}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Wrong token, no token, strangers on a data port
+// ---------------------------------------------------------------------------------------------
+
+/// Listening TCP ports of process `pid` (from /proc: its socket inodes in /proc/net/tcp*).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut inodes = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in rd.flatten() {
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                let t = t.to_string_lossy().to_string();
+                if let Some(i) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.push(i.to_string());
+                }
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(s) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in s.lines().skip(1) {
+            let c: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if c.len() > 9 && c[3] == "0A" && inodes.iter().any(|i| i == c[9]) {
+                if let Some(p) = c[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(p);
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A well-formed tcp socket hello (transport/src/tcp.rs) followed by a braid data hello
+/// (core/src/comm.rs) whose job-token MAC is wrong.
+fn forged_hello(member: u64) -> Vec<u8> {
+    let mut inner = Vec::new();
+    inner.extend_from_slice(b"BRDA");
+    inner.extend_from_slice(&1u16.to_le_bytes());
+    inner.extend_from_slice(&[0, 0]);
+    inner.extend_from_slice(&0x5eed_u64.to_le_bytes()); // nonce
+    inner.extend_from_slice(&1u64.to_le_bytes()); // epoch
+    inner.extend_from_slice(&1u64.to_le_bytes()); // rank
+    inner.extend_from_slice(&member.to_le_bytes());
+    inner.extend_from_slice(&[0xab; 32]); // HMAC-SHA256 of a token we do not know
+    let mut h = Vec::new();
+    h.extend_from_slice(b"BRDT");
+    h.extend_from_slice(&1u16.to_le_bytes()); // version
+    h.extend_from_slice(&0u16.to_le_bytes()); // socket index
+    h.extend_from_slice(&1u16.to_le_bytes()); // sockets
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&65536u32.to_le_bytes()); // stripe size
+    h.extend_from_slice(&0x5eed_u64.to_le_bytes()); // connection id
+    h.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+    h.extend_from_slice(&inner);
+    h
+}
+
+#[test]
+fn a_wrong_token_joiner_and_data_port_strangers_are_refused_and_the_job_is_unaffected() {
+    let mut coord = start_coordinator("127.0.0.1:0", &[("BRAID_JOB_TOKEN", "a")]);
+    let mut run = braid_run(
+        &coord.addr,
+        &["-n", "2"],
+        &["all_reduce", "--elastic", "--duration", "8", "-b", "64K"],
+        &[
+            ("BRAID_TRANSPORT", "tcp"),
+            ("BRAID_JOB_TOKEN", "a"),
+            ("BRAID_ELASTIC", "1"),
+        ],
+    );
+    let ctx = |run: &Proc, coord: &Coord, extra: &str| {
+        format!("{}\n{}\n{extra}", run.dump(), coord.proc.dump())
+    };
+    for i in 0..2 {
+        let want = format!("[{i}] # view epoch=1 size=2 rank={i}");
+        assert!(
+            run.wait_line(Duration::from_secs(60), |l| l.text == want)
+                .is_some(),
+            "[{i}] did not start\n{}",
+            ctx(&run, &coord, "")
+        );
+    }
+
+    // A joiner with the wrong token, one without a token.
+    let stranger = |token: Option<&str>| -> (Option<ExitStatus>, String) {
+        let mut c = clean(&perf());
+        c.args(["all_reduce", "--elastic", "--duration", "3", "-b", "64K"])
+            .env("BRAID_COORDINATOR", &coord.addr)
+            .env("BRAID_WORLD_SIZE", "2")
+            .env("BRAID_ELASTIC", "1")
+            .env("BRAID_TRANSPORT", "tcp");
+        if let Some(t) = token {
+            c.env("BRAID_JOB_TOKEN", t);
+        }
+        let mut p = Proc::spawn(&format!("joiner with token {token:?}"), c);
+        let st = p.finish(Duration::from_secs(30));
+        (st, p.dump())
+    };
+    let (st_b, out_b) = stranger(Some("b"));
+    let (st_none, out_none) = stranger(None);
+    let extra = format!("{out_b}\n{out_none}");
+    assert!(
+        st_b.is_some_and(|s| !s.success()),
+        "the wrong-token joiner: {st_b:?}\n{}",
+        ctx(&run, &coord, &extra)
+    );
+    assert!(out_b.contains("job token"), "{out_b}");
+    assert!(
+        st_none.is_some_and(|s| !s.success()),
+        "the joiner without a token: {st_none:?}\n{}",
+        ctx(&run, &coord, &extra)
+    );
+    assert!(
+        out_none.contains("job token") && out_none.contains("BRAID_JOB_TOKEN"),
+        "{out_none}"
+    );
+    // The coordinator logs the refusal with the address.
+    assert!(
+        coord
+            .proc
+            .wait_line(Duration::from_secs(5), |l| {
+                l.text.contains("refused 127.0.0.1:") && l.text.contains("job token")
+            })
+            .is_some(),
+        "no refusal in the coordinator's log\n{}",
+        ctx(&run, &coord, &extra)
+    );
+    // status needs the token too.
+    assert!(
+        status(&coord.addr, None).is_none(),
+        "status without the token worked"
+    );
+    let snap = status(&coord.addr, Some("a")).expect("status with the token");
+    let (epoch, members) = view_of(&snap).unwrap();
+    assert_eq!((epoch, members.len()), (1, 2), "{snap}");
+    assert_eq!(history(&snap).len(), 1, "{snap}");
+
+    // Strangers on the ranks' data ports: junk, a forged hello with a wrong token MAC, and a
+    // connection closed at once. Each is dropped with a log line naming its address.
+    let mut expect = Vec::new();
+    for m in &members {
+        let ports = listening_ports(m.pid as u32);
+        assert!(!ports.is_empty(), "no listening port for {m:?}");
+        for port in ports {
+            for what in ["junk", "forged", "close"] {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    continue;
+                };
+                let local = s.local_addr().unwrap().to_string();
+                match what {
+                    "junk" => {
+                        let _ = s.write_all(&[0x42; 300]);
+                    }
+                    "forged" => {
+                        let _ = s.write_all(&forged_hello(m.id));
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                drop(s);
+                expect.push((m.rank, what, local));
+            }
+        }
+    }
+    let st = run.finish(Duration::from_secs(60));
+    let all = run.lines();
+    let dump = ctx(&run, &coord, &extra);
+    assert!(st.is_some_and(|s| s.success()), "braid-run: {st:?}\n{dump}");
+    assert!(!expect.is_empty());
+    let mut forged_dropped = false;
+    for (rank, what, local) in &expect {
+        let li = of_index(&all, *rank);
+        let dropped = li
+            .iter()
+            .find(|l| l.stderr && l.text.contains("dropping") && l.text.contains(local.as_str()));
+        assert!(
+            dropped.is_some(),
+            "rank {rank} did not drop the stranger {local} ({what})\n{dump}"
+        );
+        if *what == "forged" && dropped.unwrap().text.contains("job-token MAC") {
+            forged_dropped = true;
+        }
+    }
+    // At least one forged hello got past the socket hello and was refused for its MAC.
+    assert!(
+        forged_dropped,
+        "no forged hello was refused for its job-token MAC\n{dump}"
+    );
+    // The job is unaffected: no failure, no view change, all values right.
+    for i in 0..2 {
+        let li = of_index(&all, i);
+        assert_eq!(views(&li), vec![(1, 2, i)], "[{i}]\n{dump}");
+        let f = finals(&li);
+        assert!(
+            f.len() == 1
+                && f[0].failed == 0
+                && f[0].changes == 0
+                && f[0].epoch == 1
+                && f[0].wrong == 0,
+            "[{i}] {f:?}\n{dump}"
+        );
+    }
+    assert!(
+        !all.iter().any(|l| l.text.contains("# step failed")
+            || l.text.contains("# control all-reduce failed")
+            || l.text.contains("peer lost")),
+        "{dump}"
+    );
+    let by_rank: BTreeMap<usize, usize> = expect.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(e.0).or_insert(0) += 1;
+        m
+    });
+    eprintln!("strangers dropped per rank: {by_rank:?}");
+}
