@@ -138,6 +138,18 @@ typedef enum {
 // braid_comm_destroy.
 typedef struct braid_comm braid_comm;
 
+// A non-blocking push, pull or push-pull (opaque). Created by braid_kv_push, braid_kv_pull
+// and braid_kv_push_pull, freed by braid_kv_request_free.
+typedef struct braid_kv_request braid_kv_request;
+
+// A push/pull server (opaque). Created by braid_kv_server_start or
+// braid_kv_server_start_with_update, freed by braid_kv_server_destroy.
+typedef struct braid_kv_server braid_kv_server;
+
+// A push/pull worker (opaque). Created by braid_kv_worker_start, freed by
+// braid_kv_worker_destroy.
+typedef struct braid_kv_worker braid_kv_worker;
+
 // A non-blocking operation (opaque). Created by the braid_i* functions, freed by
 // braid_request_free.
 typedef struct braid_request braid_request;
@@ -179,6 +191,35 @@ typedef braid_comm *braid_comm_t;
 // Handle of a non-blocking operation. Using it after braid_request_free is undefined
 // behaviour.
 typedef braid_request *braid_request_t;
+
+// Handle of a push/pull server. Using it after braid_kv_server_destroy is undefined
+// behaviour.
+typedef braid_kv_server *braid_kv_server_t;
+
+// A server update rule written in C: updates the `bytes` bytes of `value` (elements of
+// `dtype`) in place from `grad` (as many bytes: the sum of a sync round's pushes, or one push
+// in async/bounded mode) and returns 0; any other return value leaves the value unchanged
+// (async/bounded: the push fails with braid_invalid_argument; sync: the round closes with the
+// value unchanged). A value larger than BRAID_PS_PARTITION_BYTES is split into parts that are
+// updated separately: `value` and `grad` are then one part. `key` identifies the part: in
+// this release it is braid's store key of the part (a hash of the caller's key and the part
+// index), not the caller's key. Called on braid's server threads (on every replica of the
+// part); `user` is the pointer given to braid_kv_server_start_with_update. It must not call
+// braid functions on the same server.
+typedef int (*braid_kv_update_fn)(uint64_t key,
+                                  braid_datatype_t dtype,
+                                  void *value,
+                                  const void *grad,
+                                  size_t bytes,
+                                  void *user);
+
+// Handle of a push/pull worker. Using it after braid_kv_worker_destroy is undefined
+// behaviour.
+typedef braid_kv_worker *braid_kv_worker_t;
+
+// Handle of a push/pull operation. Using it after braid_kv_request_free is undefined
+// behaviour.
+typedef braid_kv_request *braid_kv_request_t;
 
 #ifdef __cplusplus
 extern "C" {
@@ -625,6 +666,182 @@ braid_status_t braid_wait(braid_request_t req);
 // # Safety
 // `req` is NULL or a live request not used by any other thread.
 braid_status_t braid_request_free(braid_request_t req);
+
+// Starts a push/pull server: registers with the coordinator as a server of the group
+// (BRAID_GROUP) and serves pushes and pulls on braid's threads until
+// braid_kv_server_destroy. Blocks until the group has formed (all BRAID_WORLD_SIZE servers and
+// workers registered; bounded by BRAID_INIT_TIMEOUT), so servers and workers must start
+// concurrently (separate processes or threads). `config` may be NULL: everything comes from
+// the environment (as for braid_comm_init). Consistency mode, update rule, partition size and
+// replicas come from BRAID_PS_MODE, BRAID_PS_RULE, BRAID_PS_PARTITION_BYTES and
+// BRAID_PS_REPLICAS (the same on every member). On failure `*server` is set to NULL.
+//
+// Errors: as braid_comm_init; braid_invalid_argument for a malformed BRAID_PS_* variable.
+//
+// # Safety
+// `server` is NULL or valid for a write; `config` as for braid_comm_init.
+braid_status_t braid_kv_server_start(braid_kv_server_t *server, const braid_config_t *config);
+
+// Starts a push/pull server (as braid_kv_server_start) whose update rule is `update` (called
+// with `user`) instead of BRAID_PS_RULE. Every server of a group should use the same rule.
+//
+// Errors: as braid_kv_server_start; braid_invalid_argument when `update` is NULL.
+//
+// # Safety
+// As braid_kv_server_start; `update` is a function that may be called from any thread until
+// braid_kv_server_destroy returns, and `user` (passed to it unchanged, may be NULL) stays
+// valid and usable from those threads until then (the caller synchronises what it shares).
+braid_status_t braid_kv_server_start_with_update(braid_kv_server_t *server,
+                                                 const braid_config_t *config,
+                                                 braid_kv_update_fn update,
+                                                 void *user);
+
+// Stops a server and frees it: it leaves the group (with BRAID_PS_REPLICAS >= 1 its replicas
+// take over its keys). Call it once the workers are done. NULL is a no-op returning
+// braid_success. The handle is invalid afterwards.
+//
+// # Safety
+// `server` is NULL or a live server not used by any other thread.
+braid_status_t braid_kv_server_destroy(braid_kv_server_t server);
+
+// Starts a push/pull worker: registers with the coordinator as a worker of the group
+// (BRAID_GROUP) and connects to its servers. Blocks until the group has formed (see
+// braid_kv_server_start). `config` may be NULL. Settings as for braid_kv_server_start. On
+// failure `*worker` is set to NULL.
+//
+// Errors: as braid_kv_server_start.
+//
+// # Safety
+// `worker` is NULL or valid for a write; `config` as for braid_comm_init.
+braid_status_t braid_kv_worker_start(braid_kv_worker_t *worker, const braid_config_t *config);
+
+// Stops a worker and frees it (it leaves the group). Wait for or free its requests first:
+// operations still in flight afterwards fail, possibly only after BRAID_TIMEOUT. NULL is a
+// no-op returning braid_success. The handle is invalid afterwards.
+//
+// # Safety
+// `worker` is NULL or a live worker not used by any other thread.
+braid_status_t braid_kv_worker_destroy(braid_kv_worker_t worker);
+
+// Creates `nkeys` keys with initial values, blocking until every server holding a part
+// answered. Key `keys[i]` holds `lens[i]` elements of `datatype`; the values are concatenated
+// in `vals` (sum of `lens` elements). The first init of a key wins; later inits (other
+// workers) must agree on its length and datatype, else braid_invalid_argument. Every key must
+// be initialised (by some worker) before it is pushed. `keys` and `lens` may be NULL when
+// `nkeys` is 0, `vals` when the lengths sum to 0. float16/bfloat16 keys are not supported in
+// this release (braid_invalid_argument).
+//
+// Errors: braid_invalid_argument (NULL or misaligned arrays, bad datatype, lengths that
+// contradict what this worker saw before, a server's refusal), braid_timeout (no answer within
+// BRAID_TIMEOUT).
+//
+// # Safety
+// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements and `vals` for the
+// sum of `lens` elements of `datatype`, for the duration of the call.
+braid_status_t braid_kv_init(braid_kv_worker_t worker,
+                             const uint64_t *keys,
+                             const size_t *lens,
+                             size_t nkeys,
+                             const void *vals,
+                             braid_datatype_t datatype);
+
+// Pushes gradients for `nkeys` keys (arrays as braid_kv_init; every key initialised before)
+// with priority `prio` (higher is sent first when queues build up) and writes a request to
+// `*req` (NULL on failure). Servers aggregate per BRAID_PS_MODE and apply BRAID_PS_RULE (or
+// the server's callback). `vals` is copied before the call returns (it may be reused at once).
+// The request completes when every part was recorded and replicated; braid_kv_wait writes
+// version 0 for a push.
+//
+// Errors: as braid_kv_init, e.g. braid_invalid_argument naming the key when a length or
+// datatype differs from the key's; a server's refusal is reported by braid_kv_wait.
+//
+// # Safety
+// `worker` is NULL or live; `keys`, `lens` and `vals` as for braid_kv_init; `req` is NULL or
+// valid for a write.
+braid_status_t braid_kv_push(braid_kv_worker_t worker,
+                             const uint64_t *keys,
+                             const size_t *lens,
+                             size_t nkeys,
+                             const void *vals,
+                             braid_datatype_t datatype,
+                             int prio,
+                             braid_kv_request_t *req);
+
+// Pulls `nkeys` keys (arrays as braid_kv_init) into `out` (the sum of `lens` elements of
+// `datatype`, concatenated in key order) and writes a request to `*req` (NULL on failure).
+// `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:
+// sync and bounded mode: the round this worker last pushed to (a push followed by a pull
+// returns that round's aggregate); async mode: the latest. The values are written to `out`
+// when braid_kv_wait returns (or braid_kv_test reports done); braid_kv_wait reports the
+// smallest version over the parts read. Pulling a key nobody initialised waits for it until
+// BRAID_TIMEOUT.
+//
+// Errors: as braid_kv_init; braid_invalid_argument when `min_version` < -1.
+//
+// # Safety
+// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements for the call; `out`
+// valid for writing the sum of `lens` elements of `datatype` and untouched until the request
+// completes (braid_kv_wait, braid_kv_test reporting done, or braid_kv_request_free); `req`
+// is NULL or valid for a write.
+braid_status_t braid_kv_pull(braid_kv_worker_t worker,
+                             const uint64_t *keys,
+                             const size_t *lens,
+                             size_t nkeys,
+                             void *out,
+                             braid_datatype_t datatype,
+                             int64_t min_version,
+                             int prio,
+                             braid_kv_request_t *req);
+
+// Pushes `vals` and pulls the same keys into `out` in one round trip (arrays as
+// braid_kv_init); writes a request to `*req` (NULL on failure). Sync mode: the result is the
+// aggregate of the round this push took part in; async: the value after it. `vals` is copied
+// before the call returns; `out` is written when the request completes (in place, out ==
+// vals, is allowed). braid_kv_wait reports the version pulled.
+//
+// Errors: as braid_kv_push.
+//
+// # Safety
+// As braid_kv_push for `vals` and braid_kv_pull for `out`.
+braid_status_t braid_kv_push_pull(braid_kv_worker_t worker,
+                                  const uint64_t *keys,
+                                  const size_t *lens,
+                                  size_t nkeys,
+                                  const void *vals,
+                                  void *out,
+                                  braid_datatype_t datatype,
+                                  int prio,
+                                  braid_kv_request_t *req);
+
+// Blocks until a push/pull request completes (bounded by BRAID_TIMEOUT) and returns its
+// status; a pull's values are in its `out` buffer afterwards. `*version` (when `version` is
+// not NULL) receives the version pulled (the smallest over the parts read; 0 for a push). May
+// be called again (same status and version). The request still has to be freed with
+// braid_kv_request_free.
+//
+// Errors: a server's refusal (braid_invalid_argument: wrong length or datatype, a push to a
+// key never initialised), braid_timeout (no answer within BRAID_TIMEOUT).
+//
+// # Safety
+// `req` is NULL or a live request; `version` is NULL or valid for a write.
+braid_status_t braid_kv_wait(braid_kv_request_t req, uint64_t *version);
+
+// Checks a push/pull request without blocking: `*done` = 1 and the operation's status when it
+// has completed (a pull's values are then in `out`), `*done` = 0 and braid_success while it
+// runs. May be called again after completion (same status).
+//
+// # Safety
+// `req` is NULL or a live request; `done` is NULL or valid for a write.
+braid_status_t braid_kv_test(braid_kv_request_t req, int *done);
+
+// Frees a push/pull request. An incomplete operation is waited for first (a pull's values are
+// written to `out`), and if its failure had not been reported by braid_kv_test/braid_kv_wait,
+// that status is returned. NULL is a no-op returning braid_success. The handle is invalid
+// afterwards.
+//
+// # Safety
+// `req` is NULL or a live request not used by any other thread.
+braid_status_t braid_kv_request_free(braid_kv_request_t req);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -117,6 +117,11 @@ fn build(name: &str, out_dir: &Path) -> PathBuf {
 
 /// Runs `exe` on `n` ranks under braid-run with libbraid.so from `libdir`.
 fn launch(exe: &Path, n: usize, libdir: &Path) -> (bool, String) {
+    launch_env(exe, n, libdir, &[])
+}
+
+/// As [`launch`], with extra environment variables for every rank.
+fn launch_env(exe: &Path, n: usize, libdir: &Path, env: &[(&str, &str)]) -> (bool, String) {
     let braid_run = target_dir().join("braid-run");
     require(
         &braid_run,
@@ -131,6 +136,9 @@ fn launch(exe: &Path, n: usize, libdir: &Path) -> (bool, String) {
         .env("BRAID_TIMEOUT", "60")
         .env("BRAID_INIT_TIMEOUT", "60")
         .env_remove("BRAID_GROUP");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let name = exe.file_name().map(|s| s.to_string_lossy().into_owned());
     run(&mut cmd, &format!("{}-{n}", name.unwrap_or_default()))
 }
@@ -192,6 +200,41 @@ fn invalid_arguments_and_abort() {
 #[test]
 fn mismatched_collective_fails_on_every_rank() {
     check_program("mismatch", &[2, 3]);
+}
+
+/// Push/pull: `braid-run -n 4`, launcher indices 0 and 1 are servers, 2 and 3 workers, sync
+/// mode with the large key split over both servers. Run twice: the default rule (sum), and a C
+/// update callback given to braid_kv_server_start_with_update, which must win over
+/// BRAID_PS_RULE (sgd would refuse the int64 key).
+#[test]
+fn push_pull_servers_and_workers() {
+    let dir = scratch("kv");
+    let exe = build("kv", &dir);
+    for (what, callback, rule) in [("sum", "0", "sum"), ("callback", "1", "sgd:0.5")] {
+        let done = dir.join(format!("done-{what}"));
+        if let Err(e) = std::fs::create_dir_all(&done) {
+            panic!("{}: {e}", done.display());
+        }
+        let done_s = done.to_string_lossy().into_owned();
+        let env = [
+            ("BRAID_GROUP", "kv"),
+            ("BRAID_PS_MODE", "sync"),
+            ("BRAID_PS_RULE", rule),
+            ("BRAID_PS_PARTITION_BYTES", "1024"),
+            ("BRAID_PS_REPLICAS", "1"),
+            ("BRAID_KV_TEST_CALLBACK", callback),
+            ("BRAID_KV_TEST_DIR", done_s.as_str()),
+        ];
+        let (ok, out) = launch_env(&exe, 4, &target_dir(), &env);
+        assert!(ok, "kv ({what}) failed:\n{out}");
+        assert_eq!(out.matches("kv ok").count(), 4, "kv ({what}):\n{out}");
+        assert_eq!(
+            out.matches("kv ok (server").count(),
+            2,
+            "kv ({what}):\n{out}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

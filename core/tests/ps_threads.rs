@@ -108,3 +108,239 @@ fn async_and_sgd_rule() {
         drop(server.join().unwrap());
     });
 }
+
+/// Async sum: every acknowledged push must be in the final value, whatever server goes away.
+#[test]
+fn a_server_that_goes_away_loses_no_acknowledged_update() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        partition_bytes: 64,
+        ..PsOptions::default()
+    };
+    let keys: Vec<u64> = (0..16).collect();
+    let lens = vec![32usize; 16]; // 128 bytes per key: 2 parts each
+    std::thread::scope(|s| {
+        let mut servers: Vec<_> = (0..3)
+            .map(|_| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || KvServer::start(cfg(&addr, 5), opts).unwrap())
+            })
+            .collect();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts, keys, lens) =
+                    (addr.clone(), opts.clone(), keys.clone(), lens.clone());
+                s.spawn(move || {
+                    let kv = KvWorker::start(cfg(&addr, 5), opts).unwrap();
+                    kv.init(&keys, &lens, &vec![0u64; 512]).unwrap();
+                    for _ in 0..60 {
+                        kv.push(&keys, &lens, &vec![1u64; 512], 0)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    kv
+                })
+            })
+            .collect();
+        // Take one server away mid-run.
+        std::thread::sleep(Duration::from_millis(150));
+        let victim = servers.remove(1).join().unwrap();
+        let victim_id = victim.member_id();
+        drop(victim);
+        let ws: Vec<KvWorker> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+        let p = ws[0]
+            .pull::<u64>(&keys, &lens, None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(
+            p.values.iter().all(|v| *v == 120),
+            "lost updates: {:?}",
+            &p.values[..8]
+        );
+        assert_eq!(ws[0].sizes().0, 2, "server {victim_id} left the view");
+        drop(ws);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}
+
+/// A server joining takes over about a third of the parts; values are kept.
+#[test]
+fn a_joining_server_takes_its_share_and_values_are_kept() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        ..PsOptions::default()
+    };
+    let keys: Vec<u64> = (0..300).collect();
+    let lens = vec![2usize; 300];
+    std::thread::scope(|s| {
+        let servers: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || KvServer::start(cfg(&addr, 3), opts).unwrap())
+            })
+            .collect();
+        let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
+        let vals: Vec<f32> = (0..600).map(|i| i as f32).collect();
+        kv.init(&keys, &lens, &vals).unwrap();
+        kv.push(&keys, &lens, &vec![1f32; 600], 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let ss: Vec<KvServer> = servers.into_iter().map(|h| h.join().unwrap()).collect();
+        let before: Vec<usize> = ss.iter().map(|s| s.parts_held()).collect();
+        // A third server joins the running group.
+        let joiner = KvServer::start(cfg(&addr, 3), opts.clone()).unwrap();
+        let t0 = std::time::Instant::now();
+        while kv.sizes().0 < 3 || joiner.parts_held() == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the new server got nothing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let held = joiner.parts_held();
+        // With one replica, every part is on 2 of the servers; the new one holds about 2/3.
+        assert!(
+            held > 100 && held < 300,
+            "joiner holds {held} parts (before: {before:?})"
+        );
+        kv.push(&keys, &lens, &vec![1f32; 600], 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let p = kv
+            .pull::<f32>(&keys, &lens, None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        for (i, v) in p.values.iter().enumerate() {
+            assert_eq!(*v, i as f32 + 2.0, "element {i}");
+        }
+        drop(kv);
+        drop(joiner);
+        drop(ss);
+    });
+}
+
+/// Sync mode: a worker that goes away does not hang the others; its round closes with the
+/// survivors after the view change.
+#[test]
+fn sync_rounds_close_without_a_worker_that_left() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions::default();
+    std::thread::scope(|s| {
+        let server = {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
+        };
+        let hs: Vec<_> = (0..3)
+            .map(|w| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || {
+                    let kv = KvWorker::start(cfg(&addr, 4), opts).unwrap();
+                    kv.init(&[5], &[4], &[0i64; 4]).unwrap();
+                    let rounds = if w == 2 { 2 } else { 6 };
+                    let mut last = Vec::new();
+                    for _ in 0..rounds {
+                        let p = kv
+                            .push_pull(&[5], &[4], &[1i64; 4], 0)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        last.push(p.values[0]);
+                    }
+                    (w, last)
+                })
+            })
+            .collect();
+        for h in hs {
+            let (w, sums) = h.join().unwrap();
+            if w != 2 {
+                assert_eq!(&sums[..2], &[3, 3], "worker {w}");
+                assert!(
+                    sums[2..].iter().all(|v| *v == 2 || *v == 3),
+                    "worker {w}: {sums:?}"
+                );
+                assert_eq!(*sums.last().unwrap(), 2, "worker {w}: {sums:?}");
+            }
+        }
+        drop(server.join().unwrap());
+    });
+}
+
+/// Readers under concurrent pushes: every snapshot has all keys from one round, and versions
+/// never go backwards.
+#[test]
+fn readers_never_see_a_torn_snapshot() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions::default();
+    let keys: Vec<u64> = (100..120).collect();
+    let lens = vec![8usize; 20];
+    std::thread::scope(|s| {
+        let servers: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ws: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts, keys, lens, stop) = (
+                    addr.clone(),
+                    opts.clone(),
+                    keys.clone(),
+                    lens.clone(),
+                    stop.clone(),
+                );
+                s.spawn(move || {
+                    let kv = KvWorker::start(cfg(&addr, 4), opts).unwrap();
+                    kv.init(&keys, &lens, &vec![0f64; 160]).unwrap();
+                    // Both workers run the same number of rounds (a sync round needs both).
+                    let _ = &stop;
+                    for r in 1..=150 {
+                        let round = f64::from(r);
+                        // Round r pushes r everywhere: the sync aggregate is 2r.
+                        kv.push_pull(&keys, &lens, &vec![round; 160], 0)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                    }
+                    kv
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut r = KvReader::connect(cfg(&addr, 4), opts.clone()).unwrap();
+        let mut last = 0;
+        for _ in 0..20 {
+            let (v, vals) = r.snapshot::<f64>(&keys, &lens, None).unwrap();
+            assert!(v >= last, "version went back from {last} to {v}");
+            last = v;
+            let want = 2.0 * v as f64;
+            assert!(
+                vals.iter().all(|x| *x == want),
+                "torn snapshot at version {v}: {:?}",
+                &vals[..10]
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ws: Vec<KvWorker> = ws.into_iter().map(|h| h.join().unwrap()).collect();
+        drop(ws);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}

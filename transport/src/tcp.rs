@@ -757,16 +757,16 @@ impl TcpConn {
                     break;
                 }
             }
+            // sendmsg with MSG_NOSIGNAL rather than writev: a peer that went away must give
+            // EPIPE, not SIGPIPE (which kills C programs that did not ignore it).
+            // SAFETY: zeroed msghdr is a valid "no address, no control data" header.
+            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_iov = self.iov.as_mut_ptr();
+            mh.msg_iovlen = self.iov.len() as _;
             // SAFETY: every iovec points into a header owned by a queued Tx (alive until popped
             // below, after the call) or into a posted send buffer kept valid by the isend
-            // contract; the count matches the vector.
-            let n = unsafe {
-                libc::writev(
-                    sock.stream.as_raw_fd(),
-                    self.iov.as_ptr(),
-                    self.iov.len() as libc::c_int,
-                )
-            };
+            // contract; the count matches the vector; `mh` lives across the call.
+            let n = unsafe { libc::sendmsg(sock.stream.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 return match e.kind() {
@@ -1058,7 +1058,22 @@ impl TcpConn {
         let end = Instant::now() + wait;
         let mut off = 0;
         while off < frame.len() && Instant::now() < end {
-            match (&self.socks[0].stream).write(&frame[off..]) {
+            let rest = &frame[off..];
+            // SAFETY: FFI; `rest` is a live slice; MSG_NOSIGNAL: EPIPE instead of SIGPIPE.
+            let r = unsafe {
+                libc::send(
+                    self.socks[0].stream.as_raw_fd(),
+                    rest.as_ptr().cast::<libc::c_void>(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            let r = if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            };
+            match r {
                 Ok(k) => off += k,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if off == 0 {

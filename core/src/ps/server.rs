@@ -55,6 +55,45 @@ struct SState {
     rep_seq: u64,
     rep_wait: HashMap<u64, (u64, u64)>,
     changed_at: Instant,
+    dedup: Dedup,
+    /// Further live channels with members that also have one in `chans`.
+    extra: Vec<(u64, Arc<Chan>)>,
+}
+
+/// Parts of worker operations already applied (so a retry after a lost acknowledgement is
+/// not applied twice); the most recent [`DEDUP_KEEP`] per worker. Replicas record the same.
+#[derive(Default)]
+struct Dedup {
+    seen: HashMap<u64, Recent>,
+}
+
+/// The (op, part) pairs of one worker, as a set and in arrival order.
+type Recent = (
+    std::collections::HashSet<(u64, u64)>,
+    std::collections::VecDeque<(u64, u64)>,
+);
+
+/// Applied parts remembered per worker.
+const DEDUP_KEEP: usize = 1 << 16;
+
+impl Dedup {
+    /// Records (worker, op, part); false if it was recorded before. Op 0 is never deduplicated.
+    fn first(&mut self, worker: u64, op: u64, skey: u64) -> bool {
+        if op == 0 {
+            return true;
+        }
+        let (set, order) = self.seen.entry(worker).or_default();
+        if !set.insert((op, skey)) {
+            return false;
+        }
+        order.push_back((op, skey));
+        if order.len() > DEDUP_KEEP {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 struct SInner {
@@ -66,6 +105,8 @@ struct SInner {
     timeout: Duration,
     st: Mutex<SState>,
     stop: AtomicBool,
+    /// Store key → user key, for user update rules.
+    keymap: Arc<Mutex<HashMap<u64, u64>>>,
 }
 
 /// A push/pull server process (see the module docs). Dropping it leaves the group (the
@@ -100,10 +141,16 @@ impl KvServer {
             let slot = slot.clone();
             let early = early.clone();
             Box::new(move |c: Box<dyn braid_transport::Conn>, id: u64| {
+                // Holding `early` while looking at `slot` closes the gap with start() moving the
+                // early connections over.
+                let mut e = lock(&early);
                 let inner = lock(&slot).clone();
                 match inner {
-                    Some(inner) => adopt(&inner, c, id),
-                    None => lock(&early).push((c, id)),
+                    Some(inner) => {
+                        drop(e);
+                        adopt(&inner, c, id)
+                    }
+                    None => e.push((c, id)),
                 }
             })
         };
@@ -111,7 +158,19 @@ impl KvServer {
         let node = Node::start(cfg, Role::Server, on_conn)?;
         let view = node.first_view.clone();
         let ring = ring_of(&view);
-        let mut store = Store::new(opts.consistency, opts.rule.clone(), opts.history.max(1));
+        // User update rules see the caller's key, not the part's store key.
+        let keymap: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+        let rule = match &opts.rule {
+            super::UpdateRule::Custom(f) => {
+                let (f, km) = (f.clone(), keymap.clone());
+                super::UpdateRule::Custom(Arc::new(move |sk, dt, v: &mut [u8], g: &[u8]| {
+                    let k = lock(&km).get(&sk).copied().unwrap_or(sk);
+                    f(k, dt, v, g)
+                }))
+            }
+            other => other.clone(),
+        };
+        let mut store = Store::new(opts.consistency, rule, opts.history.max(1));
         let _ = store.set_workers(&workers_of(&view));
         let my_host = node.host_id();
         let inner = Arc::new(SInner {
@@ -132,11 +191,18 @@ impl KvServer {
                 rep_seq: 1,
                 rep_wait: HashMap::new(),
                 changed_at: Instant::now(),
+                dedup: Dedup::default(),
+                extra: Vec::new(),
             }),
             stop: AtomicBool::new(false),
+            keymap,
         });
-        *lock(&slot) = Some(inner.clone());
-        for (c, id) in lock(&early).drain(..) {
+        let pending: Vec<Early> = {
+            let mut e = lock(&early);
+            *lock(&slot) = Some(inner.clone());
+            e.drain(..).collect()
+        };
+        for (c, id) in pending {
             adopt(&inner, c, id);
         }
         node.client.installed(view.epoch);
@@ -175,7 +241,12 @@ impl Drop for KvServer {
         if let Some(h) = self.watcher.take() {
             let _ = h.join();
         }
-        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
+        let chans: Vec<Arc<Chan>> = {
+            let mut st = lock(&self.inner.st);
+            let mut v: Vec<Arc<Chan>> = st.chans.drain().map(|(_, c)| c).collect();
+            v.extend(st.extra.drain(..).map(|(_, c)| c));
+            v
+        };
         for c in chans {
             c.close();
         }
@@ -223,27 +294,51 @@ fn adopt(inner: &Arc<SInner>, conn: Box<dyn braid_transport::Conn>, from: u64) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    match make_chan(inner, conn, from) {
-        Ok(c) => {
-            let old = lock(&inner.st).chans.insert(from, c);
-            if let Some(o) = old {
-                if o.closed().is_none() {
-                    // Keep both alive until the old one ends on its own.
-                    std::mem::forget(o);
-                }
-            }
-        }
-        Err(e) => tracing::warn!(target: "braid::ps", "server {}: {e}", inner.me),
+    if let Err(e) = make_chan(inner, conn, from) {
+        tracing::warn!(target: "braid::ps", "server {}: {e}", inner.me);
     }
 }
 
+/// Registers a new channel with member `id`: it becomes the one replies go out on unless a
+/// live one exists; a second live channel (both sides connected at once) is kept too, never
+/// closed under the peer's feet (it may carry messages in flight).
+fn register_chan(st: &mut SState, id: u64, c: Arc<Chan>) -> Arc<Chan> {
+    match st.chans.get(&id) {
+        Some(old) if old.closed().is_none() => {
+            st.extra.retain(|(_, x)| x.closed().is_none());
+            st.extra.push((id, c));
+            old.clone()
+        }
+        _ => {
+            if let Some(old) = st.chans.insert(id, c.clone()) {
+                st.extra.push((id, old));
+            }
+            st.extra.retain(|(_, x)| x.closed().is_none());
+            c
+        }
+    }
+}
+
+/// Starts a channel with member `from` and registers it before any of its messages is handled
+/// (so replies always find a channel); returns the channel replies to `from` go out on.
 fn make_chan(
     inner: &Arc<SInner>,
     conn: Box<dyn braid_transport::Conn>,
     from: u64,
 ) -> Result<Arc<Chan>> {
     let weak = Arc::downgrade(inner);
+    let gate: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
+    let g2 = gate.clone();
     let on_msg = Box::new(move |m: Incoming| {
+        {
+            let mut open = lock(&g2.0);
+            while !*open {
+                open =
+                    g2.1.wait_timeout(open, Duration::from_millis(50))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
         if let Some(inner) = weak.upgrade() {
             handle(&inner, from, m);
         }
@@ -252,7 +347,16 @@ fn make_chan(
     let on_close = Box::new(move |why: String| {
         tracing::info!(target: "braid::ps", "server {me}: connection with member {from} ended: {why}");
     });
-    Chan::spawn(conn, &format!("s{me}-{from}"), on_msg, on_close).map(Arc::new)
+    let c = Arc::new(Chan::spawn(
+        conn,
+        &format!("s{me}-{from}"),
+        on_msg,
+        on_close,
+    )?);
+    let out = register_chan(&mut lock(&inner.st), from, c);
+    *lock(&gate.0) = true;
+    gate.1.notify_all();
+    Ok(out)
 }
 
 /// The channel to server `id`, connecting when there is none.
@@ -339,15 +443,21 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
         let st = &mut *guard;
         let msg = match msg {
             Msg::Init {
-                req, dtype, parts, ..
-            } => Ok((true, req, dtype, parts)),
+                req,
+                op,
+                dtype,
+                parts,
+            } => Ok((true, req, op, dtype, parts)),
             Msg::Push {
-                req, dtype, parts, ..
-            } => Ok((false, req, dtype, parts)),
+                req,
+                op,
+                dtype,
+                parts,
+            } => Ok((false, req, op, dtype, parts)),
             other => Err(other),
         };
         let msg = match msg {
-            Ok((is_init, req, dtype, parts)) => {
+            Ok((is_init, req, wop, dtype, parts)) => {
                 let kind = if is_init { Kind::Init } else { Kind::Push };
                 let Some(dt) = dtype_of(&dtype) else {
                     outbox.push((
@@ -392,6 +502,12 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         failed: None,
                     },
                 );
+                if matches!(inner.opts.rule, super::UpdateRule::Custom(_)) {
+                    let mut km = lock(&inner.keymap);
+                    for p in &parts {
+                        km.insert(p.s, p.k);
+                    }
+                }
                 let mut off = 0;
                 let mut per_replica: BTreeMap<u64, (Vec<PartRef>, Vec<u8>)> = BTreeMap::new();
                 for (i, p) in parts.iter().enumerate() {
@@ -400,7 +516,16 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     let sreq = st.next_sreq;
                     st.next_sreq += 1;
                     st.reqs.insert(sreq, (from, req, i));
-                    let evs = if is_init {
+                    let dup = !st.dedup.first(from, wop, p.s);
+                    let evs = if dup {
+                        // A retry of a part already applied (its acknowledgement was lost):
+                        // acknowledge again without applying it twice.
+                        vec![Event::PushAck {
+                            req: sreq,
+                            key: p.s,
+                            version: st.store.version(p.s).unwrap_or(0),
+                        }]
+                    } else if is_init {
                         match st.store.init(p.s, dt, data) {
                             Ok((_, evs)) => {
                                 let v = st.store.version(p.s).unwrap_or(0);
@@ -447,14 +572,14 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     let op = if is_init {
                         Msg::Init {
                             req: 0,
-                            epoch: 0,
+                            op: wop,
                             dtype: dtype.clone(),
                             parts: ps,
                         }
                     } else {
                         Msg::Push {
                             req: 0,
-                            epoch: 0,
+                            op: wop,
                             dtype: dtype.clone(),
                             parts: ps,
                         }
@@ -558,11 +683,21 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
             Msg::Replicate { seq, worker, op } => {
                 let mut off = 0;
                 let op = match *op {
-                    Msg::Init { dtype, parts, .. } => Some((true, dtype, parts)),
-                    Msg::Push { dtype, parts, .. } => Some((false, dtype, parts)),
+                    Msg::Init {
+                        op, dtype, parts, ..
+                    } => Some((true, op, dtype, parts)),
+                    Msg::Push {
+                        op, dtype, parts, ..
+                    } => Some((false, op, dtype, parts)),
                     _ => None,
                 };
-                if let Some((is_init, dtype, parts)) = op {
+                if let Some((is_init, wop, dtype, parts)) = op {
+                    if matches!(inner.opts.rule, super::UpdateRule::Custom(_)) {
+                        let mut km = lock(&inner.keymap);
+                        for p in &parts {
+                            km.insert(p.s, p.k);
+                        }
+                    }
                     {
                         if let Some(dt) = dtype_of(&dtype) {
                             for p in &parts {
@@ -571,6 +706,9 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                                 }
                                 let data = &body[off..off + p.n];
                                 off += p.n;
+                                if !st.dedup.first(worker, wop, p.s) {
+                                    continue;
+                                }
                                 let evs = if is_init {
                                     st.store
                                         .init(p.s, dt, data)

@@ -20,17 +20,18 @@ pub(crate) struct PartRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t")]
 pub(crate) enum Msg {
-    /// Creates keys (first writer wins). Body: the values.
+    /// Creates keys (first writer wins). Body: the values. `op`: the worker's operation id,
+    /// the same on retries (servers apply an operation's part at most once).
     Init {
         req: u64,
-        epoch: u64,
+        op: u64,
         dtype: String,
         parts: Vec<PartRef>,
     },
-    /// Pushes gradients. Body: the gradients.
+    /// Pushes gradients. Body: the gradients. `op` as for `Init`.
     Push {
         req: u64,
-        epoch: u64,
+        op: u64,
         dtype: String,
         parts: Vec<PartRef>,
     },

@@ -494,13 +494,13 @@ impl WInner {
             let msg = match r.kind {
                 Kind::Init => Msg::Init {
                     req: id,
-                    epoch: 0,
+                    op: r.op,
                     dtype: r.dtype.name().into(),
                     parts: r.parts.iter().map(|p| p.0).collect(),
                 },
                 Kind::Push => Msg::Push {
                     req: id,
-                    epoch: 0,
+                    op: r.op,
                     dtype: r.dtype.name().into(),
                     parts: r.parts.iter().map(|p| p.0).collect(),
                 },
