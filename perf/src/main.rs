@@ -38,6 +38,7 @@ use braid::{Communicator, Config, DataType, Element, ReduceOp};
 use half::{bf16, f16};
 
 mod check;
+mod pushpull;
 use check::PerfElem;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +138,7 @@ struct Args {
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n\
+[--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -252,6 +253,9 @@ fn main() -> ExitCode {
     }
     if argv.first().map(|s| s.as_str()) == Some("topo") {
         return topo(&argv[1..]);
+    }
+    if argv.first().map(|s| s.as_str()) == Some("push_pull") {
+        return pushpull::main(&argv[1..]);
     }
     let args = match parse_args(&argv) {
         Ok(a) => a,

@@ -233,6 +233,12 @@ impl KvServer {
     pub fn epoch(&self) -> u64 {
         lock(&self.inner.st).view.epoch
     }
+
+    /// Workers and servers in the view this server runs on.
+    pub fn sizes(&self) -> (usize, usize) {
+        let st = lock(&self.inner.st);
+        (workers_of(&st.view).len(), servers_of(&st.view).len())
+    }
 }
 
 impl Drop for KvServer {
