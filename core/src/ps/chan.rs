@@ -384,3 +384,26 @@ fn drive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn higher_priority_first_fifo_within_a_priority() {
+        let mut h = BinaryHeap::new();
+        for (seq, prio) in [(0u64, 0i32), (1, 5), (2, 0), (3, 5), (4, -1), (5, 9)] {
+            h.push(Queued {
+                prio,
+                seq,
+                msg: Outgoing {
+                    prio,
+                    hdr: Vec::new(),
+                    body: Arc::new(Vec::new()),
+                },
+            });
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| h.pop().map(|q| q.seq)).collect();
+        assert_eq!(order, vec![5, 1, 3, 0, 2, 4]);
+    }
+}

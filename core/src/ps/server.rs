@@ -451,19 +451,21 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
             Msg::Init {
                 req,
                 op,
+                prio,
                 dtype,
                 parts,
-            } => Ok((true, req, op, dtype, parts)),
+            } => Ok((true, req, op, prio, dtype, parts)),
             Msg::Push {
                 req,
                 op,
+                prio,
                 dtype,
                 parts,
-            } => Ok((false, req, op, dtype, parts)),
+            } => Ok((false, req, op, prio, dtype, parts)),
             other => Err(other),
         };
         let msg = match msg {
-            Ok((is_init, req, wop, dtype, parts)) => {
+            Ok((is_init, req, wop, prio, dtype, parts)) => {
                 let kind = if is_init { Kind::Init } else { Kind::Push };
                 let Some(dt) = dtype_of(&dtype) else {
                     outbox.push((
@@ -499,7 +501,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     (from, req),
                     Agg {
                         kind,
-                        prio: 0,
+                        prio,
                         n: parts.len(),
                         done: 0,
                         versions: vec![0; parts.len()],
@@ -579,6 +581,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         Msg::Init {
                             req: 0,
                             op: wop,
+                            prio: 0,
                             dtype: dtype.clone(),
                             parts: ps,
                         }
@@ -586,6 +589,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         Msg::Push {
                             req: 0,
                             op: wop,
+                            prio: 0,
                             dtype: dtype.clone(),
                             parts: ps,
                         }
@@ -613,6 +617,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
             Msg::Pull {
                 req,
                 epoch: _,
+                prio,
                 parts,
                 min,
                 at,
@@ -621,7 +626,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     (from, req),
                     Agg {
                         kind: Kind::Pull,
-                        prio: 0,
+                        prio,
                         n: parts.len(),
                         done: 0,
                         versions: vec![0; parts.len()],
@@ -874,7 +879,12 @@ fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, 
             Vec::new(),
         )),
         Kind::Pull => {
-            let body: Vec<u8> = a.data.concat();
+            let mut data = a.data;
+            let body: Vec<u8> = if data.len() == 1 {
+                data.pop().unwrap_or_default()
+            } else {
+                data.concat()
+            };
             outbox.push((
                 w,
                 a.prio,

@@ -16,7 +16,8 @@ pub(crate) struct PartRef {
     pub n: usize,
 }
 
-/// Messages between workers/readers and servers, and between servers.
+/// Messages between workers/readers and servers, and between servers. `prio` (higher first):
+/// the request's priority, which its answer inherits on the server's send queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t")]
 pub(crate) enum Msg {
@@ -25,6 +26,8 @@ pub(crate) enum Msg {
     Init {
         req: u64,
         op: u64,
+        #[serde(default)]
+        prio: i32,
         dtype: String,
         parts: Vec<PartRef>,
     },
@@ -32,6 +35,8 @@ pub(crate) enum Msg {
     Push {
         req: u64,
         op: u64,
+        #[serde(default)]
+        prio: i32,
         dtype: String,
         parts: Vec<PartRef>,
     },
@@ -40,6 +45,8 @@ pub(crate) enum Msg {
     Pull {
         req: u64,
         epoch: u64,
+        #[serde(default)]
+        prio: i32,
         parts: Vec<PartRef>,
         min: Option<u64>,
         at: Option<u64>,

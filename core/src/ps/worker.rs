@@ -495,18 +495,21 @@ impl WInner {
                 Kind::Init => Msg::Init {
                     req: id,
                     op: r.op,
+                    prio: r.prio,
                     dtype: r.dtype.name().into(),
                     parts: r.parts.iter().map(|p| p.0).collect(),
                 },
                 Kind::Push => Msg::Push {
                     req: id,
                     op: r.op,
+                    prio: r.prio,
                     dtype: r.dtype.name().into(),
                     parts: r.parts.iter().map(|p| p.0).collect(),
                 },
                 Kind::Pull => Msg::Pull {
                     req: id,
                     epoch: 0,
+                    prio: r.prio,
                     parts: r.parts.iter().map(|p| p.0).collect(),
                     min: r.min,
                     at: r.at,
@@ -514,12 +517,22 @@ impl WInner {
                 Kind::Snap => Msg::SnapVer { req: id },
             };
             let body = if matches!(r.kind, Kind::Init | Kind::Push) {
-                Arc::new(
-                    r.parts
+                let total: usize = r.parts.iter().map(|(p, _)| p.n).sum();
+                let whole = total == r.body.len()
+                    && r.parts
                         .iter()
-                        .flat_map(|(p, off)| r.body[*off..*off + p.n].iter().copied())
-                        .collect::<Vec<u8>>(),
-                )
+                        .try_fold(0usize, |at, (p, off)| (*off == at).then_some(at + p.n))
+                        .is_some();
+                if whole {
+                    // The request covers the caller's values in order: send them as they are.
+                    r.body.clone()
+                } else {
+                    let mut b = Vec::with_capacity(total);
+                    for (p, off) in &r.parts {
+                        b.extend_from_slice(&r.body[*off..*off + p.n]);
+                    }
+                    Arc::new(b)
+                }
             } else {
                 Arc::new(Vec::new())
             };
