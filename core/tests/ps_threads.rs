@@ -344,3 +344,34 @@ fn readers_never_see_a_torn_snapshot() {
         }
     });
 }
+
+/// Bandwidth-aware placement: servers publish their measured bandwidth as their ring weight.
+#[test]
+fn servers_can_weigh_themselves_by_measured_bandwidth() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        weigh_by_bandwidth: true,
+        consistency: Consistency::Async,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let server = {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            s.spawn(move || KvServer::start(cfg(&addr, 2), opts).unwrap())
+        };
+        let kv = KvWorker::start(cfg(&addr, 2), opts).unwrap();
+        let st =
+            braid::membership::coordinator_status(&addr, None, Duration::from_secs(5)).unwrap();
+        let members = st["groups"][0]["members"].as_array().unwrap().clone();
+        let srv = members.iter().find(|m| m["role"] == "server").unwrap();
+        let w = srv["weight"].as_f64().unwrap();
+        assert!(
+            w > 0.0 && w != 1.0,
+            "server weight {w} is not a measurement"
+        );
+        kv.init(&[1], &[1], &[0u32]).unwrap();
+        drop(kv);
+        drop(server.join().unwrap());
+    });
+}

@@ -45,6 +45,9 @@ pub struct PsOptions {
     pub replicas: usize,
     /// Completed versions kept per part for snapshot reads (default 4).
     pub history: usize,
+    /// Servers measure their reduction bandwidth at start and publish it as their ring weight
+    /// (`BRAID_PS_PLACEMENT=bandwidth`; default `equal`: the configured `BRAID_WEIGHT`).
+    pub weigh_by_bandwidth: bool,
 }
 
 impl Default for PsOptions {
@@ -55,6 +58,7 @@ impl Default for PsOptions {
             partition_bytes: 4 << 20,
             replicas: 1,
             history: 4,
+            weigh_by_bandwidth: false,
         }
     }
 }
@@ -115,6 +119,17 @@ impl PsOptions {
                         "BRAID_PS_PARTITION_BYTES={b}: expected a size of at least 8 bytes"
                     ))
                 })?;
+        }
+        if let Some(p) = get("BRAID_PS_PLACEMENT") {
+            o.weigh_by_bandwidth = match p.trim() {
+                "bandwidth" => true,
+                "equal" => false,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "BRAID_PS_PLACEMENT={p}: expected equal or bandwidth"
+                    )))
+                }
+            };
         }
         if let Some(r) = get("BRAID_PS_REPLICAS") {
             o.replicas = r.trim().parse().map_err(|_| {

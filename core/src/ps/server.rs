@@ -155,6 +155,16 @@ impl KvServer {
             })
         };
         let timeout = cfg.timeout;
+        let mut cfg = cfg;
+        if opts.weigh_by_bandwidth {
+            // Bandwidth-aware placement: this server's measured reduction bandwidth is its weight
+            // on the ring (published at registration), so faster servers own more parts.
+            let gbps = crate::reduce::bench_bandwidth(16 << 20, 8);
+            if gbps > 0.0 {
+                tracing::info!(target: "braid::ps", "server: measured {gbps:.2} GB/s; using it as ring weight");
+                cfg.weight = gbps;
+            }
+        }
         let node = Node::start(cfg, Role::Server, on_conn)?;
         let view = node.first_view.clone();
         let ring = ring_of(&view);
