@@ -375,3 +375,75 @@ fn servers_can_weigh_themselves_by_measured_bandwidth() {
         drop(server.join().unwrap());
     });
 }
+
+/// Bad input gets clear errors and the server keeps serving others.
+#[test]
+fn bad_input_is_refused_clearly_and_others_are_served() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let server = {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            s.spawn(move || KvServer::start(cfg(&addr, 3), opts).unwrap())
+        };
+        let other = {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            s.spawn(move || {
+                let kv = KvWorker::start(cfg(&addr, 3), opts).unwrap();
+                kv.init(&[7], &[3], &[1i32, 2, 3]).unwrap();
+                // Pushing a different length or dtype for a key the server knows: refused
+                // by the server (this worker never saw key 8 locally).
+                std::thread::sleep(Duration::from_millis(300));
+                let e = kv
+                    .push(&[8], &[5], &[1f32; 5], 0)
+                    .unwrap()
+                    .wait()
+                    .unwrap_err();
+                assert!(e.to_string().contains("server"), "{e}");
+                let e = kv
+                    .push(&[8], &[4], &[1i64; 4], 0)
+                    .and_then(|h| h.wait())
+                    .unwrap_err();
+                assert!(e.to_string().contains("key"), "{e}");
+                for _ in 0..20 {
+                    kv.push(&[7], &[3], &[1i32, 1, 1], 0)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                }
+                kv
+            })
+        };
+        let kv = KvWorker::start(cfg(&addr, 3), opts).unwrap();
+        kv.init(&[8], &[4], &[0f32; 4]).unwrap();
+        // Unknown key: a clear error after a short grace period, not a hang.
+        let t0 = std::time::Instant::now();
+        let e = kv
+            .pull::<f32>(&[12345], &[4], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("12345") && e.to_string().contains("does not exist"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        // Local checks: lengths that don't add up.
+        let e = kv.push(&[8], &[4, 4], &[0f32; 8], 0).unwrap_err();
+        assert!(e.to_string().contains("keys"), "{e}");
+        let o = other.join().unwrap();
+        let p = o.pull::<i32>(&[7], &[3], None, 0).unwrap().wait().unwrap();
+        assert_eq!(
+            p.values,
+            vec![21, 22, 23],
+            "the other worker was served throughout"
+        );
+        drop(o);
+        drop(kv);
+        drop(server.join().unwrap());
+    });
+}

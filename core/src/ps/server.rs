@@ -58,6 +58,41 @@ struct SState {
     dedup: Dedup,
     /// Further live channels with members that also have one in `chans`.
     extra: Vec<(u64, Arc<Chan>)>,
+    /// Pulls of keys that did not exist when they arrived: (store request, user key, store
+    /// key, since). They wait for an init at most [`UNKNOWN_KEY_GRACE`].
+    unknown_pulls: Vec<(u64, u64, u64, Instant)>,
+}
+
+/// How long a pull of a key nobody initialised waits (another worker's init may be on its
+/// way, first writer wins) before it fails with a clear error.
+const UNKNOWN_KEY_GRACE: Duration = Duration::from_secs(3);
+
+/// Fails pulls that waited too long for a key nobody initialised.
+fn expire_unknown_pulls(inner: &Arc<SInner>) {
+    let mut out = Vec::new();
+    {
+        let mut guard = lock(&inner.st);
+        let st = &mut *guard;
+        if st.unknown_pulls.is_empty() {
+            return;
+        }
+        let list = std::mem::take(&mut st.unknown_pulls);
+        for (sreq, key, skey, since) in list {
+            if st.store.version(skey).is_some() || !st.reqs.contains_key(&sreq) {
+                continue;
+            }
+            if since.elapsed() < UNKNOWN_KEY_GRACE {
+                st.unknown_pulls.push((sreq, key, skey, since));
+                continue;
+            }
+            let evs = st.store.cancel_pull(
+                sreq,
+                &format!("user key {key} does not exist (nobody called init for it)"),
+            );
+            apply_events(st, evs, &mut out);
+        }
+    }
+    flush(inner, out, Vec::new());
 }
 
 /// Parts of worker operations already applied (so a retry after a lost acknowledgement is
@@ -203,6 +238,7 @@ impl KvServer {
                 changed_at: Instant::now(),
                 dedup: Dedup::default(),
                 extra: Vec::new(),
+                unknown_pulls: Vec::new(),
             }),
             stop: AtomicBool::new(false),
             keymap,
@@ -678,7 +714,13 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                             }],
                         },
                         None => match st.store.pull(sreq, from, p.s, min) {
-                            Ok(e) => e,
+                            Ok(e) => {
+                                if st.store.version(p.s).is_none() {
+                                    // Waits for an init; fails clearly if none comes soon.
+                                    st.unknown_pulls.push((sreq, p.k, p.s, Instant::now()));
+                                }
+                                e
+                            }
                             Err(e) => vec![Event::Error {
                                 req: sreq,
                                 key: p.s,
@@ -1013,6 +1055,7 @@ fn spawn_watcher(
     std::thread::spawn(move || {
         let Some(client) = client else { return };
         while !inner.stop.load(Ordering::SeqCst) {
+            expire_unknown_pulls(&inner);
             let cur = lock(&inner.st).view.epoch;
             let stop = AtomicBool::new(false);
             let deadline = Instant::now() + Duration::from_millis(200);
