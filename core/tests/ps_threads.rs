@@ -447,3 +447,72 @@ fn bad_input_is_refused_clearly_and_others_are_served() {
         drop(server.join().unwrap());
     });
 }
+
+/// Bounded staleness (tau = 1): a fast worker is held when it gets more than one push ahead
+/// of the slowest; every push is applied once.
+#[test]
+fn bounded_staleness_holds_a_fast_worker() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Bounded(1),
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let servers: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
+            })
+            .collect();
+        let slow_done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hs: Vec<_> = (0..2)
+            .map(|w| {
+                let (addr, opts, slow_done) = (addr.clone(), opts.clone(), slow_done.clone());
+                s.spawn(move || {
+                    let kv = KvWorker::start(cfg(&addr, 4), opts).unwrap();
+                    kv.init(&[1, 2], &[2, 2], &[0u64; 4]).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    let mut max_lead = 0i64;
+                    for i in 1..=6u64 {
+                        if w == 1 {
+                            std::thread::sleep(Duration::from_millis(80));
+                        }
+                        kv.push(&[1, 2], &[2, 2], &[1u64; 4], 0)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        if w == 1 {
+                            slow_done.store(i, std::sync::atomic::Ordering::SeqCst);
+                        } else {
+                            let lead = i as i64
+                                - slow_done.load(std::sync::atomic::Ordering::SeqCst) as i64;
+                            max_lead = max_lead.max(lead);
+                        }
+                    }
+                    (w, max_lead, kv)
+                })
+            })
+            .collect();
+        let mut kvs = Vec::new();
+        for h in hs {
+            let (w, lead, kv) = h.join().unwrap();
+            if w == 0 {
+                // Acknowledged pushes of the fast worker: at most tau + 1 ahead of the slow
+                // one's acknowledged pushes (one in flight).
+                assert!(lead <= 2, "fast worker ran {lead} pushes ahead");
+            }
+            kvs.push(kv);
+        }
+        let p = kvs[0]
+            .pull::<u64>(&[1, 2], &[2, 2], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(p.values, vec![12; 4]);
+        drop(kvs);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}
