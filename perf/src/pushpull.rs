@@ -5,7 +5,14 @@
 //! braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS]
 //!     [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto]
 //!     [--replicas R] [--partition BYTES]
+//! braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS]
+//!     [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input]
+//!     [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
 //! ```
+//!
+//! `--drill` is the fault-drill loop (see `drill` below: rounds on fixed keys, no all_reduce
+//! communicator, checks that detect a lost acknowledged update); under `braid-run --join`,
+//! `--join-role server` makes the joiners (launcher index from `BRAID_WORLD_SIZE` on) servers.
 //!
 //! Without a launcher it starts W + S local processes of itself (servers first) with an
 //! embedded coordinator; under `braid-run` a process with `BRAID_RUN_INDEX` below S (or
@@ -39,9 +46,25 @@ struct Args {
     transport: Option<String>,
     replicas: Option<String>,
     partition: Option<String>,
+    drill: Drill,
 }
 
-const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES]";
+/// Settings of the `--drill` loop mode (fault drills; see [`drill`]).
+#[derive(Debug, Clone)]
+struct Drill {
+    on: bool,
+    rounds: Option<usize>,
+    duration: Option<f64>,
+    pace_ms: u64,
+    len: usize,
+    report: usize,
+    join_server: bool,
+    bad_input: bool,
+    op_timeout: Option<f64>,
+}
+
+const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES]
+       braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]";
 
 fn parse(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
@@ -57,6 +80,17 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         transport: None,
         replicas: None,
         partition: None,
+        drill: Drill {
+            on: false,
+            rounds: None,
+            duration: None,
+            pace_ms: 0,
+            len: 1024,
+            report: 50,
+            join_server: false,
+            bad_input: false,
+            op_timeout: None,
+        },
     };
     let mut it = argv.iter();
     let mut max_set = false;
@@ -71,6 +105,12 @@ fn parse(argv: &[String]) -> Result<Args, String> {
                 .map_err(|_| format!("{f} {s}: not a number"))
         };
         let size = |s: String| parse_bytes(&s).ok_or_else(|| format!("{f} {s}: not a size"));
+        let secs = |s: String| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| format!("{f} {s}: not a number of seconds"))
+        };
         match f.as_str() {
             "--workers" => a.workers = num(val()?)?,
             "--servers" => a.servers = num(val()?)?,
@@ -87,6 +127,21 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "--transport" => a.transport = Some(val()?),
             "--replicas" => a.replicas = Some(val()?),
             "--partition" => a.partition = Some(val()?),
+            "--drill" => a.drill.on = true,
+            "--rounds" => a.drill.rounds = Some(num(val()?)?),
+            "--duration" => a.drill.duration = Some(secs(val()?)?),
+            "--pace" => a.drill.pace_ms = num(val()?)? as u64,
+            "--len" => a.drill.len = num(val()?)?,
+            "--report" => a.drill.report = num(val()?)?.max(1),
+            "--join-role" => {
+                a.drill.join_server = match val()?.as_str() {
+                    "server" => true,
+                    "worker" => false,
+                    r => return Err(format!("--join-role {r}: expected server or worker")),
+                }
+            }
+            "--bad-input" => a.drill.bad_input = true,
+            "--op-timeout" => a.drill.op_timeout = Some(secs(val()?)?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -98,6 +153,11 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         return Err(format!(
             "--workers, --servers, --keys, -n must be >= 1 and -f >= 2\n{USAGE}"
         ));
+    }
+    if a.drill.on && (a.workers > 20 || (a.drill.bad_input && a.workers < 2)) {
+        return Err(
+            "--drill: --workers must be at most 20 (and at least 2 with --bad-input)".into(),
+        );
     }
     if a.min > a.max {
         return Err(format!("-b {} is larger than -e {}", a.min, a.max));
@@ -206,26 +266,52 @@ fn run(a: &Args) -> Result<bool, String> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    // Joiners of braid-run have launcher indices from BRAID_WORLD_SIZE on.
+    let initial: usize = std::env::var("BRAID_WORLD_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(a.workers + a.servers);
     let role_server = match std::env::var("BRAID_PS_ROLE").ok().as_deref() {
         Some("server") => true,
         Some("worker") => false,
+        _ if idx >= initial => a.drill.join_server,
         _ => idx < a.servers,
     };
     let o = opts(a)?;
-    let cfg = base_cfg(a)?;
+    let mut cfg = base_cfg(a)?;
     if role_server {
         let s = KvServer::start(cfg, o).map_err(|e| e.to_string())?;
         // Serve until every worker has left the view (after having seen one).
         let mut seen = false;
+        let mut shown = (usize::MAX, u64::MAX);
         loop {
             let (w, _) = s.sizes();
             seen |= w > 0;
             if seen && w == 0 {
                 break;
             }
+            if a.drill.on {
+                let now = (s.parts_held(), s.epoch());
+                if now != shown {
+                    shown = now;
+                    println!(
+                        "# server [{idx}] member {}: parts {} epoch {}",
+                        s.member_id(),
+                        now.0,
+                        now.1
+                    );
+                    let _ = std::io::stdout().flush();
+                }
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         return Ok(true);
+    }
+    if a.drill.on {
+        if let Some(t) = a.drill.op_timeout {
+            cfg.timeout = Duration::from_secs_f64(t);
+        }
+        return drill(a, cfg, o, idx.saturating_sub(a.servers));
     }
     worker(a, cfg, o, idx.saturating_sub(a.servers))
 }
@@ -370,4 +456,435 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
     drop(comm);
     drop(kv);
     Ok(wrong_total == 0)
+}
+
+/// A count of updates held in an f64 element (a whole number), or None.
+fn count_of(v: f64) -> Option<u64> {
+    (v >= 0.0 && v.fract() == 0.0 && v < 9.0e15).then_some(v as u64)
+}
+
+/// What a drill worker saw: printed as its final line.
+#[derive(Debug, Default)]
+struct Tally {
+    rounds: u64,
+    first_version: Option<u64>,
+    last_version: u64,
+    wrong: u64,
+    lost: u64,
+    errors: u64,
+    partial: u64,
+    final_mask: u64,
+    max_round: f64,
+}
+
+impl Tally {
+    fn version(&mut self, v: u64) {
+        self.first_version.get_or_insert(v);
+        self.last_version = v;
+    }
+
+    fn print(&self, widx: usize, extra: &str) {
+        println!(
+            "# push_pull: rounds {} versions {}..{} #wrong {} lost-updates {} errors {} partial-rounds {} final-mask {:#b} max-round-ms {:.1} worker {widx}{extra}",
+            self.rounds,
+            self.first_version.unwrap_or(0),
+            self.last_version,
+            self.wrong,
+            self.lost,
+            self.errors,
+            self.partial,
+            self.final_mask,
+            self.max_round * 1e3
+        );
+        let _ = std::io::stdout().flush();
+    }
+
+    fn ok(&self) -> bool {
+        self.wrong == 0 && self.lost == 0 && self.errors == 0
+    }
+}
+
+/// `--drill`: push/pull rounds on fixed keys (no all_reduce communicator, so a lost worker
+/// cannot take the others down through it), checked so that a lost acknowledged update, a
+/// duplicated one or a version going backwards is counted.
+///
+/// Keys `0..K` hold `--len` f64 elements each; key K (the tally) and key K+1 (done) hold one
+/// element per worker. Every worker prints `# round ...` every `--report` rounds and a final
+/// line `# push_pull: rounds R versions A..B #wrong W lost-updates L errors E partial-rounds P
+/// final-mask M worker I`.
+///
+/// * async + Sum: a round is one push of +1 to every element of every key plus +1 to the
+///   worker's own tally slot, waited for (acknowledged), then a pull: the worker's tally slot
+///   must equal its count of acknowledged pushes, every element at least that, and the pull's
+///   version (the smallest part version) the smallest count read (in async mode a part's
+///   version is the number of pushes it applied, and each push adds 1 to all its elements).
+///   At the end each worker adds its count to its done slot; worker 0 then polls until every
+///   worker's done slot is set and checks that every element equals the sum of the counts
+///   (lost-updates: how many acknowledged updates are missing) and every tally slot its
+///   worker's count.
+/// * sync: worker w pushes `2^w * (i % 7 + 1)` to element i of each key with push_pull; every
+///   element of the round's aggregate must be `mask * (i % 7 + 1)` with `mask` a set of
+///   workers that holds w itself (else the update is lost), never regains a worker once all
+///   were seen, and the version must grow by exactly 1 per round. `partial-rounds` counts
+///   rounds whose mask is not the set of all workers (after a worker died); `final-mask` is
+///   the last round's mask.
+/// * `--bad-input` (async): the last worker sends a wrong length, a dtype mismatch, a push to
+///   an unknown key and a pull of an unknown key, expects a clear error for each, then pulls
+///   a good key; it pushes nothing that counts, prints `# bad-input: verdict OK|FAILED` and
+///   exits 0 either way (so braid-run does not stop the others).
+fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, String> {
+    let d = &a.drill;
+    if widx >= a.workers {
+        return Err(format!(
+            "--drill: worker index {widx} is not below --workers {} (joining workers are not supported)",
+            a.workers
+        ));
+    }
+    if d.bad_input && widx + 1 == a.workers {
+        return bad_input(a, cfg, o);
+    }
+    let mode = o.consistency;
+    let kv = KvWorker::start(cfg, o.clone()).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    // Everyone in the view first, so the first sync round waits for all workers.
+    loop {
+        let (s, w) = kv.sizes();
+        if s >= a.servers && w >= a.workers {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "--drill: the view has {s} servers and {w} workers after 60 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (k, l, w) = (a.keys, d.len, a.workers);
+    let main_keys: Vec<u64> = (0..k as u64).collect();
+    let main_lens = vec![l; k];
+    let mut all_keys = main_keys.clone();
+    all_keys.extend([k as u64, k as u64 + 1]);
+    let mut all_lens = main_lens.clone();
+    all_lens.extend([w, w]);
+    kv.init(&all_keys, &all_lens, &vec![0f64; k * l + 2 * w])
+        .map_err(|e| format!("init: {e}"))?;
+    if widx == 0 {
+        println!(
+            "# push_pull drill: {w} workers, {} servers, mode {mode:?}, replicas {}, partition {} B, {k} keys x {l} f64, rounds {:?}, duration {:?}",
+            a.servers, o.replicas, o.partition_bytes, d.rounds, d.duration
+        );
+    }
+    let mut t = Tally::default();
+    let deadline = d.duration.map(|s| t0 + Duration::from_secs_f64(s));
+    let max_rounds = d
+        .rounds
+        .unwrap_or(if deadline.is_some() { usize::MAX } else { 100 });
+    let full: u64 = (1u64 << w) - 1;
+    let me_bit = 1u64 << widx;
+    let scale = |i: usize| (i % l % 7 + 1) as f64;
+    // async: +1 everywhere and on the own tally slot; sync: 2^w * (i % 7 + 1).
+    let mut grad_async = vec![1f64; k * l + w];
+    for x in &mut grad_async[k * l..] {
+        *x = 0.0;
+    }
+    grad_async[k * l + widx] = 1.0;
+    let grad_sync: Vec<f64> = (0..k * l).map(|i| me_bit as f64 * scale(i)).collect();
+    let tally_keys = &all_keys[..k + 1];
+    let tally_lens = &all_lens[..k + 1];
+    let mut acked = 0u64;
+    let mut prev_masks: Vec<u64> = vec![full; k * l];
+    let mut seen_full = false;
+    let mut prev_version: Option<u64> = None;
+    while (t.rounds as usize) < max_rounds && deadline.map_or(true, |e| Instant::now() < e) {
+        let r = t.rounds + 1;
+        let tr = Instant::now();
+        if mode == Consistency::Sync {
+            let p = match kv
+                .push_pull(&main_keys, &main_lens, &grad_sync, 0)
+                .and_then(|h| h.wait())
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("# round {r}: push_pull failed: {e}");
+                    t.errors += 1;
+                    break;
+                }
+            };
+            let mut lost_here = false;
+            let mut partial = false;
+            let mut masks = vec![0u64; k * l];
+            for (i, v) in p.values.iter().enumerate() {
+                let m = count_of(v / scale(i))
+                    .filter(|m| (*m as f64) * scale(i) == *v)
+                    .filter(|m| m & !full == 0);
+                let Some(m) = m else {
+                    t.wrong += 1;
+                    continue;
+                };
+                masks[i] = m;
+                if m & me_bit == 0 {
+                    lost_here = true;
+                }
+                if m != full {
+                    partial = true;
+                }
+                if seen_full && m & !prev_masks[i] != 0 {
+                    // A worker came back into a round after having been left out.
+                    t.wrong += 1;
+                }
+            }
+            seen_full |= masks.iter().all(|m| *m == full);
+            if seen_full {
+                prev_masks = masks;
+            }
+            t.final_mask = p.values.first().map_or(0, |v| (v / scale(0)) as u64);
+            t.lost += u64::from(lost_here);
+            t.partial += u64::from(partial);
+            if prev_version.is_some_and(|pv| p.version != pv + 1) {
+                println!(
+                    "# round {r}: version {} after {prev_version:?} (expected +1)",
+                    p.version
+                );
+                t.wrong += 1;
+            }
+            prev_version = Some(p.version);
+            t.version(p.version);
+        } else {
+            if let Err(e) = kv
+                .push(tally_keys, tally_lens, &grad_async, 0)
+                .and_then(|h| h.wait())
+            {
+                println!("# round {r}: push failed: {e}");
+                t.errors += 1;
+                break;
+            }
+            acked += 1;
+            let p = match kv
+                .pull::<f64>(tally_keys, tally_lens, None, 0)
+                .and_then(|h| h.wait())
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("# round {r}: pull failed: {e}");
+                    t.errors += 1;
+                    break;
+                }
+            };
+            let mut low = u64::MAX;
+            for v in &p.values[..k * l] {
+                match count_of(*v) {
+                    Some(c) => low = low.min(c),
+                    None => t.wrong += 1,
+                }
+            }
+            let tally: Vec<u64> = p.values[k * l..]
+                .iter()
+                .map(|v| count_of(*v).unwrap_or(u64::MAX))
+                .collect();
+            let mine = tally[widx];
+            if mine != acked || low < acked {
+                println!(
+                    "# round {r}: acknowledged {acked} pushes, own tally {mine}, smallest element {low}"
+                );
+                t.wrong += 1;
+                t.lost = t.lost.max(acked.saturating_sub(mine.min(low)));
+            }
+            let sum: u64 = tally.iter().fold(0u64, |s, x| s.saturating_add(*x));
+            if p.version != low.min(sum) {
+                println!(
+                    "# round {r}: pull version {} but smallest count read {}",
+                    p.version,
+                    low.min(sum)
+                );
+                t.wrong += 1;
+            }
+            if prev_version.is_some_and(|pv| p.version < pv) {
+                println!(
+                    "# round {r}: version went back from {prev_version:?} to {}",
+                    p.version
+                );
+                t.wrong += 1;
+            }
+            prev_version = Some(p.version);
+            t.version(p.version);
+        }
+        t.rounds = r;
+        t.max_round = t.max_round.max(tr.elapsed().as_secs_f64());
+        if r % d.report as u64 == 0 {
+            let (s, wn) = kv.sizes();
+            println!(
+                "# round {r} worker {widx}: version {} epoch {} servers {s} workers {wn} at {:.2} s",
+                t.last_version,
+                kv.epoch(),
+                t0.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stdout().flush();
+        }
+        if d.pace_ms > 0 {
+            std::thread::sleep(Duration::from_millis(d.pace_ms));
+        }
+    }
+    let mut extra = String::new();
+    if mode != Consistency::Sync && t.errors == 0 {
+        // Announce the count, then (worker 0) wait for everyone's and check the totals.
+        let mut done = vec![0f64; w];
+        done[widx] = acked as f64;
+        if let Err(e) = kv
+            .push(&[k as u64 + 1], &[w], &done, 0)
+            .and_then(|h| h.wait())
+        {
+            println!("# done push failed: {e}");
+            t.errors += 1;
+        }
+        let counted: Vec<usize> = (0..w).filter(|i| !(d.bad_input && i + 1 == w)).collect();
+        let wait_all = widx == 0;
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let p = kv
+                .pull::<f64>(&all_keys, &all_lens, None, 0)
+                .and_then(|h| h.wait())
+                .map_err(|e| format!("final pull: {e}"))?;
+            let tally = &p.values[k * l..k * l + w];
+            let dn = &p.values[k * l + w..];
+            let ready = !wait_all || counted.iter().all(|i| dn[*i] > 0.0);
+            if ready || Instant::now() >= end {
+                let expected: f64 = if wait_all {
+                    counted.iter().map(|i| dn[*i]).sum()
+                } else {
+                    acked as f64
+                };
+                let mut lost = 0u64;
+                let mut over = 0u64;
+                let mut low = f64::INFINITY;
+                for v in &p.values[..k * l] {
+                    low = low.min(*v);
+                    if wait_all && *v > expected {
+                        over += 1;
+                    }
+                }
+                lost += count_of(expected - low.min(expected)).unwrap_or(u64::MAX);
+                for i in &counted {
+                    if wait_all || *i == widx {
+                        let want = if *i == widx { acked as f64 } else { dn[*i] };
+                        lost += count_of(want - tally[*i].min(want)).unwrap_or(u64::MAX);
+                        if wait_all && tally[*i] > want {
+                            over += 1;
+                        }
+                    }
+                }
+                if !ready {
+                    println!(
+                        "# final: not every worker reported its count within 60 s: done {dn:?}"
+                    );
+                    t.errors += 1;
+                }
+                t.lost = t.lost.max(lost);
+                t.wrong += over;
+                extra = format!(
+                    " expected {expected} smallest {low} tally {tally:?} version {}",
+                    p.version
+                );
+                if low < expected {
+                    // Where updates are missing: runs of equal values, per key.
+                    for (key, vals) in p.values[..k * l].chunks(l.max(1)).enumerate() {
+                        let mut i = 0;
+                        while i < vals.len() {
+                            let mut j = i;
+                            while j + 1 < vals.len() && vals[j + 1] == vals[i] {
+                                j += 1;
+                            }
+                            if vals[i] < expected {
+                                println!(
+                                    "# final: key {key} elements {i}..={j} hold {} (expected {expected})",
+                                    vals[i]
+                                );
+                            }
+                            i = j + 1;
+                        }
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else if mode == Consistency::Sync {
+        extra = format!(" full-mask {full:#b}");
+    }
+    t.print(widx, &extra);
+    drop(kv);
+    Ok(t.ok())
+}
+
+/// `--drill --bad-input`: the last worker's wrong requests (see [`drill`]).
+fn bad_input(a: &Args, mut cfg: Config, o: PsOptions) -> Result<bool, String> {
+    // A pull of an unknown key fails after the servers' grace period (3 s), at the latest at
+    // the operation's deadline.
+    cfg.timeout = cfg.timeout.min(Duration::from_secs(4));
+    let kv = KvWorker::start(cfg, o).map_err(|e| e.to_string())?;
+    let l = a.drill.len;
+    // Wait until key 0 and 1 exist (pulling registers no length here).
+    kv.pull::<f64>(&[0, 1], &[l, l], Some(0), 0)
+        .and_then(|h| h.wait())
+        .map_err(|e| format!("bad-input: first pull: {e}"))?;
+    let mut refused = 0;
+    let mut check = |what: &str, r: braid::Result<()>, want: &str| match r {
+        Err(e) if e.to_string().contains(want) => {
+            refused += 1;
+            println!("# bad-input {what}: refused: {e}");
+        }
+        Err(e) => println!("# bad-input {what}: unexpected error: {e}"),
+        Ok(()) => println!("# bad-input {what}: accepted!"),
+    };
+    let t = Instant::now();
+    check(
+        "wrong length",
+        kv.push(&[0], &[l + 1], &vec![1f64; l + 1], 0)
+            .and_then(|h| h.wait()),
+        "wrong length",
+    );
+    check(
+        "dtype mismatch",
+        kv.push(&[1], &[2 * l], &vec![1f32; 2 * l], 0)
+            .and_then(|h| h.wait()),
+        "dtype mismatch",
+    );
+    check(
+        "push to an unknown key",
+        kv.push(&[777_777], &[4], &[1f64; 4], 0)
+            .and_then(|h| h.wait()),
+        "not initialised",
+    );
+    check(
+        "pull of an unknown key",
+        kv.pull::<f64>(&[888_888], &[4], None, 0)
+            .and_then(|h| h.wait())
+            .map(|_| ()),
+        "does not exist",
+    );
+    let took = t.elapsed().as_secs_f64();
+    // The server still answers this process.
+    let good = kv
+        .pull::<f64>(&[2 % a.keys as u64], &[l], None, 0)
+        .and_then(|h| h.wait());
+    let good_ok = good.is_ok();
+    println!(
+        "# bad-input: {refused} of 4 refused in {took:.2} s; a good pull afterwards: {}",
+        match good {
+            Ok(p) => format!("ok (version {})", p.version),
+            Err(e) => format!("failed: {e}"),
+        }
+    );
+    let _ = std::io::stdout().flush();
+    println!(
+        "# bad-input: verdict {}",
+        if refused == 4 && good_ok {
+            "OK"
+        } else {
+            "FAILED"
+        }
+    );
+    drop(kv);
+    // Exit 0 either way (the verdict is in the lines): a failure would make braid-run stop the
+    // other processes, whose totals are the other half of the check.
+    Ok(true)
 }

@@ -48,8 +48,8 @@ struct SState {
     ring: Ring,
     store: Store,
     chans: HashMap<u64, Arc<Chan>>,
-    /// store request id → (member, client request, part index)
-    reqs: HashMap<u64, (u64, u64, usize)>,
+    /// store request id → (member, client request, part index, user key)
+    reqs: HashMap<u64, (u64, u64, usize, u64)>,
     aggs: HashMap<(u64, u64), Agg>,
     next_sreq: u64,
     rep_seq: u64,
@@ -61,6 +61,8 @@ struct SState {
     /// Pulls of keys that did not exist when they arrived: (store request, user key, store
     /// key, since). They wait for an init at most [`UNKNOWN_KEY_GRACE`].
     unknown_pulls: Vec<(u64, u64, u64, Instant)>,
+    /// Servers whose connection broke in this view: not reconnected until the view changes.
+    lost: std::collections::HashSet<u64>,
 }
 
 /// How long a pull of a key nobody initialised waits (another worker's init may be on its
@@ -112,7 +114,17 @@ type Recent = (
 const DEDUP_KEEP: usize = 1 << 16;
 
 impl Dedup {
-    /// Records (worker, op, part); false if it was recorded before. Op 0 is never deduplicated.
+    /// Whether (worker, op, part) was applied before. Op 0 is never deduplicated.
+    fn seen(&self, worker: u64, op: u64, skey: u64) -> bool {
+        op != 0
+            && self
+                .seen
+                .get(&worker)
+                .is_some_and(|(set, _)| set.contains(&(op, skey)))
+    }
+
+    /// Records (worker, op, part) as applied; false if it was recorded before. Op 0 is never
+    /// deduplicated.
     fn first(&mut self, worker: u64, op: u64, skey: u64) -> bool {
         if op == 0 {
             return true;
@@ -235,10 +247,19 @@ impl KvServer {
                 next_sreq: 1,
                 rep_seq: 1,
                 rep_wait: HashMap::new(),
-                changed_at: Instant::now(),
+                // The first view of a group hands nothing over; joining a running group
+                // (epoch > 1) is a change: parts are on their way to this server.
+                changed_at: if view.epoch > 1 {
+                    Instant::now()
+                } else {
+                    Instant::now()
+                        .checked_sub(Duration::from_secs(3600))
+                        .unwrap_or_else(Instant::now)
+                },
                 dedup: Dedup::default(),
                 extra: Vec::new(),
                 unknown_pulls: Vec::new(),
+                lost: std::collections::HashSet::new(),
             }),
             stop: AtomicBool::new(false),
             keymap,
@@ -396,8 +417,20 @@ fn make_chan(
         }
     });
     let me = inner.me;
+    let weak = Arc::downgrade(inner);
     let on_close = Box::new(move |why: String| {
         tracing::info!(target: "braid::ps", "server {me}: connection with member {from} ended: {why}");
+        if let Some(inner) = weak.upgrade() {
+            let mut st = lock(&inner.st);
+            if st
+                .view
+                .members
+                .iter()
+                .any(|m| m.id == from && m.role == Role::Server)
+            {
+                st.lost.insert(from);
+            }
+        }
     });
     let c = Arc::new(Chan::spawn(
         conn,
@@ -413,12 +446,19 @@ fn make_chan(
 
 /// The channel to server `id`, connecting when there is none.
 fn server_chan(inner: &Arc<SInner>, id: u64) -> Option<Arc<Chan>> {
+    server_chan_in(inner, id, None)
+}
+
+/// As [`server_chan`], finding the member in `view` when given (a view not installed yet).
+fn server_chan_in(inner: &Arc<SInner>, id: u64, view: Option<&View>) -> Option<Arc<Chan>> {
     let (existing, member) = {
         let st = lock(&inner.st);
-        (
-            st.chans.get(&id).filter(|c| c.closed().is_none()).cloned(),
-            st.view.members.iter().find(|m| m.id == id).cloned(),
-        )
+        let live = st.chans.get(&id).filter(|c| c.closed().is_none()).cloned();
+        if live.is_none() && view.is_none() && st.lost.contains(&id) {
+            return None;
+        }
+        let v = view.unwrap_or(&st.view);
+        (live, v.members.iter().find(|m| m.id == id).cloned())
     };
     if existing.is_some() {
         return existing;
@@ -569,9 +609,23 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     off += p.n;
                     let sreq = st.next_sreq;
                     st.next_sreq += 1;
-                    st.reqs.insert(sreq, (from, req, i));
-                    let dup = !st.dedup.first(from, wop, p.s);
-                    let evs = if dup {
+                    st.reqs.insert(sreq, (from, req, i, p.k));
+                    // Recorded only once applied (below): a part refused with "retry" must be
+                    // applied when it comes back.
+                    let dup = st.dedup.seen(from, wop, p.s);
+                    let owner = st.ring.owner(p.s);
+                    let evs = if owner != Some(inner.me) {
+                        // Not (or no longer) this part's owner: the sender routes by an older
+                        // view. Applying it here would land on a copy the owner never sees.
+                        vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: format!(
+                                "key {} part {} moved away: its owner at epoch {} is server {:?}",
+                                p.k, p.p, st.view.epoch, owner
+                            ),
+                        }]
+                    } else if dup {
                         // A retry of a part already applied (its acknowledgement was lost):
                         // acknowledge again without applying it twice.
                         vec![Event::PushAck {
@@ -607,7 +661,15 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                             }],
                         }
                     };
+                    let refused = evs
+                        .iter()
+                        .any(|e| matches!(e, Event::Error { req, .. } if *req == sreq));
                     apply_events(st, evs, &mut outbox);
+                    if dup || refused {
+                        // Nothing applied here: nothing to replicate.
+                        continue;
+                    }
+                    st.dedup.first(from, wop, p.s);
                     for r in st.ring.owners(p.s, inner.opts.replicas).into_iter().skip(1) {
                         if r != inner.me {
                             let e = per_replica.entry(r).or_default();
@@ -684,7 +746,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                 for (i, p) in parts.iter().enumerate() {
                     let sreq = st.next_sreq;
                     st.next_sreq += 1;
-                    st.reqs.insert(sreq, (from, req, i));
+                    st.reqs.insert(sreq, (from, req, i, p.k));
                     let evs = match at {
                         Some(v) => match st.store.read_at(p.s, v) {
                             Some(d) if d.len() == p.n => vec![Event::Value {
@@ -713,6 +775,14 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                                 ),
                             }],
                         },
+                        None if st.ring.owner(p.s) != Some(inner.me) => vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: format!(
+                                "key {} part {} moved away: this server does not own it at epoch {}",
+                                p.k, p.p, st.view.epoch
+                            ),
+                        }],
                         None => match st.store.pull(sreq, from, p.s, min) {
                             Ok(e) => {
                                 if st.store.version(p.s).is_none() {
@@ -865,18 +935,21 @@ fn flush(
 /// Records store events into the requests they answer.
 fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>) {
     for ev in evs {
-        let (sreq, res) = match ev {
-            Event::PushAck { req, version, .. } => (req, Ok((version, None))),
+        let (sreq, skey, res) = match ev {
+            Event::PushAck { req, key, version } => (req, key, Ok((version, None))),
             Event::Value {
-                req, version, data, ..
-            } => (req, Ok((version, Some(data)))),
-            Event::Error { req, msg, .. } => (req, Err(msg)),
+                req,
+                key,
+                version,
+                data,
+            } => (req, key, Ok((version, Some(data)))),
+            Event::Error { req, key, msg } => (req, key, Err(msg)),
             Event::RuleFailed { key, version, msg } => {
                 tracing::error!(target: "braid::ps", "update rule failed on part {key:#x} at round {version}: {msg}");
                 continue;
             }
         };
-        let Some((w, creq, idx)) = st.reqs.remove(&sreq) else {
+        let Some((w, creq, idx, ukey)) = st.reqs.remove(&sreq) else {
             continue;
         };
         if let Some(a) = st.aggs.get_mut(&(w, creq)) {
@@ -890,9 +963,13 @@ fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Ms
                     }
                 }
                 Err(msg) => {
+                    // Shortly after a view change a part may be on its way to this server
+                    // (hand-over): the worker retries. Otherwise the error is final.
                     let retry = msg.contains("moved away")
                         || (msg.contains("not initialised")
-                            && st.changed_at.elapsed() < Duration::from_secs(30));
+                            && st.changed_at.elapsed() < Duration::from_secs(5));
+                    // Name the caller's key, not the part's store key.
+                    let msg = msg.replace(&format!("key {skey}"), &format!("key {ukey}"));
                     if a.failed.is_none() {
                         a.failed = Some((msg, retry));
                     }
@@ -953,6 +1030,13 @@ fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, 
 /// Applies a new view: worker set, ring, hand-over of key parts.
 fn apply_view(inner: &Arc<SInner>, view: View) {
     let r = inner.opts.replicas;
+    // Connections to every server of the new view first (connecting blocks; the hand-over
+    // below must be queued under the state lock, before any replication to the same server).
+    let pre: HashMap<u64, Arc<Chan>> = servers_of(&view)
+        .into_iter()
+        .filter(|(id, _)| *id != inner.me)
+        .filter_map(|(id, _)| server_chan_in(inner, id, Some(&view)).map(|c| (id, c)))
+        .collect();
     let mut transfers: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut outbox = Vec::new();
     let dead: Vec<Arc<Chan>>;
@@ -990,6 +1074,7 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
         // Parts this server no longer holds are removed after the hand-over below.
         st.view = view.clone();
         st.changed_at = Instant::now();
+        st.lost.clear();
         let keep: std::collections::HashSet<u64> = view.members.iter().map(|m| m.id).collect();
         let gone: Vec<u64> = st
             .chans
@@ -1020,27 +1105,35 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
                 (*h, st.store.export(|k| set.contains(&k)))
             })
             .collect();
-        drop(guard);
+        // Parts this server no longer holds go in the same critical section as the export:
+        // an update applied here after the export would be acknowledged and lost.
+        let drop_set: std::collections::HashSet<u64> = drop_keys.into_iter().collect();
+        let evs = st.store.remove(|k| drop_set.contains(&k));
+        apply_events(st, evs, &mut outbox);
+        // The hand-over is queued before anything else can be sent to those servers (the
+        // channels are FIFO within a priority, and replication uses the same priority).
+        let mut sends = Vec::new();
         for (h, d) in dumps {
             let n = d.len();
-            match (server_chan(inner, h), serde_json::to_value(&d)) {
-                (Some(c), Ok(v)) => {
-                    send(&c, i32::MAX, &Msg::Transfer { dumps: v }, Vec::new());
-                    tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
-                }
-                _ => {
-                    tracing::warn!(target: "braid::ps", "server {}: cannot hand {n} key part(s) to server {h}", inner.me)
+            match serde_json::to_value(&d) {
+                Ok(v) => sends.push((h, n, Msg::Transfer { dumps: v })),
+                Err(e) => {
+                    tracing::error!(target: "braid::ps", "server {}: cannot encode {n} key part(s): {e}", inner.me)
                 }
             }
         }
-        let drop_set: std::collections::HashSet<u64> = drop_keys.into_iter().collect();
-        let mut out = Vec::new();
-        {
-            let mut st = lock(&inner.st);
-            let evs = st.store.remove(|k| drop_set.contains(&k));
-            apply_events(&mut st, evs, &mut out);
+        for (h, n, m) in sends {
+            match pre.get(&h).or_else(|| st.chans.get(&h)) {
+                Some(c) => {
+                    send(c, i32::MAX, &m, Vec::new());
+                    tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
+                }
+                None => {
+                    tracing::warn!(target: "braid::ps", "server {}: cannot hand {n} key part(s) to server {h}: no connection", inner.me)
+                }
+            }
         }
-        flush(inner, out, Vec::new());
+        drop(guard);
     }
     for c in dead {
         c.close();

@@ -66,6 +66,9 @@ struct WState {
     keys: HashMap<u64, (DataType, usize)>,
     /// Pushes of push_pull calls (nobody waits on them; dropped when done).
     chained: Vec<u64>,
+    /// Servers whose connection broke in this view: not reconnected until the view changes
+    /// (their requests wait in the retry list).
+    lost: std::collections::HashSet<u64>,
 }
 
 pub(crate) struct WInner {
@@ -388,6 +391,7 @@ fn new_state(view: View) -> WState {
         retry: Vec::new(),
         keys: HashMap::new(),
         chained: Vec::new(),
+        lost: std::collections::HashSet::new(),
     }
 }
 
@@ -557,6 +561,9 @@ impl WInner {
     fn server_chan(self: &Arc<Self>, id: u64) -> Option<Arc<Chan>> {
         let (existing, member) = {
             let st = lock(&self.st);
+            if st.lost.contains(&id) {
+                return None;
+            }
             (
                 st.chans.get(&id).filter(|c| c.closed().is_none()).cloned(),
                 st.view.members.iter().find(|m| m.id == id).cloned(),
@@ -611,6 +618,7 @@ impl WInner {
         tracing::warn!(target: "braid::ps", "member {}: connection to server {server} lost: {why}; its requests wait for the next view", self.me);
         let mut st = lock(&self.st);
         st.chans.remove(&server);
+        st.lost.insert(server);
         let ids: Vec<u64> = st
             .reqs
             .iter()
@@ -804,6 +812,7 @@ impl WInner {
             }
         }
         st.view = view;
+        st.lost.clear();
         drop(st);
         for c in dead {
             c.close();
