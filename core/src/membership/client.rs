@@ -673,28 +673,24 @@ fn check_proof(
     }
 }
 
-/// Fetches the current view of `group` from the coordinator at `addr` without joining it
-/// (push/pull readers find the servers this way).
-///
-/// Errors: as [`coordinator_status`]; `Error::Coordinator` when the group has no view.
-pub fn fetch_view(
+/// One request/answer exchange with the coordinator at `addr` outside any membership (status,
+/// view requests): connects, sends the message `make(client_nonce)` builds, answers a job-token
+/// challenge, and returns the body of the answer of type `want` (checking the coordinator's
+/// proof). An error frame becomes `Error::Coordinator` with the coordinator's words.
+fn ask<T: for<'de> serde::Deserialize<'de>>(
     addr: &str,
-    group: &str,
     token: Option<&[u8]>,
     timeout_after: Duration,
-) -> Result<View> {
+    make: impl FnOnce(String) -> Result<Vec<u8>>,
+    want: MsgType,
+    what: &str,
+) -> Result<T> {
     let start = Instant::now();
     let deadline = start + timeout_after;
     let never = AtomicBool::new(false);
     let mut stream = connect(addr, deadline, &never, start)?;
     let client_nonce = super::random_nonce();
-    let first = proto::encode(
-        MsgType::ViewReq,
-        &proto::ViewReq {
-            group: group.to_string(),
-            client_nonce: client_nonce.clone(),
-        },
-    )?;
+    let first = make(client_nonce.clone())?;
     let opts = ClientOptions {
         token: token.map(<[u8]>::to_vec),
         heartbeat: Duration::ZERO,
@@ -710,12 +706,13 @@ pub fn fetch_view(
         addr,
     )?;
     match MsgType::from_u16(f.ty) {
-        Some(MsgType::View) => {
+        Some(t) if t == want => {
             check_proof(&f, &opts, &client_nonce, server_nonce.as_deref(), addr)?;
-            let v: proto::ViewMsg = f.body().map_err(|e| {
-                Error::Coordinator(format!("invalid view from the coordinator at {addr}: {e}"))
-            })?;
-            Ok(v.view)
+            f.body().map_err(|e| {
+                Error::Coordinator(format!(
+                    "invalid {what} from the coordinator at {addr}: {e}"
+                ))
+            })
         }
         Some(MsgType::Error) => {
             let m: proto::ErrorMsg = f.body().map_err(Error::Coordinator)?;
@@ -728,6 +725,28 @@ pub fn fetch_view(
     }
 }
 
+/// Fetches the current view of `group` from the coordinator at `addr` without joining it
+/// (push/pull readers find the servers this way).
+///
+/// Errors: as [`coordinator_status`]; `Error::Coordinator` when the group has no view.
+pub fn fetch_view(
+    addr: &str,
+    group: &str,
+    token: Option<&[u8]>,
+    timeout_after: Duration,
+) -> Result<View> {
+    let make = |client_nonce| {
+        proto::encode(
+            MsgType::ViewReq,
+            &proto::ViewReq {
+                group: group.to_string(),
+                client_nonce,
+            },
+        )
+    };
+    ask::<proto::ViewMsg>(addr, token, timeout_after, make, MsgType::View, "view").map(|v| v.view)
+}
+
 /// Asks the coordinator at `addr` for its status (the JSON of [`super::Coordinator::status`]).
 ///
 /// Errors: as [`rendezvous`] (unreachable, refused, token rejected) within `timeout`.
@@ -736,50 +755,16 @@ pub fn coordinator_status(
     token: Option<&[u8]>,
     timeout_after: Duration,
 ) -> Result<serde_json::Value> {
-    let start = Instant::now();
-    let deadline = start + timeout_after;
-    let never = AtomicBool::new(false);
-    let mut stream = connect(addr, deadline, &never, start)?;
-    let client_nonce = super::random_nonce();
-    let first = proto::encode(
-        MsgType::StatusReq,
-        &proto::StatusReq {
-            client_nonce: client_nonce.clone(),
-        },
-    )?;
-    let opts = ClientOptions {
-        token: token.map(<[u8]>::to_vec),
-        heartbeat: Duration::ZERO,
-        silence: Duration::ZERO,
-    };
-    let (f, server_nonce) = open(
-        &mut stream,
-        &first,
-        &opts,
-        &client_nonce,
-        deadline,
-        &|| false,
+    let make = |client_nonce| proto::encode(MsgType::StatusReq, &proto::StatusReq { client_nonce });
+    let v: serde_json::Value = ask(
         addr,
+        token,
+        timeout_after,
+        make,
+        MsgType::StatusReply,
+        "status",
     )?;
-    match MsgType::from_u16(f.ty) {
-        Some(MsgType::StatusReply) => {
-            check_proof(&f, &opts, &client_nonce, server_nonce.as_deref(), addr)?;
-            let v: serde_json::Value = f.body().map_err(|e| {
-                Error::Coordinator(format!(
-                    "invalid status from the coordinator at {addr}: {e}"
-                ))
-            })?;
-            Ok(v.get("status").cloned().unwrap_or(serde_json::Value::Null))
-        }
-        Some(MsgType::Error) => {
-            let m: proto::ErrorMsg = f.body().map_err(Error::Coordinator)?;
-            Err(Error::Coordinator(m.message))
-        }
-        _ => Err(Error::Coordinator(format!(
-            "unexpected reply type {} from the coordinator at {addr}",
-            f.ty
-        ))),
-    }
+    Ok(v.get("status").cloned().unwrap_or(serde_json::Value::Null))
 }
 
 fn timeout(what: String, start: Instant) -> Error {
