@@ -667,7 +667,11 @@ fn join_while_running(transport: &str) {
         assert!(!old_pids.contains(&m.pid), "joiner {m:?}");
     }
     let h = longest_history(&snaps);
-    assert_eq!(h.len(), 2, "history {h:?}");
+    // Members leaving at the end of the job may add "leave of ..." epochs after these two.
+    assert!(
+        h.len() >= 2 && h[2..].iter().all(|e| e.2.starts_with("leave of")),
+        "history {h:?}"
+    );
     assert_eq!((h[0].0, h[0].1, h[0].2.as_str()), (1, 2, "initial"));
     let join_reason = format!(
         "join of {},{}",
@@ -807,7 +811,12 @@ fn kill_minus_9_of_one_of_four_survivors_shrink_and_a_later_joiner_gets_a_higher
     // Coordinator: failure of the dead id, then the join of a higher id; the dead id never
     // comes back.
     let h = longest_history(&snaps);
-    assert!(h.len() == 3, "history {h:?}\n{}", ctx());
+    // Members leaving at the end of the job may add "leave of ..." epochs after these three.
+    assert!(
+        h.len() >= 3 && h[3..].iter().all(|e| e.2.starts_with("leave of")),
+        "history {h:?}\n{}",
+        ctx()
+    );
     assert!(
         h[1].0 == 2 && h[1].1 == 3 && h[1].2.starts_with(&format!("failure of {dead} (")),
         "history {h:?}: expected the failure of {dead}"
