@@ -53,7 +53,8 @@ struct SState {
     aggs: HashMap<(u64, u64), Agg>,
     next_sreq: u64,
     rep_seq: u64,
-    rep_wait: HashMap<u64, (u64, u64)>,
+    /// Replication sequence → (worker, request, replica server).
+    rep_wait: HashMap<u64, (u64, u64, u64)>,
     changed_at: Instant,
     dedup: Dedup,
     /// Further live channels with members that also have one in `chans`.
@@ -681,7 +682,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                 for (r, (ps, data)) in per_replica {
                     let seq = st.rep_seq;
                     st.rep_seq += 1;
-                    st.rep_wait.insert(seq, (from, req));
+                    st.rep_wait.insert(seq, (from, req, r));
                     if let Some(a) = st.aggs.get_mut(&(from, req)) {
                         a.reps += 1;
                     }
@@ -858,7 +859,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                 outbox.push((from, i32::MAX, Msg::RepAck { seq }, Vec::new()));
             }
             Msg::RepAck { seq } => {
-                if let Some((w, req)) = st.rep_wait.remove(&seq) {
+                if let Some((w, req, _)) = st.rep_wait.remove(&seq) {
                     if let Some(a) = st.aggs.get_mut(&(w, req)) {
                         a.reps = a.reps.saturating_sub(1);
                     }
@@ -900,7 +901,7 @@ fn flush(
                     let mut out = Vec::new();
                     {
                         let mut st = lock(&inner.st);
-                        if let Some((w, req)) = st.rep_wait.remove(&seq) {
+                        if let Some((w, req, _)) = st.rep_wait.remove(&seq) {
                             if let Some(a) = st.aggs.get_mut(&(w, req)) {
                                 a.reps = a.reps.saturating_sub(1);
                             }
@@ -1086,17 +1087,30 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
             .into_iter()
             .filter_map(|id| st.chans.remove(&id))
             .collect();
-        // Requests waiting for replicas that are gone: count those replications as done.
-        let mut done = Vec::new();
-        st.rep_wait.retain(|_, (w, req)| {
-            let stay = keep.contains(w);
-            if !stay {
-                done.push((*w, *req));
+        // Requests of workers that are gone are dropped; replications waiting for a replica
+        // that is gone count as done (this server still holds the update; the new view's
+        // hand-over seeds the next replica from it).
+        let mut gone_worker = Vec::new();
+        let mut gone_replica = Vec::new();
+        st.rep_wait.retain(|_, (w, req, r)| {
+            if !keep.contains(w) {
+                gone_worker.push((*w, *req));
+                false
+            } else if !keep.contains(r) {
+                gone_replica.push((*w, *req));
+                false
+            } else {
+                true
             }
-            stay
         });
-        for (w, req) in done {
+        for (w, req) in gone_worker {
             st.aggs.remove(&(w, req));
+        }
+        for (w, req) in gone_replica {
+            if let Some(a) = st.aggs.get_mut(&(w, req)) {
+                a.reps = a.reps.saturating_sub(1);
+            }
+            complete(st, w, req, &mut outbox);
         }
         let dumps: Vec<(u64, Vec<KeyDump>)> = transfers
             .iter()
