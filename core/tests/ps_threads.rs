@@ -111,7 +111,6 @@ fn async_and_sgd_rule() {
 
 /// Async sum: every acknowledged push must be in the final value, whatever server goes away.
 #[test]
-#[ignore = "known bug, issue 6 open: now and then one acknowledged push is missing on the parts the departed server owned; run with --ignored"]
 fn a_server_that_goes_away_loses_no_acknowledged_update() {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();

@@ -189,8 +189,12 @@ impl Chan {
 }
 
 impl Drop for Chan {
+    /// Stops the channel without waiting for its thread: the last reference may go while a
+    /// lock is held that the thread's `on_close` needs (a join there would deadlock). The
+    /// thread still sends what was queued, then ends by itself; [`Chan::close`] waits.
     fn drop(&mut self) {
-        self.close();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.poke();
     }
 }
 

@@ -351,6 +351,9 @@ pub(crate) fn ring_of(v: &View) -> Ring {
 /// Takes an accepted connection into service.
 fn adopt(inner: &Arc<SInner>, conn: Box<dyn braid_transport::Conn>, from: u64) {
     // Readers are not members: they use ids in the upper half and may only read.
+    if inner.stop.load(Ordering::SeqCst) {
+        return;
+    }
     let reader = from >= 1 << 63;
     let known = reader || lock(&inner.st).view.members.iter().any(|m| m.id == from);
     if !known && inner.token.is_none() {
@@ -529,6 +532,18 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
         }
         return;
     }
+    if inner.stop.load(Ordering::SeqCst) {
+        // Leaving: the replicas take these parts over; the worker retries there after the
+        // view change (what this server would apply now could be lost with it).
+        if let Msg::Init { req, .. } | Msg::Push { req, .. } | Msg::Pull { req, .. } = msg {
+            let fail = Msg::Fail {
+                req,
+                msg: format!("server {} is leaving: retry", inner.me),
+                retry: true,
+            };
+            return flush(inner, vec![(from, 0, fail, Vec::new())], Vec::new());
+        }
+    }
     let mut outbox: Vec<(u64, i32, Msg, Vec<u8>)> = Vec::new();
     let mut reps: Vec<(u64, Msg, Vec<u8>)> = Vec::new();
     {
@@ -593,7 +608,11 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         done: 0,
                         versions: vec![0; parts.len()],
                         data: Vec::new(),
-                        reps: 0,
+                        // Held at 1 while the parts are applied: the store acknowledges an
+                        // async push at once, and the answer must not go out before the
+                        // replications below are counted (an owner dying right after would
+                        // lose an acknowledged update).
+                        reps: 1,
                         failed: None,
                     },
                 );
@@ -666,11 +685,16 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         .iter()
                         .any(|e| matches!(e, Event::Error { req, .. } if *req == sreq));
                     apply_events(st, evs, &mut outbox);
-                    if dup || refused {
+                    if refused {
                         // Nothing applied here: nothing to replicate.
                         continue;
                     }
-                    st.dedup.first(from, wop, p.s);
+                    // A retry of a part applied before is replicated again (replicas skip what
+                    // they hold): the first copy may have reached this server only as a
+                    // replica, after it had seeded a new replica of its own.
+                    if !dup {
+                        st.dedup.first(from, wop, p.s);
+                    }
                     for r in st.ring.owners(p.s, inner.opts.replicas).into_iter().skip(1) {
                         if r != inner.me {
                             let e = per_replica.entry(r).or_default();
@@ -712,6 +736,9 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                         },
                         data,
                     ));
+                }
+                if let Some(a) = st.aggs.get_mut(&(from, req)) {
+                    a.reps = a.reps.saturating_sub(1);
                 }
                 complete(st, from, req, &mut outbox);
                 None
@@ -896,14 +923,22 @@ fn flush(
             Some(c) => send(&c, i32::MAX, &msg, body),
             None => {
                 // The replica is unreachable: acknowledge without it (logged); the next view
-                // change re-seeds a replica.
+                // change re-seeds a replica. A server that is leaving does not: its copy is
+                // about to go, so the worker retries at the next owner instead.
                 if let Msg::Replicate { seq, .. } = msg {
                     let mut out = Vec::new();
                     {
                         let mut st = lock(&inner.st);
                         if let Some((w, req, _)) = st.rep_wait.remove(&seq) {
+                            let leaving = inner.stop.load(Ordering::SeqCst);
                             if let Some(a) = st.aggs.get_mut(&(w, req)) {
                                 a.reps = a.reps.saturating_sub(1);
+                                if leaving && a.failed.is_none() {
+                                    a.failed = Some((
+                                        format!("server {} is leaving: retry", inner.me),
+                                        true,
+                                    ));
+                                }
                             }
                             complete(&mut st, w, req, &mut out);
                         }

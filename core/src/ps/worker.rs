@@ -560,12 +560,18 @@ impl WInner {
 
     fn server_chan(self: &Arc<Self>, id: u64) -> Option<Arc<Chan>> {
         let (existing, member) = {
-            let st = lock(&self.st);
+            let mut st = lock(&self.st);
             if st.lost.contains(&id) {
                 return None;
             }
+            if st.chans.get(&id).is_some_and(|c| c.closed().is_some()) {
+                // Broke in this view (its `on_lost` may not have run yet): no reconnect
+                // until the view changes, as for a lost server.
+                st.lost.insert(id);
+                return None;
+            }
             (
-                st.chans.get(&id).filter(|c| c.closed().is_none()).cloned(),
+                st.chans.get(&id).cloned(),
                 st.view.members.iter().find(|m| m.id == id).cloned(),
             )
         };
@@ -617,8 +623,14 @@ impl WInner {
     fn on_lost(&self, server: u64, why: &str) {
         tracing::warn!(target: "braid::ps", "member {}: connection to server {server} lost: {why}; its requests wait for the next view", self.me);
         let mut st = lock(&self.st);
-        st.chans.remove(&server);
-        st.lost.insert(server);
+        // An older connection may end after a newer one was made (new view): the server is
+        // not lost then, but what went out on the old one is sent again (servers skip parts
+        // they applied before).
+        let newer = st.chans.get(&server).is_some_and(|c| c.closed().is_none());
+        if !newer {
+            st.chans.remove(&server);
+            st.lost.insert(server);
+        }
         let ids: Vec<u64> = st
             .reqs
             .iter()
@@ -795,6 +807,18 @@ impl WInner {
             .copied()
             .collect();
         let mut dead = Vec::new();
+        // Connections that broke in the old view: servers that stay are reconnected on use.
+        let broken: Vec<u64> = st
+            .chans
+            .iter()
+            .filter(|(id, c)| keep.contains(id) && c.closed().is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in broken {
+            if let Some(c) = st.chans.remove(&id) {
+                dead.push(c);
+            }
+        }
         for id in gone {
             if let Some(c) = st.chans.remove(&id) {
                 dead.push(c);
