@@ -56,6 +56,8 @@ struct Drill {
     rounds: Option<usize>,
     duration: Option<f64>,
     pace_ms: u64,
+    /// Extra pause per round of the last worker (a straggler, for bounded staleness).
+    slow_ms: u64,
     len: usize,
     report: usize,
     join_server: bool,
@@ -64,7 +66,7 @@ struct Drill {
 }
 
 const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES]
-       braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]";
+       braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--slow MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]";
 
 fn parse(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
@@ -85,6 +87,7 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             rounds: None,
             duration: None,
             pace_ms: 0,
+            slow_ms: 0,
             len: 1024,
             report: 50,
             join_server: false,
@@ -131,6 +134,7 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "--rounds" => a.drill.rounds = Some(num(val()?)?),
             "--duration" => a.drill.duration = Some(secs(val()?)?),
             "--pace" => a.drill.pace_ms = num(val()?)? as u64,
+            "--slow" => a.drill.slow_ms = num(val()?)? as u64,
             "--len" => a.drill.len = num(val()?)?,
             "--report" => a.drill.report = num(val()?)?.max(1),
             "--join-role" => {
@@ -592,6 +596,7 @@ fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Strin
     let tally_keys = &all_keys[..k + 1];
     let tally_lens = &all_lens[..k + 1];
     let mut acked = 0u64;
+    let mut max_lead = 0u64;
     let mut prev_masks: Vec<u64> = vec![full; k * l];
     let mut seen_full = false;
     let mut prev_version: Option<u64> = None;
@@ -682,6 +687,24 @@ fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Strin
                 .map(|v| count_of(*v).unwrap_or(u64::MAX))
                 .collect();
             let mine = tally[widx];
+            if let Consistency::Bounded(tau) = mode {
+                let tau = tau.max(1);
+                // Acknowledged pushes ahead of the slowest other worker's applied ones: at most
+                // tau + 1 (tau rounds of lead plus the push just acknowledged).
+                let slowest = tally
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != widx)
+                    .map(|(_, c)| *c)
+                    .min()
+                    .unwrap_or(acked);
+                let lead = acked.saturating_sub(slowest);
+                max_lead = max_lead.max(lead);
+                if lead > tau + 1 {
+                    println!("# round {r}: {lead} pushes ahead of the slowest worker (tau {tau})");
+                    t.wrong += 1;
+                }
+            }
             if mine != acked || low < acked {
                 println!(
                     "# round {r}: acknowledged {acked} pushes, own tally {mine}, smallest element {low}"
@@ -720,8 +743,9 @@ fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Strin
             );
             let _ = std::io::stdout().flush();
         }
-        if d.pace_ms > 0 {
-            std::thread::sleep(Duration::from_millis(d.pace_ms));
+        let pause = d.pace_ms + if widx + 1 == w { d.slow_ms } else { 0 };
+        if pause > 0 {
+            std::thread::sleep(Duration::from_millis(pause));
         }
     }
     let mut extra = String::new();
@@ -784,6 +808,9 @@ fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Strin
                     " expected {expected} smallest {low} tally {tally:?} version {}",
                     p.version
                 );
+                if matches!(mode, Consistency::Bounded(_)) {
+                    extra.push_str(&format!(" max-lead {max_lead}"));
+                }
                 if low < expected {
                     // Where updates are missing: runs of equal values, per key.
                     for (key, vals) in p.values[..k * l].chunks(l.max(1)).enumerate() {

@@ -391,6 +391,58 @@ fn servers_join_mid_run_keys_move_and_values_are_kept() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 3b. Bounded staleness as processes: a fast worker is held back by a straggler
+// ---------------------------------------------------------------------------------------------
+
+fn max_lead(f: &Final) -> u64 {
+    f.text
+        .split(" max-lead ")
+        .nth(1)
+        .and_then(|x| x.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no max-lead in {}", f.text))
+}
+
+#[test]
+fn bounded_staleness_holds_a_fast_worker_across_processes() {
+    // Servers [0] [1]; workers [2] (fast) and [3] (30 ms slower per round); tau = 1.
+    let run = drill(
+        &["-n", "4"],
+        &[
+            "--workers",
+            "2",
+            "--servers",
+            "2",
+            "--mode",
+            "bounded:1",
+            "--rounds",
+            "40",
+            "--slow",
+            "30",
+            "--keys",
+            "4",
+            "--len",
+            "256",
+            "--report",
+            "100000",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(run.ok, "{}", run.dump());
+    // Clean: every push applied once, totals right, no worker ever more than tau + 1 ahead
+    // (each worker checks that after every acknowledged push).
+    let f = clean_finals(&run, &[2, 3]);
+    let fast = max_lead(&f[0]);
+    // Without the bound the fast worker would finish 40 rounds while the straggler did ~1.
+    assert!(
+        (1..=2).contains(&fast),
+        "fast worker's lead {fast} (tau 1)\n{}",
+        run.dump()
+    );
+    assert!(max_lead(&f[1]) <= 2, "{}", f[1].text);
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. Bad input through a real process pair
 // ---------------------------------------------------------------------------------------------
 

@@ -124,6 +124,20 @@ impl Dedup {
                 .is_some_and(|(set, _)| set.contains(&(op, skey)))
     }
 
+    /// The records of the parts `pick` selects, as (worker, op, part).
+    fn export(&self, pick: impl Fn(u64) -> bool) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        for (w, (_, order)) in &self.seen {
+            out.extend(
+                order
+                    .iter()
+                    .filter(|(_, s)| pick(*s))
+                    .map(|(op, s)| (*w, *op, *s)),
+            );
+        }
+        out
+    }
+
     /// Records (worker, op, part) as applied; false if it was recorded before. Op 0 is never
     /// deduplicated.
     fn first(&mut self, worker: u64, op: u64, skey: u64) -> bool {
@@ -893,9 +907,12 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
                     complete(st, w, req, &mut outbox);
                 }
             }
-            Msg::Transfer { dumps } => match serde_json::from_value::<Vec<KeyDump>>(dumps) {
+            Msg::Transfer { dumps, seen } => match serde_json::from_value::<Vec<KeyDump>>(dumps) {
                 Ok(d) => {
                     let n = d.len();
+                    for (w, op, skey) in seen {
+                        st.dedup.first(w, op, skey);
+                    }
                     let evs = st.store.import(d);
                     apply_events(st, evs, &mut outbox);
                     tracing::info!(target: "braid::ps", "server {}: received {n} key part(s) from server {from}", inner.me);
@@ -1147,11 +1164,15 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
             }
             complete(st, w, req, &mut outbox);
         }
-        let dumps: Vec<(u64, Vec<KeyDump>)> = transfers
+        let dumps: Vec<(u64, Vec<KeyDump>, Vec<(u64, u64, u64)>)> = transfers
             .iter()
             .map(|(h, ks)| {
                 let set: std::collections::HashSet<u64> = ks.iter().copied().collect();
-                (*h, st.store.export(|k| set.contains(&k)))
+                (
+                    *h,
+                    st.store.export(|k| set.contains(&k)),
+                    st.dedup.export(|k| set.contains(&k)),
+                )
             })
             .collect();
         // Parts this server no longer holds go in the same critical section as the export:
@@ -1162,10 +1183,10 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
         // The hand-over is queued before anything else can be sent to those servers (the
         // channels are FIFO within a priority, and replication uses the same priority).
         let mut sends = Vec::new();
-        for (h, d) in dumps {
+        for (h, d, seen) in dumps {
             let n = d.len();
             match serde_json::to_value(&d) {
-                Ok(v) => sends.push((h, n, Msg::Transfer { dumps: v })),
+                Ok(v) => sends.push((h, n, Msg::Transfer { dumps: v, seen })),
                 Err(e) => {
                     tracing::error!(target: "braid::ps", "server {}: cannot encode {n} key part(s): {e}", inner.me)
                 }

@@ -67,7 +67,13 @@ pub(crate) enum Msg {
     /// Replica → owner: operation `seq` applied.
     RepAck { seq: u64 },
     /// Server → server: full state of keys (migration, seeding a new replica).
-    Transfer { dumps: serde_json::Value },
+    Transfer {
+        dumps: serde_json::Value,
+        /// The (worker, op, part) applications the moved parts have seen, so a retry that
+        /// crosses the hand-over is not applied twice.
+        #[serde(default)]
+        seen: Vec<(u64, u64, u64)>,
+    },
 }
 
 impl Msg {
