@@ -22,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use braid_core::coll::CollKind;
-use braid_core::ps::{KvServer, KvWorker, PsHandle, PsOptions, Pulled, UpdateRule};
+use braid_core::ps::{KvServer, KvWorker, PsHandle, PsOptions, UpdateRule};
 use braid_core::{
     Communicator, Config, DataType, Element, Error, ErrorClass, Handle, RawColl, RawP2p, ReduceOp,
 };
@@ -1822,39 +1822,17 @@ impl KvPending for PushPending {
     }
 }
 
-/// A pull (or push-pull): its values go to `out` (`bytes` bytes) once it completes.
-struct PullPending<T: Element> {
-    handle: PsHandle<Pulled<T>>,
-    out: *mut u8,
-    bytes: usize,
-}
+/// A pull (or push-pull): braid writes its values straight to the caller's `out` as the
+/// servers answer (no intermediate copy); dropping it (braid_kv_request_free) stops that.
+struct PullPending(PsHandle<u64>);
 
-impl<T: Element> KvPending for PullPending<T> {
+impl KvPending for PullPending {
     fn ready(&self) -> bool {
-        self.handle.test()
+        self.0.test()
     }
 
     fn complete(self: Box<Self>) -> CResult<u64> {
-        let p = self.handle.wait()?;
-        let have = p.values.len().saturating_mul(size_of::<T>());
-        if have != self.bytes {
-            return Err(Fail {
-                status: braid_status_t::braid_internal_error,
-                msg: format!(
-                    "internal error: a pull returned {have} bytes, the lengths say {}",
-                    self.bytes
-                ),
-            });
-        }
-        if have > 0 {
-            // SAFETY: `values` holds `have` bytes of plain old data (Element types have no
-            // padding); `out` is valid for `bytes` == `have` bytes until the request completes
-            // (contract of braid_kv_pull/braid_kv_push_pull), and a Vec never overlaps it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(p.values.as_ptr().cast::<u8>(), self.out, have)
-            };
-        }
-        Ok(p.version)
+        Ok(self.0.wait()?)
     }
 }
 
@@ -2230,20 +2208,20 @@ fn kv_pull<T: Element>(
     if bytes > 0 && out.is_null() {
         return Err(Fail::arg("out is NULL"));
     }
+    let out = out.cast::<T>();
     let handle = match push {
         Some(vals) => {
             // SAFETY: `vals` is NULL or valid for `total` elements for the call (contract of
             // braid_kv_push_pull).
             let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
-            w.push_pull(k.keys, k.lens, v, prio)?
+            // SAFETY: `out` is valid for `total` elements until the request completes or is
+            // freed (contract of braid_kv_push_pull); freeing it forgets the operation first.
+            unsafe { w.push_pull_raw(k.keys, k.lens, v, out, prio) }?
         }
-        None => w.pull::<T>(k.keys, k.lens, min_version, prio)?,
+        // SAFETY: as above (contract of braid_kv_pull).
+        None => unsafe { w.pull_raw::<T>(k.keys, k.lens, out, min_version, prio) }?,
     };
-    Ok(Box::new(PullPending {
-        handle,
-        out: out.cast(),
-        bytes,
-    }))
+    Ok(Box::new(PullPending(handle)))
 }
 
 /// Pushes gradients for `nkeys` keys (arrays as braid_kv_init; every key initialised before)

@@ -522,3 +522,67 @@ fn bounded_staleness_holds_a_fast_worker() {
         }
     });
 }
+
+/// Pulls into caller memory: `pull_into` / `push_pull_into` give what `pull` / `push_pull`
+/// give; a wrong output length is refused; a pull handle dropped before its answers arrive
+/// is forgotten (the worker keeps serving, nothing is written after the drop).
+#[test]
+fn pulls_into_caller_memory() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        partition_bytes: 256,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let servers: Vec<_> = (0..2)
+            .map(|_| {
+                let (addr, opts) = (addr.clone(), opts.clone());
+                s.spawn(move || KvServer::start(cfg(&addr, 3), opts).unwrap())
+            })
+            .collect();
+        let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
+        // Keys of 100 and 300 f32 (the second split into parts over both servers).
+        let (keys, lens) = ([5u64, 6], [100usize, 300]);
+        let init: Vec<f32> = (0..400).map(|i| i as f32).collect();
+        kv.init(&keys, &lens, &init).unwrap();
+        let mut out = vec![-1f32; 400];
+        let v = kv.pull_into(&keys, &lens, &mut out, None, 0).unwrap();
+        assert_eq!(out, init);
+        let p = kv
+            .pull::<f32>(&keys, &lens, None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!((p.values, p.version), (init.clone(), v));
+        let v2 = kv
+            .push_pull_into(&keys, &lens, &vec![1f32; 400], &mut out, 0)
+            .unwrap();
+        assert!(v2 > v, "version {v2} after {v}");
+        let want: Vec<f32> = init.iter().map(|x| x + 1.0).collect();
+        assert_eq!(out, want);
+        let e = kv
+            .pull_into(&keys, &lens, &mut out[..399], None, 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("400"), "{e}");
+        for _ in 0..50 {
+            let mut tmp = vec![0f32; 400];
+            // SAFETY: `tmp` outlives the handle, which is dropped unwaited right away.
+            let h = unsafe { kv.pull_raw(&keys, &lens, tmp.as_mut_ptr(), None, 0) }.unwrap();
+            drop(h);
+            tmp.fill(7.0);
+            drop(tmp);
+        }
+        let p = kv
+            .pull::<f32>(&keys, &lens, None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(p.values, want);
+        drop(kv);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}

@@ -370,17 +370,18 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
         let mut wrong = 0u64;
         let rounds = a.warmup + a.iters;
         let mut t_timed = 0.0f64;
+        // The pulled values land in one buffer reused every round (push_pull_into), as a
+        // training loop's parameter tensor would.
+        let mut out = vec![0f32; count];
         for r in 0..rounds {
             let t0 = Instant::now();
-            let p = kv
-                .push_pull(&keys, &lens, &grad, 0)
-                .and_then(|h| h.wait())
+            kv.push_pull_into(&keys, &lens, &grad, &mut out, 0)
                 .map_err(|e| format!("round {r}: {e}"))?;
             if r >= a.warmup {
                 t_timed += t0.elapsed().as_secs_f64();
             }
             if mode == Consistency::Sync {
-                for (i, v) in p.values.iter().enumerate() {
+                for (i, v) in out.iter().enumerate() {
                     if *v != tri * ((i % 7) as f32 + 1.0) {
                         wrong += 1;
                     }

@@ -102,7 +102,7 @@ impl Chan {
     pub(crate) fn spawn(
         conn: Box<dyn Conn>,
         name: &str,
-        on_msg: Box<dyn FnMut(Incoming) + Send>,
+        on_msg: Box<dyn FnMut(&Incoming) + Send>,
         on_close: Box<dyn FnOnce(String) + Send>,
     ) -> Result<Chan> {
         // SAFETY: FFI; eventfd(2) with valid flags returns a new descriptor or -1.
@@ -208,7 +208,7 @@ enum RState {
 fn run(
     mut conn: Box<dyn Conn>,
     sh: Arc<Shared>,
-    mut on_msg: Box<dyn FnMut(Incoming) + Send>,
+    mut on_msg: Box<dyn FnMut(&Incoming) + Send>,
     on_close: Box<dyn FnOnce(String) + Send>,
 ) {
     match drive(&mut *conn, &sh, &mut *on_msg) {
@@ -229,14 +229,18 @@ fn run(
 fn drive(
     conn: &mut dyn Conn,
     sh: &Shared,
-    on_msg: &mut dyn FnMut(Incoming),
+    on_msg: &mut dyn FnMut(&Incoming),
 ) -> std::result::Result<(), String> {
     let mut sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)> = Default::default();
     // Message being posted: its parts not yet accepted by the transport.
     let mut posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)> = Default::default();
     let mut prefix = Box::new([0u8; 16]);
-    let mut hdr: Vec<u8> = Vec::new();
-    let mut body: Vec<u8> = Vec::new();
+    // The last message received; its buffers are reused for the next one (a fresh buffer per
+    // message would cost a page fault per 4 KiB of every large body).
+    let mut msg = Incoming {
+        hdr: Vec::new(),
+        body: Vec::new(),
+    };
     let mut rstate = RState::Idle;
     let mut fds: Vec<PollFd> = Vec::new();
     let mut scratch = Vec::new();
@@ -313,10 +317,10 @@ fn drive(
                     if hl == 0 || hl > MAX_HDR || bl > MAX_BODY {
                         return Err(format!("bad message lengths (header {hl}, body {bl})"));
                     }
-                    hdr = vec![0u8; hl];
-                    body = Vec::new();
-                    // SAFETY: `hdr` is not touched until the request completed.
-                    match unsafe { conn.irecv(TAG_HDR, hdr.as_mut_ptr(), hl) }
+                    msg.hdr.clear();
+                    msg.hdr.resize(hl, 0);
+                    // SAFETY: `msg.hdr` is not touched until the request completed.
+                    match unsafe { conn.irecv(TAG_HDR, msg.hdr.as_mut_ptr(), hl) }
                         .map_err(|e| e.to_string())?
                     {
                         Some(r) => RState::Hdr(r, bl as usize),
@@ -328,15 +332,19 @@ fn drive(
                         break;
                     }
                     if *bl == 0 {
-                        on_msg(Incoming {
-                            hdr: std::mem::take(&mut hdr),
-                            body: Vec::new(),
-                        });
+                        msg.body.clear();
+                        on_msg(&msg);
                         RState::Idle
                     } else {
-                        body = vec![0u8; *bl];
-                        // SAFETY: `body` is not touched until the request completed.
-                        match unsafe { conn.irecv(TAG_BODY, body.as_mut_ptr(), *bl) }
+                        let bl = *bl;
+                        if msg.body.capacity() > 4 * bl.max(1 << 20) {
+                            // Do not hold on to a buffer much larger than the traffic now.
+                            msg.body = Vec::new();
+                        }
+                        msg.body.clear();
+                        msg.body.resize(bl, 0);
+                        // SAFETY: `msg.body` is not touched until the request completed.
+                        match unsafe { conn.irecv(TAG_BODY, msg.body.as_mut_ptr(), bl) }
                             .map_err(|e| e.to_string())?
                         {
                             Some(r) => RState::Body(r),
@@ -348,10 +356,7 @@ fn drive(
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
                     }
-                    on_msg(Incoming {
-                        hdr: std::mem::take(&mut hdr),
-                        body: std::mem::take(&mut body),
-                    });
+                    on_msg(&msg);
                     RState::Idle
                 }
             };

@@ -64,7 +64,12 @@ struct SState {
     unknown_pulls: Vec<(u64, u64, u64, Instant)>,
     /// Servers whose connection broke in this view: not reconnected until the view changes.
     lost: std::collections::HashSet<u64>,
+    /// Large pull answers being sent: once sent, their buffers go back to the store.
+    sent: Vec<Arc<Vec<u8>>>,
 }
+
+/// Pull answers followed for reuse at most.
+const SENT_KEEP: usize = 16;
 
 /// How long a pull of a key nobody initialised waits (another worker's init may be on its
 /// way, first writer wins) before it fails with a clear error.
@@ -275,6 +280,7 @@ impl KvServer {
                 extra: Vec::new(),
                 unknown_pulls: Vec::new(),
                 lost: std::collections::HashSet::new(),
+                sent: Vec::new(),
             }),
             stop: AtomicBool::new(false),
             keymap,
@@ -420,7 +426,7 @@ fn make_chan(
     let weak = Arc::downgrade(inner);
     let gate: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
     let g2 = gate.clone();
-    let on_msg = Box::new(move |m: Incoming| {
+    let on_msg = Box::new(move |m: &Incoming| {
         {
             let mut open = lock(&g2.0);
             while !*open {
@@ -517,7 +523,7 @@ fn dtype_of(name: &str) -> Option<DataType> {
 }
 
 /// Handles one message from member `from`.
-fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
+fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
     let msg = match Msg::decode(&m.hdr) {
         Ok(x) => x,
         Err(e) => {
@@ -525,7 +531,7 @@ fn handle(inner: &Arc<SInner>, from: u64, m: Incoming) {
             return;
         }
     };
-    let body = m.body;
+    let body = &m.body[..];
     if from >= 1 << 63 && !matches!(msg, Msg::Pull { .. } | Msg::SnapVer { .. }) {
         tracing::warn!(target: "braid::ps", "server {}: reader {from:#x} sent a write ({msg:?}); refused", inner.me);
         if let Msg::Init { req, .. } | Msg::Push { req, .. } = msg {
@@ -975,13 +981,40 @@ fn flush(
             .filter_map(|(m, ..)| st.chans.get(m).map(|c| (*m, c.clone())))
             .collect()
     };
+    let mut follow = Vec::new();
     for (m, prio, msg, body) in outbox {
         match chans.get(&m) {
-            Some(c) => send(c, prio, &msg, body),
+            Some(c) => {
+                let body = Arc::new(body);
+                if body.capacity() >= 64 << 10 {
+                    follow.push(body.clone());
+                }
+                let _ = c.send(Outgoing {
+                    prio,
+                    hdr: msg.encode(),
+                    body,
+                });
+            }
             None => {
                 tracing::debug!(target: "braid::ps", "server {}: no connection to member {m} for {msg:?}", inner.me)
             }
         }
+    }
+    if !follow.is_empty() {
+        let mut guard = lock(&inner.st);
+        let st = &mut *guard;
+        // Answers sent by now (only this list holds them) give their buffers back.
+        let mut kept = Vec::with_capacity(st.sent.len() + follow.len());
+        for b in st.sent.drain(..) {
+            match Arc::try_unwrap(b) {
+                Ok(v) => st.store.recycle(v),
+                Err(b) => kept.push(b),
+            }
+        }
+        kept.extend(follow);
+        let over = kept.len().saturating_sub(SENT_KEEP);
+        kept.drain(..over);
+        st.sent = kept;
     }
 }
 

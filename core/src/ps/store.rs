@@ -265,7 +265,14 @@ struct Cfg<'a> {
     rule: &'a UpdateRule,
     history: usize,
     workers: &'a BTreeSet<u64>,
+    spare: &'a Spare,
 }
+
+/// Buffers handed back with [`Store::recycle`], reused for the values pulls are answered with.
+type Spare = std::cell::RefCell<Vec<Vec<u8>>>;
+
+/// Buffers kept for reuse at most.
+const SPARE_KEEP: usize = 8;
 
 fn error(req: ReqId, key: u64, msg: String) -> Event {
     Event::Error { req, key, msg }
@@ -375,7 +382,7 @@ impl Entry {
     }
 
     /// Answers the waiting pulls that can be answered now, in arrival order.
-    fn release_pulls(&mut self, key: u64, out: &mut Vec<Event>) {
+    fn release_pulls(&mut self, key: u64, out: &mut Vec<Event>, spare: &Spare) {
         if self.pulls.is_empty() {
             return;
         }
@@ -386,7 +393,12 @@ impl Entry {
                     req: p.req,
                     key,
                     version: self.version,
-                    data: self.value.clone(),
+                    data: {
+                        let mut b = spare.borrow_mut().pop().unwrap_or_default();
+                        b.clear();
+                        b.extend_from_slice(&self.value);
+                        b
+                    },
                 });
             } else {
                 self.pulls.push(p);
@@ -441,7 +453,7 @@ impl Entry {
                     msg: format!("key {key}: update rule failed on round {next}: {msg}"),
                 });
             }
-            self.release_pulls(key, out);
+            self.release_pulls(key, out, cfg.spare);
         }
     }
 
@@ -510,7 +522,7 @@ impl Entry {
             Consistency::Bounded(tau) => self.release_held(key, cfg, tau.max(1), out),
             Consistency::Async => {}
         }
-        self.release_pulls(key, out);
+        self.release_pulls(key, out, cfg.spare);
     }
 }
 
@@ -611,9 +623,20 @@ pub struct Store {
     keys: BTreeMap<u64, Entry>,
     /// Pulls of keys not initialised yet.
     waiting: BTreeMap<u64, Vec<Pull>>,
+    spare: Spare,
 }
 
 impl Store {
+    /// Hands back a buffer a pull was answered with (after it was sent): the next answers
+    /// reuse it instead of allocating (large fresh buffers cost a page fault per 4 KiB).
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        let spare = self.spare.get_mut();
+        if spare.len() < SPARE_KEEP && buf.capacity() >= 64 << 10 {
+            buf.clear();
+            spare.push(buf);
+        }
+    }
+
     /// An empty store. `history`: completed versions kept per key for snapshot reads, the
     /// current one included (0 is taken as 1). The worker set starts empty: in sync and
     /// bounded mode call [`Store::set_workers`] before the first push.
@@ -625,6 +648,7 @@ impl Store {
             workers: BTreeSet::new(),
             keys: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            spare: Spare::default(),
         }
     }
 
@@ -651,6 +675,7 @@ impl Store {
             rule: &self.rule,
             history: self.history,
             workers: &self.workers,
+            spare: &self.spare,
         };
         let mut out = Vec::new();
         for (&key, e) in self.keys.iter_mut() {
@@ -695,7 +720,7 @@ impl Store {
         let mut e = Entry::new(dtype, value.to_vec());
         e.pulls = self.waiting.remove(&key).unwrap_or_default();
         let mut out = Vec::new();
-        e.release_pulls(key, &mut out);
+        e.release_pulls(key, &mut out, &self.spare);
         self.keys.insert(key, e);
         Ok((true, out))
     }
@@ -719,6 +744,7 @@ impl Store {
             rule: &self.rule,
             history: self.history,
             workers: &self.workers,
+            spare: &self.spare,
         };
         let mut out = Vec::new();
         let Some(e) = self.keys.get_mut(&key) else {
@@ -822,7 +848,7 @@ impl Store {
             },
         };
         e.pulls.push(Pull { req, until });
-        e.release_pulls(key, &mut out);
+        e.release_pulls(key, &mut out, &self.spare);
         Ok(out)
     }
 
@@ -904,6 +930,7 @@ impl Store {
             rule: &self.rule,
             history: self.history,
             workers: &self.workers,
+            spare: &self.spare,
         };
         let mut out = Vec::new();
         for d in dumps {
@@ -923,7 +950,7 @@ impl Store {
                 None => {
                     if let Some(e) = self.keys.get_mut(&key) {
                         e.pulls.extend(d.waiting);
-                        e.release_pulls(key, &mut out);
+                        e.release_pulls(key, &mut out, &self.spare);
                     } else {
                         let mut w = d.waiting;
                         w.extend(here);

@@ -44,10 +44,29 @@ struct WReq {
     prio: i32,
 }
 
+/// Where a pull's values go: memory owned by the operation's handle (the caller's result
+/// vector), written by the channel threads as answers arrive.
+struct OutBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl OutBuf {
+    const NONE: OutBuf = OutBuf {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+    };
+}
+
+// SAFETY: an `OutBuf` is only dereferenced under the worker state lock while its operation is
+// in `WState::ops`; the handle that owns the memory removes the operation under the same lock
+// before the memory is freed (`PsHandle::drop` / `wait`), so no thread writes to freed memory.
+unsafe impl Send for OutBuf {}
+
 /// A user operation: one or more requests.
 struct Op {
     outstanding: usize,
-    out: Vec<u8>,
+    out: OutBuf,
     versions: BTreeMap<(u64, u32), u64>,
     error: Option<Error>,
     deadline: Instant,
@@ -83,10 +102,19 @@ pub(crate) struct WInner {
     stop: AtomicBool,
     /// Readers refresh their view from the coordinator (they are not members).
     reader: Option<(String, String)>,
+    /// Request bodies, reused once nobody else holds them (sent and answered): a fresh
+    /// buffer per push would cost a page fault per 4 KiB of every large push.
+    bodies: Mutex<Vec<Arc<Vec<u8>>>>,
 }
 
-/// Turns an operation's bytes and versions into what its handle returns.
-type Finish<R> = Box<dyn FnOnce(Vec<u8>, BTreeMap<(u64, u32), u64>) -> R + Send>;
+/// Request bodies kept for reuse, at most this many and [`BODY_POOL_BYTES`] of them.
+const BODY_POOL: usize = 8;
+/// See [`BODY_POOL`].
+const BODY_POOL_BYTES: usize = 256 << 20;
+
+/// Turns an operation's versions into what its handle returns (it owns the memory a pull's
+/// values were written to).
+type Finish<R> = Box<dyn FnOnce(BTreeMap<(u64, u32), u64>) -> R + Send>;
 
 /// The completion handle of a push/pull operation.
 pub struct PsHandle<R> {
@@ -153,7 +181,17 @@ impl<R> PsHandle<R> {
             .finish
             .take()
             .ok_or_else(|| Error::Internal("handle already consumed".into()))?;
-        Ok(f(o.out, o.versions))
+        Ok(f(o.versions))
+    }
+}
+
+impl<R> Drop for PsHandle<R> {
+    fn drop(&mut self) {
+        if self.finish.is_some() {
+            // Not waited for: forget the operation (late answers are ignored) before the
+            // memory its answers would be written to goes away.
+            lock(&self.inner.st).ops.remove(&self.op);
+        }
     }
 }
 
@@ -209,6 +247,7 @@ impl KvWorker {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             reader: None,
+            bodies: Mutex::new(Vec::new()),
         });
         node.client.installed(view.epoch);
         let watcher = spawn_watcher(inner.clone(), Some(node.client.clone()));
@@ -258,7 +297,7 @@ impl KvWorker {
                 None,
                 0,
             )
-            .and_then(|op| handle(&self.inner, op, |_, _| ()).wait())
+            .and_then(|op| handle(&self.inner, op, |_| ()).wait())
     }
 
     /// Pushes gradients for `keys` (`lens[i]` elements each, concatenated in `vals`) with a
@@ -283,7 +322,7 @@ impl KvWorker {
             None,
             prio,
         )?;
-        Ok(handle(&self.inner, op, |_, _| ()))
+        Ok(handle(&self.inner, op, |_| ()))
     }
 
     /// Pulls `keys` (`lens[i]` elements each). `min_version`: wait until every part reached
@@ -299,17 +338,7 @@ impl KvWorker {
         min_version: Option<u64>,
         prio: i32,
     ) -> Result<PsHandle<Pulled<T>>> {
-        let op = self.inner.submit(
-            Kind::Pull,
-            T::DTYPE,
-            keys,
-            lens,
-            &[],
-            min_version,
-            None,
-            prio,
-        )?;
-        Ok(handle(&self.inner, op, pulled::<T>))
+        self.inner.pull_op::<T>(keys, lens, min_version, None, prio)
     }
 
     /// Push then pull of the same keys in one round trip (the pull is queued right behind the
@@ -335,28 +364,129 @@ impl KvWorker {
             prio,
         )?;
         self.inner.chain(push);
-        let pull = self
-            .inner
-            .submit(Kind::Pull, T::DTYPE, keys, lens, &[], None, None, prio)?;
-        Ok(handle(&self.inner, pull, pulled::<T>))
+        self.inner.pull_op::<T>(keys, lens, None, None, prio)
+    }
+
+    /// As [`KvWorker::pull`], blocking, with the values written straight into `out` (no
+    /// result vector to allocate and fill); returns the version (the smallest over the
+    /// parts).
+    ///
+    /// Errors: as [`KvWorker::pull`]; `InvalidArgument` when `out` does not hold the lengths'
+    /// elements.
+    pub fn pull_into<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        out: &mut [T],
+        min_version: Option<u64>,
+        prio: i32,
+    ) -> Result<u64> {
+        check_out(lens, out.len())?;
+        // SAFETY: `out` is valid for writes of its length and borrowed mutably until `wait`
+        // returned; the handle is waited for (or dropped, which forgets the operation under
+        // the state lock) before this function returns.
+        let h = unsafe { self.pull_raw::<T>(keys, lens, out.as_mut_ptr(), min_version, prio)? };
+        h.wait()
+    }
+
+    /// As [`KvWorker::push_pull`], blocking, with the pulled values written straight into
+    /// `out`; returns the version.
+    ///
+    /// Errors: as [`KvWorker::pull_into`].
+    pub fn push_pull_into<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        out: &mut [T],
+        prio: i32,
+    ) -> Result<u64> {
+        check_out(lens, out.len())?;
+        // SAFETY: as in `pull_into`.
+        let h = unsafe { self.push_pull_raw::<T>(keys, lens, vals, out.as_mut_ptr(), prio)? };
+        h.wait()
+    }
+
+    /// As [`KvWorker::push_pull`], the pulled values written to caller memory (see
+    /// [`KvWorker::pull_raw`]); `vals` is copied before the call returns.
+    ///
+    /// # Safety
+    /// As [`KvWorker::pull_raw`].
+    pub unsafe fn push_pull_raw<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        out: *mut T,
+        prio: i32,
+    ) -> Result<PsHandle<u64>> {
+        let push = self.inner.submit(
+            Kind::Push,
+            T::DTYPE,
+            keys,
+            lens,
+            bytemuck::cast_slice(vals),
+            None,
+            None,
+            prio,
+        )?;
+        self.inner.chain(push);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.pull_raw::<T>(keys, lens, out, None, prio) }
+    }
+
+    /// A non-blocking pull into caller memory (the C ABI's shape): the values of `keys`
+    /// (`lens[i]` elements each) are written to `out` as the servers answer; the handle
+    /// returns the version.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `lens.iter().sum()` elements of `T` and not be read
+    /// or written by anyone else until the handle was waited for or dropped.
+    pub unsafe fn pull_raw<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        out: *mut T,
+        min_version: Option<u64>,
+        prio: i32,
+    ) -> Result<PsHandle<u64>> {
+        let n: usize = lens.iter().sum();
+        let buf = OutBuf {
+            ptr: out.cast::<u8>(),
+            len: n * std::mem::size_of::<T>(),
+        };
+        let op = self.inner.submit_to(
+            Kind::Pull,
+            T::DTYPE,
+            keys,
+            lens,
+            &[],
+            buf,
+            min_version,
+            None,
+            prio,
+        )?;
+        Ok(handle(&self.inner, op, |versions| {
+            versions.values().copied().min().unwrap_or(0)
+        }))
     }
 }
 
-fn pulled<T: Element>(out: Vec<u8>, versions: BTreeMap<(u64, u32), u64>) -> Pulled<T> {
-    let n = out.len() / std::mem::size_of::<T>().max(1);
-    let mut values = vec![T::zeroed(); n];
-    bytemuck::cast_slice_mut::<T, u8>(&mut values)
-        .copy_from_slice(&out[..n * std::mem::size_of::<T>()]);
-    Pulled {
-        values,
-        version: versions.values().copied().min().unwrap_or(0),
+/// `InvalidArgument` unless an output of `have` elements holds the lengths' elements.
+fn check_out(lens: &[usize], have: usize) -> Result<()> {
+    let want: usize = lens.iter().sum();
+    if want != have {
+        return Err(Error::InvalidArgument(format!(
+            "the output holds {have} elements, the lengths say {want}"
+        )));
     }
+    Ok(())
 }
 
 fn handle<R>(
     inner: &Arc<WInner>,
     op: u64,
-    f: impl FnOnce(Vec<u8>, BTreeMap<(u64, u32), u64>) -> R + Send + 'static,
+    f: impl FnOnce(BTreeMap<(u64, u32), u64>) -> R + Send + 'static,
 ) -> PsHandle<R> {
     PsHandle {
         inner: inner.clone(),
@@ -402,6 +532,31 @@ impl WInner {
         lock(&self.st).chained.push(push);
     }
 
+    /// A pull whose answers are written straight into the result vector the handle returns.
+    fn pull_op<T: Element>(
+        self: &Arc<Self>,
+        keys: &[u64],
+        lens: &[usize],
+        min: Option<u64>,
+        at: Option<u64>,
+        prio: i32,
+    ) -> Result<PsHandle<Pulled<T>>> {
+        let n: usize = lens.iter().sum();
+        let mut values = vec![T::zeroed(); n];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+        let out = OutBuf {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+        };
+        // The vector moves into the handle's closure; its heap buffer (what `out` points to)
+        // does not move.
+        let op = self.submit_to(Kind::Pull, T::DTYPE, keys, lens, &[], out, min, at, prio)?;
+        Ok(handle(self, op, move |versions| Pulled {
+            values,
+            version: versions.values().copied().min().unwrap_or(0),
+        }))
+    }
+
     /// Splits, routes and sends an operation; returns its id.
     #[allow(clippy::too_many_arguments)]
     fn submit(
@@ -415,6 +570,24 @@ impl WInner {
         at: Option<u64>,
         prio: i32,
     ) -> Result<u64> {
+        self.submit_to(kind, dtype, keys, lens, data, OutBuf::NONE, min, at, prio)
+    }
+
+    /// As [`WInner::submit`], a pull writing its values to `out` (which must hold the
+    /// lengths' bytes and stay valid while the operation is in `ops`).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_to(
+        self: &Arc<Self>,
+        kind: Kind,
+        dtype: DataType,
+        keys: &[u64],
+        lens: &[usize],
+        data: &[u8],
+        out: OutBuf,
+        min: Option<u64>,
+        at: Option<u64>,
+        prio: i32,
+    ) -> Result<u64> {
         if keys.len() != lens.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} keys but {} lengths",
@@ -424,6 +597,12 @@ impl WInner {
         }
         let es = dtype.size();
         let total: usize = lens.iter().sum::<usize>() * es;
+        if kind == Kind::Pull && out.len != total {
+            return Err(Error::Internal(format!(
+                "pull buffer of {} bytes for {total}",
+                out.len
+            )));
+        }
         if matches!(kind, Kind::Init | Kind::Push) && data.len() != total {
             return Err(Error::InvalidArgument(format!(
                 "values hold {} bytes, the lengths say {total} ({} elements of {})",
@@ -473,18 +652,34 @@ impl WInner {
             op,
             Op {
                 outstanding: 0,
-                out: if kind == Kind::Pull {
-                    vec![0u8; total]
-                } else {
-                    Vec::new()
-                },
+                out,
                 versions: BTreeMap::new(),
                 error: None,
                 deadline: Instant::now() + self.timeout,
             },
         );
-        let body = Arc::new(data.to_vec());
-        let reqs = route(&mut st, op, kind, dtype, parts, body, min, at, prio);
+        let mut reqs = route(
+            &mut st,
+            op,
+            kind,
+            dtype,
+            parts,
+            Arc::new(Vec::new()),
+            min,
+            at,
+            prio,
+        );
+        if matches!(kind, Kind::Init | Kind::Push) {
+            // One copy of the caller's values: each server's request gets its own parts,
+            // contiguous, sent as they are.
+            let mut pool = lock(&self.bodies);
+            for (_, r) in &mut reqs {
+                r.body = compact(data, &mut r.parts, &mut pool);
+            }
+            for r in st.retry.iter_mut().filter(|r| r.op == op) {
+                r.body = compact(data, &mut r.parts, &mut pool);
+            }
+        }
         drop(st);
         self.dispatch(reqs);
         Ok(op)
@@ -595,7 +790,7 @@ impl WInner {
             }
         };
         let weak = Arc::downgrade(self);
-        let on_msg = Box::new(move |m: Incoming| {
+        let on_msg = Box::new(move |m: &Incoming| {
             if let Some(inner) = weak.upgrade() {
                 inner.on_reply(m);
             }
@@ -646,7 +841,7 @@ impl WInner {
         self.cv.notify_all();
     }
 
-    fn on_reply(&self, m: Incoming) {
+    fn on_reply(&self, m: &Incoming) {
         let msg = match Msg::decode(&m.hdr) {
             Ok(x) => x,
             Err(e) => {
@@ -696,11 +891,23 @@ impl WInner {
                     let mut src = 0;
                     let mut bad = false;
                     for (p, off) in &r.parts {
-                        if src + p.n > m.body.len() || off + p.n > o.out.len() {
+                        if src + p.n > m.body.len() || off + p.n > o.out.len {
                             bad = true;
                             break;
                         }
-                        o.out[*off..*off + p.n].copy_from_slice(&m.body[src..src + p.n]);
+                        if p.n == 0 {
+                            continue;
+                        }
+                        // SAFETY: in bounds (checked above) of the operation's output memory,
+                        // which stays allocated while the operation is in `ops` (see
+                        // `OutBuf`); the state lock is held, so no other thread writes it.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                m.body.as_ptr().add(src),
+                                o.out.ptr.add(*off),
+                                p.n,
+                            );
+                        }
                         src += p.n;
                     }
                     if bad {
@@ -842,6 +1049,44 @@ impl WInner {
             c.close();
         }
     }
+}
+
+/// The bytes of `parts` (offsets into `data`) in one buffer; the offsets become positions in
+/// it. The buffer is a pooled one nobody else holds any more when there is one large enough.
+fn compact(
+    data: &[u8],
+    parts: &mut [(PartRef, usize)],
+    pool: &mut Vec<Arc<Vec<u8>>>,
+) -> Arc<Vec<u8>> {
+    let total: usize = parts.iter().map(|(p, _)| p.n).sum();
+    let reuse = pool
+        .iter()
+        .position(|b| Arc::strong_count(b) == 1 && b.capacity() >= total);
+    let mut arc = match reuse {
+        Some(i) => pool.swap_remove(i),
+        None => Arc::new(Vec::with_capacity(total)),
+    };
+    if let Some(b) = Arc::get_mut(&mut arc) {
+        b.clear();
+        for (p, off) in parts.iter_mut() {
+            let at = b.len();
+            b.extend_from_slice(&data[*off..*off + p.n]);
+            *off = at;
+        }
+    }
+    let kept: usize = pool.iter().map(|b| b.capacity()).sum();
+    if total >= 64 << 10 && kept + total <= BODY_POOL_BYTES {
+        if pool.len() >= BODY_POOL {
+            // Drop a buffer nobody uses, else the oldest (it is freed when its user is done).
+            let i = pool
+                .iter()
+                .position(|b| Arc::strong_count(b) == 1)
+                .unwrap_or(0);
+            pool.swap_remove(i);
+        }
+        pool.push(arc.clone());
+    }
+    arc
 }
 
 /// Groups parts by their owner on the current ring and registers one request per server.
@@ -1002,6 +1247,7 @@ impl KvReader {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             reader: Some((addr, cfg.group.clone())),
+            bodies: Mutex::new(Vec::new()),
         });
         let watcher = spawn_watcher(inner.clone(), None);
         Ok(KvReader {
@@ -1029,7 +1275,7 @@ impl KvReader {
             let op = self
                 .inner
                 .submit(Kind::Snap, T::DTYPE, &[], &[], &[], None, None, 0)?;
-            let vers = handle(&self.inner, op, |_, v| v).wait()?;
+            let vers = handle(&self.inner, op, |v| v).wait()?;
             let version = if vers.contains_key(&(u64::MAX, 1)) {
                 None
             } else {
@@ -1037,17 +1283,11 @@ impl KvReader {
             };
             match version {
                 Some(v) if v >= floor => {
-                    let op = self.inner.submit(
-                        Kind::Pull,
-                        T::DTYPE,
-                        keys,
-                        lens,
-                        &[],
-                        None,
-                        Some(v),
-                        0,
-                    )?;
-                    match handle(&self.inner, op, pulled::<T>).wait() {
+                    match self
+                        .inner
+                        .pull_op::<T>(keys, lens, None, Some(v), 0)?
+                        .wait()
+                    {
                         Ok(p) => {
                             self.last = v;
                             return Ok((v, p.values));
