@@ -110,6 +110,9 @@ struct Dedup {
     seen: HashMap<u64, Recent>,
 }
 
+/// An applied part of a worker's operation: (worker, op, part).
+type Applied = (u64, u64, u64);
+
 /// The (op, part) pairs of one worker, as a set and in arrival order.
 type Recent = (
     std::collections::HashSet<(u64, u64)>,
@@ -130,7 +133,7 @@ impl Dedup {
     }
 
     /// The records of the parts `pick` selects, as (worker, op, part).
-    fn export(&self, pick: impl Fn(u64) -> bool) -> Vec<(u64, u64, u64)> {
+    fn export(&self, pick: impl Fn(u64) -> bool) -> Vec<Applied> {
         let mut out = Vec::new();
         for (w, (_, order)) in &self.seen {
             out.extend(
@@ -1197,7 +1200,7 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
             }
             complete(st, w, req, &mut outbox);
         }
-        let dumps: Vec<(u64, Vec<KeyDump>, Vec<(u64, u64, u64)>)> = transfers
+        let dumps: Vec<(u64, Vec<KeyDump>, Vec<Applied>)> = transfers
             .iter()
             .map(|(h, ks)| {
                 let set: std::collections::HashSet<u64> = ks.iter().copied().collect();
