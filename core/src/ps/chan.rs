@@ -188,6 +188,14 @@ impl Chan {
     }
 }
 
+/// Closes channels one after the other (each sends what it has queued first, see
+/// [`Chan::close`]).
+pub(crate) fn close_all(chans: impl IntoIterator<Item = Arc<Chan>>) {
+    for c in chans {
+        c.close();
+    }
+}
+
 impl Drop for Chan {
     /// Stops the channel without waiting for its thread: the last reference may go while a
     /// lock is held that the thread's `on_close` needs (a join there would deadlock). The

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{Chan, Incoming, Outgoing};
+use super::chan::{close_all, Chan, Incoming, Outgoing};
 use super::node::{connect_to, Node};
 use super::shard::Ring;
 use super::store::{Event, KeyDump, Store};
@@ -344,9 +344,7 @@ impl Drop for KvServer {
             v.extend(st.extra.drain(..).map(|(_, c)| c));
             v
         };
-        for c in chans {
-            c.close();
-        }
+        close_all(chans);
         drop(self.node.take());
     }
 }
@@ -1241,9 +1239,7 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
         }
         drop(guard);
     }
-    for c in dead {
-        c.close();
-    }
+    close_all(dead);
     flush(inner, outbox, Vec::new());
 }
 

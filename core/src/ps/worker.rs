@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{Chan, Incoming, Outgoing};
+use super::chan::{close_all, Chan, Incoming, Outgoing};
 use super::node::{connect_to, Node};
 use super::server::{ring_of, servers_of};
 use super::shard::{split, Ring};
@@ -312,16 +312,7 @@ impl KvWorker {
         vals: &[T],
         prio: i32,
     ) -> Result<PsHandle<()>> {
-        let op = self.inner.submit(
-            Kind::Push,
-            T::DTYPE,
-            keys,
-            lens,
-            bytemuck::cast_slice(vals),
-            None,
-            None,
-            prio,
-        )?;
+        let op = self.inner.push_op(keys, lens, vals, prio)?;
         Ok(handle(&self.inner, op, |_| ()))
     }
 
@@ -353,16 +344,7 @@ impl KvWorker {
         vals: &[T],
         prio: i32,
     ) -> Result<PsHandle<Pulled<T>>> {
-        let push = self.inner.submit(
-            Kind::Push,
-            T::DTYPE,
-            keys,
-            lens,
-            bytemuck::cast_slice(vals),
-            None,
-            None,
-            prio,
-        )?;
+        let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         self.inner.pull_op::<T>(keys, lens, None, None, prio)
     }
@@ -420,16 +402,7 @@ impl KvWorker {
         out: *mut T,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
-        let push = self.inner.submit(
-            Kind::Push,
-            T::DTYPE,
-            keys,
-            lens,
-            bytemuck::cast_slice(vals),
-            None,
-            None,
-            prio,
-        )?;
+        let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         // SAFETY: forwarded from the caller.
         unsafe { self.pull_raw::<T>(keys, lens, out, None, prio) }
@@ -497,14 +470,7 @@ fn handle<R>(
 
 impl Drop for KvWorker {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.watcher.take() {
-            let _ = h.join();
-        }
-        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
-        for c in chans {
-            c.close();
-        }
+        self.inner.shutdown(self.watcher.take());
         drop(self.node.take());
     }
 }
@@ -526,10 +492,40 @@ fn new_state(view: View) -> WState {
 }
 
 impl WInner {
+    /// Stops the watcher, then closes every server connection (what is queued goes out).
+    fn shutdown(&self, watcher: Option<JoinHandle<()>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = watcher {
+            let _ = h.join();
+        }
+        let chans: Vec<Arc<Chan>> = lock(&self.st).chans.drain().map(|(_, c)| c).collect();
+        close_all(chans);
+    }
+
     /// The push of a push_pull: nobody waits on it; it is dropped once done (a failure is
     /// logged; the pull that follows it on the same connections reports the server's view).
     fn chain(&self, push: u64) {
         lock(&self.st).chained.push(push);
+    }
+
+    /// Submits a push; returns its operation id.
+    fn push_op<T: Element>(
+        self: &Arc<Self>,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        prio: i32,
+    ) -> Result<u64> {
+        self.submit(
+            Kind::Push,
+            T::DTYPE,
+            keys,
+            lens,
+            bytemuck::cast_slice(vals),
+            None,
+            None,
+            prio,
+        )
     }
 
     /// A pull whose answers are written straight into the result vector the handle returns.
@@ -1045,9 +1041,7 @@ impl WInner {
         st.view = view;
         st.lost.clear();
         drop(st);
-        for c in dead {
-            c.close();
-        }
+        close_all(dead);
     }
 }
 
@@ -1311,13 +1305,6 @@ impl KvReader {
 
 impl Drop for KvReader {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.watcher.take() {
-            let _ = h.join();
-        }
-        let chans: Vec<Arc<Chan>> = lock(&self.inner.st).chans.drain().map(|(_, c)| c).collect();
-        for c in chans {
-            c.close();
-        }
+        self.inner.shutdown(self.watcher.take());
     }
 }
