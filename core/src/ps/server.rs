@@ -891,14 +891,18 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                                 if !st.dedup.first(worker, wop, p.s) {
                                     continue;
                                 }
-                                let evs = if is_init {
-                                    st.store
-                                        .init(p.s, dt, data)
-                                        .map(|x| x.1)
-                                        .unwrap_or_default()
+                                let r = if is_init {
+                                    st.store.init(p.s, dt, data).map(|x| x.1)
                                 } else {
-                                    st.store.push(0, worker, p.s, dt, data).unwrap_or_default()
+                                    st.store.push(0, worker, p.s, dt, data)
                                 };
+                                let evs = r.unwrap_or_else(|e| {
+                                    // Only when this copy and the owner's disagree on the
+                                    // view (a part not seeded here yet): the owner still
+                                    // holds the update.
+                                    tracing::warn!(target: "braid::ps", "server {}: replica of key {} part {} from server {from} not applied: {e}", inner.me, p.k, p.p);
+                                    Vec::new()
+                                });
                                 apply_events(st, evs, &mut outbox);
                             }
                         }
