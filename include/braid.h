@@ -361,6 +361,28 @@ braid_status_t braid_sync_from_oldest(void *buf,
 // `comm` is NULL or a live communicator not used by any other thread.
 braid_status_t braid_comm_destroy(braid_comm_t comm);
 
+// Allocates `size` zeroed bytes of shared memory registered with `comm` (like NCCL's
+// ncclMemAlloc + ncclCommRegister) and writes its address (page-aligned) to `*ptr`. When all
+// ranks of a call are on one host and pass buffers from braid_mem_alloc, the call copies
+// each byte once, straight out of the peer's buffer (all-reduce; large send/recv; see
+// BRAID_SHM_DIRECT); any other buffers work as before. Free it with braid_mem_free on the
+// same communicator; braid_comm_destroy frees what is left.
+//
+// Errors: braid_invalid_argument (NULL `ptr` or `comm`), braid_system_error (no memory).
+//
+// # Safety
+// `comm` is NULL or a live communicator; `ptr` is NULL or valid for a write.
+braid_status_t braid_mem_alloc(braid_comm_t comm, size_t size, void **ptr);
+
+// Frees a buffer from braid_mem_alloc on `comm`. NULL is a no-op.
+//
+// Errors: braid_invalid_argument when `ptr` is not a live buffer of braid_mem_alloc on
+// `comm`.
+//
+// # Safety
+// `comm` is NULL or a live communicator; no call may still use the buffer.
+braid_status_t braid_mem_free(braid_comm_t comm, void *ptr);
+
 // All-reduce: `recvbuf[i]` = op over all ranks of `sendbuf[i]`, i < count, on every rank.
 // In place when sendbuf == recvbuf.
 //

@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use braid_transport::mem::{MemFabric, MemTransport};
+use braid_transport::region::{Regions, RemoteMaps};
 use braid_transport::shm::{ShmOptions, ShmTransport};
 use braid_transport::tcp::{TcpOptions, TcpTransport};
 use braid_transport::{Conn, ConnectHandle, Listener, Transport};
@@ -85,6 +86,10 @@ struct State {
     seq: u64,
     error: Option<Error>,
     plans: HashMap<(PlanCtx, Algo), Arc<Plan>>,
+    /// Peers' shared regions mapped by single-copy calls.
+    remote: RemoteMaps,
+    /// Bytes read straight from peers' memory by single-copy collectives.
+    direct_bytes: u64,
 }
 
 /// Non-blocking jobs not yet completed (queued or in flight), in issue order.
@@ -113,6 +118,14 @@ struct Inner {
     qcv: Condvar,
     abort: Arc<AtomicBool>,
     stop: AtomicBool,
+    /// The communicator's shared regions ([`Communicator::alloc_shared`]).
+    regions: Arc<Regions>,
+    /// Large all-reduces try the single-copy path (decided from the view and the
+    /// configuration alone, so all ranks agree): BRAID_SHM_DIRECT, 2..=8 ranks, one host,
+    /// transport not forced to tcp.
+    direct: bool,
+    /// Every peer is reached through shared memory.
+    all_shm: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +152,8 @@ pub struct Communicator {
     left: bool,
     /// Highest epoch whose installation was attempted.
     attempted: u64,
+    /// Shared regions of this communicator (kept across views).
+    regions: Arc<Regions>,
 }
 
 impl Inner {
@@ -150,6 +165,7 @@ impl Inner {
         member: u64,
         view: View,
         abort: Arc<AtomicBool>,
+        regions: Arc<Regions>,
     ) -> Inner {
         let why = if view.rank_of(member).is_some() {
             format!("view epoch {} is not installed", view.epoch)
@@ -172,6 +188,8 @@ impl Inner {
                 seq: 0,
                 error: Some(Error::InvalidUsage(why)),
                 plans: HashMap::new(),
+                remote: RemoteMaps::new(),
+                direct_bytes: 0,
             }),
             cfg,
             queue: Mutex::new(Queue {
@@ -182,6 +200,9 @@ impl Inner {
             qcv: Condvar::new(),
             abort,
             stop: AtomicBool::new(false),
+            regions,
+            direct: false,
+            all_shm: false,
         }
     }
 }
@@ -199,8 +220,18 @@ fn assemble(
     peers: Vec<Option<Peer>>,
     peer_transports: Vec<(usize, &'static str)>,
     abort: Arc<AtomicBool>,
+    regions: Arc<Regions>,
 ) -> Inner {
     let size = view.members.len();
+    let all_shm =
+        peer_transports.len() + 1 == size && peer_transports.iter().all(|(_, t)| *t == "shm");
+    let direct = cfg.shm_direct
+        && (2..=crate::direct::MAX_RANKS).contains(&size)
+        && cfg.transport != TransportKind::Tcp
+        && view
+            .members
+            .iter()
+            .all(|m| m.host_id == view.members[0].host_id);
     let transport = match peer_transports.first() {
         Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
         Some(_) => "mixed",
@@ -240,6 +271,8 @@ fn assemble(
             seq: 0,
             error: None,
             plans: HashMap::new(),
+            remote: RemoteMaps::new(),
+            direct_bytes: 0,
         }),
         queue: Mutex::new(Queue {
             jobs: VecDeque::new(),
@@ -249,6 +282,9 @@ fn assemble(
         qcv: Condvar::new(),
         abort,
         stop: AtomicBool::new(false),
+        regions,
+        direct,
+        all_shm,
     }
 }
 
@@ -544,11 +580,25 @@ pub(crate) fn decode_handles(b: &[u8]) -> std::result::Result<Vec<ConnectHandle>
 /// Builds the transports the configuration allows, in order of preference (shm is used only
 /// between ranks with the same host id).
 pub(crate) fn make_transport(cfg: &Config) -> Result<Vec<Arc<dyn Transport>>> {
+    make_transport_with(cfg, None)
+}
+
+/// As [`make_transport`]; with `regions`, shm sends from those regions may go single-copy
+/// (BRAID_SHM_DIRECT).
+pub(crate) fn make_transport_with(
+    cfg: &Config,
+    regions: Option<Arc<Regions>>,
+) -> Result<Vec<Arc<dyn Transport>>> {
     let shm = || -> Result<Arc<dyn Transport>> {
-        let t = ShmTransport::new(ShmOptions {
+        let opts = ShmOptions {
             spin: cfg.shm_spin,
+            direct_min: if cfg.shm_direct { 1 } else { usize::MAX },
             ..ShmOptions::default()
-        })
+        };
+        let t = match &regions {
+            Some(r) if cfg.shm_direct => ShmTransport::with_regions(opts, r.clone()),
+            _ => ShmTransport::new(opts),
+        }
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         Ok(Arc::new(t))
     };
@@ -595,14 +645,19 @@ impl Communicator {
     /// Creates a communicator from an explicit configuration over the transport it names.
     pub fn init_with(cfg: Config) -> Result<Communicator> {
         crate::config::init_logging(&cfg.log);
-        let ts = make_transport(&cfg)?;
-        Communicator::init_on(cfg, ts)
+        let regions = Regions::new();
+        let ts = make_transport_with(&cfg, Some(regions.clone()))?;
+        Communicator::init_on(cfg, ts, regions)
     }
 
     /// Creates a communicator over the in-process transport of `fabric` (ranks as threads of
     /// one process; for tests and examples). The coordinator is still used for rendezvous.
     pub fn init_in_process(cfg: Config, fabric: Arc<MemFabric>) -> Result<Communicator> {
-        Communicator::init_on(cfg, vec![Arc::new(MemTransport::new(fabric))])
+        Communicator::init_on(
+            cfg,
+            vec![Arc::new(MemTransport::new(fabric))],
+            Regions::new(),
+        )
     }
 
     /// Joins a running elastic group (configuration from the environment, as
@@ -623,7 +678,11 @@ impl Communicator {
         Communicator::init_with(cfg)
     }
 
-    fn init_on(cfg: Config, transports: Vec<Arc<dyn Transport>>) -> Result<Communicator> {
+    fn init_on(
+        cfg: Config,
+        transports: Vec<Arc<dyn Transport>>,
+        regions: Arc<Regions>,
+    ) -> Result<Communicator> {
         let deadline = Instant::now() + cfg.init_timeout;
         let world = cfg.world_size.ok_or_else(|| {
             Error::InvalidArgument(
@@ -731,7 +790,14 @@ impl Communicator {
         let names: Vec<&str> = transports.iter().map(|t| t.name()).collect();
         tracing::info!(target: "braid::init", "member {member} epoch {} size {} transports {}", view.epoch, view.members.len(), names.join(","));
         let mut comm = Communicator {
-            inner: Arc::new(Inner::placeholder(cfg, policy, member, view.clone(), abort)),
+            inner: Arc::new(Inner::placeholder(
+                cfg,
+                policy,
+                member,
+                view.clone(),
+                abort,
+                regions.clone(),
+            )),
             progress: Mutex::new(None),
             acceptor: Some(acceptor),
             acceptor_stop,
@@ -743,6 +809,7 @@ impl Communicator {
             token,
             left: false,
             attempted: 0,
+            regions,
         };
         comm.install(view, deadline)?;
         Ok(comm)
@@ -773,6 +840,7 @@ impl Communicator {
                 member,
                 view,
                 Arc::new(AtomicBool::new(false)),
+                self.regions.clone(),
             ));
             return Ok(());
         };
@@ -815,6 +883,7 @@ impl Communicator {
             peers,
             peer_transports,
             abort,
+            self.regions.clone(),
         );
         let epoch = inner.view.epoch;
         let trip = lock(&inner.state).exec.trip.clone();
@@ -1114,6 +1183,47 @@ impl Communicator {
                 (p.rank, t, r)
             })
             .collect()
+    }
+
+    /// Bytes this rank moved straight between its buffers and peers' memory by single-copy
+    /// transfers over [`Communicator::alloc_shared`] buffers (collectives: bytes read from and
+    /// written to peers' buffers; receives of large sends: bytes copied out of the sender's
+    /// buffer), in the current view. These bytes do not cross the shm rings and are not
+    /// counted by [`Communicator::bytes_per_peer`].
+    pub fn direct_bytes(&self) -> u64 {
+        let st = lock(&self.inner.state);
+        st.direct_bytes
+            + st.peers
+                .iter()
+                .flatten()
+                .map(|p| p.conn.direct_bytes().1)
+                .sum::<u64>()
+    }
+
+    /// Allocates `len` zeroed elements in shared memory registered with this communicator
+    /// (like NCCL's `ncclMemAlloc` + `ncclCommRegister`). When all ranks of a call pass such
+    /// buffers and share one host, the call copies each byte once, straight out of the peer's
+    /// buffer (see [`crate::shared`] and `BRAID_SHM_DIRECT`); with any other buffers it behaves
+    /// exactly as before. The buffer is freed (unmapped) when dropped; it may outlive the
+    /// communicator (it is then an ordinary buffer).
+    ///
+    /// Errors: `len * size_of::<T>()` overflows ([`Error::InvalidArgument`]); the system
+    /// refuses the memory ([`Error::System`]).
+    pub fn alloc_shared<T: Element>(&self, len: usize) -> Result<crate::shared::SharedBuf<T>> {
+        let bytes = len.checked_mul(T::DTYPE.size()).ok_or_else(|| {
+            Error::InvalidArgument(format!("alloc_shared: {len} elements overflow"))
+        })?;
+        let r = self
+            .regions
+            .alloc(bytes)
+            .map_err(|e| Error::System(format!("alloc_shared of {bytes} bytes: {e}")))?;
+        Ok(crate::shared::SharedBuf::new(r, len))
+    }
+
+    /// Whether `len` bytes at `ptr` lie inside one buffer from [`Communicator::alloc_shared`]
+    /// of this communicator.
+    pub fn is_shared(&self, ptr: *const u8, len: usize) -> bool {
+        self.regions.lookup(ptr, len).is_some()
     }
 
     /// The sticky error, if an operation failed.
@@ -2196,6 +2306,51 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
                 slice_bytes: inner.cfg.slice_bytes,
             };
             let bytes = count * dtype.size();
+            if crate::direct::supports(kind)
+                && inner.direct
+                && bytes >= inner.cfg.shm_direct_min.max(1)
+                && !inner.policy.forced(kind)
+            {
+                let sig = Sig {
+                    kind,
+                    dtype,
+                    op,
+                    algo: Algo::Direct,
+                    root: root as u32,
+                    slice_kib: 0,
+                    count: count as u64,
+                    seq: st.seq,
+                };
+                let State {
+                    peers,
+                    exec,
+                    remote,
+                    ..
+                } = st;
+                let r = crate::direct::run(
+                    exec,
+                    peers,
+                    &inner.regions,
+                    remote,
+                    &ctx,
+                    bufs,
+                    sig,
+                    inner.all_shm,
+                );
+                match r {
+                    Ok(crate::direct::Outcome::Done(n)) => {
+                        st.seq += 1;
+                        st.direct_bytes += n;
+                        return Ok(());
+                    }
+                    Ok(crate::direct::Outcome::Fallback) => {}
+                    Err(e) => {
+                        st.seq += 1;
+                        note_failure(inner, st, &e);
+                        return Err(e);
+                    }
+                }
+            }
             let algo = inner.policy.choose(kind, inner.size, bytes)?;
             let plan = match st.plans.get(&(ctx, algo)) {
                 Some(p) => p.clone(),

@@ -49,6 +49,10 @@ pub const VARS: &[VarSpec] = &[
         doc: "Transport between ranks. auto: shared memory between ranks with the same host id, tcp between hosts (in one communicator); tcp or shm forces one (shm between different hosts is an error)." },
     VarSpec { name: "BRAID_SHM_SPIN", ty: "microseconds", default: "20",
         doc: "How long the shared-memory transport spins on its rings before the waiting rank blocks in poll(2) (on top of BRAID_SPIN_US)." },
+    VarSpec { name: "BRAID_SHM_DIRECT", ty: "0|1", default: "1",
+        doc: "1: when every rank of a communicator is on one host (shared memory to every peer) and a call's buffers lie in memory from Communicator::alloc_shared (braid_mem_alloc), copy each byte once, straight out of (or into) the peer's buffer (all-reduce, reduce-scatter, all-gather, broadcast; sends of at least the shm ring size). Must be equal on all ranks. 0: always copy through the shm rings." },
+    VarSpec { name: "BRAID_SHM_DIRECT_MIN", ty: "bytes", default: "1M",
+        doc: "Smallest collective (bytes per rank: count × element size) that tries the single-copy path of BRAID_SHM_DIRECT (smaller ones use the rings: the path costs three small handshakes). Must be equal on all ranks." },
     VarSpec { name: "BRAID_TCP_STREAMS", ty: "integer", default: "1",
         doc: "TCP sockets per peer pair; messages of at least BRAID_TCP_STRIPE_MIN bytes are striped over them." },
     VarSpec { name: "BRAID_TCP_STRIPE_MIN", ty: "bytes", default: "262144",
@@ -151,6 +155,11 @@ pub struct Config {
     pub spin: Duration,
     /// Spin time of the shared-memory transport before blocking.
     pub shm_spin: Duration,
+    /// Single-copy transfers between same-host ranks from shared regions (BRAID_SHM_DIRECT).
+    pub shm_direct: bool,
+    /// Smallest collective (bytes per rank) that tries the single-copy path
+    /// (BRAID_SHM_DIRECT_MIN).
+    pub shm_direct_min: usize,
     /// Log filter.
     pub log: String,
     /// Elastic group (BRAID_ELASTIC).
@@ -208,6 +217,8 @@ impl Default for Config {
                 slice_bytes: 524288,
                 spin: Duration::from_micros(200),
                 shm_spin: Duration::from_micros(20),
+                shm_direct: true,
+                shm_direct_min: 1 << 20,
                 log: "warn".into(),
                 elastic: false,
                 min_size: 1,
@@ -360,6 +371,15 @@ impl Config {
         };
         let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
         let shm_spin_us = parse_usize("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"))?;
+        let shm_direct = match val("BRAID_SHM_DIRECT").trim() {
+            "0" | "false" | "no" => false,
+            "1" | "" | "true" | "yes" => true,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_SHM_DIRECT={other}: expected 0 or 1"
+                )))
+            }
+        };
         let elastic = match val("BRAID_ELASTIC").trim() {
             "0" | "" | "false" | "no" => false,
             "1" | "true" | "yes" => true,
@@ -434,6 +454,8 @@ impl Config {
             slice_bytes,
             spin: Duration::from_micros(spin_us as u64),
             shm_spin: Duration::from_micros(shm_spin_us as u64),
+            shm_direct,
+            shm_direct_min: parse_size("BRAID_SHM_DIRECT_MIN", &val("BRAID_SHM_DIRECT_MIN"))?,
             log: val("BRAID_LOG"),
             elastic,
             min_size,

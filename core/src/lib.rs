@@ -13,12 +13,14 @@
 pub mod coll;
 pub mod comm;
 pub mod config;
+mod direct;
 pub mod error;
 mod exec;
 mod mem;
 pub mod membership;
 pub mod ps;
 pub mod reduce;
+pub mod shared;
 pub mod topo;
 pub mod types;
 
@@ -26,6 +28,7 @@ pub use braid_transport as transport;
 pub use comm::{Communicator, Group, Handle, P2p, RawColl, RawP2p};
 pub use config::Config;
 pub use error::{Error, ErrorClass, Result};
+pub use shared::SharedBuf;
 pub use types::{DataType, Element, ReduceOp};
 
 /// braid's version as (major, minor, patch).

@@ -6,9 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use braid::membership::Coordinator;
@@ -16,78 +15,11 @@ use braid::{Communicator, Config, ReduceOp};
 
 const ROLE: &str = "BRAID_SHM_TEST_ROLE";
 
-fn dev_shm() -> BTreeSet<String> {
-    std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Children killed on drop (a failed assertion never leaves ranks behind).
-struct Ranks(Vec<Child>);
-
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+mod common;
+use common::{check_all, dev_shm, finish, Ranks};
 
 fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
-    let exe = std::env::current_exe().unwrap();
-    let mut v = Vec::new();
-    for r in 0..n {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .env("BRAID_COORDINATOR", coord)
-            .env("BRAID_WORLD_SIZE", n.to_string())
-            .env("BRAID_RANK", r.to_string())
-            .env("BRAID_INIT_TIMEOUT", "30")
-            .env("BRAID_TIMEOUT", "60")
-            .env_remove("BRAID_HOST_ID")
-            .env_remove("BRAID_TRANSPORT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, val) in env(r) {
-            cmd.env(k, val);
-        }
-        v.push(cmd.spawn().unwrap());
-    }
-    Ranks(v)
-}
-
-/// Waits for every rank (deadline), returns (success, stdout+stderr) per rank.
-fn finish(mut ranks: Ranks, limit: Duration) -> Vec<(bool, String)> {
-    let end = Instant::now() + limit;
-    let mut out = Vec::new();
-    for c in ranks.0.iter_mut() {
-        let st = loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                break st;
-            }
-            assert!(Instant::now() < end, "ranks did not finish in {limit:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut s = String::new();
-        c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
-        c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-        out.push((st.success(), s));
-    }
-    out
-}
-
-fn check_all(res: &[(bool, String)]) {
-    for (r, (ok, s)) in res.iter().enumerate() {
-        assert!(ok, "rank {r} failed:\n{s}");
-        assert!(s.contains("RANK-OK"), "rank {r}:\n{s}");
-    }
+    common::spawn(ROLE, role, coord, n, env)
 }
 
 // ---- rank side -------------------------------------------------------------------------

@@ -211,7 +211,10 @@ pub fn buffers<T: PerfElem>(
             }
         }
     };
-    Bufs { send, recv }
+    Bufs {
+        send: crate::Mem::Heap(send),
+        recv: crate::Mem::Heap(recv),
+    }
 }
 
 /// Counts elements of `recv` that differ from the expected result.

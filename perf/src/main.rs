@@ -3,10 +3,15 @@
 //! ```text
 //! braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv
 //!     [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT]
-//!     [--ranks N] [--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration S]]
+//!     [--ranks N] [--transport tcp|shm|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration S]]
 //! braid-perf kernels [-b MIN] [-e MAX]     # reduction kernel vs memcpy bandwidth, one process
 //! braid-perf topo [--json]                 # this host's topology (hwloc, sysfs fallback)
 //! ```
+//!
+//! `-R 1` (as nccl-tests' `-R`): user buffers are allocated with braid's shared-memory
+//! allocator (`Communicator::alloc_shared`), so that same-host ranks copy each byte once,
+//! straight out of the peer's buffer; `-R 0` (default): ordinary heap buffers. The header says
+//! which were used.
 //!
 //! Under a launcher (braid-run, torchrun, mpirun: `BRAID_COORDINATOR`, `MASTER_ADDR`, ... set)
 //! each process is one rank. Otherwise `--ranks N` (default 2) starts N local ranks as child
@@ -133,12 +138,14 @@ struct Args {
     duration: f64,
     /// `-e` was given.
     max_set: bool,
+    /// `-R 1`: buffers from `Communicator::alloc_shared`.
+    register: bool,
     raw: Vec<String>,
 }
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|auto] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
+[--transport tcp|shm|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -163,6 +170,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         elastic: false,
         duration: 10.0,
         max_set: false,
+        register: false,
         raw: argv.to_vec(),
     };
     let mut max_set = false;
@@ -195,6 +203,13 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 a.op = ReduceOp::parse(&v).ok_or_else(|| format!("unknown op '{v}'"))?
             }
             "-r" | "--root" => a.root = num(val()?)?,
+            "-R" | "--register" => {
+                a.register = match val()?.as_str() {
+                    "0" => false,
+                    "1" => true,
+                    v => return Err(format!("-R {v}: expected 0 or 1")),
+                }
+            }
             "--ranks" => a.ranks = num(val()?)?,
             "--transport" => {
                 let v = val()?;
@@ -492,13 +507,14 @@ fn run_rank(args: &Args) -> Result<bool, String> {
                 .unwrap_or("?");
             s.push_str(&format!(" [peer {p} via {t}: sent {tx} recv {rx}]"));
         }
+        s.push_str(&format!(" single-copy read {}", comm.direct_bytes()));
         eprintln!("{s}");
     }
     Ok(wrong == 0)
 }
 
 /// Buffers and sizes of one view in the elastic loop.
-struct ElasticBufs<T> {
+struct ElasticBufs<T: Element> {
     n: usize,
     rank: usize,
     per: usize,
@@ -522,6 +538,13 @@ fn elastic_bufs<T: PerfElem>(comm: &Communicator, a: &Args) -> ElasticBufs<T> {
     };
     let root = a.root.min(n - 1);
     let b = check::buffers::<T>(a.coll_kind(), n, rank, per, root, false, a.op);
+    let b = match place(comm, a, b) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("braid-perf: -R 1: {e}; using heap buffers");
+            check::buffers::<T>(a.coll_kind(), n, rank, per, root, false, a.op)
+        }
+    };
     ElasticBufs {
         n,
         rank,
@@ -716,9 +739,53 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-struct Bufs<T> {
-    send: Vec<T>,
-    recv: Vec<T>,
+/// A benchmark buffer: heap memory, or braid shared memory (`-R 1`).
+enum Mem<T: Element> {
+    Heap(Vec<T>),
+    Shared(braid::SharedBuf<T>),
+}
+
+impl<T: Element> std::ops::Deref for Mem<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Shared(s) => s,
+        }
+    }
+}
+
+impl<T: Element> std::ops::DerefMut for Mem<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Shared(s) => s,
+        }
+    }
+}
+
+struct Bufs<T: Element> {
+    send: Mem<T>,
+    recv: Mem<T>,
+}
+
+/// With `-R 1`, moves the buffers into braid shared memory (empty ones stay as they are).
+fn place<T: PerfElem>(comm: &Communicator, a: &Args, b: Bufs<T>) -> braid::Result<Bufs<T>> {
+    if !a.register {
+        return Ok(b);
+    }
+    let move_in = |m: Mem<T>| -> braid::Result<Mem<T>> {
+        if m.is_empty() {
+            return Ok(m);
+        }
+        let mut s = comm.alloc_shared::<T>(m.len())?;
+        s.copy_from_slice(&m);
+        Ok(Mem::Shared(s))
+    };
+    Ok(Bufs {
+        send: move_in(b.send)?,
+        recv: move_in(b.recv)?,
+    })
 }
 
 /// Runs one call of the collective (out-of-place or in-place).
@@ -798,6 +865,15 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             a.iters,
             a.warmup
         );
+        let _ = writeln!(
+            out,
+            "# buffers: {}",
+            if a.register {
+                "registered (-R 1: braid shared memory, Communicator::alloc_shared)"
+            } else {
+                "heap (-R 0)"
+            }
+        );
         let _ = writeln!(out, "#");
         let _ = writeln!(
             out,
@@ -853,7 +929,8 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
         };
         let mut res = [(0.0f64, 0u64); 2];
         for (k, inplace) in [false, true].into_iter().enumerate() {
-            let mut b = check::buffers::<T>(a.coll_kind(), n, rank, per, a.root, inplace, a.op);
+            let b = check::buffers::<T>(a.coll_kind(), n, rank, per, a.root, inplace, a.op);
+            let mut b = place(comm, a, b)?;
             for _ in 0..a.warmup {
                 call(comm, a, &mut b, inplace)?;
             }
@@ -866,7 +943,8 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             // Checked run on fresh inputs (the timed buffers are freed first, so peak RSS
             // shows the library's own memory on top of one set of buffers).
             drop(b);
-            let mut b = check::buffers::<T>(a.coll_kind(), n, rank, per, a.root, inplace, a.op);
+            let b = check::buffers::<T>(a.coll_kind(), n, rank, per, a.root, inplace, a.op);
+            let mut b = place(comm, a, b)?;
             call(comm, a, &mut b, inplace)?;
             let wrong =
                 check::count_wrong(a.coll_kind(), n, rank, per, a.root, inplace, a.op, &b.recv);

@@ -83,6 +83,46 @@ fn every_collective_over_shm_with_braid_run() {
     every_collective("shm");
 }
 
+/// `-R 1`: buffers from braid's shared-memory allocator; on one host all_reduce and sendrecv
+/// copy single-copy (counted by `-v` as "single-copy read"), results still exact; `-R 0`
+/// reads nothing from peers' memory.
+#[test]
+fn registered_buffers_take_the_single_copy_path() {
+    let p = perf();
+    let p = p.to_str().unwrap();
+    let single_copy = |se: &str| -> u64 {
+        se.lines()
+            .filter_map(|l| l.split("single-copy read ").nth(1))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .sum()
+    };
+    for (coll, n, size) in [
+        ("all_reduce", "2", "2M"),
+        ("all_reduce", "3", "3M"),
+        ("sendrecv", "2", "8M"),
+    ] {
+        for (reg, extra) in [("1", &["-o", "sum"][..]), ("0", &[][..])] {
+            let mut args = vec![
+                "-n", n, "--", p, coll, "-b", size, "-e", size, "-n", "2", "-w", "1", "-R", reg,
+                "-v",
+            ];
+            args.extend(extra);
+            let (so, se) = run_ok(&args, &[("BRAID_TRANSPORT", "shm")]);
+            let read = single_copy(&se);
+            if reg == "1" {
+                assert!(so.contains("# buffers: registered"), "{so}");
+                assert!(
+                    read > 0,
+                    "{coll} -R 1 on {n} ranks read nothing single-copy:\n{so}\n{se}"
+                );
+            } else {
+                assert!(so.contains("# buffers: heap"), "{so}");
+                assert_eq!(read, 0, "{se}");
+            }
+        }
+    }
+}
+
 #[test]
 fn all_reduce_ops_dtypes_algorithms_and_striping() {
     let p = perf();

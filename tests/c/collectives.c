@@ -162,8 +162,29 @@ static void all_to_all_gather_scatter(void) {
     free(r);
 }
 
+/* Buffers from braid_mem_alloc (single-copy path on one host when large enough). */
+static void all_reduce_registered(void) {
+    const size_t M = 300007; /* > 1 MiB of floats, not divisible by 2, 3 or 4 */
+    float *s = NULL, *r = NULL;
+    CHECK(braid_mem_alloc(comm, M * sizeof *s, (void**)&s));
+    CHECK(braid_mem_alloc(comm, M * sizeof *r, (void**)&r));
+    EXPECT(s != NULL && r != NULL && ((uintptr_t)s & 4095) == 0, "braid_mem_alloc");
+    for (size_t i = 0; i < M; i++) s[i] = (float)((rank + 1) * (i % 11));
+    CHECK(braid_all_reduce(s, r, M, braid_float32, braid_sum, comm));
+    for (size_t i = 0; i < M; i++)
+        EXPECT(r[i] == (float)(sum_ranks1() * (i % 11)), "reg sum[%zu]=%g", i, r[i]);
+    CHECK(braid_all_reduce(r, r, M, braid_float32, braid_max, comm)); /* in place */
+    for (size_t i = 0; i < M; i++)
+        EXPECT(r[i] == (float)(sum_ranks1() * (i % 11)), "reg max[%zu]=%g", i, r[i]);
+    CHECK(braid_mem_free(comm, s));
+    CHECK(braid_mem_free(comm, r));
+    EXPECT(braid_mem_free(comm, r) == braid_invalid_argument, "double free is refused");
+    CHECK(braid_mem_free(comm, NULL));
+}
+
 int main(void) {
     comm = test_comm(&rank, &size);
+    all_reduce_registered();
     all_reduce_int32();
     all_reduce_float();
     reduce_scatter();

@@ -25,6 +25,7 @@ use std::os::fd::RawFd;
 mod conformance;
 pub mod handle;
 pub mod mem;
+pub mod region;
 mod reqs;
 pub mod shm;
 pub mod tcp;
@@ -262,6 +263,13 @@ pub trait Conn: Send {
 
     /// Bytes sent and received over this connection so far (payload only).
     fn bytes(&self) -> (u64, u64);
+
+    /// Payload bytes sent and received so far by single-copy transfers, which the receiver
+    /// copied straight out of the sender's registered memory ([`region`]); these are not
+    /// counted by [`Conn::bytes`]. Default: none.
+    fn direct_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
 
     /// Whether a rank waiting on this connection should yield the CPU between looks rather
     /// than spin or block at once: the peer is a process on this host, and this host runs more

@@ -26,6 +26,17 @@
 //! caller yields the CPU between looks instead ([`Conn::oversubscribed`]), since a spinning
 //! waiter keeps the peer it waits for off the CPU.
 //!
+//! Single copy: a send of at least [`ShmOptions::direct_min`] bytes (never below the ring
+//! size, so that no send that could complete through the ring alone now waits for the receiver)
+//! whose buffer lies in a region registered with the transport's [`Regions`] travels as a
+//! "direct" frame: the header is followed by a [`RegionDesc`] instead of the payload. The
+//! receiver maps the sender's region (cached, [`RemoteMaps`]), copies the payload straight into
+//! the posted receive, and acknowledges on its control page (`DACK`: count of direct frames it
+//! finished, low bit = copied). The send completes at the acknowledgement; until then no later
+//! frame of this side is written. When the receiver cannot map the region it acknowledges
+//! with the low bit clear and the sender streams the payload through the ring as usual, so the
+//! receive is matched by the next frame (one log line; never a wrong result).
+//!
 //! Goodbye and abort set the side's state (abort also writes the reason into the segment),
 //! signal the peer and shut the socket down; a peer that dies without either is seen as a
 //! socket hang-up and reported as [`NetError::Lost`].
@@ -36,6 +47,7 @@ use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::region::{RegionDesc, Regions, RemoteMaps, DESC_LEN};
 use crate::reqs::ReqTable;
 use crate::{
     Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
@@ -45,8 +57,11 @@ use crate::{
 const SEG_MAGIC: u64 = u64::from_le_bytes(*b"BRDSHM01");
 const HELLO_MAGIC: [u8; 4] = *b"BRDS";
 const FRAME_MAGIC: [u8; 4] = *b"BRDM";
-/// Version of the shared-memory protocol.
-pub const PROTO_VERSION: u16 = 1;
+const DIRECT_MAGIC: [u8; 4] = *b"BRDD";
+/// Bytes after a direct frame's header (a [`RegionDesc`], padded).
+const DBODY: usize = 64;
+/// Version of the shared-memory protocol (2: direct frames and the `DACK` word).
+pub const PROTO_VERSION: u16 = 2;
 const HDR: usize = 64;
 const PAGE: usize = 4096;
 const OFF_HEAD: usize = 0;
@@ -54,6 +69,7 @@ const OFF_TAIL: usize = 128;
 const OFF_WAIT: usize = 256;
 const OFF_STATE: usize = 384;
 const OFF_RLEN: usize = 512;
+const OFF_DACK: usize = 640;
 const OFF_REASON: usize = 1024;
 const MAX_REASON: usize = PAGE - OFF_REASON;
 const RINGS: usize = 3 * PAGE;
@@ -87,6 +103,9 @@ pub struct ShmOptions {
     /// same-host pair connected (a full mesh), a process with `k` open shm connections shares
     /// the host with `k` other ranks, compared with the CPUs this process may run on.
     pub oversubscribed: Option<bool>,
+    /// Sends of at least this many bytes (and at least `ring_bytes`) from a registered region
+    /// go single-copy (see the module docs). `usize::MAX`: never.
+    pub direct_min: usize,
 }
 
 impl Default for ShmOptions {
@@ -96,6 +115,7 @@ impl Default for ShmOptions {
             chunk_bytes: 256 << 10,
             spin: Duration::from_micros(20),
             oversubscribed: None,
+            direct_min: usize::MAX,
         }
     }
 }
@@ -139,6 +159,7 @@ impl Drop for LiveGuard {
 pub struct ShmTransport {
     opts: ShmOptions,
     load: Arc<Load>,
+    regions: Option<Arc<Regions>>,
 }
 
 impl ShmTransport {
@@ -159,7 +180,19 @@ impl ShmTransport {
             cpus,
             force: opts.oversubscribed,
         });
-        Ok(ShmTransport { opts, load })
+        Ok(ShmTransport {
+            opts,
+            load,
+            regions: None,
+        })
+    }
+
+    /// As [`ShmTransport::new`], with single-copy sends from the regions of `regions` (see
+    /// the module docs).
+    pub fn with_regions(opts: ShmOptions, regions: Arc<Regions>) -> NetResult<ShmTransport> {
+        let mut t = ShmTransport::new(opts)?;
+        t.regions = Some(regions);
+        Ok(t)
     }
 }
 
@@ -357,36 +390,13 @@ unsafe fn ring_write(ring: *mut u8, r: usize, pos: u64, src: *const u8, n: usize
 /// # Safety
 /// As `std::ptr::copy_nonoverlapping`.
 unsafe fn copy_out(dst: *mut u8, src: *const u8, n: usize, nt: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if nt && n >= 1024 {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-        // SAFETY: all accesses stay inside src..src+n and dst..dst+n (caller's contract); the
-        // streaming stores go to 16-byte aligned addresses; SSE2 is part of x86_64.
-        unsafe {
-            let head = dst.align_offset(64).min(n);
-            std::ptr::copy_nonoverlapping(src, dst, head);
-            let (mut s, mut d) = (src.add(head), dst.add(head));
-            let body = (n - head) / 64;
-            for _ in 0..body {
-                let a = _mm_loadu_si128(s as *const __m128i);
-                let b = _mm_loadu_si128(s.add(16) as *const __m128i);
-                let c = _mm_loadu_si128(s.add(32) as *const __m128i);
-                let e = _mm_loadu_si128(s.add(48) as *const __m128i);
-                _mm_stream_si128(d as *mut __m128i, a);
-                _mm_stream_si128(d.add(16) as *mut __m128i, b);
-                _mm_stream_si128(d.add(32) as *mut __m128i, c);
-                _mm_stream_si128(d.add(48) as *mut __m128i, e);
-                s = s.add(64);
-                d = d.add(64);
-            }
-            std::ptr::copy_nonoverlapping(s, d, n - head - body * 64);
-            _mm_sfence();
-        }
-        return;
+    if nt {
+        // SAFETY: the caller's contract.
+        unsafe { crate::region::stream_copy_raw(dst, src, n) };
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
     }
-    let _ = nt;
-    // SAFETY: the caller's contract.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
 }
 
 /// Copies `n` bytes out of the ring at stream position `pos` into `dst` (see [`copy_out`] for
@@ -429,6 +439,10 @@ struct Tx {
     hdr_done: bool,
     done: usize,
     req: u64,
+    /// Send single-copy: where the payload lives.
+    direct: Option<RegionDesc>,
+    /// The direct frame is written; waiting for the receiver's acknowledgement.
+    awaiting: bool,
 }
 
 struct Rx {
@@ -473,6 +487,15 @@ pub struct ShmConn {
     bytes_rx: u64,
     desc: String,
     live: LiveGuard,
+    regions: Option<Arc<Regions>>,
+    direct_min: usize,
+    remote: RemoteMaps,
+    /// Direct frames written by this side / finished (acknowledged) by this side.
+    dsent: u64,
+    dacked: u64,
+    direct_tx: u64,
+    direct_rx: u64,
+    direct_warned: bool,
 }
 
 // SAFETY: the raw pointers in Tx/Rx point into buffers that the caller of isend/irecv promised
@@ -491,6 +514,7 @@ impl ShmConn {
         efd_peer: OwnedFd,
         desc: String,
         load: &Arc<Load>,
+        regions: Option<Arc<Regions>>,
     ) -> ShmConn {
         ShmConn {
             seg,
@@ -520,7 +544,20 @@ impl ShmConn {
             bytes_rx: 0,
             desc,
             live: LiveGuard::new(load),
+            regions,
+            direct_min: opts.direct_min.max(ring),
+            remote: RemoteMaps::new(),
+            dsent: 0,
+            dacked: 0,
+            direct_tx: 0,
+            direct_rx: 0,
+            direct_warned: false,
         }
+    }
+
+    /// The acknowledgement word of direct frames finished by `side`.
+    fn dack(&self, side: usize) -> &AtomicU64 {
+        self.seg.atom(block(side) + OFF_DACK)
     }
 
     fn peer(&self) -> usize {
@@ -588,6 +625,51 @@ impl ShmConn {
         let ring = self.ring_ptr(self.side);
         let mut moved = false;
         while let Some(t) = self.tx.front_mut() {
+            if t.awaiting {
+                let w = self
+                    .seg
+                    .atom(block(1 - self.side) + OFF_DACK)
+                    .load(Ordering::Acquire);
+                if w >> 1 < self.dsent {
+                    break;
+                }
+                moved = true;
+                if w & 1 == 1 {
+                    let (req, len) = (t.req, t.len);
+                    self.tx.pop_front();
+                    self.direct_tx += len as u64;
+                    self.sends.part_done(req);
+                    continue;
+                }
+                // The receiver could not map the region: stream the payload instead.
+                t.awaiting = false;
+                t.direct = None;
+            }
+            if let Some(d) = t.direct {
+                let need = (HDR + DBODY) as u64;
+                let mut free = r - (self.head - self.peer_tail);
+                if free < need {
+                    self.peer_tail = self
+                        .seg
+                        .atom(block(self.side) + OFF_TAIL)
+                        .load(Ordering::Acquire);
+                    free = r - (self.head - self.peer_tail);
+                    if free < need {
+                        break;
+                    }
+                }
+                let mut f = [0u8; HDR + DBODY];
+                f[..HDR].copy_from_slice(&encode_hdr(t.tag, t.len as u64, &t.meta));
+                f[0..4].copy_from_slice(&DIRECT_MAGIC);
+                f[HDR..HDR + DESC_LEN].copy_from_slice(&d.encode());
+                // SAFETY: as for a header below: `need` free ring bytes start at head.
+                unsafe { ring_write(ring, self.ring, self.head, f.as_ptr(), f.len()) };
+                self.head += f.len() as u64;
+                t.awaiting = true;
+                self.dsent += 1;
+                moved = true;
+                break;
+            }
             let need = if t.hdr_done { 1 } else { HDR as u64 };
             let mut free = r - (self.head - self.peer_tail);
             if free < need {
@@ -672,6 +754,83 @@ impl ShmConn {
                 let mut h = [0u8; HDR];
                 // SAFETY: HDR published bytes start at tail in the peer's ring.
                 unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR, false) };
+                if h[0..4] == DIRECT_MAGIC {
+                    if avail < (HDR + DBODY) as u64 {
+                        // Header and body are published together; look again.
+                        self.peer_head = self
+                            .seg
+                            .atom(block(1 - self.side) + OFF_HEAD)
+                            .load(Ordering::Acquire);
+                        avail = self.peer_head - self.tail;
+                        if avail < (HDR + DBODY) as u64 {
+                            break Ok(());
+                        }
+                    }
+                    let (tag, len) = (u64_at(&h, 8), u64_at(&h, 16));
+                    let mut meta = [0u8; META_LEN];
+                    meta.copy_from_slice(&h[32..32 + META_LEN]);
+                    if tag != rx.tag || len != rx.len as u64 {
+                        break Err(NetError::Mismatch {
+                            expected_tag: rx.tag,
+                            expected_len: rx.len as u64,
+                            got_tag: tag,
+                            got_len: len,
+                            meta,
+                        });
+                    }
+                    let mut body = [0u8; DBODY];
+                    // SAFETY: DBODY published bytes follow the header in the peer's ring.
+                    unsafe {
+                        ring_read(
+                            ring,
+                            self.ring,
+                            self.tail + HDR as u64,
+                            body.as_mut_ptr(),
+                            DBODY,
+                            false,
+                        )
+                    };
+                    let copied = match RegionDesc::decode(&body) {
+                        Some(d) => match self.remote.resolve(&d, rx.len) {
+                            Ok(src) => {
+                                // SAFETY: src..+len is readable (a live mapping of the
+                                // sender's region, checked by resolve); the sender does not
+                                // write it until acknowledged; rx.ptr..+len is the posted
+                                // receive buffer (irecv contract), which cannot overlap a
+                                // mapping private to this connection's cache.
+                                unsafe { copy_out(rx.ptr, src, rx.len, rx.nt) };
+                                true
+                            }
+                            Err(e) => {
+                                if !self.direct_warned {
+                                    self.direct_warned = true;
+                                    tracing::warn!(target: "braid::shm", "{}: cannot map the sender's region ({e}); falling back to copies through the ring", self.desc);
+                                }
+                                false
+                            }
+                        },
+                        None => false,
+                    };
+                    self.tail += (HDR + DBODY) as u64;
+                    moved = true;
+                    self.dacked += 1;
+                    if copied {
+                        let (req, len) = (rx.req, rx.len);
+                        self.rx.pop_front();
+                        self.recvs.set_meta(req, meta);
+                        self.direct_rx += len as u64;
+                        self.recvs.part_done(req);
+                    }
+                    self.seg
+                        .atom(block(self.side) + OFF_DACK)
+                        .store((self.dacked << 1) | u64::from(copied), Ordering::Release);
+                    self.tail_pub = self.tail;
+                    self.seg
+                        .atom(block(1 - self.side) + OFF_TAIL)
+                        .store(self.tail, Ordering::Release);
+                    wake_if_waiting(&self.seg, 1 - self.side, self.efd_peer.as_raw_fd());
+                    continue;
+                }
                 if h[0..4] != FRAME_MAGIC {
                     break Err(NetError::Protocol(
                         "corrupt shm frame: bad magic in a frame header".into(),
@@ -849,6 +1008,10 @@ impl ShmConn {
 
     /// Whether progress() would move something now (read-only look at the rings).
     fn ready(&self) -> bool {
+        if self.tx.front().is_some_and(|t| t.awaiting) {
+            return self.dack(self.peer()).load(Ordering::Acquire) >> 1 >= self.dsent
+                || self.rx_ready();
+        }
         if let Some(t) = self.tx.front() {
             let need = if t.hdr_done { 1 } else { HDR as u64 };
             let tail = self.my_ring_tail().load(Ordering::Acquire);
@@ -856,6 +1019,11 @@ impl ShmConn {
                 return true;
             }
         }
+        self.rx_ready()
+    }
+
+    /// The receive half of [`ShmConn::ready`] (and the peer's state).
+    fn rx_ready(&self) -> bool {
         if let Some(r) = self.rx.front() {
             let need = if r.got_hdr { 1 } else { HDR as u64 };
             let head = self.peer_ring_head().load(Ordering::Acquire);
@@ -886,6 +1054,11 @@ impl Conn for ShmConn {
             return Ok(None);
         }
         let req = self.sends.post(1);
+        let direct = if len >= self.direct_min {
+            self.regions.as_ref().and_then(|r| r.lookup(buf, len))
+        } else {
+            None
+        };
         self.tx.push_back(Tx {
             tag,
             meta: *meta,
@@ -894,6 +1067,8 @@ impl Conn for ShmConn {
             hdr_done: false,
             done: 0,
             req,
+            direct,
+            awaiting: false,
         });
         if self.tx.len() == 1 {
             self.progress_tx();
@@ -1050,6 +1225,10 @@ impl Conn for ShmConn {
         (self.bytes_tx, self.bytes_rx)
     }
 
+    fn direct_bytes(&self) -> (u64, u64) {
+        (self.direct_tx, self.direct_rx)
+    }
+
     fn oversubscribed(&self) -> bool {
         self.live.0.oversubscribed()
     }
@@ -1066,6 +1245,7 @@ pub struct ShmListen {
     opts: ShmOptions,
     load: Arc<Load>,
     pending: Vec<PendingSock>,
+    regions: Option<Arc<Regions>>,
 }
 
 enum HelloRead {
@@ -1179,7 +1359,18 @@ impl ShmListen {
             None => "shm peer".into(),
         };
         // Side 1: wakes on efd1, wakes the connector on efd0.
-        let conn = ShmConn::new(seg, 1, ring, &self.opts, sock, efd1, efd0, desc, &self.load);
+        let conn = ShmConn::new(
+            seg,
+            1,
+            ring,
+            &self.opts,
+            sock,
+            efd1,
+            efd0,
+            desc,
+            &self.load,
+            self.regions.clone(),
+        );
         HelloRead::Conn(Box::new(conn), b[HELLO_FIXED..].to_vec())
     }
 }
@@ -1284,6 +1475,7 @@ impl Transport for ShmTransport {
                 opts: self.opts.clone(),
                 load: self.load.clone(),
                 pending: Vec::new(),
+                regions: self.regions.clone(),
             }),
             ConnectHandle {
                 transport: "shm".into(),
@@ -1407,7 +1599,16 @@ impl Transport for ShmTransport {
         // Side 0: wakes on efd0, wakes the acceptor on efd1. The memfd closes here; the
         // mappings keep the segment alive and nothing names it.
         Ok(Box::new(ShmConn::new(
-            seg, 0, ring, &self.opts, sock, efd0, efd1, desc, &self.load,
+            seg,
+            0,
+            ring,
+            &self.opts,
+            sock,
+            efd0,
+            efd1,
+            desc,
+            &self.load,
+            self.regions.clone(),
         )))
     }
 }
@@ -1438,6 +1639,78 @@ mod tests {
         pair(ShmOptions::default())
     }
 
+    fn drive(a: &mut dyn Conn, b: &mut dyn Conn, ra: Request, rb: Request) {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            if a.test(ra).unwrap().is_some() && b.test(rb).unwrap().is_some() {
+                return;
+            }
+            assert!(Instant::now() < end, "transfer did not finish");
+        }
+    }
+
+    #[test]
+    fn shm_direct_sends_from_registered_regions() {
+        let regions = Regions::new();
+        let opts = ShmOptions {
+            ring_bytes: 64 << 10,
+            direct_min: 1,
+            ..ShmOptions::default()
+        };
+        let t = ShmTransport::with_regions(opts, regions.clone()).unwrap();
+        let (mut l, h) = t.listen(0).unwrap();
+        let mut b = t
+            .connect(&h, b"x", Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut a = loop {
+            if let Some((c, _)) = l.accept().unwrap() {
+                break c;
+            }
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let n = 1 << 20;
+        let reg = regions.alloc(n).unwrap();
+        // SAFETY: the region has n writable bytes, not otherwise accessed here.
+        let src = unsafe { std::slice::from_raw_parts_mut(reg.as_ptr(), n) };
+        for (i, x) in src.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        let plain: Vec<u8> = (0..n).map(|i| (i % 13) as u8).collect();
+        let meta = [7u8; META_LEN];
+        for round in 0..3 {
+            let mut dst = vec![0u8; n];
+            // Direct (registered) then through the ring (a plain Vec), in one direction.
+            // SAFETY: buffers outlive the transfers (driven to completion below).
+            let rs = unsafe { a.isend(round, &meta, src.as_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            // SAFETY: as above.
+            let rr = unsafe { b.irecv(round, dst.as_mut_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            drive(a.as_mut(), b.as_mut(), rs, rr);
+            assert!(dst == src, "direct payload differs");
+            let mut dst2 = vec![0u8; n];
+            // SAFETY: as above.
+            let rs = unsafe { a.isend(9, &meta, plain.as_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            // SAFETY: as above.
+            let rr = unsafe { b.irecv(9, dst2.as_mut_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            drive(a.as_mut(), b.as_mut(), rs, rr);
+            assert!(dst2 == plain);
+        }
+        assert_eq!(a.direct_bytes(), (3 * n as u64, 0));
+        assert_eq!(b.direct_bytes(), (0, 3 * n as u64));
+        assert_eq!(a.bytes().0, 3 * n as u64);
+    }
+
     #[test]
     fn shm_conformance() {
         conf::exchange(&default_pair, conf::SIZES);
@@ -1454,6 +1727,7 @@ mod tests {
                 chunk_bytes: 1000,
                 spin: Duration::ZERO,
                 oversubscribed: None,
+                direct_min: usize::MAX,
             })
         };
         conf::exchange(&small, conf::SIZES);
@@ -1489,6 +1763,7 @@ mod tests {
                 chunk_bytes: 50_001,
                 spin: Duration::ZERO,
                 oversubscribed: None,
+                direct_min: usize::MAX,
             })
         };
         conf::exchange(&odd, &[NT_MIN_MSG + 3, 17, NT_MIN_MSG, 100_000]);
@@ -1597,6 +1872,7 @@ mod tests {
                         .unwrap_or(20),
                 ),
                 oversubscribed: None,
+                direct_min: usize::MAX,
             });
             let n = 64 << 20;
             let iters = 10;

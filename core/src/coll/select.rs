@@ -105,6 +105,12 @@ impl Policy {
         self.small_bytes
     }
 
+    /// Whether `BRAID_ALGO` forces an algorithm for `kind` (single-copy paths then stay off).
+    pub fn forced(&self, kind: CollKind) -> bool {
+        self.per_kind[kind as usize].is_some()
+            || self.global.is_some_and(|a| valid(kind).contains(&a))
+    }
+
     /// Picks the algorithm for `kind` on `nranks` ranks with a message of `bytes` bytes (the
     /// per-rank `count · esize` of [`PlanCtx`]). Overrides first: a per-collective override
     /// must suit the collective; a global one is used only where it suits. Otherwise the

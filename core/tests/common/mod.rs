@@ -1,0 +1,92 @@
+//! Scaffolding shared by the multi-process shm tests: the test binary re-runs itself as the
+//! ranks (an environment variable names the role), and /dev/shm residue checks.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Names in /dev/shm now.
+pub fn dev_shm() -> BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Children killed on drop (a failed assertion never leaves ranks behind).
+pub struct Ranks(pub Vec<Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `n` ranks of this test binary with `role_var=role`.
+pub fn spawn(
+    role_var: &str,
+    role: &str,
+    coord: &str,
+    n: usize,
+    env: &dyn Fn(usize) -> Vec<(String, String)>,
+) -> Ranks {
+    let exe = std::env::current_exe().unwrap();
+    let mut v = Vec::new();
+    for r in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
+            .env(role_var, role)
+            .env("BRAID_COORDINATOR", coord)
+            .env("BRAID_WORLD_SIZE", n.to_string())
+            .env("BRAID_RANK", r.to_string())
+            .env("BRAID_INIT_TIMEOUT", "30")
+            .env("BRAID_TIMEOUT", "60")
+            .env_remove("BRAID_HOST_ID")
+            .env_remove("BRAID_TRANSPORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, val) in env(r) {
+            cmd.env(k, val);
+        }
+        v.push(cmd.spawn().unwrap());
+    }
+    Ranks(v)
+}
+
+/// Waits for every rank (deadline), returns (success, stdout+stderr) per rank.
+pub fn finish(mut ranks: Ranks, limit: Duration) -> Vec<(bool, String)> {
+    let end = Instant::now() + limit;
+    let mut out = Vec::new();
+    for c in ranks.0.iter_mut() {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < end, "ranks did not finish in {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut s = String::new();
+        c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+        c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        out.push((st.success(), s));
+    }
+    out
+}
+
+/// Every rank succeeded and printed RANK-OK.
+pub fn check_all(res: &[(bool, String)]) {
+    for (r, (ok, s)) in res.iter().enumerate() {
+        assert!(ok, "rank {r} failed:\n{s}");
+        assert!(s.contains("RANK-OK"), "rank {r}:\n{s}");
+    }
+}

@@ -1,0 +1,432 @@
+//! Single-copy transfers between ranks (processes on one host) whose buffers come from
+//! `Communicator::alloc_shared`: all-reduce (in-place and out-of-place, counts not divisible
+//! by the rank count, 2 and 3 ranks) and send/recv, with proof that the payload did not cross
+//! the shm rings (byte counters); the fallback when one rank passes heap buffers; a rank killed
+//! mid-call.
+//!
+//! The test binary re-runs itself as the ranks (see core/tests/shm.rs).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use braid::membership::Coordinator;
+use braid::{Communicator, Config, Element, ReduceOp, SharedBuf};
+
+const ROLE: &str = "BRAID_SHM_DIRECT_TEST_ROLE";
+
+mod common;
+use common::{check_all, dev_shm, finish, Ranks};
+
+fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
+    common::spawn(ROLE, role, coord, n, env)
+}
+
+// ---- rank side -------------------------------------------------------------------------
+
+/// A buffer from the communicator's shared allocator, filled from `v`.
+fn shared<T: Element>(c: &Communicator, v: &[T]) -> SharedBuf<T> {
+    let mut b = c.alloc_shared::<T>(v.len()).unwrap();
+    b.copy_from_slice(v);
+    assert!(v.is_empty() || c.is_shared(b.as_ptr() as *const u8, std::mem::size_of_val(v)));
+    b
+}
+
+fn ring_bytes(c: &Communicator) -> u64 {
+    c.bytes_per_peer().iter().map(|(_, tx, rx)| tx + rx).sum()
+}
+
+/// All-reduces over shared buffers (in-place and out-of-place, several types, ops and counts
+/// not divisible by the rank count); `mine_shared`: whether this rank passes shared buffers
+/// (false on one rank = the fallback test). Returns the payload bytes all-reduced.
+fn all_reduces(c: &Communicator, mine_shared: bool) -> u64 {
+    let (r, n) = (c.rank(), c.size());
+    let mut payload = 0u64;
+    for &count in &[1024usize, 4099, 65_537, (3 << 20) / 4 + 1] {
+        let send: Vec<f32> = (0..count).map(|i| (r * 1000 + i % 1000) as f32).collect();
+        let want = |i: usize| (0..n).map(|k| k * 1000 + i % 1000).sum::<usize>() as f32;
+        // Out-of-place.
+        let mut recv = vec![0f32; count];
+        if mine_shared {
+            let s = shared(c, &send);
+            let mut d = shared(c, &recv);
+            c.all_reduce(&s, &mut d, ReduceOp::Sum).unwrap();
+            recv.copy_from_slice(&d);
+        } else {
+            c.all_reduce(&send, &mut recv, ReduceOp::Sum).unwrap();
+        }
+        for (i, v) in recv.iter().enumerate() {
+            assert_eq!(*v, want(i), "all_reduce count {count} at {i}");
+        }
+        // In-place, twice on the same buffer (cached peer mappings).
+        let mut b = shared(c, &send);
+        let mut h = send.clone();
+        for round in 0..2 {
+            if mine_shared {
+                c.all_reduce_inplace(&mut b, ReduceOp::Sum).unwrap();
+            } else {
+                c.all_reduce_inplace(&mut h, ReduceOp::Sum).unwrap();
+            }
+            let got: &[f32] = if mine_shared { &b } else { &h };
+            for (i, v) in got.iter().enumerate() {
+                let w = want(i) * (n as f32).powi(round);
+                assert_eq!(
+                    *v, w,
+                    "in-place all_reduce count {count} round {round} at {i}"
+                );
+            }
+        }
+        payload += 3 * (count * 4) as u64;
+        // Integers with max, doubles with avg.
+        let si: Vec<i32> = (0..count)
+            .map(|i| ((i * 7 + r * 13) % 101) as i32)
+            .collect();
+        let mut di = c.alloc_shared::<i32>(count).unwrap();
+        if mine_shared {
+            let s = shared(c, &si);
+            c.all_reduce(&s, &mut di, ReduceOp::Max).unwrap();
+        } else {
+            let mut v = vec![0i32; count];
+            c.all_reduce(&si, &mut v, ReduceOp::Max).unwrap();
+            di.copy_from_slice(&v);
+        }
+        for (i, v) in di.iter().enumerate() {
+            let w = (0..n)
+                .map(|k| ((i * 7 + k * 13) % 101) as i32)
+                .max()
+                .unwrap();
+            assert_eq!(*v, w, "max at {i}");
+        }
+        let sd: Vec<f64> = (0..count).map(|i| (r * 4 + i % 8) as f64).collect();
+        let mut dd = shared(c, &sd);
+        if mine_shared {
+            c.all_reduce_inplace(&mut dd, ReduceOp::Avg).unwrap();
+        } else {
+            let mut v = sd.clone();
+            c.all_reduce_inplace(&mut v, ReduceOp::Avg).unwrap();
+            dd.copy_from_slice(&v);
+        }
+        for (i, v) in dd.iter().enumerate() {
+            let w = (0..n).map(|k| (k * 4 + i % 8) as f64).sum::<f64>() / n as f64;
+            assert!((v - w).abs() < 1e-9, "avg at {i}: {v} vs {w}");
+        }
+        payload += 2 * (count * 4 + count * 8) as u64;
+    }
+    payload
+}
+
+/// Reduce-scatter, all-gather and broadcast over shared buffers, in place and out of place
+/// (count per rank not a multiple of anything). Returns the bytes this rank should have copied
+/// single-copy from peers (at least).
+fn other_collectives(c: &Communicator) -> u64 {
+    let (r, n) = (c.rank(), c.size());
+    let k = 70_001usize; // per-rank block
+    let mut moved = 0u64;
+    // reduce_scatter: block q of rank r's input is (r + 1) * (q * 10 + i % 10).
+    let input: Vec<f32> = (0..n * k)
+        .map(|x| ((r + 1) * ((x / k) * 10 + x % k % 10)) as f32)
+        .collect();
+    let tri = (n * (n + 1) / 2) as f32;
+    let want = |i: usize| tri * (r * 10 + i % 10) as f32;
+    let s = shared(c, &input);
+    let mut out = c.alloc_shared::<f32>(k).unwrap();
+    c.reduce_scatter(&s, &mut out, ReduceOp::Sum).unwrap();
+    assert!(
+        out.iter().enumerate().all(|(i, v)| *v == want(i)),
+        "reduce_scatter"
+    );
+    let mut b = shared(c, &input);
+    c.reduce_scatter_inplace(&mut b, ReduceOp::Sum).unwrap();
+    assert!(
+        b[r * k..(r + 1) * k]
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == want(i)),
+        "reduce_scatter_inplace"
+    );
+    moved += 2 * ((n - 1) * k * 4) as u64;
+    // all_gather: rank q contributes q * 1000 + i % 1000.
+    let mine: Vec<f32> = (0..k).map(|i| (r * 1000 + i % 1000) as f32).collect();
+    let s = shared(c, &mine);
+    let mut all = c.alloc_shared::<f32>(n * k).unwrap();
+    c.all_gather(&s, &mut all).unwrap();
+    let ok = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .all(|(x, v)| *v == ((x / k) * 1000 + x % k % 1000) as f32)
+    };
+    assert!(ok(&all), "all_gather");
+    let mut b = c.alloc_shared::<f32>(n * k).unwrap();
+    b[r * k..(r + 1) * k].copy_from_slice(&mine);
+    c.all_gather_inplace(&mut b).unwrap();
+    assert!(ok(&b), "all_gather_inplace");
+    moved += 2 * ((n - 1) * k * 4) as u64;
+    // broadcast from rank 1 (in place), and from rank 0 into heap receive buffers.
+    let mut b = c.alloc_shared::<u32>(k).unwrap();
+    if r == 1 {
+        b.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as u32 * 3);
+    }
+    c.broadcast(&mut b, 1).unwrap();
+    assert!(
+        b.iter().enumerate().all(|(i, v)| *v == i as u32 * 3),
+        "broadcast"
+    );
+    let src = shared(c, &(0..k as u32).collect::<Vec<_>>());
+    let mut heap = vec![0u32; k];
+    c.broadcast_from(&src, &mut heap, 0).unwrap();
+    assert!(
+        heap.iter().enumerate().all(|(i, v)| *v == i as u32),
+        "broadcast_from"
+    );
+    if r != 0 {
+        moved += (k * 4) as u64;
+    }
+    moved
+}
+
+/// Ring exchange of `count` f32 with send/recv; `shared_send`: the send buffer is shared.
+fn sendrecv(c: &Communicator, count: usize, shared_send: bool) {
+    let (r, n) = (c.rank(), c.size());
+    let to = (r + 1) % n;
+    let from = (r + n - 1) % n;
+    let mine: Vec<f32> = (0..count).map(|i| (r * 7 + i % 1000) as f32).collect();
+    let mut theirs = c.alloc_shared::<f32>(count).unwrap();
+    let s = shared(c, &mine);
+    let src: &[f32] = if shared_send { &s } else { &mine };
+    c.group()
+        .send(src, to, 5)
+        .unwrap()
+        .recv(&mut theirs, from, 5)
+        .unwrap()
+        .run()
+        .unwrap();
+    for (i, v) in theirs.iter().enumerate() {
+        assert_eq!(*v, (from * 7 + i % 1000) as f32, "sendrecv at {i}");
+    }
+}
+
+fn rank_main(role: &str) {
+    let mut cfg = Config::from_env().unwrap();
+    cfg.timeout = Duration::from_secs(60);
+    let c = match Communicator::init_with(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("INIT-ERR: {e}");
+            std::process::exit(3);
+        }
+    };
+    let r = c.rank();
+    match role {
+        "direct" => {
+            assert!(c.peer_transports().iter().all(|(_, t)| *t == "shm"));
+            let ring0 = ring_bytes(&c);
+            let payload = all_reduces(&c, true);
+            let ring1 = ring_bytes(&c);
+            let direct = c.direct_bytes();
+            println!(
+                "rank {r}: all_reduce payload {payload} ring bytes {} single-copy {direct}",
+                ring1 - ring0
+            );
+            // Only handshakes crossed the rings; the payload was read from peers' memory.
+            assert!(
+                ring1 - ring0 < payload / 50,
+                "ring bytes {} for payload {payload}",
+                ring1 - ring0
+            );
+            assert!(
+                direct >= payload / 4,
+                "single-copy bytes {direct} for payload {payload}"
+            );
+            let d0 = c.direct_bytes();
+            let r0 = ring_bytes(&c);
+            let want = other_collectives(&c);
+            let (d1, r1) = (c.direct_bytes(), ring_bytes(&c));
+            println!(
+                "rank {r}: other collectives single-copy {} ring bytes {}",
+                d1 - d0,
+                r1 - r0
+            );
+            assert!(
+                d1 - d0 >= want,
+                "other collectives: single-copy {} < {want}",
+                d1 - d0
+            );
+            assert!(
+                r1 - r0 < 16 << 10,
+                "other collectives: ring bytes {}",
+                r1 - r0
+            );
+            let direct = d1;
+            let ring1 = r1;
+            // Sends of at least the shm ring size (4 MiB) go single-copy.
+            let count = (5 << 20) / 4 + 3;
+            sendrecv(&c, count, true);
+            let ring2 = ring_bytes(&c);
+            let d2 = c.direct_bytes() - direct;
+            println!(
+                "rank {r}: sendrecv ring bytes {} single-copy {d2}",
+                ring2 - ring1
+            );
+            assert_eq!(d2, (count * 4) as u64);
+            assert!(ring2 - ring1 < 4096);
+            // A send from a heap buffer to a shared receive buffer goes through the rings.
+            sendrecv(&c, count, false);
+            assert_eq!(c.direct_bytes() - direct, d2);
+            assert!(ring_bytes(&c) - ring2 >= 2 * (count * 4) as u64);
+        }
+        "fallback" => {
+            // Rank 0 passes heap buffers: everyone takes the usual path, same results.
+            let ring0 = ring_bytes(&c);
+            let payload = all_reduces(&c, r != 0);
+            let ring1 = ring_bytes(&c);
+            println!(
+                "rank {r}: ring bytes {} single-copy {}",
+                ring1 - ring0,
+                c.direct_bytes()
+            );
+            assert_eq!(c.direct_bytes(), 0);
+            assert!(ring1 - ring0 >= payload / 2);
+        }
+        "off" => {
+            // BRAID_SHM_DIRECT=0: shared buffers, usual path.
+            all_reduces(&c, true);
+            sendrecv(&c, (5 << 20) / 4, true);
+            assert_eq!(c.direct_bytes(), 0);
+        }
+        "kill" => {
+            let mut x = c.alloc_shared::<f32>(4 << 20).unwrap();
+            x.fill(1.0);
+            c.all_reduce_inplace(&mut x, ReduceOp::Max).unwrap();
+            assert!(c.direct_bytes() > 0, "the single-copy path was not taken");
+            println!("RUNNING");
+            let t0 = Instant::now();
+            loop {
+                if let Err(e) = c.all_reduce_inplace(&mut x, ReduceOp::Max) {
+                    println!("COLL-ERR after {:?}: {e}", t0.elapsed());
+                    std::process::exit(4);
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    std::process::exit(5);
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+    c.barrier().unwrap();
+    drop(c);
+    println!("RANK-OK");
+}
+
+#[test]
+fn rank_entry() {
+    if let Ok(role) = std::env::var(ROLE) {
+        rank_main(&role);
+    }
+}
+
+// ---- parent side -----------------------------------------------------------------------
+
+fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn run(role: &str, n: usize, extra: &[(&str, &str)]) {
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let mut env = vec![("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_DIRECT_MIN", "4096")];
+    env.extend_from_slice(extra);
+    let ranks = spawn(role, &addr, n, &|_| env_of(&env));
+    let res = finish(ranks, Duration::from_secs(180));
+    check_all(&res);
+    for (r, (_, s)) in res.iter().enumerate() {
+        println!("rank {r}:\n{s}");
+    }
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
+
+#[test]
+fn single_copy_two_ranks() {
+    run("direct", 2, &[]);
+}
+
+#[test]
+fn single_copy_three_ranks() {
+    run("direct", 3, &[]);
+}
+
+#[test]
+fn one_rank_with_heap_buffers_falls_back() {
+    run("fallback", 3, &[]);
+}
+
+#[test]
+fn single_copy_off() {
+    run("off", 2, &[("BRAID_SHM_DIRECT", "0")]);
+}
+
+#[test]
+fn killed_rank_mid_single_copy_is_reported() {
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let mut ranks = spawn("kill", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
+    let mut outs = Vec::new();
+    for c in ranks.0.iter_mut() {
+        let mut so = c.stdout.take().unwrap();
+        let mut acc = Vec::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut b = [0u8; 256];
+        while !String::from_utf8_lossy(&acc).contains("RUNNING") {
+            assert!(Instant::now() < end, "rank did not start");
+            let k = so.read(&mut b).unwrap();
+            if k == 0 {
+                let mut e = String::new();
+                let _ = c.stderr.take().unwrap().read_to_string(&mut e);
+                panic!("rank exited early: {}{e}", String::from_utf8_lossy(&acc));
+            }
+            acc.extend_from_slice(&b[..k]);
+        }
+        outs.push((so, acc));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = ranks.0[2].id();
+    let st = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    for (i, c) in ranks.0.iter_mut().enumerate().take(2) {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "rank {i} still running 3 s after rank 2 was killed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (so, acc) = &mut outs[i];
+        so.read_to_end(acc).unwrap();
+        let text = String::from_utf8_lossy(acc);
+        assert_eq!(st.code(), Some(4), "rank {i}: {text}");
+        assert!(
+            text.contains("COLL-ERR") && text.contains("rank 2"),
+            "rank {i}: {text}"
+        );
+    }
+    let _ = ranks.0[2].wait();
+    drop(ranks);
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
