@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Read;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use braid::membership::Coordinator;
@@ -16,7 +14,7 @@ use braid::{Communicator, Config, ReduceOp};
 const ROLE: &str = "BRAID_SHM_TEST_ROLE";
 
 mod common;
-use common::{check_all, dev_shm, finish, Ranks};
+use common::{check_all, dev_shm, finish, kill_rank_2_and_check, Ranks};
 
 fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
     common::spawn(ROLE, role, coord, n, env)
@@ -200,57 +198,7 @@ fn killed_rank_is_reported_within_two_seconds() {
     let before = dev_shm();
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
-    let mut ranks = spawn("kill", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
+    let ranks = spawn("kill", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
     // Wait until all ranks run collectives, then let them transfer a little.
-    let mut outs = Vec::new();
-    for c in ranks.0.iter_mut() {
-        let mut so = c.stdout.take().unwrap();
-        let mut acc = Vec::new();
-        let end = Instant::now() + Duration::from_secs(60);
-        let mut b = [0u8; 256];
-        while !String::from_utf8_lossy(&acc).contains("RUNNING") {
-            assert!(Instant::now() < end, "rank did not start");
-            let k = so.read(&mut b).unwrap();
-            assert!(
-                k > 0,
-                "rank exited early: {}",
-                String::from_utf8_lossy(&acc)
-            );
-            acc.extend_from_slice(&b[..k]);
-        }
-        outs.push((so, acc));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let victim = ranks.0[2].id();
-    // SAFETY-free: kill through the kill(1) command.
-    let st = Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let t0 = Instant::now();
-    for (i, c) in ranks.0.iter_mut().enumerate().take(2) {
-        let st = loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(2),
-                "rank {i} still running 2 s after rank 2 was killed"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let (so, acc) = &mut outs[i];
-        so.read_to_end(acc).unwrap();
-        let text = String::from_utf8_lossy(acc);
-        assert_eq!(st.code(), Some(4), "rank {i}: {text}");
-        assert!(
-            text.contains("COLL-ERR") && text.contains("rank 2"),
-            "rank {i}: {text}"
-        );
-    }
-    let _ = ranks.0[2].wait();
-    drop(ranks);
-    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
-    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+    kill_rank_2_and_check(ranks, Duration::from_secs(2), &before);
 }

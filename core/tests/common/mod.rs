@@ -90,3 +90,59 @@ pub fn check_all(res: &[(bool, String)]) {
         assert!(s.contains("RANK-OK"), "rank {r}:\n{s}");
     }
 }
+
+/// Waits until every rank printed RUNNING, kills rank 2 with -9 after 0.3 s, and checks that
+/// the others exit (code 4, COLL-ERR naming rank 2) within `limit` and that nothing new is
+/// left in /dev/shm (compared with `before`).
+pub fn kill_rank_2_and_check(mut ranks: Ranks, limit: Duration, before: &BTreeSet<String>) {
+    let mut outs = Vec::new();
+    for c in ranks.0.iter_mut() {
+        let mut so = c.stdout.take().unwrap();
+        let mut acc = Vec::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut b = [0u8; 256];
+        while !String::from_utf8_lossy(&acc).contains("RUNNING") {
+            assert!(Instant::now() < end, "rank did not start");
+            let k = so.read(&mut b).unwrap();
+            assert!(
+                k > 0,
+                "rank exited early: {}",
+                String::from_utf8_lossy(&acc)
+            );
+            acc.extend_from_slice(&b[..k]);
+        }
+        outs.push((so, acc));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = ranks.0[2].id();
+    let st = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    for (i, c) in ranks.0.iter_mut().enumerate().take(2) {
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "rank {i} still running {limit:?} after rank 2 was killed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (so, acc) = &mut outs[i];
+        so.read_to_end(acc).unwrap();
+        let text = String::from_utf8_lossy(acc);
+        assert_eq!(st.code(), Some(4), "rank {i}: {text}");
+        assert!(
+            text.contains("COLL-ERR") && text.contains("rank 2"),
+            "rank {i}: {text}"
+        );
+    }
+    let _ = ranks.0[2].wait();
+    drop(ranks);
+    let new: Vec<String> = dev_shm().difference(before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}")
+}
