@@ -361,6 +361,17 @@ fn wake_if_waiting(seg: &Seg, side: usize, efd: RawFd) {
     }
 }
 
+/// Free bytes in `side`'s ring of `r` bytes written up to `head`, re-reading the consumer's
+/// tail into `peer_tail` when fewer than `need` seem free; `None` when there are still fewer.
+fn room(seg: &Seg, side: usize, head: u64, peer_tail: &mut u64, r: u64, need: u64) -> Option<u64> {
+    let mut free = r - (head - *peer_tail);
+    if free < need {
+        *peer_tail = seg.atom(block(side) + OFF_TAIL).load(Ordering::Acquire);
+        free = r - (head - *peer_tail);
+    }
+    (free >= need).then_some(free)
+}
+
 fn block(side: usize) -> usize {
     PAGE * (1 + side)
 }
@@ -647,16 +658,17 @@ impl ShmConn {
             }
             if let Some(d) = t.direct {
                 let need = (HDR + DBODY) as u64;
-                let mut free = r - (self.head - self.peer_tail);
-                if free < need {
-                    self.peer_tail = self
-                        .seg
-                        .atom(block(self.side) + OFF_TAIL)
-                        .load(Ordering::Acquire);
-                    free = r - (self.head - self.peer_tail);
-                    if free < need {
-                        break;
-                    }
+                if room(
+                    &self.seg,
+                    self.side,
+                    self.head,
+                    &mut self.peer_tail,
+                    r,
+                    need,
+                )
+                .is_none()
+                {
+                    break;
                 }
                 let mut f = [0u8; HDR + DBODY];
                 f[..HDR].copy_from_slice(&encode_hdr(t.tag, t.len as u64, &t.meta));
@@ -671,17 +683,16 @@ impl ShmConn {
                 break;
             }
             let need = if t.hdr_done { 1 } else { HDR as u64 };
-            let mut free = r - (self.head - self.peer_tail);
-            if free < need {
-                self.peer_tail = self
-                    .seg
-                    .atom(block(self.side) + OFF_TAIL)
-                    .load(Ordering::Acquire);
-                free = r - (self.head - self.peer_tail);
-                if free < need {
-                    break;
-                }
-            }
+            let Some(mut free) = room(
+                &self.seg,
+                self.side,
+                self.head,
+                &mut self.peer_tail,
+                r,
+                need,
+            ) else {
+                break;
+            };
             if !t.hdr_done {
                 let h = encode_hdr(t.tag, t.len as u64, &t.meta);
                 // SAFETY: the ring is `r` bytes of the mapping; free >= HDR bytes starting at
