@@ -91,6 +91,9 @@ pub fn both_directions_at_once(pair: MakePair) {
         wait(a.as_mut(), s).unwrap();
         wait(a.as_mut(), r).unwrap();
         assert!(dst.iter().enumerate().all(|(i, &x)| x == (i % 241) as u8));
+        // Kept open until the other side has its message too: dropping it now is a death
+        // without goodbye, which the other side may see before it drains the data.
+        a
     });
     let src: Vec<u8> = (0..n).map(|i| (i % 241) as u8).collect();
     let mut dst = vec![0u8; n];
@@ -101,7 +104,7 @@ pub fn both_directions_at_once(pair: MakePair) {
     let (s, r) = (s.unwrap().unwrap(), r.unwrap().unwrap());
     wait(b.as_mut(), s).unwrap();
     assert_eq!(wait(b.as_mut(), r).unwrap().meta, [1; META_LEN]);
-    th.join().unwrap();
+    drop(th.join().unwrap());
     assert!(dst.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
 }
 
