@@ -305,6 +305,9 @@ fn check_len(dtype: DataType, what: &str, lens: &[usize]) -> Result<()> {
 /// `dtype.size()`.
 pub fn reduce_inplace(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -> Result<()> {
     check_len(dtype, "reduce_inplace", &[acc.len(), b.len()])?;
+    if dtype == DataType::F32 && op == ReduceOp::Sum && crate::mem::add_f32_inplace(acc, b) {
+        return Ok(());
+    }
     match dtype {
         DataType::I8 => typed_inplace::<i8>(op, acc, b),
         DataType::U8 => typed_inplace::<u8>(op, acc, b),
@@ -335,6 +338,9 @@ pub fn reduce_into(
     b: &[u8],
 ) -> Result<()> {
     check_len(dtype, "reduce_into", &[dst.len(), a.len(), b.len()])?;
+    if dtype == DataType::F32 && op == ReduceOp::Sum && crate::mem::add_f32_into(dst, a, b) {
+        return Ok(());
+    }
     match dtype {
         DataType::I8 => typed_into::<i8>(op, dst, a, b),
         DataType::U8 => typed_into::<u8>(op, dst, a, b),
