@@ -24,6 +24,22 @@ fn cfg(addr: &str, n: usize) -> Config {
     }
 }
 
+/// Starts `n` servers on threads of scope `s` (joined for their `KvServer`).
+fn start_servers<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    n: usize,
+    addr: &str,
+    world: usize,
+    opts: &PsOptions,
+) -> Vec<std::thread::ScopedJoinHandle<'scope, KvServer>> {
+    (0..n)
+        .map(|_| {
+            let (addr, opts) = (addr.to_string(), opts.clone());
+            s.spawn(move || KvServer::start(cfg(&addr, world), opts).unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn sync_push_pull_two_workers_two_servers() {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
@@ -33,12 +49,7 @@ fn sync_push_pull_two_workers_two_servers() {
         ..PsOptions::default()
     };
     std::thread::scope(|s| {
-        let servers: Vec<_> = (0..2)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
-            })
-            .collect();
+        let servers = start_servers(s, 2, &addr, 4, &opts);
         let workers: Vec<_> = (0..2)
             .map(|w| {
                 let (addr, opts) = (addr.clone(), opts.clone());
@@ -122,12 +133,7 @@ fn a_server_that_goes_away_loses_no_acknowledged_update() {
     let keys: Vec<u64> = (0..16).collect();
     let lens = vec![32usize; 16]; // 128 bytes per key: 2 parts each
     std::thread::scope(|s| {
-        let mut servers: Vec<_> = (0..3)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 5), opts).unwrap())
-            })
-            .collect();
+        let mut servers = start_servers(s, 3, &addr, 5, &opts);
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let (addr, opts, keys, lens) =
@@ -188,12 +194,7 @@ fn a_joining_server_takes_its_share_and_values_are_kept() {
     let keys: Vec<u64> = (0..300).collect();
     let lens = vec![2usize; 300];
     std::thread::scope(|s| {
-        let servers: Vec<_> = (0..2)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 3), opts).unwrap())
-            })
-            .collect();
+        let servers = start_servers(s, 2, &addr, 3, &opts);
         let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
         let vals: Vec<f32> = (0..600).map(|i| i as f32).collect();
         kv.init(&keys, &lens, &vals).unwrap();
@@ -295,12 +296,7 @@ fn readers_never_see_a_torn_snapshot() {
     let keys: Vec<u64> = (100..120).collect();
     let lens = vec![8usize; 20];
     std::thread::scope(|s| {
-        let servers: Vec<_> = (0..2)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
-            })
-            .collect();
+        let servers = start_servers(s, 2, &addr, 4, &opts);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ws: Vec<_> = (0..2)
             .map(|_| {
@@ -465,12 +461,7 @@ fn bounded_staleness_holds_a_fast_worker() {
         ..PsOptions::default()
     };
     std::thread::scope(|s| {
-        let servers: Vec<_> = (0..2)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 4), opts).unwrap())
-            })
-            .collect();
+        let servers = start_servers(s, 2, &addr, 4, &opts);
         let slow_done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let hs: Vec<_> = (0..2)
             .map(|w| {
@@ -536,12 +527,7 @@ fn pulls_into_caller_memory() {
         ..PsOptions::default()
     };
     std::thread::scope(|s| {
-        let servers: Vec<_> = (0..2)
-            .map(|_| {
-                let (addr, opts) = (addr.clone(), opts.clone());
-                s.spawn(move || KvServer::start(cfg(&addr, 3), opts).unwrap())
-            })
-            .collect();
+        let servers = start_servers(s, 2, &addr, 3, &opts);
         let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
         // Keys of 100 and 300 f32 (the second split into parts over both servers).
         let (keys, lens) = ([5u64, 6], [100usize, 300]);

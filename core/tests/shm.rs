@@ -14,7 +14,7 @@ use braid::{Communicator, Config, ReduceOp};
 const ROLE: &str = "BRAID_SHM_TEST_ROLE";
 
 mod common;
-use common::{check_all, dev_shm, finish, kill_rank_2_and_check, Ranks};
+use common::{check_all, dev_shm, env_of, finish, kill_rank_2_and_check, Ranks};
 
 fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
     common::spawn(ROLE, role, coord, n, env)
@@ -139,13 +139,6 @@ fn rank_entry() {
 }
 
 // ---- parent side -----------------------------------------------------------------------
-
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[test]
 fn collectives_over_shm_processes() {

@@ -16,7 +16,7 @@ use braid::{Communicator, Config, Element, ReduceOp, SharedBuf};
 const ROLE: &str = "BRAID_SHM_DIRECT_TEST_ROLE";
 
 mod common;
-use common::{check_all, dev_shm, finish, kill_rank_2_and_check, Ranks};
+use common::{check_all, dev_shm, env_of, finish, kill_rank_2_and_check, Ranks};
 
 fn spawn(role: &str, coord: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Ranks {
     common::spawn(ROLE, role, coord, n, env)
@@ -327,13 +327,6 @@ fn rank_entry() {
 }
 
 // ---- parent side -----------------------------------------------------------------------
-
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 fn run(role: &str, n: usize, extra: &[(&str, &str)]) {
     let before = dev_shm();

@@ -415,7 +415,7 @@ pub fn stream_copy(dst: &mut [u8], src: &[u8]) {
     unsafe { stream_copy_raw(dst.as_mut_ptr(), src.as_ptr(), n) }
 }
 
-/// [`stream_copy_raw`] with 32-byte streaming stores (half the instructions of the SSE2 form:
+/// [`stream_copy_raw`] with 32-byte streaming stores (few instructions per byte:
 /// the copy shares its core with the reduction).
 ///
 /// # Safety
@@ -457,34 +457,6 @@ pub(crate) unsafe fn stream_copy_raw(dst: *mut u8, src: *const u8, n: usize) {
     if n >= 1024 && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked); the caller's contract.
         unsafe { stream_copy_avx2(dst, src, n) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if n >= 1024 {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-        // SAFETY: all accesses stay inside src..src+n and dst..dst+n (caller's contract); the
-        // streaming stores go to 16-byte aligned addresses (head copied first); SSE2 is part
-        // of x86_64.
-        unsafe {
-            let head = dst.align_offset(64).min(n);
-            std::ptr::copy_nonoverlapping(src, dst, head);
-            let (mut s, mut d) = (src.add(head), dst.add(head));
-            let body = (n - head) / 64;
-            for _ in 0..body {
-                let a = _mm_loadu_si128(s as *const __m128i);
-                let b = _mm_loadu_si128(s.add(16) as *const __m128i);
-                let c = _mm_loadu_si128(s.add(32) as *const __m128i);
-                let e = _mm_loadu_si128(s.add(48) as *const __m128i);
-                _mm_stream_si128(d as *mut __m128i, a);
-                _mm_stream_si128(d.add(16) as *mut __m128i, b);
-                _mm_stream_si128(d.add(32) as *mut __m128i, c);
-                _mm_stream_si128(d.add(48) as *mut __m128i, e);
-                s = s.add(64);
-                d = d.add(64);
-            }
-            std::ptr::copy_nonoverlapping(s, d, n - head - body * 64);
-            _mm_sfence();
-        }
         return;
     }
     // SAFETY: the caller's contract.

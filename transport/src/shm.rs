@@ -361,6 +361,29 @@ fn wake_if_waiting(seg: &Seg, side: usize, efd: RawFd) {
     }
 }
 
+/// The error for a frame header `h` that does not match the posted receive (`tag`, `len`),
+/// with the sender's meta; `None` when it matches.
+fn mismatch(h: &[u8], tag: u64, len: usize) -> Option<NetError> {
+    let (got_tag, got_len) = (u64_at(h, 8), u64_at(h, 16));
+    if got_tag == tag && got_len == len as u64 {
+        return None;
+    }
+    Some(NetError::Mismatch {
+        expected_tag: tag,
+        expected_len: len as u64,
+        got_tag,
+        got_len,
+        meta: meta_of(h),
+    })
+}
+
+/// The sender's meta bytes of frame header `h`.
+fn meta_of(h: &[u8]) -> [u8; META_LEN] {
+    let mut meta = [0u8; META_LEN];
+    meta.copy_from_slice(&h[32..32 + META_LEN]);
+    meta
+}
+
 /// Free bytes in `side`'s ring of `r` bytes written up to `head`, re-reading the consumer's
 /// tail into `peer_tail` when fewer than `need` seem free; `None` when there are still fewer.
 fn room(seg: &Seg, side: usize, head: u64, peer_tail: &mut u64, r: u64, need: u64) -> Option<u64> {
@@ -777,18 +800,10 @@ impl ShmConn {
                             break Ok(());
                         }
                     }
-                    let (tag, len) = (u64_at(&h, 8), u64_at(&h, 16));
-                    let mut meta = [0u8; META_LEN];
-                    meta.copy_from_slice(&h[32..32 + META_LEN]);
-                    if tag != rx.tag || len != rx.len as u64 {
-                        break Err(NetError::Mismatch {
-                            expected_tag: rx.tag,
-                            expected_len: rx.len as u64,
-                            got_tag: tag,
-                            got_len: len,
-                            meta,
-                        });
+                    if let Some(e) = mismatch(&h, rx.tag, rx.len) {
+                        break Err(e);
                     }
+                    let meta = meta_of(&h);
                     let mut body = [0u8; DBODY];
                     // SAFETY: DBODY published bytes follow the header in the peer's ring.
                     unsafe {
@@ -847,26 +862,15 @@ impl ShmConn {
                         "corrupt shm frame: bad magic in a frame header".into(),
                     ));
                 }
-                let (tag, len) = (u64_at(&h, 8), u64_at(&h, 16));
-                if tag != rx.tag || len != rx.len as u64 {
-                    let mut meta = [0u8; META_LEN];
-                    meta.copy_from_slice(&h[32..32 + META_LEN]);
-                    break Err(NetError::Mismatch {
-                        expected_tag: rx.tag,
-                        expected_len: rx.len as u64,
-                        got_tag: tag,
-                        got_len: len,
-                        meta,
-                    });
+                if let Some(e) = mismatch(&h, rx.tag, rx.len) {
+                    break Err(e);
                 }
                 let req = rx.req;
                 rx.got_hdr = true;
                 self.tail += HDR as u64;
                 avail -= HDR as u64;
                 moved = true;
-                let mut m = [0u8; META_LEN];
-                m.copy_from_slice(&h[32..32 + META_LEN]);
-                self.recvs.set_meta(req, m);
+                self.recvs.set_meta(req, meta_of(&h));
             }
             let Some(rx) = self.rx.front_mut() else {
                 break Ok(());

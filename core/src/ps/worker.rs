@@ -287,16 +287,7 @@ impl KvWorker {
     /// Errors: `InvalidArgument` for inconsistent lengths; a server's refusal; timeouts.
     pub fn init<T: Element>(&self, keys: &[u64], lens: &[usize], vals: &[T]) -> Result<()> {
         self.inner
-            .submit(
-                Kind::Init,
-                T::DTYPE,
-                keys,
-                lens,
-                bytemuck::cast_slice(vals),
-                None,
-                None,
-                0,
-            )
+            .write_op(Kind::Init, keys, lens, vals, 0)
             .and_then(|op| handle(&self.inner, op, |_| ()).wait())
     }
 
@@ -516,8 +507,20 @@ impl WInner {
         vals: &[T],
         prio: i32,
     ) -> Result<u64> {
+        self.write_op(Kind::Push, keys, lens, vals, prio)
+    }
+
+    /// Submits an init or a push of `vals`; returns its operation id.
+    fn write_op<T: Element>(
+        self: &Arc<Self>,
+        kind: Kind,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        prio: i32,
+    ) -> Result<u64> {
         self.submit(
-            Kind::Push,
+            kind,
             T::DTYPE,
             keys,
             lens,

@@ -8,6 +8,14 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Owned environment pairs.
+pub fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// Names in /dev/shm now.
 pub fn dev_shm() -> BTreeSet<String> {
     std::fs::read_dir("/dev/shm")
