@@ -2336,6 +2336,11 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
                     bufs,
                     sig,
                     inner.all_shm,
+                    match inner.cfg.shm_cma {
+                        crate::config::CmaUse::Never => false,
+                        crate::config::CmaUse::AllReduce => kind == CollKind::AllReduce,
+                        crate::config::CmaUse::All => true,
+                    },
                 );
                 match r {
                     Ok(crate::direct::Outcome::Done(n)) => {

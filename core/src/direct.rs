@@ -1,15 +1,24 @@
-//! Single-copy collectives between ranks of one host whose buffers lie in shared regions
-//! ([`crate::shared::SharedBuf`]), like NCCL with registered buffers (`-R 1`): all-reduce,
-//! reduce-scatter, all-gather and broadcast.
+//! Single-copy collectives between ranks of one host: all-reduce, reduce-scatter, all-gather
+//! and broadcast. A peer's buffer is reached in one of two ways:
+//! * it lies in a shared region ([`crate::shared::SharedBuf`], like NCCL with registered
+//!   buffers, `-R 1`): this rank maps the region and reads or writes it with plain loads and
+//!   stores;
+//! * it is ordinary private memory (a `Vec`, a tensor): this rank copies from or to it with
+//!   cross-memory attach ([`braid_transport::cma`], `process_vm_readv`/`writev`: the kernel
+//!   copies once), where the system permits it (`BRAID_SHM_CMA`); reductions read a block into
+//!   a cache-sized scratch block first.
 //!
 //! Steps (n ranks):
 //! 1. Handshake: every rank sends every peer a descriptor of its send and receive buffers
-//!    (region, offset, length), or "not registered" / "not connected through shared memory".
-//!    Every rank sees all descriptors, so all agree: if any rank said "not", all run the usual
-//!    plan. Only the buffers a peer touches must be registered (below).
-//! 2. Each rank maps the peers' regions it needs (cached) and tells every peer whether that
-//!    worked; any failure: all run the usual plan (nothing was written yet; one log line).
-//!    After this exchange every rank is inside the call.
+//!    (region, offset, length; or process, address, length), whether it can use cross-memory
+//!    attach, or "not connected through shared memory". Every rank sees all descriptors, so
+//!    all agree: if any rank said "not", or a buffer is private and some rank cannot use
+//!    cross-memory attach, all run the usual plan.
+//! 2. Each rank maps the peers' regions it needs (cached) or probes their private buffers
+//!    (reads the peer's cookie: permitted, and the right process), and tells every peer whether
+//!    that worked; any failure: all run the usual plan (nothing was written yet; one log line;
+//!    a rank whose probe was refused stops offering cross-memory attach). After this exchange
+//!    every rank is inside the call.
 //! 3. The data movement, each byte copied once:
 //!    * all-reduce (chunk r = elements `[r*count/n, (r+1)*count/n)`): rank r alone handles chunk
 //!      r of every buffer: block by block (cache-sized) it reduces chunk r of every rank's send
@@ -25,17 +34,22 @@
 //!      Needs the send buffers registered (in place: the send block is inside the receive
 //!      buffer and is never written).
 //!    * broadcast: every rank copies the root's buffer into its own. Needs the root's registered.
-//! 4. Barrier (nobody reads or writes this rank's buffers any more): return.
+//! 4. Barrier (nobody reads or writes this rank's buffers any more), which also carries whether
+//!    each rank's part succeeded: a copy that failed half-way (a peer that vanished) is an
+//!    error on every rank, never a hang.
 //!
 //! Busbw factors as for the ring algorithms. The handshakes and the barrier are small
 //! messages over the existing connections, so a peer that dies or aborts meanwhile is reported
 //! as usual (executor waits, `BRAID_TIMEOUT`); memory of a dead peer stays mapped (and valid)
 //! until the cache drops it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use braid_transport::cma::{self, CmaDesc};
 use braid_transport::region::{RegionDesc, Regions, RemoteMaps, DESC_LEN};
 
 use crate::coll::{Algo, CollKind, PlanCtx};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::exec::{Exec, P2pOp, Peer, Sig};
 use crate::mem::{self, RawBuf};
 use crate::reduce;
@@ -47,6 +61,61 @@ const TOKEN: usize = 24 + 2 * DESC_LEN;
 
 /// Bytes reduced per step (the scratch block and the source blocks stay in cache).
 const BLOCK: usize = 64 << 10;
+
+/// Bytes reduced per step when a source or destination is reached by cross-memory attach
+/// (fewer system calls; the blocks still fit in L2).
+const CMA_BLOCK: usize = 256 << 10;
+
+/// Descriptor kinds in the handshake.
+const KIND_REGION: u8 = 1;
+const KIND_CMA: u8 = 2;
+
+/// Set when cross-memory attach was refused in this process (ptrace rules, seccomp): it is not
+/// offered again.
+static CMA_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// A buffer of some rank as this rank reaches it.
+#[derive(Clone, Copy)]
+enum Buf {
+    /// Memory this process addresses: its own buffer, or a peer's region mapped here.
+    Mem(RawBuf),
+    /// A peer's private memory (cross-memory attach).
+    Cma(CmaDesc),
+}
+
+impl Buf {
+    fn sub(&self, off: usize, len: usize) -> Result<Buf> {
+        Ok(match self {
+            Buf::Mem(b) => Buf::Mem(sub(b, off, len)?),
+            Buf::Cma(d) => Buf::Cma(CmaDesc {
+                addr: d.at(off, len).map_err(|e| Error::Internal(e.to_string()))?,
+                len: len as u64,
+                ..*d
+            }),
+        })
+    }
+
+    /// Copies `len` bytes at `off` of this buffer into `dst` (streaming stores).
+    fn read_into(&self, off: usize, dst: *mut u8, len: usize) -> Result<()> {
+        match self {
+            Buf::Mem(b) => {
+                let s = b.at(off, len)?;
+                if !std::ptr::eq(dst, s) {
+                    mem::with2(dst, s, len, braid_transport::region::stream_copy)?;
+                }
+                Ok(())
+            }
+            Buf::Cma(d) => {
+                let a = d.at(off, len).map_err(cma_error)?;
+                mem::with_mut(dst, len, |x| cma::read(d.pid, a, x)).map_err(cma_error)
+            }
+        }
+    }
+}
+
+fn cma_error(e: braid_transport::NetError) -> Error {
+    Error::System(format!("cross-memory attach: {e}"))
+}
 
 /// What [`run`] did.
 pub(crate) enum Outcome {
@@ -115,41 +184,59 @@ pub(crate) fn supports(kind: CollKind) -> bool {
 
 /// Reduces the equal-length `srcs` block by block into a scratch block and writes each block
 /// to every one of `dsts` (streaming stores, or plain ones where a destination is also a
-/// source).
-fn reduce_to(ctx: &PlanCtx, srcs: &[RawBuf], dsts: &[RawBuf], len: usize) -> Result<()> {
+/// source; cross-memory attach for peers' private buffers, whose blocks are first read into
+/// scratch blocks).
+fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize) -> Result<()> {
     let es = ctx.dtype.size();
-    let step = (BLOCK / es).max(1) * es;
-    let mut tmp = vec![0u64; step.div_ceil(8)];
+    let any_cma = srcs.iter().chain(dsts).any(|b| matches!(b, Buf::Cma(_)));
+    let block = if any_cma { CMA_BLOCK } else { BLOCK };
+    let step = (block / es).max(1) * es;
+    let ncma = srcs.iter().filter(|b| matches!(b, Buf::Cma(_))).count();
+    let mut tmp = vec![0u64; step.div_ceil(8) * (1 + ncma)];
     let tmpb: &mut [u8] = bytemuck::cast_slice_mut(&mut tmp);
     let tmp = RawBuf::from_mut(tmpb);
+    let mut blocks = vec![std::ptr::null::<u8>(); srcs.len()];
     let mut off = 0;
     while off < len {
         let l = step.min(len - off);
+        let mut k = 0;
+        for (s, p) in srcs.iter().zip(blocks.iter_mut()) {
+            *p = match s {
+                Buf::Mem(b) => b.at(off, l)?,
+                Buf::Cma(_) => {
+                    k += 1;
+                    let at = tmp.at(k * step, l)?;
+                    s.read_into(off, at, l)?;
+                    at
+                }
+            };
+        }
         let t = tmp.at(0, l)?;
-        let a = srcs[0].at(off, l)?;
-        let b = srcs[1].at(off, l)?;
-        mem::with3(t, a, b, l, |d, x, y| {
+        mem::with3(t, blocks[0], blocks[1], l, |d, x, y| {
             reduce::reduce_into(ctx.dtype, ctx.op, d, x, y)
         })??;
-        for s in srcs.iter().skip(2) {
-            let x = s.at(off, l)?;
+        for &x in blocks.iter().skip(2) {
             mem::with2(t, x, l, |d, x| {
                 reduce::reduce_inplace(ctx.dtype, ctx.op, d, x)
             })??;
         }
         mem::with_mut(t, l, |d| reduce::finalize(ctx.dtype, ctx.op, d, ctx.size))?;
         for d in dsts {
-            let d = d.at(off, l)?;
-            let mut cached = false;
-            for s in srcs {
-                cached |= std::ptr::eq(d, s.at(off, l)?);
-            }
-            if cached {
-                // In place: the block was just read, so it is in this CPU's cache and plain
-                // stores hit it (streaming stores to cached lines are slower).
-                mem::copy(d, t, l);
-            } else {
-                mem::with2(d, t, l, braid_transport::region::stream_copy)?;
+            match d {
+                Buf::Mem(d) => {
+                    let d = d.at(off, l)?;
+                    if blocks.iter().any(|&s| std::ptr::eq(d, s)) {
+                        // In place: the block was just read, so it is in this CPU's cache and
+                        // plain stores hit it (streaming stores to cached lines are slower).
+                        mem::copy(d, t, l);
+                    } else {
+                        mem::with2(d, t, l, braid_transport::region::stream_copy)?;
+                    }
+                }
+                Buf::Cma(c) => {
+                    let a = c.at(off, l).map_err(cma_error)?;
+                    mem::with_ref(t, l, |x| cma::write(c.pid, a, x)).map_err(cma_error)?;
+                }
             }
         }
         off += l;
@@ -165,8 +252,9 @@ fn sub(b: &RawBuf, off: usize, len: usize) -> Result<RawBuf> {
 
 /// Runs one collective single-copy if every rank can (see the module docs).
 ///
-/// `local_ok`: this rank reaches every peer through shared memory. `sig`: the collective's
-/// signature (its `seq`); the handshakes are told apart by `slice_kib`.
+/// `local_ok`: this rank reaches every peer through shared memory. `cma`: cross-memory attach
+/// may be used (`BRAID_SHM_CMA`). `sig`: the collective's signature (its `seq`); the handshakes
+/// are told apart by `slice_kib`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     exec: &mut Exec,
@@ -177,6 +265,7 @@ pub(crate) fn run(
     bufs: [RawBuf; 2],
     sig: Sig,
     local_ok: bool,
+    cma: bool,
 ) -> Result<Outcome> {
     let n = ctx.size;
     let me = ctx.rank;
@@ -185,51 +274,52 @@ pub(crate) fn run(
     let Some(mine_needed) = needs(ctx.kind, me, ctx.root) else {
         return Ok(Outcome::Fallback);
     };
+    let cma = cma && !CMA_REFUSED.load(Ordering::Relaxed);
     let round = |k: u32| Sig {
         algo: Algo::Direct,
         slice_kib: 0xD1_0000 | k,
         ..sig
     };
-    // 1. Descriptors of what the peers need: [ok, 0.., send len @8, recv len @16, descs].
-    let describe = |b: &RawBuf| -> Option<RegionDesc> {
-        let p = b.at(0, b.len()).ok()?;
-        regions.lookup(p, b.len())
-    };
+    // 1. Descriptors of what the peers need: [ok, send kind, recv kind, can cma, 0..,
+    //    send len @8, recv len @16, send desc @24, recv desc @24 + DESC_LEN].
     let mut tok = [0u8; TOKEN];
-    let sd = if mine_needed.0 {
-        describe(&bufs[0])
-    } else {
-        None
-    };
-    let rd = if mine_needed.1 {
-        describe(&bufs[1])
-    } else {
-        None
-    };
-    if local_ok && (sd.is_some() || !mine_needed.0) && (rd.is_some() || !mine_needed.1) {
-        tok[0] = 1;
-        tok[8..16].copy_from_slice(&(bufs[0].len() as u64).to_le_bytes());
-        tok[16..24].copy_from_slice(&(bufs[1].len() as u64).to_le_bytes());
-        if let Some(d) = sd {
-            tok[24..24 + DESC_LEN].copy_from_slice(&d.encode());
+    tok[0] = u8::from(local_ok);
+    tok[3] = u8::from(cma);
+    tok[8..16].copy_from_slice(&(bufs[0].len() as u64).to_le_bytes());
+    tok[16..24].copy_from_slice(&(bufs[1].len() as u64).to_le_bytes());
+    for (i, (need, b)) in [(mine_needed.0, &bufs[0]), (mine_needed.1, &bufs[1])]
+        .into_iter()
+        .enumerate()
+    {
+        if !need {
+            continue;
         }
-        if let Some(d) = rd {
-            tok[24 + DESC_LEN..].copy_from_slice(&d.encode());
+        let at = 24 + i * DESC_LEN;
+        let p = b.at(0, b.len())?;
+        if let Some(d) = regions.lookup(p, b.len()) {
+            tok[1 + i] = KIND_REGION;
+            tok[at..at + DESC_LEN].copy_from_slice(&d.encode());
+        } else if cma {
+            tok[1 + i] = KIND_CMA;
+            tok[at..at + cma::CMA_DESC_LEN].copy_from_slice(&CmaDesc::local(p, b.len()).encode());
+        } else {
+            tok[0] = 0;
         }
     }
     let mut all = vec![vec![0u8; TOKEN]; n];
     exchange(exec, peers, ctx, round(1), &tok, &mut all)?;
-    if all.iter().any(|t| t[0] != 1) {
+    let any_cma = all.iter().any(|t| t[1] == KIND_CMA || t[2] == KIND_CMA);
+    if all.iter().any(|t| t[0] != 1 || (any_cma && t[3] != 1)) {
         return Ok(Outcome::Fallback);
     }
-    // 2. Map the peers' buffers this rank needs.
-    let mut sends = vec![RawBuf::empty(); n];
-    let mut recvs = vec![RawBuf::empty(); n];
+    // 2. Map or probe the peers' buffers this rank needs.
+    let mut sends = vec![Buf::Mem(RawBuf::empty()); n];
+    let mut recvs = vec![Buf::Mem(RawBuf::empty()); n];
     let mut failed: Option<String> = None;
     for (p, t) in all.iter().enumerate() {
         if p == me {
-            sends[p] = bufs[0];
-            recvs[p] = bufs[1];
+            sends[p] = Buf::Mem(bufs[0]);
+            recvs[p] = Buf::Mem(bufs[1]);
             continue;
         }
         let Some((ns, nr)) = needs(ctx.kind, p, ctx.root) else {
@@ -241,26 +331,46 @@ pub(crate) fn run(
             x.copy_from_slice(&t[o..o + 8]);
             u64::from_le_bytes(x) as usize
         };
-        for (need, len, at, slot, what) in [
-            (ns, u64at(8), 24, &mut sends[p], "send"),
-            (nr, u64at(16), 24 + DESC_LEN, &mut recvs[p], "receive"),
+        for (i, need, slot, what) in [
+            (0, ns, &mut sends[p], "send"),
+            (1, nr, &mut recvs[p], "receive"),
         ] {
             if !need || failed.is_some() {
                 continue;
             }
-            let Some(d) = RegionDesc::decode(&t[at..at + DESC_LEN]) else {
-                failed = Some(format!("rank {p} sent a malformed descriptor"));
-                continue;
-            };
-            match remote.resolve(&d, len) {
-                // SAFETY: resolve returned a pointer to `len` readable and writable bytes of
-                // a mapping that stays in the cache for this call (at most 2(n-1) <= 14
-                // regions are resolved per call, below the cache's capacity, and a region in
-                // use is never swept: its owner is inside this call and keeps it alive). Send
-                // views are only read; of a receive view this rank writes only its own chunk,
-                // which no other rank touches during the call.
-                Ok(x) => *slot = unsafe { RawBuf::from_raw(x, len) },
-                Err(e) => failed = Some(format!("mapping rank {p}'s {what} buffer: {e}")),
+            let (len, at) = (u64at(8 + 8 * i), 24 + i * DESC_LEN);
+            let raw = &t[at..at + DESC_LEN];
+            match t[1 + i] {
+                KIND_REGION => {
+                    let Some(d) = RegionDesc::decode(raw) else {
+                        failed = Some(format!("rank {p} sent a malformed descriptor"));
+                        continue;
+                    };
+                    match remote.resolve(&d, len) {
+                        // SAFETY: resolve returned a pointer to `len` readable and writable
+                        // bytes of a mapping that stays in the cache for this call (at most
+                        // 2(n-1) <= 14 regions are resolved per call, below the cache's
+                        // capacity, and a region in use is never swept: its owner is inside
+                        // this call and keeps it alive). Send views are only read; of a
+                        // receive view this rank writes only its own chunk, which no other
+                        // rank touches during the call.
+                        Ok(x) => *slot = Buf::Mem(unsafe { RawBuf::from_raw(x, len) }),
+                        Err(e) => failed = Some(format!("mapping rank {p}'s {what} buffer: {e}")),
+                    }
+                }
+                KIND_CMA => match CmaDesc::decode(raw) {
+                    Some(d) if d.len as usize == len => match d.probe(i == 1) {
+                        Ok(()) => *slot = Buf::Cma(d),
+                        Err(e) => {
+                            if !CMA_REFUSED.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(target: "braid::coll", "rank {me}: cross-memory attach to rank {p} refused ({e}); large same-host messages in private buffers go through the shm rings from now on");
+                            }
+                            failed = Some(format!("reaching rank {p}'s {what} buffer: {e}"));
+                        }
+                    },
+                    _ => failed = Some(format!("rank {p} sent a malformed descriptor")),
+                },
+                k => failed = Some(format!("rank {p} sent descriptor kind {k}")),
             }
         }
         if failed.is_some() {
@@ -278,17 +388,44 @@ pub(crate) fn run(
         return Ok(Outcome::Fallback);
     }
     // 3. Move the data.
-    let moved = match ctx.kind {
+    let moved = move_data(ctx, &bufs, &sends, &recvs, c);
+    // 4. Nobody reads or writes this rank's buffers any more; every rank learns whether all
+    //    parts succeeded.
+    let mut done = [3u8; 8];
+    done[1] = u8::from(moved.is_ok());
+    exchange(exec, peers, ctx, round(3), &done, &mut oks)?;
+    let moved = moved
+        .map_err(|e| Error::System(format!("rank {me}: single-copy {}: {e}", ctx.kind.name())))?;
+    if let Some(p) = oks.iter().position(|t| t[1] != 1) {
+        return Err(Error::System(format!(
+            "single-copy {}: rank {p} failed to copy its part (its log says why); the result is undefined",
+            ctx.kind.name()
+        )));
+    }
+    Ok(Outcome::Done(moved as u64))
+}
+
+/// Step 3 of [`run`]: this rank's share of the data movement; the bytes it read from or wrote
+/// to peers' memory.
+fn move_data(
+    ctx: &PlanCtx,
+    bufs: &[RawBuf; 2],
+    sends: &[Buf],
+    recvs: &[Buf],
+    c: usize,
+) -> Result<usize> {
+    let (n, me, es) = (ctx.size, ctx.rank, ctx.dtype.size());
+    Ok(match ctx.kind {
         CollKind::AllReduce => {
             let (lo, hi) = chunk(ctx.count, n, me);
             let (off, len) = (lo * es, (hi - lo) * es);
             let srcs = sends
                 .iter()
-                .map(|b| sub(b, off, len))
+                .map(|b| b.sub(off, len))
                 .collect::<Result<Vec<_>>>()?;
             let dsts = recvs
                 .iter()
-                .map(|b| sub(b, off, len))
+                .map(|b| b.sub(off, len))
                 .collect::<Result<Vec<_>>>()?;
             reduce_to(ctx, &srcs, &dsts, len)?;
             2 * (n - 1) * len
@@ -296,27 +433,19 @@ pub(crate) fn run(
         CollKind::ReduceScatter => {
             let srcs = sends
                 .iter()
-                .map(|b| sub(b, me * c, c))
+                .map(|b| b.sub(me * c, c))
                 .collect::<Result<Vec<_>>>()?;
-            reduce_to(ctx, &srcs, &[sub(&bufs[1], 0, c)?], c)?;
+            reduce_to(ctx, &srcs, &[Buf::Mem(sub(&bufs[1], 0, c)?)], c)?;
             (n - 1) * c
         }
         CollKind::AllGather => {
             for (q, s) in sends.iter().enumerate() {
-                let d = bufs[1].at(q * c, c)?;
-                let s = s.at(0, c)?;
-                if !std::ptr::eq(d, s) {
-                    mem::with2(d, s, c, braid_transport::region::stream_copy)?;
-                }
+                s.read_into(0, bufs[1].at(q * c, c)?, c)?;
             }
             (n - 1) * c
         }
         CollKind::Broadcast => {
-            let d = bufs[1].at(0, c)?;
-            let s = sends[ctx.root].at(0, c)?;
-            if !std::ptr::eq(d, s) {
-                mem::with2(d, s, c, braid_transport::region::stream_copy)?;
-            }
+            sends[ctx.root].read_into(0, bufs[1].at(0, c)?, c)?;
             if me == ctx.root {
                 0
             } else {
@@ -324,8 +453,5 @@ pub(crate) fn run(
             }
         }
         _ => 0,
-    };
-    // 4. Nobody reads or writes this rank's buffers any more.
-    exchange(exec, peers, ctx, round(3), &[3u8; 8], &mut oks)?;
-    Ok(Outcome::Done(moved as u64))
+    })
 }

@@ -154,6 +154,15 @@ pub(crate) fn with_mut<R>(dst: *mut u8, len: usize, f: impl FnOnce(&mut [u8]) ->
     f(unsafe { std::slice::from_raw_parts_mut(dst, len) })
 }
 
+/// Runs `f` with a shared view of `len` bytes at `src`.
+pub(crate) fn with_ref<R>(src: *const u8, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+    if len == 0 {
+        return f(&[]);
+    }
+    // SAFETY: in bounds of a live buffer (RawBuf::at) and not written meanwhile.
+    f(unsafe { std::slice::from_raw_parts(src, len) })
+}
+
 /// `dst = a + b` (f32) with AVX2 where the CPU has it and the byte slices are f32-aligned;
 /// false (nothing done) otherwise. Element-wise IEEE additions: the same results as the
 /// portable kernel, in half the instructions (the portable build targets SSE2).

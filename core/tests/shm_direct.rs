@@ -115,10 +115,23 @@ fn all_reduces(c: &Communicator, mine_shared: bool) -> u64 {
     payload
 }
 
-/// Reduce-scatter, all-gather and broadcast over shared buffers, in place and out of place
-/// (count per rank not a multiple of anything). Returns the bytes this rank should have copied
-/// single-copy from peers (at least).
-fn other_collectives(c: &Communicator) -> u64 {
+/// A buffer filled from `v`: from the communicator's shared allocator, or on the heap.
+fn mk<T: Element>(
+    c: &Communicator,
+    v: &[T],
+    heap: bool,
+) -> Box<dyn std::ops::DerefMut<Target = [T]>> {
+    if heap {
+        Box::new(v.to_vec())
+    } else {
+        Box::new(shared(c, v))
+    }
+}
+
+/// Reduce-scatter, all-gather and broadcast over shared buffers (`heap`: ordinary heap buffers
+/// instead), in place and out of place (count per rank not a multiple of anything). Returns
+/// the bytes this rank should have copied single-copy from peers (at least).
+fn other_collectives(c: &Communicator, heap: bool) -> u64 {
     let (r, n) = (c.rank(), c.size());
     let k = 70_001usize; // per-rank block
     let mut moved = 0u64;
@@ -128,14 +141,14 @@ fn other_collectives(c: &Communicator) -> u64 {
         .collect();
     let tri = (n * (n + 1) / 2) as f32;
     let want = |i: usize| tri * (r * 10 + i % 10) as f32;
-    let s = shared(c, &input);
-    let mut out = c.alloc_shared::<f32>(k).unwrap();
+    let s = mk(c, &input, heap);
+    let mut out = mk(c, &vec![0f32; k], heap);
     c.reduce_scatter(&s, &mut out, ReduceOp::Sum).unwrap();
     assert!(
         out.iter().enumerate().all(|(i, v)| *v == want(i)),
         "reduce_scatter"
     );
-    let mut b = shared(c, &input);
+    let mut b = mk(c, &input, heap);
     c.reduce_scatter_inplace(&mut b, ReduceOp::Sum).unwrap();
     assert!(
         b[r * k..(r + 1) * k]
@@ -147,8 +160,8 @@ fn other_collectives(c: &Communicator) -> u64 {
     moved += 2 * ((n - 1) * k * 4) as u64;
     // all_gather: rank q contributes q * 1000 + i % 1000.
     let mine: Vec<f32> = (0..k).map(|i| (r * 1000 + i % 1000) as f32).collect();
-    let s = shared(c, &mine);
-    let mut all = c.alloc_shared::<f32>(n * k).unwrap();
+    let s = mk(c, &mine, heap);
+    let mut all = mk(c, &vec![0f32; n * k], heap);
     c.all_gather(&s, &mut all).unwrap();
     let ok = |v: &[f32]| {
         v.iter()
@@ -156,13 +169,13 @@ fn other_collectives(c: &Communicator) -> u64 {
             .all(|(x, v)| *v == ((x / k) * 1000 + x % k % 1000) as f32)
     };
     assert!(ok(&all), "all_gather");
-    let mut b = c.alloc_shared::<f32>(n * k).unwrap();
+    let mut b = mk(c, &vec![0f32; n * k], heap);
     b[r * k..(r + 1) * k].copy_from_slice(&mine);
     c.all_gather_inplace(&mut b).unwrap();
     assert!(ok(&b), "all_gather_inplace");
     moved += 2 * ((n - 1) * k * 4) as u64;
     // broadcast from rank 1 (in place), and from rank 0 into heap receive buffers.
-    let mut b = c.alloc_shared::<u32>(k).unwrap();
+    let mut b = mk(c, &vec![0u32; k], heap);
     if r == 1 {
         b.iter_mut()
             .enumerate()
@@ -173,7 +186,7 @@ fn other_collectives(c: &Communicator) -> u64 {
         b.iter().enumerate().all(|(i, v)| *v == i as u32 * 3),
         "broadcast"
     );
-    let src = shared(c, &(0..k as u32).collect::<Vec<_>>());
+    let src = mk(c, &(0..k as u32).collect::<Vec<_>>(), heap);
     let mut heap = vec![0u32; k];
     c.broadcast_from(&src, &mut heap, 0).unwrap();
     assert!(
@@ -241,7 +254,7 @@ fn rank_main(role: &str) {
             );
             let d0 = c.direct_bytes();
             let r0 = ring_bytes(&c);
-            let want = other_collectives(&c);
+            let want = other_collectives(&c, false);
             let (d1, r1) = (c.direct_bytes(), ring_bytes(&c));
             println!(
                 "rank {r}: other collectives single-copy {} ring bytes {}",
@@ -288,6 +301,56 @@ fn rank_main(role: &str) {
             );
             assert_eq!(c.direct_bytes(), 0);
             assert!(ring1 - ring0 >= payload / 2);
+        }
+        "cma" => {
+            // Heap buffers (and, second, heap on rank 0 only) with BRAID_SHM_CMA=auto:
+            // all-reduces are single-copy by cross-memory attach; the other collectives use
+            // the rings.
+            for mixed in [false, true] {
+                let (d0, ring0) = (c.direct_bytes(), ring_bytes(&c));
+                let payload = all_reduces(&c, mixed && r != 0);
+                let (d1, ring1) = (c.direct_bytes(), ring_bytes(&c));
+                println!(
+                    "rank {r}: heap all_reduce (mixed {mixed}) payload {payload} ring bytes {} single-copy {}",
+                    ring1 - ring0,
+                    d1 - d0
+                );
+                assert!(ring1 - ring0 < payload / 50, "ring bytes {}", ring1 - ring0);
+                assert!(d1 - d0 >= payload / 4, "single-copy bytes {}", d1 - d0);
+            }
+            let d0 = c.direct_bytes();
+            other_collectives(&c, true);
+            assert_eq!(
+                c.direct_bytes(),
+                d0,
+                "auto: only all-reduce uses cross-memory attach"
+            );
+        }
+        "cma-all" => {
+            // BRAID_SHM_CMA=1: every single-copy collective takes heap buffers.
+            let (d0, r0) = (c.direct_bytes(), ring_bytes(&c));
+            let want = other_collectives(&c, true);
+            let (d1, r1) = (c.direct_bytes(), ring_bytes(&c));
+            println!(
+                "rank {r}: heap collectives single-copy {} ring bytes {}",
+                d1 - d0,
+                r1 - r0
+            );
+            assert!(d1 - d0 >= want, "single-copy {} < {want}", d1 - d0);
+            assert!(r1 - r0 < 16 << 10, "ring bytes {}", r1 - r0);
+        }
+        "cma-refused" => {
+            // Rank 1 runs in its own pid namespace: the pid it announces names another
+            // process (or none) here, so the cookie check fails: everyone uses the rings.
+            let ring0 = ring_bytes(&c);
+            let payload = all_reduces(&c, false);
+            println!(
+                "rank {r}: ring bytes {} single-copy {}",
+                ring_bytes(&c) - ring0,
+                c.direct_bytes()
+            );
+            assert_eq!(c.direct_bytes(), 0);
+            assert!(ring_bytes(&c) - ring0 >= payload / 2);
         }
         "off" => {
             // BRAID_SHM_DIRECT=0: shared buffers, usual path.
@@ -356,7 +419,70 @@ fn single_copy_three_ranks() {
 
 #[test]
 fn one_rank_with_heap_buffers_falls_back() {
-    run("fallback", 3, &[]);
+    run("fallback", 3, &[("BRAID_SHM_CMA", "0")]);
+}
+
+#[test]
+fn heap_buffers_single_copy_by_cross_memory_attach() {
+    run("cma", 2, &[]);
+    run("cma", 3, &[]);
+}
+
+#[test]
+fn heap_buffers_every_collective_with_cma_1() {
+    run("cma-all", 3, &[("BRAID_SHM_CMA", "1")]);
+}
+
+/// Rank 1 in a new pid namespace (`unshare --pid`, root only): its pid means nothing to rank
+/// 0, so cross-memory attach is refused by the cookie check and the ranks fall back.
+#[test]
+fn cross_memory_attach_to_the_wrong_process_falls_back() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "true"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        // Not root (or no util-linux): the case cannot be built here; say so loudly.
+        eprintln!("SKIPPED: unshare --pid is not permitted here (needs root)");
+        assert!(
+            !nix_is_root(),
+            "unshare --pid failed although this process is root"
+        );
+        return;
+    }
+    let before = dev_shm();
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let env = [("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_DIRECT_MIN", "4096")];
+    let ranks = common::spawn_wrapped(ROLE, "cma-refused", &addr, 2, &|_| env_of(&env), &|r| {
+        if r == 1 {
+            ["unshare", "--pid", "--fork", "--kill-child"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            Vec::new()
+        }
+    });
+    let res = finish(ranks, Duration::from_secs(180));
+    check_all(&res);
+    for (r, (_, s)) in res.iter().enumerate() {
+        println!("rank {r}:\n{s}");
+    }
+    assert!(
+        res.iter()
+            .any(|(_, s)| s.contains("cross-memory attach to rank")),
+        "no rank logged the refusal"
+    );
+    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
+    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 #[test]

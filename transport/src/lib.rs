@@ -21,6 +21,7 @@
 
 use std::os::fd::RawFd;
 
+pub mod cma;
 #[cfg(test)]
 mod conformance;
 pub mod handle;

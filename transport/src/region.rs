@@ -100,7 +100,7 @@ fn last_err(op: &str) -> NetError {
     NetError::io(op, std::io::Error::last_os_error())
 }
 
-fn random_id() -> u64 {
+pub(crate) fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(

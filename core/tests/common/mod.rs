@@ -47,10 +47,31 @@ pub fn spawn(
     n: usize,
     env: &dyn Fn(usize) -> Vec<(String, String)>,
 ) -> Ranks {
+    spawn_wrapped(role_var, role, coord, n, env, &|_| Vec::new())
+}
+
+/// [`spawn`], each rank under the command `wrap(rank)` returns (empty: none), e.g.
+/// `unshare --pid --fork --kill-child`.
+pub fn spawn_wrapped(
+    role_var: &str,
+    role: &str,
+    coord: &str,
+    n: usize,
+    env: &dyn Fn(usize) -> Vec<(String, String)>,
+    wrap: &dyn Fn(usize) -> Vec<String>,
+) -> Ranks {
     let exe = std::env::current_exe().unwrap();
     let mut v = Vec::new();
     for r in 0..n {
-        let mut cmd = Command::new(&exe);
+        let w = wrap(r);
+        let mut cmd = match w.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
         cmd.args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
             .env(role_var, role)
             .env("BRAID_COORDINATOR", coord)
