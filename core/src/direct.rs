@@ -1,5 +1,5 @@
-//! Single-copy collectives between ranks of one host: all-reduce, reduce-scatter, all-gather
-//! and broadcast. A peer's buffer is reached in one of two ways:
+//! Single-copy collectives between ranks of one host: all-reduce, reduce-scatter, all-gather,
+//! broadcast, reduce, all-to-all (out of place), gather and scatter. A peer's buffer is reached in one of two ways:
 //! * it lies in a shared region ([`crate::shared::SharedBuf`], like NCCL with registered
 //!   buffers, `-R 1`): this rank maps the region and reads or writes it with plain loads and
 //!   stores;
@@ -34,6 +34,14 @@
 //!      Needs the send buffers registered (in place: the send block is inside the receive
 //!      buffer and is never written).
 //!    * broadcast: every rank copies the root's buffer into its own. Needs the root's registered.
+//!    * reduce: as all-reduce, each rank reducing its chunk into the root's receive buffer only.
+//!      Needs every send buffer and the root's receive buffer registered.
+//!    * all-to-all: rank q copies block q of every rank's send buffer into its receive buffer.
+//!      Needs the send buffers registered; not in place (a rank would overwrite blocks its
+//!      peers still read).
+//!    * gather: every rank copies its send buffer into its block of the root's receive buffer;
+//!      scatter: every rank copies its block of the root's send buffer. Needs the root's
+//!      buffer registered.
 //! 4. Barrier (nobody reads or writes this rank's buffers any more), which also carries whether
 //!    each rank's part succeeded: a copy that failed half-way (a peer that vanished) is an
 //!    error on every rank, never a hang.
@@ -95,19 +103,35 @@ impl Buf {
         })
     }
 
+    /// Copies `len` bytes from `src` to `off` of this buffer (streaming stores).
+    fn write_from(&self, off: usize, src: *const u8, len: usize) -> Result<()> {
+        self.copy(off, src as *mut u8, len, true)
+    }
+
     /// Copies `len` bytes at `off` of this buffer into `dst` (streaming stores).
     fn read_into(&self, off: usize, dst: *mut u8, len: usize) -> Result<()> {
+        self.copy(off, dst, len, false)
+    }
+
+    /// `local` -> this buffer at `off` (`into`), or the other way (then `local` is written).
+    fn copy(&self, off: usize, local: *mut u8, len: usize, into: bool) -> Result<()> {
         match self {
             Buf::Mem(b) => {
-                let s = b.at(off, len)?;
-                if !std::ptr::eq(dst, s) {
-                    mem::with2(dst, s, len, braid_transport::region::stream_copy)?;
+                let p = b.at(off, len)?;
+                let (d, s) = if into { (p, local) } else { (local, p) };
+                if !std::ptr::eq(d, s) {
+                    mem::with2(d, s, len, braid_transport::region::stream_copy)?;
                 }
                 Ok(())
             }
             Buf::Cma(d) => {
                 let a = d.at(off, len).map_err(cma_error)?;
-                mem::with_mut(dst, len, |x| cma::read(d.pid, a, x)).map_err(cma_error)
+                if into {
+                    mem::with_ref(local, len, |x| cma::write(d.pid, a, x))
+                } else {
+                    mem::with_mut(local, len, |x| cma::read(d.pid, a, x))
+                }
+                .map_err(cma_error)
             }
         }
     }
@@ -171,8 +195,11 @@ fn chunk(count: usize, n: usize, r: usize) -> (usize, usize) {
 fn needs(kind: CollKind, rank: usize, root: usize) -> Option<(bool, bool)> {
     Some(match kind {
         CollKind::AllReduce => (true, true),
-        CollKind::ReduceScatter | CollKind::AllGather => (true, false),
+        CollKind::ReduceScatter | CollKind::AllGather | CollKind::AllToAll => (true, false),
         CollKind::Broadcast => (rank == root, false),
+        CollKind::Reduce => (true, rank == root),
+        CollKind::Gather => (false, rank == root),
+        CollKind::Scatter => (rank == root, false),
         _ => return None,
     })
 }
@@ -285,6 +312,17 @@ pub(crate) fn run(
     let mut tok = [0u8; TOKEN];
     tok[0] = u8::from(local_ok);
     tok[3] = u8::from(cma);
+    if ctx.kind == CollKind::AllToAll
+        && mem::overlaps(
+            bufs[0].at(0, bufs[0].len())?,
+            bufs[0].len(),
+            bufs[1].at(0, bufs[1].len())?,
+            bufs[1].len(),
+        )
+    {
+        // In place, a rank would overwrite blocks its peers are still reading.
+        tok[0] = 0;
+    }
     tok[8..16].copy_from_slice(&(bufs[0].len() as u64).to_le_bytes());
     tok[16..24].copy_from_slice(&(bufs[1].len() as u64).to_le_bytes());
     for (i, (need, b)) in [(mine_needed.0, &bufs[0]), (mine_needed.1, &bufs[1])]
@@ -405,6 +443,11 @@ pub(crate) fn run(
     Ok(Outcome::Done(moved as u64))
 }
 
+/// `off..off + len` of every buffer.
+fn subs(bufs: &[Buf], off: usize, len: usize) -> Result<Vec<Buf>> {
+    bufs.iter().map(|b| b.sub(off, len)).collect()
+}
+
 /// Step 3 of [`run`]: this rank's share of the data movement; the bytes it read from or wrote
 /// to peers' memory.
 fn move_data(
@@ -415,27 +458,22 @@ fn move_data(
     c: usize,
 ) -> Result<usize> {
     let (n, me, es) = (ctx.size, ctx.rank, ctx.dtype.size());
+    // All-reduce and reduce: this rank's chunk of the elements.
+    let (lo, hi) = chunk(ctx.count, n, me);
+    let (off, len) = (lo * es, (hi - lo) * es);
+    let not_root = |x: usize| if me == ctx.root { 0 } else { x };
     Ok(match ctx.kind {
         CollKind::AllReduce => {
-            let (lo, hi) = chunk(ctx.count, n, me);
-            let (off, len) = (lo * es, (hi - lo) * es);
-            let srcs = sends
-                .iter()
-                .map(|b| b.sub(off, len))
-                .collect::<Result<Vec<_>>>()?;
-            let dsts = recvs
-                .iter()
-                .map(|b| b.sub(off, len))
-                .collect::<Result<Vec<_>>>()?;
-            reduce_to(ctx, &srcs, &dsts, len)?;
+            reduce_to(ctx, &subs(sends, off, len)?, &subs(recvs, off, len)?, len)?;
             2 * (n - 1) * len
         }
         CollKind::ReduceScatter => {
-            let srcs = sends
-                .iter()
-                .map(|b| b.sub(me * c, c))
-                .collect::<Result<Vec<_>>>()?;
-            reduce_to(ctx, &srcs, &[Buf::Mem(sub(&bufs[1], 0, c)?)], c)?;
+            reduce_to(
+                ctx,
+                &subs(sends, me * c, c)?,
+                &[Buf::Mem(sub(&bufs[1], 0, c)?)],
+                c,
+            )?;
             (n - 1) * c
         }
         CollKind::AllGather => {
@@ -446,11 +484,26 @@ fn move_data(
         }
         CollKind::Broadcast => {
             sends[ctx.root].read_into(0, bufs[1].at(0, c)?, c)?;
-            if me == ctx.root {
-                0
-            } else {
-                c
+            not_root(c)
+        }
+        CollKind::Reduce => {
+            let dst = recvs[ctx.root].sub(off, len)?;
+            reduce_to(ctx, &subs(sends, off, len)?, &[dst], len)?;
+            (n - 1) * len + not_root(len)
+        }
+        CollKind::AllToAll => {
+            for (p, s) in sends.iter().enumerate() {
+                s.read_into(me * c, bufs[1].at(p * c, c)?, c)?;
             }
+            (n - 1) * c
+        }
+        CollKind::Gather => {
+            recvs[ctx.root].write_from(me * c, bufs[0].at(0, c)?, c)?;
+            not_root(c)
+        }
+        CollKind::Scatter => {
+            sends[ctx.root].read_into(me * c, bufs[1].at(0, c)?, c)?;
+            not_root(c)
         }
         _ => 0,
     })

@@ -1,8 +1,9 @@
 //! Single-copy transfers between ranks (processes on one host) whose buffers come from
-//! `Communicator::alloc_shared`: all-reduce (in-place and out-of-place, counts not divisible
-//! by the rank count, 2 and 3 ranks) and send/recv, with proof that the payload did not cross
-//! the shm rings (byte counters); the fallback when one rank passes heap buffers; a rank killed
-//! mid-call.
+//! `Communicator::alloc_shared`, or lie on the heap (cross-memory attach): every single-copy
+//! collective (in-place and out-of-place, counts not divisible by the rank count, 2 and 3
+//! ranks) and send/recv, with proof that the payload did not cross the shm rings (byte
+//! counters); the fallbacks (heap buffers without cross-memory attach, refused cross-memory
+//! attach, regions that cannot be mapped); a rank killed mid-call.
 //!
 //! The test binary re-runs itself as the ranks (see core/tests/shm.rs).
 
@@ -187,16 +188,96 @@ fn other_collectives(c: &Communicator, heap: bool) -> u64 {
         "broadcast"
     );
     let src = mk(c, &(0..k as u32).collect::<Vec<_>>(), heap);
-    let mut heap = vec![0u32; k];
-    c.broadcast_from(&src, &mut heap, 0).unwrap();
+    let mut plain = vec![0u32; k];
+    c.broadcast_from(&src, &mut plain, 0).unwrap();
     assert!(
-        heap.iter().enumerate().all(|(i, v)| *v == i as u32),
+        plain.iter().enumerate().all(|(i, v)| *v == i as u32),
         "broadcast_from"
     );
     if r != 0 {
         moved += (k * 4) as u64;
     }
+    // reduce to the last rank: the sum of (q + 1) * (i % 100); other ranks pass no receive
+    // buffer.
+    let root = n - 1;
+    let x: Vec<f32> = (0..k).map(|i| ((r + 1) * (i % 100)) as f32).collect();
+    let s = mk(c, &x, heap);
+    let mut out = mk(c, &vec![0f32; if r == root { k } else { 0 }], heap);
+    c.reduce(&s, &mut out, ReduceOp::Sum, root).unwrap();
+    if r == root {
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, v)| *v == tri * (i % 100) as f32),
+            "reduce"
+        );
+    }
+    let mut b = mk(c, &x, heap);
+    c.reduce_inplace(&mut b, ReduceOp::Sum, 0).unwrap();
+    let w = |i: usize| if r == 0 { tri * (i % 100) as f32 } else { x[i] };
+    assert!(
+        b.iter().enumerate().all(|(i, v)| *v == w(i)),
+        "reduce_inplace"
+    );
+    moved += 2 * ((n - 1) * (k / n) * 4) as u64;
+    // all_to_all: block j of rank r's input is r * 100 + j * 10 + i % 10.
+    let a2a: Vec<f32> = (0..n * k)
+        .map(|x| (r * 100 + (x / k) * 10 + x % k % 10) as f32)
+        .collect();
+    let s = mk(c, &a2a, heap);
+    let mut out = mk(c, &vec![0f32; n * k], heap);
+    c.all_to_all(&s, &mut out).unwrap();
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(x, v)| *v == ((x / k) * 100 + r * 10 + x % k % 10) as f32),
+        "all_to_all"
+    );
+    moved += ((n - 1) * k * 4) as u64;
+    // gather to rank 0 (out of place) and rank 1 (in place).
+    let s = mk(c, &mine, heap);
+    let mut g = mk(c, &vec![0f32; if r == 0 { n * k } else { 0 }], heap);
+    c.gather(&s, &mut g, 0).unwrap();
+    assert!(r != 0 || ok(&g), "gather");
+    let mut b = mk(c, &vec![0f32; n * k], heap);
+    b[r * k..(r + 1) * k].copy_from_slice(&mine);
+    c.gather_inplace(&mut b, 1).unwrap();
+    assert!(r != 1 || ok(&b), "gather_inplace");
+    // scatter from rank 0 (out of place) and rank 1 (in place).
+    let every: Vec<f32> = (0..n * k)
+        .map(|x| ((x / k) * 1000 + x % k % 1000) as f32)
+        .collect();
+    let s = mk(c, if r == 0 { &every[..] } else { &[] }, heap);
+    let mut sc = mk(c, &vec![0f32; k], heap);
+    c.scatter(&s, &mut sc, 0).unwrap();
+    assert!(sc[..] == mine[..], "scatter");
+    let mut b = mk(c, &if r == 1 { every } else { vec![0f32; n * k] }, heap);
+    c.scatter_inplace(&mut b, 1).unwrap();
+    assert!(b[r * k..(r + 1) * k] == mine[..], "scatter_inplace");
+    moved += match r {
+        0 => (k * 4) as u64,     // gather to 1, scatter from 1
+        1 => (k * 4) as u64,     // gather to 0, scatter from 0
+        _ => 4 * (k * 4) as u64, // both, twice
+    };
     moved
+}
+
+/// In-place all-to-all (never single-copy: a rank would overwrite blocks its peers still
+/// read): the result is right.
+fn all_to_all_in_place(c: &Communicator, heap: bool) {
+    let (r, n) = (c.rank(), c.size());
+    let k = 70_001usize;
+    let a2a: Vec<f32> = (0..n * k)
+        .map(|x| (r * 100 + (x / k) * 10 + x % k % 10) as f32)
+        .collect();
+    let mut b = mk(c, &a2a, heap);
+    c.all_to_all_inplace(&mut b).unwrap();
+    assert!(
+        b.iter()
+            .enumerate()
+            .all(|(x, v)| *v == ((x / k) * 100 + r * 10 + x % k % 10) as f32),
+        "all_to_all_inplace"
+    );
 }
 
 /// Ring exchange of `count` f32 with send/recv; `shared_send`: the send buffer is shared.
@@ -271,8 +352,9 @@ fn rank_main(role: &str) {
                 "other collectives: ring bytes {}",
                 r1 - r0
             );
-            let direct = d1;
-            let ring1 = r1;
+            all_to_all_in_place(&c, false);
+            let direct = c.direct_bytes();
+            let ring1 = ring_bytes(&c);
             // Sends of at least the shm ring size (4 MiB) go single-copy.
             let count = (5 << 20) / 4 + 3;
             sendrecv(&c, count, true);
@@ -338,6 +420,7 @@ fn rank_main(role: &str) {
             );
             assert!(d1 - d0 >= want, "single-copy {} < {want}", d1 - d0);
             assert!(r1 - r0 < 16 << 10, "ring bytes {}", r1 - r0);
+            all_to_all_in_place(&c, true);
         }
         "cma-refused" => {
             // Rank 1 runs in its own pid namespace: the pid it announces names another
@@ -351,6 +434,15 @@ fn rank_main(role: &str) {
             );
             assert_eq!(c.direct_bytes(), 0);
             assert!(ring_bytes(&c) - ring0 >= payload / 2);
+        }
+        "region-refused" => {
+            // Rank 1 runs in its own pid namespace: the region descriptors it announces name
+            // a process that is not it, so rank 0 cannot map its buffers: the collectives fall
+            // back on every rank, sends stream through the ring; the results are right.
+            all_reduces(&c, true);
+            println!("rank {r}: single-copy {}", c.direct_bytes());
+            assert_eq!(c.direct_bytes(), 0);
+            sendrecv(&c, (5 << 20) / 4 + 3, true);
         }
         "off" => {
             // BRAID_SHM_DIRECT=0: shared buffers, usual path.
@@ -433,10 +525,9 @@ fn heap_buffers_every_collective_with_cma_1() {
     run("cma-all", 3, &[("BRAID_SHM_CMA", "1")]);
 }
 
-/// Rank 1 in a new pid namespace (`unshare --pid`, root only): its pid means nothing to rank
-/// 0, so cross-memory attach is refused by the cookie check and the ranks fall back.
-#[test]
-fn cross_memory_attach_to_the_wrong_process_falls_back() {
+/// Runs `role` on 2 ranks, rank 1 in a new pid namespace (`unshare --pid`, root only): the pid
+/// it announces means nothing (or another process) to rank 0. Returns every rank's output.
+fn run_rank_1_in_own_pid_namespace(role: &str) -> Option<Vec<(bool, String)>> {
     let probe = std::process::Command::new("unshare")
         .args(["--pid", "--fork", "--kill-child", "true"])
         .output();
@@ -447,13 +538,13 @@ fn cross_memory_attach_to_the_wrong_process_falls_back() {
             !nix_is_root(),
             "unshare --pid failed although this process is root"
         );
-        return;
+        return None;
     }
     let before = dev_shm();
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
     let env = [("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_DIRECT_MIN", "4096")];
-    let ranks = common::spawn_wrapped(ROLE, "cma-refused", &addr, 2, &|_| env_of(&env), &|r| {
+    let ranks = common::spawn_wrapped(ROLE, role, &addr, 2, &|_| env_of(&env), &|r| {
         if r == 1 {
             ["unshare", "--pid", "--fork", "--kill-child"]
                 .map(String::from)
@@ -467,13 +558,35 @@ fn cross_memory_attach_to_the_wrong_process_falls_back() {
     for (r, (_, s)) in res.iter().enumerate() {
         println!("rank {r}:\n{s}");
     }
-    assert!(
-        res.iter()
-            .any(|(_, s)| s.contains("cross-memory attach to rank")),
-        "no rank logged the refusal"
-    );
     let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
     assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+    Some(res)
+}
+
+/// Cross-memory attach to a pid that names another process is refused by the cookie check;
+/// the ranks fall back to the rings.
+#[test]
+fn cross_memory_attach_to_the_wrong_process_falls_back() {
+    if let Some(res) = run_rank_1_in_own_pid_namespace("cma-refused") {
+        assert!(
+            res.iter()
+                .any(|(_, s)| s.contains("cross-memory attach to rank")),
+            "no rank logged the refusal"
+        );
+    }
+}
+
+/// A shared region a peer cannot map (its descriptor names another process): collectives fall
+/// back on every rank, sends stream through the ring.
+#[test]
+fn unmappable_regions_fall_back() {
+    if let Some(res) = run_rank_1_in_own_pid_namespace("region-refused") {
+        assert!(
+            res.iter()
+                .any(|(_, s)| s.contains("single-copy all_reduce unavailable")),
+            "no rank logged the fallback"
+        );
+    }
 }
 
 fn nix_is_root() -> bool {

@@ -84,8 +84,9 @@ fn every_collective_over_shm_with_braid_run() {
 }
 
 /// `-R 1`: buffers from braid's shared-memory allocator; on one host all_reduce and sendrecv
-/// copy single-copy (counted by `-v` as "single-copy read"), results still exact; `-R 0`
-/// reads nothing from peers' memory.
+/// copy single-copy (counted by `-v` as "single-copy read"), results still exact. `-R 0`
+/// (heap buffers): all_reduce is single-copy through cross-memory attach (BRAID_SHM_CMA=auto),
+/// sendrecv is not, and with BRAID_SHM_CMA=0 nothing is read from peers' memory.
 #[test]
 fn registered_buffers_take_the_single_copy_path() {
     let p = perf();
@@ -101,24 +102,32 @@ fn registered_buffers_take_the_single_copy_path() {
         ("all_reduce", "3", "3M"),
         ("sendrecv", "2", "8M"),
     ] {
-        for (reg, extra) in [("1", &["-o", "sum"][..]), ("0", &[][..])] {
+        for (reg, cma, extra) in [
+            ("1", "auto", &["-o", "sum"][..]),
+            ("0", "auto", &[][..]),
+            ("0", "0", &[][..]),
+        ] {
             let mut args = vec![
                 "-n", n, "--", p, coll, "-b", size, "-e", size, "-n", "2", "-w", "1", "-R", reg,
                 "-v",
             ];
             args.extend(extra);
-            let (so, se) = run_ok(&args, &[("BRAID_TRANSPORT", "shm")]);
+            let (so, se) = run_ok(&args, &[("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_CMA", cma)]);
             let read = single_copy(&se);
-            if reg == "1" {
-                assert!(so.contains("# buffers: registered"), "{so}");
-                assert!(
-                    read > 0,
-                    "{coll} -R 1 on {n} ranks read nothing single-copy:\n{so}\n{se}"
-                );
-            } else {
-                assert!(so.contains("# buffers: heap"), "{so}");
-                assert_eq!(read, 0, "{se}");
-            }
+            assert!(
+                so.contains(if reg == "1" {
+                    "# buffers: registered"
+                } else {
+                    "# buffers: heap"
+                }),
+                "{so}"
+            );
+            let expect_single_copy = reg == "1" || (coll == "all_reduce" && cma == "auto");
+            assert_eq!(
+                read > 0,
+                expect_single_copy,
+                "{coll} -R {reg} BRAID_SHM_CMA={cma} on {n} ranks read {read} bytes single-copy:\n{so}\n{se}"
+            );
         }
     }
 }
