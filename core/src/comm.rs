@@ -2338,7 +2338,9 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
                     inner.all_shm,
                     match inner.cfg.shm_cma {
                         crate::config::CmaUse::Never => false,
-                        crate::config::CmaUse::AllReduce => kind == CollKind::AllReduce,
+                        crate::config::CmaUse::Auto => {
+                            matches!(kind, CollKind::AllReduce | CollKind::AllToAll)
+                        }
                         crate::config::CmaUse::All => true,
                     },
                 );

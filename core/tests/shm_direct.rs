@@ -386,8 +386,8 @@ fn rank_main(role: &str) {
         }
         "cma" => {
             // Heap buffers (and, second, heap on rank 0 only) with BRAID_SHM_CMA=auto:
-            // all-reduces are single-copy by cross-memory attach; the other collectives use
-            // the rings.
+            // all-reduces and all-to-alls are single-copy by cross-memory attach; the other
+            // collectives use the rings.
             for mixed in [false, true] {
                 let (d0, ring0) = (c.direct_bytes(), ring_bytes(&c));
                 let payload = all_reduces(&c, mixed && r != 0);
@@ -400,12 +400,24 @@ fn rank_main(role: &str) {
                 assert!(ring1 - ring0 < payload / 50, "ring bytes {}", ring1 - ring0);
                 assert!(d1 - d0 >= payload / 4, "single-copy bytes {}", d1 - d0);
             }
+            // All-to-all too; the other collectives use the rings.
+            let (r, n, k) = (c.rank(), c.size(), 1usize << 18);
             let d0 = c.direct_bytes();
+            let a2a: Vec<u32> = (0..n * k).map(|x| (r * 100 + x / k) as u32).collect();
+            let mut out = vec![0u32; n * k];
+            c.all_to_all(&a2a, &mut out).unwrap();
+            assert!(out
+                .iter()
+                .enumerate()
+                .all(|(x, v)| *v == ((x / k) * 100 + r) as u32));
+            let d1 = c.direct_bytes();
+            assert_eq!(d1 - d0, ((n - 1) * k * 4) as u64, "all_to_all single-copy");
             other_collectives(&c, true);
+            // (other_collectives runs one out-of-place all_to_all of 70,001 f32 per block.)
             assert_eq!(
-                c.direct_bytes(),
-                d0,
-                "auto: only all-reduce uses cross-memory attach"
+                c.direct_bytes() - d1,
+                ((n - 1) * 70_001 * 4) as u64,
+                "auto: only all-reduce and all-to-all use cross-memory attach"
             );
         }
         "cma-all" => {
