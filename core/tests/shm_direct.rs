@@ -400,6 +400,16 @@ fn rank_main(role: &str) {
                 assert!(ring1 - ring0 < payload / 50, "ring bytes {}", ring1 - ring0);
                 assert!(d1 - d0 >= payload / 4, "single-copy bytes {}", d1 - d0);
             }
+            // Non-blocking all-reduce of an owned vector: single-copy as well.
+            let d0 = c.direct_bytes();
+            let v: Vec<f64> = (0..100_003).map(|i| (r + i % 7) as f64).collect();
+            let v = c.iall_reduce(v, ReduceOp::Sum).unwrap().wait().unwrap();
+            let n = c.size();
+            assert!(v
+                .iter()
+                .enumerate()
+                .all(|(i, x)| *x == (0..n).map(|q| (q + i % 7) as f64).sum::<f64>()));
+            assert!(c.direct_bytes() > d0, "iall_reduce was not single-copy");
             // All-to-all too; the other collectives use the rings.
             let (r, n, k) = (c.rank(), c.size(), 1usize << 18);
             let d0 = c.direct_bytes();
@@ -462,9 +472,9 @@ fn rank_main(role: &str) {
             sendrecv(&c, (5 << 20) / 4, true);
             assert_eq!(c.direct_bytes(), 0);
         }
-        "kill" => {
-            let mut x = c.alloc_shared::<f32>(4 << 20).unwrap();
-            x.fill(1.0);
+        "kill" | "kill-heap" => {
+            // Shared buffers, or heap buffers (cross-memory attach).
+            let mut x = mk(&c, &vec![1.0f32; 4 << 20], role == "kill-heap");
             c.all_reduce_inplace(&mut x, ReduceOp::Max).unwrap();
             assert!(c.direct_bytes() > 0, "the single-copy path was not taken");
             println!("RUNNING");
@@ -617,9 +627,11 @@ fn single_copy_off() {
 
 #[test]
 fn killed_rank_mid_single_copy_is_reported() {
-    let before = dev_shm();
-    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
-    let addr = coord.local_addr().to_string();
-    let ranks = spawn("kill", &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
-    kill_rank_2_and_check(ranks, Duration::from_secs(3), &before);
+    for role in ["kill", "kill-heap"] {
+        let before = dev_shm();
+        let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+        let addr = coord.local_addr().to_string();
+        let ranks = spawn(role, &addr, 3, &|_| env_of(&[("BRAID_TRANSPORT", "shm")]));
+        kill_rank_2_and_check(ranks, Duration::from_secs(3), &before);
+    }
 }
