@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use braid_transport::cma::{self, CmaDesc};
 use braid_transport::region::{RegionDesc, Regions, RemoteMaps, DESC_LEN};
+use braid_transport::NetError;
 
 use crate::coll::{Algo, CollKind, PlanCtx};
 use crate::error::{Error, Result};
@@ -87,34 +88,37 @@ static CMA_REFUSED: AtomicBool = AtomicBool::new(false);
 enum Buf {
     /// Memory this process addresses: its own buffer, or a peer's region mapped here.
     Mem(RawBuf),
-    /// A peer's private memory (cross-memory attach).
-    Cma(CmaDesc),
+    /// A peer's private memory (cross-memory attach), and the peer's rank.
+    Cma(CmaDesc, usize),
 }
 
 impl Buf {
     fn sub(&self, off: usize, len: usize) -> Result<Buf> {
         Ok(match self {
             Buf::Mem(b) => Buf::Mem(sub(b, off, len)?),
-            Buf::Cma(d) => Buf::Cma(CmaDesc {
-                addr: d.at(off, len).map_err(|e| Error::Internal(e.to_string()))?,
-                len: len as u64,
-                ..*d
-            }),
+            Buf::Cma(d, p) => Buf::Cma(
+                CmaDesc {
+                    addr: d.at(off, len).map_err(|e| Error::Internal(e.to_string()))?,
+                    len: len as u64,
+                    ..*d
+                },
+                *p,
+            ),
         })
     }
 
     /// Copies `len` bytes from `src` to `off` of this buffer (streaming stores).
-    fn write_from(&self, off: usize, src: *const u8, len: usize) -> Result<()> {
+    fn write_from(&self, off: usize, src: *const u8, len: usize) -> Moved<()> {
         self.copy(off, src as *mut u8, len, true)
     }
 
     /// Copies `len` bytes at `off` of this buffer into `dst` (streaming stores).
-    fn read_into(&self, off: usize, dst: *mut u8, len: usize) -> Result<()> {
+    fn read_into(&self, off: usize, dst: *mut u8, len: usize) -> Moved<()> {
         self.copy(off, dst, len, false)
     }
 
     /// `local` -> this buffer at `off` (`into`), or the other way (then `local` is written).
-    fn copy(&self, off: usize, local: *mut u8, len: usize, into: bool) -> Result<()> {
+    fn copy(&self, off: usize, local: *mut u8, len: usize, into: bool) -> Moved<()> {
         match self {
             Buf::Mem(b) => {
                 let p = b.at(off, len)?;
@@ -124,22 +128,34 @@ impl Buf {
                 }
                 Ok(())
             }
-            Buf::Cma(d) => {
-                let a = d.at(off, len).map_err(cma_error)?;
+            Buf::Cma(d, p) => {
+                let a = d.at(off, len).map_err(|e| Fail::Peer(*p, e))?;
                 if into {
                     mem::with_ref(local, len, |x| cma::write(d.pid, a, x))
                 } else {
                     mem::with_mut(local, len, |x| cma::read(d.pid, a, x))
                 }
-                .map_err(cma_error)
+                .map_err(|e| Fail::Peer(*p, e))
             }
         }
     }
 }
 
-fn cma_error(e: braid_transport::NetError) -> Error {
-    Error::System(format!("cross-memory attach: {e}"))
+/// Why this rank's part of the data movement failed.
+enum Fail {
+    /// Here (a bug: a range outside a buffer).
+    Local(Error),
+    /// Reaching this rank's memory failed (cross-memory attach: the process is gone, ...).
+    Peer(usize, NetError),
 }
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail::Local(e)
+    }
+}
+
+type Moved<T> = std::result::Result<T, Fail>;
 
 /// What [`run`] did.
 pub(crate) enum Outcome {
@@ -213,12 +229,12 @@ pub(crate) fn supports(kind: CollKind) -> bool {
 /// to every one of `dsts` (streaming stores, or plain ones where a destination is also a
 /// source; cross-memory attach for peers' private buffers, whose blocks are first read into
 /// scratch blocks).
-fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize) -> Result<()> {
+fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize) -> Moved<()> {
     let es = ctx.dtype.size();
-    let any_cma = srcs.iter().chain(dsts).any(|b| matches!(b, Buf::Cma(_)));
+    let any_cma = srcs.iter().chain(dsts).any(|b| matches!(b, Buf::Cma(..)));
     let block = if any_cma { CMA_BLOCK } else { BLOCK };
     let step = (block / es).max(1) * es;
-    let ncma = srcs.iter().filter(|b| matches!(b, Buf::Cma(_))).count();
+    let ncma = srcs.iter().filter(|b| matches!(b, Buf::Cma(..))).count();
     let mut tmp = vec![0u64; step.div_ceil(8) * (1 + ncma)];
     let tmpb: &mut [u8] = bytemuck::cast_slice_mut(&mut tmp);
     let tmp = RawBuf::from_mut(tmpb);
@@ -230,7 +246,7 @@ fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize) -> Result<()
         for (s, p) in srcs.iter().zip(blocks.iter_mut()) {
             *p = match s {
                 Buf::Mem(b) => b.at(off, l)?,
-                Buf::Cma(_) => {
+                Buf::Cma(..) => {
                     k += 1;
                     let at = tmp.at(k * step, l)?;
                     s.read_into(off, at, l)?;
@@ -260,9 +276,10 @@ fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize) -> Result<()
                         mem::with2(d, t, l, braid_transport::region::stream_copy)?;
                     }
                 }
-                Buf::Cma(c) => {
-                    let a = c.at(off, l).map_err(cma_error)?;
-                    mem::with_ref(t, l, |x| cma::write(c.pid, a, x)).map_err(cma_error)?;
+                Buf::Cma(c, p) => {
+                    let a = c.at(off, l).map_err(|e| Fail::Peer(*p, e))?;
+                    mem::with_ref(t, l, |x| cma::write(c.pid, a, x))
+                        .map_err(|e| Fail::Peer(*p, e))?;
                 }
             }
         }
@@ -398,7 +415,7 @@ pub(crate) fn run(
                 }
                 KIND_CMA => match CmaDesc::decode(raw) {
                     Some(d) if d.len as usize == len => match d.probe(i == 1) {
-                        Ok(()) => *slot = Buf::Cma(d),
+                        Ok(()) => *slot = Buf::Cma(d, p),
                         Err(e) => {
                             if !CMA_REFUSED.swap(true, Ordering::Relaxed) {
                                 tracing::warn!(target: "braid::coll", "rank {me}: cross-memory attach to rank {p} refused ({e}); large same-host messages in private buffers go through the shm rings from now on");
@@ -432,8 +449,15 @@ pub(crate) fn run(
     let mut done = [3u8; 8];
     done[1] = u8::from(moved.is_ok());
     exchange(exec, peers, ctx, round(3), &done, &mut oks)?;
-    let moved = moved
-        .map_err(|e| Error::System(format!("rank {me}: single-copy {}: {e}", ctx.kind.name())))?;
+    let what = || format!("single-copy {}", ctx.kind.name());
+    let moved = moved.map_err(|f| match f {
+        Fail::Peer(p, e) => match peers.get(p).and_then(|x| x.as_ref()) {
+            // A process that is gone: PeerLost naming it, as over the rings.
+            Some(peer) => crate::exec::net_error(peer, e, me, &what()),
+            None => Error::System(format!("rank {me}: {} with rank {p}: {e}", what())),
+        },
+        Fail::Local(e) => Error::System(format!("rank {me}: {}: {e}", what())),
+    })?;
     if let Some(p) = oks.iter().position(|t| t[1] != 1) {
         return Err(Error::System(format!(
             "single-copy {}: rank {p} failed to copy its part (its log says why); the result is undefined",
@@ -456,7 +480,7 @@ fn move_data(
     sends: &[Buf],
     recvs: &[Buf],
     c: usize,
-) -> Result<usize> {
+) -> Moved<usize> {
     let (n, me, es) = (ctx.size, ctx.rank, ctx.dtype.size());
     // All-reduce and reduce: this rank's chunk of the elements.
     let (lo, hi) = chunk(ctx.count, n, me);

@@ -126,15 +126,18 @@ impl CmaDesc {
 
 fn cma_err(op: &str, pid: u32) -> NetError {
     let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        return NetError::Lost(format!(
+            "{op} of process {pid}: no such process here (the peer exited, or runs in another \
+             pid namespace)"
+        ));
+    }
     let why = match e.raw_os_error() {
         Some(libc::EPERM) => {
             " (not permitted: ptrace rules such as Yama ptrace_scope, a seccomp profile, or \
              another user or pid namespace)"
         }
         Some(libc::ENOSYS) => " (not available in this kernel or sandbox)",
-        Some(libc::ESRCH) => {
-            " (no such process here: the peer exited, or runs in another pid namespace)"
-        }
         Some(libc::EFAULT) => " (the peer's buffer is not mapped any more)",
         _ => "",
     };
