@@ -473,8 +473,9 @@ impl Exec {
         // the cache; receives into staging buffers (reduced at once) never do.
         let stream = ctx.count * ctx.esize() >= STREAM_BYTES;
         let mut done = 0usize;
-        let mut last_progress = Instant::now();
-        let mut last_full_sweep = Instant::now();
+        // `None`: progress just now (read lazily by `idle`: no clock read per step).
+        let mut last_progress: Option<Instant> = None;
+        let mut last_full_sweep: Option<Instant> = None;
         let result = (|| -> Result<()> {
             loop {
                 let mut progressed = false;
@@ -630,7 +631,7 @@ impl Exec {
                     return Ok(());
                 }
                 if progressed || !self.work.is_empty() {
-                    last_progress = Instant::now();
+                    last_progress = None;
                     continue;
                 }
                 self.idle(
@@ -711,8 +712,8 @@ impl Exec {
     fn idle(
         &mut self,
         peers: &mut [Option<Peer>],
-        last_progress: &mut Instant,
-        last_sweep: &mut Instant,
+        last_progress: &mut Option<Instant>,
+        last_sweep: &mut Option<Instant>,
         mine: &dyn Fn() -> String,
         max_wait: Duration,
     ) -> Result<()> {
@@ -725,7 +726,7 @@ impl Exec {
             }
         }
         let now = Instant::now();
-        let quiet = now.duration_since(*last_progress);
+        let quiet = now.duration_since(*last_progress.get_or_insert(now));
         if quiet > self.timeout {
             let waiting: Vec<String> = peers
                 .iter()
@@ -782,8 +783,8 @@ impl Exec {
         }
         // Sweep every connection (idle ones too) for hang-ups and abort notices, at most every
         // few milliseconds.
-        if last_sweep.elapsed() >= Duration::from_millis(5) || !fd_less {
-            *last_sweep = Instant::now();
+        if last_sweep.map_or(true, |t| t.elapsed() >= Duration::from_millis(5)) || !fd_less {
+            *last_sweep = Some(Instant::now());
             for p in peers.iter_mut().flatten() {
                 if let Err(e) = p.conn.progress() {
                     return Err(net_error(p, e, self.rank, &mine()));
@@ -810,8 +811,8 @@ impl Exec {
             reqs: vec![None; n],
             complete: vec![false; n],
             done: 0,
-            last_progress: Instant::now(),
-            last_sweep: Instant::now(),
+            last_progress: None,
+            last_sweep: None,
         })
     }
 
@@ -883,7 +884,7 @@ impl Exec {
             }
         }
         if progressed {
-            b.last_progress = Instant::now();
+            b.last_progress = None;
         }
         Ok(progressed)
     }
@@ -913,7 +914,7 @@ impl Exec {
         };
         let (mut lp, mut ls) = (b.last_progress, b.last_sweep);
         let r = self.idle(peers, &mut lp, &mut ls, &what, max_wait);
-        b.last_sweep = ls;
+        (b.last_progress, b.last_sweep) = (lp, ls);
         r
     }
 
@@ -946,8 +947,9 @@ pub(crate) struct P2pBatch {
     reqs: Vec<Option<Request>>,
     complete: Vec<bool>,
     done: usize,
-    last_progress: Instant,
-    last_sweep: Instant,
+    /// `None`: progress just now (see `Exec::idle`).
+    last_progress: Option<Instant>,
+    last_sweep: Option<Instant>,
 }
 
 impl P2pBatch {
