@@ -111,18 +111,59 @@ impl Buf {
     }
 
     /// Copies `len` bytes from `src` to `off` of this buffer.
-    fn write_from(&self, off: usize, src: *const u8, len: usize, nt: bool) -> Moved<()> {
-        self.copy(off, src as *mut u8, len, true, nt)
+    fn write_from(
+        &self,
+        off: usize,
+        src: *const u8,
+        len: usize,
+        nt: bool,
+        w: &mut Watch,
+    ) -> Moved<()> {
+        self.copy(off, src as *mut u8, len, true, nt, w)
     }
 
     /// Copies `len` bytes at `off` of this buffer into `dst`.
-    fn read_into(&self, off: usize, dst: *mut u8, len: usize, nt: bool) -> Moved<()> {
-        self.copy(off, dst, len, false, nt)
+    fn read_into(
+        &self,
+        off: usize,
+        dst: *mut u8,
+        len: usize,
+        nt: bool,
+        w: &mut Watch,
+    ) -> Moved<()> {
+        self.copy(off, dst, len, false, nt, w)
     }
 
     /// `local` -> this buffer at `off` (`into`), or the other way (then `local` is written);
-    /// `nt`: streaming stores where the memory is addressed here.
-    fn copy(&self, off: usize, local: *mut u8, len: usize, into: bool, nt: bool) -> Moved<()> {
+    /// `nt`: streaming stores where the memory is addressed here. In pieces of
+    /// [`WATCH_BYTES`], looking at the connections in between.
+    fn copy(
+        &self,
+        off: usize,
+        local: *mut u8,
+        len: usize,
+        into: bool,
+        nt: bool,
+        w: &mut Watch,
+    ) -> Moved<()> {
+        let mut done = 0;
+        while done < len {
+            let l = WATCH_BYTES.min(len - done);
+            self.copy_piece(off + done, local.wrapping_add(done), l, into, nt)?;
+            w.tick(l)?;
+            done += l;
+        }
+        Ok(())
+    }
+
+    fn copy_piece(
+        &self,
+        off: usize,
+        local: *mut u8,
+        len: usize,
+        into: bool,
+        nt: bool,
+    ) -> Moved<()> {
         match self {
             Buf::Mem(b) => {
                 let p = b.at(off, len)?;
@@ -144,6 +185,33 @@ impl Buf {
                 .map_err(|e| Fail::Peer(*p, e))
             }
         }
+    }
+}
+
+/// Bytes copied between two looks at the connections ([`Watch`]).
+const WATCH_BYTES: usize = 1 << 20;
+
+/// Looks at every connection every [`WATCH_BYTES`] bytes of the data movement, so that a peer
+/// that died or aborted meanwhile stops this rank's copying at once (not at the end of its
+/// part, possibly after the peers left the call and reused their buffers).
+struct Watch<'a> {
+    peers: &'a mut [Option<Peer>],
+    since: usize,
+}
+
+impl Watch<'_> {
+    fn tick(&mut self, bytes: usize) -> Moved<()> {
+        self.since += bytes;
+        if self.since < WATCH_BYTES {
+            return Ok(());
+        }
+        self.since = 0;
+        for (p, peer) in self.peers.iter_mut().enumerate() {
+            if let Some(peer) = peer {
+                peer.conn.progress().map_err(|e| Fail::Peer(p, e))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -235,7 +303,14 @@ pub(crate) fn supports(kind: CollKind) -> bool {
 /// to every one of `dsts` (streaming stores, or plain ones where a destination is also a
 /// source; cross-memory attach for peers' private buffers, whose blocks are first read into
 /// scratch blocks).
-fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize, nt: bool) -> Moved<()> {
+fn reduce_to(
+    ctx: &PlanCtx,
+    srcs: &[Buf],
+    dsts: &[Buf],
+    len: usize,
+    nt: bool,
+    w: &mut Watch,
+) -> Moved<()> {
     let es = ctx.dtype.size();
     let any_cma = srcs.iter().chain(dsts).any(|b| matches!(b, Buf::Cma(..)));
     let block = if any_cma { CMA_BLOCK } else { BLOCK };
@@ -255,7 +330,7 @@ fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize, nt: bool) ->
                 Buf::Cma(..) => {
                     k += 1;
                     let at = tmp.at(k * step, l)?;
-                    s.read_into(off, at, l, false)?;
+                    s.copy_piece(off, at, l, false, false)?;
                     at
                 }
             };
@@ -291,6 +366,7 @@ fn reduce_to(ctx: &PlanCtx, srcs: &[Buf], dsts: &[Buf], len: usize, nt: bool) ->
                 }
             }
         }
+        w.tick(l)?;
         off += l;
     }
     Ok(())
@@ -451,25 +527,60 @@ pub(crate) fn run(
         return Ok(Outcome::Fallback);
     }
     // 3. Move the data.
-    let moved = move_data(ctx, &bufs, &sends, &recvs, c);
+    let moved = move_data(
+        ctx,
+        &bufs,
+        &sends,
+        &recvs,
+        c,
+        &mut Watch { peers, since: 0 },
+    );
     // 4. Nobody reads or writes this rank's buffers any more; every rank learns whether all
     //    parts succeeded.
+    // The token: [3, ok, culprit (rank + 1 whose process was gone; 0: none) as u16 LE, ..].
+    let culprit = match &moved {
+        Err(Fail::Peer(p, NetError::Lost(_) | NetError::Closed(_))) => *p as u16 + 1,
+        _ => 0,
+    };
     let mut done = [3u8; 8];
     done[1] = u8::from(moved.is_ok());
-    exchange(exec, peers, ctx, round(3), &done, &mut oks)?;
+    done[2..4].copy_from_slice(&culprit.to_le_bytes());
+    let exchanged = exchange(exec, peers, ctx, round(3), &done, &mut oks);
     let what = || format!("single-copy {}", ctx.kind.name());
-    let moved = moved.map_err(|f| match f {
-        Fail::Peer(p, e) => match peers.get(p).and_then(|x| x.as_ref()) {
+    let lost =
+        |peers: &[Option<Peer>], p: usize, e: NetError| match peers.get(p).and_then(|x| x.as_ref())
+        {
             // A process that is gone: PeerLost naming it, as over the rings.
             Some(peer) => crate::exec::net_error(peer, e, me, &what()),
             None => Error::System(format!("rank {me}: {} with rank {p}: {e}", what())),
-        },
-        Fail::Local(e) => Error::System(format!("rank {me}: {}: {e}", what())),
-    })?;
-    if let Some(p) = oks.iter().position(|t| t[1] != 1) {
+        };
+    // This rank's own failure is the most precise report; then the exchange's.
+    let moved = match moved {
+        Err(Fail::Peer(p, e)) => {
+            // A process found gone by cross-memory attach may have left after an error of
+            // its own, which it reported on the connection before exiting: prefer that.
+            let said = peers
+                .get_mut(p)
+                .and_then(|x| x.as_mut())
+                .and_then(|x| x.conn.progress().err());
+            return Err(lost(peers, p, said.unwrap_or(e)));
+        }
+        Err(Fail::Local(e)) => return Err(Error::System(format!("rank {me}: {}: {e}", what()))),
+        Ok(m) => m,
+    };
+    exchanged?;
+    if let Some((q, t)) = oks.iter().enumerate().find(|(_, t)| t[1] != 1) {
+        let c = u16::from_le_bytes([t[2], t[3]]) as usize;
+        if c > 0 && c - 1 != me {
+            return Err(lost(
+                peers,
+                c - 1,
+                NetError::Lost(format!("rank {q} found its process gone during {}", what())),
+            ));
+        }
         return Err(Error::System(format!(
-            "single-copy {}: rank {p} failed to copy its part (its log says why); the result is undefined",
-            ctx.kind.name()
+            "{}: rank {q} failed to copy its part (its log says why); the result is undefined",
+            what()
         )));
     }
     Ok(Outcome::Done(moved as u64))
@@ -488,6 +599,7 @@ fn move_data(
     sends: &[Buf],
     recvs: &[Buf],
     c: usize,
+    w: &mut Watch,
 ) -> Moved<usize> {
     let (n, me, es) = (ctx.size, ctx.rank, ctx.dtype.size());
     // All-reduce and reduce: this rank's chunk of the elements.
@@ -509,41 +621,42 @@ fn move_data(
                 &subs(recvs, off, len)?,
                 len,
                 nt,
+                w,
             )?;
             2 * (n - 1) * len
         }
         CollKind::ReduceScatter => {
             let dst = [Buf::Mem(sub(&bufs[1], 0, c)?)];
-            reduce_to(ctx, &subs(sends, me * c, c)?, &dst, c, nt)?;
+            reduce_to(ctx, &subs(sends, me * c, c)?, &dst, c, nt, w)?;
             (n - 1) * c
         }
         CollKind::AllGather => {
             for (q, s) in sends.iter().enumerate() {
-                s.read_into(0, bufs[1].at(q * c, c)?, c, nt)?;
+                s.read_into(0, bufs[1].at(q * c, c)?, c, nt, w)?;
             }
             (n - 1) * c
         }
         CollKind::Broadcast => {
-            sends[ctx.root].read_into(0, bufs[1].at(0, c)?, c, nt)?;
+            sends[ctx.root].read_into(0, bufs[1].at(0, c)?, c, nt, w)?;
             not_root(c)
         }
         CollKind::Reduce => {
             let dst = recvs[ctx.root].sub(off, len)?;
-            reduce_to(ctx, &subs(sends, off, len)?, &[dst], len, nt)?;
+            reduce_to(ctx, &subs(sends, off, len)?, &[dst], len, nt, w)?;
             (n - 1) * len + not_root(len)
         }
         CollKind::AllToAll => {
             for (p, s) in sends.iter().enumerate() {
-                s.read_into(me * c, bufs[1].at(p * c, c)?, c, nt)?;
+                s.read_into(me * c, bufs[1].at(p * c, c)?, c, nt, w)?;
             }
             (n - 1) * c
         }
         CollKind::Gather => {
-            recvs[ctx.root].write_from(me * c, bufs[0].at(0, c)?, c, nt)?;
+            recvs[ctx.root].write_from(me * c, bufs[0].at(0, c)?, c, nt, w)?;
             not_root(c)
         }
         CollKind::Scatter => {
-            sends[ctx.root].read_into(me * c, bufs[1].at(0, c)?, c, nt)?;
+            sends[ctx.root].read_into(me * c, bufs[1].at(0, c)?, c, nt, w)?;
             not_root(c)
         }
         _ => 0,
