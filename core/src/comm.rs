@@ -235,6 +235,13 @@ fn assemble(
             .members
             .iter()
             .all(|m| m.host_id == view.members[0].host_id);
+    if direct && all_shm && cfg.shm_cma != crate::config::CmaUse::Never {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| match braid_transport::cma::allow_peers() {
+            Ok(s) => tracing::debug!(target: "braid::init", "cross-memory attach: {s}"),
+            Err(s) => tracing::info!(target: "braid::init", "cross-memory attach unavailable: {s}; private buffers use the shm rings"),
+        });
+    }
     let transport = match peer_transports.first() {
         Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
         Some(_) => "mixed",

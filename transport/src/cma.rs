@@ -124,6 +124,45 @@ impl CmaDesc {
     }
 }
 
+/// Makes this process reachable by its peers' cross-memory attach where Yama allows that only
+/// by permission: with `ptrace_scope` 1, `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` (as UCX
+/// does; processes of other users stay refused by the kernel's usual checks). Returns what was
+/// found and done, for the log: `Ok` when peers of the same user can attach, `Err` when they
+/// cannot (scope 2 or 3, or the prctl failed).
+pub fn allow_peers() -> Result<String, String> {
+    let scope = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
+        Ok(s) => s.trim().to_string(),
+        Err(_) => return Ok("no Yama ptrace_scope: same-user attach permitted".into()),
+    };
+    match scope.as_str() {
+        "0" => Ok("Yama ptrace_scope 0: same-user attach permitted".into()),
+        "1" => {
+            // SAFETY: prctl with integer arguments only; it changes this process's Yama
+            // exception and nothing else.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_SET_PTRACER,
+                    libc::PR_SET_PTRACER_ANY,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            if r == 0 {
+                Ok("Yama ptrace_scope 1: set PR_SET_PTRACER_ANY so that peers may attach".into())
+            } else {
+                Err(format!(
+                    "Yama ptrace_scope 1 and prctl(PR_SET_PTRACER) failed: {}",
+                    std::io::Error::last_os_error()
+                ))
+            }
+        }
+        other => Err(format!(
+            "Yama ptrace_scope {other}: peers cannot attach (needs CAP_SYS_PTRACE or is disabled)"
+        )),
+    }
+}
+
 fn cma_err(op: &str, pid: u32) -> NetError {
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::ESRCH) {
@@ -201,6 +240,22 @@ fn transfer(pid: u32, addr: u64, local: *mut u8, len: usize, write: bool) -> Net
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_peers_reports_this_machine() {
+        // Whatever the machine's Yama setting, the answer names it (or its absence).
+        let r = allow_peers();
+        let text = match &r {
+            Ok(s) | Err(s) => s.clone(),
+        };
+        assert!(text.contains("ptrace_scope"), "{text}");
+        if std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+            .map(|s| s.trim() == "0")
+            .unwrap_or(true)
+        {
+            assert!(r.is_ok(), "{text}");
+        }
+    }
 
     #[test]
     fn desc_round_trips() {
