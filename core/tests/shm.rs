@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use braid::membership::Coordinator;
 use braid::{Communicator, Config, ReduceOp};
@@ -111,20 +111,7 @@ fn rank_main(role: &str) {
                 .iter()
                 .all(|(_, tx, rx)| *tx > 0 && *rx > 0));
         }
-        "kill" => {
-            let mut x = vec![1f32; 4 << 20];
-            println!("RUNNING");
-            let t0 = Instant::now();
-            loop {
-                if let Err(e) = c.all_reduce_inplace(&mut x, ReduceOp::Max) {
-                    println!("COLL-ERR after {:?}: {e}", t0.elapsed());
-                    std::process::exit(4);
-                }
-                if t0.elapsed() > Duration::from_secs(60) {
-                    std::process::exit(5);
-                }
-            }
-        }
+        "kill" => common::all_reduce_until_error(&c, &mut vec![1f32; 4 << 20]),
         other => panic!("unknown role {other}"),
     }
     drop(c);

@@ -9,7 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use braid::membership::Coordinator;
 use braid::{Communicator, Config, Element, ReduceOp, SharedBuf};
@@ -477,17 +477,7 @@ fn rank_main(role: &str) {
             let mut x = mk(&c, &vec![1.0f32; 4 << 20], role == "kill-heap");
             c.all_reduce_inplace(&mut x, ReduceOp::Max).unwrap();
             assert!(c.direct_bytes() > 0, "the single-copy path was not taken");
-            println!("RUNNING");
-            let t0 = Instant::now();
-            loop {
-                if let Err(e) = c.all_reduce_inplace(&mut x, ReduceOp::Max) {
-                    println!("COLL-ERR after {:?}: {e}", t0.elapsed());
-                    std::process::exit(4);
-                }
-                if t0.elapsed() > Duration::from_secs(60) {
-                    std::process::exit(5);
-                }
-            }
+            common::all_reduce_until_error(&c, &mut x)
         }
         other => panic!("unknown role {other}"),
     }
@@ -506,12 +496,24 @@ fn rank_entry() {
 // ---- parent side -----------------------------------------------------------------------
 
 fn run(role: &str, n: usize, extra: &[(&str, &str)]) {
+    run_wrapped(role, n, extra, &|_| Vec::new());
+}
+
+/// Runs `role` on `n` ranks (each under `wrap(rank)`, see `common::spawn_wrapped`) with the
+/// shm transport and single-copy from 4 KiB; checks every rank succeeded and nothing was left
+/// in /dev/shm. Returns every rank's output.
+fn run_wrapped(
+    role: &str,
+    n: usize,
+    extra: &[(&str, &str)],
+    wrap: &dyn Fn(usize) -> Vec<String>,
+) -> Vec<(bool, String)> {
     let before = dev_shm();
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
     let mut env = vec![("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_DIRECT_MIN", "4096")];
     env.extend_from_slice(extra);
-    let ranks = spawn(role, &addr, n, &|_| env_of(&env));
+    let ranks = common::spawn_wrapped(ROLE, role, &addr, n, &|_| env_of(&env), wrap);
     let res = finish(ranks, Duration::from_secs(180));
     check_all(&res);
     for (r, (_, s)) in res.iter().enumerate() {
@@ -519,6 +521,7 @@ fn run(role: &str, n: usize, extra: &[(&str, &str)]) {
     }
     let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
     assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
+    res
 }
 
 #[test]
@@ -562,11 +565,7 @@ fn run_rank_1_in_own_pid_namespace(role: &str) -> Option<Vec<(bool, String)>> {
         );
         return None;
     }
-    let before = dev_shm();
-    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
-    let addr = coord.local_addr().to_string();
-    let env = [("BRAID_TRANSPORT", "shm"), ("BRAID_SHM_DIRECT_MIN", "4096")];
-    let ranks = common::spawn_wrapped(ROLE, role, &addr, 2, &|_| env_of(&env), &|r| {
+    Some(run_wrapped(role, 2, &[], &|r| {
         if r == 1 {
             ["unshare", "--pid", "--fork", "--kill-child"]
                 .map(String::from)
@@ -574,15 +573,7 @@ fn run_rank_1_in_own_pid_namespace(role: &str) -> Option<Vec<(bool, String)>> {
         } else {
             Vec::new()
         }
-    });
-    let res = finish(ranks, Duration::from_secs(180));
-    check_all(&res);
-    for (r, (_, s)) in res.iter().enumerate() {
-        println!("rank {r}:\n{s}");
-    }
-    let new: Vec<String> = dev_shm().difference(&before).cloned().collect();
-    assert!(new.is_empty(), "files left in /dev/shm: {new:?}");
-    Some(res)
+    }))
 }
 
 /// Cross-memory attach to a pid that names another process is refused by the cookie check;

@@ -8,6 +8,22 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Rank side of the kill -9 drills: prints RUNNING, then all-reduces `x` in place until a call
+/// fails (prints `COLL-ERR after ...: error`, exits 4) or 60 s pass (exits 5).
+pub fn all_reduce_until_error(c: &braid::Communicator, x: &mut [f32]) -> ! {
+    println!("RUNNING");
+    let t0 = Instant::now();
+    loop {
+        if let Err(e) = c.all_reduce_inplace(x, braid::ReduceOp::Max) {
+            println!("COLL-ERR after {:?}: {e}", t0.elapsed());
+            std::process::exit(4);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            std::process::exit(5);
+        }
+    }
+}
+
 /// Owned environment pairs.
 pub fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
