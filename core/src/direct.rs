@@ -316,9 +316,36 @@ fn reduce_to(
     let block = if any_cma { CMA_BLOCK } else { BLOCK };
     let step = (block / es).max(1) * es;
     let ncma = srcs.iter().filter(|b| matches!(b, Buf::Cma(..))).count();
-    let mut tmp = vec![0u64; step.div_ceil(8) * (1 + ncma)];
-    let tmpb: &mut [u8] = bytemuck::cast_slice_mut(&mut tmp);
-    let tmp = RawBuf::from_mut(tmpb);
+    SCRATCH.with(|cell| {
+        let mut tmp = cell.borrow_mut();
+        let want = step.div_ceil(8) * (1 + ncma);
+        if tmp.len() < want {
+            tmp.resize(want, 0);
+        }
+        let tmpb: &mut [u8] = bytemuck::cast_slice_mut(&mut tmp[..want]);
+        reduce_blocks(ctx, srcs, dsts, len, nt, w, step, RawBuf::from_mut(tmpb))
+    })
+}
+
+thread_local! {
+    /// Scratch blocks of [`reduce_to`], kept between calls (no allocation and zeroing of up to
+    /// a few hundred KiB per collective).
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The loop of [`reduce_to`]; `tmp`: one scratch block of `step` bytes, then one per
+/// cross-memory-attach source.
+#[allow(clippy::too_many_arguments)]
+fn reduce_blocks(
+    ctx: &PlanCtx,
+    srcs: &[Buf],
+    dsts: &[Buf],
+    len: usize,
+    nt: bool,
+    w: &mut Watch,
+    step: usize,
+    tmp: RawBuf,
+) -> Moved<()> {
     let mut blocks = vec![std::ptr::null::<u8>(); srcs.len()];
     let mut off = 0;
     while off < len {
