@@ -12,7 +12,8 @@
  *   braid call. A NULL where a pointer is required gives braid_invalid_argument with a message,
  *   never a crash; out-of-range datatype/op values, ranks, roots and peers likewise. A Rust
  *   panic never crosses into C: it becomes braid_internal_error with a message.
- *   Argument errors are detected before anything is sent and leave the communicator usable.
+ *   Argument errors are detected before anything is sent and leave the communicator usable
+ *   (a bitwise operator, braid_band/braid_bor/braid_bxor, on a floating-point datatype is one).
  *   Any other error on a communicator is sticky: its peers are told (so they fail too instead
  *   of hanging) and every later call on it returns the same error. Ranks that issue mismatched
  *   collectives (different operation, datatype, count or root) all get a non-success status
@@ -70,6 +71,10 @@
 // Version of `braid_config_t` this header describes (its fields are append-only).
 #define BRAID_CONFIG_VERSION 1
 
+// The `color` of braid_comm_split that puts a rank in no new communicator (its `*newcomm`
+// is set to NULL), like NCCL_SPLIT_NOCOLOR / MPI_UNDEFINED.
+#define BRAID_SPLIT_NOCOLOR -1
+
 // Status of a braid call. Every function that can fail returns one; on failure
 // braid_get_last_error() says why.
 typedef enum {
@@ -118,9 +123,15 @@ typedef enum {
   braid_float32 = 8,
   // double.
   braid_float64 = 9,
+  // int16_t.
+  braid_int16 = 10,
 } braid_datatype_t;
 
-// Reduction operator. Values other than those listed give braid_invalid_argument.
+// Reduction operator. Values other than those listed give braid_invalid_argument. The bitwise
+// operators (braid_band, braid_bor, braid_bxor) apply to the integer datatypes only: with
+// braid_float16, braid_bfloat16, braid_float32 or braid_float64 a call returns
+// braid_invalid_argument naming the operator and the datatype, before anything is sent (the
+// communicator stays usable).
 typedef enum {
   // Sum.
   braid_sum = 0,
@@ -132,11 +143,22 @@ typedef enum {
   braid_max = 3,
   // Average: the sum divided by the number of ranks (integer division for integer types).
   braid_avg = 4,
+  // Bitwise AND (integer datatypes only).
+  braid_band = 5,
+  // Bitwise OR (integer datatypes only).
+  braid_bor = 6,
+  // Bitwise exclusive OR (integer datatypes only).
+  braid_bxor = 7,
 } braid_redop_t;
 
 // A communicator (opaque). Created by braid_comm_init / braid_comm_init_rank, freed by
 // braid_comm_destroy.
 typedef struct braid_comm braid_comm;
+
+// A coordinator service (opaque): the rendezvous and membership service communicators meet
+// at, hosted in this process. Created by braid_coordinator_start, stopped and freed by
+// braid_coordinator_destroy.
+typedef struct braid_coordinator braid_coordinator;
 
 // A non-blocking push, pull or push-pull (opaque). Created by braid_kv_push, braid_kv_pull
 // and braid_kv_push_pull, freed by braid_kv_request_free.
@@ -187,6 +209,9 @@ typedef struct {
 // Handle of a communicator. Using it after braid_comm_destroy is undefined behaviour (the
 // library cannot detect a dangling pointer).
 typedef braid_comm *braid_comm_t;
+
+// Handle of a coordinator. Using it after braid_coordinator_destroy is undefined behaviour.
+typedef braid_coordinator *braid_coordinator_t;
 
 // Handle of a non-blocking operation. Using it after braid_request_free is undefined
 // behaviour.
@@ -360,6 +385,43 @@ braid_status_t braid_sync_from_oldest(void *buf,
 // # Safety
 // `comm` is NULL or a live communicator not used by any other thread.
 braid_status_t braid_comm_destroy(braid_comm_t comm);
+
+// Starts a coordinator service in this process, listening on `bind_addr` ("host:port"; port 0
+// picks a free port, see braid_coordinator_port; NULL means "0.0.0.0:0"), before any
+// communicator exists: a launcher (e.g. rank 0 of a torch.distributed process group) starts
+// it, publishes "its-host:port", and every rank (this process's too) then calls
+// braid_comm_init with a braid_config_t whose `coordinator` is that address (and whose
+// `job_token` is `job_token`, when one is set). `job_token` NULL or "": no token (any client
+// is accepted); otherwise every client must answer an HMAC-SHA256 challenge keyed by it
+// (BRAID_JOB_TOKEN). Nothing is read from the environment. The service runs on its own
+// threads until braid_coordinator_destroy. On failure `*coord` is set to NULL.
+//
+// Errors: braid_invalid_argument (NULL `coord`, strings not UTF-8); braid_system_error (the
+// address cannot be bound, e.g. the port is in use or the host is not local; threads cannot
+// start).
+//
+// # Safety
+// `coord` is NULL or valid for a write; `bind_addr` and `job_token` are NULL or
+// NUL-terminated.
+braid_status_t braid_coordinator_start(const char *bind_addr,
+                                       const char *job_token,
+                                       braid_coordinator_t *coord);
+
+// Writes the TCP port the coordinator listens on to `*port` (the port chosen by the system
+// when it was started on port 0).
+//
+// # Safety
+// `coord` is NULL or a live coordinator; `port` is NULL or valid for a write.
+braid_status_t braid_coordinator_port(braid_coordinator_t coord, int *port);
+
+// Stops the coordinator (closes its listener and connections, waiting a few seconds at most
+// for its threads) and frees it. Destroy it after the communicators that met at it: members
+// that lose their coordinator may fail later membership operations. NULL is a no-op
+// returning braid_success; the handle is invalid afterwards.
+//
+// # Safety
+// `coord` is NULL or a live coordinator not used by any other thread.
+braid_status_t braid_coordinator_destroy(braid_coordinator_t coord);
 
 // Allocates `size` zeroed bytes of shared memory registered with `comm` (like NCCL's
 // ncclMemAlloc + ncclCommRegister) and writes its address (page-aligned) to `*ptr`. When all
@@ -537,6 +599,27 @@ braid_status_t braid_group_start(void);
 // again. braid_invalid_usage without an open group.
 braid_status_t braid_group_end(void);
 
+// Non-blocking braid_group_end: closes the outermost group opened by braid_group_start and
+// STARTS its recorded sends and receives (all posted together, as braid_group_end runs them,
+// so a ring exchange cannot deadlock) on the communicator's progress thread, writing to
+// `*req` one request that completes when all of them have completed (braid_test,
+// braid_wait, braid_wait_for; free it with braid_request_free). The buffers of the recorded
+// operations must stay valid and untouched until the request has completed (not only until
+// this call returns). An empty group gives a request that is already complete. Operations
+// run in issue order with the communicator's other non-blocking operations.
+//
+// Errors (`*req` is NULL after any of them): braid_invalid_argument for a NULL `req` (the
+// group stays open); braid_invalid_usage without an open group, or when the group to close is
+// nested (braid_igroup_end only closes the outermost group: close inner ones with
+// braid_group_end; the group stays open); if a call inside the group failed (bad argument, a
+// second communicator), nothing runs, the group is closed and that call's status is returned
+// again, as braid_group_end does.
+//
+// # Safety
+// `req` is NULL or valid for a write; the recorded operations' communicator is live and their
+// buffers stay valid until the request completes.
+braid_status_t braid_igroup_end(braid_request_t *req);
+
 // Non-blocking braid_all_reduce: starts it and writes a request to `*req` (NULL on failure).
 // The buffers must stay valid and untouched until braid_test reports done or braid_wait
 // returns. Non-blocking operations run in issue order on a progress thread of the
@@ -665,6 +748,96 @@ braid_status_t braid_irecv(void *buf,
                            braid_comm_t comm,
                            braid_request_t *req);
 
+// All-to-all with a count and a displacement per rank (MPI_Alltoallv): this rank sends
+// `sendcounts[p]` elements starting at element `sdispls[p]` of `sendbuf` to rank p, and
+// receives `recvcounts[p]` elements from rank p into `recvbuf` starting at element
+// `rdispls[p]`. The four arrays have one entry per rank (counts and displacements in
+// elements) and are read during the call only. Rank p's `sendcounts[r]` must equal rank r's
+// `recvcounts[p]`: a disagreement fails on both ranks (non-success status, message containing
+// "mismatch"; sticky), as does a rank calling another collective meanwhile. Zero counts are
+// allowed (the displacement is then ignored; the buffer may be NULL when all its counts are
+// 0). Send blocks may overlap one another; receive blocks may not (braid_invalid_argument).
+// There is no in-place form: send and receive blocks must not overlap (refused with
+// braid_invalid_argument when detected; undefined otherwise). One rank: a local copy.
+// Refused between braid_group_start and braid_group_end (braid_invalid_usage).
+//
+// Errors: braid_invalid_argument (NULL arrays, NULL buffer with non-zero counts, bad
+// datatype, overflowing or overlapping blocks, this rank's own send and receive counts
+// differ), before anything is sent; otherwise as every collective.
+//
+// # Safety
+// The arrays are NULL or hold one entry per rank. For every rank p, `sendbuf` is valid for
+// reading elements `sdispls[p]`..`sdispls[p]+sendcounts[p]` and `recvbuf` for writing
+// elements `rdispls[p]`..`rdispls[p]+recvcounts[p]`, for the duration of the call; `comm`
+// is NULL or live.
+braid_status_t braid_all_to_allv(const void *sendbuf,
+                                 const size_t *sendcounts,
+                                 const size_t *sdispls,
+                                 void *recvbuf,
+                                 const size_t *recvcounts,
+                                 const size_t *rdispls,
+                                 braid_datatype_t datatype,
+                                 braid_comm_t comm);
+
+// Non-blocking braid_all_to_allv (request rules as braid_iall_reduce). The four arrays are
+// read during the call only (they may be freed when it returns); the buffers belong to the
+// operation until it completes.
+//
+// # Safety
+// As braid_all_to_allv, the buffers for the lifetime of the operation; `req` is NULL or
+// writable.
+braid_status_t braid_iall_to_allv(const void *sendbuf,
+                                  const size_t *sendcounts,
+                                  const size_t *sdispls,
+                                  void *recvbuf,
+                                  const size_t *recvcounts,
+                                  const size_t *rdispls,
+                                  braid_datatype_t datatype,
+                                  braid_comm_t comm,
+                                  braid_request_t *req);
+
+// Splits `comm` (like ncclCommSplit / MPI_Comm_split): collective over all ranks of `comm`.
+// Ranks with the same `color` (>= 0) form a new communicator, ranked by `key`, then by rank
+// in `comm`; a rank passing BRAID_SPLIT_NOCOLOR takes part and gets `*newcomm` = NULL. The
+// new communicator is independent of `comm` (its own connections; it keeps working after
+// braid_comm_destroy(comm)); free it with braid_comm_destroy. It meets its members through
+// the coordinator `comm` used (see braid_comm_create_group). Refused between
+// braid_group_start and braid_group_end (braid_invalid_usage). On failure `*newcomm` is NULL.
+//
+// Errors: braid_invalid_argument (NULL `comm` or `newcomm`, color < -1), before anything is
+// sent; as braid_all_gather for the exchange of colors and keys; as braid_comm_init for the
+// creation (braid_timeout when members do not all arrive within BRAID_INIT_TIMEOUT).
+//
+// # Safety
+// `comm` is NULL or live; `newcomm` is NULL or valid for a write.
+braid_status_t braid_comm_split(braid_comm_t comm, int color, int key, braid_comm_t *newcomm);
+
+// Creates a communicator of the ranks `ranks[0..nranks]` of `comm` (like
+// MPI_Comm_create_group; torch's new_group): collective over the listed ranks only (the
+// others do not call it). The caller's rank in the new communicator is its position in
+// `ranks`; the ranks must be distinct ranks of `comm`, include the caller, and be passed in
+// the same order by every member. `tag` (>= 0) tells apart creations that run at the same
+// time over overlapping members; creations with the same members and tag are matched in the
+// order they are made. The new communicator meets its members through the coordinator `comm`
+// used (BRAID_COORDINATOR; with the same job token) under a group name derived from `comm`'s;
+// it is not elastic, has its own connections and keeps working after
+// braid_comm_destroy(comm) (also without the coordinator, once created). Free it with
+// braid_comm_destroy. Refused between braid_group_start and braid_group_end
+// (braid_invalid_usage). On failure `*newcomm` is NULL and `comm` is unaffected.
+//
+// Errors: braid_invalid_argument (NULL `comm`, `ranks` or `newcomm`, nranks < 1, a rank out
+// of range or listed twice, the caller not listed, tag < 0); as braid_comm_init for the
+// creation (braid_timeout when members do not all arrive within BRAID_INIT_TIMEOUT).
+//
+// # Safety
+// `comm` is NULL or live; `ranks` is NULL or valid for reading `nranks` ints; `newcomm` is
+// NULL or valid for a write.
+braid_status_t braid_comm_create_group(braid_comm_t comm,
+                                       const int *ranks,
+                                       int nranks,
+                                       int tag,
+                                       braid_comm_t *newcomm);
+
 // Checks a request without blocking: `*done` = 1 and the operation's status returned when it
 // has completed (its buffers may be used again), `*done` = 0 and braid_success while it runs.
 // May be called again after completion (same status).
@@ -680,6 +853,22 @@ braid_status_t braid_test(braid_request_t req, int *done);
 // # Safety
 // `req` is NULL or a live request.
 braid_status_t braid_wait(braid_request_t req);
+
+// Waits at most `timeout_s` seconds for the request's operation: when it has completed,
+// `*done` = 1 and the operation's status is returned (as braid_wait: its buffers may be used
+// again; may be called again, same status); when the time ran out first, `*done` = 0 and
+// braid_success (the request stays valid and its operation keeps running). Sleeps (no busy
+// loop) and does not block past the deadline; `timeout_s` = 0 is braid_test, INFINITY is
+// braid_wait (bounded by the communicator's timeout). The request still has to be freed with
+// braid_request_free.
+//
+// Errors: braid_invalid_argument for a NULL `req` or `done`, or a `timeout_s` that is NaN or
+// negative (`*done` is 0 after an argument error when `done` is not NULL);
+// braid_invalid_usage for a request that holds no operation.
+//
+// # Safety
+// `req` is NULL or a live request; `done` is NULL or writable.
+braid_status_t braid_wait_for(braid_request_t req, double timeout_s, int *done);
 
 // Frees a request. An incomplete operation is waited for first (its buffers are in use until
 // then), and if its failure had not been reported by braid_test/braid_wait, that status is

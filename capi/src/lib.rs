@@ -22,6 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use braid_core::coll::CollKind;
+use braid_core::membership::{Coordinator, CoordinatorOptions};
 use braid_core::ps::{KvServer, KvWorker, PsHandle, PsOptions, UpdateRule};
 use braid_core::{
     Communicator, Config, DataType, Element, Error, ErrorClass, Handle, RawColl, RawP2p, ReduceOp,
@@ -99,9 +100,15 @@ pub enum braid_datatype_t {
     braid_float32 = 8,
     /// double.
     braid_float64 = 9,
+    /// int16_t.
+    braid_int16 = 10,
 }
 
-/// Reduction operator. Values other than those listed give braid_invalid_argument.
+/// Reduction operator. Values other than those listed give braid_invalid_argument. The bitwise
+/// operators (braid_band, braid_bor, braid_bxor) apply to the integer datatypes only: with
+/// braid_float16, braid_bfloat16, braid_float32 or braid_float64 a call returns
+/// braid_invalid_argument naming the operator and the datatype, before anything is sent (the
+/// communicator stays usable).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum braid_redop_t {
@@ -115,6 +122,12 @@ pub enum braid_redop_t {
     braid_max = 3,
     /// Average: the sum divided by the number of ranks (integer division for integer types).
     braid_avg = 4,
+    /// Bitwise AND (integer datatypes only).
+    braid_band = 5,
+    /// Bitwise OR (integer datatypes only).
+    braid_bor = 6,
+    /// Bitwise exclusive OR (integer datatypes only).
+    braid_bxor = 7,
 }
 
 /// A `braid_datatype_t` as received from C: any int (an out-of-range value must not become a
@@ -306,6 +319,7 @@ fn dtype_of(d: DatatypeArg) -> CResult<DataType> {
         7 => DataType::BF16,
         8 => DataType::F32,
         9 => DataType::F64,
+        10 => DataType::I16,
         v => return Err(Fail::arg(format!("datatype {v} is not a braid_datatype_t"))),
     })
 }
@@ -317,6 +331,9 @@ fn op_of(o: RedopArg) -> CResult<ReduceOp> {
         2 => ReduceOp::Min,
         3 => ReduceOp::Max,
         4 => ReduceOp::Avg,
+        5 => ReduceOp::Band,
+        6 => ReduceOp::Bor,
+        7 => ReduceOp::Bxor,
         v => return Err(Fail::arg(format!("op {v} is not a braid_redop_t"))),
     })
 }
@@ -1013,6 +1030,100 @@ pub unsafe extern "C" fn braid_comm_destroy(comm: braid_comm_t) -> braid_status_
     })
 }
 
+// ---- exported functions: coordinator ------------------------------------------------------
+
+/// A coordinator service (opaque): the rendezvous and membership service communicators meet
+/// at, hosted in this process. Created by braid_coordinator_start, stopped and freed by
+/// braid_coordinator_destroy.
+pub struct braid_coordinator {
+    coord: Coordinator,
+}
+
+/// Handle of a coordinator. Using it after braid_coordinator_destroy is undefined behaviour.
+pub type braid_coordinator_t = *mut braid_coordinator;
+
+/// Starts a coordinator service in this process, listening on `bind_addr` ("host:port"; port 0
+/// picks a free port, see braid_coordinator_port; NULL means "0.0.0.0:0"), before any
+/// communicator exists: a launcher (e.g. rank 0 of a torch.distributed process group) starts
+/// it, publishes "its-host:port", and every rank (this process's too) then calls
+/// braid_comm_init with a braid_config_t whose `coordinator` is that address (and whose
+/// `job_token` is `job_token`, when one is set). `job_token` NULL or "": no token (any client
+/// is accepted); otherwise every client must answer an HMAC-SHA256 challenge keyed by it
+/// (BRAID_JOB_TOKEN). Nothing is read from the environment. The service runs on its own
+/// threads until braid_coordinator_destroy. On failure `*coord` is set to NULL.
+///
+/// Errors: braid_invalid_argument (NULL `coord`, strings not UTF-8); braid_system_error (the
+/// address cannot be bound, e.g. the port is in use or the host is not local; threads cannot
+/// start).
+///
+/// # Safety
+/// `coord` is NULL or valid for a write; `bind_addr` and `job_token` are NULL or
+/// NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn braid_coordinator_start(
+    bind_addr: *const c_char,
+    job_token: *const c_char,
+    coord: *mut braid_coordinator_t,
+) -> braid_status_t {
+    boundary("braid_coordinator_start", || {
+        // SAFETY: caller contract.
+        unsafe { put(coord, "coord", std::ptr::null_mut()) }?;
+        // SAFETY: caller contract (NULL or NUL-terminated).
+        let addr =
+            unsafe { opt_str(bind_addr, "bind_addr") }?.unwrap_or_else(|| "0.0.0.0:0".to_string());
+        // SAFETY: as above.
+        let token = unsafe { opt_str(job_token, "job_token") }?.filter(|t| !t.is_empty());
+        let opts = CoordinatorOptions {
+            job_token: token.map(String::into_bytes),
+            ..CoordinatorOptions::default()
+        };
+        let c = Coordinator::bind_with(&addr, opts)?;
+        let b = Box::new(braid_coordinator { coord: c });
+        // SAFETY: checked non-NULL above; caller contract.
+        unsafe { coord.write(Box::into_raw(b)) };
+        Ok(())
+    })
+}
+
+/// Writes the TCP port the coordinator listens on to `*port` (the port chosen by the system
+/// when it was started on port 0).
+///
+/// # Safety
+/// `coord` is NULL or a live coordinator; `port` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_coordinator_port(
+    coord: braid_coordinator_t,
+    port: *mut c_int,
+) -> braid_status_t {
+    boundary("braid_coordinator_port", || {
+        // SAFETY: per contract, a non-NULL `coord` came from Box::into_raw in
+        // braid_coordinator_start and has not been destroyed.
+        let c = unsafe { coord.cast_const().as_ref() }.ok_or_else(|| Fail::arg("coord is NULL"))?;
+        let p = c_int::from(c.coord.local_addr().port());
+        // SAFETY: caller contract.
+        unsafe { put(port, "port", p) }
+    })
+}
+
+/// Stops the coordinator (closes its listener and connections, waiting a few seconds at most
+/// for its threads) and frees it. Destroy it after the communicators that met at it: members
+/// that lose their coordinator may fail later membership operations. NULL is a no-op
+/// returning braid_success; the handle is invalid afterwards.
+///
+/// # Safety
+/// `coord` is NULL or a live coordinator not used by any other thread.
+#[no_mangle]
+pub unsafe extern "C" fn braid_coordinator_destroy(coord: braid_coordinator_t) -> braid_status_t {
+    boundary("braid_coordinator_destroy", || {
+        if !coord.is_null() {
+            // SAFETY: `coord` came from Box::into_raw in braid_coordinator_start and is freed
+            // once (caller contract).
+            drop(unsafe { Box::from_raw(coord) });
+        }
+        Ok(())
+    })
+}
+
 // ---- exported functions: shared memory -----------------------------------------------------
 
 /// Allocates `size` zeroed bytes of shared memory registered with `comm` (like NCCL's
@@ -1443,6 +1554,71 @@ pub extern "C" fn braid_group_end() -> braid_status_t {
     })
 }
 
+/// Non-blocking braid_group_end: closes the outermost group opened by braid_group_start and
+/// STARTS its recorded sends and receives (all posted together, as braid_group_end runs them,
+/// so a ring exchange cannot deadlock) on the communicator's progress thread, writing to
+/// `*req` one request that completes when all of them have completed (braid_test,
+/// braid_wait, braid_wait_for; free it with braid_request_free). The buffers of the recorded
+/// operations must stay valid and untouched until the request has completed (not only until
+/// this call returns). An empty group gives a request that is already complete. Operations
+/// run in issue order with the communicator's other non-blocking operations.
+///
+/// Errors (`*req` is NULL after any of them): braid_invalid_argument for a NULL `req` (the
+/// group stays open); braid_invalid_usage without an open group, or when the group to close is
+/// nested (braid_igroup_end only closes the outermost group: close inner ones with
+/// braid_group_end; the group stays open); if a call inside the group failed (bad argument, a
+/// second communicator), nothing runs, the group is closed and that call's status is returned
+/// again, as braid_group_end does.
+///
+/// # Safety
+/// `req` is NULL or valid for a write; the recorded operations' communicator is live and their
+/// buffers stay valid until the request completes.
+#[no_mangle]
+pub unsafe extern "C" fn braid_igroup_end(req: *mut braid_request_t) -> braid_status_t {
+    boundary("braid_igroup_end", || {
+        // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
+        unsafe { reset_request(req) }?;
+        let taken = GROUP
+            .try_with(|g| {
+                let mut g = g.borrow_mut();
+                match g.depth {
+                    0 => Err(Fail::usage("braid_igroup_end without braid_group_start")),
+                    1 => Ok(std::mem::take(&mut *g)),
+                    d => Err(Fail::usage(format!(
+                        "braid_igroup_end closes the outermost group only, and {d} groups are \
+                         open: close the inner ones with braid_group_end"
+                    ))),
+                }
+            })
+            .map_err(|_| Fail::usage("thread is exiting"))??;
+        if let Some(f) = taken.failed {
+            return Err(Fail {
+                status: f.status,
+                msg: format!("group not run: a call in it failed: {}", f.msg),
+            });
+        }
+        let h = match taken.comm {
+            Some(comm) if !taken.ops.is_empty() => {
+                // SAFETY: the pointer was a live communicator when the operations were
+                // recorded; using it after braid_comm_destroy is undefined behaviour per the
+                // documented contract.
+                let c = unsafe { comm_ref(comm.cast_mut()) }?;
+                // SAFETY: the buffers of the recorded operations stay valid until the request
+                // completes (this function's contract).
+                Some(unsafe { c.comm.ip2p_raw(&taken.ops) }?)
+            }
+            _ => None,
+        };
+        let r = Box::into_raw(Box::new(braid_request {
+            result: if h.is_none() { Some(Ok(())) } else { None },
+            handle: h,
+        }));
+        // SAFETY: `req` was checked non-NULL by reset_request above.
+        unsafe { req.write(r) };
+        Ok(())
+    })
+}
+
 // ---- exported functions: non-blocking ------------------------------------------------------
 
 /// Non-blocking braid_all_reduce: starts it and writes a request to `*req` (NULL on failure).
@@ -1728,6 +1904,288 @@ pub unsafe extern "C" fn braid_irecv(
     unsafe { p2p("braid_irecv", a, comm, Some(req)) }
 }
 
+// ---- exported functions: all_to_allv and new communicators ----------------------------------
+
+/// The `color` of braid_comm_split that puts a rank in no new communicator (its `*newcomm`
+/// is set to NULL), like NCCL_SPLIT_NOCOLOR / MPI_UNDEFINED.
+pub const BRAID_SPLIT_NOCOLOR: c_int = -1;
+
+/// `n` entries of a C array argument of all_to_allv.
+///
+/// # Safety
+/// `p` is NULL or valid for reading `n` size_t values for the lifetime `'a`.
+unsafe fn size_array<'a>(p: *const usize, n: usize, what: &str) -> CResult<&'a [usize]> {
+    if p.is_null() {
+        return Err(Fail::arg(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and valid for `n` reads (contract); size_t is usize.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// The arguments of braid_all_to_allv / braid_iall_to_allv.
+struct AllToAllVArgs {
+    send: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recv: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    dtype: DatatypeArg,
+}
+
+/// Body of braid_all_to_allv (blocking when `req` is None) and braid_iall_to_allv.
+///
+/// # Safety
+/// The buffer, array and handle contracts of the public functions that call it.
+unsafe fn all_to_allv(
+    func: &'static str,
+    a: AllToAllVArgs,
+    comm: braid_comm_t,
+    req: Option<*mut braid_request_t>,
+) -> braid_status_t {
+    boundary(func, || {
+        if let Some(r) = req {
+            // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
+            unsafe { reset_request(r) }?;
+        }
+        // SAFETY: caller contract (a live communicator or NULL).
+        let c = unsafe { comm_ref(comm) }?;
+        if in_group() {
+            return Err(Fail::usage(
+                "collectives cannot be issued between braid_group_start and braid_group_end \
+                 (groups hold braid_send/braid_recv only)",
+            ));
+        }
+        let dtype = dtype_of(a.dtype)?;
+        let n = c.comm.size();
+        // SAFETY: each array is NULL or holds one entry per rank (caller contract); they are
+        // read during this call only.
+        let (sc, sd, rc, rd) = unsafe {
+            (
+                size_array(a.sendcounts, n, "sendcounts")?,
+                size_array(a.sdispls, n, "sdispls")?,
+                size_array(a.recvcounts, n, "recvcounts")?,
+                size_array(a.rdispls, n, "rdispls")?,
+            )
+        };
+        let (s, r) = (a.send.cast::<u8>(), a.recv.cast::<u8>());
+        match req {
+            None => {
+                // SAFETY: the caller guarantees every block the counts and displacements
+                // describe is valid for the duration of the call.
+                unsafe { c.comm.all_to_allv_raw(dtype, s, sc, sd, r, rc, rd) }?;
+            }
+            Some(q) => {
+                // SAFETY: as above, until the request completes (documented).
+                let h = unsafe { c.comm.iall_to_allv_raw(dtype, s, sc, sd, r, rc, rd) }?;
+                // SAFETY: `q` was checked non-NULL by reset_request above.
+                unsafe { store_request(q, h) };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// All-to-all with a count and a displacement per rank (MPI_Alltoallv): this rank sends
+/// `sendcounts[p]` elements starting at element `sdispls[p]` of `sendbuf` to rank p, and
+/// receives `recvcounts[p]` elements from rank p into `recvbuf` starting at element
+/// `rdispls[p]`. The four arrays have one entry per rank (counts and displacements in
+/// elements) and are read during the call only. Rank p's `sendcounts[r]` must equal rank r's
+/// `recvcounts[p]`: a disagreement fails on both ranks (non-success status, message containing
+/// "mismatch"; sticky), as does a rank calling another collective meanwhile. Zero counts are
+/// allowed (the displacement is then ignored; the buffer may be NULL when all its counts are
+/// 0). Send blocks may overlap one another; receive blocks may not (braid_invalid_argument).
+/// There is no in-place form: send and receive blocks must not overlap (refused with
+/// braid_invalid_argument when detected; undefined otherwise). One rank: a local copy.
+/// Refused between braid_group_start and braid_group_end (braid_invalid_usage).
+///
+/// Errors: braid_invalid_argument (NULL arrays, NULL buffer with non-zero counts, bad
+/// datatype, overflowing or overlapping blocks, this rank's own send and receive counts
+/// differ), before anything is sent; otherwise as every collective.
+///
+/// # Safety
+/// The arrays are NULL or hold one entry per rank. For every rank p, `sendbuf` is valid for
+/// reading elements `sdispls[p]`..`sdispls[p]+sendcounts[p]` and `recvbuf` for writing
+/// elements `rdispls[p]`..`rdispls[p]+recvcounts[p]`, for the duration of the call; `comm`
+/// is NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn braid_all_to_allv(
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+) -> braid_status_t {
+    let a = AllToAllVArgs {
+        send: sendbuf,
+        sendcounts,
+        sdispls,
+        recv: recvbuf,
+        recvcounts,
+        rdispls,
+        dtype: datatype,
+    };
+    // SAFETY: this function's contract.
+    unsafe { all_to_allv("braid_all_to_allv", a, comm, None) }
+}
+
+/// Non-blocking braid_all_to_allv (request rules as braid_iall_reduce). The four arrays are
+/// read during the call only (they may be freed when it returns); the buffers belong to the
+/// operation until it completes.
+///
+/// # Safety
+/// As braid_all_to_allv, the buffers for the lifetime of the operation; `req` is NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_iall_to_allv(
+    sendbuf: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recvbuf: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    datatype: DatatypeArg,
+    comm: braid_comm_t,
+    req: *mut braid_request_t,
+) -> braid_status_t {
+    let a = AllToAllVArgs {
+        send: sendbuf,
+        sendcounts,
+        sdispls,
+        recv: recvbuf,
+        recvcounts,
+        rdispls,
+        dtype: datatype,
+    };
+    // SAFETY: this function's contract.
+    unsafe { all_to_allv("braid_iall_to_allv", a, comm, Some(req)) }
+}
+
+/// Stores a new communicator handle in `*newcomm` (checked non-NULL by the caller).
+///
+/// # Safety
+/// `newcomm` is valid for a write.
+unsafe fn store_comm(newcomm: *mut braid_comm_t, comm: Communicator) {
+    let b = Box::into_raw(Box::new(braid_comm {
+        comm,
+        mem: std::sync::Mutex::new(std::collections::HashMap::new()),
+    }));
+    // SAFETY: the caller checked `newcomm` and guarantees it is valid for a write.
+    unsafe { newcomm.write(b) };
+}
+
+/// Splits `comm` (like ncclCommSplit / MPI_Comm_split): collective over all ranks of `comm`.
+/// Ranks with the same `color` (>= 0) form a new communicator, ranked by `key`, then by rank
+/// in `comm`; a rank passing BRAID_SPLIT_NOCOLOR takes part and gets `*newcomm` = NULL. The
+/// new communicator is independent of `comm` (its own connections; it keeps working after
+/// braid_comm_destroy(comm)); free it with braid_comm_destroy. It meets its members through
+/// the coordinator `comm` used (see braid_comm_create_group). Refused between
+/// braid_group_start and braid_group_end (braid_invalid_usage). On failure `*newcomm` is NULL.
+///
+/// Errors: braid_invalid_argument (NULL `comm` or `newcomm`, color < -1), before anything is
+/// sent; as braid_all_gather for the exchange of colors and keys; as braid_comm_init for the
+/// creation (braid_timeout when members do not all arrive within BRAID_INIT_TIMEOUT).
+///
+/// # Safety
+/// `comm` is NULL or live; `newcomm` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_split(
+    comm: braid_comm_t,
+    color: c_int,
+    key: c_int,
+    newcomm: *mut braid_comm_t,
+) -> braid_status_t {
+    boundary("braid_comm_split", || {
+        // SAFETY: caller contract.
+        unsafe { put(newcomm, "newcomm", std::ptr::null_mut()) }?;
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        if in_group() {
+            return Err(Fail::usage(
+                "braid_comm_split cannot be issued between braid_group_start and braid_group_end",
+            ));
+        }
+        let color = match color {
+            BRAID_SPLIT_NOCOLOR => None,
+            c if c >= 0 => Some(c as u32),
+            c => {
+                return Err(Fail::arg(format!(
+                    "color {c}: expected >= 0 or BRAID_SPLIT_NOCOLOR (-1)"
+                )))
+            }
+        };
+        if let Some(sub) = c.comm.split(color, i64::from(key))? {
+            // SAFETY: checked non-NULL above; caller contract.
+            unsafe { store_comm(newcomm, sub) };
+        }
+        Ok(())
+    })
+}
+
+/// Creates a communicator of the ranks `ranks[0..nranks]` of `comm` (like
+/// MPI_Comm_create_group; torch's new_group): collective over the listed ranks only (the
+/// others do not call it). The caller's rank in the new communicator is its position in
+/// `ranks`; the ranks must be distinct ranks of `comm`, include the caller, and be passed in
+/// the same order by every member. `tag` (>= 0) tells apart creations that run at the same
+/// time over overlapping members; creations with the same members and tag are matched in the
+/// order they are made. The new communicator meets its members through the coordinator `comm`
+/// used (BRAID_COORDINATOR; with the same job token) under a group name derived from `comm`'s;
+/// it is not elastic, has its own connections and keeps working after
+/// braid_comm_destroy(comm) (also without the coordinator, once created). Free it with
+/// braid_comm_destroy. Refused between braid_group_start and braid_group_end
+/// (braid_invalid_usage). On failure `*newcomm` is NULL and `comm` is unaffected.
+///
+/// Errors: braid_invalid_argument (NULL `comm`, `ranks` or `newcomm`, nranks < 1, a rank out
+/// of range or listed twice, the caller not listed, tag < 0); as braid_comm_init for the
+/// creation (braid_timeout when members do not all arrive within BRAID_INIT_TIMEOUT).
+///
+/// # Safety
+/// `comm` is NULL or live; `ranks` is NULL or valid for reading `nranks` ints; `newcomm` is
+/// NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_comm_create_group(
+    comm: braid_comm_t,
+    ranks: *const c_int,
+    nranks: c_int,
+    tag: c_int,
+    newcomm: *mut braid_comm_t,
+) -> braid_status_t {
+    boundary("braid_comm_create_group", || {
+        // SAFETY: caller contract.
+        unsafe { put(newcomm, "newcomm", std::ptr::null_mut()) }?;
+        // SAFETY: caller contract.
+        let c = unsafe { comm_ref(comm) }?;
+        if in_group() {
+            return Err(Fail::usage(
+                "braid_comm_create_group cannot be issued between braid_group_start and \
+                 braid_group_end",
+            ));
+        }
+        let n = usize::try_from(nranks)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| Fail::arg(format!("nranks is {nranks}: expected >= 1")))?;
+        if ranks.is_null() {
+            return Err(Fail::arg("ranks is NULL"));
+        }
+        let tag = u32::try_from(tag).map_err(|_| Fail::arg(format!("tag {tag}: expected >= 0")))?;
+        // SAFETY: non-NULL and valid for `nranks` reads (contract).
+        let list = unsafe { std::slice::from_raw_parts(ranks, n) };
+        let size = c.comm.size();
+        let list = list
+            .iter()
+            .map(|&r| rank_arg("ranks entry", r, size))
+            .collect::<CResult<Vec<usize>>>()?;
+        let sub = c.comm.create_group(&list, tag)?;
+        // SAFETY: checked non-NULL above; caller contract.
+        unsafe { store_comm(newcomm, sub) };
+        Ok(())
+    })
+}
+
 // ---- exported functions: requests ----------------------------------------------------------
 
 /// The request behind a handle.
@@ -1786,6 +2244,56 @@ pub unsafe extern "C" fn braid_wait(req: braid_request_t) -> braid_status_t {
         // SAFETY: caller contract.
         let r = unsafe { req_mut(req) }?;
         finish(r, true).unwrap_or_else(|| Err(Fail::usage("request holds no operation")))
+    })
+}
+
+/// Waits at most `timeout_s` seconds for the request's operation: when it has completed,
+/// `*done` = 1 and the operation's status is returned (as braid_wait: its buffers may be used
+/// again; may be called again, same status); when the time ran out first, `*done` = 0 and
+/// braid_success (the request stays valid and its operation keeps running). Sleeps (no busy
+/// loop) and does not block past the deadline; `timeout_s` = 0 is braid_test, INFINITY is
+/// braid_wait (bounded by the communicator's timeout). The request still has to be freed with
+/// braid_request_free.
+///
+/// Errors: braid_invalid_argument for a NULL `req` or `done`, or a `timeout_s` that is NaN or
+/// negative (`*done` is 0 after an argument error when `done` is not NULL);
+/// braid_invalid_usage for a request that holds no operation.
+///
+/// # Safety
+/// `req` is NULL or a live request; `done` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn braid_wait_for(
+    req: braid_request_t,
+    timeout_s: f64,
+    done: *mut c_int,
+) -> braid_status_t {
+    boundary("braid_wait_for", || {
+        // SAFETY: caller contract.
+        unsafe { put(done, "done", 0) }?;
+        if timeout_s.is_nan() || timeout_s < 0.0 {
+            return Err(Fail::arg(format!(
+                "timeout_s is {timeout_s}: expected a number of seconds >= 0"
+            )));
+        }
+        // Too large for a Duration (INFINITY included): no deadline of this call's own.
+        let timeout =
+            std::time::Duration::try_from_secs_f64(timeout_s).unwrap_or(std::time::Duration::MAX);
+        // SAFETY: caller contract.
+        let r = unsafe { req_mut(req) }?;
+        if r.result.is_none() {
+            match &r.handle {
+                None => return Err(Fail::usage("request holds no operation")),
+                Some(h) => {
+                    if !h.wait_timeout(timeout) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let out = finish(r, true).unwrap_or_else(|| Err(Fail::usage("request holds no operation")));
+        // SAFETY: checked non-NULL by `put` above; caller contract.
+        unsafe { done.write(1) };
+        out
     })
 }
 
@@ -1977,6 +2485,7 @@ macro_rules! with_element {
         match $dtype {
             DataType::I8 => $f::<i8>($($arg),*),
             DataType::U8 => $f::<u8>($($arg),*),
+            DataType::I16 => $f::<i16>($($arg),*),
             DataType::I32 => $f::<i32>($($arg),*),
             DataType::U32 => $f::<u32>($($arg),*),
             DataType::I64 => $f::<i64>($($arg),*),
@@ -2542,7 +3051,25 @@ mod tests {
         for d in DataType::ALL {
             assert_eq!(dtype_of(DatatypeArg(dtype_code(d))).ok(), Some(d));
         }
-        assert!(dtype_of(DatatypeArg(10)).is_err());
+        assert!(dtype_of(DatatypeArg(11)).is_err());
         assert!(op_of(RedopArg(-1)).is_err());
+        assert!(op_of(RedopArg(8)).is_err());
+        // The C enums and the core codes agree value by value.
+        assert_eq!(
+            dtype_of(DatatypeArg(braid_datatype_t::braid_int16 as c_int)).ok(),
+            Some(DataType::I16)
+        );
+        for (c, o) in [
+            (braid_redop_t::braid_sum, ReduceOp::Sum),
+            (braid_redop_t::braid_prod, ReduceOp::Prod),
+            (braid_redop_t::braid_min, ReduceOp::Min),
+            (braid_redop_t::braid_max, ReduceOp::Max),
+            (braid_redop_t::braid_avg, ReduceOp::Avg),
+            (braid_redop_t::braid_band, ReduceOp::Band),
+            (braid_redop_t::braid_bor, ReduceOp::Bor),
+            (braid_redop_t::braid_bxor, ReduceOp::Bxor),
+        ] {
+            assert_eq!(op_of(RedopArg(c as c_int)).ok(), Some(o));
+        }
     }
 }

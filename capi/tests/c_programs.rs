@@ -102,7 +102,8 @@ fn build(name: &str, out_dir: &Path) -> PathBuf {
     let exe = out_dir.join(name);
     let src = repo().join("tests/c").join(format!("{name}.c"));
     let mut cmd = Command::new("cc");
-    cmd.args(["-std=c11", "-g", "-Wall", "-Wextra", "-Werror", "-I"])
+    cmd.args(["-std=c11", "-g", "-pthread", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
         .arg(repo().join("include"))
         .arg("-o")
         .arg(&exe)
@@ -200,6 +201,23 @@ fn invalid_arguments_and_abort() {
 #[test]
 fn mismatched_collective_fails_on_every_rank() {
     check_program("mismatch", &[2, 3]);
+}
+
+/// What the torch backend needs: int16, band/bor/bxor (refused on floats before anything is
+/// sent), braid_wait_for, braid_igroup_end, and a coordinator from braid_coordinator_start
+/// joined by two communicators on threads of each rank.
+#[test]
+fn backend_abi_int16_bitwise_wait_for_igroup_coordinator() {
+    check_program("backend", &[1, 2, 3]);
+}
+
+/// braid_all_to_allv / braid_iall_to_allv (uneven, zero counts, argument errors, a count
+/// mismatch giving "mismatch" on both ranks of the pair), braid_comm_split (colors, keys,
+/// BRAID_SPLIT_NOCOLOR) and braid_comm_create_group (a subset in reversed order), interleaved
+/// with collectives on the parent; the new communicators outlive the parent.
+#[test]
+fn all_to_allv_split_and_create_group() {
+    check_program("groups", &[1, 2, 3, 4]);
 }
 
 /// Push/pull: `braid-run -n 4`, launcher indices 0 and 1 are servers, 2 and 3 workers, sync

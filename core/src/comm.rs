@@ -58,6 +58,33 @@ enum JobDesc {
         root: usize,
     },
     P2p(Vec<P2pOp>),
+    /// An all_to_allv: the exchange with every peer (receives, then sends; their signatures'
+    /// sequence numbers are set when the job runs) and the copy of this rank's own block
+    /// (source, destination), if it is not empty.
+    AllToAllV {
+        ops: Vec<P2pOp>,
+        local: Option<(RawBuf, RawBuf)>,
+    },
+}
+
+impl JobDesc {
+    /// Argument checks every job passes before it is run or queued (so before anything is
+    /// sent, for the Rust and the C entry points alike): the reduction operator must apply to
+    /// the element type (no bitwise operator on floats).
+    fn check(&self) -> Result<()> {
+        match self {
+            JobDesc::Coll {
+                kind, dtype, op, ..
+            } => op.check(*dtype).map_err(|e| match e {
+                Error::InvalidArgument(m) => {
+                    Error::InvalidArgument(format!("{}: {m}", kind.name()))
+                }
+                e => e,
+            }),
+            // Point-to-point and data-movement jobs carry no operator.
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A job's outcome and the buffers it owned.
@@ -141,7 +168,10 @@ pub struct Communicator {
     acceptor: Option<JoinHandle<()>>,
     acceptor_stop: Arc<AtomicBool>,
     client: Mutex<Option<Client>>,
-    coordinator: Option<Coordinator>,
+    /// The coordinator this process hosts (`host_coordinator`), shared with the communicators
+    /// created from this one ([`Communicator::create_group`], [`Communicator::split`]): it
+    /// stops when the last of them is dropped.
+    coordinator: Option<Arc<Coordinator>>,
     /// Transports this rank listens on (kept for connections of later views).
     transports: Vec<Arc<dyn Transport>>,
     /// Their connect handles (published at registration).
@@ -156,6 +186,10 @@ pub struct Communicator {
     attempted: u64,
     /// Shared regions of this communicator (kept across views).
     regions: Arc<Regions>,
+    /// Communicators created from this one so far, per (kind of creation, sorted member ids):
+    /// the members of a new communicator count their creations with the same member set
+    /// alike, so the n-th creation gets the same group name on all of them.
+    subgroups: Mutex<HashMap<(String, Vec<u64>), u64>>,
 }
 
 impl Inner {
@@ -407,6 +441,35 @@ impl<R> Handle<R> {
     /// Whether the operation has completed (successfully or not); never blocks.
     pub fn test(&self) -> bool {
         lock(&self.slot.res).is_some()
+    }
+
+    /// Waits at most `timeout` for the operation to complete, without consuming the handle:
+    /// `true` when it has completed (successfully or not; [`Handle::wait`] then returns its
+    /// result at once), `false` when `timeout` passed first (the operation keeps running and
+    /// the handle stays valid). Sleeps on the completion (no spinning) and never blocks past
+    /// `timeout`; `Duration::ZERO` is [`Handle::test`]. A `timeout` too large for the clock
+    /// waits as [`Handle::wait`] does (the operation itself is bounded by `BRAID_TIMEOUT`).
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut g = lock(&self.slot.res);
+        loop {
+            if g.is_some() {
+                return true;
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l,
+                    _ => return false,
+                },
+                None => Duration::from_millis(100),
+            };
+            g = self
+                .slot
+                .cv
+                .wait_timeout(g, left.min(Duration::from_millis(100)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// Waits for completion and returns the operation's result (its buffers, for operations
@@ -710,14 +773,14 @@ impl Communicator {
         let policy = select::Policy::parse(&cfg.algo, cfg.small_bytes)?;
         let token: Option<Vec<u8>> = cfg.job_token.as_ref().map(|t| t.0.clone());
         let coordinator = if cfg.host_coordinator {
-            Some(Coordinator::bind_with(
+            Some(Arc::new(Coordinator::bind_with(
                 &coord_addr,
                 membership::CoordinatorOptions {
                     job_token: token.clone(),
                     state_file: cfg.coordinator_state.clone(),
                     ..membership::CoordinatorOptions::default()
                 },
-            )?)
+            )?))
         } else {
             None
         };
@@ -821,6 +884,7 @@ impl Communicator {
             left: false,
             attempted: 0,
             regions,
+            subgroups: Mutex::new(HashMap::new()),
         };
         comm.install(view, deadline)?;
         Ok(comm)
@@ -938,6 +1002,9 @@ impl Communicator {
         if let Some(h) = lock(&self.progress).take() {
             let _ = h.join();
         }
+        // The thread is gone: the next non-blocking call starts a new one, which must not see
+        // the stop request (an update() that kept the view keeps this `inner`).
+        self.inner.stop.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1269,6 +1336,7 @@ impl Communicator {
 
     /// Runs a job on the calling thread, after any queued non-blocking jobs.
     fn run_blocking(&self, desc: JobDesc, bufs: [RawBuf; 2]) -> Result<()> {
+        desc.check()?;
         let mut q = lock(&self.inner.queue);
         while q.outstanding > 0 {
             q = self
@@ -1295,6 +1363,7 @@ impl Communicator {
         keep: Box<dyn Any + Send>,
         finish: impl FnOnce(Box<dyn Any + Send>) -> R + Send + 'static,
     ) -> Result<Handle<R>> {
+        desc.check()?;
         let slot = Arc::new(Slot {
             res: Mutex::new(None),
             cv: Condvar::new(),
@@ -2065,6 +2134,11 @@ impl Communicator {
                     "point-to-point goes through p2p_raw".into(),
                 ))
             }
+            CollKind::AllToAllV => {
+                return Err(Error::InvalidArgument(
+                    "all_to_allv goes through all_to_allv_raw".into(),
+                ))
+            }
         })
     }
 
@@ -2190,6 +2264,511 @@ impl Communicator {
             Box::new(()),
             |_| (),
         )
+    }
+}
+
+/// The arguments of one all_to_allv call on this rank (buffers as raw views).
+struct VArgs<'a> {
+    dtype: DataType,
+    send: RawBuf,
+    send_counts: &'a [usize],
+    send_displs: &'a [usize],
+    recv: RawBuf,
+    recv_counts: &'a [usize],
+    recv_displs: &'a [usize],
+}
+
+/// Checks one side (send or receive) of an all_to_allv layout and returns, per rank, the
+/// (byte offset, byte length) of its block, and the bytes the blocks span from the start of
+/// the buffer. `len`: the buffer's length in elements, when known (the Rust form); blocks of
+/// zero elements are not checked (their displacement is ignored, as in MPI).
+fn alltoallv_blocks(
+    side: &str,
+    n: usize,
+    es: usize,
+    len: Option<usize>,
+    counts: &[usize],
+    displs: &[usize],
+) -> Result<(Vec<(usize, usize)>, usize)> {
+    if counts.len() != n || displs.len() != n {
+        return invalid(format!(
+            "all_to_allv: {side} counts ({}) and displacements ({}) must have one entry per rank ({n})",
+            counts.len(),
+            displs.len()
+        ));
+    }
+    let mut blocks = Vec::with_capacity(n);
+    let mut extent = 0usize;
+    for (p, (&c, &d)) in counts.iter().zip(displs).enumerate() {
+        if c == 0 {
+            blocks.push((0, 0));
+            continue;
+        }
+        let end = d.checked_add(c).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "all_to_allv: {side} block of rank {p} (displacement {d}, count {c}) overflows"
+            ))
+        })?;
+        if let Some(len) = len {
+            if end > len {
+                return invalid(format!(
+                    "all_to_allv: {side} block of rank {p} (elements {d}..{end}) lies outside the {side} buffer of {len} elements"
+                ));
+            }
+        }
+        let (off, bytes, end_b) = match (d.checked_mul(es), c.checked_mul(es), end.checked_mul(es))
+        {
+            (Some(o), Some(b), Some(e)) => (o, b, e),
+            _ => {
+                return invalid(format!(
+                    "all_to_allv: {side} block of rank {p} (displacement {d}, count {c}) overflows in bytes"
+                ))
+            }
+        };
+        extent = extent.max(end_b);
+        blocks.push((off, bytes));
+    }
+    Ok((blocks, extent))
+}
+
+/// Whether any two of the (start, length) byte ranges `a` overlap one another (`within`), or
+/// any range of `a` overlaps one of `b`. Empty ranges overlap nothing. Returns the indices of
+/// a pair found.
+fn first_overlap(
+    a: &[(usize, usize)],
+    b: &[(usize, usize)],
+    within: bool,
+) -> Option<(usize, usize)> {
+    let sorted = |v: &[(usize, usize)]| {
+        let mut s: Vec<(usize, usize, usize)> = v
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.1 > 0)
+            .map(|(i, r)| (r.0, r.0.saturating_add(r.1), i))
+            .collect();
+        s.sort_unstable();
+        s
+    };
+    let sa = sorted(a);
+    if within {
+        // Sorted by start: a range overlaps an earlier one iff it starts before the largest end
+        // seen so far.
+        let mut reach: Option<(usize, usize)> = None;
+        for &(st, en, i) in &sa {
+            if let Some((e, j)) = reach {
+                if st < e {
+                    return Some((j, i));
+                }
+            }
+            if reach.map_or(true, |(e, _)| en > e) {
+                reach = Some((en, i));
+            }
+        }
+        return None;
+    }
+    let sb = sorted(b);
+    let (mut i, mut j) = (0, 0);
+    while i < sa.len() && j < sb.len() {
+        let (x, y) = (sa[i], sb[j]);
+        if x.0 < y.1 && y.0 < x.1 {
+            return Some((x.2, y.2));
+        }
+        if x.1 <= y.1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    None
+}
+
+impl Communicator {
+    /// Checks an all_to_allv call and builds its job (nothing is sent here).
+    fn alltoallv_job(
+        &self,
+        a: VArgs<'_>,
+        send_len: Option<usize>,
+        recv_len: Option<usize>,
+    ) -> Result<JobDesc> {
+        let (n, me) = (self.size(), self.rank());
+        let es = a.dtype.size();
+        let (sb, _) = alltoallv_blocks("send", n, es, send_len, a.send_counts, a.send_displs)?;
+        let (rb, _) = alltoallv_blocks("recv", n, es, recv_len, a.recv_counts, a.recv_displs)?;
+        if a.send_counts[me] != a.recv_counts[me] {
+            return invalid(format!(
+                "all_to_allv: count mismatch for this rank's own block: sends {} elements to itself, receives {}",
+                a.send_counts[me], a.recv_counts[me]
+            ));
+        }
+        if let Some((x, y)) = first_overlap(&rb, &[], true) {
+            return invalid(format!(
+                "all_to_allv: the receive blocks of ranks {x} and {y} overlap"
+            ));
+        }
+        // Absolute addresses: the send and receive buffers must not overlap (in place is not
+        // supported; the Rust form cannot alias them, the raw form is checked here).
+        let abs = |b: &RawBuf, v: &[(usize, usize)]| -> Result<Vec<(usize, usize)>> {
+            v.iter()
+                .map(|&(o, l)| {
+                    if l == 0 {
+                        Ok((0, 0))
+                    } else {
+                        b.at(o, l).map(|p| (p as usize, l))
+                    }
+                })
+                .collect()
+        };
+        let (sa, ra) = (abs(&a.send, &sb)?, abs(&a.recv, &rb)?);
+        if let Some((x, y)) = first_overlap(&sa, &ra, false) {
+            return invalid(format!(
+                "all_to_allv: the send block for rank {x} overlaps the receive block of rank {y} (in-place all_to_allv is not supported)"
+            ));
+        }
+        let block = |b: RawBuf, (o, l): (usize, usize)| -> Result<RawBuf> {
+            if l == 0 {
+                Ok(RawBuf::empty())
+            } else {
+                sub(b, o, l)
+            }
+        };
+        let mut ops = Vec::with_capacity(2 * n.saturating_sub(1));
+        // Receives first (from rank-1, rank-2, ...), then sends (to rank+1, rank+2, ...): every
+        // pair exchanges one message each way, empty ones included, so that every rank checks
+        // both counts of every pair.
+        for k in 1..n {
+            let p = (me + n - k) % n;
+            ops.push(P2pOp {
+                send: false,
+                peer: p,
+                buf: block(a.recv, rb[p])?,
+                sig: Sig::all_to_allv(a.dtype, a.recv_counts[p], a.send_counts[p], 0),
+            });
+        }
+        for k in 1..n {
+            let p = (me + k) % n;
+            ops.push(P2pOp {
+                send: true,
+                peer: p,
+                buf: block(a.send, sb[p])?,
+                sig: Sig::all_to_allv(a.dtype, a.send_counts[p], a.recv_counts[p], 0),
+            });
+        }
+        let local = if sb[me].1 > 0 {
+            Some((block(a.send, sb[me])?, block(a.recv, rb[me])?))
+        } else {
+            None
+        };
+        Ok(JobDesc::AllToAllV { ops, local })
+    }
+
+    /// All-to-all with a count and a displacement per rank (`MPI_Alltoallv`; torch's
+    /// `all_to_all_single` with uneven splits): this rank sends
+    /// `send[send_displs[p]..][..send_counts[p]]` to rank p and receives `recv_counts[p]`
+    /// elements from rank p into `recv[recv_displs[p]..]`. Counts and displacements are in
+    /// elements, one per rank; rank p's `send_counts[r]` must equal rank r's `recv_counts[p]`.
+    /// Blocks of zero elements are allowed (their displacement is ignored); send blocks may
+    /// overlap, receive blocks may not. One rank: a local copy. Not in place (`send` and `recv`
+    /// are distinct by the borrow rules). Ordered with the other collectives (all ranks call it
+    /// at the same point), never on the single-copy paths.
+    ///
+    /// Errors (before anything is sent, the communicator stays usable):
+    /// [`Error::InvalidArgument`] when an array does not have one entry per rank, a block lies
+    /// outside its buffer (checked arithmetic), receive blocks overlap, or this rank's own send
+    /// and receive counts differ. A count that disagrees with the peer's
+    /// ([`Error::Mismatch`], sticky, "collective mismatch" naming both sides) fails on both
+    /// ranks of the pair; a rank that called another collective meanwhile gives the same error.
+    pub fn all_to_allv<T: Element>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<()> {
+        let (sl, rl) = (send.len(), recv.len());
+        let job = self.alltoallv_job(
+            VArgs {
+                dtype: T::DTYPE,
+                send: RawBuf::from_slice(bytes_of(send)),
+                send_counts,
+                send_displs,
+                recv: RawBuf::from_mut(bytes_of_mut(recv)),
+                recv_counts,
+                recv_displs,
+            },
+            Some(sl),
+            Some(rl),
+        )?;
+        self.run_blocking(job, [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Raw views of an all_to_allv's buffers, spanning every block (the raw forms cannot know
+    /// the buffers' lengths: they trust the counts and displacements, as MPI does).
+    #[allow(clippy::too_many_arguments)]
+    fn raw_alltoallv_job(
+        &self,
+        dtype: DataType,
+        send: *const u8,
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: *mut u8,
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<JobDesc> {
+        let (n, es) = (self.size(), dtype.size());
+        let (_, sx) = alltoallv_blocks("send", n, es, None, send_counts, send_displs)?;
+        let (_, rx) = alltoallv_blocks("recv", n, es, None, recv_counts, recv_displs)?;
+        if (sx > 0 && send.is_null()) || (rx > 0 && recv.is_null()) {
+            return invalid(format!(
+                "all_to_allv: NULL {} buffer with non-zero counts",
+                if sx > 0 && send.is_null() {
+                    "send"
+                } else {
+                    "receive"
+                }
+            ));
+        }
+        // SAFETY: the caller of all_to_allv_raw/iall_to_allv_raw guarantees that every block
+        // its counts and displacements describe is valid: `sx`/`rx` bytes from the start span
+        // exactly those blocks.
+        let (sbuf, rbuf) = unsafe {
+            (
+                RawBuf::from_raw(send as *mut u8, sx),
+                RawBuf::from_raw(recv, rx),
+            )
+        };
+        self.alltoallv_job(
+            VArgs {
+                dtype,
+                send: sbuf,
+                send_counts,
+                send_displs,
+                recv: rbuf,
+                recv_counts,
+                recv_displs,
+            },
+            None,
+            None,
+        )
+    }
+
+    /// [`Communicator::all_to_allv`] on raw buffers (the C ABI's entry; blocking). Counts and
+    /// displacements are read during the call only.
+    ///
+    /// Errors: as [`Communicator::all_to_allv`] (the blocks are not checked against buffer
+    /// lengths, which are unknown here); NULL buffers with non-zero counts; send and receive
+    /// blocks that overlap (in place is not supported).
+    ///
+    /// # Safety
+    /// For every rank p, `send + send_displs[p]*size` must be valid for reading
+    /// `send_counts[p]` elements of `dtype`, and `recv + recv_displs[p]*size` for writing
+    /// `recv_counts[p]` elements, for the duration of the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn all_to_allv_raw(
+        &self,
+        dtype: DataType,
+        send: *const u8,
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: *mut u8,
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<()> {
+        let job = self.raw_alltoallv_job(
+            dtype,
+            send,
+            send_counts,
+            send_displs,
+            recv,
+            recv_counts,
+            recv_displs,
+        )?;
+        self.run_blocking(job, [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Starts [`Communicator::all_to_allv_raw`] on the progress thread; the handle completes
+    /// when it is done. Counts and displacements are read during the call only (they may be
+    /// freed when it returns).
+    ///
+    /// # Safety
+    /// As [`Communicator::all_to_allv_raw`], and the buffers must stay valid and untouched
+    /// (the send blocks unmodified, the receive blocks unread) until the handle reports
+    /// completion.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn iall_to_allv_raw(
+        &self,
+        dtype: DataType,
+        send: *const u8,
+        send_counts: &[usize],
+        send_displs: &[usize],
+        recv: *mut u8,
+        recv_counts: &[usize],
+        recv_displs: &[usize],
+    ) -> Result<Handle<()>> {
+        let job = self.raw_alltoallv_job(
+            dtype,
+            send,
+            send_counts,
+            send_displs,
+            recv,
+            recv_counts,
+            recv_displs,
+        )?;
+        self.submit(
+            job,
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(()),
+            |_| (),
+        )
+    }
+}
+
+/// The group name of a communicator created from the group `parent` (view `epoch`): `label`
+/// says how it was created, `ids` are its members' ids (sorted), `k` counts earlier creations
+/// with the same label and members. Every member computes the same name; member ids are never
+/// reused by a coordinator, so names of different member sets never collide. Bounded length
+/// (the coordinator accepts at most 256 bytes): a readable prefix of the parent's name and a
+/// SHA-256 digest of everything.
+fn subgroup_name(parent: &str, epoch: u64, label: &str, ids: &[u64], k: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"braid subgroup v1\0");
+    h.update((parent.len() as u64).to_le_bytes());
+    h.update(parent.as_bytes());
+    h.update(epoch.to_le_bytes());
+    h.update((label.len() as u64).to_le_bytes());
+    h.update(label.as_bytes());
+    h.update((ids.len() as u64).to_le_bytes());
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    h.update(k.to_le_bytes());
+    let d = h.finalize();
+    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let mut cut = parent.len().min(64);
+    while !parent.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hex}", &parent[..cut])
+}
+
+impl Communicator {
+    /// Creates a communicator of the ranks `ranks` of this one, like `MPI_Comm_create_group`
+    /// (torch's `new_group`): collective over the listed ranks only (the others do not call
+    /// it). The new rank of a member is its position in `ranks`; every member must pass the
+    /// same list. `tag` tells apart creations that may run at the same time over overlapping
+    /// member sets; creations with the same members and tag are told apart by their order
+    /// (members must create them in the same order).
+    ///
+    /// The new communicator is independent: it meets its members through the same coordinator
+    /// (and job token) as this one, under a group name derived from this group's name, view
+    /// epoch, the members' ids, `tag` and that order; it is not elastic, has its own
+    /// connections and threads, and works on after this communicator is dropped (a
+    /// coordinator hosted by this process lives on until the last communicator sharing it is
+    /// dropped). Its collectives never interfere with this communicator's.
+    ///
+    /// Blocks until every member called it (at most `BRAID_INIT_TIMEOUT`).
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `ranks` is empty, has a rank out of range or
+    /// twice, or does not include this rank; [`Error::InvalidUsage`] after this member left
+    /// an elastic group; as [`Communicator::init`] otherwise (`Error::Timeout` when members
+    /// do not all arrive in time). This communicator is unaffected by any of them.
+    pub fn create_group(&self, ranks: &[usize], tag: u32) -> Result<Communicator> {
+        self.make_group(ranks, &format!("group:{tag}"))
+    }
+
+    /// Splits this communicator, like `ncclCommSplit` / `MPI_Comm_split` (torch's
+    /// `split_group`): collective over all ranks of this communicator. Ranks passing the same
+    /// `Some(color)` form a new communicator, ordered by `key`, then by rank in this one;
+    /// `None` takes part but gets no communicator (`Ok(None)`). Built on
+    /// [`Communicator::create_group`] after an all-gather of every rank's (color, key); the
+    /// new communicators have its properties.
+    ///
+    /// Errors: as [`Communicator::all_gather`] (the exchange of colors and keys) and
+    /// [`Communicator::create_group`].
+    pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Communicator>> {
+        let n = self.size();
+        let mine = [color.map_or(-1, i64::from), key];
+        let mut all = vec![0i64; 2 * n];
+        self.all_gather(&mine, &mut all)?;
+        let Some(color) = color else {
+            return Ok(None);
+        };
+        let mut members: Vec<(i64, usize)> = all
+            .chunks_exact(2)
+            .enumerate()
+            .filter(|(_, ck)| ck[0] == i64::from(color))
+            .map(|(r, ck)| (ck[1], r))
+            .collect();
+        members.sort_unstable();
+        let ranks: Vec<usize> = members.iter().map(|m| m.1).collect();
+        self.make_group(&ranks, "split").map(Some)
+    }
+
+    /// Creates the communicator of `ranks` (see [`Communicator::create_group`]); `label`
+    /// separates kinds of creation.
+    fn make_group(&self, ranks: &[usize], label: &str) -> Result<Communicator> {
+        let (n, me) = (self.size(), self.rank());
+        if self.left {
+            return Err(Error::InvalidUsage(format!(
+                "member {} left the group; it cannot create communicators from it",
+                self.inner.member
+            )));
+        }
+        if ranks.is_empty() {
+            return invalid("create_group: no ranks".into());
+        }
+        let mut seen = vec![false; n];
+        for &r in ranks {
+            if r >= n {
+                return invalid(format!(
+                    "create_group: rank {r} is not a rank of this communicator of {n} ranks"
+                ));
+            }
+            if std::mem::replace(&mut seen[r], true) {
+                return invalid(format!("create_group: rank {r} is listed twice"));
+            }
+        }
+        let Some(new_rank) = ranks.iter().position(|&r| r == me) else {
+            return invalid(format!(
+                "create_group: this rank ({me}) is not in the ranks listed; only members call it"
+            ));
+        };
+        let view = &self.inner.view;
+        let mut ids = Vec::with_capacity(ranks.len());
+        for &r in ranks {
+            match view.members.get(r) {
+                Some(m) => ids.push(m.id),
+                None => return Err(Error::Internal(format!("no member at rank {r}"))),
+            }
+        }
+        ids.sort_unstable();
+        let k = {
+            let mut g = lock(&self.subgroups);
+            let c = g.entry((label.to_string(), ids.clone())).or_insert(0);
+            let k = *c;
+            *c += 1;
+            k
+        };
+        let mut cfg = self.inner.cfg.clone();
+        cfg.group = subgroup_name(&cfg.group, view.epoch, label, &ids, k);
+        cfg.world_size = Some(ranks.len());
+        cfg.rank = Some(new_rank);
+        cfg.host_coordinator = false;
+        cfg.elastic = false;
+        tracing::info!(target: "braid::init", "rank {me}: creating communicator {} of {} ranks (rank {new_rank} in it)", cfg.group, ranks.len());
+        let regions = Regions::new();
+        // In-process ranks share one fabric: keep the parent's transport (every listen makes
+        // a new endpoint); otherwise fresh transports of the same configuration.
+        let transports = if self.transports.iter().any(|t| t.name() == "mem") {
+            self.transports.clone()
+        } else {
+            make_transport_with(&cfg, Some(regions.clone()))?
+        };
+        let mut child = Communicator::init_on(cfg, transports, regions)?;
+        child.coordinator = self.coordinator.clone();
+        Ok(child)
     }
 }
 
@@ -2411,6 +2990,31 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
         JobDesc::P2p(ops) => {
             let State { peers, exec, .. } = st;
             exec.run_p2p(peers, ops)
+        }
+        JobDesc::AllToAllV { mut ops, local } => {
+            // Ordered with the other collectives: the sequence number is the message tag.
+            let seq = st.seq;
+            st.seq += 1;
+            for o in ops.iter_mut() {
+                o.sig.seq = seq;
+            }
+            let copied = match local {
+                Some((src, dst)) if src.len() == dst.len() => src.at(0, src.len()).and_then(|ps| {
+                    dst.at(0, dst.len())
+                        .map(|pd| crate::mem::copy(pd, ps, src.len()))
+                }),
+                Some(_) => Err(Error::Internal(
+                    "all_to_allv: own block lengths differ".into(),
+                )),
+                None => Ok(()),
+            };
+            match copied {
+                Ok(()) => {
+                    let State { peers, exec, .. } = st;
+                    exec.run_p2p(peers, ops)
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     if let Err(e) = &res {
@@ -2720,8 +3324,7 @@ impl Drop for Communicator {
             let _ = h.join();
         }
         drop(lock(&self.client).take());
-        if let Some(mut c) = self.coordinator.take() {
-            c.shutdown();
-        }
+        // A hosted coordinator stops with the last communicator that shares it.
+        drop(self.coordinator.take());
     }
 }

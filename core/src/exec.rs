@@ -52,6 +52,25 @@ pub(crate) struct Sig {
 const SIG_VERSION: u8 = 1;
 
 impl Sig {
+    /// The signature of one all_to_allv message between two ranks: `count` elements travel
+    /// this way (from the sender to the receiver), `back` the other way. Both ranks compute it
+    /// for the message (the receiver from its receive and send counts for the sender), so a
+    /// disagreement in either direction is caught by both ranks of the pair. `back` travels in
+    /// the `root` (low half) and `slice_kib` (high half) fields, unused by all_to_allv.
+    pub(crate) fn all_to_allv(dtype: DataType, count: usize, back: usize, seq: u64) -> Sig {
+        let back = back as u64;
+        Sig {
+            kind: CollKind::AllToAllV,
+            dtype,
+            op: ReduceOp::Sum,
+            algo: Algo::Pairwise,
+            root: back as u32,
+            slice_kib: (back >> 32) as u32,
+            count: count as u64,
+            seq,
+        }
+    }
+
     pub(crate) fn encode(&self) -> Meta {
         let mut m = [0u8; META_LEN];
         m[0] = SIG_VERSION;
@@ -96,6 +115,13 @@ impl Sig {
                 self.dtype, self.count, self.seq
             ),
             CollKind::Barrier => format!("barrier(seq={})", self.seq),
+            CollKind::AllToAllV => format!(
+                "all_to_allv({}, count={} one way, {} the other, seq={})",
+                self.dtype,
+                self.count,
+                self.back(),
+                self.seq
+            ),
             k => {
                 let mut s = format!("{}({}", k.name(), self.dtype);
                 if matches!(
@@ -116,6 +142,25 @@ impl Sig {
                 ));
                 s
             }
+        }
+    }
+
+    /// The count of the other direction of an all_to_allv message (see [`Sig::all_to_allv`]).
+    fn back(&self) -> u64 {
+        u64::from(self.root) | (u64::from(self.slice_kib) << 32)
+    }
+
+    /// As [`Sig::describe`], from the side of a rank that sends (`send`) this message to
+    /// `peer` or receives it from `peer`: all_to_allv names both directions' counts.
+    pub(crate) fn describe_dir(&self, send: bool, peer: usize) -> String {
+        if self.kind != CollKind::AllToAllV {
+            return self.describe();
+        }
+        let (dt, c, b, q) = (self.dtype, self.count, self.back(), self.seq);
+        if send {
+            format!("all_to_allv({dt}, sending {c} elements to rank {peer} and expecting {b} from it, seq={q})")
+        } else {
+            format!("all_to_allv({dt}, expecting {c} elements from rank {peer} and sending it {b}, seq={q})")
         }
     }
 
@@ -229,7 +274,13 @@ pub(crate) fn net_error(peer: &Peer, e: NetError, me: usize, mine: &str) -> Erro
             rank: me,
             peer: peer.rank,
             local: format!("{mine} expecting {expected_len} bytes"),
-            remote: format!("{} sending {got_len} bytes", Sig::describe_meta(&meta)),
+            remote: format!(
+                "{} sending {got_len} bytes",
+                match Sig::decode(&meta) {
+                    Some(s) => s.describe_dir(true, me),
+                    None => Sig::describe_meta(&meta),
+                }
+            ),
         },
         NetError::Protocol(d) => Error::System(format!("protocol error from {}: {d}", who())),
         NetError::Timeout(d) => Error::Timeout {
@@ -842,7 +893,7 @@ impl Exec {
                     peer.conn.irecv(o.sig.seq, p, o.buf.len())
                 }
             }
-            .map_err(|e| net_error(peer, e, self.rank, &o.sig.describe()))?;
+            .map_err(|e| net_error(peer, e, self.rank, &o.sig.describe_dir(o.send, o.peer)))?;
             match r {
                 Some(r) => {
                     b.reqs[i] = Some(r);
@@ -859,19 +910,22 @@ impl Exec {
             };
             if !moved_peers[o.peer] {
                 moved_peers[o.peer] = true;
-                progressed |= peer
-                    .conn
-                    .progress()
-                    .map_err(|e| net_error(peer, e, self.rank, &o.sig.describe()))?;
+                progressed |= peer.conn.progress().map_err(|e| {
+                    net_error(peer, e, self.rank, &o.sig.describe_dir(o.send, o.peer))
+                })?;
             }
             match peer.conn.test(r) {
                 Ok(Some(c)) => {
                     if !o.send && c.meta != b.metas[i] {
+                        let remote = match Sig::decode(&c.meta) {
+                            Some(s) => s.describe_dir(true, self.rank),
+                            None => Sig::describe_meta(&c.meta),
+                        };
                         return Err(Error::Mismatch {
                             rank: self.rank,
                             peer: o.peer,
-                            local: o.sig.describe(),
-                            remote: Sig::describe_meta(&c.meta),
+                            local: o.sig.describe_dir(false, o.peer),
+                            remote,
                         });
                     }
                     b.complete[i] = true;
@@ -880,7 +934,14 @@ impl Exec {
                     progressed = true;
                 }
                 Ok(None) => {}
-                Err(e) => return Err(net_error(peer, e, self.rank, &o.sig.describe())),
+                Err(e) => {
+                    return Err(net_error(
+                        peer,
+                        e,
+                        self.rank,
+                        &o.sig.describe_dir(o.send, o.peer),
+                    ))
+                }
             }
         }
         if progressed {
@@ -903,6 +964,10 @@ impl Exec {
                 .zip(complete)
                 .find(|(_, c)| !**c)
                 .map(|(o, _)| {
+                    if o.sig.kind == CollKind::AllToAllV {
+                        // Names the peer and both directions' counts.
+                        return o.sig.describe_dir(o.send, o.peer);
+                    }
                     format!(
                         "{} {} rank {}",
                         o.sig.describe(),
@@ -979,5 +1044,30 @@ mod tests {
         let d = s.describe();
         assert!(d.contains("all_reduce(float, sum, count=1000"), "{d}");
         assert!(Sig::decode(&[0u8; META_LEN]).is_none());
+    }
+
+    #[test]
+    fn all_to_allv_signatures_carry_both_counts() {
+        let back = (7u64 << 32 | 5) as usize;
+        let s = Sig::all_to_allv(DataType::I64, 3, back, 9);
+        let d = Sig::decode(&s.encode()).unwrap();
+        assert_eq!(d, s);
+        assert_eq!(d.back(), back as u64);
+        // A disagreement in either direction changes the signature.
+        assert_ne!(
+            s.encode(),
+            Sig::all_to_allv(DataType::I64, 4, back, 9).encode()
+        );
+        assert_ne!(
+            s.encode(),
+            Sig::all_to_allv(DataType::I64, 3, 5, 9).encode()
+        );
+        let r = s.describe_dir(false, 2);
+        assert!(
+            r.contains("expecting 3 elements from rank 2 and sending it 30064771077"),
+            "{r}"
+        );
+        let t = s.describe_dir(true, 1);
+        assert!(t.contains("sending 3 elements to rank 1"), "{t}");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A [`Communicator`] joins the ranks of a job (through the coordinator service of
 //! [`membership`]) and runs collectives (all-reduce, reduce-scatter, all-gather, broadcast,
-//! reduce, all-to-all, gather, scatter, barrier) and tagged point-to-point transfers over the
+//! reduce, all-to-all, all-to-allv, gather, scatter, barrier) and tagged point-to-point transfers over the
 //! transports of `braid-transport`.
 //!
 //! Layers inside this crate: [`config`] and [`error`] at the base; [`types`] and [`reduce`]

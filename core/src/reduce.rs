@@ -9,11 +9,14 @@
 //! (a plain zip over typed slices), which the compiler vectorises.
 //!
 //! Semantics:
-//! - integers: `Sum`/`Avg` and `Prod` wrap on overflow (never panic); `Min`/`Max` as `Ord`.
+//! - integers: `Sum`/`Avg` and `Prod` wrap on overflow (never panic); `Min`/`Max` as `Ord`;
+//!   `Band`/`Bor`/`Bxor` are `&`, `|`, `^` of the two's-complement bits.
 //! - floats: IEEE `+`/`*`; `Min`/`Max` follow `f32::min`/`f32::max` (a NaN operand yields the
 //!   other operand).
 //! - f16/bf16 are converted to f32 in blocks, combined, and rounded back (round to nearest).
 //! - `Avg` combines as `Sum`; the division by the rank count happens once, in [`finalize`].
+//! - the bitwise operators are refused on floating-point types ([`ReduceOp::supports`]): every
+//!   entry point returns [`Error::InvalidArgument`] for them, before touching any buffer.
 
 use crate::error::{Error, Result};
 use crate::types::{DataType, ReduceOp};
@@ -32,6 +35,13 @@ trait Arith: Pod {
     fn max_(self, o: Self) -> Self;
     /// Divides every element by `n` (`n > 0`): integer division (towards zero) for integers.
     fn div_slice(buf: &mut [Self], n: usize);
+}
+
+/// Bitwise operations of the integer element types.
+trait Bitwise: Arith {
+    fn and_(self, o: Self) -> Self;
+    fn or_(self, o: Self) -> Self;
+    fn xor_(self, o: Self) -> Self;
 }
 
 macro_rules! arith_int {
@@ -62,9 +72,17 @@ macro_rules! arith_int {
                 }
             }
         }
+        impl Bitwise for $t {
+            #[inline(always)]
+            fn and_(self, o: Self) -> Self { self & o }
+            #[inline(always)]
+            fn or_(self, o: Self) -> Self { self | o }
+            #[inline(always)]
+            fn xor_(self, o: Self) -> Self { self ^ o }
+        }
     )*};
 }
-arith_int!(i8, u8, i32, u32, i64, u64);
+arith_int!(i8, u8, i16, i32, u32, i64, u64);
 
 macro_rules! arith_float {
     ($($t:ty),*) => {$(
@@ -239,25 +257,72 @@ where
     }
 }
 
-fn typed_inplace<T: Arith>(op: ReduceOp, acc: &mut [u8], b: &[u8]) {
+/// The error of a bitwise operator on a type without bits semantics (floats).
+fn not_bitwise(dtype: DataType, op: ReduceOp) -> Error {
+    match op.check(dtype) {
+        Err(e) => e,
+        Ok(()) => Error::Internal(format!("{op} on {dtype} reached a kernel without it")),
+    }
+}
+
+/// Arithmetic operators of any element type (floats included); the bitwise ones are refused
+/// here (integers take them in [`int_inplace`]).
+fn typed_inplace<T: Arith>(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -> Result<()> {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => bytes_inplace::<T, _>(acc, b, T::add),
         ReduceOp::Prod => bytes_inplace::<T, _>(acc, b, T::mul),
         ReduceOp::Min => bytes_inplace::<T, _>(acc, b, T::min_),
         ReduceOp::Max => bytes_inplace::<T, _>(acc, b, T::max_),
+        ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => return Err(not_bitwise(dtype, op)),
     }
+    Ok(())
 }
 
-fn typed_into<T: Arith>(op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) {
+fn typed_into<T: Arith>(
+    dtype: DataType,
+    op: ReduceOp,
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+) -> Result<()> {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => bytes_into::<T, _>(dst, a, b, T::add),
         ReduceOp::Prod => bytes_into::<T, _>(dst, a, b, T::mul),
         ReduceOp::Min => bytes_into::<T, _>(dst, a, b, T::min_),
         ReduceOp::Max => bytes_into::<T, _>(dst, a, b, T::max_),
+        ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => return Err(not_bitwise(dtype, op)),
     }
+    Ok(())
 }
 
-fn halfs_inplace<H>(op: ReduceOp, acc: &mut [u8], b: &[u8])
+/// Every operator of an integer type: the bitwise ones here, the others as [`typed_inplace`].
+fn int_inplace<T: Bitwise>(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -> Result<()> {
+    match op {
+        ReduceOp::Band => bytes_inplace::<T, _>(acc, b, T::and_),
+        ReduceOp::Bor => bytes_inplace::<T, _>(acc, b, T::or_),
+        ReduceOp::Bxor => bytes_inplace::<T, _>(acc, b, T::xor_),
+        _ => return typed_inplace::<T>(dtype, op, acc, b),
+    }
+    Ok(())
+}
+
+fn int_into<T: Bitwise>(
+    dtype: DataType,
+    op: ReduceOp,
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+) -> Result<()> {
+    match op {
+        ReduceOp::Band => bytes_into::<T, _>(dst, a, b, T::and_),
+        ReduceOp::Bor => bytes_into::<T, _>(dst, a, b, T::or_),
+        ReduceOp::Bxor => bytes_into::<T, _>(dst, a, b, T::xor_),
+        _ => return typed_into::<T>(dtype, op, dst, a, b),
+    }
+    Ok(())
+}
+
+fn halfs_inplace<H>(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -> Result<()>
 where
     H: Half,
 {
@@ -266,10 +331,12 @@ where
         ReduceOp::Prod => half_inplace::<H, _>(acc, b, f32::mul),
         ReduceOp::Min => half_inplace::<H, _>(acc, b, f32::min),
         ReduceOp::Max => half_inplace::<H, _>(acc, b, f32::max),
+        ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => return Err(not_bitwise(dtype, op)),
     }
+    Ok(())
 }
 
-fn halfs_into<H>(op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8])
+fn halfs_into<H>(dtype: DataType, op: ReduceOp, dst: &mut [u8], a: &[u8], b: &[u8]) -> Result<()>
 where
     H: Half,
 {
@@ -278,7 +345,9 @@ where
         ReduceOp::Prod => half_into::<H, _>(dst, a, b, f32::mul),
         ReduceOp::Min => half_into::<H, _>(dst, a, b, f32::min),
         ReduceOp::Max => half_into::<H, _>(dst, a, b, f32::max),
+        ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => return Err(not_bitwise(dtype, op)),
     }
+    Ok(())
 }
 
 fn check_len(dtype: DataType, what: &str, lens: &[usize]) -> Result<()> {
@@ -302,25 +371,26 @@ fn check_len(dtype: DataType, what: &str, lens: &[usize]) -> Result<()> {
 /// `Avg` sums (see [`finalize`]). Buffers may be unaligned for the element type.
 ///
 /// Errors: [`Error::InvalidArgument`] if the lengths differ or are not a multiple of
-/// `dtype.size()`.
+/// `dtype.size()`, or for a bitwise operator on a floating-point type (nothing is written).
 pub fn reduce_inplace(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -> Result<()> {
+    op.check(dtype)?;
     check_len(dtype, "reduce_inplace", &[acc.len(), b.len()])?;
     if dtype == DataType::F32 && op == ReduceOp::Sum && crate::mem::add_f32_inplace(acc, b) {
         return Ok(());
     }
     match dtype {
-        DataType::I8 => typed_inplace::<i8>(op, acc, b),
-        DataType::U8 => typed_inplace::<u8>(op, acc, b),
-        DataType::I32 => typed_inplace::<i32>(op, acc, b),
-        DataType::U32 => typed_inplace::<u32>(op, acc, b),
-        DataType::I64 => typed_inplace::<i64>(op, acc, b),
-        DataType::U64 => typed_inplace::<u64>(op, acc, b),
-        DataType::F16 => halfs_inplace::<f16>(op, acc, b),
-        DataType::BF16 => halfs_inplace::<bf16>(op, acc, b),
-        DataType::F32 => typed_inplace::<f32>(op, acc, b),
-        DataType::F64 => typed_inplace::<f64>(op, acc, b),
+        DataType::I8 => int_inplace::<i8>(dtype, op, acc, b),
+        DataType::U8 => int_inplace::<u8>(dtype, op, acc, b),
+        DataType::I16 => int_inplace::<i16>(dtype, op, acc, b),
+        DataType::I32 => int_inplace::<i32>(dtype, op, acc, b),
+        DataType::U32 => int_inplace::<u32>(dtype, op, acc, b),
+        DataType::I64 => int_inplace::<i64>(dtype, op, acc, b),
+        DataType::U64 => int_inplace::<u64>(dtype, op, acc, b),
+        DataType::F16 => halfs_inplace::<f16>(dtype, op, acc, b),
+        DataType::BF16 => halfs_inplace::<bf16>(dtype, op, acc, b),
+        DataType::F32 => typed_inplace::<f32>(dtype, op, acc, b),
+        DataType::F64 => typed_inplace::<f64>(dtype, op, acc, b),
     }
-    Ok(())
 }
 
 /// `dst[i] = a[i] ⊕ b[i]` for every element (`a` is the left operand).
@@ -329,7 +399,7 @@ pub fn reduce_inplace(dtype: DataType, op: ReduceOp, acc: &mut [u8], b: &[u8]) -
 /// `Avg` sums (see [`finalize`]). Buffers may be unaligned for the element type.
 ///
 /// Errors: [`Error::InvalidArgument`] if the lengths differ or are not a multiple of
-/// `dtype.size()`.
+/// `dtype.size()`, or for a bitwise operator on a floating-point type (nothing is written).
 pub fn reduce_into(
     dtype: DataType,
     op: ReduceOp,
@@ -337,23 +407,24 @@ pub fn reduce_into(
     a: &[u8],
     b: &[u8],
 ) -> Result<()> {
+    op.check(dtype)?;
     check_len(dtype, "reduce_into", &[dst.len(), a.len(), b.len()])?;
     if dtype == DataType::F32 && op == ReduceOp::Sum && crate::mem::add_f32_into(dst, a, b) {
         return Ok(());
     }
     match dtype {
-        DataType::I8 => typed_into::<i8>(op, dst, a, b),
-        DataType::U8 => typed_into::<u8>(op, dst, a, b),
-        DataType::I32 => typed_into::<i32>(op, dst, a, b),
-        DataType::U32 => typed_into::<u32>(op, dst, a, b),
-        DataType::I64 => typed_into::<i64>(op, dst, a, b),
-        DataType::U64 => typed_into::<u64>(op, dst, a, b),
-        DataType::F16 => halfs_into::<f16>(op, dst, a, b),
-        DataType::BF16 => halfs_into::<bf16>(op, dst, a, b),
-        DataType::F32 => typed_into::<f32>(op, dst, a, b),
-        DataType::F64 => typed_into::<f64>(op, dst, a, b),
+        DataType::I8 => int_into::<i8>(dtype, op, dst, a, b),
+        DataType::U8 => int_into::<u8>(dtype, op, dst, a, b),
+        DataType::I16 => int_into::<i16>(dtype, op, dst, a, b),
+        DataType::I32 => int_into::<i32>(dtype, op, dst, a, b),
+        DataType::U32 => int_into::<u32>(dtype, op, dst, a, b),
+        DataType::I64 => int_into::<i64>(dtype, op, dst, a, b),
+        DataType::U64 => int_into::<u64>(dtype, op, dst, a, b),
+        DataType::F16 => halfs_into::<f16>(dtype, op, dst, a, b),
+        DataType::BF16 => halfs_into::<bf16>(dtype, op, dst, a, b),
+        DataType::F32 => typed_into::<f32>(dtype, op, dst, a, b),
+        DataType::F64 => typed_into::<f64>(dtype, op, dst, a, b),
     }
-    Ok(())
 }
 
 fn typed_div<T: Arith>(buf: &mut [u8], n: usize) {
@@ -391,9 +462,10 @@ where
 /// `nranks` (integer division towards zero for integer types, true division for floats;
 /// f16/bf16 through f32); a no-op for the other operators.
 ///
-/// Errors: [`Error::InvalidArgument`] if `buf.len()` is not a multiple of `dtype.size()`, or
-/// for `Avg` with `nranks == 0`.
+/// Errors: [`Error::InvalidArgument`] if `buf.len()` is not a multiple of `dtype.size()`, for
+/// `Avg` with `nranks == 0`, or for a bitwise operator on a floating-point type.
 pub fn finalize(dtype: DataType, op: ReduceOp, buf: &mut [u8], nranks: usize) -> Result<()> {
+    op.check(dtype)?;
     check_len(dtype, "finalize", &[buf.len()])?;
     if op != ReduceOp::Avg {
         return Ok(());
@@ -406,6 +478,7 @@ pub fn finalize(dtype: DataType, op: ReduceOp, buf: &mut [u8], nranks: usize) ->
     match dtype {
         DataType::I8 => typed_div::<i8>(buf, nranks),
         DataType::U8 => typed_div::<u8>(buf, nranks),
+        DataType::I16 => typed_div::<i16>(buf, nranks),
         DataType::I32 => typed_div::<i32>(buf, nranks),
         DataType::U32 => typed_div::<u32>(buf, nranks),
         DataType::I64 => typed_div::<i64>(buf, nranks),
@@ -462,6 +535,9 @@ mod tests {
                     ReduceOp::Prod => x.wrapping_mul(y),
                     ReduceOp::Min => x.min(y),
                     ReduceOp::Max => x.max(y),
+                    ReduceOp::Band => x & y,
+                    ReduceOp::Bor => x | y,
+                    ReduceOp::Bxor => x ^ y,
                 };
                 r.to_le_bytes().to_vec()
             }};
@@ -475,6 +551,7 @@ mod tests {
                     ReduceOp::Prod => x * y,
                     ReduceOp::Min => x.min(y),
                     ReduceOp::Max => x.max(y),
+                    ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => unreachable!(),
                 };
                 let r: $t = $from(r);
                 r.to_le_bytes().to_vec()
@@ -483,6 +560,7 @@ mod tests {
         match dtype {
             DataType::I8 => int!(i8),
             DataType::U8 => int!(u8),
+            DataType::I16 => int!(i16),
             DataType::I32 => int!(i32),
             DataType::U32 => int!(u32),
             DataType::I64 => int!(i64),
@@ -498,6 +576,7 @@ mod tests {
                     ReduceOp::Prod => x * y,
                     ReduceOp::Min => x.min(y),
                     ReduceOp::Max => x.max(y),
+                    ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => unreachable!(),
                 };
                 r.to_le_bytes().to_vec()
             }
@@ -573,6 +652,9 @@ mod tests {
     fn every_dtype_and_op_matches_scalar_reference() {
         for dtype in DataType::ALL {
             for op in ReduceOp::ALL {
+                if !op.supports(dtype) {
+                    continue; // float + bitwise: see bitwise_ops_are_refused_on_floats
+                }
                 // Lengths around the block size, aligned and unaligned at both operands.
                 for n in [0usize, 1, 3, 255, 256, 257, 1000] {
                     for (oa, ob, od) in [(0usize, 0usize, 0usize), (1, 0, 3), (0, 1, 2), (3, 5, 0)]
@@ -616,6 +698,156 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Closed forms of the bitwise operators on every integer type, aligned and unaligned, in
+    /// place and out of place: a = i, b = !i (so a & b = 0, a | b = a ^ b = all ones), and
+    /// a = b = i (a & b = a | b = i, a ^ b = 0).
+    #[test]
+    fn bitwise_closed_forms_on_every_integer_type() {
+        macro_rules! check {
+            ($t:ty, $d:expr) => {{
+                let es = std::mem::size_of::<$t>();
+                for n in [0usize, 1, 7, 255, 256, 257, 1000] {
+                    let a: Vec<$t> = (0..n).map(|i| i as $t).collect();
+                    let na: Vec<$t> = a.iter().map(|&x| !x).collect();
+                    let ones: Vec<$t> = vec![!0; n];
+                    let zeros: Vec<$t> = vec![0; n];
+                    let cases: [(ReduceOp, &Vec<$t>, &Vec<$t>); 6] = [
+                        (ReduceOp::Band, &na, &zeros),
+                        (ReduceOp::Bor, &na, &ones),
+                        (ReduceOp::Bxor, &na, &ones),
+                        (ReduceOp::Band, &a, &a),
+                        (ReduceOp::Bor, &a, &a),
+                        (ReduceOp::Bxor, &a, &zeros),
+                    ];
+                    for (op, b, want) in cases {
+                        for off in [0usize, 1, 3] {
+                            let bytes = n * es;
+                            let mut st_a = vec![0u8; bytes + 8];
+                            let mut st_b = vec![0u8; bytes + 8];
+                            let mut st_d = vec![0u8; bytes + 8];
+                            st_a[off..off + bytes].copy_from_slice(bytemuck::cast_slice(&a));
+                            st_b[off + 1..off + 1 + bytes].copy_from_slice(bytemuck::cast_slice(b));
+                            let wantb: &[u8] = bytemuck::cast_slice(want);
+                            reduce_into(
+                                $d,
+                                op,
+                                &mut st_d[off..off + bytes],
+                                &st_a[off..off + bytes],
+                                &st_b[off + 1..off + 1 + bytes],
+                            )
+                            .unwrap();
+                            assert_eq!(&st_d[off..off + bytes], wantb, "into {} {op} n={n}", $d);
+                            reduce_inplace(
+                                $d,
+                                op,
+                                &mut st_a[off..off + bytes],
+                                &st_b[off + 1..off + 1 + bytes],
+                            )
+                            .unwrap();
+                            assert_eq!(&st_a[off..off + bytes], wantb, "inplace {} {op} n={n}", $d);
+                            // No division for the bitwise operators.
+                            finalize($d, op, &mut st_a[off..off + bytes], 3).unwrap();
+                            assert_eq!(&st_a[off..off + bytes], wantb, "finalize {} {op}", $d);
+                        }
+                    }
+                }
+            }};
+        }
+        check!(i8, DataType::I8);
+        check!(u8, DataType::U8);
+        check!(i16, DataType::I16);
+        check!(i32, DataType::I32);
+        check!(u32, DataType::U32);
+        check!(i64, DataType::I64);
+        check!(u64, DataType::U64);
+        // Mixed bits over three operands, as a reduction chain does.
+        let mut acc = bytemuck::cast::<[i16; 3], [u8; 6]>([0x0f0f, -1, 0x1234]);
+        let b = bytemuck::cast::<[i16; 3], [u8; 6]>([0x00ff, 0x5555, 0x0204]);
+        let c = bytemuck::cast::<[i16; 3], [u8; 6]>([0x0003, 0x0f00, 0x0030]);
+        reduce_inplace(DataType::I16, ReduceOp::Bxor, &mut acc, &b).unwrap();
+        reduce_inplace(DataType::I16, ReduceOp::Bxor, &mut acc, &c).unwrap();
+        assert_eq!(
+            bytemuck::cast::<[u8; 6], [i16; 3]>(acc),
+            [
+                0x0f0f ^ 0x00ff ^ 0x0003,
+                !0x5555 ^ 0x0f00,
+                0x1234 ^ 0x0204 ^ 0x0030
+            ]
+        );
+    }
+
+    #[test]
+    fn bitwise_ops_are_refused_on_floats() {
+        for dtype in [DataType::F16, DataType::BF16, DataType::F32, DataType::F64] {
+            for op in [ReduceOp::Band, ReduceOp::Bor, ReduceOp::Bxor] {
+                let orig = vec![0x3cu8; 4 * dtype.size()];
+                let mut acc = orig.clone();
+                let b = vec![0xffu8; 4 * dtype.size()];
+                let mut dst = orig.clone();
+                let msg = |e: Error| match e {
+                    Error::InvalidArgument(m) => m,
+                    e => panic!("{dtype} {op}: {e:?}"),
+                };
+                let m = msg(reduce_inplace(dtype, op, &mut acc, &b).unwrap_err());
+                assert!(m.contains(op.name()) && m.contains(dtype.name()), "{m}");
+                let m = msg(reduce_into(dtype, op, &mut dst, &orig, &b).unwrap_err());
+                assert!(m.contains(op.name()) && m.contains(dtype.name()), "{m}");
+                msg(finalize(dtype, op, &mut acc, 2).unwrap_err());
+                // Nothing was written; also unaligned and empty buffers.
+                assert_eq!(acc, orig);
+                assert_eq!(dst, orig);
+                assert!(reduce_inplace(
+                    dtype,
+                    op,
+                    &mut acc[1..1 + dtype.size()],
+                    &b[..dtype.size()]
+                )
+                .is_err());
+                assert!(reduce_inplace(dtype, op, &mut [], &[]).is_err());
+                // The internal kernels refuse too (never a panic).
+                assert!(typed_inplace::<f32>(dtype, op, &mut [0u8; 4], &[0u8; 4]).is_err());
+                assert!(typed_into::<f64>(dtype, op, &mut [0u8; 8], &[0u8; 8], &[0u8; 8]).is_err());
+                assert!(halfs_inplace::<f16>(dtype, op, &mut [0u8; 2], &[0u8; 2]).is_err());
+                assert!(
+                    halfs_into::<bf16>(dtype, op, &mut [0u8; 2], &[0u8; 2], &[0u8; 2]).is_err()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int16_arithmetic() {
+        let a = bytemuck::cast::<[i16; 4], [u8; 8]>([i16::MAX, -7, 300, -32768]);
+        let b = bytemuck::cast::<[i16; 4], [u8; 8]>([1, 3, 200, -1]);
+        let mut d = [0u8; 8];
+        reduce_into(DataType::I16, ReduceOp::Sum, &mut d, &a, &b).unwrap();
+        assert_eq!(
+            bytemuck::cast::<[u8; 8], [i16; 4]>(d),
+            [i16::MIN, -4, 500, i16::MAX]
+        );
+        reduce_into(DataType::I16, ReduceOp::Prod, &mut d, &a, &b).unwrap();
+        assert_eq!(
+            bytemuck::cast::<[u8; 8], [i16; 4]>(d),
+            [i16::MAX, -21, (300i32 * 200) as i16, i16::MIN]
+        );
+        reduce_into(DataType::I16, ReduceOp::Min, &mut d, &a, &b).unwrap();
+        assert_eq!(bytemuck::cast::<[u8; 8], [i16; 4]>(d), [1, -7, 200, -32768]);
+        reduce_into(DataType::I16, ReduceOp::Max, &mut d, &a, &b).unwrap();
+        assert_eq!(
+            bytemuck::cast::<[u8; 8], [i16; 4]>(d),
+            [i16::MAX, 3, 300, -1]
+        );
+        let mut s = bytemuck::cast::<[i16; 4], [u8; 8]>([7, -7, 9, 30000]);
+        finalize(DataType::I16, ReduceOp::Avg, &mut s, 3).unwrap();
+        assert_eq!(bytemuck::cast::<[u8; 8], [i16; 4]>(s), [2, -2, 3, 10000]);
+        // A rank count that does not fit i16.
+        let mut s = bytemuck::cast::<[i16; 2], [u8; 4]>([i16::MIN, 5]);
+        finalize(DataType::I16, ReduceOp::Avg, &mut s, 40000).unwrap();
+        assert_eq!(bytemuck::cast::<[u8; 4], [i16; 2]>(s), [0, 0]);
+        // Odd length (not a multiple of 2 bytes).
+        assert!(reduce_inplace(DataType::I16, ReduceOp::Sum, &mut [0u8; 3], &[0u8; 3]).is_err());
     }
 
     #[test]

@@ -161,6 +161,38 @@ fn run_group(
 }
 
 #[test]
+fn non_blocking_calls_run_after_an_update_that_kept_the_view() {
+    // update() stops the progress thread; a later non-blocking call must start a new one
+    // (it once found the stop request still set and never ran: a hang).
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    std::thread::scope(|s| {
+        for i in 0..2 {
+            let addr = addr.clone();
+            s.spawn(move || {
+                let mut c = Communicator::init_with(Config {
+                    rank: Some(i),
+                    ..cfg(&addr, 2)
+                })
+                .unwrap();
+                for round in 0..3 {
+                    let h = c.iall_reduce(vec![1u32; 8], ReduceOp::Sum).unwrap();
+                    assert_eq!(h.wait().unwrap(), vec![2u32; 8], "round {round}");
+                    assert!(!c.update().unwrap(), "no view change expected");
+                    let h = c.iall_reduce(vec![3u32; 8], ReduceOp::Sum).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !h.test() {
+                        assert!(Instant::now() < deadline, "round {round}: never ran");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    assert_eq!(h.wait().unwrap(), vec![6u32; 8]);
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn graceful_leave_changes_the_view_and_nothing_fails() {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();

@@ -57,12 +57,13 @@ macro_rules! ints { ($($t:ty),*) => {$(
         fn of(v: i64) -> Self { v as $t }
         fn comb(op: ReduceOp, a: Self, b: Self) -> Self {
             match op { ReduceOp::Sum | ReduceOp::Avg => a.wrapping_add(b), ReduceOp::Prod => a.wrapping_mul(b),
-                       ReduceOp::Min => a.min(b), ReduceOp::Max => a.max(b) }
+                       ReduceOp::Min => a.min(b), ReduceOp::Max => a.max(b),
+                       ReduceOp::Band => a & b, ReduceOp::Bor => a | b, ReduceOp::Bxor => a ^ b }
         }
         fn divn(self, n: usize) -> Self { self / n as $t }
     }
 )*}; }
-ints!(i8, u8, i32, u32, i64, u64);
+ints!(i8, u8, i16, i32, u32, i64, u64);
 macro_rules! floats {
     ($t:ty, $to:expr, $from:expr) => {
         impl T for $t {
@@ -76,6 +77,9 @@ macro_rules! floats {
                     ReduceOp::Prod => x * y,
                     ReduceOp::Min => x.min(y),
                     ReduceOp::Max => x.max(y),
+                    ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => {
+                        unreachable!("bitwise operators are refused on floats")
+                    }
                 })
             }
             fn divn(self, n: usize) -> Self {
@@ -115,6 +119,9 @@ fn reductions<X: T>(c: &Communicator) {
     let (n, r) = (c.size(), c.rank());
     for &cnt in &COUNTS {
         for op in ReduceOp::ALL {
+            if !op.supports(X::DTYPE) {
+                continue; // see bitwise_operators_are_refused_on_floats
+            }
             let ctx = format!("{} n={n} count={cnt} op={op}", X::DTYPE);
             let want: Vec<X> = (0..cnt).map(|i| red(op, n, i)).collect();
             let mine: Vec<X> = (0..cnt).map(|i| v(op, n, r, i)).collect();
@@ -413,6 +420,138 @@ fn every_dtype_all_reduce_and_gather() {
         movement::<f16>(c);
         movement::<bf16>(c);
         movement::<i64>(c);
+    });
+}
+
+/// Bitwise all-reduce with closed forms: rank r holds h | 1 << r at element i, h = (i % 16) << 4
+/// (bits shared by every rank above bits owned by one rank each), so AND = h | (n == 1),
+/// OR = h | (2^n - 1), XOR = (h if n is odd) | (2^n - 1). Blocking in place and out of place,
+/// and non-blocking; counts include 0 and counts not divisible by n.
+fn bitwise_closed_forms<X: T>(c: &Communicator) {
+    let (n, r) = (c.size(), c.rank());
+    let low = (1i64 << n) - 1;
+    for &cnt in &COUNTS {
+        let h = |i: usize| ((i % 16) as i64) << 4;
+        let mine: Vec<X> = (0..cnt).map(|i| X::of(h(i) | 1 << r)).collect();
+        for (op, want) in [
+            (
+                ReduceOp::Band,
+                (0..cnt)
+                    .map(|i| X::of(h(i) | i64::from(n == 1)))
+                    .collect::<Vec<X>>(),
+            ),
+            (ReduceOp::Bor, (0..cnt).map(|i| X::of(h(i) | low)).collect()),
+            (
+                ReduceOp::Bxor,
+                (0..cnt)
+                    .map(|i| X::of((if n % 2 == 1 { h(i) } else { 0 }) | low))
+                    .collect(),
+            ),
+        ] {
+            let ctx = format!("{} n={n} count={cnt} op={op}", X::DTYPE);
+            let mut out = vec![X::default(); cnt];
+            c.all_reduce(&mine, &mut out, op).unwrap();
+            assert_eq!(out, want, "all_reduce {ctx}");
+            let mut b = mine.clone();
+            c.all_reduce_inplace(&mut b, op).unwrap();
+            assert_eq!(b, want, "all_reduce_inplace {ctx}");
+            let b = c.iall_reduce(mine.clone(), op).unwrap().wait().unwrap();
+            assert_eq!(b, want, "iall_reduce {ctx}");
+        }
+    }
+}
+
+#[test]
+fn bitwise_and_int16_all_reduce_on_1_2_3_ranks() {
+    for n in [1, 2, 3] {
+        for algo in [
+            "all_reduce=ring,reduce=chain",
+            "all_reduce=recdoubling,reduce=tree",
+        ] {
+            with_ranks(n, algo, |c| {
+                // int16: every operator (bitwise included) through all_reduce, reduce and
+                // reduce_scatter.
+                reductions::<i16>(c);
+                bitwise_closed_forms::<i8>(c);
+                bitwise_closed_forms::<u8>(c);
+                bitwise_closed_forms::<i16>(c);
+                bitwise_closed_forms::<i32>(c);
+                bitwise_closed_forms::<u32>(c);
+                bitwise_closed_forms::<i64>(c);
+                bitwise_closed_forms::<u64>(c);
+            });
+        }
+    }
+}
+
+#[test]
+fn bitwise_operators_are_refused_on_floats() {
+    for n in [1, 2] {
+        with_ranks(n, "", |c| {
+            fn refused<X: T>(c: &Communicator) {
+                for op in [ReduceOp::Band, ReduceOp::Bor, ReduceOp::Bxor] {
+                    let a = vec![X::of(1); 5];
+                    let mut b = vec![X::of(2); 5];
+                    let check = |e: braid::Error| {
+                        assert_eq!(e.class(), braid::ErrorClass::InvalidArgument, "{e}");
+                        let m = e.to_string();
+                        assert!(m.contains(op.name()), "{m}");
+                        assert!(m.contains(X::DTYPE.name()), "{m}");
+                    };
+                    check(c.all_reduce(&a, &mut b, op).unwrap_err());
+                    assert_eq!(b, vec![X::of(2); 5], "nothing written");
+                    check(c.all_reduce_inplace(&mut b, op).unwrap_err());
+                    let mut one = vec![X::of(2); 5];
+                    check(c.reduce(&a, &mut one, op, 0).unwrap_err());
+                    let big = vec![X::of(1); 5 * c.size()];
+                    check(c.reduce_scatter(&big, &mut b, op).unwrap_err());
+                    // Non-blocking forms are refused at the call, not at the wait.
+                    check(c.iall_reduce(a.clone(), op).err().unwrap());
+                    check(c.ireduce(a.clone(), op, 0).err().unwrap());
+                }
+            }
+            refused::<f16>(c);
+            refused::<bf16>(c);
+            refused::<f32>(c);
+            refused::<f64>(c);
+            // Nothing was sent: the communicator is in step and usable.
+            let mut x = vec![1f32; 7];
+            c.all_reduce_inplace(&mut x, ReduceOp::Sum).unwrap();
+            assert_eq!(x, vec![c.size() as f32; 7]);
+            let mut y = vec![6i16; 3];
+            c.all_reduce_inplace(&mut y, ReduceOp::Band).unwrap();
+            assert_eq!(y, vec![6i16; 3]);
+        });
+    }
+}
+
+#[test]
+fn handle_wait_timeout_returns_at_the_deadline() {
+    with_ranks(2, "", |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+        }
+        let h = c
+            .iall_reduce(vec![1i16 << c.rank(); 9], ReduceOp::Bor)
+            .unwrap();
+        if c.rank() == 0 {
+            let t = std::time::Instant::now();
+            assert!(!h.wait_timeout(std::time::Duration::from_millis(100)));
+            let dt = t.elapsed();
+            assert!(
+                dt >= std::time::Duration::from_millis(100)
+                    && dt < std::time::Duration::from_millis(700),
+                "{dt:?}"
+            );
+            assert!(!h.wait_timeout(std::time::Duration::ZERO));
+            assert!(!h.test());
+        }
+        assert!(h.wait_timeout(std::time::Duration::from_secs(30)));
+        assert!(h.test());
+        // Completed: wait_timeout stays true, wait returns at once.
+        assert!(h.wait_timeout(std::time::Duration::ZERO));
+        assert!(h.wait_timeout(std::time::Duration::MAX));
+        assert_eq!(h.wait().unwrap(), vec![3i16; 9]);
     });
 }
 

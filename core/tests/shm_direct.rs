@@ -112,6 +112,27 @@ fn all_reduces(c: &Communicator, mine_shared: bool) -> u64 {
             assert!((v - w).abs() < 1e-9, "avg at {i}: {v} vs {w}");
         }
         payload += 2 * (count * 4 + count * 8) as u64;
+        // Bitwise (int16 xor in place, not counted in the payload): rank r holds h | 1 << r,
+        // so the result is (h if n is odd) | (2^n - 1).
+        let sx: Vec<i16> = (0..count)
+            .map(|i| ((i % 251) as i16) << 4 | 1 << r)
+            .collect();
+        let mut bx = shared(c, &sx);
+        if mine_shared {
+            c.all_reduce_inplace(&mut bx, ReduceOp::Bxor).unwrap();
+        } else {
+            let mut v = sx.clone();
+            c.all_reduce_inplace(&mut v, ReduceOp::Bxor).unwrap();
+            bx.copy_from_slice(&v);
+        }
+        for (i, v) in bx.iter().enumerate() {
+            let h = if n % 2 == 1 {
+                ((i % 251) as i16) << 4
+            } else {
+                0
+            };
+            assert_eq!(*v, h | ((1 << n) - 1), "bxor at {i}");
+        }
     }
     payload
 }

@@ -42,13 +42,16 @@ macro_rules! int_elem {
                     ReduceOp::Prod => a.wrapping_mul(b),
                     ReduceOp::Min => a.min(b),
                     ReduceOp::Max => a.max(b),
+                    ReduceOp::Band => a & b,
+                    ReduceOp::Bor => a | b,
+                    ReduceOp::Bxor => a ^ b,
                 }
             }
             fn div_n(self, n: usize) -> Self { self / (n as $t) }
         }
     )*};
 }
-int_elem!(i8, u8, i32, u32, i64, u64);
+int_elem!(i8, u8, i16, i32, u32, i64, u64);
 
 macro_rules! float_elem {
     ($t:ty, $to:expr, $from:expr, $tol:expr) => {
@@ -63,6 +66,9 @@ macro_rules! float_elem {
                     ReduceOp::Prod => x * y,
                     ReduceOp::Min => x.min(y),
                     ReduceOp::Max => x.max(y),
+                    // Bitwise operators on floats are refused (parse_args, and the library
+                    // before anything is sent): never reached.
+                    ReduceOp::Band | ReduceOp::Bor | ReduceOp::Bxor => x,
                 })
             }
             fn div_n(self, n: usize) -> Self {

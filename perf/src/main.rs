@@ -146,7 +146,7 @@ struct Args {
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
 [--transport tcp|shm|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
-sizes take K/M/G suffixes; DTYPE: int8 uint8 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg";
+sizes take K/M/G suffixes; DTYPE: int8 uint8 int16 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg band bor bxor (bitwise: integer DTYPEs)";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut it = argv.iter();
@@ -250,6 +250,12 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     }
     if a.ranks == 0 {
         return Err("--ranks must be at least 1".into());
+    }
+    if a.coll.reduces() && !a.op.supports(a.dtype) {
+        return Err(format!(
+            "-o {} needs an integer datatype, not -d {}",
+            a.op, a.dtype
+        ));
     }
     Ok(a)
 }
@@ -424,6 +430,7 @@ fn run_rank(args: &Args) -> Result<bool, String> {
         return match args.dtype {
             DataType::I8 => elastic::<i8>(comm, args, t_init),
             DataType::U8 => elastic::<u8>(comm, args, t_init),
+            DataType::I16 => elastic::<i16>(comm, args, t_init),
             DataType::I32 => elastic::<i32>(comm, args, t_init),
             DataType::U32 => elastic::<u32>(comm, args, t_init),
             DataType::I64 => elastic::<i64>(comm, args, t_init),
@@ -438,6 +445,7 @@ fn run_rank(args: &Args) -> Result<bool, String> {
     let rows = match args.dtype {
         DataType::I8 => bench::<i8>(&comm, args),
         DataType::U8 => bench::<u8>(&comm, args),
+        DataType::I16 => bench::<i16>(&comm, args),
         DataType::I32 => bench::<i32>(&comm, args),
         DataType::U32 => bench::<u32>(&comm, args),
         DataType::I64 => bench::<i64>(&comm, args),

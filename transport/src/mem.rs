@@ -209,7 +209,14 @@ impl Conn for MemConn {
             }
         }
         match self.peer_state() {
-            Some(false) => Err(NetError::Lost(format!("{} dropped", self.desc))),
+            Some(false) => {
+                // An abort sets the reason before it closes: a reason that appeared since the
+                // check above explains the close.
+                if let Some(r) = lock(&self.shared.abort_reason[1 - self.side]).clone() {
+                    return Err(NetError::PeerAborted(r));
+                }
+                Err(NetError::Lost(format!("{} dropped", self.desc)))
+            }
             Some(true) => {
                 let pending_recv = lock(&self.shared.dir[self.in_dir()]).recvs.len();
                 if pending_recv > 0 {

@@ -24,6 +24,9 @@
 //! | scatter | count·n (root) | count |
 //! | barrier | 0 | 0 |
 //!
+//! all_to_allv has no plan (counts differ per peer): `Communicator::all_to_allv` runs it on
+//! the point-to-point engine.
+//!
 //! In-place calls pass aliasing buffers (for all_gather the send buffer is this rank's block of
 //! the receive buffer; for reduce_scatter the receive buffer is this rank's block of the send
 //! buffer; otherwise they are equal). Plans must be correct under that aliasing: [`Op::Copy`]
@@ -72,11 +75,16 @@ pub enum CollKind {
     Barrier = 9,
     /// Point-to-point (a group of sends and receives).
     P2p = 10,
+    /// All-to-all with a count and displacement per peer (`MPI_Alltoallv`). It has no plan: it
+    /// runs as a pairwise exchange on the point-to-point engine, one message (possibly empty)
+    /// each way between every pair of ranks, ordered with the other collectives by their
+    /// sequence number.
+    AllToAllV = 11,
 }
 
 impl CollKind {
     /// Every kind.
-    pub const ALL: [CollKind; 10] = [
+    pub const ALL: [CollKind; 11] = [
         CollKind::AllReduce,
         CollKind::ReduceScatter,
         CollKind::AllGather,
@@ -87,6 +95,7 @@ impl CollKind {
         CollKind::Scatter,
         CollKind::Barrier,
         CollKind::P2p,
+        CollKind::AllToAllV,
     ];
 
     /// snake_case name (as braid-perf takes it).
@@ -102,6 +111,7 @@ impl CollKind {
             CollKind::Scatter => "scatter",
             CollKind::Barrier => "barrier",
             CollKind::P2p => "p2p",
+            CollKind::AllToAllV => "all_to_allv",
         }
     }
 

@@ -15,6 +15,7 @@
 //! | barrier | dissemination |
 //! | gather, scatter | direct |
 //! | p2p | p2p (plans are built by the p2p module, not here) |
+//! | all_to_allv | none: a pairwise exchange on the point-to-point engine |
 //!
 //! Every rank must choose the same algorithm (the choice travels in the collective signature
 //! and a mismatch is reported): choices depend only on arguments that are equal on all ranks.
@@ -33,6 +34,8 @@ pub fn valid(kind: CollKind) -> &'static [Algo] {
         CollKind::Barrier => &[Algo::Dissemination],
         CollKind::Gather | CollKind::Scatter => &[Algo::Direct],
         CollKind::P2p => &[Algo::P2p],
+        // Runs on the point-to-point engine (`Communicator::all_to_allv`), never from a plan.
+        CollKind::AllToAllV => &[],
     }
 }
 
@@ -41,8 +44,9 @@ pub fn valid(kind: CollKind) -> &'static [Algo] {
 pub struct Policy {
     /// A global override (`BRAID_ALGO=ring`): used wherever it is valid, ignored elsewhere.
     global: Option<Algo>,
-    /// Per-collective overrides (`all_reduce=ring`), indexed by `CollKind as usize`.
-    per_kind: [Option<Algo>; 11],
+    /// Per-collective overrides (`all_reduce=ring`), indexed by `CollKind as usize` (codes
+    /// run from 1 to the number of kinds).
+    per_kind: [Option<Algo>; CollKind::ALL.len() + 1],
     /// Messages up to this many bytes count as small (latency-bound).
     small_bytes: usize,
 }
@@ -146,6 +150,8 @@ impl Policy {
             CollKind::Barrier => Algo::Dissemination,
             CollKind::Gather | CollKind::Scatter => Algo::Direct,
             CollKind::P2p => Algo::P2p,
+            // Not chosen here (see `valid`); the signature of its messages says pairwise.
+            CollKind::AllToAllV => Algo::Pairwise,
         })
     }
 }

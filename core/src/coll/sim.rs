@@ -99,7 +99,7 @@ pub fn layout(case: &Case, rank: usize) -> Layout {
         match case.kind {
             AllReduce | Broadcast | Reduce => whole(c),
             AllToAll => whole(c * n),
-            Barrier | P2p => whole(0),
+            Barrier | P2p | AllToAllV => whole(0),
             ReduceScatter | Scatter => Layout {
                 user: c * n,
                 send: (0, c * n),
@@ -121,7 +121,7 @@ pub fn layout(case: &Case, rank: usize) -> Layout {
             AllToAll => (c * n, c * n),
             Gather => (c, if root { c * n } else { 0 }),
             Scatter => (if root { c * n } else { 0 }, c),
-            Barrier | P2p => (0, 0),
+            Barrier | P2p | AllToAllV => (0, 0),
         };
         Layout {
             user: s + r,
