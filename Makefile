@@ -5,7 +5,12 @@ PREFIX ?= /usr/local
 PROFILE ?= release
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-.PHONY: all build demo test test-fast lint docs clean deps install header
+## The Python used for the Python package and its tests, and the torch release they are
+## tested with (a large download from PyPI: CUDA wheels; installed only when missing).
+PYTHON ?= python3
+TORCH_PIN ?= torch==2.11.0
+
+.PHONY: all build demo test test-fast test-python python-deps lint docs clean deps install header
 
 all: build
 
@@ -22,6 +27,19 @@ test: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins --lib
 	$(CARGO) test --workspace -- --test-threads=2
+	$(MAKE) test-python
+
+## The Python package (pip install ./integrations/python builds libbraid into it) and its
+## tests: the torch.distributed backend across real processes (pytest).
+test-python: python-deps
+	$(PYTHON) -m pip install -q ./integrations/python
+	cd integrations/python/tests && $(PYTHON) -m pytest -q -p no:cacheprovider
+
+## torch (pinned), pytest and numpy, each only when missing.
+python-deps:
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_PIN)'.split('==')[1] else 1)" 2>/dev/null || \
+	  { echo "installing $(TORCH_PIN) from PyPI (large download)"; $(PYTHON) -m pip install -q "$(TORCH_PIN)"; }
+	@$(PYTHON) -c "import pytest, numpy" 2>/dev/null || $(PYTHON) -m pip install -q pytest numpy
 
 ## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config;
 ## hwloc (>= 2.8) and libudev headers for braid's topology discovery (hwlocality).

@@ -1,0 +1,315 @@
+"""Requests, works and the completion watcher of the braid torch backend.
+
+A braid operation is issued in one of two ways:
+
+* driven by the calling thread: a synchronous torch call (``async_op=False``, ``dist.send``)
+  is recorded as *pending* and executed by the blocking C call when torch waits on it, which
+  it does at once. No thread hand-off, so small messages cost what braid costs.
+* started non-blocking: ``async_op=True`` calls, calls from C++ (DDP's reducer) and anything
+  pending when another operation is issued are started with braid's non-blocking calls
+  (braid_i*), which braid's progress thread drives; ``wait()`` blocks in ``braid_wait``
+  (GIL released), and ``get_future()`` hands the request to one watcher thread per process
+  that completes futures in issue order (no Python thread per operation).
+"""
+
+import ctypes
+import queue
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .. import _lib
+
+PENDING, RUNNING, DONE = 0, 1, 2
+
+
+class Request:
+    """One braid_request_t, possibly shared by several works (a group of sends and receives).
+
+    braid forbids two threads using one request at once; the lock serialises them (a thread
+    blocked on it waits without the GIL)."""
+
+    __slots__ = ("h", "lock", "status", "exc", "L", "keep", "what", "__weakref__")
+
+    def __init__(self, L, h, what, keep=None):
+        self.L = L
+        self.h = h
+        self.what = what
+        self.lock = threading.Lock()
+        self.status = None  # braid status once complete
+        self.exc = None  # the error (read on the thread that saw the failure)
+        self.keep = keep  # buffers the operation reads or writes: alive until completion
+
+    def _done(self, st):
+        if st != _lib.SUCCESS:
+            self.exc = self.L.error(st, self.what)
+        self.status = st
+
+    def wait(self):
+        """Blocks until complete; returns the braid status (idempotent)."""
+        if self.status is not None:
+            return self.status
+        with self.lock:
+            if self.status is None:
+                self._done(self.L.braid_wait(self.h))
+        return self.status
+
+    def test(self):
+        """The status if complete, else None (never blocks; None while another thread waits)."""
+        if self.status is not None:
+            return self.status
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            if self.status is None:
+                done = ctypes.c_int()
+                st = self.L.braid_test(self.h, ctypes.byref(done))
+                if done.value or st != _lib.SUCCESS:
+                    self._done(st)
+            return self.status
+        finally:
+            self.lock.release()
+
+    def wait_for(self, seconds):
+        """Waits at most `seconds`; the status if complete, else None."""
+        if self.status is not None:
+            return self.status
+        with self.lock:
+            if self.status is None:
+                done = ctypes.c_int()
+                st = self.L.braid_wait_for(self.h, max(0.0, seconds), ctypes.byref(done))
+                if done.value or st != _lib.SUCCESS:
+                    self._done(st)
+        return self.status
+
+    def __del__(self):
+        h, self.h = self.h, None
+        if not h:
+            return
+        if self.status is None:
+            # Still running: its buffers must outlive it. The watcher waits and frees it.
+            _watcher().free_later(h, self.keep)
+            return
+        try:
+            self.L.braid_request_free(h)
+        except Exception:
+            pass
+
+
+class Watcher:
+    """One thread per process: completes futures of non-blocking operations and frees
+    requests dropped before they completed. Waits with the GIL released."""
+
+    def __init__(self):
+        self.q = queue.SimpleQueue()
+        self.t = threading.Thread(target=self._run, name="braid-torch-watcher", daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            try:
+                if item[0] == "work":
+                    item[1]._finish()
+                else:
+                    _, h, _keep = item
+                    L = _lib.lib()
+                    L.braid_wait(h)
+                    L.braid_request_free(h)
+            except Exception:
+                pass
+
+    def watch(self, work):
+        """Completes `work` (and its future) when its requests complete."""
+        self.q.put(("work", work))
+
+    def free_later(self, h, keep):
+        """Waits for request `h` and frees it (its buffers `keep` stay alive until then)."""
+        self.q.put(("free", h, keep))
+
+
+_w = None
+_w_lock = threading.Lock()
+
+
+def _watcher():
+    global _w
+    if _w is None:
+        with _w_lock:
+            if _w is None:
+                _w = Watcher()
+    return _w
+
+
+class _Failed:
+    """The value of a base future whose operation failed (see Work.get_future)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
+def _unwrap(fut):
+    v = fut.value()
+    if isinstance(v, _Failed):
+        raise v.exc
+    return v
+
+
+class Work(dist._Work):
+    """The torch ``Work`` of one braid operation.
+
+    ``wait(timeout)`` blocks until the operation completed (raising the braid error it
+    failed with), ``is_completed()``/``is_success()``/``exception()`` never block,
+    ``get_future()`` completes with the output tensors (DDP comm hooks use it),
+    ``result()`` returns them."""
+
+    # Defaults as class attributes: creating a work sets four fields (small calls are
+    # latency-bound).
+    _state = PENDING
+    _op = None  # pending: (blocking fn, non-blocking fn, args, buffers to keep alive)
+    _reqs = ()
+    _exc = None
+    _fut = None  # base future, completed by _resolve
+    _user_fut = None  # what get_future() returned: base.then(_unwrap)
+    _lock = None  # created when the work starts running (threads may then race)
+    _src = -1
+
+    def __init__(self, pg, result, post, what):
+        dist._Work.__init__(self)
+        self._pg = pg
+        self._result = result
+        self._post = post
+        self._what = what
+
+    def _running(self, reqs):
+        self._lock = threading.Lock()
+        self._reqs = reqs
+        self._state = RUNNING
+
+    # ---- driving ----------------------------------------------------------------------
+
+    def _kick(self):
+        """Starts a pending operation non-blocking (idempotent)."""
+        if self._state == PENDING:
+            self._pg._flush(self)
+
+    def _finish(self, timeout_s=None):
+        """Completes the work (waits for its requests; runs copy-backs once). Returns False
+        when `timeout_s` passed first."""
+        if self._state == DONE:
+            return True
+        if self._state == PENDING:
+            self._pg._run_pending(self)
+            if self._state == DONE:
+                return True
+        with self._lock:
+            if self._state == DONE:
+                return True
+            exc = None
+            for r in self._reqs:
+                st = r.wait() if timeout_s is None else r.wait_for(timeout_s)
+                if st is None:
+                    return False
+                if st != _lib.SUCCESS and exc is None:
+                    exc = r.exc
+            fut = self._complete(exc)
+        self._resolve(fut)
+        return True
+
+    def _complete(self, exc):
+        """Marks the work done (its operation has completed, failed with `exc` or not);
+        returns the future to resolve (outside any lock: its callbacks may call back)."""
+        self._exc = exc
+        if self._exc is None and self._post is not None:
+            try:
+                self._post()
+            except Exception as e:  # a copy-back failed: report it through the work
+                self._exc = e
+        self._post = None
+        self._op = None
+        self._reqs = ()
+        self._state = DONE
+        return self._fut
+
+    def _resolve(self, fut):
+        # `fut` is the private base future (see get_future).
+        if fut is not None and not fut.done():
+            fut.set_result(self._result if self._exc is None else _Failed(self._exc))
+
+    # ---- torch's Work API ---------------------------------------------------------------
+
+    def wait(self, timeout=None):
+        """Blocks until done; raises the operation's error. With a timeout (timedelta or
+        seconds) that passes first, raises a braid Timeout (the operation keeps running)."""
+        secs = None
+        if timeout is not None:
+            secs = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+            if secs <= 0:
+                secs = None  # torch's kNoTimeout
+        if not self._finish(secs):
+            raise _lib.Timeout(
+                f"braid: {self._what} did not complete within {secs:.3f} s (Work.wait timeout); "
+                f"it is still running",
+                _lib.TIMEOUT,
+                self._what,
+            )
+        if self._exc is not None:
+            raise self._exc
+        return True
+
+    def is_completed(self):
+        """Whether the operation completed (successfully or not); never blocks."""
+        if self._state == PENDING:
+            self._kick()
+        if self._state == DONE:
+            return True
+        if all(r.test() is not None for r in self._reqs):
+            self._finish()
+            return True
+        return False
+
+    def is_success(self):
+        """Whether it completed without error (False while running)."""
+        return self.is_completed() and self._exc is None
+
+    def exception(self):
+        """The error it failed with, or None."""
+        if self.is_completed():
+            return self._exc
+        return None
+
+    def result(self):
+        """The output tensors (waits first)."""
+        self.wait()
+        return self._result
+
+    def source_rank(self):
+        """The peer of a receive."""
+        return self._src
+
+    def synchronize(self):
+        """Waits (CPU tensors: nothing is stream-ordered)."""
+        self.wait()
+
+    def get_future(self):
+        """A torch.futures.Future completed with the output tensors, or failed with the
+        operation's error.
+
+        torch's Python ``Future.set_exception`` completes a future *successfully* with the
+        exception object as its value, which C++ consumers (DDP's reducer) then read as
+        tensors (a crash). So the future handed out is ``base.then(unwrap)``: the callback
+        raises the error, which C++ records as a real failure of the returned future."""
+        if self._user_fut is None:
+            self._fut = torch.futures.Future()
+            self._user_fut = self._fut.then(_unwrap)
+            if self._state == PENDING:
+                self._kick()
+            if self._state == DONE:
+                self._resolve(self._fut)
+            else:
+                _watcher().watch(self)
+        return self._user_fut

@@ -1,0 +1,545 @@
+"""Scenarios run by the tests in N real processes: `python worker.py SCENARIO [ARGS]` with
+torch's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE). Each checks closed-form
+values and prints "OK <scenario>" on success; a failed check exits non-zero."""
+
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import braid
+import braid.torch as bt
+
+R = int(os.environ.get("RANK", "0"))
+N = int(os.environ.get("WORLD_SIZE", "1"))
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+          torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+          torch.complex128]
+INTS = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+COMPLEX = [torch.complex64, torch.complex128]
+RO = dist.ReduceOp
+SIZES = [0, 1, 7, 1000]
+
+
+def log(*a):
+    print(f"[rank {R}]", *a, flush=True)
+
+
+def eq(got, want, what):
+    want = want.to(got.dtype) if isinstance(want, torch.Tensor) else torch.tensor(want).to(
+        got.dtype)
+    if got.shape != want.shape or not torch.equal(got, want.expand_as(got)):
+        raise AssertionError(f"{what}: got {got.flatten()[:8].tolist()} want "
+                             f"{want.flatten()[:8].tolist()} ({got.dtype})")
+
+
+def init(backend="braid", **kw):
+    dist.init_process_group(backend, **kw)
+    assert dist.get_rank() == R and dist.get_world_size() == N
+
+
+def full(n, v, dtype):
+    return torch.full((n,), v, dtype=torch.float64).to(dtype) if dtype not in COMPLEX else \
+        torch.full((n,), v, dtype=dtype)
+
+
+# ---- closed forms ----------------------------------------------------------------------------
+
+def check_all_reduce(dtype, n):
+    tri = N * (N + 1) // 2
+    if dtype == torch.bool:
+        cases = [
+            (RO.SUM, lambda r: r == 0, True),
+            (RO.MAX, lambda r: r == 0, True),
+            (RO.PRODUCT, lambda r: r == 0, N == 1),
+            (RO.MIN, lambda r: r == 0, N == 1),
+            (RO.BAND, lambda r: r % 2 == 0, N == 1),
+            (RO.BOR, lambda r: r % 2 == 1, N > 1),
+            (RO.BXOR, lambda r: True, N % 2 == 1),
+        ]
+        for op, f, want in cases:
+            t = torch.full((n,), f(R), dtype=torch.bool)
+            dist.all_reduce(t, op=op)
+            eq(t, torch.full((n,), want), f"all_reduce {op} bool n={n}")
+        return
+    if dtype in COMPLEX:
+        t = torch.full((n,), complex(R + 1, R), dtype=dtype)
+        dist.all_reduce(t, op=RO.SUM)
+        eq(t, torch.full((n,), complex(tri, N * (N - 1) // 2), dtype=dtype), "complex sum")
+        t = torch.full((n,), complex(2 * (R + 1), 2 * R), dtype=dtype)
+        dist.all_reduce(t, op=RO.AVG)
+        eq(t, torch.full((n,), complex(N + 1, N - 1), dtype=dtype), "complex avg")
+        return
+    cases = [
+        (RO.SUM, lambda r: r + 1, tri),
+        (RO.PRODUCT, lambda r: r + 1, math.factorial(N)),
+        (RO.MIN, lambda r: r + 1, 1),
+        (RO.MAX, lambda r: r + 1, N),
+        (RO.AVG, lambda r: 2 * (r + 1), N + 1),
+    ]
+    if dtype in INTS:
+        cases += [
+            (RO.BAND, lambda r: (1 << r) | 8, 8 if N > 1 else 9),
+            (RO.BOR, lambda r: (1 << r) | 8, ((1 << N) - 1) | 8),
+            (RO.BXOR, lambda r: (1 << r) | 8, ((1 << N) - 1) ^ (8 if N % 2 else 0)),
+        ]
+    for op, f, want in cases:
+        if dtype == torch.uint8 and op == RO.AVG:
+            pass
+        t = full(n, f(R), dtype)
+        dist.all_reduce(t, op=op)
+        eq(t, full(n, want, dtype), f"all_reduce {op} {dtype} n={n}")
+        # out of the synchronous path: non-blocking, then wait
+        t = full(n, f(R), dtype)
+        dist.all_reduce(t, op=op, async_op=True).wait()
+        eq(t, full(n, want, dtype), f"async all_reduce {op} {dtype} n={n}")
+
+
+def scenario_ops():
+    init()
+    for dtype in DTYPES:
+        for n in SIZES:
+            check_all_reduce(dtype, n)
+    log("all_reduce ok")
+    for dtype in DTYPES:
+        for n in [0, 5]:
+            # broadcast (from every root)
+            for root in range(N):
+                t = full(n, 10 + R, dtype) if dtype != torch.bool else torch.full(
+                    (n,), R == root)
+                dist.broadcast(t, src=root)
+                eq(t, full(n, 10 + root, dtype) if dtype != torch.bool else torch.full(
+                    (n,), True), f"broadcast {dtype} root {root}")
+            # all_gather (list) and all_gather_into_tensor
+            src = full(n, R + 1, dtype) if dtype != torch.bool else torch.full((n,), R % 2 == 0)
+            outs = [torch.zeros(n, dtype=dtype) for _ in range(N)]
+            dist.all_gather(outs, src)
+            for i, o in enumerate(outs):
+                eq(o, full(n, i + 1, dtype) if dtype != torch.bool else torch.full(
+                    (n,), i % 2 == 0), f"all_gather {dtype} block {i}")
+            big = torch.zeros(N * n, dtype=dtype)
+            dist.all_gather_into_tensor(big, src)
+            for i in range(N):
+                eq(big[i * n:(i + 1) * n], outs[i], f"all_gather_into_tensor {dtype}")
+            stacked = torch.zeros(N, n, dtype=dtype)
+            dist.all_gather_into_tensor(stacked, src)
+            for i in range(N):
+                eq(stacked[i], outs[i], f"all_gather_into_tensor stacked {dtype}")
+    log("broadcast/all_gather ok")
+    for dtype in [d for d in DTYPES if d != torch.bool]:
+        for n in [0, 3]:
+            tri = N * (N + 1) // 2
+            # reduce to every root
+            for root in range(N):
+                t = full(n, R + 1, dtype)
+                dist.reduce(t, dst=root, op=RO.SUM)
+                if R == root:
+                    eq(t, full(n, tri, dtype), f"reduce {dtype} root {root}")
+            # reduce_scatter (list) and reduce_scatter_tensor: block i from rank r = r+i+1
+            ins = [full(n, R + i + 1, dtype) for i in range(N)]
+            out = torch.zeros(n, dtype=dtype)
+            dist.reduce_scatter(out, ins, op=RO.SUM)
+            eq(out, full(n, tri + N * R, dtype), f"reduce_scatter {dtype}")
+            flat = torch.cat(ins)
+            out2 = torch.zeros(n, dtype=dtype)
+            dist.reduce_scatter_tensor(out2, flat, op=RO.SUM)
+            eq(out2, out, f"reduce_scatter_tensor {dtype}")
+            # gather / scatter
+            for root in range(N):
+                lst = [torch.zeros(n, dtype=dtype) for _ in range(N)] if R == root else None
+                dist.gather(full(n, 100 + R, dtype), gather_list=lst, dst=root)
+                if R == root:
+                    for i, g in enumerate(lst):
+                        eq(g, full(n, 100 + i, dtype), f"gather {dtype} root {root}")
+                sl = [full(n, 50 + i, dtype) for i in range(N)] if R == root else None
+                o = torch.zeros(n, dtype=dtype)
+                dist.scatter(o, scatter_list=sl, src=root)
+                eq(o, full(n, 50 + R, dtype), f"scatter {dtype} root {root}")
+    log("reduce/reduce_scatter/gather/scatter ok")
+    for dtype in [torch.float32, torch.int64, torch.bfloat16, torch.complex64, torch.bool]:
+        # all_to_all_single: even, then uneven splits (rank r sends r+p+1 rows to p)
+        if dtype == torch.bool:
+            vals = lambda p: torch.full((2 * (N), 3), (R + p) % 2 == 0)  # noqa: E731
+        inp = torch.cat([full(2 * 3, 10 * R + p, dtype).view(2, 3) for p in range(N)]) \
+            if dtype != torch.bool else torch.cat([torch.full((2, 3), (R + p) % 2 == 0)
+                                                   for p in range(N)])
+        out = torch.empty(2 * N, 3, dtype=dtype)
+        dist.all_to_all_single(out, inp)
+        for p in range(N):
+            want = full(6, 10 * p + R, dtype).view(2, 3) if dtype != torch.bool else \
+                torch.full((2, 3), (p + R) % 2 == 0)
+            eq(out[2 * p:2 * p + 2], want, f"all_to_all_single {dtype} from {p}")
+        if dtype == torch.bool:
+            continue
+        in_splits = [R + p + 1 for p in range(N)]
+        out_splits = [p + R + 1 for p in range(N)]
+        inp = torch.cat([full((R + p + 1) * 2, 10 * R + p, dtype).view(-1, 2)
+                         for p in range(N)])
+        out = torch.empty(sum(out_splits), 2, dtype=dtype)
+        dist.all_to_all_single(out, inp, output_split_sizes=out_splits,
+                               input_split_sizes=in_splits)
+        off = 0
+        for p in range(N):
+            k = out_splits[p]
+            eq(out[off:off + k], full(k * 2, 10 * p + R, dtype).view(k, 2),
+               f"all_to_all_single uneven {dtype} from {p}")
+            off += k
+        # all_to_all (lists of different sizes per peer)
+        ins = [full(R + p, 7 * R + p, dtype) for p in range(N)]
+        outs = [torch.empty(p + R, dtype=dtype) for p in range(N)]
+        dist.all_to_all(outs, ins)
+        for p in range(N):
+            eq(outs[p], full(p + R, 7 * p + R, dtype), f"all_to_all {dtype} from {p}")
+    log("all_to_all ok")
+    # point to point, with tags, in a ring; blocking and non-blocking; batch_isend_irecv
+    nxt, prv = (R + 1) % N, (R - 1) % N
+    if N > 1:
+        for dtype in [torch.float32, torch.int16, torch.complex128, torch.bool]:
+            a = full(9, R, dtype) if dtype != torch.bool else torch.full((9,), R % 2 == 1)
+            b = torch.zeros(9, dtype=dtype)
+            if R % 2 == 0:
+                dist.send(a, dst=nxt, tag=3)
+                dist.recv(b, src=prv, tag=3)
+            else:
+                dist.recv(b, src=prv, tag=3)
+                dist.send(a, dst=nxt, tag=3)
+            eq(b, full(9, prv, dtype) if dtype != torch.bool else torch.full(
+                (9,), prv % 2 == 1), f"send/recv {dtype}")
+        # tagged non-blocking sends and receives in flight together (matched in order between
+        # a pair of ranks, as NCCL does; tags are checked: see scenario_tag_order)
+        x1, x2 = torch.full((4,), 1.0 + R), torch.full((4,), 2.0 + R)
+        y1, y2 = torch.zeros(4), torch.zeros(4)
+        reqs = [dist.isend(x1, nxt, tag=11), dist.isend(x2, nxt, tag=12)]
+        r1 = dist.irecv(y1, prv, tag=11)
+        r2 = dist.irecv(y2, prv, tag=12)
+        for q in reqs + [r2, r1]:
+            q.wait()
+        eq(y1, torch.full((4,), 1.0 + prv), "irecv tag 11")
+        eq(y2, torch.full((4,), 2.0 + prv), "irecv tag 12")
+        # large messages both ways at once: one braid group (no deadlock)
+        big_out = torch.full((3 << 20,), float(R))
+        big_in = torch.zeros(3 << 20)
+        ops = [dist.P2POp(dist.isend, big_out, nxt), dist.P2POp(dist.irecv, big_in, prv)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        eq(big_in, torch.full((3 << 20,), float(prv)), "batch_isend_irecv")
+    dist.barrier()
+    bt.monitored_barrier(timeout=timedelta(seconds=30))
+    bt.monitored_barrier(timeout=timedelta(seconds=30), wait_all_ranks=True)
+    log("p2p/barrier ok")
+    # non-contiguous tensors are copied to contiguous and back
+    base = torch.arange(20, dtype=torch.float32).view(4, 5) * (R + 1)
+    view = base.t()  # not contiguous
+    dist.all_reduce(view)
+    want = torch.arange(20, dtype=torch.float32).view(4, 5).t() * (N * (N + 1) // 2)
+    eq(view, want, "non-contiguous all_reduce")
+    eq(base, want.t(), "non-contiguous all_reduce (base)")
+    col = torch.zeros(6, 2)[:, 1]
+    if R == 0:
+        col.copy_(torch.arange(6.0))
+    dist.broadcast(col, 0)
+    eq(col, torch.arange(6.0), "non-contiguous broadcast")
+    log("non-contiguous ok")
+    groups_part()
+    dist.destroy_process_group()
+    print("OK ops", flush=True)
+
+
+def groups_part():
+    """new_group, new_subgroups and split_group against closed forms."""
+    # new_group of the even ranks (the odd ones take no part), used next to the world group
+    evens = list(range(0, N, 2))
+    g = dist.new_group(evens)
+    if R in evens:
+        t = torch.full((3,), float(R))
+        dist.all_reduce(t, group=g)
+        eq(t, torch.full((3,), float(sum(evens))), "new_group all_reduce")
+        assert dist.get_rank(g) == evens.index(R)
+        dist.broadcast(t, src=evens[-1], group=g)
+        eq(t, torch.full((3,), float(sum(evens))), "new_group broadcast")
+    w = torch.ones(2)
+    dist.all_reduce(w)
+    eq(w, torch.full((2,), float(N)), "world after new_group")
+    # new_subgroups: groups of 2 consecutive ranks (or 1)
+    size = 2 if N % 2 == 0 else 1
+    cur, subs = dist.new_subgroups(group_size=size)
+    t = torch.full((2,), float(R))
+    dist.all_reduce(t, group=cur)
+    first = R - R % size
+    eq(t, torch.full((2,), float(sum(range(first, first + size)))), "new_subgroups")
+    # split_group: [[ranks in reverse order of the last two]], others None
+    if N >= 2:
+        grp = [N - 1, 0]
+        child = bt.split_group(split_ranks=[grp])
+        if R in grp:
+            assert child is not None and child.size() == 2
+            t = torch.full((1,), float(R + 1))
+            dist.all_reduce(t, group=child)
+            eq(t, torch.full((1,), float(N + 1)), "split_group all_reduce")
+            assert child.rank() == sorted(grp).index(R)
+        else:
+            assert child is None
+    log("groups ok")
+
+
+def scenario_async():
+    init()
+    # async handles: wait(timeout), is_completed, is_success, exception, get_future, result
+    t = torch.full((1 << 20,), float(R + 1))
+    w = dist.all_reduce(t, async_op=True)
+    assert w.wait(timeout=timedelta(seconds=60))
+    assert w.is_completed() and w.is_success() and w.exception() is None
+    eq(t, torch.full((1 << 20,), float(N * (N + 1) // 2)), "async all_reduce")
+    fut = dist.all_reduce(torch.full((5,), 2.0), async_op=True).get_future()
+    res = fut.wait()
+    eq(res[0], torch.full((5,), 2.0 * N), "future result")
+    # chained future (as DDP comm hooks do)
+    f2 = dist.all_reduce(torch.ones(3), async_op=True).get_future().then(
+        lambda f: f.value()[0] * 10)
+    eq(f2.wait(), torch.full((3,), 10.0 * N), "future then")
+    # many in flight at once, completed in order
+    ts = [torch.full((1000,), float(i + R)) for i in range(20)]
+    ws = [dist.all_reduce(x, async_op=True) for x in ts]
+    for i, (x, wk) in enumerate(zip(ts, ws)):
+        wk.wait()
+        eq(x, torch.full((1000,), float(N * i + N * (N - 1) // 2)), f"in flight {i}")
+    # result()
+    wk = dist.all_reduce(torch.ones(2), async_op=True)
+    eq(wk.result()[0], torch.full((2,), float(N)), "result")
+    # is_completed polling
+    wk = dist.all_reduce(torch.ones(2), async_op=True)
+    deadline = time.monotonic() + 30
+    while not wk.is_completed():
+        assert time.monotonic() < deadline, "is_completed never became true"
+        time.sleep(0.001)
+    # wait(timeout) that runs out: rank 1 joins late
+    if N > 1:
+        if R == 1:
+            time.sleep(1.5)
+        wk = dist.all_reduce(torch.ones(4), async_op=True)
+        if R == 0:
+            try:
+                wk.wait(timeout=timedelta(seconds=0.2))
+                raise AssertionError("wait(timeout) returned before the peer arrived")
+            except braid.Timeout as e:
+                assert "did not complete" in str(e)
+            assert not wk.is_completed()
+        wk.wait()
+    dist.barrier()
+    dist.destroy_process_group()
+    print("OK async", flush=True)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+
+
+def batch(step, n_ranks, rank):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8 * n_ranks, 32, generator=g, dtype=torch.float32)
+    y = torch.randn(8 * n_ranks, 8, generator=g, dtype=torch.float32)
+    return x[8 * rank:8 * (rank + 1)], y[8 * rank:8 * (rank + 1)], x, y
+
+
+def scenario_ddp():
+    init()
+    model = mlp(seed=R)  # different initial weights: DDP broadcasts rank 0's
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    ref = mlp(seed=0).double()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for step in range(20):
+        x, y, gx, gy = batch(step, N, R)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(gx.double()), gy.double()).backward()
+        ref_opt.step()
+    # identical on every rank
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    outs = [torch.zeros_like(flat) for _ in range(N)]
+    dist.all_gather(outs, flat)
+    for o in outs:
+        assert torch.equal(o, flat), "parameters differ between ranks"
+    reff = torch.cat([p.detach().reshape(-1) for p in ref.parameters()]).float()
+    rel = ((flat - reff).norm() / reff.norm()).item()
+    log(f"DDP vs single-process reference: relative difference {rel:.2e}")
+    assert rel < 1e-5, f"DDP differs from the reference: {rel}"
+    dist.destroy_process_group()
+    print("OK ddp", flush=True)
+
+
+def scenario_mismatch():
+    init()
+    t = torch.ones(8)
+    try:
+        if R == 0:
+            dist.all_reduce(t)
+        else:
+            dist.broadcast(t, src=0)
+        raise AssertionError("mismatched collectives did not fail")
+    except braid.BraidError as e:
+        assert "mismatch" in str(e), str(e)
+        log("mismatch:", e)
+    print("OK mismatch", flush=True)
+    os._exit(0)
+
+
+def scenario_tag_order():
+    """Messages between two ranks match in order; a receive whose tag differs from the
+    message's is an error naming both (never data delivered to the wrong receive)."""
+    init()
+    if R == 0:
+        dist.send(torch.ones(4), 1, tag=5)
+        dist.send(torch.ones(4), 1, tag=6)
+    else:
+        try:
+            dist.recv(torch.zeros(4), 0, tag=6)
+            raise AssertionError("a receive took a message of another tag")
+        except braid.BraidError as e:
+            assert "mismatch" in str(e) and "tag=6" in str(e) and "tag=5" in str(e), str(e)
+            log("tag order:", e)
+    print("OK tag_order", flush=True)
+    os._exit(0)
+
+
+def scenario_bad_input():
+    init()
+    # unsupported dtype/op combinations are refused before anything is sent
+    for dtype in FLOATS:
+        for op in (RO.BAND, RO.BOR, RO.BXOR):
+            try:
+                dist.all_reduce(torch.ones(3, dtype=dtype), op=op)
+                raise AssertionError(f"{op} on {dtype} was accepted")
+            except ValueError as e:
+                assert "integer" in str(e)
+    try:
+        dist.all_reduce(torch.ones(3, dtype=torch.bool), op=RO.AVG)
+        raise AssertionError("AVG on bool accepted")
+    except ValueError:
+        pass
+    try:
+        dist.all_reduce(torch.ones(3, device="meta"))
+        raise AssertionError("meta tensor accepted")
+    except (ValueError, RuntimeError) as e:
+        assert "not supported" in str(e) or "meta" in str(e), str(e)
+    try:
+        dist.all_reduce(torch.ones(2), op=RO.PREMUL_SUM) if hasattr(RO, "PREMUL_SUM") else None
+    except (ValueError, RuntimeError, TypeError, AttributeError):
+        pass
+    # wrong sizes
+    try:
+        dist.all_gather_into_tensor(torch.zeros(N * 3 + 1), torch.zeros(3))
+        raise AssertionError("wrong all_gather_into_tensor size accepted")
+    except (ValueError, RuntimeError):
+        pass
+    try:
+        dist.all_to_all_single(torch.zeros(N), torch.zeros(N), input_split_sizes=[N + 1] * N,
+                               output_split_sizes=[1] * N)
+        raise AssertionError("bad split sizes accepted")
+    except (ValueError, RuntimeError):
+        pass
+    # the group still works afterwards
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    eq(t, torch.full((4,), float(N)), "all_reduce after bad input")
+    dist.destroy_process_group()
+    print("OK bad_input", flush=True)
+
+
+def scenario_kill():
+    """The last rank kills itself (SIGKILL) mid-training; the survivors' next operations raise
+    an error naming it, within the heartbeat timeout, never a hang."""
+    init()
+    t = torch.ones(1 << 16)
+    for i in range(20):
+        dist.all_reduce(t)
+    if R == N - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        for i in range(1000):
+            dist.all_reduce(t)
+        raise AssertionError("collectives kept succeeding after a rank died")
+    except braid.BraidError as e:
+        took = time.monotonic() - start
+        log(f"error after {took:.2f} s: {e}")
+        assert f"rank {N - 1}" in str(e), str(e)
+        assert took < 20, took
+    print("OK kill", flush=True)
+    os._exit(0)
+
+
+def scenario_ddp_kill():
+    """The last rank dies (SIGKILL) in the middle of DDP's backward, after some of its buckets'
+    all-reduces were issued: the survivors' backward raises an error naming it (through
+    DDP's futures), never a crash or a hang."""
+    init()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.02)
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        ddp(x).sum().backward()
+    if R == N - 1:
+        # the first layer's gradient is among the last computed: earlier buckets are in flight
+        model[0].weight.register_hook(lambda g: os.kill(os.getpid(), signal.SIGKILL))
+    start = time.monotonic()
+    try:
+        for _ in range(50):
+            ddp(x).sum().backward()
+        raise AssertionError("training kept succeeding after a rank died")
+    except RuntimeError as e:
+        log(f"backward raised after {time.monotonic() - start:.2f} s: {str(e)[:300]}")
+        assert f"rank {N - 1}" in str(e), str(e)
+    print("OK ddp_kill", flush=True)
+    os._exit(0)
+
+
+def scenario_init(method):
+    """init_process_group through env://, tcp://, file:// or an explicit store."""
+    if method == "env":
+        dist.init_process_group("braid", init_method="env://")
+    elif method == "tcp":
+        dist.init_process_group("braid", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                                rank=R, world_size=N)
+    elif method == "file":
+        dist.init_process_group("braid", init_method=f"file://{os.environ['INIT_FILE']}",
+                                rank=R, world_size=N)
+    elif method == "store":
+        store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), N, R == 0,
+                              timeout=timedelta(seconds=60))
+        dist.init_process_group("braid", store=store, rank=R, world_size=N)
+    t = torch.full((3,), float(R))
+    dist.all_reduce(t)
+    eq(t, torch.full((3,), float(N * (N - 1) // 2)), f"all_reduce after init {method}")
+    assert dist.get_backend() == "braid"
+    dist.destroy_process_group()
+    print(f"OK init {method}", flush=True)
+
+
+def scenario_torchrun():
+    """Launched by torchrun (its environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*)."""
+    dist.init_process_group("braid")
+    r, n = dist.get_rank(), dist.get_world_size()
+    assert os.environ.get("LOCAL_RANK") is not None
+    t = torch.full((4,), float(r + 1))
+    dist.all_reduce(t)
+    eq(t, torch.full((4,), float(n * (n + 1) // 2)), "torchrun all_reduce")
+    dist.destroy_process_group()
+    print(f"OK torchrun rank {r}", flush=True)
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    fn = globals()[f"scenario_{name}"]
+    fn(*sys.argv[2:])
