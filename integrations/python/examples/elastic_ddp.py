@@ -25,7 +25,6 @@ import time
 import torch
 import torch.distributed as dist
 
-import braid
 import braid.torch as bt
 
 
@@ -97,8 +96,10 @@ def main():
             if int(step) % 50 == 0 and pg.rank() == 0:
                 print(f"step {int(step)} loss {loss.item():.5f} size {pg.size()}", flush=True)
             time.sleep(args.step_time)
-        except braid.BraidError as e:
+        except RuntimeError as e:
             # A member died (or failed): the survivors move to a view without it below.
+            # braid.BraidError is a RuntimeError; errors that reach us through DDP's futures
+            # are RuntimeErrors carrying braid's message.
             print(f"# step {int(step)} failed: {e}", flush=True)
         # Between steps: adopt a new view (joiners admitted, dead or leaving members dropped).
         if bt.update(pg) is not None:

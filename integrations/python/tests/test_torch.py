@@ -62,6 +62,11 @@ def test_kill_9_survivors_raise_naming_the_dead_rank(tmp_path):
         assert "OK kill" in outs[r]
 
 
+def test_monitored_barrier_names_the_missing_rank(ranks):
+    outs = ranks("monitored_missing", 3, timeout=60)
+    assert all("OK monitored_missing" in o for o in outs)
+
+
 def test_rank_killed_inside_ddp_backward(tmp_path):
     n = 3
     codes, outs = start("ddp_kill", n, tmp_path, env={"PYTHONFAULTHANDLER": "1"}).wait(90)

@@ -399,8 +399,11 @@ def scenario_tag_order():
     message's is an error naming both (never data delivered to the wrong receive)."""
     init()
     if R == 0:
-        dist.send(torch.ones(4), 1, tag=5)
-        dist.send(torch.ones(4), 1, tag=6)
+        try:
+            dist.send(torch.ones(4), 1, tag=5)
+            dist.send(torch.ones(4), 1, tag=6)
+        except braid.BraidError as e:  # rank 1 aborts the communicator when it detects it
+            assert "mismatch" in str(e), str(e)
     else:
         try:
             dist.recv(torch.zeros(4), 0, tag=6)
@@ -476,6 +479,26 @@ def scenario_kill():
         assert f"rank {N - 1}" in str(e), str(e)
         assert took < 20, took
     print("OK kill", flush=True)
+    os._exit(0)
+
+
+def scenario_monitored_missing():
+    """The last rank never enters monitored_barrier: rank 0 raises naming it (as Gloo's
+    monitored_barrier does); the others time out instead of hanging."""
+    init()
+    dist.barrier()
+    if R == N - 1:
+        time.sleep(4)
+        print("OK monitored_missing", flush=True)
+        os._exit(0)
+    try:
+        bt.monitored_barrier(timeout=timedelta(seconds=1), wait_all_ranks=True)
+        raise AssertionError("monitored_barrier passed without rank N-1")
+    except RuntimeError as e:
+        log("monitored_barrier:", e)
+        if R == 0:
+            assert f"Ranks {N - 1} failed to pass monitoredBarrier in 1000 ms" in str(e), str(e)
+    print("OK monitored_missing", flush=True)
     os._exit(0)
 
 
