@@ -154,6 +154,39 @@ def _unit(t):
     return _lib.UINT8, t.element_size()
 
 
+class _Done:
+    """What a synchronous operation returns: it already ran (torch waits on it at once, and
+    this wait returns True); the Work API answers as for a completed work."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result):
+        self._result = result
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+    def is_success(self):
+        return True
+
+    def exception(self):
+        return None
+
+    def result(self):
+        return self._result
+
+    def synchronize(self):
+        pass
+
+    def get_future(self):
+        f = torch.futures.Future()
+        f.set_result(self._result)
+        return f
+
+
 class ProcessGroupBraid(dist.ProcessGroup):
     """The torch.distributed process group of backend "braid" (cpu tensors).
 
@@ -215,24 +248,32 @@ class ProcessGroupBraid(dist.ProcessGroup):
         return Request(self._L, req, what, keep)
 
     def _coll(self, what, opts, result, post, keep, name, *args):
-        """Issues collective C function braid_<name>(*args) (and braid_i<name>)."""
-        return self._issue(Work(self, result, post, what), opts, [(name, args)], keep)
+        """Issues collective C function braid_<name>(*args) (or braid_i<name>)."""
+        return self._issue(what, opts, result, post, keep, ((name, args),))
 
     def _multi(self, what, opts, result, post, keep, calls):
         """Issues several collectives [(name, args)] as one work."""
-        return self._issue(Work(self, result, post, what), opts, calls, keep)
+        return self._issue(what, opts, result, post, keep, calls)
 
-    def _issue(self, w, opts, calls, keep):
-        """Records `w` as pending (a synchronous torch call: torch waits at once, and the
-        waiting thread runs it) or starts it non-blocking."""
+    def _issue(self, what, opts, result, post, keep, calls):
+        """For a synchronous torch call (asyncOp False: torch waits at once) runs the
+        operation on the calling thread right now: no hand-off to braid's progress thread,
+        and a completed work is returned. Otherwise starts it non-blocking (braid_i*)."""
+        if opts is not None and not opts.asyncOp:
+            with self._lock:
+                if self._pending:
+                    self._flush_locked()
+                st = self._run_calls(calls)
+            if st != _lib.SUCCESS:
+                raise self._L.error(st, what)
+            if post is not None:
+                post()
+            return _Done(result)
+        w = Work(self, result, post, what)
         with self._lock:
             if self._pending:
                 self._flush_locked()
-            if opts is not None and not opts.asyncOp:
-                w._op = (calls, keep)
-                self._pending = [w]
-            else:
-                self._start_or_fail(w, lambda: self._start_calls(w._what, calls, keep))
+            self._start_or_fail(w, lambda: self._start_calls(what, calls, keep))
         return w
 
     def _start_or_fail(self, w, start):
@@ -282,8 +323,6 @@ class ProcessGroupBraid(dist.ProcessGroup):
         if mode is None:
             mode = _p2p_mode()
         with self._lock:
-            if self._pending and not self._pending_ops:
-                self._flush_locked()
             if mode == "group":
                 self._pending.append(w)
                 self._pending_ops.append(op)
@@ -309,13 +348,8 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 return
             works, ops = self._pending, self._pending_ops
             self._pending, self._pending_ops = [], []
-            if ops:
-                st = self._run_group_blocking(ops)
-                what = "send/recv group"
-            else:
-                st = self._run_calls(works[0]._op[0])
-                what = works[0]._what
-            exc = self._L.error(st, what) if st != _lib.SUCCESS else None
+            st = self._run_group_blocking(ops)
+            exc = self._L.error(st, "send/recv group") if st != _lib.SUCCESS else None
             futs = [w._complete(exc) for w in works]
         for w, f in zip(works, futs):
             w._resolve(f)
@@ -327,34 +361,24 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 self._flush_locked()
 
     def _flush_locked(self):
+        """Starts the pending send/recv group non-blocking: one braid group, one request."""
         works, ops = self._pending, self._pending_ops
         self._pending, self._pending_ops = [], []
+        L = self._L
         try:
-            if ops:
-                L = self._L
-                if L.has("braid_igroup_end"):
-                    L.braid_group_start()
-                    for send, ptr, count, dt, peer, tag, _b in ops:
-                        (L.braid_send if send else L.braid_recv)(ptr, count, dt, peer, tag,
-                                                                  self._h)
-                    req = _lib.request_t()
-                    L.check(L.braid_igroup_end(ctypes.byref(req)), "braid_igroup_end")
-                    r = Request(L, req, "send/recv group", [o[6] for o in ops])
-                    reqs = [[r]] * len(works)
-                else:
-                    reqs = [[self._submit(L.braid_isend if o[0] else L.braid_irecv,
-                                          (o[1], o[2], o[3], o[4], o[5], self._h),
-                                          "send/recv", [o[6]])] for o in ops]
-            else:
-                w = works[0]
-                reqs = [self._start_calls(w._what, *w._op)]
+            L.braid_group_start()
+            for send, ptr, count, dt, peer, tag, _b in ops:
+                (L.braid_send if send else L.braid_recv)(ptr, count, dt, peer, tag, self._h)
+            req = _lib.request_t()
+            L.check(L.braid_igroup_end(ctypes.byref(req)), "braid_igroup_end")
         except _lib.BraidError as e:
             futs = [w._complete(e) for w in works]
             for w, f in zip(works, futs):
                 w._resolve(f)
             return
-        for w, r in zip(works, reqs):
-            w._running(r)
+        r = Request(L, req, "send/recv group", [o[6] for o in ops])
+        for w in works:
+            w._running([r])
 
     # ---- collectives ------------------------------------------------------------------
 

@@ -1,15 +1,18 @@
 """Requests, works and the completion watcher of the braid torch backend.
 
-A braid operation is issued in one of two ways:
+A braid operation is issued in one of three ways:
 
-* driven by the calling thread: a synchronous torch call (``async_op=False``, ``dist.send``)
-  is recorded as *pending* and executed by the blocking C call when torch waits on it, which
-  it does at once. No thread hand-off, so small messages cost what braid costs.
-* started non-blocking: ``async_op=True`` calls, calls from C++ (DDP's reducer) and anything
-  pending when another operation is issued are started with braid's non-blocking calls
-  (braid_i*), which braid's progress thread drives; ``wait()`` blocks in ``braid_wait``
-  (GIL released), and ``get_future()`` hands the request to one watcher thread per process
-  that completes futures in issue order (no Python thread per operation).
+* a synchronous torch collective (``async_op=False``: torch waits at once) runs right away
+  on the calling thread through the blocking C call; no thread hand-off, so small messages
+  cost what braid costs.
+* ``dist.send``/``dist.recv`` (which torch waits on at once) and ``batch_isend_irecv`` are
+  recorded as a *pending* group, run as ONE braid group by the first wait on any of them
+  (blocking, on the waiting thread) or started non-blocking when anything else happens.
+* everything else (``async_op=True``, ``isend``/``irecv``, calls from C++ such as DDP's
+  reducer) is started with braid's non-blocking calls (braid_i*), which braid's progress
+  thread drives; ``wait()`` blocks in ``braid_wait`` (GIL released), and ``get_future()``
+  hands the request to one watcher thread per process that completes futures in issue order
+  (no Python thread per operation).
 """
 
 import ctypes
@@ -170,7 +173,6 @@ class Work(dist._Work):
     # Defaults as class attributes: creating a work sets four fields (small calls are
     # latency-bound).
     _state = PENDING
-    _op = None  # pending: (blocking fn, non-blocking fn, args, buffers to keep alive)
     _reqs = ()
     _exc = None
     _fut = None  # base future, completed by _resolve
@@ -230,7 +232,6 @@ class Work(dist._Work):
             except Exception as e:  # a copy-back failed: report it through the work
                 self._exc = e
         self._post = None
-        self._op = None
         self._reqs = ()
         self._state = DONE
         return self._fut
