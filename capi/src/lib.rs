@@ -398,6 +398,30 @@ struct CollArgs {
     root: Option<c_int>,
 }
 
+/// The start shared by every collective entry point: clears `*req` (non-blocking forms),
+/// resolves `comm` and refuses collectives inside a group.
+///
+/// # Safety
+/// `req` is None or holds NULL or a valid out-pointer; `comm` is NULL or a live communicator.
+unsafe fn coll_start<'a>(
+    comm: braid_comm_t,
+    req: Option<*mut braid_request_t>,
+) -> CResult<&'a braid_comm> {
+    if let Some(r) = req {
+        // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
+        unsafe { reset_request(r) }?;
+    }
+    // SAFETY: caller contract (a live communicator or NULL).
+    let c = unsafe { comm_ref(comm) }?;
+    if in_group() {
+        return Err(Fail::usage(
+            "collectives cannot be issued between braid_group_start and braid_group_end \
+             (groups hold braid_send/braid_recv only)",
+        ));
+    }
+    Ok(c)
+}
+
 /// Body of every collective: blocking when `req` is None, else non-blocking.
 ///
 /// # Safety
@@ -409,18 +433,8 @@ unsafe fn coll(
     req: Option<*mut braid_request_t>,
 ) -> braid_status_t {
     boundary(func, || {
-        if let Some(r) = req {
-            // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
-            unsafe { reset_request(r) }?;
-        }
-        // SAFETY: caller contract (a live communicator or NULL).
-        let c = unsafe { comm_ref(comm) }?;
-        if in_group() {
-            return Err(Fail::usage(
-                "collectives cannot be issued between braid_group_start and braid_group_end \
-                 (groups hold braid_send/braid_recv only)",
-            ));
-        }
+        // SAFETY: caller contract (`req` NULL or writable, `comm` NULL or live).
+        let c = unsafe { coll_start(comm, req) }?;
         let dtype = dtype_of(a.dtype)?;
         let op = match a.op {
             Some(o) => op_of(o)?,
@@ -1944,18 +1958,8 @@ unsafe fn all_to_allv(
     req: Option<*mut braid_request_t>,
 ) -> braid_status_t {
     boundary(func, || {
-        if let Some(r) = req {
-            // SAFETY: `req` is NULL or a valid out-pointer (caller contract).
-            unsafe { reset_request(r) }?;
-        }
-        // SAFETY: caller contract (a live communicator or NULL).
-        let c = unsafe { comm_ref(comm) }?;
-        if in_group() {
-            return Err(Fail::usage(
-                "collectives cannot be issued between braid_group_start and braid_group_end \
-                 (groups hold braid_send/braid_recv only)",
-            ));
-        }
+        // SAFETY: caller contract (`req` NULL or writable, `comm` NULL or live).
+        let c = unsafe { coll_start(comm, req) }?;
         let dtype = dtype_of(a.dtype)?;
         let n = c.comm.size();
         // SAFETY: each array is NULL or holds one entry per rank (caller contract); they are
