@@ -319,6 +319,27 @@ def scenario_async():
     while not wk.is_completed():
         assert time.monotonic() < deadline, "is_completed never became true"
         time.sleep(0.001)
+    # the GIL is released while braid blocks: a Python thread runs during a blocking call
+    if N > 1:
+        import threading
+        ticks = [0]
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                ticks[0] += 1
+                time.sleep(0.001)
+        th = threading.Thread(target=spin)
+        th.start()
+        if R == 1:
+            time.sleep(1.0)
+        before = ticks[0]
+        dist.all_reduce(torch.ones(4))  # rank 0 blocks here for about a second
+        during = ticks[0] - before
+        stop.set()
+        th.join()
+        if R == 0:
+            assert during > 100, f"the GIL was held during a blocking call ({during} ticks)"
     # wait(timeout) that runs out: rank 1 joins late
     if N > 1:
         if R == 1:

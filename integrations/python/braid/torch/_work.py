@@ -93,7 +93,10 @@ class Request:
             return
         if self.status is None:
             # Still running: its buffers must outlive it. The watcher waits and frees it.
-            _watcher().free_later(h, self.keep)
+            try:
+                _watcher().free_later(h, self.keep)
+            except Exception:  # interpreter shutdown: no new thread; the process ends anyway
+                pass
             return
         try:
             self.L.braid_request_free(h)
