@@ -748,9 +748,11 @@ unsafe fn config_of(config: *const braid_config_t) -> CResult<Config> {
             }
         }
         if let Some(t) = field!(config, size, timeout_s) {
-            if t.is_nan() || t == f64::INFINITY {
+            if t.is_nan() || t > braid_core::config::MAX_SECS {
                 return Err(Fail::arg(format!(
-                    "config->timeout_s is {t}: expected a finite number of seconds (<= 0: unset)"
+                    "config->timeout_s is {t}: expected a finite number of seconds up to {:e} \
+                     (<= 0: unset)",
+                    braid_core::config::MAX_SECS
                 )));
             }
             if t > 0.0 {
@@ -770,13 +772,15 @@ unsafe fn config_of(config: *const braid_config_t) -> CResult<Config> {
             }
         }
     }
-    // Set fields win; everything else comes from the environment as Config::from_env reads it.
+    // Set fields win; everything else comes from the environment as Config::from_env reads it
+    // (and unknown BRAID_* names warn, as there).
     let cfg = Config::from_lookup(|k| {
         over.iter()
             .find(|(n, _)| *n == k)
             .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var(k).ok().filter(|v| !v.is_empty()))
+            .or_else(|| braid_core::config::var(k))
     })?;
+    cfg.announce();
     Ok(cfg)
 }
 

@@ -33,7 +33,7 @@ use braid_transport::mem::{MemFabric, MemTransport};
 use braid_transport::region::{Regions, RemoteMaps};
 use braid_transport::shm::{ShmOptions, ShmTransport};
 use braid_transport::tcp::{TcpOptions, TcpTransport};
-use braid_transport::{Conn, ConnectHandle, Listener, Transport};
+use braid_transport::{Challenge, Conn, ConnectHandle, Listener, Transport};
 
 use crate::coll::{order, select, Algo, CollKind, Plan, PlanCtx};
 use crate::config::{Config, TransportKind};
@@ -44,7 +44,7 @@ use crate::membership::{self, auth, Client, ClientOptions, Coordinator, Registra
 use crate::types::{DataType, Element, ReduceOp};
 
 const HELLO_MAGIC: &[u8; 4] = b"BRDA";
-const HELLO_VERSION: u16 = 1;
+const HELLO_VERSION: u16 = 2;
 const PLAN_CACHE: usize = 32;
 
 /// What a job does.
@@ -155,6 +155,88 @@ struct Inner {
     direct: bool,
     /// Every peer is reached through shared memory.
     all_shm: bool,
+    /// Cross-memory attach may be used for private buffers (BRAID_SHM_CMA, and the system
+    /// permits it without weakening this process unless the user opted in).
+    cma: bool,
+    /// Set when a braid thread of this communicator panicked (shared with its handles).
+    poison: Arc<Poison>,
+}
+
+/// The state a panic leaves behind, shared by a communicator's [`Inner`] and its handles: a
+/// panic in the progress thread (or in an operation) becomes a sticky error every waiter wakes
+/// with, never a hang.
+#[derive(Default)]
+struct Poison {
+    /// `err` is set (checked first: the hot path takes no lock).
+    set: AtomicBool,
+    /// The panic, as the error every pending and later operation fails with.
+    err: Mutex<Option<Error>>,
+    /// The progress thread died (its jobs can no longer complete). A progress thread that
+    /// returns normally (stop requested, nothing pending) does not set it: `update()` starts
+    /// a new one.
+    progress_gone: AtomicBool,
+    /// Test hook ([`Communicator::inject_progress_panic`]): the progress thread panics at its
+    /// next step.
+    inject: AtomicBool,
+}
+
+impl Poison {
+    fn error(&self) -> Option<Error> {
+        if !self.set.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.err).clone()
+    }
+
+    /// Why a job that has not completed never will: the panic, or the end of the progress
+    /// thread. `None`: it still may.
+    fn orphaned(&self) -> Option<Error> {
+        if !self.set.load(Ordering::Acquire) && !self.progress_gone.load(Ordering::Acquire) {
+            return None;
+        }
+        self.error().or_else(|| {
+            self.progress_gone.load(Ordering::SeqCst).then(|| {
+                Error::Internal("the progress thread ended before the operation completed".into())
+            })
+        })
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-text panic payload)".to_string()
+    }
+}
+
+/// Turns a panic of a braid thread into the communicator's sticky error: every pending
+/// operation completes with it, later ones fail with it at once, peers are told.
+fn poison(inner: &Inner, what: &str, payload: &(dyn Any + Send)) -> Error {
+    let e = Error::Internal(format!(
+        "rank {}: {what} panicked: {}",
+        inner.rank,
+        panic_message(payload)
+    ));
+    tracing::error!(target: "braid::coll", "{e}");
+    {
+        let mut g = lock(&inner.poison.err);
+        if g.is_none() {
+            *g = Some(e.clone());
+        }
+        inner.poison.set.store(true, Ordering::Release);
+    }
+    // The state may be half-updated by the panic: tell the peers (best effort; a second
+    // panic here must not escape either).
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut st = lock(&inner.state);
+        fail_state(&mut st, e.clone());
+    }));
+    inner.qcv.notify_all();
+    e
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,6 +322,8 @@ impl Inner {
             regions,
             direct: false,
             all_shm: false,
+            cma: false,
+            poison: Arc::new(Poison::default()),
         }
     }
 }
@@ -269,13 +353,21 @@ fn assemble(
             .members
             .iter()
             .all(|m| m.host_id == view.members[0].host_id);
-    if direct && all_shm && cfg.shm_cma != crate::config::CmaUse::Never {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| match braid_transport::cma::allow_peers() {
+    // Cross-memory attach for private buffers (BRAID_SHM_CMA): only where peers may attach
+    // without weakening this process, or where the user opted in (1).
+    let cma = direct
+        && all_shm
+        && cfg.shm_cma != crate::config::CmaUse::Never
+        && {
+            let r =
+                braid_transport::cma::allow_peers_with(cfg.shm_cma == crate::config::CmaUse::All);
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| match &r {
             Ok(s) => tracing::debug!(target: "braid::init", "cross-memory attach: {s}"),
             Err(s) => tracing::info!(target: "braid::init", "cross-memory attach unavailable: {s}; private buffers use the shm rings"),
         });
-    }
+            r.is_ok()
+        };
     let transport = match peer_transports.first() {
         Some((_, t)) if peer_transports.iter().all(|(_, x)| x == t) => *t,
         Some(_) => "mixed",
@@ -330,6 +422,8 @@ fn assemble(
         regions,
         direct,
         all_shm,
+        cma,
+        poison: Arc::new(Poison::default()),
     }
 }
 
@@ -369,78 +463,114 @@ fn tripwire(trip: Arc<crate::exec::Tripwire>, ids: Vec<u64>, me: u64) -> members
     })
 }
 
-/// Starts the thread that accepts data connections on every listener, checks their hello
-/// (and job-token MAC) and puts them in the stash; strangers are dropped with a log line.
+/// Starts the thread that accepts data connections on every listener and puts them in the
+/// stash. Every listener first runs [`hello_check`] on each hello (before it commits anything
+/// to the peer); the thread checks the hello's form and job-token MAC, and the stash checks the
+/// rest (view MAC over this connection's challenge, member, pid) as soon as the view of the
+/// hello's epoch is known. Connections that fail are dropped with a log line naming the peer
+/// and the reason.
 fn spawn_acceptor(
     mut listeners: Vec<(Box<dyn Listener>, &'static str)>,
     stash: Arc<Stash>,
     stop: Arc<AtomicBool>,
     token: Option<Vec<u8>>,
 ) -> Result<JoinHandle<()>> {
+    for (listener, _) in listeners.iter_mut() {
+        listener.set_hello_check(hello_check(stash.clone()));
+    }
     std::thread::Builder::new()
         .name("braid-accept".into())
         .spawn(move || {
-            let mut scratch = Vec::new();
-            let mut pf = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let mut got = false;
-                for (listener, name) in listeners.iter_mut() {
-                    match listener.accept() {
-                        Ok(Some((c, hello))) => {
-                            got = true;
-                            match parse_hello(&hello, token.as_deref()) {
-                                Ok(h) => stash.push(Arrived {
-                                    conn: c,
-                                    hello: h,
-                                    transport: name,
-                                    at: Instant::now(),
-                                }),
-                                Err(why) => {
-                                    tracing::warn!(target: "braid::net", "dropping data connection from {}: {why}", c.peer_desc());
-                                }
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(target: "braid::net", "{name} accept: {e}");
-                        }
-                    }
-                }
-                if got {
-                    continue;
-                }
-                pf.clear();
-                let mut fd_less = false;
-                for (listener, _) in listeners.iter() {
-                    match listener.fd() {
-                        Some(fd) => pf.push(braid_transport::PollFd {
-                            fd,
-                            read: true,
-                            write: false,
-                        }),
-                        None => fd_less = true,
-                    }
-                }
-                if fd_less || pf.is_empty() {
-                    std::thread::sleep(Duration::from_micros(200));
-                } else {
-                    let _ = braid_transport::wait_fds(&pf, Duration::from_millis(20), &mut scratch);
-                }
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                accept_loop(&mut listeners, &stash, &stop, token.as_deref())
+            }));
+            if let Err(p) = run {
+                // No more connections can arrive: waiters for them fail at once, naming why.
+                let why = format!("the accept thread panicked: {}", panic_message(&*p));
+                tracing::error!(target: "braid::net", "{why}");
+                *lock(&stash.dead) = Some(why);
+                stash.cv.notify_all();
             }
         })
         .map_err(|e| Error::System(format!("spawning the accept thread: {e}")))
+}
+
+/// The accept thread's loop (see [`spawn_acceptor`]), until `stop`.
+fn accept_loop(
+    listeners: &mut [(Box<dyn Listener>, &'static str)],
+    stash: &Stash,
+    stop: &AtomicBool,
+    token: Option<&[u8]>,
+) {
+    let mut scratch = Vec::new();
+    let mut pf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = false;
+        for (listener, name) in listeners.iter_mut() {
+            match listener.accept_challenged() {
+                Ok(Some(a)) => {
+                    got = true;
+                    let t = token;
+                    let parsed = parse_hello(&a.hello, t)
+                        .and_then(|h| check_token(&h, &a.challenge, t).map(|()| h));
+                    match parsed {
+                        Ok(h) => stash.push(Arrived {
+                            conn: a.conn,
+                            hello: h,
+                            challenge: a.challenge,
+                            peer_pid: a.peer_pid,
+                            transport: name,
+                            at: Instant::now(),
+                            verified: false,
+                        }),
+                        Err(why) => {
+                            tracing::warn!(target: "braid::net", "dropping data connection from {}: {why}", a.conn.peer_desc());
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(target: "braid::net", "{name} accept: {e}");
+                }
+            }
+        }
+        if got {
+            continue;
+        }
+        pf.clear();
+        let mut fd_less = false;
+        for (listener, _) in listeners.iter() {
+            match listener.fd() {
+                Some(fd) => pf.push(braid_transport::PollFd {
+                    fd,
+                    read: true,
+                    write: false,
+                }),
+                None => fd_less = true,
+            }
+        }
+        if fd_less || pf.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            let _ = braid_transport::wait_fds(&pf, Duration::from_millis(20), &mut scratch);
+        }
+    }
 }
 
 /// The completion handle of a non-blocking operation.
 pub struct Handle<R> {
     slot: Arc<Slot>,
     finish: Option<Finisher<R>>,
+    /// The communicator's panic state: a job whose progress thread died never completes.
+    poison: Arc<Poison>,
 }
 
 impl<R> Handle<R> {
-    /// Whether the operation has completed (successfully or not); never blocks.
+    /// Whether the operation has completed (successfully or not); never blocks. Also `true`
+    /// when it never will (the communicator's progress thread panicked or ended):
+    /// [`Handle::wait`] then returns the error.
     pub fn test(&self) -> bool {
-        lock(&self.slot.res).is_some()
+        lock(&self.slot.res).is_some() || self.poison.orphaned().is_some()
     }
 
     /// Waits at most `timeout` for the operation to complete, without consuming the handle:
@@ -453,7 +583,7 @@ impl<R> Handle<R> {
         let deadline = Instant::now().checked_add(timeout);
         let mut g = lock(&self.slot.res);
         loop {
-            if g.is_some() {
+            if g.is_some() || self.poison.orphaned().is_some() {
                 return true;
             }
             let left = match deadline {
@@ -473,7 +603,12 @@ impl<R> Handle<R> {
     }
 
     /// Waits for completion and returns the operation's result (its buffers, for operations
-    /// that own them). The operation itself is bounded by `BRAID_TIMEOUT`.
+    /// that own them). The operation itself is bounded by `BRAID_TIMEOUT` (every wait inside
+    /// it has that deadline).
+    ///
+    /// Errors: the operation's error; `Internal` ("... panicked: ...") within ~0.1 s when the
+    /// communicator's progress thread panicked (or ended) before completing it: the
+    /// communicator is then failed for good (a sticky error).
     pub fn wait(mut self) -> Result<R> {
         let mut g = lock(&self.slot.res);
         loop {
@@ -485,6 +620,9 @@ impl<R> Handle<R> {
                     .take()
                     .ok_or_else(|| Error::Internal("handle already consumed".into()))?;
                 return Ok(f(keep));
+            }
+            if let Some(e) = self.poison.orphaned() {
+                return Err(e);
             }
             g = self
                 .slot
@@ -508,85 +646,293 @@ fn invalid<T>(msg: String) -> Result<T> {
     Err(Error::InvalidArgument(msg))
 }
 
-fn hello_bytes(nonce: u64, epoch: u64, rank: usize, member: u64, token: Option<&[u8]>) -> Vec<u8> {
-    let mut h = Vec::with_capacity(40 + auth::MAC_LEN);
-    h.extend_from_slice(HELLO_MAGIC);
-    h.extend_from_slice(&HELLO_VERSION.to_le_bytes());
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(&nonce.to_le_bytes());
-    h.extend_from_slice(&epoch.to_le_bytes());
-    h.extend_from_slice(&(rank as u64).to_le_bytes());
-    h.extend_from_slice(&member.to_le_bytes());
-    if let Some(t) = token {
-        let m = auth::data_mac(t, &h);
-        h.extend_from_slice(&m);
-    }
-    h
+/// Length of a data hello's fields (magic, version, flags, epoch, rank, member id), which its
+/// MACs cover.
+const HELLO_FIELDS: usize = 32;
+/// Flag of a data hello: a job-token MAC follows the view MAC.
+const HELLO_HAS_TOKEN: u16 = 1;
+/// Domain label of a data hello's view MAC.
+const HELLO_LABEL: &[u8] = b"braid-data";
+/// Domain label of a data hello's job-token MAC.
+const HELLO_TOKEN_LABEL: &[u8] = b"braid-data-token";
+
+fn hello_fields(epoch: u64, rank: usize, member: u64, token: bool) -> [u8; HELLO_FIELDS] {
+    let mut f = [0u8; HELLO_FIELDS];
+    f[0..4].copy_from_slice(HELLO_MAGIC);
+    f[4..6].copy_from_slice(&HELLO_VERSION.to_le_bytes());
+    let flags = if token { HELLO_HAS_TOKEN } else { 0 };
+    f[6..8].copy_from_slice(&flags.to_le_bytes());
+    f[8..16].copy_from_slice(&epoch.to_le_bytes());
+    f[16..24].copy_from_slice(&(rank as u64).to_le_bytes());
+    f[24..32].copy_from_slice(&member.to_le_bytes());
+    f
 }
 
-/// A parsed data-connection hello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hello {
+/// The data-connection hello that answers the acceptor's `challenge`: the fields, then
+/// `HMAC(view_key, "braid-data" | challenge | fields)` with `view_key = auth::view_key(token,
+/// nonce)`, then with a job token `HMAC(token, "braid-data-token" | challenge | fields)`. The
+/// view nonce never crosses the wire; the challenge is fresh per connection, so a captured
+/// hello answers no other connection.
+fn hello_bytes(
+    challenge: &Challenge,
     nonce: u64,
     epoch: u64,
     rank: usize,
     member: u64,
+    token: Option<&[u8]>,
+) -> Vec<u8> {
+    let f = hello_fields(epoch, rank, member, token.is_some());
+    let key = auth::view_key(token, nonce);
+    let mut h = Vec::with_capacity(HELLO_FIELDS + 2 * auth::MAC_LEN);
+    h.extend_from_slice(&f);
+    h.extend_from_slice(&auth::mac(&key, &[HELLO_LABEL, challenge, &f]));
+    if let Some(t) = token {
+        h.extend_from_slice(&auth::mac(t, &[HELLO_TOKEN_LABEL, challenge, &f]));
+    }
+    h
 }
 
-/// Parses (and with a job token, authenticates) a data-connection hello.
-fn parse_hello(h: &[u8], token: Option<&[u8]>) -> std::result::Result<Hello, &'static str> {
-    if h.len() < 40 || &h[..4] != HELLO_MAGIC {
+/// A parsed data-connection hello (its form checked, its MACs not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hello {
+    epoch: u64,
+    rank: usize,
+    member: u64,
+    /// The bytes the MACs cover.
+    fields: [u8; HELLO_FIELDS],
+    /// `HMAC(view_key, "braid-data" | challenge | fields)`.
+    mac: [u8; auth::MAC_LEN],
+    /// With a job token: `HMAC(token, "braid-data-token" | challenge | fields)`.
+    token_mac: Option<[u8; auth::MAC_LEN]>,
+}
+
+/// Parses a data-connection hello: magic, version, length, and whether it carries a job-token
+/// MAC exactly when this rank has a token.
+pub(crate) fn parse_hello(
+    h: &[u8],
+    token: Option<&[u8]>,
+) -> std::result::Result<Hello, &'static str> {
+    if h.len() < HELLO_FIELDS || &h[..4] != HELLO_MAGIC {
         return Err("not a braid hello");
     }
     if u16::from_le_bytes([h[4], h[5]]) != HELLO_VERSION {
         return Err("another braid hello version");
     }
-    match (token, h.len()) {
-        (None, 40) => {}
-        (None, _) => return Err("the peer authenticates with a job token, this rank has none"),
-        (Some(t), n) if n == 40 + auth::MAC_LEN => {
-            if !auth::check_data(t, &h[..40], &h[40..]) {
-                return Err("wrong job-token MAC");
-            }
-        }
-        (Some(_), _) => return Err("no job-token MAC"),
+    let has_token = u16::from_le_bytes([h[6], h[7]]) & HELLO_HAS_TOKEN != 0;
+    let want = HELLO_FIELDS + auth::MAC_LEN * if has_token { 2 } else { 1 };
+    if h.len() != want {
+        return Err("malformed braid hello (length)");
+    }
+    match (token.is_some(), has_token) {
+        (false, true) => return Err("the peer authenticates with a job token, this rank has none"),
+        (true, false) => return Err("no job-token MAC"),
+        _ => {}
     }
     let u = |o: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&h[o..o + 8]);
         u64::from_le_bytes(b)
     };
+    let mut fields = [0u8; HELLO_FIELDS];
+    fields.copy_from_slice(&h[..HELLO_FIELDS]);
+    let mut mac = [0u8; auth::MAC_LEN];
+    mac.copy_from_slice(&h[HELLO_FIELDS..HELLO_FIELDS + auth::MAC_LEN]);
+    let token_mac = has_token.then(|| {
+        let mut m = [0u8; auth::MAC_LEN];
+        m.copy_from_slice(&h[HELLO_FIELDS + auth::MAC_LEN..]);
+        m
+    });
     Ok(Hello {
-        nonce: u(8),
-        epoch: u(16),
-        rank: u(24) as usize,
-        member: u(32),
+        epoch: u(8),
+        rank: usize::try_from(u(16)).unwrap_or(usize::MAX),
+        member: u(24),
+        fields,
+        mac,
+        token_mac,
     })
 }
 
-/// An accepted, well-formed data connection waiting to be claimed by a view installation.
+/// With a job token: checks the hello's job-token MAC over `challenge` (possible before the
+/// view is known, so strangers without the token are refused at once).
+fn check_token(
+    h: &Hello,
+    challenge: &Challenge,
+    token: Option<&[u8]>,
+) -> std::result::Result<(), &'static str> {
+    match (token, h.token_mac) {
+        (None, _) => Ok(()),
+        (Some(t), Some(m)) => {
+            if auth::verify(t, &[HELLO_TOKEN_LABEL, challenge, &h.fields], &m) {
+                Ok(())
+            } else {
+                Err("wrong job-token MAC")
+            }
+        }
+        (Some(_), None) => Err("no job-token MAC"),
+    }
+}
+
+/// What a rank knows of a view to check data hellos against: its nonce, and (member id, pid)
+/// by rank.
+#[derive(Debug, Clone)]
+struct KnownView {
+    nonce: u64,
+    members: Vec<(u64, u32)>,
+}
+
+impl KnownView {
+    fn of(v: &View) -> KnownView {
+        KnownView {
+            nonce: v.nonce,
+            members: v.members.iter().map(|m| (m.id, m.pid)).collect(),
+        }
+    }
+}
+
+/// The check every listener runs on a hello before it commits anything to the peer (the shm
+/// transport maps a peer's segment only after it): the form, with a job token its token MAC,
+/// and when this rank knows the view of the hello's epoch, the view MAC and the member. A
+/// hello for a view this rank does not know yet passes here (no key to check it with without
+/// a token) and is checked when the view is known ([`Stash::learn`]).
+fn hello_check(stash: Arc<Stash>) -> braid_transport::HelloCheck {
+    Box::new(move |challenge: &Challenge, hello: &[u8]| {
+        let token = stash.token.as_deref();
+        let h = match parse_hello(hello, token)
+            .and_then(|h| check_token(&h, challenge, token).map(|()| h))
+        {
+            Ok(h) => h,
+            Err(why) => return Err(format!("refusing a data connection: {why}")),
+        };
+        match stash.known(h.epoch) {
+            Some(v) => stash.check(&h, challenge, None, &v).map_err(|why| {
+                format!(
+                    "refusing a data connection claiming rank {} of view epoch {} (member {}): {why}",
+                    h.rank, h.epoch, h.member
+                )
+            }),
+            None => Ok(()),
+        }
+    })
+}
+
+/// An accepted data connection with a well-formed hello, waiting to be claimed by a view
+/// installation. `verified`: its hello was checked against the view of its epoch.
 struct Arrived {
     conn: Box<dyn Conn>,
     hello: Hello,
+    challenge: Challenge,
+    peer_pid: Option<u32>,
     transport: &'static str,
     at: Instant,
+    verified: bool,
+}
+
+fn refuse(a: &Arrived, why: &str) {
+    tracing::warn!(target: "braid::net", "dropping data connection from {} claiming rank {} of view epoch {} (member {}): {why}",
+        a.conn.peer_desc(), a.hello.rank, a.hello.epoch, a.hello.member);
 }
 
 /// Data connections accepted and not yet claimed. Connections for a view this rank has not
 /// installed yet wait here (a faster peer may connect first); connections of an epoch this
 /// rank already installed, or older than [`STASH_MAX_AGE`], are dropped.
+///
+/// A connection is verified as soon as the view of its epoch is known (at once when it is, or
+/// when [`Stash::learn`] learns it) and dropped if it fails; only verified connections are
+/// claimed. Unverified connections are capped ([`Stash::unverified_cap`]; the oldest goes).
 struct Stash {
     list: Mutex<Vec<Arrived>>,
     cv: Condvar,
     /// Connections of epochs below this are stale.
     floor: std::sync::atomic::AtomicU64,
+    /// The job token, if any.
+    token: Option<Vec<u8>>,
+    /// Views this rank knows, by epoch (at most [`STASH_VIEWS`], none below `floor`).
+    views: Mutex<std::collections::BTreeMap<u64, KnownView>>,
+    /// Size of the largest view known (scales the cap on unverified connections).
+    largest: std::sync::atomic::AtomicUsize,
+    /// View MACs of recent hellos, to name a replay as such.
+    seen: Mutex<VecDeque<[u8; auth::MAC_LEN]>>,
+    /// Set when the accept thread died (a panic): connecting fails with it at once.
+    dead: Mutex<Option<String>>,
 }
 
 /// How long an unclaimed connection is kept.
 const STASH_MAX_AGE: Duration = Duration::from_secs(300);
+/// Views kept to check hellos against.
+const STASH_VIEWS: usize = 16;
+/// Hello MACs remembered to recognise a replay.
+const SEEN_MACS: usize = 1024;
+/// Unverified connections kept at least (more for large views: twice the largest view).
+const MIN_UNVERIFIED: usize = 64;
 
 impl Stash {
-    fn push(&self, a: Arrived) {
+    /// A stash for a rank of a group of `world` ranks (scales the cap on unverified
+    /// connections before the first view is known).
+    fn new(token: Option<Vec<u8>>, world: usize) -> Stash {
+        Stash {
+            list: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            floor: std::sync::atomic::AtomicU64::new(0),
+            token,
+            views: Mutex::new(std::collections::BTreeMap::new()),
+            largest: std::sync::atomic::AtomicUsize::new(world),
+            seen: Mutex::new(VecDeque::new()),
+            dead: Mutex::new(None),
+        }
+    }
+
+    /// The view of `epoch`, if this rank knows it.
+    fn known(&self, epoch: u64) -> Option<KnownView> {
+        lock(&self.views).get(&epoch).cloned()
+    }
+
+    /// Checks a hello against the challenge it answered and the view of its epoch: the rank
+    /// belongs to the member it names, the view MAC (key `auth::view_key(token, nonce)`), and
+    /// the connecting process's pid where the transport knows it (0: not visible from this pid
+    /// namespace).
+    fn check(
+        &self,
+        h: &Hello,
+        challenge: &Challenge,
+        peer_pid: Option<u32>,
+        v: &KnownView,
+    ) -> std::result::Result<(), String> {
+        let Some(&(id, pid)) = v.members.get(h.rank) else {
+            return Err(format!(
+                "not a member of this view (it has {} ranks)",
+                v.members.len()
+            ));
+        };
+        if id != h.member {
+            return Err(format!(
+                "not a member of this view (rank {} is member {id})",
+                h.rank
+            ));
+        }
+        let key = auth::view_key(self.token.as_deref(), v.nonce);
+        if !auth::verify(&key, &[HELLO_LABEL, challenge, &h.fields], &h.mac) {
+            return Err(if lock(&self.seen).contains(&h.mac) {
+                "replayed (the hello answers another connection's challenge)".into()
+            } else {
+                "wrong MAC".into()
+            });
+        }
+        if let Some(p) = peer_pid {
+            if p != 0 && p != pid {
+                return Err(format!(
+                    "the connecting process is pid {p}, member {id} is pid {pid}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Most unverified connections kept at once.
+    fn unverified_cap(&self) -> usize {
+        MIN_UNVERIFIED.max(2 * self.largest.load(Ordering::Relaxed))
+    }
+
+    fn push(&self, mut a: Arrived) {
         let mut l = lock(&self.list);
         let floor = self.floor.load(Ordering::SeqCst);
         l.retain(|x| x.hello.epoch >= floor && x.at.elapsed() < STASH_MAX_AGE);
@@ -594,7 +940,69 @@ impl Stash {
             tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", a.hello.epoch, a.conn.peer_desc());
             return;
         }
+        if let Some(v) = self.known(a.hello.epoch) {
+            if let Err(why) = self.check(&a.hello, &a.challenge, a.peer_pid, &v) {
+                refuse(&a, &why);
+                return;
+            }
+            a.verified = true;
+        } else {
+            let cap = self.unverified_cap();
+            let n = l.iter().filter(|x| !x.verified).count();
+            if n >= cap {
+                if let Some(i) = l.iter().position(|x| !x.verified) {
+                    let old = l.remove(i);
+                    refuse(&old, &format!("{n} connections for views this rank does not know yet wait (at most {cap}); dropping the oldest"));
+                }
+            }
+        }
+        {
+            let mut seen = lock(&self.seen);
+            if seen.len() >= SEEN_MACS {
+                seen.pop_front();
+            }
+            seen.push_back(a.hello.mac);
+        }
         l.push(a);
+        drop(l);
+        self.cv.notify_all();
+    }
+
+    /// Learns a view (announced or being installed): hellos of its epoch are checked from now
+    /// on as they arrive, and those waiting are checked now (failures dropped).
+    fn learn(&self, view: &View) {
+        if view.epoch < self.floor.load(Ordering::SeqCst) {
+            return;
+        }
+        let kv = KnownView::of(view);
+        {
+            let mut vs = lock(&self.views);
+            if vs.contains_key(&view.epoch) {
+                return;
+            }
+            vs.insert(view.epoch, kv.clone());
+            while vs.len() > STASH_VIEWS {
+                vs.pop_first();
+            }
+        }
+        self.largest
+            .fetch_max(view.members.len(), Ordering::Relaxed);
+        let mut l = lock(&self.list);
+        l.retain_mut(|a| {
+            if a.verified || a.hello.epoch != view.epoch {
+                return true;
+            }
+            match self.check(&a.hello, &a.challenge, a.peer_pid, &kv) {
+                Ok(()) => {
+                    a.verified = true;
+                    true
+                }
+                Err(why) => {
+                    refuse(a, &why);
+                    false
+                }
+            }
+        });
         drop(l);
         self.cv.notify_all();
     }
@@ -603,6 +1011,178 @@ impl Stash {
     fn installed(&self, epoch: u64) {
         self.floor.store(epoch + 1, Ordering::SeqCst);
         lock(&self.list).retain(|x| x.hello.epoch > epoch);
+        lock(&self.views).retain(|e, _| *e > epoch);
+    }
+}
+
+#[cfg(test)]
+mod data_hello_tests {
+    //! The data-hello checks of the stash, without a coordinator: a forged connection that
+    //! arrived before the view was known loses to the real one, replays are named, the
+    //! connecting pid must be the member's, unverified connections are capped.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use braid_transport::mem::{MemFabric, MemTransport};
+
+    fn view(nonce: u64) -> View {
+        let m = |id: u64, pid: u32| membership::Member {
+            id,
+            host_id: "h".into(),
+            hostname: "h".into(),
+            pid,
+            role: Role::Worker,
+            handle: Vec::new(),
+            numa: None,
+            weight: 1.0,
+        };
+        View {
+            group: "g".into(),
+            epoch: 1,
+            nonce,
+            members: vec![m(10, 100), m(11, 101)],
+        }
+    }
+
+    /// One end of a fresh in-process connection.
+    fn conn() -> Box<dyn Conn> {
+        let t = MemTransport::new(MemFabric::new());
+        let (mut l, h) = t.listen(0).unwrap();
+        let th = std::thread::spawn(move || {
+            let d = Instant::now() + Duration::from_secs(5);
+            t.connect_challenged(&h, &|_| vec![1], d).unwrap()
+        });
+        let a = loop {
+            if let Some(a) = l.accept_challenged().unwrap() {
+                break a;
+            }
+            std::thread::yield_now();
+        };
+        drop(th.join().unwrap());
+        a.conn
+    }
+
+    fn arrived(
+        hello: &[u8],
+        challenge: Challenge,
+        pid: Option<u32>,
+        token: Option<&[u8]>,
+    ) -> Arrived {
+        Arrived {
+            conn: conn(),
+            hello: parse_hello(hello, token).unwrap(),
+            challenge,
+            peer_pid: pid,
+            transport: "mem",
+            at: Instant::now(),
+            verified: false,
+        }
+    }
+
+    #[test]
+    fn a_forged_connection_that_came_first_does_not_win() {
+        for token in [None, Some(&b"t0ken"[..])] {
+            let s = Stash::new(token.map(|t| t.to_vec()), 2);
+            let v = view(77);
+            let (c1, c2) = ([1u8; 16], [2u8; 16]);
+            // A stranger who does not know the view nonce claims rank 0 first.
+            let forged = hello_bytes(&c1, 78, 1, 0, 10, token);
+            let real = hello_bytes(&c2, 77, 1, 0, 10, token);
+            s.push(arrived(&forged, c1, None, token));
+            s.push(arrived(&real, c2, None, token));
+            assert_eq!(lock(&s.list).len(), 2, "unknown view: both wait unverified");
+            s.learn(&v);
+            let l = lock(&s.list);
+            assert_eq!(l.len(), 1);
+            assert!(l[0].verified);
+            assert_eq!(l[0].challenge, c2);
+        }
+    }
+
+    #[test]
+    fn replays_wrong_members_and_pids_are_refused() {
+        let s = Stash::new(None, 2);
+        let v = view(77);
+        s.learn(&v);
+        let kv = KnownView::of(&v);
+        let c = [5u8; 16];
+        let h = parse_hello(&hello_bytes(&c, 77, 1, 1, 11, None), None).unwrap();
+        assert_eq!(s.check(&h, &c, None, &kv), Ok(()));
+        assert_eq!(s.check(&h, &c, Some(101), &kv), Ok(()));
+        // 0: the peer's pid is not visible from this pid namespace.
+        assert_eq!(s.check(&h, &c, Some(0), &kv), Ok(()));
+        assert!(s
+            .check(&h, &c, Some(4242), &kv)
+            .unwrap_err()
+            .contains("pid 4242"));
+        // The same hello on a connection with another challenge.
+        let other = [6u8; 16];
+        assert_eq!(s.check(&h, &other, None, &kv).unwrap_err(), "wrong MAC");
+        s.push(arrived(&hello_bytes(&c, 77, 1, 1, 11, None), c, None, None));
+        assert!(lock(&s.list)[0].verified);
+        assert!(s
+            .check(&h, &other, None, &kv)
+            .unwrap_err()
+            .starts_with("replayed"));
+        // A rank that is another member's, a rank past the view.
+        let wrong = parse_hello(&hello_bytes(&c, 77, 1, 1, 10, None), None).unwrap();
+        assert!(s
+            .check(&wrong, &c, None, &kv)
+            .unwrap_err()
+            .contains("not a member"));
+        let past = parse_hello(&hello_bytes(&c, 77, 1, 7, 10, None), None).unwrap();
+        assert!(s
+            .check(&past, &c, None, &kv)
+            .unwrap_err()
+            .contains("not a member"));
+        // A hello pushed for a known view that fails is not kept.
+        s.push(arrived(
+            &hello_bytes(&other, 1, 1, 0, 10, None),
+            other,
+            None,
+            None,
+        ));
+        assert_eq!(lock(&s.list).len(), 1);
+    }
+
+    #[test]
+    fn hello_form_and_token_mac() {
+        let c = [9u8; 16];
+        let tok = &b"t0ken"[..];
+        let with = hello_bytes(&c, 77, 1, 0, 10, Some(tok));
+        let without = hello_bytes(&c, 77, 1, 0, 10, None);
+        assert!(parse_hello(&with, None).is_err());
+        assert!(parse_hello(&without, Some(tok)).is_err());
+        assert!(parse_hello(&without[..40], None).is_err());
+        assert!(parse_hello(b"GET / HTTP/1.0\r\n\r\n..............", None).is_err());
+        let h = parse_hello(&with, Some(tok)).unwrap();
+        assert_eq!(check_token(&h, &c, Some(tok)), Ok(()));
+        assert!(check_token(&h, &[0u8; 16], Some(tok)).is_err());
+        assert!(check_token(&h, &c, Some(b"guess")).is_err());
+        // The check every listener runs: refuses a token MAC that does not answer the challenge
+        // even for a view it does not know; for a known view checks the view MAC too.
+        let s = Arc::new(Stash::new(Some(tok.to_vec()), 2));
+        let check = hello_check(s.clone());
+        assert!(check(&c, &with).is_ok());
+        assert!(check(&[0u8; 16], &with).is_err());
+        let stranger = hello_bytes(&c, 78, 1, 0, 10, Some(tok));
+        assert!(check(&c, &stranger).is_ok(), "view unknown: checked later");
+        s.learn(&view(77));
+        assert!(check(&c, &stranger).is_err());
+        assert!(check(&c, &with).is_ok());
+    }
+
+    #[test]
+    fn unverified_connections_are_capped() {
+        let s = Stash::new(None, 2);
+        for i in 0..MIN_UNVERIFIED + 5 {
+            let c = [i as u8; 16];
+            s.push(arrived(&hello_bytes(&c, 1, 9, 0, 10, None), c, None, None));
+        }
+        let l = lock(&s.list);
+        assert_eq!(l.len(), MIN_UNVERIFIED);
+        // The oldest went.
+        assert_eq!(l[0].challenge, [5u8; 16]);
     }
 }
 
@@ -727,11 +1307,17 @@ impl Communicator {
     /// Creates a communicator over the in-process transport of `fabric` (ranks as threads of
     /// one process; for tests and examples). The coordinator is still used for rendezvous.
     pub fn init_in_process(cfg: Config, fabric: Arc<MemFabric>) -> Result<Communicator> {
-        Communicator::init_on(
-            cfg,
-            vec![Arc::new(MemTransport::new(fabric))],
-            Regions::new(),
-        )
+        Communicator::init_with_transports(cfg, vec![Arc::new(MemTransport::new(fabric))])
+    }
+
+    /// Creates a communicator over `transports` (each peer is reached over the first of them
+    /// that it also listens on). For tests that wrap or instrument a transport.
+    #[doc(hidden)]
+    pub fn init_with_transports(
+        cfg: Config,
+        transports: Vec<Arc<dyn Transport>>,
+    ) -> Result<Communicator> {
+        Communicator::init_on(cfg, transports, Regions::new())
     }
 
     /// Joins a running elastic group (configuration from the environment, as
@@ -794,11 +1380,7 @@ impl Communicator {
             listeners.push((l, t.name()));
             handles.push(h);
         }
-        let stash = Arc::new(Stash {
-            list: Mutex::new(Vec::new()),
-            cv: Condvar::new(),
-            floor: std::sync::atomic::AtomicU64::new(0),
-        });
+        let stash = Arc::new(Stash::new(token.clone(), world));
         let acceptor_stop = Arc::new(AtomicBool::new(false));
         let acceptor = spawn_acceptor(
             listeners,
@@ -966,7 +1548,16 @@ impl Communicator {
         self.inner = Arc::new(inner);
         self.stash.installed(epoch);
         if let Some(c) = lock(&self.client).as_ref() {
-            c.set_watch(tripwire(trip, ids, member));
+            // Views announced from now on are known to the acceptor at once: hellos of faster
+            // peers are checked as they arrive.
+            let tw = tripwire(trip, ids, member);
+            let stash = self.stash.clone();
+            c.set_watch(Box::new(move |w| {
+                if let membership::Watch::View(v, _) = &w {
+                    stash.learn(v);
+                }
+                tw(w)
+            }));
             c.installed(epoch);
         }
         tracing::info!(target: "braid::init", "member {member}: installed view epoch {epoch}: rank {rank} of {}", self.inner.size);
@@ -1306,7 +1897,20 @@ impl Communicator {
 
     /// The sticky error, if an operation failed.
     pub fn error(&self) -> Option<Error> {
+        if let Some(e) = self.inner.poison.error() {
+            return Some(e);
+        }
         lock(&self.inner.state).error.clone()
+    }
+
+    /// Test hook: makes this communicator's progress thread panic at its next step (starting
+    /// it if needed), as a bug inside braid would. Not for applications.
+    #[doc(hidden)]
+    pub fn inject_progress_panic(&self) -> Result<()> {
+        self.inner.poison.inject.store(true, Ordering::SeqCst);
+        self.ensure_progress_thread()?;
+        self.inner.qcv.notify_all();
+        Ok(())
     }
 
     /// Aborts the communicator: pending and later operations fail with [`Error::Aborted`],
@@ -1339,6 +1943,10 @@ impl Communicator {
         desc.check()?;
         let mut q = lock(&self.inner.queue);
         while q.outstanding > 0 {
+            // Queued jobs of a dead progress thread never complete.
+            if let Some(e) = self.inner.poison.orphaned() {
+                return Err(e);
+            }
             q = self
                 .inner
                 .qcv
@@ -1349,10 +1957,23 @@ impl Communicator {
         if q.closed {
             return Err(Error::InvalidUsage("communicator is closed".into()));
         }
+        if let Some(e) = self.inner.poison.error() {
+            return Err(e);
+        }
         // The queue lock is held while the call runs so that operations issued meanwhile
         // by other threads are ordered after it.
         let mut st = lock(&self.inner.state);
-        run_job(&self.inner, &mut st, desc, bufs)
+        let inner = &self.inner;
+        // A panic inside braid becomes the communicator's sticky error (not the caller's).
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_job(inner, &mut st, desc, bufs)
+        })) {
+            Ok(r) => r,
+            Err(payload) => {
+                drop(st);
+                Err(poison(inner, "an operation", &*payload))
+            }
+        }
     }
 
     /// Queues a job for the progress thread.
@@ -1364,6 +1985,9 @@ impl Communicator {
         finish: impl FnOnce(Box<dyn Any + Send>) -> R + Send + 'static,
     ) -> Result<Handle<R>> {
         desc.check()?;
+        if let Some(e) = self.inner.poison.orphaned() {
+            return Err(e);
+        }
         let slot = Arc::new(Slot {
             res: Mutex::new(None),
             cv: Condvar::new(),
@@ -1386,6 +2010,7 @@ impl Communicator {
         Ok(Handle {
             slot,
             finish: Some(Box::new(finish)),
+            poison: self.inner.poison.clone(),
         })
     }
 
@@ -1406,7 +2031,25 @@ impl Communicator {
                 if let Some(cpus) = cpus {
                     crate::topo::pin_current_thread(&cpus);
                 }
-                progress_loop(inner)
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    progress_loop(inner.clone())
+                }));
+                if let Err(payload) = run {
+                    let e = poison(&inner, "the progress thread", &*payload);
+                    // Its jobs can no longer complete: fail them (the handles of jobs it held
+                    // see the poison).
+                    let jobs: Vec<Job> = {
+                        let mut q = lock(&inner.queue);
+                        q.outstanding = 0;
+                        q.jobs.drain(..).collect()
+                    };
+                    for j in jobs {
+                        *lock(&j.slot.res) = Some((Err(e.clone()), j.keep));
+                        j.slot.cv.notify_all();
+                    }
+                    inner.poison.progress_gone.store(true, Ordering::SeqCst);
+                    inner.qcv.notify_all();
+                }
             })
             .map_err(|e| Error::System(format!("spawning the progress thread: {e}")))?;
         *g = Some(h);
@@ -2926,13 +3569,14 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
                     bufs,
                     sig,
                     inner.all_shm,
-                    match inner.cfg.shm_cma {
-                        crate::config::CmaUse::Never => false,
-                        crate::config::CmaUse::Auto => {
-                            matches!(kind, CollKind::AllReduce | CollKind::AllToAll)
-                        }
-                        crate::config::CmaUse::All => true,
-                    },
+                    inner.cma
+                        && match inner.cfg.shm_cma {
+                            crate::config::CmaUse::Never => false,
+                            crate::config::CmaUse::Auto => {
+                                matches!(kind, CollKind::AllReduce | CollKind::AllToAll)
+                            }
+                            crate::config::CmaUse::All => true,
+                        },
                 );
                 match r {
                     Ok(crate::direct::Outcome::Done(n)) => {
@@ -3034,15 +3678,29 @@ fn complete(inner: &Inner, slot: Arc<Slot>, keep: Box<dyn Any + Send>, res: Resu
 
 type InFlight = (P2pBatch, Arc<Slot>, Box<dyn Any + Send>);
 
+/// The test hook of [`Communicator::inject_progress_panic`].
+fn injected_panic(inner: &Inner) {
+    if inner.poison.inject.swap(false, Ordering::SeqCst) {
+        #[allow(clippy::panic)] // the hook's whole point: a panic, as a bug would cause
+        {
+            panic!("injected panic (Communicator::inject_progress_panic)");
+        }
+    }
+}
+
 /// The progress thread: runs queued jobs in issue order. Point-to-point groups are posted and
 /// kept in flight together (so an `isend` followed by an `irecv` cannot deadlock); a collective
 /// waits until every earlier point-to-point group completed.
 fn progress_loop(inner: Arc<Inner>) {
     let mut inflight: Vec<InFlight> = Vec::new();
     loop {
+        injected_panic(&inner);
         let next = {
             let mut q = lock(&inner.queue);
             loop {
+                if inner.poison.inject.load(Ordering::Relaxed) {
+                    break None;
+                }
                 let front_p2p = q.jobs.front().map(|j| matches!(j.desc, JobDesc::P2p(_)));
                 match front_p2p {
                     Some(true) => break q.jobs.pop_front(),
@@ -3062,6 +3720,7 @@ fn progress_loop(inner: Arc<Inner>) {
                 }
             }
         };
+        injected_panic(&inner);
         match next {
             Some(Job {
                 desc: JobDesc::P2p(ops),
@@ -3152,7 +3811,9 @@ fn connect_peers(
     let size = view.members.len();
     let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
     let mut names: Vec<Option<&'static str>> = vec![None; size];
-    let hello = hello_bytes(view.nonce, view.epoch, rank, member, token);
+    // Connections of this view that arrived before are checked now; later ones on arrival.
+    stash.learn(view);
+    let hello = |c: &Challenge| hello_bytes(c, view.nonce, view.epoch, rank, member, token);
     let me = &view.members[rank];
     if kind == TransportKind::Shm {
         // Every rank checks every pair, so all fail at once instead of waiting for a connect.
@@ -3191,7 +3852,7 @@ fn connect_peers(
         names[j] = Some(transport.name());
         tracing::debug!(target: "braid::init", "rank {rank} -> rank {j}: {}", transport.name());
         let conn = transport
-            .connect(&h, &hello, deadline)
+            .connect_challenged(&h, &hello, deadline)
             .map_err(|e| Error::PeerLost {
                 rank: j,
                 member: m.id,
@@ -3208,7 +3869,9 @@ fn connect_peers(
     let mut missing = rank;
     let mut list = lock(&stash.list);
     while missing > 0 {
-        // Claim the connections of this view; keep those of later epochs.
+        // Claim the verified connections of this view; keep those of later epochs. Only a
+        // connection whose hello verified (view MAC over its own challenge, member, pid) takes
+        // a rank, so a forged one that arrived first cannot.
         let mut i = 0;
         while i < list.len() {
             let h = list[i].hello;
@@ -3217,31 +3880,49 @@ fn connect_peers(
                 continue;
             }
             let a = list.swap_remove(i);
-            let ok = h.nonce == view.nonce
-                && h.epoch == view.epoch
-                && h.rank < rank
-                && view.members.get(h.rank).map(|m| m.id) == Some(h.member)
-                && peers[h.rank].is_none();
-            if ok {
-                let r = h.rank;
-                peers[r] = Some(Peer {
-                    conn: a.conn,
-                    rank: r,
-                    member: view.members[r].id,
-                    host: view.members[r].hostname.clone(),
-                });
-                names[r] = Some(a.transport);
-                missing -= 1;
-            } else {
-                tracing::warn!(target: "braid::net", "dropping data connection from {}: not a member of this view (epoch {}, rank {}, member {})",
-                    a.conn.peer_desc(), h.epoch, h.rank, h.member);
+            if h.epoch < view.epoch {
+                tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", h.epoch, a.conn.peer_desc());
+                continue;
             }
+            if !a.verified {
+                // learn() checked the connections of this view and push() checks later ones:
+                // this is only a second line of defence.
+                if let Err(why) =
+                    stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view))
+                {
+                    refuse(&a, &why);
+                    continue;
+                }
+            }
+            let r = h.rank;
+            if r >= rank {
+                refuse(
+                    &a,
+                    &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
+                );
+                continue;
+            }
+            if peers[r].is_some() {
+                refuse(&a, &format!("rank {r} is connected already"));
+                continue;
+            }
+            peers[r] = Some(Peer {
+                conn: a.conn,
+                rank: r,
+                member: view.members[r].id,
+                host: view.members[r].hostname.clone(),
+            });
+            names[r] = Some(a.transport);
+            missing -= 1;
         }
         if missing == 0 {
             break;
         }
         if abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted);
+        }
+        if let Some(why) = lock(&stash.dead).clone() {
+            return Err(Error::Internal(format!("rank {rank}: {why}")));
         }
         if superseded() {
             return Err(Error::Coordinator(format!(

@@ -52,7 +52,7 @@ pub const VARS: &[VarSpec] = &[
     VarSpec { name: "BRAID_SHM_DIRECT", ty: "0|1", default: "1",
         doc: "1: when every rank of a communicator is on one host (shared memory to every peer) copy each byte once, straight out of (or into) the peer's buffer: all-reduce, reduce-scatter, all-gather, broadcast, reduce, all-to-all (not in place), gather and scatter whose buffers lie in memory from Communicator::alloc_shared (braid_mem_alloc), or in private memory through cross-memory attach (BRAID_SHM_CMA); sends of at least the shm ring size from alloc_shared memory. Must be equal on all ranks. 0: always copy through the shm rings." },
     VarSpec { name: "BRAID_SHM_CMA", ty: "auto|0|1", default: "auto",
-        doc: "Single-copy collectives (BRAID_SHM_DIRECT) for buffers in ordinary private memory: the kernel copies each byte once with cross-memory attach (process_vm_readv/writev), where the system permits it (same user; Yama ptrace_scope 0, or 1, where braid sets PR_SET_PTRACER_ANY as UCX does; not forbidden by seccomp; where refused, a warning is logged once and those buffers use the shm rings). auto: for all-reduce and all-to-all, where it measured faster than the rings on the 2-core reference machine (all-reduce +5-35%, all-to-all +35-50%); the pipelined rings, which spread a copy over both ranks' cores, were as fast or faster for reduce-scatter, all-gather, broadcast and reduce, and for in-place gather and scatter. 1: for every single-copy collective. 0: never (only buffers from Communicator::alloc_shared are single-copy). May differ between ranks (they agree per call)." },
+        doc: "Single-copy collectives (BRAID_SHM_DIRECT) for buffers in ordinary private memory: the kernel copies each byte once with cross-memory attach (process_vm_readv/writev), where the system permits it (same user; not forbidden by seccomp; where refused, a warning is logged once and those buffers use the shm rings). auto: for all-reduce and all-to-all (where it measured faster than the rings on the 2-core reference machine: all-reduce +5-35%, all-to-all +35-50%; the pipelined rings were as fast or faster for the other collectives), and only where peers may attach without braid changing this process's security settings (no Yama, or Yama ptrace_scope 0); with ptrace_scope 1 auto uses the rings and logs once how to enable it. 1: for every single-copy collective, and with Yama ptrace_scope 1 braid calls prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY) (as UCX does), which lets ANY process of this user ptrace this one: opt in only where that is acceptable. 0: never (only buffers from Communicator::alloc_shared are single-copy). May differ between ranks (they agree per call)." },
     VarSpec { name: "BRAID_SHM_DIRECT_MIN", ty: "bytes", default: "1M",
         doc: "Smallest collective (bytes per rank: count × element size) that tries the single-copy path of BRAID_SHM_DIRECT (smaller ones use the rings: the path costs three small handshakes). Must be equal on all ranks." },
     VarSpec { name: "BRAID_TCP_STREAMS", ty: "integer", default: "1",
@@ -98,14 +98,88 @@ pub const VARS: &[VarSpec] = &[
     VarSpec { name: "BRAID_PS_PARTITION_BYTES", ty: "bytes", default: "4M",
         doc: "Push/pull values larger than this are split into parts spread over servers." },
     VarSpec { name: "BRAID_PS_REPLICAS", ty: "integer", default: "1",
-        doc: "Extra copies of every push/pull part on the next servers of the ring; updates are acknowledged once replicated, so a killed server loses none." },
+        doc: "Extra copies R of every push/pull part on the next servers of the ring; updates are acknowledged once every copy applied them, so any R servers may die at once without losing an acknowledged update; a part all of whose copies died fails its pulls naming the key (README, \"Replication, exactly\")." },
     VarSpec { name: "BRAID_PS_PLACEMENT", ty: "equal|bandwidth", default: "equal",
         doc: "bandwidth: each push/pull server measures its reduction bandwidth at start and uses it as its weight on the ring (faster servers own more parts); equal: BRAID_WEIGHT." },
     VarSpec { name: "BRAID_PS_ROLE", ty: "server|worker", default: "",
         doc: "braid-perf push_pull under a launcher: this process's role (default: the first --servers launcher indices are servers)." },
     VarSpec { name: "BRAID_LOG", ty: "filter", default: "warn",
-        doc: "Log filter (tracing EnvFilter syntax, e.g. `info` or `braid::net=debug`); logs go to stderr." },
+        doc: "Log filter (tracing EnvFilter syntax, e.g. `info` or `braid::net=debug`); logs go to stderr. Read by libbraid, braid-run and braid-coordinator." },
+    VarSpec { name: "BRAID_LIBRARY", ty: "path", default: "",
+        doc: "Python package only (not read by libbraid): the libbraid.so that `import braid` loads instead of the one installed inside the package." },
+    VarSpec { name: "BRAID_PREBUILT_LIB", ty: "path", default: "",
+        doc: "Python package build only (`pip install ./integrations/python`): install this libbraid.so instead of building one with cargo." },
+    VarSpec { name: "BRAID_CARGO", ty: "path", default: "",
+        doc: "Python package build only: the cargo executable that builds libbraid." },
 ];
+
+/// Variables of other launchers that braid reads when the `BRAID_*` rendezvous variables are
+/// unset (torchrun, Open MPI, SLURM). [`var`] accepts these names too.
+pub const FOREIGN: &[VarSpec] = &[
+    VarSpec { name: "MASTER_ADDR", ty: "host", default: "",
+        doc: "torchrun: with MASTER_PORT, the coordinator address when BRAID_COORDINATOR is unset (rank 0 hosts it)." },
+    VarSpec { name: "MASTER_PORT", ty: "port", default: "",
+        doc: "torchrun: see MASTER_ADDR." },
+    VarSpec { name: "RANK", ty: "integer", default: "",
+        doc: "torchrun: the rank when BRAID_RANK is unset." },
+    VarSpec { name: "WORLD_SIZE", ty: "integer", default: "",
+        doc: "torchrun: the number of ranks when BRAID_WORLD_SIZE is unset." },
+    VarSpec { name: "OMPI_COMM_WORLD_RANK", ty: "integer", default: "",
+        doc: "Open MPI: the rank when BRAID_RANK and RANK are unset." },
+    VarSpec { name: "OMPI_COMM_WORLD_SIZE", ty: "integer", default: "",
+        doc: "Open MPI: the number of ranks when BRAID_WORLD_SIZE and WORLD_SIZE are unset." },
+    VarSpec { name: "SLURM_PROCID", ty: "integer", default: "",
+        doc: "SLURM: the rank when no other rank variable is set." },
+    VarSpec { name: "SLURM_NTASKS", ty: "integer", default: "",
+        doc: "SLURM: the number of ranks when no other size variable is set." },
+];
+
+/// Longest duration braid accepts from the environment (about 31 years): larger values are a
+/// configuration error, never an overflow in `Duration`/`Instant` arithmetic.
+pub const MAX_SECS: f64 = 1e9;
+/// Longest spin time (`BRAID_SPIN_US`, `BRAID_SHM_SPIN`) in microseconds (10 s).
+pub const MAX_SPIN_US: usize = 10_000_000;
+/// Largest pipelining unit (`BRAID_SLICE_BYTES`): 1 GiB.
+pub const MAX_SLICE_BYTES: usize = 1 << 30;
+/// Largest world size braid accepts (`BRAID_WORLD_SIZE`, `BRAID_MIN_SIZE`, `BRAID_MAX_SIZE`).
+pub const MAX_WORLD: usize = 1 << 24;
+
+/// Reads one environment variable through the table: its value when it is set, valid UTF-8 and
+/// not empty. Every environment read of braid goes through here (a test scans the sources).
+///
+/// `name` must be a row of [`VARS`] or [`FOREIGN`]; any other name is refused (`None`, with an
+/// error logged), so a variable cannot be read without being documented.
+pub fn var(name: &str) -> Option<String> {
+    if !VARS.iter().chain(FOREIGN).any(|v| v.name == name) {
+        tracing::error!(target: "braid::init", "environment variable {name} is not in braid's configuration table; not read");
+        return None;
+    }
+    match std::env::var_os(name) {
+        None => None,
+        Some(v) => match v.into_string() {
+            Ok(s) if s.is_empty() => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                tracing::warn!(target: "braid::init", "{name} is not valid UTF-8; ignored");
+                None
+            }
+        },
+    }
+}
+
+/// Logs a warning for every `BRAID_*` variable of the environment that is not in [`VARS`]
+/// (a typo should not silently do nothing). Returns the unknown names.
+pub fn warn_unknown_vars() -> Vec<String> {
+    let mut unknown = Vec::new();
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("BRAID_") && !VARS.iter().any(|v| v.name == k) {
+            tracing::warn!(target: "braid::init", "unknown environment variable {k} (see docs/config.md)");
+            unknown.push(k.into_owned());
+        }
+    }
+    unknown
+}
 
 /// Which single-copy collectives may use cross-memory attach for private buffers
 /// (`BRAID_SHM_CMA`).
@@ -271,23 +345,47 @@ pub fn parse_bytes(s: &str) -> Option<usize> {
     num.trim().parse::<usize>().ok()?.checked_mul(mul)
 }
 
-fn parse_secs(name: &str, s: &str) -> Result<Duration> {
+/// A duration in seconds from variable `name`: finite, at most [`MAX_SECS`], and positive (or,
+/// with `allow_zero`, zero). Never panics (unlike `Duration::from_secs_f64`).
+pub fn parse_duration(name: &str, s: &str, allow_zero: bool) -> Result<Duration> {
     let v: f64 = s
         .trim()
         .parse()
         .map_err(|_| Error::InvalidArgument(format!("{name}={s}: not a number of seconds")))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "{name}={s}: must be a positive number of seconds"
-        )));
+    let ok = v.is_finite() && v <= MAX_SECS && (v > 0.0 || (allow_zero && v == 0.0));
+    let d = if ok {
+        Duration::try_from_secs_f64(v).ok()
+    } else {
+        None
+    };
+    match d {
+        Some(d) if allow_zero || !d.is_zero() => Ok(d),
+        _ => Err(Error::InvalidArgument(format!(
+            "{name}={s}: must be a number of seconds {} and at most {MAX_SECS:e}",
+            if allow_zero { "0 or more" } else { "above 0" }
+        ))),
     }
-    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_secs(name: &str, s: &str) -> Result<Duration> {
+    parse_duration(name, s, false)
 }
 
 fn parse_usize(name: &str, s: &str) -> Result<usize> {
     s.trim()
         .parse()
         .map_err(|_| Error::InvalidArgument(format!("{name}={s}: not a non-negative integer")))
+}
+
+/// An integer of variable `name` in `lo..=hi`.
+fn parse_in(name: &str, s: &str, lo: usize, hi: usize) -> Result<usize> {
+    let v = parse_usize(name, s)?;
+    if !(lo..=hi).contains(&v) {
+        return Err(Error::InvalidArgument(format!(
+            "{name}={s}: expected {lo}..={hi}"
+        )));
+    }
+    Ok(v)
 }
 
 fn parse_size(name: &str, s: &str) -> Result<usize> {
@@ -297,14 +395,22 @@ fn parse_size(name: &str, s: &str) -> Result<usize> {
 }
 
 impl Config {
-    /// Reads the process environment (warns about unknown `BRAID_*` names).
+    /// Reads the process environment through [`var`] (warns about unknown `BRAID_*` names,
+    /// see [`Config::announce`]).
+    ///
+    /// Errors: `InvalidArgument` naming the variable for a malformed or out-of-range value.
     pub fn from_env() -> Result<Config> {
-        for (k, _) in std::env::vars() {
-            if k.starts_with("BRAID_") && !VARS.iter().any(|v| v.name == k) {
-                tracing::warn!(target: "braid::init", "unknown environment variable {k} (see docs/config.md)");
-            }
-        }
-        Config::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        let cfg = Config::from_lookup(var)?;
+        cfg.announce();
+        Ok(cfg)
+    }
+
+    /// Installs the `BRAID_LOG` logger (unless the application has one) and warns about
+    /// unknown `BRAID_*` names of the environment (through it, so the warning is seen). Every
+    /// path from the environment to a communicator calls it: [`Config::from_env`], the C ABI.
+    pub fn announce(&self) {
+        init_logging(&self.log);
+        warn_unknown_vars();
     }
 
     /// Builds a configuration from a lookup function (for tests and embedding).
@@ -328,20 +434,15 @@ impl Config {
             .or_else(|| get("OMPI_COMM_WORLD_SIZE"))
             .or_else(|| get("SLURM_NTASKS"))
         {
-            Some(s) => Some(parse_usize("BRAID_WORLD_SIZE", &s)?),
+            Some(s) => Some(parse_in("BRAID_WORLD_SIZE", &s, 1, MAX_WORLD)?),
             None => None,
         };
-        if world_size == Some(0) {
-            return Err(Error::InvalidArgument(
-                "world size must be at least 1".into(),
-            ));
-        }
         let rank = match opt("BRAID_RANK")
             .or_else(|| get("RANK"))
             .or_else(|| get("OMPI_COMM_WORLD_RANK"))
             .or_else(|| get("SLURM_PROCID"))
         {
-            Some(s) => Some(parse_usize("BRAID_RANK", &s)?),
+            Some(s) => Some(parse_in("BRAID_RANK", &s, 0, MAX_WORLD - 1)?),
             None => None,
         };
         if let (Some(r), Some(n)) = (rank, world_size) {
@@ -371,10 +472,10 @@ impl Config {
             )));
         }
         let slice_bytes = parse_size("BRAID_SLICE_BYTES", &val("BRAID_SLICE_BYTES"))?;
-        if slice_bytes < 4096 {
-            return Err(Error::InvalidArgument(
-                "BRAID_SLICE_BYTES must be at least 4096".into(),
-            ));
+        if !(4096..=MAX_SLICE_BYTES).contains(&slice_bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "BRAID_SLICE_BYTES={slice_bytes}: must be 4096 to {MAX_SLICE_BYTES} bytes"
+            )));
         }
         let cpu_affinity = match opt("BRAID_CPU_AFFINITY") {
             Some(s) => match crate::topo::parse_cpu_list(&s) {
@@ -387,8 +488,8 @@ impl Config {
             },
             None => None,
         };
-        let spin_us = parse_usize("BRAID_SPIN_US", &val("BRAID_SPIN_US"))?;
-        let shm_spin_us = parse_usize("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"))?;
+        let spin_us = parse_in("BRAID_SPIN_US", &val("BRAID_SPIN_US"), 0, MAX_SPIN_US)?;
+        let shm_spin_us = parse_in("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"), 0, MAX_SPIN_US)?;
         let shm_direct = match val("BRAID_SHM_DIRECT").trim() {
             "0" | "false" | "no" => false,
             "1" | "" | "true" | "yes" => true,
@@ -417,9 +518,9 @@ impl Config {
                 )))
             }
         };
-        let min_size = parse_usize("BRAID_MIN_SIZE", &val("BRAID_MIN_SIZE"))?.max(1);
+        let min_size = parse_in("BRAID_MIN_SIZE", &val("BRAID_MIN_SIZE"), 0, MAX_WORLD)?.max(1);
         let max_size = match opt("BRAID_MAX_SIZE") {
-            Some(s) => Some(parse_usize("BRAID_MAX_SIZE", &s)?),
+            Some(s) => Some(parse_in("BRAID_MAX_SIZE", &s, 1, MAX_WORLD)?),
             None => None,
         };
         if let Some(m) = max_size {
@@ -439,18 +540,7 @@ impl Config {
                 heartbeat.as_secs_f64()
             )));
         }
-        let join_window = {
-            let s = val("BRAID_JOIN_WINDOW");
-            let v: f64 = s.trim().parse().map_err(|_| {
-                Error::InvalidArgument(format!("BRAID_JOIN_WINDOW={s}: not a number of seconds"))
-            })?;
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::InvalidArgument(format!(
-                    "BRAID_JOIN_WINDOW={s}: must be 0 or more seconds"
-                )));
-            }
-            Duration::from_secs_f64(v)
-        };
+        let join_window = parse_duration("BRAID_JOIN_WINDOW", &val("BRAID_JOIN_WINDOW"), true)?;
         let weight: f64 = {
             let s = val("BRAID_WEIGHT");
             match s.trim().parse::<f64>() {
@@ -505,7 +595,7 @@ impl Config {
              Generated from `core/src/config.rs` (`VARS`); do not edit by hand.\n\n\
              | variable | type | default | meaning |\n|---|---|---|---|\n",
         );
-        for v in VARS {
+        let row = |s: &mut String, v: &VarSpec| {
             let d = if v.default.is_empty() {
                 "(unset)".to_string()
             } else {
@@ -515,6 +605,17 @@ impl Config {
                 "| `{}` | {} | {} | {} |\n",
                 v.name, v.ty, d, v.doc
             ));
+        };
+        for v in VARS {
+            row(&mut s, v);
+        }
+        s.push_str(
+            "\n## Variables of other launchers\n\n\
+             Read only when the `BRAID_*` variable they stand in for is unset.\n\n\
+             | variable | type | default | meaning |\n|---|---|---|---|\n",
+        );
+        for v in FOREIGN {
+            row(&mut s, v);
         }
         s
     }
@@ -611,6 +712,107 @@ mod tests {
             );
         }
         assert!(cfg(&[("BRAID_RANK", "4"), ("BRAID_WORLD_SIZE", "4")]).is_err());
+    }
+
+    #[test]
+    fn durations_from_the_environment_are_validated() {
+        // Each of these made Duration::from_secs_f64 panic or overflowed Instant arithmetic.
+        for k in [
+            "BRAID_TIMEOUT",
+            "BRAID_INIT_TIMEOUT",
+            "BRAID_HEARTBEAT",
+            "BRAID_HEARTBEAT_TIMEOUT",
+            "BRAID_JOIN_WINDOW",
+        ] {
+            for v in [
+                "1e30", "1e10", "-1", "-0.5", "NaN", "nan", "inf", "-inf", "infinity", "1e-12", "",
+                "x", "1s",
+            ] {
+                if k == "BRAID_JOIN_WINDOW" && (v.is_empty() || v == "1e-12") {
+                    continue; // empty = unset; a window may be (about) 0
+                }
+                let r = std::panic::catch_unwind(|| cfg(&[(k, v)]));
+                let r = r.unwrap_or_else(|_| panic!("{k}={v} panicked"));
+                if v.is_empty() {
+                    continue;
+                }
+                let e = r.expect_err(&format!("{k}={v} accepted"));
+                assert!(e.to_string().contains(k), "{k}={v}: {e}");
+                assert!(matches!(e, Error::InvalidArgument(_)), "{k}={v}: {e:?}");
+            }
+        }
+        // Good values still parse; a join window may be 0.
+        let c = cfg(&[("BRAID_TIMEOUT", "1e9"), ("BRAID_JOIN_WINDOW", "0")]).unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(1_000_000_000));
+        assert_eq!(c.join_window, Duration::ZERO);
+        assert_eq!(
+            cfg(&[("BRAID_TIMEOUT", "0.25")]).unwrap().timeout,
+            Duration::from_millis(250)
+        );
+        // The parser never panics, whatever the text.
+        for v in [
+            "1e308",
+            "-1e308",
+            "4.9e-324",
+            "18446744073709551616",
+            "0x10",
+        ] {
+            assert!(
+                parse_duration("X", v, true).is_err() || v == "4.9e-324",
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_from_the_environment_are_validated() {
+        for (k, v) in [
+            ("BRAID_SLICE_BYTES", "2G"),
+            ("BRAID_SLICE_BYTES", "18446744073709551615"),
+            ("BRAID_SLICE_BYTES", "99999999999G"),
+            ("BRAID_SLICE_BYTES", "-1"),
+            ("BRAID_SMALL_BYTES", "-4K"),
+            ("BRAID_TCP_STRIPE_MIN", "1T"),
+            ("BRAID_SHM_DIRECT_MIN", "NaN"),
+            ("BRAID_SPIN_US", "18446744073709551615"),
+            ("BRAID_SPIN_US", "-1"),
+            ("BRAID_SHM_SPIN", "100000000"),
+            ("BRAID_WORLD_SIZE", "18446744073709551615"),
+            ("BRAID_WORLD_SIZE", "-2"),
+            ("BRAID_MIN_SIZE", "99999999999"),
+            ("BRAID_MAX_SIZE", "99999999999"),
+            ("BRAID_TCP_STREAMS", "65"),
+            ("BRAID_RANK", "-1"),
+            ("BRAID_RANK", "18446744073709551615"),
+            ("BRAID_WEIGHT", "inf"),
+            ("BRAID_WEIGHT", "NaN"),
+            ("BRAID_WEIGHT", "-1"),
+        ] {
+            let r = std::panic::catch_unwind(|| cfg(&[(k, v)]));
+            let e = r
+                .unwrap_or_else(|_| panic!("{k}={v} panicked"))
+                .expect_err(&format!("{k}={v} accepted"));
+            assert!(e.to_string().contains(k), "{k}={v}: {e}");
+        }
+        let c = cfg(&[("BRAID_SLICE_BYTES", "1G"), ("BRAID_SPIN_US", "0")]).unwrap();
+        assert_eq!(c.slice_bytes, 1 << 30);
+        assert_eq!(c.spin, Duration::ZERO);
+    }
+
+    #[test]
+    fn var_reads_only_names_in_the_table() {
+        // PATH is set in every test environment, but it is not braid's to read.
+        assert!(std::env::var_os("PATH").is_some());
+        assert_eq!(var("PATH"), None);
+        assert_eq!(var("BRAID_NOT_A_VARIABLE"), None);
+        // Every row (and every foreign name) is readable.
+        for v in VARS.iter().chain(FOREIGN) {
+            let _ = var(v.name);
+        }
+        let names: std::collections::HashSet<_> =
+            VARS.iter().chain(FOREIGN).map(|v| v.name).collect();
+        assert_eq!(names.len(), VARS.len() + FOREIGN.len(), "duplicate rows");
+        assert!(VARS.iter().all(|v| v.name.starts_with("BRAID_")));
     }
 
     #[test]

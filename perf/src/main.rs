@@ -261,10 +261,14 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
 }
 
 fn under_launcher() -> bool {
-    std::env::var_os("BRAID_COORDINATOR").is_some()
-        || std::env::var_os("MASTER_ADDR").is_some()
-        || std::env::var_os("OMPI_COMM_WORLD_RANK").is_some()
-        || std::env::var_os("SLURM_PROCID").is_some()
+    [
+        "BRAID_COORDINATOR",
+        "MASTER_ADDR",
+        "OMPI_COMM_WORLD_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .any(|k| braid::config::var(k).is_some())
 }
 
 fn main() -> ExitCode {

@@ -178,7 +178,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let launched = std::env::var_os("BRAID_COORDINATOR").is_some();
+    let launched = braid::config::var("BRAID_COORDINATOR").is_some();
     let res = if launched { run(&a) } else { spawn(&a, argv) };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -244,7 +244,7 @@ fn opts(a: &Args) -> Result<PsOptions, String> {
         env.iter()
             .find(|(n, _)| *n == k)
             .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var(k).ok().filter(|v| !v.is_empty()))
+            .or_else(|| braid::config::var(k))
     })
     .map_err(|e| e.to_string())
 }
@@ -266,16 +266,14 @@ fn base_cfg(a: &Args) -> Result<Config, String> {
 }
 
 fn run(a: &Args) -> Result<bool, String> {
-    let idx: usize = std::env::var("BRAID_RUN_INDEX")
-        .ok()
+    let idx: usize = braid::config::var("BRAID_RUN_INDEX")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     // Joiners of braid-run have launcher indices from BRAID_WORLD_SIZE on.
-    let initial: usize = std::env::var("BRAID_WORLD_SIZE")
-        .ok()
+    let initial: usize = braid::config::var("BRAID_WORLD_SIZE")
         .and_then(|s| s.parse().ok())
         .unwrap_or(a.workers + a.servers);
-    let role_server = match std::env::var("BRAID_PS_ROLE").ok().as_deref() {
+    let role_server = match braid::config::var("BRAID_PS_ROLE").as_deref() {
         Some("server") => true,
         Some("worker") => false,
         _ if idx >= initial => a.drill.join_server,

@@ -1187,28 +1187,34 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 
 /// A well-formed tcp socket hello (transport/src/tcp.rs) followed by a braid data hello
 /// (core/src/comm.rs) whose job-token MAC is wrong.
+/// A forged tcp data-connection hello (tcp protocol 2, data hello 2) answering a listener's
+/// challenge: right socket hello, right form, a job-token MAC made without the token.
 fn forged_hello(member: u64) -> Vec<u8> {
     let mut inner = Vec::new();
     inner.extend_from_slice(b"BRDA");
-    inner.extend_from_slice(&1u16.to_le_bytes());
-    inner.extend_from_slice(&[0, 0]);
-    inner.extend_from_slice(&0x5eed_u64.to_le_bytes()); // nonce
+    inner.extend_from_slice(&2u16.to_le_bytes()); // data hello version
+    inner.extend_from_slice(&HAS_TOKEN.to_le_bytes()); // flags: carries a job-token MAC
     inner.extend_from_slice(&1u64.to_le_bytes()); // epoch
     inner.extend_from_slice(&1u64.to_le_bytes()); // rank
     inner.extend_from_slice(&member.to_le_bytes());
-    inner.extend_from_slice(&[0xab; 32]); // HMAC-SHA256 of a token we do not know
+    inner.extend_from_slice(&[0xab; 32]); // view MAC: we do not know the view nonce
+    inner.extend_from_slice(&[0xcd; 32]); // HMAC-SHA256 of a token we do not know
     let mut h = Vec::new();
     h.extend_from_slice(b"BRDT");
-    h.extend_from_slice(&1u16.to_le_bytes()); // version
+    h.extend_from_slice(&2u16.to_le_bytes()); // tcp protocol version
     h.extend_from_slice(&0u16.to_le_bytes()); // socket index
     h.extend_from_slice(&1u16.to_le_bytes()); // sockets
     h.extend_from_slice(&[0, 0]);
     h.extend_from_slice(&65536u32.to_le_bytes()); // stripe size
-    h.extend_from_slice(&0x5eed_u64.to_le_bytes()); // connection id
+    h.extend_from_slice(&[0; 16]); // connection secret (zero on socket 0)
     h.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
     h.extend_from_slice(&inner);
     h
 }
+
+/// The data hello's "has a job-token MAC" flag.
+const HAS_TOKEN: u16 = 1;
 
 #[test]
 fn a_wrong_token_joiner_and_data_port_strangers_are_refused_and_the_job_is_unaffected() {
@@ -1307,6 +1313,10 @@ fn a_wrong_token_joiner_and_data_port_strangers_are_refused_and_the_job_is_unaff
                         let _ = s.write_all(&[0x42; 300]);
                     }
                     "forged" => {
+                        // The listener's challenge frame (40 bytes) comes first.
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut ch = [0u8; 40];
+                        let _ = s.read_exact(&mut ch);
                         let _ = s.write_all(&forged_hello(m.id));
                     }
                     _ => {}

@@ -5,7 +5,9 @@
 //!
 //! It is permitted where the caller may ptrace the peer (same user, and Yama's
 //! `ptrace_scope` 0, or 1 with the peer a descendant or having named us with
-//! `PR_SET_PTRACER`); container seccomp profiles often forbid it. Callers therefore
+//! `PR_SET_PTRACER`); container seccomp profiles often forbid it. Naming any process as a
+//! tracer weakens a process under `ptrace_scope` 1, so [`allow_peers_with`] does it only on
+//! the user's opt-in (`BRAID_SHM_CMA=1`). Callers therefore
 //! [`CmaDesc::probe`] a peer first (which also proves that the pid names the peer, not another
 //! process of another pid namespace: it reads the peer's random [`cookie`]) and fall back to
 //! the rings when that fails.
@@ -17,7 +19,7 @@ use crate::{NetError, NetResult};
 /// Bytes of an encoded [`CmaDesc`] (fits a region descriptor's slot).
 pub const CMA_DESC_LEN: usize = 36;
 
-/// A byte range of a peer process's memory, as [`read`] and [`write`] need it.
+/// A byte range of a peer process's memory, as [`read()`] and [`write()`] need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CmaDesc {
     /// Owner process id (in the owner's pid namespace: checked by [`CmaDesc::probe`]).
@@ -124,19 +126,52 @@ impl CmaDesc {
     }
 }
 
-/// Makes this process reachable by its peers' cross-memory attach where Yama allows that only
-/// by permission: with `ptrace_scope` 1, `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` (as UCX
-/// does; processes of other users stay refused by the kernel's usual checks). Returns what was
-/// found and done, for the log: `Ok` when peers of the same user can attach, `Err` when they
-/// cannot (scope 2 or 3, or the prctl failed).
-pub fn allow_peers() -> Result<String, String> {
-    let scope = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
-        Ok(s) => s.trim().to_string(),
-        Err(_) => return Ok("no Yama ptrace_scope: same-user attach permitted".into()),
-    };
-    match scope.as_str() {
-        "0" => Ok("Yama ptrace_scope 0: same-user attach permitted".into()),
-        "1" => {
+/// What Yama's `ptrace_scope` means for cross-memory attach by same-user peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Yama {
+    /// Peers may attach as things are (the text says why, for the log).
+    Permitted(String),
+    /// Scope 1 and the user opted in: `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` is needed.
+    SetPtracer,
+    /// Peers cannot attach (the text says why and, where it helps, how to enable it).
+    Refused(String),
+}
+
+/// The decision for a `ptrace_scope` value (`None`: no Yama) and the user's opt-in
+/// (`BRAID_SHM_CMA=1`). Scope 1 permits attach only to processes that name their tracer:
+/// naming ANY process of this user weakens this process, so that is done only on opt-in.
+fn yama(scope: Option<&str>, opt_in: bool) -> Yama {
+    match scope.map(str::trim) {
+        None => Yama::Permitted("no Yama ptrace_scope: same-user attach permitted".into()),
+        Some("0") => Yama::Permitted("Yama ptrace_scope 0: same-user attach permitted".into()),
+        Some("1") if opt_in => Yama::SetPtracer,
+        Some("1") => Yama::Refused(
+            "Yama ptrace_scope 1 permits it only if every rank lets any process of this user \
+             read its memory (prctl PR_SET_PTRACER_ANY); set BRAID_SHM_CMA=1 to allow that"
+                .into(),
+        ),
+        Some(other) => Yama::Refused(format!(
+            "Yama ptrace_scope {other}: peers cannot attach (needs CAP_SYS_PTRACE or is disabled)"
+        )),
+    }
+}
+
+/// Makes this process reachable by its peers' cross-memory attach where that does not weaken
+/// it, or where the user opted in (`opt_in`, `BRAID_SHM_CMA=1`):
+/// - no Yama, or `ptrace_scope` 0: nothing to do, `Ok`;
+/// - `ptrace_scope` 1: with `opt_in`, `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` (as UCX
+///   does; processes of other users stay refused by the kernel's usual checks) and `Ok`;
+///   without it nothing is changed and `Err` says how to enable it;
+/// - `ptrace_scope` 2 or 3: `Err`.
+///
+/// `Err` means peers cannot attach: the caller moves private buffers through the rings and
+/// logs the text once (info). `Ok`'s text is for a debug log.
+pub fn allow_peers_with(opt_in: bool) -> Result<String, String> {
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
+    match yama(scope.as_deref(), opt_in) {
+        Yama::Permitted(s) => Ok(s),
+        Yama::Refused(s) => Err(s),
+        Yama::SetPtracer => {
             // SAFETY: prctl with integer arguments only; it changes this process's Yama
             // exception and nothing else.
             let r = unsafe {
@@ -149,7 +184,11 @@ pub fn allow_peers() -> Result<String, String> {
                 )
             };
             if r == 0 {
-                Ok("Yama ptrace_scope 1: set PR_SET_PTRACER_ANY so that peers may attach".into())
+                Ok(
+                    "Yama ptrace_scope 1 and BRAID_SHM_CMA=1: set PR_SET_PTRACER_ANY so that \
+                    peers may attach"
+                        .into(),
+                )
             } else {
                 Err(format!(
                     "Yama ptrace_scope 1 and prctl(PR_SET_PTRACER) failed: {}",
@@ -157,10 +196,13 @@ pub fn allow_peers() -> Result<String, String> {
                 ))
             }
         }
-        other => Err(format!(
-            "Yama ptrace_scope {other}: peers cannot attach (needs CAP_SYS_PTRACE or is disabled)"
-        )),
     }
+}
+
+/// [`allow_peers_with`] without the user's opt-in (the safe default: this process is never
+/// opened to every process of its user).
+pub fn allow_peers() -> Result<String, String> {
+    allow_peers_with(false)
 }
 
 fn cma_err(op: &str, pid: u32) -> NetError {
@@ -197,7 +239,7 @@ pub fn write(pid: u32, addr: u64, src: &[u8]) -> NetResult<()> {
     transfer(pid, addr, src.as_ptr() as *mut u8, src.len(), true)
 }
 
-/// The loop of [`read`] (`local` is written) and [`write`] (`local` is only read).
+/// The loop of [`read()`] (`local` is written) and [`write()`] (`local` is only read).
 fn transfer(pid: u32, addr: u64, local: *mut u8, len: usize, write: bool) -> NetResult<()> {
     let mut done = 0usize;
     while done < len {
@@ -254,6 +296,23 @@ mod tests {
             .unwrap_or(true)
         {
             assert!(r.is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn yama_scope_1_needs_the_opt_in() {
+        // Scope 1 without BRAID_SHM_CMA=1: refused (private buffers go through the rings),
+        // and the reason says how to enable it; no prctl is asked for.
+        match yama(Some("1\n"), false) {
+            Yama::Refused(s) => assert!(s.contains("BRAID_SHM_CMA=1"), "{s}"),
+            other => panic!("scope 1 without opt-in: {other:?}"),
+        }
+        assert_eq!(yama(Some("1"), true), Yama::SetPtracer);
+        for opt_in in [false, true] {
+            assert!(matches!(yama(Some("0"), opt_in), Yama::Permitted(_)));
+            assert!(matches!(yama(None, opt_in), Yama::Permitted(_)));
+            assert!(matches!(yama(Some("2"), opt_in), Yama::Refused(_)));
+            assert!(matches!(yama(Some("3"), opt_in), Yama::Refused(_)));
         }
     }
 

@@ -1,11 +1,18 @@
 //! The conformance suite every byte transport must pass (tests only): ordered tagged messages
 //! of any size, both directions at once, mismatches reported with the sender's meta, and the
-//! ways a connection ends (death, goodbye, abort). Each transport's tests call these with a
-//! function that makes a connected pair.
+//! ways a connection ends (death, goodbye, abort); and the listener's challenge–response
+//! handshake (fresh challenge per connection, bounded hello, hello deadline, cap on waiting
+//! connections, hello check). Each transport's tests call these with a function that makes a
+//! connected pair, or with a [`Kit`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{Completion, Conn, NetError, NetResult, Request, META_LEN};
+use crate::{
+    Arrival, Challenge, Completion, Conn, ConnectHandle, Listener, NetError, NetResult, Request,
+    Transport, CHALLENGE_LEN, META_LEN,
+};
 
 /// Makes a connected pair (first = accepted side, second = connecting side).
 pub type MakePair<'a> = &'a dyn Fn() -> (Box<dyn Conn>, Box<dyn Conn>);
@@ -186,4 +193,246 @@ pub fn death_goodbye_and_abort(pair: MakePair) {
         "{e}"
     );
     th.join().unwrap();
+}
+
+/// A peer that speaks a transport's connection handshake by hand (tests of the listener).
+pub trait RawPeer: Send {
+    /// The challenge the listener sent first (`None`: it closed the connection instead).
+    fn challenge(&self) -> Option<Challenge>;
+    /// Whether the listener closed this connection within `within`.
+    fn dropped(&mut self, within: Duration) -> bool;
+}
+
+/// Makes a listener with a hello deadline and a cap on connections waiting for their hello.
+pub type ListenFn<'a> = &'a dyn Fn(Duration, usize) -> (Box<dyn Listener>, ConnectHandle);
+
+/// Opens a raw connection to a listener (see [`Kit::raw`]).
+pub type RawFn<'a> = &'a (dyn Fn(&ConnectHandle, Option<usize>) -> Box<dyn RawPeer> + Sync);
+
+/// What the challenge–response tests need from a transport.
+pub struct Kit<'a> {
+    /// The transport (its `connect_challenged` is used).
+    pub transport: &'a dyn Transport,
+    /// A listener with this hello deadline and cap on connections waiting for their hello.
+    pub listen: ListenFn<'a>,
+    /// Opens a connection by hand and reads the challenge (waiting at most 10 s); then, with
+    /// `Some(n)`, sends a hello declaring `n` bytes (where the wire states a length, only the
+    /// length; else `min(n, 4097)` bytes), with `None` nothing.
+    pub raw: RawFn<'a>,
+}
+
+/// A listener polled by a thread of its own, as the acceptor threads above do.
+struct Polled {
+    got: Arc<Mutex<Vec<Arrival>>>,
+    stop: Arc<AtomicBool>,
+    th: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Polled {
+    fn start(mut l: Box<dyn Listener>) -> Polled {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, st) = (got.clone(), stop.clone());
+        let th = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match l.accept_challenged() {
+                    Ok(Some(a)) => g.lock().unwrap().push(a),
+                    Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        Polled {
+            got,
+            stop,
+            th: Some(th),
+        }
+    }
+
+    /// The next arrival, waiting at most `within`.
+    fn next(&self, within: Duration) -> Option<Arrival> {
+        let end = Instant::now() + within;
+        loop {
+            {
+                let mut g = self.got.lock().unwrap();
+                if !g.is_empty() {
+                    return Some(g.remove(0));
+                }
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+}
+
+impl Drop for Polled {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.th.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// One small message from `a` to `b`.
+fn ping(a: &mut dyn Conn, b: &mut dyn Conn) {
+    let src = [3u8, 1, 4, 1, 5];
+    let mut dst = [0u8; 5];
+    // SAFETY: both buffers outlive the requests (waited below).
+    let s = unsafe { a.isend(9, &[0; META_LEN], src.as_ptr(), 5) }
+        .unwrap()
+        .unwrap();
+    // SAFETY: as above.
+    let r = unsafe { b.irecv(9, dst.as_mut_ptr(), 5) }.unwrap().unwrap();
+    wait(b, r).unwrap();
+    wait(a, s).unwrap();
+    assert_eq!(dst, src);
+}
+
+/// Connects with a hello that echoes the challenge (plus `tag`), returns the connection and
+/// the challenge the connector was given.
+fn connect_echo(k: &Kit, h: &ConnectHandle, tag: u8) -> NetResult<(Box<dyn Conn>, Challenge)> {
+    let seen: Mutex<Option<Challenge>> = Mutex::new(None);
+    let c = k.transport.connect_challenged(
+        h,
+        &|ch| {
+            *seen.lock().unwrap() = Some(*ch);
+            let mut v = ch.to_vec();
+            v.push(tag);
+            v
+        },
+        deadline(),
+    )?;
+    let ch = seen
+        .lock()
+        .unwrap()
+        .expect("the hello was built without a challenge");
+    Ok((c, ch))
+}
+
+/// The connector gets the listener's challenge before it sends its hello; the challenge is
+/// fresh (random, never repeated) on every connection; the arrival carries it with the hello;
+/// the connection works after the handshake.
+pub fn challenge_fresh_per_connection(k: &Kit) {
+    let (l, h) = (k.listen)(Duration::from_secs(10), 128);
+    let acc = Polled::start(l);
+    let mut seen: Vec<Challenge> = Vec::new();
+    for tag in 0..4u8 {
+        let (mut c, ch) = connect_echo(k, &h, tag).unwrap();
+        let mut a = acc.next(Duration::from_secs(10)).expect("no arrival");
+        assert_eq!(a.challenge, ch, "the connector saw another challenge");
+        assert_eq!(&a.hello[..CHALLENGE_LEN], &ch[..]);
+        assert_eq!(a.hello[CHALLENGE_LEN..], [tag]);
+        assert_ne!(ch, [0u8; CHALLENGE_LEN], "a zero challenge");
+        assert!(
+            !seen.contains(&ch),
+            "challenge repeated on a new connection"
+        );
+        seen.push(ch);
+        ping(c.as_mut(), a.conn.as_mut());
+        ping(a.conn.as_mut(), c.as_mut());
+    }
+}
+
+/// A hello longer than 4 KiB is refused: by the connector, and by the listener as soon as the
+/// length is known (long before its hello deadline), without the connection ever arriving.
+pub fn long_hello_refused(k: &Kit) {
+    let (l, h) = (k.listen)(Duration::from_secs(120), 128);
+    let acc = Polled::start(l);
+    let big = vec![7u8; 4097];
+    assert!(k
+        .transport
+        .connect_challenged(&h, &|_| big.clone(), deadline())
+        .is_err());
+    for n in [4097, u32::MAX as usize] {
+        let mut raw = (k.raw)(&h, Some(n));
+        assert!(raw.challenge().is_some(), "no challenge");
+        assert!(
+            raw.dropped(Duration::from_secs(30)),
+            "a hello declaring {n} bytes was not refused"
+        );
+    }
+    assert_eq!(acc.count(), 0, "an oversized hello arrived");
+    let (mut c, _) = connect_echo(k, &h, 1).unwrap();
+    let mut a = acc.next(Duration::from_secs(10)).expect("no arrival");
+    ping(c.as_mut(), a.conn.as_mut());
+}
+
+/// At most `cap` connections wait for their hello: one more is closed before it gets a
+/// challenge; once the waiting ones go away a real connection gets through.
+pub fn pending_cap(k: &Kit) {
+    let (l, h) = (k.listen)(Duration::from_secs(120), 3);
+    let acc = Polled::start(l);
+    let silent: Vec<Box<dyn RawPeer>> = (0..3).map(|_| (k.raw)(&h, None)).collect();
+    for s in &silent {
+        assert!(
+            s.challenge().is_some(),
+            "a connection under the cap got no challenge"
+        );
+    }
+    let mut over = (k.raw)(&h, None);
+    assert!(
+        over.challenge().is_none(),
+        "a 4th connection got a challenge (cap 3)"
+    );
+    assert!(over.dropped(Duration::from_secs(10)));
+    drop(silent);
+    let (mut c, _) = connect_echo(k, &h, 2).unwrap();
+    let mut a = acc.next(Duration::from_secs(10)).expect("no arrival");
+    ping(c.as_mut(), a.conn.as_mut());
+}
+
+/// A connection that takes its challenge and stays silent is dropped at the hello deadline;
+/// one that sends a hello that fails the listener's check is dropped at once; others arrive.
+pub fn hello_deadline_and_check(k: &Kit) {
+    let (mut l, h) = (k.listen)(Duration::from_millis(300), 128);
+    l.set_hello_check(Box::new(|ch: &Challenge, hello: &[u8]| {
+        if hello.len() == CHALLENGE_LEN + 1 && hello[..CHALLENGE_LEN] == ch[..] {
+            Ok(())
+        } else {
+            Err("does not answer the challenge".into())
+        }
+    }));
+    let acc = Polled::start(l);
+    let mut silent = (k.raw)(&h, None);
+    assert!(silent.challenge().is_some());
+    assert!(
+        silent.dropped(Duration::from_secs(30)),
+        "a silent connection outlived the hello deadline"
+    );
+    // A hello that does not answer the challenge (a replay of another one) fails the check.
+    let replayed = [0x5au8; CHALLENGE_LEN + 1];
+    let mut c = k
+        .transport
+        .connect_challenged(&h, &|_| replayed.to_vec(), deadline())
+        .unwrap();
+    let (mut good, _) = connect_echo(k, &h, 3).unwrap();
+    let mut a = acc.next(Duration::from_secs(10)).expect("no arrival");
+    assert_eq!(a.hello[CHALLENGE_LEN..], [3], "the replayed hello arrived");
+    ping(good.as_mut(), a.conn.as_mut());
+    // The refused connection was closed by the listener.
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.progress().is_ok() {
+        assert!(Instant::now() < end, "the refused connection stayed open");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(acc.count(), 0);
+}
+
+/// Every challenge–response test.
+pub fn challenges(k: &Kit) {
+    challenge_fresh_per_connection(k);
+    long_hello_refused(k);
+    pending_cap(k);
+    hello_deadline_and_check(k);
 }

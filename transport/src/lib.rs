@@ -6,7 +6,8 @@
 //! * [`Transport::devices`] lists what the transport can use,
 //! * [`Transport::listen`] opens a [`Listener`] and returns the [`ConnectHandle`] (a small
 //!   versioned blob: magic, version, addresses) that the rendezvous carries to peers,
-//! * [`Transport::connect`] and [`Listener::accept`] make a [`Conn`],
+//! * [`Transport::connect_challenged`] and [`Listener::accept_challenged`] make a [`Conn`]: the
+//!   acceptor sends a fresh [`Challenge`] first, the connector's hello answers it,
 //! * [`Transport::register`] registers a memory region (a no-op for tcp),
 //! * [`Conn::isend`] / [`Conn::irecv`] post tagged operations and return a [`Request`] or
 //!   `None` ("not now": backpressure is a value, not an error), [`Conn::test`] asks whether a
@@ -162,12 +163,13 @@ pub trait Transport: Send + Sync {
     fn devices(&self) -> NetResult<Vec<DeviceProps>>;
     /// Starts listening on device `dev`; the handle tells peers how to connect.
     fn listen(&self, dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)>;
-    /// Connects to the listener behind `handle`, sending `hello` (at most 4 KiB) that the
-    /// acceptor receives with the connection. Blocks until connected or `deadline`.
-    fn connect(
+    /// Connects to the listener behind `handle`: reads the acceptor's [`Challenge`], then
+    /// sends the hello that `hello` builds from it. Blocks until connected or `deadline`.
+    /// The hello is at most 4 KiB.
+    fn connect_challenged(
         &self,
         handle: &ConnectHandle,
-        hello: &[u8],
+        hello: HelloFn<'_>,
         deadline: std::time::Instant,
     ) -> NetResult<Box<dyn Conn>>;
     /// Registers a memory region for zero-copy transfers (a no-op for transports that do not
@@ -181,16 +183,86 @@ pub trait Transport: Send + Sync {
     }
 }
 
-/// A connection just accepted, with the hello bytes its connector sent.
-pub type Accepted = (Box<dyn Conn>, Vec<u8>);
+/// Length of the challenge an acceptor sends first on every new connection.
+pub const CHALLENGE_LEN: usize = 16;
+
+/// A fresh random challenge the acceptor sends before anything else; the connector's hello
+/// answers it (the layer above MACs it), so a captured hello cannot be replayed.
+pub type Challenge = [u8; CHALLENGE_LEN];
+
+/// Builds the connector's hello (at most 4 KiB) from the acceptor's challenge.
+pub type HelloFn<'a> = &'a (dyn Fn(&Challenge) -> Vec<u8> + Sync);
+
+/// A check of a hello against the challenge it answers, run by the listener BEFORE it commits
+/// anything to the peer (the shm transport maps a peer's segment only after it passes).
+/// An `Err(reason)` drops the connection with one log line naming the peer and the reason.
+pub type HelloCheck = Box<dyn Fn(&Challenge, &[u8]) -> Result<(), String> + Send>;
+
+/// A connection just accepted by [`Listener::accept_challenged`].
+pub struct Arrival {
+    /// The connection.
+    pub conn: Box<dyn Conn>,
+    /// The hello bytes its connector sent in answer to `challenge`.
+    pub hello: Vec<u8>,
+    /// The challenge this listener sent on this connection (fresh, random).
+    pub challenge: Challenge,
+    /// The connecting process's pid, where the transport knows it (SO_PEERCRED on local
+    /// sockets); `None` otherwise.
+    pub peer_pid: Option<u32>,
+}
+
+/// Random bytes from the kernel (getrandom), for challenges and nonces. Falls back to
+/// /dev/urandom; fails only when neither is usable.
+pub fn random_bytes(out: &mut [u8]) -> NetResult<()> {
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `out`.
+        let n = unsafe {
+            libc::getrandom(
+                out[done..].as_mut_ptr() as *mut libc::c_void,
+                out.len() - done,
+                0,
+            )
+        };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        use std::io::Read;
+        return std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut out[done..]))
+            .map_err(|e| NetError::io("reading random bytes", e));
+    }
+    Ok(())
+}
+
+/// A fresh random challenge.
+pub fn new_challenge() -> NetResult<Challenge> {
+    let mut c = [0u8; CHALLENGE_LEN];
+    random_bytes(&mut c)?;
+    Ok(c)
+}
 
 /// A listening endpoint.
 pub trait Listener: Send {
-    /// Non-blocking accept: returns a connection whose hello arrived and passed the transport's
-    /// checks, together with the hello bytes. Connections from strangers (bad magic, version or
-    /// truncated hello) are dropped with a log line and never returned.
-    fn accept(&mut self) -> NetResult<Option<Accepted>>;
-    /// A file descriptor that becomes readable when `accept` may make progress, if any.
+    /// Non-blocking accept with challenge–response: the listener sends every new connection a
+    /// fresh [`Challenge`] first, reads the hello that answers it (within a deadline; a cap
+    /// bounds how many such connections wait at once), runs the [`HelloCheck`] if one is set,
+    /// and returns the connection with its hello and challenge. Connections from strangers
+    /// (bad magic, version, truncated or oversized hello, failed check) are dropped with a log
+    /// line and never returned.
+    fn accept_challenged(&mut self) -> NetResult<Option<Arrival>>;
+    /// Installs a check run on every hello before the connection is returned (and, for
+    /// transports that map peer memory, before anything is mapped). Default: ignored.
+    fn set_hello_check(&mut self, check: HelloCheck) {
+        let _ = check;
+    }
+    /// A file descriptor that becomes readable when `accept_challenged` may make progress, if
+    /// any.
     fn fd(&self) -> Option<RawFd>;
 }
 

@@ -4,25 +4,28 @@
 //! through it (no global state; each test makes its own fabric). A send is matched with the
 //! receive posted on the other side and copied once, from the sender's buffer straight into
 //! the receiver's, by whichever side drives progress first.
+//!
+//! Connecting follows the tcp transport's handshake: the listener sends each new connection a
+//! fresh challenge (when [`Listener::accept_challenged`] runs), the connector answers with its
+//! hello, and the listener bounds the hello (4 KiB), its deadline, and how many connections
+//! wait for one at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{
-    Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
-    PtrSupport, Request, Transport, META_LEN,
+    new_challenge, Arrival, Challenge, Completion, Conn, ConnectHandle, DeviceProps, HelloCheck,
+    HelloFn, Listener, Meta, NetError, NetResult, PollFd, PtrSupport, Request, Transport, META_LEN,
 };
-
-type Incoming = (MemConn, Vec<u8>);
 
 /// The in-process "network".
 #[derive(Default)]
 pub struct MemFabric {
     next: AtomicU64,
-    listeners: Mutex<HashMap<u64, mpsc::Sender<Incoming>>>,
+    listeners: Mutex<HashMap<u64, mpsc::Sender<ConnectReq>>>,
 }
 
 impl MemFabric {
@@ -319,21 +322,131 @@ impl Drop for MemConn {
     }
 }
 
-/// Listener of the in-process transport.
+/// Largest hello a listener takes.
+const MAX_HELLO: usize = 4096;
+/// How long a listener waits for the hello of a connection it sent a challenge.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections that may wait for their hello at once on one listener.
+const MAX_PENDING: usize = 128;
+
+/// A connection request on the fabric: the listener's side of the new connection, where its
+/// challenge goes, and where the connector's hello comes from.
+struct ConnectReq {
+    conn: MemConn,
+    challenge: mpsc::Sender<Challenge>,
+    hello: mpsc::Receiver<Vec<u8>>,
+}
+
+/// A connection that was sent its challenge and whose hello has not arrived.
+struct MemPending {
+    conn: MemConn,
+    hello: mpsc::Receiver<Vec<u8>>,
+    challenge: Challenge,
+    since: Instant,
+}
+
+/// Listener of the in-process transport. Like the tcp listener it sends every connection a
+/// fresh challenge first, waits at most the hello deadline for the answer, lets at most
+/// `max_pending` connections wait at once, and refuses hellos over 4 KiB.
 pub struct MemListener {
-    rx: mpsc::Receiver<Incoming>,
+    rx: mpsc::Receiver<ConnectReq>,
     id: u64,
     fabric: Arc<MemFabric>,
+    pending: Vec<MemPending>,
+    hello_timeout: Duration,
+    max_pending: usize,
+    check: Option<HelloCheck>,
+}
+
+impl MemListener {
+    /// Takes new connection requests off the fabric and sends each its challenge (or refuses
+    /// it when `max_pending` connections already wait).
+    fn take_new(&mut self) {
+        while let Ok(req) = self.rx.try_recv() {
+            let who = req.conn.desc.clone();
+            if self.pending.len() >= self.max_pending {
+                tracing::warn!(target: "braid::net", "refusing connection from {who}: {} connections already wait for their hello (at most {})", self.pending.len(), self.max_pending);
+                continue;
+            }
+            let challenge = match new_challenge() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(target: "braid::net", "dropping connection from {who}: {e}");
+                    continue;
+                }
+            };
+            if req.challenge.send(challenge).is_err() {
+                continue; // the connector gave up already
+            }
+            self.pending.push(MemPending {
+                conn: req.conn,
+                hello: req.hello,
+                challenge,
+                since: Instant::now(),
+            });
+        }
+    }
 }
 
 impl Listener for MemListener {
-    fn accept(&mut self) -> NetResult<Option<crate::Accepted>> {
-        match self.rx.try_recv() {
-            Ok((c, hello)) => Ok(Some((Box::new(c), hello))),
-            Err(_) => Ok(None),
-        }
+    fn accept_challenged(&mut self) -> NetResult<Option<Arrival>> {
+        let got = self.scan();
+        // New requests after the pending ones were looked at: connections that went away no
+        // longer count against the cap.
+        self.take_new();
+        Ok(got)
     }
+
+    fn set_hello_check(&mut self, check: HelloCheck) {
+        self.check = Some(check);
+    }
+
     fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl MemListener {
+    /// Looks at the connections waiting for their hello: returns the first whose hello arrived
+    /// and passed the checks; drops those past the deadline or gone.
+    fn scan(&mut self) -> Option<Arrival> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            match self.pending[i].hello.try_recv() {
+                Ok(hello) => {
+                    let p = self.pending.swap_remove(i);
+                    if hello.len() > MAX_HELLO {
+                        tracing::warn!(target: "braid::net", "dropping connection from {}: hello of {} bytes (at most {MAX_HELLO})", p.conn.desc, hello.len());
+                        continue;
+                    }
+                    if let Some(check) = &self.check {
+                        if let Err(why) = check(&p.challenge, &hello) {
+                            tracing::warn!(target: "braid::net", "dropping connection from {}: {why}", p.conn.desc);
+                            continue;
+                        }
+                    }
+                    return Some(Arrival {
+                        conn: Box::new(p.conn),
+                        hello,
+                        challenge: p.challenge,
+                        peer_pid: None,
+                    });
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    if now.duration_since(self.pending[i].since) > self.hello_timeout {
+                        let p = self.pending.swap_remove(i);
+                        tracing::warn!(target: "braid::net", "dropping connection from {}: no hello within {:?}", p.conn.desc, self.hello_timeout);
+                    } else {
+                        i += 1;
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    let p = self.pending.swap_remove(i);
+                    tracing::warn!(target: "braid::net", "dropping connection from {}: closed before finishing its hello", p.conn.desc);
+                }
+            }
+        }
         None
     }
 }
@@ -341,6 +454,89 @@ impl Listener for MemListener {
 impl Drop for MemListener {
     fn drop(&mut self) {
         lock(&self.fabric.listeners).remove(&self.id);
+    }
+}
+
+/// The connector's end of a connection request: its side of the connection, where the
+/// listener's challenge arrives, and where its hello goes.
+pub(crate) struct Opened {
+    pub(crate) conn: MemConn,
+    pub(crate) challenge: mpsc::Receiver<Challenge>,
+    pub(crate) hello: mpsc::Sender<Vec<u8>>,
+    pub(crate) listener: u64,
+}
+
+impl MemTransport {
+    /// A listener with this hello deadline and cap on waiting connections.
+    pub(crate) fn listen_with(
+        &self,
+        hello_timeout: Duration,
+        max_pending: usize,
+    ) -> (MemListener, ConnectHandle) {
+        let id = self.fabric.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.fabric.listeners).insert(id, tx);
+        (
+            MemListener {
+                rx,
+                id,
+                fabric: self.fabric.clone(),
+                pending: Vec::new(),
+                hello_timeout,
+                max_pending,
+                check: None,
+            },
+            ConnectHandle {
+                transport: "mem".into(),
+                addr: id.to_le_bytes().to_vec(),
+            },
+        )
+    }
+
+    /// Asks the listener behind `handle` for a connection (it answers with a challenge).
+    pub(crate) fn open(&self, handle: &ConnectHandle) -> NetResult<Opened> {
+        if handle.transport != "mem" || handle.addr.len() != 8 {
+            return Err(NetError::Protocol("not a mem connect handle".into()));
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&handle.addr);
+        let id = u64::from_le_bytes(b);
+        let k = self.fabric.next.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared::default());
+        let mine = MemConn {
+            shared: shared.clone(),
+            side: 0,
+            sends_posted: 0,
+            recvs_posted: 0,
+            desc: format!("mem listener {id}"),
+            done_local: false,
+        };
+        let theirs = MemConn {
+            shared,
+            side: 1,
+            sends_posted: 0,
+            recvs_posted: 0,
+            desc: format!("mem connector {k}"),
+            done_local: false,
+        };
+        let (ctx, crx) = mpsc::channel();
+        let (htx, hrx) = mpsc::channel();
+        let tx = lock(&self.fabric.listeners)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| NetError::Lost(format!("no mem listener {id}")))?;
+        tx.send(ConnectReq {
+            conn: theirs,
+            challenge: ctx,
+            hello: hrx,
+        })
+        .map_err(|_| NetError::Lost(format!("mem listener {id} is gone")))?;
+        Ok(Opened {
+            conn: mine,
+            challenge: crx,
+            hello: htx,
+            listener: id,
+        })
     }
 }
 
@@ -362,73 +558,80 @@ impl Transport for MemTransport {
     }
 
     fn listen(&self, _dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)> {
-        let id = self.fabric.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        lock(&self.fabric.listeners).insert(id, tx);
-        Ok((
-            Box::new(MemListener {
-                rx,
-                id,
-                fabric: self.fabric.clone(),
-            }),
-            ConnectHandle {
-                transport: "mem".into(),
-                addr: id.to_le_bytes().to_vec(),
-            },
-        ))
+        let (l, h) = self.listen_with(HELLO_TIMEOUT, MAX_PENDING);
+        Ok((Box::new(l), h))
     }
 
-    fn connect(
+    fn connect_challenged(
         &self,
         handle: &ConnectHandle,
-        hello: &[u8],
-        _deadline: Instant,
+        hello: HelloFn<'_>,
+        deadline: Instant,
     ) -> NetResult<Box<dyn Conn>> {
-        if handle.transport != "mem" || handle.addr.len() != 8 {
-            return Err(NetError::Protocol("not a mem connect handle".into()));
+        // A listener that refuses the connection before its challenge (too many connections
+        // waiting there) is asked again until the deadline.
+        let (o, challenge) = loop {
+            let o = self.open(handle)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match o.challenge.recv_timeout(left) {
+                Ok(c) => break (o, c),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(NetError::Timeout(format!(
+                        "waiting for the challenge of mem listener {}",
+                        o.listener
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(NetError::Lost(format!(
+                            "mem listener {} refused the connection",
+                            o.listener
+                        )));
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(1)));
+                }
+            }
+        };
+        let id = o.listener;
+        let body = hello(&challenge);
+        if body.len() > MAX_HELLO {
+            return Err(NetError::Protocol("hello larger than 4 KiB".into()));
         }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&handle.addr);
-        let id = u64::from_le_bytes(b);
-        let shared = Arc::new(Shared::default());
-        let mine = MemConn {
-            shared: shared.clone(),
-            side: 0,
-            sends_posted: 0,
-            recvs_posted: 0,
-            desc: format!("mem listener {id}"),
-            done_local: false,
-        };
-        let theirs = MemConn {
-            shared,
-            side: 1,
-            sends_posted: 0,
-            recvs_posted: 0,
-            desc: "mem connector".into(),
-            done_local: false,
-        };
-        let tx = lock(&self.fabric.listeners)
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| NetError::Lost(format!("no mem listener {id}")))?;
-        tx.send((theirs, hello.to_vec()))
-            .map_err(|_| NetError::Lost(format!("mem listener {id} is gone")))?;
-        Ok(Box::new(mine))
+        o.hello
+            .send(body)
+            .map_err(|_| NetError::Lost(format!("mem listener {id} dropped the connection")))?;
+        Ok(Box::new(o.conn))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance as conf;
+
+    fn pair(t: &MemTransport) -> (Box<dyn Conn>, Box<dyn Conn>) {
+        let (mut l, h) = t.listen(0).unwrap();
+        let t2 = t.clone();
+        let th = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            t2.connect_challenged(&h, &|_| b"hi".to_vec(), deadline)
+                .unwrap()
+        });
+        let a = loop {
+            if let Some(a) = l.accept_challenged().unwrap() {
+                break a;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(a.hello, b"hi");
+        (a.conn, th.join().unwrap())
+    }
 
     #[test]
     fn send_recv_and_mismatch() {
-        let f = MemFabric::new();
-        let t = MemTransport::new(f);
-        let (mut l, h) = t.listen(0).unwrap();
-        let mut a = t.connect(&h, b"hi", Instant::now()).unwrap();
-        let (mut b, hello) = l.accept().unwrap().unwrap();
-        assert_eq!(hello, b"hi");
+        let t = MemTransport::new(MemFabric::new());
+        let (mut b, mut a) = pair(&t);
         let src = [1u8, 2, 3, 4];
         let mut dst = [0u8; 4];
         let meta = [7u8; META_LEN];
@@ -448,5 +651,63 @@ mod tests {
         assert!(matches!(b.progress(), Err(NetError::Mismatch { .. })));
         drop(a);
         assert!(b.progress().is_err());
+    }
+
+    #[test]
+    fn conformance() {
+        let t = MemTransport::new(MemFabric::new());
+        let mk = || pair(&t);
+        conf::exchange(&mk, conf::SIZES);
+        conf::both_directions_at_once(&mk);
+        conf::mismatch_is_reported_with_meta(&mk);
+        // Not death_goodbye_and_abort: a mem connection forgets the sends still posted when it
+        // closes (it holds no copies), so data sent just before a goodbye may not arrive.
+    }
+
+    /// A connection request made by hand.
+    struct RawMem {
+        o: Opened,
+        challenge: Option<Challenge>,
+    }
+
+    impl conf::RawPeer for RawMem {
+        fn challenge(&self) -> Option<Challenge> {
+            self.challenge
+        }
+
+        fn dropped(&mut self, within: Duration) -> bool {
+            let end = Instant::now() + within;
+            while Instant::now() < end {
+                if self.o.conn.progress().is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        }
+    }
+
+    #[test]
+    fn challenge_response() {
+        let t = MemTransport::new(MemFabric::new());
+        let t2 = t.clone();
+        let listen = move |timeout: Duration, cap: usize| {
+            let (l, h) = t2.listen_with(timeout, cap);
+            (Box::new(l) as Box<dyn Listener>, h)
+        };
+        let t3 = t.clone();
+        let raw = move |h: &ConnectHandle, declared: Option<usize>| {
+            let o = t3.open(h).unwrap();
+            let challenge = o.challenge.recv_timeout(Duration::from_secs(10)).ok();
+            if let (Some(_), Some(n)) = (challenge, declared) {
+                let _ = o.hello.send(vec![0u8; n.min(MAX_HELLO + 1)]);
+            }
+            Box::new(RawMem { o, challenge }) as Box<dyn conf::RawPeer>
+        };
+        conf::challenges(&conf::Kit {
+            transport: &t,
+            listen: &listen,
+            raw: &raw,
+        });
     }
 }

@@ -113,6 +113,62 @@ pub(crate) fn random_id() -> u64 {
     h.finish() | 1
 }
 
+/// Seals that every memfd braid hands to a peer carries, and that a receiver requires before
+/// it maps one: its size can never change, so a peer cannot truncate it under our mapping
+/// (which would kill us with SIGBUS on the next access).
+pub(crate) const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// A fresh memfd of `len` bytes (close-on-exec), sealed with [`SEALS`] and `F_SEAL_SEAL`.
+///
+/// Errors: `memfd_create`, `ftruncate` or `fcntl(F_ADD_SEALS)` failed.
+pub(crate) fn sealed_memfd(name: &std::ffi::CStr, len: usize) -> NetResult<OwnedFd> {
+    // SAFETY: `name` is a NUL-terminated C string.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(last_err("memfd_create"));
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain system call on an open memfd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(last_err("ftruncate of a memfd"));
+    }
+    // SAFETY: plain system call on an open memfd created with MFD_ALLOW_SEALING.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) } != 0 {
+        return Err(last_err("sealing a memfd"));
+    }
+    Ok(fd)
+}
+
+/// Checks, BEFORE anything maps it, that `fd` (passed or named by a peer) is a sealed memfd
+/// ([`SEALS`]: its size cannot change) of a regular file of at least `len` bytes (exactly `len`
+/// with `exact`). Returns its inode and size; the error says why it must not be mapped.
+pub(crate) fn check_sealed(fd: RawFd, len: u64, exact: bool) -> Result<(u64, u64), String> {
+    // SAFETY: stat is plain data; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the live `st`.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err("segment not sealed: not a memfd".into());
+    }
+    // SAFETY: plain system call on an open descriptor; fails (EINVAL) for non-memfd files.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 || seals & SEALS != SEALS {
+        return Err(format!(
+            "segment not sealed (seals {seals:#x}, need shrink and grow): the peer could \
+             truncate it under our mapping"
+        ));
+    }
+    let size = st.st_size as u64;
+    if (exact && size != len) || size < len {
+        return Err(format!("segment of {size} bytes, expected {len}"));
+    }
+    Ok((st.st_ino, size))
+}
+
 fn fstat_ino_size(fd: RawFd) -> NetResult<(u64, u64)> {
     // SAFETY: stat is plain data; all-zero is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -135,8 +191,16 @@ impl Regions {
     /// Errors: `memfd_create`, `ftruncate` or `mmap` failed (out of memory, descriptor limit).
     pub fn alloc(self: &Arc<Self>, len: usize) -> NetResult<Region> {
         let map_len = len.max(1).div_ceil(4096) * 4096;
+        let fd = sealed_memfd(c"braid-region", map_len)?;
+        self.register_memfd(fd, len, map_len)
+    }
+
+    /// As [`Regions::alloc`] with an unsealed memfd (which peers refuse to map).
+    #[cfg(test)]
+    pub(crate) fn alloc_unsealed(self: &Arc<Self>, len: usize) -> NetResult<Region> {
+        let map_len = len.max(1).div_ceil(4096) * 4096;
         // SAFETY: the name is a NUL-terminated literal.
-        let fd = unsafe { libc::memfd_create(c"braid-region".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"braid-unsealed".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(last_err("memfd_create"));
         }
@@ -144,8 +208,18 @@ impl Regions {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: plain system call on an open memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), map_len as libc::off_t) } != 0 {
-            return Err(last_err("ftruncate of a shared region"));
+            return Err(last_err("ftruncate"));
         }
+        self.register_memfd(fd, len, map_len)
+    }
+
+    /// Maps the memfd `fd` of `map_len` bytes and registers it as a region of `len` bytes.
+    fn register_memfd(
+        self: &Arc<Self>,
+        fd: OwnedFd,
+        len: usize,
+        map_len: usize,
+    ) -> NetResult<Region> {
         // SAFETY: maps map_len bytes of the memfd just sized to map_len; checked below.
         let p = unsafe {
             libc::mmap(
@@ -363,13 +437,18 @@ impl RemoteMaps {
     }
 
     fn map(d: &RegionDesc) -> NetResult<RemoteMap> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = format!("/proc/{}/fd/{}", d.pid, d.fd);
+        // Non-blocking: a descriptor that names a FIFO or a device must not block the open.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
             .map_err(|e| NetError::io(format!("open {path}"), e))?;
-        let (ino, size) = fstat_ino_size(f.as_raw_fd())?;
+        // Only a sealed memfd is mapped: the owner cannot truncate it under the mapping.
+        let (ino, size) = check_sealed(f.as_raw_fd(), d.region_len, false)
+            .map_err(|why| NetError::Unavailable(format!("{path}: {why}")))?;
         if ino != d.ino || size < d.region_len {
             return Err(NetError::Unavailable(format!(
                 "{path} is not the region described (inode {ino} size {size}, expected inode {} size {})",
@@ -484,6 +563,9 @@ mod tests {
         assert!(regs.lookup(r.as_ptr(), 1 << 20).is_none());
         let x = 0u8;
         assert!(regs.lookup(&x, 1).is_none());
+        // The region's memfd is sealed: its owner cannot truncate it under a peer's mapping.
+        // SAFETY: plain system call on the region's open memfd.
+        assert_ne!(unsafe { libc::ftruncate(r._fd.as_raw_fd(), 0) }, 0);
         let mut rm = RemoteMaps::new();
         let p = rm.resolve(&d, 50).unwrap();
         // SAFETY: 50 readable bytes.
@@ -503,5 +585,28 @@ mod tests {
         let d2 = regs.lookup(r2.as_ptr(), 4096).unwrap();
         rm.resolve(&d2, 4096).unwrap();
         assert_eq!(rm.len(), 1);
+    }
+
+    #[test]
+    fn unsealed_regions_are_never_mapped() {
+        let regs = Regions::new();
+        let r = regs.alloc_unsealed(8192).unwrap();
+        let d = regs.lookup(r.as_ptr(), 8192).unwrap();
+        let mut rm = RemoteMaps::new();
+        let e = rm.resolve(&d, 8192).unwrap_err().to_string();
+        assert!(e.contains("not sealed"), "{e}");
+        assert!(rm.is_empty());
+        // Not a memfd at all (a pipe): refused without blocking.
+        let mut p = [0; 2];
+        // SAFETY: pipe writes two descriptors into the live array.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors owned here.
+        let _p = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let fake = RegionDesc { fd: p[0], ..d };
+        let e = rm.resolve(&fake, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("not sealed") || e.contains("not the region"),
+            "{e}"
+        );
     }
 }

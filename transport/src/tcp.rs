@@ -13,28 +13,47 @@
 //! through a 64 KiB per-socket read buffer so that several small frames cost one `read`.
 //! Nothing is allocated per message once the queues have grown to their working size.
 //!
-//! A new socket first sends a 28-byte socket hello (magic `BRDT`, version, index, socket count,
-//! stripe size, connection id, length of the caller's hello), then the caller's hello bytes on
-//! socket 0. The listener drops sockets whose hello is not this protocol, with a log line.
+//! The listener sends every accepted socket a 40-byte challenge frame first (magic `BRDC`,
+//! version, a fresh random challenge, a fresh random connection secret). The connector reads it
+//! (within its deadline) and answers with a 40-byte socket hello (magic `BRDT`, version, index,
+//! socket count, stripe size, connection secret, length of the caller's hello), followed on
+//! socket 0 by the caller's hello, which the caller built from socket 0's challenge
+//! ([`Transport::connect_challenged`]). Sockets 1.. of a striped connection present the secret
+//! that socket 0 received, so nobody but that connector can add a stripe to the connection.
+//! The listener bounds the hello's declared length (4 KiB) before reading it, drops sockets
+//! whose hello is not this protocol or does not arrive within the hello deadline (10 s), and
+//! closes new sockets at once while 128 connections already wait for their hello; each with a
+//! log line naming the peer.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::reqs::ReqTable;
 use crate::{
-    Completion, Conn, ConnectHandle, DeviceProps, Listener, Meta, NetError, NetResult, PollFd,
-    PtrSupport, Request, Transport, META_LEN,
+    random_bytes, Arrival, Challenge, Completion, Conn, ConnectHandle, DeviceProps, HelloCheck,
+    HelloFn, Listener, Meta, NetError, NetResult, PollFd, PtrSupport, Request, Transport,
+    CHALLENGE_LEN, META_LEN,
 };
 
 const FRAME_MAGIC: [u8; 4] = *b"BRDF";
 const HELLO_MAGIC: [u8; 4] = *b"BRDT";
+const CHAL_MAGIC: [u8; 4] = *b"BRDC";
 /// Version of the TCP wire protocol.
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 const HDR: usize = 64;
-const SOCK_HELLO: usize = 28;
+const SOCK_HELLO: usize = 40;
+const SECRET_LEN: usize = 16;
+/// A random per-connection secret that sockets 1.. of a striped connection present.
+type Secret = [u8; SECRET_LEN];
+/// Length of the challenge frame a listener sends first on every socket.
+const CHAL_FRAME: usize = 8 + CHALLENGE_LEN + SECRET_LEN;
+/// Most connections that may wait for their hello at once on one listener (sockets whose
+/// hello has not arrived, plus striped connections whose other sockets have not); more are
+/// closed at once.
+pub const MAX_PENDING: usize = 128;
 const KIND_DATA: u8 = 1;
 const KIND_ABORT: u8 = 2;
 const KIND_BYE: u8 = 3;
@@ -119,18 +138,182 @@ fn set_buf(fd: RawFd, sz: usize) {
     }
 }
 
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        if f.read_exact(&mut b).is_ok() {
-            return u64::from_le_bytes(b);
+/// Sends on a non-blocking socket without raising SIGPIPE (EPIPE comes back instead).
+fn send_nosignal(fd: RawFd, b: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: FFI; `b` is a live slice of b.len() readable bytes.
+    let r = unsafe {
+        libc::send(
+            fd,
+            b.as_ptr().cast::<libc::c_void>(),
+            b.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes from a blocking socket by `deadline`. `Ok(false)`: the peer
+/// closed (or reset) the connection first.
+fn read_by(s: &TcpStream, buf: &mut [u8], deadline: Instant, what: &str) -> NetResult<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(NetError::Timeout(what.to_string()));
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(|e| NetError::io("set_read_timeout", e))?;
+        let mut r: &TcpStream = s;
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(k) => got += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(NetError::io(what, e)),
         }
     }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ ((std::process::id() as u64) << 32) ^ (&b as *const _ as u64)
+    Ok(true)
+}
+
+/// The frame a listener sends first on every accepted socket: magic `BRDC`, version, two
+/// zero bytes, the socket's fresh challenge, and the connection secret that the connector's
+/// other sockets of this connection present (meaningful on the first socket only).
+fn encode_challenge(ch: &Challenge, secret: &Secret) -> [u8; CHAL_FRAME] {
+    let mut f = [0u8; CHAL_FRAME];
+    f[0..4].copy_from_slice(&CHAL_MAGIC);
+    f[4..6].copy_from_slice(&PROTO_VERSION.to_le_bytes());
+    f[8..8 + CHALLENGE_LEN].copy_from_slice(ch);
+    f[8 + CHALLENGE_LEN..].copy_from_slice(secret);
+    f
+}
+
+fn decode_challenge(f: &[u8; CHAL_FRAME]) -> NetResult<(Challenge, Secret)> {
+    if f[0..4] != CHAL_MAGIC {
+        return Err(NetError::Protocol(
+            "the listener did not send a braid tcp challenge (bad magic)".into(),
+        ));
+    }
+    let ver = u16::from_le_bytes([f[4], f[5]]);
+    if ver != PROTO_VERSION {
+        return Err(NetError::Protocol(format!(
+            "the listener speaks tcp protocol version {ver}, this build {PROTO_VERSION}"
+        )));
+    }
+    let mut ch = [0u8; CHALLENGE_LEN];
+    ch.copy_from_slice(&f[8..8 + CHALLENGE_LEN]);
+    let mut secret = [0u8; SECRET_LEN];
+    secret.copy_from_slice(&f[8 + CHALLENGE_LEN..]);
+    Ok((ch, secret))
+}
+
+/// A socket hello: magic `BRDT`, version, socket index, socket count, 2 zero bytes, stripe
+/// size (u32), connection secret (zero on socket 0), length of the caller's hello (u32), 4 zero
+/// bytes; then, on socket 0, the caller's hello.
+fn encode_sock_hello(
+    index: usize,
+    nsock: usize,
+    stripe_min: usize,
+    secret: &Secret,
+    hello: &[u8],
+) -> Vec<u8> {
+    let mut h = Vec::with_capacity(SOCK_HELLO + hello.len());
+    h.extend_from_slice(&HELLO_MAGIC);
+    h.extend_from_slice(&PROTO_VERSION.to_le_bytes());
+    h.extend_from_slice(&(index as u16).to_le_bytes());
+    h.extend_from_slice(&(nsock as u16).to_le_bytes());
+    h.extend_from_slice(&0u16.to_le_bytes());
+    h.extend_from_slice(&(stripe_min.min(u32::MAX as usize) as u32).to_le_bytes());
+    h.extend_from_slice(secret);
+    h.extend_from_slice(&(hello.len() as u32).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(hello);
+    h
+}
+
+impl TcpTransport {
+    /// Opens one socket to `addr` and reads the listener's challenge frame. A listener that
+    /// closes the socket before its challenge (too many connections waiting there) is retried
+    /// until `deadline`, as is a refused connection.
+    fn open_socket(
+        &self,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> NetResult<(TcpStream, Challenge, Secret)> {
+        let pause = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NetError::Timeout(format!("connecting to {addr}")));
+            }
+            let s = match TcpStream::connect_timeout(&addr, left) {
+                Ok(s) => s,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    pause();
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::TimedOut => {
+                    return Err(NetError::Timeout(format!("connecting to {addr}")))
+                }
+                Err(e) => return Err(NetError::io(format!("connect {addr}"), e)),
+            };
+            self.setup_socket(&s)?;
+            let mut f = [0u8; CHAL_FRAME];
+            let what = format!("waiting for the challenge of {addr}");
+            if !read_by(&s, &mut f, deadline, &what)? {
+                tracing::debug!(target: "braid::net", "{addr} closed the connection before its challenge; retrying");
+                pause();
+                continue;
+            }
+            let (ch, secret) = decode_challenge(&f)?;
+            return Ok((s, ch, secret));
+        }
+    }
+
+    /// A listener with the default hello deadline and pending cap (tests change them).
+    fn listen_tcp(&self) -> NetResult<(TcpListen, ConnectHandle)> {
+        let l = TcpListener::bind(SocketAddr::new(self.opts.bind, 0))
+            .map_err(|e| NetError::io(format!("bind {}", self.opts.bind), e))?;
+        l.set_nonblocking(true)
+            .map_err(|e| NetError::io("set_nonblocking", e))?;
+        let addr = l.local_addr().map_err(|e| NetError::io("local_addr", e))?;
+        let handle = ConnectHandle {
+            transport: "tcp".into(),
+            addr: addr.to_string().into_bytes(),
+        };
+        let ep = epoll_new();
+        epoll_ctl(&ep, libc::EPOLL_CTL_ADD, l.as_raw_fd());
+        Ok((
+            TcpListen {
+                listener: l,
+                transport: self.clone(),
+                pending: Vec::new(),
+                groups: HashMap::new(),
+                hello_timeout: HELLO_TIMEOUT,
+                max_pending: MAX_PENDING,
+                check: None,
+                ep,
+            },
+            handle,
+        ))
+    }
 }
 
 impl Transport for TcpTransport {
@@ -151,30 +334,14 @@ impl Transport for TcpTransport {
     }
 
     fn listen(&self, _dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)> {
-        let l = TcpListener::bind(SocketAddr::new(self.opts.bind, 0))
-            .map_err(|e| NetError::io(format!("bind {}", self.opts.bind), e))?;
-        l.set_nonblocking(true)
-            .map_err(|e| NetError::io("set_nonblocking", e))?;
-        let addr = l.local_addr().map_err(|e| NetError::io("local_addr", e))?;
-        let handle = ConnectHandle {
-            transport: "tcp".into(),
-            addr: addr.to_string().into_bytes(),
-        };
-        Ok((
-            Box::new(TcpListen {
-                listener: l,
-                transport: self.clone(),
-                pending: Vec::new(),
-                groups: HashMap::new(),
-            }),
-            handle,
-        ))
+        let (l, h) = self.listen_tcp()?;
+        Ok((Box::new(l), h))
     }
 
-    fn connect(
+    fn connect_challenged(
         &self,
         handle: &ConnectHandle,
-        hello: &[u8],
+        hello: HelloFn<'_>,
         deadline: Instant,
     ) -> NetResult<Box<dyn Conn>> {
         if handle.transport != "tcp" {
@@ -183,49 +350,28 @@ impl Transport for TcpTransport {
                 handle.transport
             )));
         }
-        if hello.len() > MAX_HELLO {
-            return Err(NetError::Protocol("hello larger than 4 KiB".into()));
-        }
         let addr: SocketAddr = std::str::from_utf8(&handle.addr)
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| NetError::Protocol("tcp handle does not hold an address".into()))?;
         let n = self.opts.streams;
-        let conn_id = random_u64();
+        let mut secret: Secret = [0; SECRET_LEN];
         let mut socks = Vec::with_capacity(n);
         for i in 0..n {
-            let s = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(NetError::Timeout(format!("connecting to {addr}")));
+            let (s, challenge, sec) = self.open_socket(addr, deadline)?;
+            // Socket 0 answers its challenge with the caller's hello and learns the connection
+            // secret; the other sockets present that secret, so only this connector can add
+            // sockets to this connection.
+            let h = if i == 0 {
+                secret = sec;
+                let body = hello(&challenge);
+                if body.len() > MAX_HELLO {
+                    return Err(NetError::Protocol("hello larger than 4 KiB".into()));
                 }
-                match TcpStream::connect_timeout(&addr, left) {
-                    Ok(s) => break s,
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) if e.kind() == ErrorKind::TimedOut => {
-                        return Err(NetError::Timeout(format!("connecting to {addr}")))
-                    }
-                    Err(e) => return Err(NetError::io(format!("connect {addr}"), e)),
-                }
+                encode_sock_hello(0, n, self.opts.stripe_min, &[0; SECRET_LEN], &body)
+            } else {
+                encode_sock_hello(i, n, self.opts.stripe_min, &secret, &[])
             };
-            self.setup_socket(&s)?;
-            let mut h = Vec::with_capacity(SOCK_HELLO + hello.len());
-            h.extend_from_slice(&HELLO_MAGIC);
-            h.extend_from_slice(&PROTO_VERSION.to_le_bytes());
-            h.extend_from_slice(&(i as u16).to_le_bytes());
-            h.extend_from_slice(&(n as u16).to_le_bytes());
-            h.extend_from_slice(&0u16.to_le_bytes());
-            h.extend_from_slice(
-                &(self.opts.stripe_min.min(u32::MAX as usize) as u32).to_le_bytes(),
-            );
-            h.extend_from_slice(&conn_id.to_le_bytes());
-            let hl = if i == 0 { hello.len() } else { 0 };
-            h.extend_from_slice(&(hl as u32).to_le_bytes());
-            if i == 0 {
-                h.extend_from_slice(hello);
-            }
             let left = deadline.saturating_duration_since(Instant::now());
             s.set_write_timeout(Some(left.max(Duration::from_millis(1))))
                 .map_err(|e| NetError::io("set_write_timeout", e))?;
@@ -246,35 +392,85 @@ impl Transport for TcpTransport {
 struct PendingSock {
     stream: TcpStream,
     peer: SocketAddr,
+    /// Socket hello bytes received so far (at most SOCK_HELLO + MAX_HELLO).
     buf: Vec<u8>,
     since: Instant,
+    /// The challenge sent on this socket.
+    challenge: Challenge,
+    /// The connection secret sent on this socket (the key of its group if it is socket 0).
+    secret: Secret,
+    /// The challenge frame and how much of it went out.
+    out: [u8; CHAL_FRAME],
+    sent: usize,
 }
 
 struct Group {
     socks: Vec<Option<TcpStream>>,
     hello: Vec<u8>,
+    challenge: Challenge,
     stripe_min: usize,
     since: Instant,
     peer: SocketAddr,
 }
 
 /// Listening socket of the TCP transport.
+///
+/// Every accepted socket gets a challenge frame at once; its socket hello must arrive within
+/// the hello deadline, and at most `max_pending` sockets and incomplete striped connections
+/// wait at a time (more are closed at once). The caller's hello is at most 4 KiB and its
+/// declared length is checked before anything is read into memory.
 pub struct TcpListen {
     listener: TcpListener,
     transport: TcpTransport,
     pending: Vec<PendingSock>,
-    groups: HashMap<u64, Group>,
+    /// Striped connections whose first socket arrived, by connection secret.
+    groups: HashMap<Secret, Group>,
+    hello_timeout: Duration,
+    max_pending: usize,
+    check: Option<HelloCheck>,
+    /// An epoll set of the listening socket and the pending sockets, so that one descriptor
+    /// ([`Listener::fd`]) wakes the caller for new sockets and for hellos alike (`None` if
+    /// epoll is unavailable: then only new sockets wake it).
+    ep: Option<OwnedFd>,
+}
+
+fn epoll_new() -> Option<OwnedFd> {
+    // SAFETY: FFI without pointers; a valid descriptor is owned by nobody else.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor this function owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn epoll_ctl(ep: &Option<OwnedFd>, op: libc::c_int, fd: RawFd) {
+    let Some(ep) = ep else {
+        return;
+    };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+        u64: fd as u64,
+    };
+    // SAFETY: FFI; `ev` lives across the call; both descriptors are open (a failure, e.g. a
+    // descriptor already removed, only costs a wake-up).
+    unsafe {
+        libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev);
+    }
+}
+
+/// A socket hello that arrived whole.
+struct SockHello {
+    index: usize,
+    nsock: usize,
+    stripe_min: usize,
+    secret: Secret,
+    hello: Vec<u8>,
 }
 
 enum HelloState {
     Incomplete,
-    Done {
-        index: usize,
-        nsock: usize,
-        stripe_min: usize,
-        conn_id: u64,
-        hello: Vec<u8>,
-    },
+    Done(SockHello),
     Bad(String),
 }
 
@@ -299,13 +495,12 @@ fn parse_sock_hello(b: &[u8]) -> HelloState {
     let index = u16at(6) as usize;
     let nsock = u16at(8) as usize;
     let stripe_min = u32at(12) as usize;
-    let mut idb = [0u8; 8];
-    idb.copy_from_slice(&b[16..24]);
-    let conn_id = u64::from_le_bytes(idb);
-    let hl = u32at(24) as usize;
+    let mut secret = [0u8; SECRET_LEN];
+    secret.copy_from_slice(&b[16..32]);
+    let hl = u32at(32) as usize;
     if nsock == 0 || nsock > MAX_STREAMS || index >= nsock || hl > MAX_HELLO || stripe_min == 0 {
         return HelloState::Bad(format!(
-            "bad socket hello (index {index}, sockets {nsock}, hello {hl} bytes)"
+            "bad socket hello (index {index}, sockets {nsock}, hello {hl} bytes, at most {MAX_HELLO})"
         ));
     }
     if (index > 0 && hl > 0) || b.len() > SOCK_HELLO + hl {
@@ -314,26 +509,37 @@ fn parse_sock_hello(b: &[u8]) -> HelloState {
     if b.len() < SOCK_HELLO + hl {
         return HelloState::Incomplete;
     }
-    HelloState::Done {
+    HelloState::Done(SockHello {
         index,
         nsock,
         stripe_min,
-        conn_id,
+        secret,
         hello: b[SOCK_HELLO..].to_vec(),
-    }
+    })
 }
 
 impl TcpListen {
+    /// Sends what is left of the challenge frame, then reads the socket hello, never more
+    /// than its declared (and bounded) length.
     fn read_pending(p: &mut PendingSock) -> Result<HelloState, String> {
+        while p.sent < CHAL_FRAME {
+            match send_nosignal(p.stream.as_raw_fd(), &p.out[p.sent..]) {
+                Ok(k) => p.sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(HelloState::Incomplete),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("sending the challenge: {e}")),
+            }
+        }
         loop {
             let want = match parse_sock_hello(&p.buf) {
                 HelloState::Incomplete => {
                     if p.buf.len() < SOCK_HELLO {
                         SOCK_HELLO - p.buf.len()
                     } else {
-                        let hl = u32::from_le_bytes([p.buf[24], p.buf[25], p.buf[26], p.buf[27]])
+                        // parse_sock_hello bounded this length (<= MAX_HELLO).
+                        let hl = u32::from_le_bytes([p.buf[32], p.buf[33], p.buf[34], p.buf[35]])
                             as usize;
-                        SOCK_HELLO + hl - p.buf.len()
+                        (SOCK_HELLO + hl).saturating_sub(p.buf.len())
                     }
                 }
                 other => return Ok(other),
@@ -349,13 +555,25 @@ impl TcpListen {
             }
         }
     }
-}
 
-impl Listener for TcpListen {
-    fn accept(&mut self) -> NetResult<Option<crate::Accepted>> {
+    /// Removes pending socket `i` (and from the epoll set).
+    fn take_pending(&mut self, i: usize) -> PendingSock {
+        let p = self.pending.swap_remove(i);
+        epoll_ctl(&self.ep, libc::EPOLL_CTL_DEL, p.stream.as_raw_fd());
+        p
+    }
+
+    /// Takes new sockets off the listening socket: each gets its challenge frame at once, or
+    /// is closed at once when `max_pending` connections already wait for their hello.
+    fn accept_new(&mut self) {
         loop {
             match self.listener.accept() {
                 Ok((s, peer)) => {
+                    let waiting = self.pending.len() + self.groups.len();
+                    if waiting >= self.max_pending {
+                        tracing::warn!(target: "braid::net", "refusing connection from {peer}: {waiting} connections already wait for their hello (at most {})", self.max_pending);
+                        continue;
+                    }
                     if let Err(e) = s.set_nonblocking(true) {
                         tracing::warn!(target: "braid::net", "dropping connection from {peer}: {e}");
                         continue;
@@ -364,12 +582,40 @@ impl Listener for TcpListen {
                         tracing::warn!(target: "braid::net", "dropping connection from {peer}: {e}");
                         continue;
                     }
-                    self.pending.push(PendingSock {
+                    let mut fresh = [0u8; CHALLENGE_LEN + SECRET_LEN];
+                    if let Err(e) = random_bytes(&mut fresh) {
+                        tracing::warn!(target: "braid::net", "dropping connection from {peer}: {e}");
+                        continue;
+                    }
+                    let mut challenge = [0u8; CHALLENGE_LEN];
+                    challenge.copy_from_slice(&fresh[..CHALLENGE_LEN]);
+                    let mut secret = [0u8; SECRET_LEN];
+                    secret.copy_from_slice(&fresh[CHALLENGE_LEN..]);
+                    let mut p = PendingSock {
+                        out: encode_challenge(&challenge, &secret),
                         stream: s,
                         peer,
                         buf: Vec::new(),
                         since: Instant::now(),
-                    });
+                        challenge,
+                        secret,
+                        sent: 0,
+                    };
+                    // A fresh socket's send buffer is empty: the frame goes out whole here.
+                    match send_nosignal(p.stream.as_raw_fd(), &p.out) {
+                        Ok(k) => p.sent = k,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::WouldBlock | ErrorKind::Interrupted
+                            ) => {}
+                        Err(e) => {
+                            tracing::warn!(target: "braid::net", "dropping connection from {peer}: sending the challenge: {e}");
+                            continue;
+                        }
+                    }
+                    epoll_ctl(&self.ep, libc::EPOLL_CTL_ADD, p.stream.as_raw_fd());
+                    self.pending.push(p);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -380,77 +626,137 @@ impl Listener for TcpListen {
                 }
             }
         }
+    }
+
+    /// Puts a socket whose hello arrived into its connection: socket 0 opens it (after the
+    /// hello check), the others join the connection whose secret they present. Returns the
+    /// socket when its connection's first socket is still pending (try again later).
+    fn place(&mut self, p: PendingSock, h: SockHello, now: Instant) -> Option<PendingSock> {
+        if h.index == 0 {
+            if let Some(check) = &self.check {
+                if let Err(why) = check(&p.challenge, &h.hello) {
+                    tracing::warn!(target: "braid::net", "dropping connection from {}: {why}", p.peer);
+                    return None;
+                }
+            }
+            let mut socks: Vec<Option<TcpStream>> = (0..h.nsock).map(|_| None).collect();
+            socks[0] = Some(p.stream);
+            self.groups.insert(
+                p.secret,
+                Group {
+                    socks,
+                    hello: h.hello,
+                    challenge: p.challenge,
+                    stripe_min: h.stripe_min,
+                    since: now,
+                    peer: p.peer,
+                },
+            );
+            return None;
+        }
+        match self.groups.get_mut(&h.secret) {
+            Some(g)
+                if g.peer.ip() == p.peer.ip()
+                    && g.socks.len() == h.nsock
+                    && g.stripe_min == h.stripe_min
+                    && g.socks[h.index].is_none() =>
+            {
+                g.socks[h.index] = Some(p.stream);
+                None
+            }
+            Some(g) => {
+                tracing::warn!(target: "braid::net", "dropping connection from {}: socket hello inconsistent with the connection from {} it names", p.peer, g.peer);
+                None
+            }
+            None if self.pending.iter().any(|q| q.secret == h.secret) => Some(p),
+            None => {
+                tracing::warn!(target: "braid::net", "dropping connection from {}: a stripe socket for no connection this listener opened", p.peer);
+                None
+            }
+        }
+    }
+}
+
+impl Listener for TcpListen {
+    fn accept_challenged(&mut self) -> NetResult<Option<Arrival>> {
         let now = Instant::now();
+        let mut done: Vec<(PendingSock, SockHello)> = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {
             let res = Self::read_pending(&mut self.pending[i]);
             match res {
                 Ok(HelloState::Incomplete) => {
-                    if now.duration_since(self.pending[i].since) > HELLO_TIMEOUT {
-                        let p = self.pending.swap_remove(i);
-                        tracing::warn!(target: "braid::net", "dropping connection from {}: no hello within {:?}", p.peer, HELLO_TIMEOUT);
+                    if now.duration_since(self.pending[i].since) > self.hello_timeout {
+                        let p = self.take_pending(i);
+                        tracing::warn!(target: "braid::net", "dropping connection from {}: no hello within {:?}", p.peer, self.hello_timeout);
                     } else {
                         i += 1;
                     }
                 }
                 Ok(HelloState::Bad(why)) | Err(why) => {
-                    let p = self.pending.swap_remove(i);
+                    let p = self.take_pending(i);
                     tracing::warn!(target: "braid::net", "dropping connection from {}: {why}", p.peer);
                 }
-                Ok(HelloState::Done {
-                    index,
-                    nsock,
-                    stripe_min,
-                    conn_id,
-                    hello,
-                }) => {
-                    let p = self.pending.swap_remove(i);
-                    let g = self.groups.entry(conn_id).or_insert_with(|| Group {
-                        socks: (0..nsock).map(|_| None).collect(),
-                        hello: Vec::new(),
-                        stripe_min,
-                        since: now,
-                        peer: p.peer,
-                    });
-                    if g.socks.len() != nsock
-                        || g.socks[index].is_some()
-                        || g.stripe_min != stripe_min
-                    {
-                        tracing::warn!(target: "braid::net", "dropping connection from {}: inconsistent socket hello", p.peer);
-                        continue;
-                    }
-                    if index == 0 {
-                        g.hello = hello;
-                    }
-                    g.socks[index] = Some(p.stream);
+                Ok(HelloState::Done(h)) => {
+                    let p = self.take_pending(i);
+                    done.push((p, h));
                 }
             }
         }
+        // New sockets after the pending ones were read: sockets that went away no longer
+        // count against the cap. Their hellos are read on the next call (epoll wakes it).
+        self.accept_new();
+        // First sockets first: they open the connections that the other sockets join.
+        done.sort_by_key(|(_, h)| h.index != 0);
+        let mut later = Vec::new();
+        for (p, h) in done {
+            if let Some(p) = self.place(p, h, now) {
+                later.push(p);
+            }
+        }
+        // Its hello stays in its buffer: it is placed again on the next call.
+        for p in later {
+            epoll_ctl(&self.ep, libc::EPOLL_CTL_ADD, p.stream.as_raw_fd());
+            self.pending.push(p);
+        }
         // Complete groups become connections; stale partial groups are dropped.
-        let done: Option<u64> = self
+        let ready: Option<Secret> = self
             .groups
             .iter()
             .find(|(_, g)| g.socks.iter().all(|s| s.is_some()))
             .map(|(k, _)| *k);
+        let timeout = self.hello_timeout;
         self.groups.retain(|_, g| {
-            let stale = now.duration_since(g.since) > HELLO_TIMEOUT;
+            let stale = now.duration_since(g.since) > timeout && g.socks.iter().any(|s| s.is_none());
             if stale {
-                tracing::warn!(target: "braid::net", "dropping partial connection from {}: sockets missing", g.peer);
+                tracing::warn!(target: "braid::net", "dropping partial connection from {}: sockets missing after {timeout:?}", g.peer);
             }
             !stale
         });
-        if let Some(k) = done {
+        if let Some(k) = ready {
             if let Some(g) = self.groups.remove(&k) {
                 let socks: Vec<TcpStream> = g.socks.into_iter().flatten().collect();
                 let conn = TcpConn::new(socks, g.stripe_min, g.peer.to_string());
-                return Ok(Some((Box::new(conn), g.hello)));
+                return Ok(Some(Arrival {
+                    conn: Box::new(conn),
+                    hello: g.hello,
+                    challenge: g.challenge,
+                    peer_pid: None,
+                }));
             }
         }
         Ok(None)
     }
 
+    fn set_hello_check(&mut self, check: HelloCheck) {
+        self.check = Some(check);
+    }
+
     fn fd(&self) -> Option<RawFd> {
-        Some(self.listener.as_raw_fd())
+        Some(match &self.ep {
+            Some(ep) => ep.as_raw_fd(),
+            None => self.listener.as_raw_fd(),
+        })
     }
 }
 
@@ -601,7 +907,7 @@ fn sys_read(fd: RawFd, ptr: *mut u8, len: usize) -> NetResult<Io> {
 }
 
 impl TcpConn {
-    fn new(streams: Vec<TcpStream>, stripe_min: usize, peer: String) -> TcpConn {
+    pub(crate) fn new(streams: Vec<TcpStream>, stripe_min: usize, peer: String) -> TcpConn {
         TcpConn {
             socks: streams
                 .into_iter()
@@ -1238,15 +1544,18 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let t2 = t.clone();
         let h2 = h.clone();
-        let th = std::thread::spawn(move || t2.connect(&h2, b"hello-123", deadline).unwrap());
-        let (a, hello) = loop {
-            if let Some(x) = l.accept().unwrap() {
+        let th = std::thread::spawn(move || {
+            t2.connect_challenged(&h2, &|_| b"hello-123".to_vec(), deadline)
+                .unwrap()
+        });
+        let a = loop {
+            if let Some(x) = l.accept_challenged().unwrap() {
                 break x;
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        assert_eq!(hello, b"hello-123");
-        (a, th.join().unwrap())
+        assert_eq!(a.hello, b"hello-123");
+        (a.conn, th.join().unwrap())
     }
 
     fn default_pair() -> (Box<dyn Conn>, Box<dyn Conn>) {
@@ -1259,6 +1568,82 @@ mod tests {
         conf::both_directions_at_once(&default_pair);
         conf::mismatch_is_reported_with_meta(&default_pair);
         conf::death_goodbye_and_abort(&default_pair);
+    }
+
+    /// A socket that speaks the handshake by hand.
+    struct RawTcp {
+        s: TcpStream,
+        challenge: Option<Challenge>,
+        secret: Secret,
+    }
+
+    impl RawTcp {
+        fn open(h: &ConnectHandle) -> RawTcp {
+            let addr: SocketAddr = std::str::from_utf8(&h.addr).unwrap().parse().unwrap();
+            let s = TcpStream::connect(addr).unwrap();
+            let mut f = [0u8; CHAL_FRAME];
+            let end = Instant::now() + Duration::from_secs(10);
+            let got = read_by(&s, &mut f, end, "challenge").unwrap();
+            let (challenge, secret) = match got {
+                true => {
+                    let (c, k) = decode_challenge(&f).unwrap();
+                    (Some(c), k)
+                }
+                false => (None, [0; SECRET_LEN]),
+            };
+            RawTcp {
+                s,
+                challenge,
+                secret,
+            }
+        }
+
+        fn send(&mut self, b: &[u8]) {
+            let _ = self.s.write_all(b);
+        }
+    }
+
+    impl conf::RawPeer for RawTcp {
+        fn challenge(&self) -> Option<Challenge> {
+            self.challenge
+        }
+
+        fn dropped(&mut self, within: Duration) -> bool {
+            self.s.set_read_timeout(Some(within)).unwrap();
+            let mut b = [0u8; 1];
+            match self.s.read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            }
+        }
+    }
+
+    fn raw(h: &ConnectHandle, declared: Option<usize>) -> Box<dyn conf::RawPeer> {
+        let mut r = RawTcp::open(h);
+        if let (Some(_), Some(n)) = (r.challenge, declared) {
+            let mut hdr = encode_sock_hello(0, 1, 4096, &[0; SECRET_LEN], &[]);
+            hdr[32..36].copy_from_slice(&(n.min(u32::MAX as usize) as u32).to_le_bytes());
+            r.send(&hdr);
+        }
+        Box::new(r)
+    }
+
+    #[test]
+    fn challenge_response() {
+        let t = TcpTransport::new(TcpOptions::default()).unwrap();
+        let t2 = t.clone();
+        let listen = move |timeout: Duration, cap: usize| {
+            let (mut l, h) = t2.listen_tcp().unwrap();
+            l.hello_timeout = timeout;
+            l.max_pending = cap;
+            (Box::new(l) as Box<dyn Listener>, h)
+        };
+        conf::challenges(&conf::Kit {
+            transport: &t,
+            listen: &listen,
+            raw: &raw,
+        });
     }
 
     #[test]
@@ -1277,6 +1662,66 @@ mod tests {
         conf::both_directions_at_once(&striped);
     }
 
+    /// Sockets 1.. of a striped connection must present the secret that socket 0 received: a
+    /// stranger's stripe (a guessed secret, or the secret of its own socket that opened no
+    /// connection) is dropped, and the real striped connection is made.
+    #[test]
+    fn strangers_cannot_add_a_stripe() {
+        let t = TcpTransport::new(TcpOptions {
+            streams: 2,
+            stripe_min: 4096,
+            ..Default::default()
+        })
+        .unwrap();
+        let (mut l, h) = t.listen(0).unwrap();
+        // The listener is polled by a thread of its own while the strangers talk to it, until
+        // a connection arrives.
+        let poller = std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end {
+                if let Some(a) = l.accept_challenged().unwrap() {
+                    return Some(a);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        });
+        let mut guess = RawTcp::open(&h);
+        assert!(guess.challenge.is_some());
+        guess.send(&encode_sock_hello(1, 2, 4096, &[0x11; SECRET_LEN], &[]));
+        let mut own = RawTcp::open(&h);
+        let own_secret = own.secret;
+        own.send(&encode_sock_hello(1, 2, 4096, &own_secret, &[]));
+        use conf::RawPeer;
+        assert!(guess.dropped(Duration::from_secs(10)));
+        assert!(own.dropped(Duration::from_secs(10)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = t
+            .connect_challenged(&h, &|_| b"ok".to_vec(), deadline)
+            .unwrap();
+        let mut a = poller
+            .join()
+            .unwrap()
+            .expect("the real connection did not arrive");
+        assert_eq!(a.hello, b"ok");
+        // A message large enough to use both sockets.
+        let src: Vec<u8> = (0..65536).map(|i| i as u8).collect();
+        let mut dst = vec![0u8; 65536];
+        // SAFETY: buffers outlive the requests (waited below).
+        let sreq = unsafe { c.isend(1, &[0; META_LEN], src.as_ptr(), src.len()) }
+            .unwrap()
+            .unwrap();
+        // SAFETY: as above.
+        let rreq = unsafe { a.conn.irecv(1, dst.as_mut_ptr(), dst.len()) }
+            .unwrap()
+            .unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| conf::wait(c.as_mut(), sreq).unwrap());
+            conf::wait(a.conn.as_mut(), rreq).unwrap();
+        });
+        assert_eq!(dst, src);
+    }
+
     #[test]
     fn strangers_are_dropped() {
         let t = TcpTransport::new(TcpOptions::default()).unwrap();
@@ -1291,11 +1736,14 @@ mod tests {
         s2.write_all(&bad).unwrap();
         // A real connection still gets through.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let th = std::thread::spawn(move || t.connect(&h, b"ok", deadline).unwrap());
+        let th = std::thread::spawn(move || {
+            t.connect_challenged(&h, &|_| b"ok".to_vec(), deadline)
+                .unwrap()
+        });
         let end = Instant::now() + Duration::from_secs(5);
         let got = loop {
-            if let Some((_, hello)) = l.accept().unwrap() {
-                break hello;
+            if let Some(a) = l.accept_challenged().unwrap() {
+                break a.hello;
             }
             assert!(Instant::now() < end);
             std::thread::sleep(Duration::from_millis(1));
@@ -1303,9 +1751,16 @@ mod tests {
         assert_eq!(got, b"ok");
         th.join().unwrap();
         // The strangers were closed by the listener.
-        let mut b = [0u8; 1];
+        let mut b = [0u8; CHAL_FRAME + 1];
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+        let mut n = 0;
+        loop {
+            match s.read(&mut b[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+            assert!(n <= CHAL_FRAME, "the listener sent more than its challenge");
+        }
     }
 
     #[test]

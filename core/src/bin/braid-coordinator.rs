@@ -30,7 +30,8 @@ with rank, id, host, pid, heartbeat age), waiting joiners and the history of epo
 reasons (initial, join, leave, failure); as text, or the raw JSON with --json.
 
 BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
-token never crosses the wire); `status` uses it too.
+token never crosses the wire); `status` uses it too. Without it, listening on an address other
+than loopback prints a warning on stderr.
 Prints `braid-coordinator listening on ADDR` on stdout once bound.
 Logs go to stderr; BRAID_LOG sets the filter (e.g. info, braid::membership=debug).
 ";
@@ -70,9 +71,7 @@ fn status(args: &[String]) -> ExitCode {
         eprintln!("braid-coordinator status: needs HOST:PORT\n\n{USAGE}");
         return ExitCode::from(2);
     };
-    let token = std::env::var("BRAID_JOB_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let token = braid::config::var("BRAID_JOB_TOKEN");
     let st = match braid::membership::coordinator_status(
         &addr,
         token.as_deref().map(str::as_bytes),
@@ -200,13 +199,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    let filter = std::env::var("BRAID_LOG")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "warn".into());
+    let filter = braid::config::var("BRAID_LOG").unwrap_or_else(|| "warn".into());
     braid::config::init_logging(&filter);
     install_handlers();
 
+    let has_token = opts.job_token.is_some();
     let mut coord = match Coordinator::bind_with(&bind, opts) {
         Ok(c) => c,
         Err(e) => {
@@ -214,6 +211,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !has_token && !coord.local_addr().ip().is_loopback() {
+        eprintln!(
+            "braid-coordinator: warning: listening on {} without a job token: anyone who can reach this port can register in or disturb a job; set BRAID_JOB_TOKEN to the same secret here and in every rank's environment",
+            coord.local_addr()
+        );
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "braid-coordinator listening on {}", coord.local_addr());
     let _ = out.flush();

@@ -9,10 +9,12 @@
 //! T seconds after the start, and `--kill R@T` sends SIGKILL to the process started as rank R
 //! at time T. Killed processes do not count as failures.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,16 +51,115 @@ coordinator assigns their rank when it admits them); their output is prefixed wi
 Scheduled joins and kills that are due after every process has exited are dropped.
 
 If a process fails (non-zero exit or a signal) the others get SIGTERM, then SIGKILL after
-3 s, no more joiners are started, and braid-run exits with the failed process's exit code
-(128+signal if it was killed). Processes killed by --kill are not failures. SIGINT and
-SIGTERM sent to braid-run are forwarded to the processes. Exit 0 when every process that
-braid-run did not kill exited 0.
+3 s, and no more joiners are started. The verdict names the process that failed first: of
+the failures seen within 2 s of the first one, a death by a signal braid-run did not send
+(a crash, kill -9) before a non-zero exit (ranks that exit because a peer died are
+consequences), then the earliest; braid-run exits with that process's exit code (128+signal
+if it was killed). Processes killed by --kill are not failures. SIGINT and SIGTERM sent to
+braid-run are forwarded to the processes. Exit 0 when every process that braid-run did not
+kill exited 0.
+
+When braid-run starts the coordinator (no --coordinator) and BRAID_JOB_TOKEN is not set, it
+generates a random job token (32 random bytes, hex) for the coordinator and every process,
+so the job's coordinator and data connections are authenticated. With --coordinator the
+environment's BRAID_JOB_TOKEN (if any) is passed on unchanged.
 ";
 
 /// Grace period between SIGTERM and SIGKILL when stopping ranks.
 const KILL_GRACE: Duration = Duration::from_secs(3);
 /// How long to wait for the output of exited ranks to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Failures seen within this window of the first one compete for the verdict: the reaper may
+/// see a killed rank and the peers that exit because of it in either order, and on a loaded
+/// host a killed process can take long to finish dying (its sockets close, its peers see that
+/// and exit, before it becomes a zombie). The verdict is given when every process has ended
+/// or the window has passed, whichever comes first.
+const VERDICT_WINDOW: Duration = Duration::from_secs(2);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The end of a child, as the reaper saw it.
+#[derive(Debug, Clone, Copy)]
+struct Death {
+    status: ExitStatus,
+    /// When the reaper saw it (it wakes as soon as a child ends).
+    at: Instant,
+}
+
+/// Children reaped by the reaper thread, by pid. Its lock is held while a child is spawned
+/// (std reaps a child whose exec failed itself) and while a signal is sent (a pid not in the
+/// map is still our child, alive or a zombie, so it cannot have been reused).
+#[derive(Default)]
+struct Reaper {
+    dead: Mutex<HashMap<u32, Death>>,
+    cv: Condvar,
+}
+
+impl Reaper {
+    /// Starts the thread that reaps every child as soon as it ends and records when.
+    fn start() -> std::io::Result<Arc<Reaper>> {
+        let r = Arc::new(Reaper::default());
+        let me = r.clone();
+        std::thread::Builder::new()
+            .name("braid-run-reaper".into())
+            .spawn(move || me.run())?;
+        Ok(r)
+    }
+
+    fn run(&self) {
+        loop {
+            // SAFETY: an all-zero siginfo_t is a valid out-parameter for waitid(2).
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: FFI; `info` is a valid siginfo_t. WNOWAIT leaves the child a zombie: it
+            // is reaped below under the lock.
+            let rc =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if rc != 0 {
+                // EINTR, or ECHILD (no child yet, or all reaped): look again shortly.
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                continue;
+            }
+            let at = Instant::now();
+            // SAFETY: waitid with WEXITED filled in the child fields of `info`.
+            let pid = unsafe { info.si_pid() };
+            let mut dead = lock(&self.dead);
+            let mut status: libc::c_int = 0;
+            // SAFETY: FFI; `status` is a valid out-parameter. `pid` is a zombie child (seen
+            // above), so this returns at once.
+            let got = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if got == pid {
+                if let Ok(pid) = u32::try_from(pid) {
+                    dead.insert(
+                        pid,
+                        Death {
+                            status: ExitStatus::from_raw(status),
+                            at,
+                        },
+                    );
+                }
+                self.cv.notify_all();
+            }
+        }
+    }
+
+    /// Sends `sig` to the process group of child `pid` unless the child has been reaped.
+    fn signal(&self, pid: u32, sig: libc::c_int) {
+        let dead = lock(&self.dead);
+        if !dead.contains_key(&pid) {
+            signal_group(pid, sig);
+        }
+    }
+
+    /// Waits up to `t` for a child to end.
+    fn nap(&self, t: Duration) {
+        let g = lock(&self.dead);
+        let _ = self.cv.wait_timeout(g, t);
+    }
+}
 
 /// The last signal received (0: none). Written only by the signal handler.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -78,13 +179,14 @@ fn install_handlers() {
 }
 
 /// Sends `sig` to the process group of a rank (each rank leads its own group, so helpers it
-/// started are reached too).
+/// started are reached too). Call it through [`Reaper::signal`].
 fn signal_group(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: FFI; kill(2) takes plain integers. `-pid` names the process group led by the
-    // rank, which is still our unreaped child (so the id cannot have been reused).
+    // rank, which is still our unreaped child (Reaper::signal checks under the reaper's lock),
+    // so the id cannot have been reused.
     unsafe {
         libc::kill(-pid, sig);
     }
@@ -155,6 +257,8 @@ struct Event {
 struct Opts {
     n: usize,
     coordinator: Option<String>,
+    /// Job token for every process (BRAID_JOB_TOKEN), when braid-run sets one.
+    token: Option<String>,
     /// Sorted by time; events due at the same time keep the command-line order.
     events: Vec<Event>,
     cmd: Vec<String>,
@@ -293,6 +397,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
     Ok(Some(Opts {
         n,
         coordinator,
+        token: None,
         events,
         cmd,
     }))
@@ -333,14 +438,18 @@ fn pump(rank: usize, src: impl Read, to_stderr: bool) {
 
 /// A process braid-run started: an initial rank or a joiner.
 struct Proc {
-    child: Child,
     pid: u32,
     /// Launcher index: the initial rank (below N) or N, N+1, ... for joiners.
     index: usize,
     joiner: bool,
     /// braid-run sent it SIGKILL for a --kill: its end is not a failure.
     killed: bool,
+    /// Signals braid-run sent it to stop it (a failure elsewhere, or a forwarded signal), as
+    /// a bit mask (bit `sig`).
+    sent: u64,
     status: Option<ExitStatus>,
+    /// When the reaper saw it end.
+    ended: Option<Instant>,
 }
 
 impl Proc {
@@ -360,6 +469,7 @@ fn spawn_proc(
     addr: &str,
     index: usize,
     pumps: &mut Vec<JoinHandle<()>>,
+    reaper: &Reaper,
 ) -> std::io::Result<Proc> {
     let joiner = index >= opts.n;
     let mut cmd = Command::new(&opts.cmd[0]);
@@ -373,6 +483,9 @@ fn spawn_proc(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(t) = &opts.token {
+        cmd.env("BRAID_JOB_TOKEN", t);
+    }
     if joiner {
         // The coordinator assigns a joiner's rank when it admits it; never pass on one that
         // braid-run's own environment may hold.
@@ -395,7 +508,12 @@ fn spawn_proc(
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    // Under the reaper's lock: std waits for a child whose exec failed itself, and the reaper
+    // must not take that child from it.
+    let mut child = {
+        let _g = lock(&reaper.dead);
+        cmd.spawn()?
+    };
     let pid = child.id();
     if let Some(out) = child.stdout.take() {
         if let Ok(h) = std::thread::Builder::new()
@@ -414,12 +532,13 @@ fn spawn_proc(
         }
     }
     Ok(Proc {
-        child,
         pid,
         index,
         joiner,
         killed: false,
+        sent: 0,
         status: None,
+        ended: None,
     })
 }
 
@@ -433,13 +552,19 @@ fn secs_since(start: Instant) -> String {
 struct Supervisor<'a> {
     opts: &'a Opts,
     addr: &'a str,
+    reaper: Arc<Reaper>,
     start: Instant,
     procs: Vec<Proc>,
     pumps: Vec<JoinHandle<()>>,
     /// Index of the next event of `opts.events` to run.
     next_event: usize,
-    /// Exit code of the first failure.
-    failed: Option<u8>,
+    /// Indices (into `procs`) of the processes that failed, in the order they were seen.
+    failures: Vec<usize>,
+    /// When the first failure was seen.
+    first_failure: Option<Instant>,
+    /// The verdict: which process failed first (None: braid-run's own failure) and the exit
+    /// code.
+    verdict: Option<(Option<usize>, u8)>,
     /// Stopping (a failure, or a forwarded signal): no more events run.
     stopping: bool,
     /// When the processes that ignore SIGTERM get SIGKILL.
@@ -447,25 +572,118 @@ struct Supervisor<'a> {
     sigkill_sent: bool,
 }
 
+/// How a failure competes for the verdict (smaller first): a death by a signal braid-run did
+/// not send (a crash, kill -9: also when braid-run had just sent it SIGTERM), then a non-zero
+/// exit, then a death by a signal braid-run sent to stop it.
+fn failure_class(p: &Proc) -> u8 {
+    match p.status.and_then(|s| s.signal()) {
+        Some(sig) if !p.was_sent(sig) => 0,
+        Some(_) => 2,
+        None => 1,
+    }
+}
+
+impl Proc {
+    /// Sends `sig` to its process group (unless it has been reaped) and remembers that.
+    fn stop_with(&mut self, reaper: &Reaper, sig: libc::c_int) {
+        if let Ok(bit) = u32::try_from(sig) {
+            self.sent |= 1u64.checked_shl(bit).unwrap_or(0);
+        }
+        reaper.signal(self.pid, sig);
+    }
+
+    fn was_sent(&self, sig: i32) -> bool {
+        u32::try_from(sig)
+            .ok()
+            .and_then(|b| 1u64.checked_shl(b))
+            .is_some_and(|m| self.sent & m != 0)
+    }
+}
+
 impl Supervisor<'_> {
     fn running(&self) -> impl Iterator<Item = &Proc> {
         self.procs.iter().filter(|p| p.status.is_none())
     }
 
-    /// A failure: remembers its exit code (the first one counts), sends SIGTERM to the others
-    /// and cancels the events still to come.
-    fn fail(&mut self, code: u8) {
-        if self.failed.is_some() {
+    /// Stops the job: SIGTERM to every running process, SIGKILL after the grace period, no
+    /// more events.
+    fn stop_all(&mut self) {
+        if self.stopping && self.kill_at.is_some() {
             return;
         }
-        self.failed = Some(code);
         self.stopping = true;
-        if self.running().next().is_some() {
-            eprintln!("braid-run: stopping the other ranks");
-            for p in self.running() {
-                signal_group(p.pid, libc::SIGTERM);
-            }
+        let reaper = self.reaper.clone();
+        let mut any = false;
+        for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
+            p.stop_with(&reaper, libc::SIGTERM);
+            any = true;
+        }
+        if any {
             self.kill_at = Some(Instant::now() + KILL_GRACE);
+        }
+    }
+
+    /// braid-run itself failed (a joiner could not be started): that is the verdict.
+    fn fail_here(&mut self, code: u8) {
+        if self.verdict.is_none() {
+            self.verdict = Some((None, code));
+            if self.running().next().is_some() {
+                eprintln!("braid-run: stopping the other ranks");
+            }
+        }
+        self.stop_all();
+    }
+
+    /// Decides which failure came first, once the window after the first one has passed (or
+    /// every process has ended), and says so.
+    fn decide(&mut self, force: bool) {
+        let Some(t0) = self.first_failure else {
+            return;
+        };
+        if self.verdict.is_some() || (!force && t0.elapsed() < VERDICT_WINDOW) {
+            return;
+        }
+        let window_end = t0 + VERDICT_WINDOW;
+        let first = self
+            .failures
+            .iter()
+            .copied()
+            .filter(|&i| self.procs[i].ended.is_some_and(|t| t <= window_end))
+            .min_by_key(|&i| (failure_class(&self.procs[i]), self.procs[i].ended, i));
+        let Some(first) = first else {
+            return;
+        };
+        let p = &self.procs[first];
+        let Some(st) = p.status else {
+            return;
+        };
+        eprintln!("braid-run: {} (pid {}) {}", p.label(), p.pid, describe(&st));
+        self.verdict = Some((Some(first), exit_code_of(&st)));
+        if self.procs.iter().any(|q| q.sent != 0) {
+            eprintln!("braid-run: stopping the other ranks");
+        }
+        let first_label = p.label();
+        for &i in &self.failures {
+            if i != first {
+                self.consequence(i, &first_label);
+            }
+        }
+    }
+
+    /// Reports a failure after the first one.
+    fn consequence(&self, i: usize, first: &str) {
+        let q = &self.procs[i];
+        // Deaths by the signal braid-run sent to stop the job say nothing new.
+        if failure_class(q) == 2 {
+            return;
+        }
+        if let Some(st) = q.status {
+            eprintln!(
+                "braid-run: {} (pid {}) {} (after {first} failed)",
+                q.label(),
+                q.pid,
+                describe(&st)
+            );
         }
     }
 
@@ -484,14 +702,14 @@ impl Supervisor<'_> {
                     secs_since(self.start)
                 );
                 for j in first..=last {
-                    match spawn_proc(self.opts, self.addr, j, &mut self.pumps) {
+                    match spawn_proc(self.opts, self.addr, j, &mut self.pumps, &self.reaper) {
                         Ok(p) => self.procs.push(p),
                         Err(e) => {
                             eprintln!(
                                 "braid-run: cannot start joiner [{j}] ({}): {e}",
                                 self.opts.cmd[0]
                             );
-                            self.fail(127);
+                            self.fail_here(127);
                             return;
                         }
                     }
@@ -512,7 +730,7 @@ impl Supervisor<'_> {
                 } else {
                     eprintln!("braid-run: killing [{r}] (pid {}) at {t} s", p.pid);
                     p.killed = true;
-                    signal_group(p.pid, libc::SIGKILL);
+                    self.reaper.signal(p.pid, libc::SIGKILL);
                 }
             }
         }
@@ -532,22 +750,22 @@ impl Supervisor<'_> {
         }
     }
 
-    /// Reaps the processes that exited.
+    /// Takes in the processes the reaper saw end, in the order it saw them.
     fn reap(&mut self) {
-        for i in 0..self.procs.len() {
+        let mut ended: Vec<(Instant, usize, ExitStatus)> = {
+            let dead = lock(&self.reaper.dead);
+            self.procs
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.status.is_none())
+                .filter_map(|(i, p)| dead.get(&p.pid).map(|d| (d.at, i, d.status)))
+                .collect()
+        };
+        ended.sort_by_key(|e| (e.0, e.1));
+        for (at, i, st) in ended {
             let p = &mut self.procs[i];
-            if p.status.is_some() {
-                continue;
-            }
-            let st = match p.child.try_wait() {
-                Ok(Some(st)) => st,
-                Ok(None) => continue,
-                Err(e) => {
-                    eprintln!("braid-run: cannot wait for {}: {e}", p.label());
-                    continue;
-                }
-            };
             p.status = Some(st);
+            p.ended = Some(at);
             if p.killed {
                 eprintln!(
                     "braid-run: [{}] (pid {}) {} (killed by --kill; not a failure)",
@@ -555,14 +773,25 @@ impl Supervisor<'_> {
                     p.pid,
                     describe(&st)
                 );
-            } else if !st.success() && self.failed.is_none() {
-                eprintln!("braid-run: {} (pid {}) {}", p.label(), p.pid, describe(&st));
-                self.fail(exit_code_of(&st));
+            } else if !st.success() {
+                self.failures.push(i);
+                if self.first_failure.is_none() {
+                    self.first_failure = Some(at);
+                }
+                match self.verdict {
+                    Some((Some(first), _)) => {
+                        let label = self.procs[first].label();
+                        self.consequence(i, &label);
+                    }
+                    Some((None, _)) => self.consequence(i, "braid-run"),
+                    None => {}
+                }
+                self.stop_all();
             }
         }
     }
 
-    /// Waits until every process has exited. Returns the exit code of the first failure.
+    /// Waits until every process has exited. Returns the exit code of the verdict.
     fn run(&mut self) -> Option<u8> {
         loop {
             let sig = SIGNAL.swap(0, Ordering::SeqCst);
@@ -571,51 +800,62 @@ impl Supervisor<'_> {
                     "braid-run: got signal {sig} ({}); forwarding it to the ranks",
                     signal_name(sig)
                 );
-                for p in self.running() {
-                    signal_group(p.pid, sig);
+                let reaper = self.reaper.clone();
+                for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
+                    p.stop_with(&reaper, sig);
                 }
                 // The job is being stopped: start no joiners, kill no one.
                 self.stopping = true;
             }
             self.run_due_events();
             self.reap();
-            if self.running().next().is_none() {
+            let all_ended = self.running().next().is_none();
+            self.decide(all_ended);
+            if all_ended {
                 let left = self.opts.events.len() - self.next_event;
                 if left > 0 && !self.stopping {
                     eprintln!(
                         "braid-run: every process has exited; dropping {left} scheduled --join/--kill"
                     );
                 }
-                return self.failed;
+                return self.verdict.map(|v| v.1);
             }
             if let Some(t) = self.kill_at {
                 if !self.sigkill_sent && Instant::now() >= t {
                     self.sigkill_sent = true;
-                    for p in self.running() {
+                    let reaper = self.reaper.clone();
+                    for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
                         eprintln!(
                             "braid-run: {} (pid {}) did not stop within {} s of SIGTERM; killing it",
                             p.label(),
                             p.pid,
                             KILL_GRACE.as_secs()
                         );
-                        signal_group(p.pid, libc::SIGKILL);
+                        p.stop_with(&reaper, libc::SIGKILL);
                     }
                 }
             }
-            // Poll every 20 ms, waking earlier for the next event.
+            // Wake when a child ends, else every 20 ms, earlier for the next event.
             let mut nap = Duration::from_millis(20);
             if !self.stopping {
                 if let Some(e) = self.opts.events.get(self.next_event) {
                     nap = nap.min(e.at.saturating_sub(self.start.elapsed()));
                 }
             }
-            std::thread::sleep(nap);
+            self.reaper.nap(nap);
         }
     }
 }
 
+/// A fresh job token: 32 random bytes from the kernel, in hex.
+fn new_token() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    braid::transport::random_bytes(&mut b).map_err(|e| e.to_string())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 fn main() -> ExitCode {
-    let opts = match parse_args(std::env::args().skip(1).collect()) {
+    let mut opts = match parse_args(std::env::args().skip(1).collect()) {
         Ok(Some(o)) => o,
         Ok(None) => {
             print!("{USAGE}");
@@ -626,31 +866,52 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = std::env::var("BRAID_LOG")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "warn".into());
+    let filter = braid::config::var("BRAID_LOG").unwrap_or_else(|| "warn".into());
     braid::config::init_logging(&filter);
     install_handlers();
 
+    // The reaper runs before the first child starts.
+    let reaper = match Reaper::start() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("braid-run: cannot start the reaper thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
     // The embedded coordinator stays up until every process (joiners included) has exited.
+    // It and every process share a job token: the environment's, else a fresh one.
     let mut _coordinator: Option<Coordinator> = None;
     let addr = match &opts.coordinator {
         Some(a) => a.clone(),
-        None => match Coordinator::bind_with(
-            "127.0.0.1:0",
-            braid::membership::CoordinatorOptions::from_env(),
-        ) {
-            Ok(c) => {
-                let a = c.local_addr().to_string();
-                _coordinator = Some(c);
-                a
+        None => {
+            let token = match braid::config::var("BRAID_JOB_TOKEN") {
+                Some(t) => t,
+                None => match new_token() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("braid-run: cannot generate a job token: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let copts = braid::membership::CoordinatorOptions {
+                job_token: Some(token.clone().into_bytes()),
+                ..braid::membership::CoordinatorOptions::from_env()
+            };
+            opts.token = Some(token);
+            match Coordinator::bind_with("127.0.0.1:0", copts) {
+                Ok(c) => {
+                    let a = c.local_addr().to_string();
+                    _coordinator = Some(c);
+                    a
+                }
+                Err(e) => {
+                    eprintln!("braid-run: cannot start the coordinator: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-            Err(e) => {
-                eprintln!("braid-run: cannot start the coordinator: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        }
     };
 
     // Scheduled times count from here.
@@ -658,15 +919,21 @@ fn main() -> ExitCode {
     let mut procs = Vec::with_capacity(opts.total());
     let mut pumps = Vec::new();
     for i in 0..opts.n {
-        match spawn_proc(&opts, &addr, i, &mut pumps) {
+        match spawn_proc(&opts, &addr, i, &mut pumps, &reaper) {
             Ok(p) => procs.push(p),
             Err(e) => {
                 eprintln!("braid-run: cannot start rank {i} ({}): {e}", opts.cmd[0]);
                 for p in &procs {
-                    signal_group(p.pid, libc::SIGKILL);
+                    reaper.signal(p.pid, libc::SIGKILL);
                 }
-                for p in &mut procs {
-                    let _ = p.child.wait();
+                // Wait (briefly) until the reaper has seen them end.
+                let end = Instant::now() + KILL_GRACE;
+                while Instant::now() < end
+                    && procs
+                        .iter()
+                        .any(|p| !lock(&reaper.dead).contains_key(&p.pid))
+                {
+                    reaper.nap(Duration::from_millis(20));
                 }
                 return ExitCode::from(127);
             }
@@ -676,11 +943,14 @@ fn main() -> ExitCode {
     let mut sup = Supervisor {
         opts: &opts,
         addr: &addr,
+        reaper,
         start,
         procs,
         pumps,
         next_event: 0,
-        failed: None,
+        failures: Vec::new(),
+        first_failure: None,
+        verdict: None,
         stopping: false,
         kill_at: None,
         sigkill_sent: false,

@@ -80,6 +80,8 @@ struct Shared {
     addr: String,
     group: String,
     member_id: u64,
+    /// The member secret issued at registration (proves this member when it rejoins).
+    secret: Option<Vec<u8>>,
     opts: ClientOptions,
     writer: Mutex<Option<TcpStream>>,
     state: Mutex<MState>,
@@ -126,6 +128,7 @@ impl Client {
         addr: &str,
         group: &str,
         member_id: u64,
+        secret: Option<Vec<u8>>,
         opts: ClientOptions,
         installed: u64,
     ) -> Result<Client> {
@@ -136,6 +139,7 @@ impl Client {
             addr: addr.to_string(),
             group: group.to_string(),
             member_id,
+            secret,
             opts,
             writer: Mutex::new(Some(stream)),
             state: Mutex::new(MState {
@@ -517,6 +521,11 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
             return None;
         };
         let stop = || sh.stop.load(Ordering::SeqCst);
+        let member = Rejoining {
+            secret: sh.secret.as_deref().unwrap_or(&[]),
+            group: &sh.group,
+            id: sh.member_id,
+        };
         match open(
             &mut stream,
             &first,
@@ -525,6 +534,7 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
             deadline,
             &stop,
             &sh.addr,
+            Some(&member),
         ) {
             Ok((f, server_nonce)) => match MsgType::from_u16(f.ty) {
                 Some(MsgType::Registered) => {
@@ -579,8 +589,17 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
     }
 }
 
-/// Sends the opening message and answers a job-token challenge; returns the first other
-/// frame and the server nonce of the challenge (if there was one).
+/// Who a rejoining member is (its proof answers the coordinator's challenge).
+struct Rejoining<'a> {
+    secret: &'a [u8],
+    group: &'a str,
+    id: u64,
+}
+
+/// Sends the opening message and answers a challenge (job token; for a rejoin, the member
+/// secret); returns the first other frame and the server nonce of a job-token challenge (if
+/// there was one).
+#[allow(clippy::too_many_arguments)]
 fn open(
     stream: &mut TcpStream,
     first: &[u8],
@@ -589,6 +608,7 @@ fn open(
     deadline: Instant,
     stop: &dyn Fn() -> bool,
     addr: &str,
+    rejoining: Option<&Rejoining<'_>>,
 ) -> Result<(proto::Frame, Option<String>)> {
     let wt = deadline
         .saturating_duration_since(Instant::now())
@@ -628,20 +648,23 @@ fn open(
                     "invalid challenge from the coordinator at {addr}: {e}"
                 ))
             })?;
-            let Some(token) = &opts.token else {
-                return Err(Error::Coordinator(format!(
-                    "the coordinator at {addr} requires a job token: set BRAID_JOB_TOKEN"
-                )));
+            let mac = match (&opts.token, ch.token) {
+                (Some(token), true) => auth::client_mac(token, &ch.server_nonce, client_nonce),
+                (None, true) => {
+                    return Err(Error::Coordinator(format!(
+                        "the coordinator at {addr} requires a job token: set BRAID_JOB_TOKEN"
+                    )))
+                }
+                (_, false) => String::new(),
             };
-            let answer = proto::encode(
-                MsgType::Auth,
-                &proto::Auth {
-                    mac: auth::client_mac(token, &ch.server_nonce, client_nonce),
-                },
-            )?;
+            let member = rejoining
+                .map(|r| auth::rejoin_mac(r.secret, r.group, r.id, &ch.server_nonce, client_nonce));
+            let answer = proto::encode(MsgType::Auth, &proto::Auth { mac, member })?;
             proto::write_bytes(stream, &answer, WRITE_TIMEOUT)
                 .map_err(|e| Error::System(format!("sending to the coordinator at {addr}: {e}")))?;
-            server_nonce = Some(ch.server_nonce);
+            if ch.token {
+                server_nonce = Some(ch.server_nonce);
+            }
             continue;
         }
         return Ok((f, server_nonce));
@@ -704,6 +727,7 @@ fn ask<T: for<'de> serde::Deserialize<'de>>(
         deadline,
         &|| false,
         addr,
+        None,
     )?;
     match MsgType::from_u16(f.ty) {
         Some(t) if t == want => {
@@ -725,8 +749,9 @@ fn ask<T: for<'de> serde::Deserialize<'de>>(
     }
 }
 
-/// Fetches the current view of `group` from the coordinator at `addr` without joining it
-/// (push/pull readers find the servers this way).
+/// Fetches the current view of `group` from the coordinator at `addr` without joining it.
+/// The view's nonce is zero: it keys the view's data connections and goes only to members
+/// (push/pull readers use [`fetch_reader_grant`]).
 ///
 /// Errors: as [`coordinator_status`]; `Error::Coordinator` when the group has no view.
 pub fn fetch_view(
@@ -745,6 +770,83 @@ pub fn fetch_view(
         )
     };
     ask::<proto::ViewMsg>(addr, token, timeout_after, make, MsgType::View, "view").map(|v| v.view)
+}
+
+/// What the coordinator grants a push/pull reader: a fresh id, the group's view, and a ticket.
+#[derive(Clone, PartialEq)]
+pub struct ReaderGrant {
+    /// The reader's id: from the coordinator's member-id counter, never reused (a reader
+    /// whose view went stale asks for a new grant, with a new id).
+    pub id: u64,
+    /// The group's view when the grant was made, with `nonce = 0` (readers never learn the
+    /// view nonce).
+    pub view: View,
+    /// `HMAC(view key, "braid-reader" | group | id | epoch)`: the group's push/pull servers
+    /// recompute it from their own view to admit this reader; the reader MACs its hello
+    /// with it.
+    pub ticket: [u8; 32],
+}
+
+impl std::fmt::Debug for ReaderGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderGrant")
+            .field("id", &self.id)
+            .field("group", &self.view.group)
+            .field("epoch", &self.view.epoch)
+            .field("members", &self.view.members.len())
+            .field("ticket", &"..")
+            .finish()
+    }
+}
+
+/// Registers with the coordinator at `addr` in the reader role (not joining the training
+/// view: no view change, no heartbeats needed) and returns a grant for the current view of
+/// `group`. With a job token the request is authenticated by the same challenge as
+/// registrations; without one anyone may get a grant (as anyone may register).
+///
+/// Errors: as [`coordinator_status`]; `Error::Coordinator` when the group has no view, or the
+/// reply is malformed.
+pub fn fetch_reader_grant(
+    addr: &str,
+    group: &str,
+    token: Option<&[u8]>,
+    timeout_after: Duration,
+) -> Result<ReaderGrant> {
+    let make = |client_nonce| {
+        proto::encode(
+            MsgType::ReaderReq,
+            &proto::ReaderReq {
+                group: group.to_string(),
+                client_nonce,
+            },
+        )
+    };
+    let g: proto::ReaderGrantMsg = ask(
+        addr,
+        token,
+        timeout_after,
+        make,
+        MsgType::ReaderGrant,
+        "reader grant",
+    )?;
+    let ticket = super::from_hex(&g.ticket)
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| {
+            Error::Coordinator(format!(
+                "invalid reader grant from the coordinator at {addr}: bad ticket"
+            ))
+        })?;
+    if g.view.group != group {
+        return Err(Error::Coordinator(format!(
+            "invalid reader grant from the coordinator at {addr}: view of group {}, asked for {group}",
+            g.view.group
+        )));
+    }
+    Ok(ReaderGrant {
+        id: g.id,
+        view: g.view,
+        ticket,
+    })
 }
 
 /// Asks the coordinator at `addr` for its status (the JSON of [`super::Coordinator::status`]).
@@ -928,6 +1030,7 @@ pub fn rendezvous_with(
         deadline,
         &stop,
         addr,
+        None,
     ) {
         Err(Error::Timeout { .. }) => {
             return Err(timeout(
@@ -950,6 +1053,7 @@ pub fn rendezvous_with(
     let mut member_id: Option<u64> = None;
     let mut registered = 0usize;
     let mut joining = false;
+    let mut secret: Option<Vec<u8>> = None;
     loop {
         let next = match pending.take() {
             Some(f) => Ok(f),
@@ -1028,6 +1132,7 @@ pub fn rendezvous_with(
                     r.member_id, r.group, r.registered, r.world_size);
                 member_id = Some(r.member_id);
                 registered = r.registered;
+                secret = r.secret.as_deref().and_then(super::from_hex);
             }
             Some(MsgType::View) => {
                 let v: proto::ViewMsg = frame.body().map_err(bad)?;
@@ -1040,7 +1145,15 @@ pub fn rendezvous_with(
                     "group {}: view epoch {} with {} members; this is member {} at rank {:?}",
                     v.view.group, v.view.epoch, v.view.members.len(), v.member_id,
                     v.view.rank_of(v.member_id));
-                let client = Client::start(stream, addr, &reg.group, v.member_id, opts.clone(), 0)?;
+                let client = Client::start(
+                    stream,
+                    addr,
+                    &reg.group,
+                    v.member_id,
+                    secret,
+                    opts.clone(),
+                    0,
+                )?;
                 return Ok((client, v.member_id, v.view));
             }
             _ => return Err(bad(format!("unexpected message type {}", frame.ty))),

@@ -1,7 +1,7 @@
 //! The coordinator service: accepts member connections (one thread each), runs rendezvous per
 //! group and publishes views.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,12 +30,26 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_SLICE: Duration = Duration::from_secs(1);
 /// How long `shutdown` waits for its threads.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest first frame of a connection (before the peer proved anything): a registration with
+/// the largest connect handle (hex-encoded, so twice its size) plus its names and policy.
+pub(crate) const MAX_OPENING: usize = 2 * MAX_HANDLE + 32 * 1024;
+/// Largest answer to a challenge.
+const MAX_AUTH: usize = 4 << 10;
+/// Length of a member secret.
+const SECRET_LEN: usize = 32;
+/// Largest id high-water mark accepted from a state file (ids stay far from overflow).
+const MAX_ID: u64 = 1 << 62;
+/// Longest accepted duration in a registration (join window, heartbeat timeout): one day.
+const MAX_MS: u64 = 24 * 3600 * 1000;
+/// Largest epoch accepted from a state file.
+const MAX_EPOCH: u64 = 1 << 62;
 
 /// Tunables of a [`Coordinator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorOptions {
-    /// How long a new connection may take to send its first message (default 30 s); a
-    /// connection that says nothing is dropped afterwards.
+    /// How long a new connection may take to send its first message and, with a job token or
+    /// for a rejoin, to answer the challenge (default 10 s): the whole of it, however slowly
+    /// the bytes trickle in. A connection that has not finished by then is closed.
     pub handshake_timeout: Duration,
     /// How long the rest of a frame may take once its first byte arrived (default 10 s).
     pub frame_timeout: Duration,
@@ -50,17 +64,22 @@ pub struct CoordinatorOptions {
     pub state_file: Option<PathBuf>,
     /// Stack size of the per-connection threads (default 256 KiB).
     pub thread_stack: usize,
+    /// Most connections still in their handshake at once (default 256): when one more
+    /// arrives, the oldest of them is closed (with a log line), so idle or slow connections
+    /// cannot keep a real member out for longer than it takes it to register.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
         CoordinatorOptions {
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             max_connections: 16384,
             job_token: None,
             state_file: None,
             thread_stack: 256 << 10,
+            max_unauthenticated: 256,
         }
     }
 }
@@ -68,7 +87,7 @@ impl Default for CoordinatorOptions {
 impl CoordinatorOptions {
     /// Options from the environment: `BRAID_JOB_TOKEN` and `BRAID_COORDINATOR_STATE`.
     pub fn from_env() -> CoordinatorOptions {
-        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let get = crate::config::var;
         CoordinatorOptions {
             job_token: get("BRAID_JOB_TOKEN").map(String::into_bytes),
             state_file: get("BRAID_COORDINATOR_STATE").map(PathBuf::from),
@@ -92,6 +111,8 @@ struct Entry {
     leaving: bool,
     /// It asked for a resync of this epoch, naming these suspects.
     resync: Option<(u64, Vec<u64>)>,
+    /// Issued at registration; a rejoin must prove it (see `auth::rejoin_mac`).
+    secret: [u8; SECRET_LEN],
 }
 
 impl Entry {
@@ -156,8 +177,10 @@ struct Shared {
     opts: CoordinatorOptions,
     state: Mutex<State>,
     stop: AtomicBool,
-    /// Open connections (a clone to shut them down at once) and their threads.
-    conns: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// Open connections (key, a clone to shut them down at once, thread).
+    conns: Mutex<Vec<(u64, TcpStream, JoinHandle<()>)>>,
+    /// Keys of the connections still in their handshake, oldest first.
+    pending: Mutex<VecDeque<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -228,6 +251,7 @@ impl Coordinator {
             state: Mutex::new(state),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            pending: Mutex::new(VecDeque::new()),
         });
         let sh = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -284,10 +308,10 @@ impl Coordinator {
             join_until(h, deadline, "tick");
         }
         let conns = std::mem::take(&mut *lock(&self.shared.conns));
-        for (s, _) in &conns {
+        for (_, s, _) in &conns {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        for (_, h) in conns {
+        for (_, _, h) in conns {
             join_until(h, deadline, "connection");
         }
         tracing::info!(target: LOG, "coordinator on {} stopped", self.addr);
@@ -312,11 +336,16 @@ fn join_until(h: JoinHandle<()>, deadline: Instant, what: &str) {
 }
 
 fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    let mut next_key = 0u64;
+    // Evictions of handshaking connections since the last log line (logged at most once a
+    // second, so a flood does not flood the log too).
+    let mut evicted = 0u64;
+    let mut last_log: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let mut conns = lock(&sh.conns);
-                conns.retain(|(_, h)| !h.is_finished());
+                conns.retain(|(_, _, h)| !h.is_finished());
                 if conns.len() >= sh.opts.max_connections {
                     tracing::warn!(target: LOG,
                         "coordinator: refusing connection from {peer}: {} connections open",
@@ -330,14 +359,37 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                         continue;
                     }
                 };
+                next_key += 1;
+                let key = next_key;
+                {
+                    let mut pending = lock(&sh.pending);
+                    while pending.len() >= sh.opts.max_unauthenticated.max(1) {
+                        let Some(old) = pending.pop_front() else {
+                            break;
+                        };
+                        if let Some((_, s, _)) = conns.iter().find(|c| c.0 == old) {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                            evicted += 1;
+                        }
+                    }
+                    pending.push_back(key);
+                }
+                if evicted > 0 && last_log.map_or(true, |t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(target: LOG,
+                        "coordinator: closed {evicted} connection(s) that had not finished their handshake: more than {} were open at once (a flood of idle or slow connections?); the oldest go first",
+                        sh.opts.max_unauthenticated.max(1));
+                    evicted = 0;
+                    last_log = Some(Instant::now());
+                }
                 let sh2 = Arc::clone(&sh);
                 match std::thread::Builder::new()
                     .name("braid-coord-conn".into())
                     .stack_size(sh.opts.thread_stack.max(64 << 10))
-                    .spawn(move || serve(stream, peer, sh2))
+                    .spawn(move || serve(stream, peer, sh2, key))
                 {
-                    Ok(h) => conns.push((clone, h)),
+                    Ok(h) => conns.push((key, clone, h)),
                     Err(e) => {
+                        unpend(&sh, key);
                         tracing::warn!(target: LOG, "coordinator: no thread for {peer}: {e}")
                     }
                 }
@@ -351,6 +403,15 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+}
+
+/// The connection `key` finished its handshake (or ended): it no longer counts against
+/// [`CoordinatorOptions::max_unauthenticated`].
+fn unpend(sh: &Shared, key: u64) {
+    let mut p = lock(&sh.pending);
+    if let Some(pos) = p.iter().position(|k| *k == key) {
+        p.remove(pos);
     }
 }
 
@@ -370,9 +431,10 @@ fn refuse_code(s: &Mutex<TcpStream>, peer: SocketAddr, message: &str, code: Opti
 
 /// Serves one connection until it closes, then shuts the socket down (the service keeps a
 /// clone of it until the thread is reaped, so dropping ours would not close it).
-fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
+fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, key: u64) {
     let closer = stream.try_clone();
-    serve_inner(stream, peer, sh);
+    serve_inner(stream, peer, &sh, key);
+    unpend(&sh, key);
     if let Ok(c) = closer {
         let _ = c.shutdown(std::net::Shutdown::Both);
     }
@@ -384,9 +446,18 @@ enum Opening {
     Rejoin(proto::Rejoin),
     Status,
     ViewReq(String),
+    Reader(String),
 }
 
-fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
+/// What the handshake established: the coordinator's proof of the job token (if any), and
+/// for a challenged connection the server nonce and the client's answer.
+struct Handshake {
+    proof: Option<String>,
+    server_nonce: String,
+    answer: Option<proto::Auth>,
+}
+
+fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_nonblocking(false);
     let mut reader = match stream.try_clone() {
@@ -397,11 +468,12 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
         }
     };
     let writer = Arc::new(Mutex::new(stream));
-    let hs_deadline = Instant::now() + sh.opts.handshake_timeout;
+    let now = Instant::now();
+    let hs_deadline = now.checked_add(sh.opts.handshake_timeout).unwrap_or(now);
 
-    // 1. The first frame must be a registration, a rejoin or a status request, within the
-    //    handshake timeout.
-    let Some(frame) = read_checked(&mut reader, &writer, peer, Some(hs_deadline), &sh) else {
+    // 1. The first frame must be a registration, a rejoin or a request, small, and complete
+    //    within the handshake timeout.
+    let Some(frame) = read_checked(&mut reader, &writer, peer, hs_deadline, MAX_OPENING, sh) else {
         return;
     };
     let opening = match MsgType::from_u16(frame.ty) {
@@ -411,6 +483,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
         Some(MsgType::ViewReq) => frame
             .body::<proto::ViewReq>()
             .map(|r| Opening::ViewReq(r.group)),
+        Some(MsgType::ReaderReq) => frame
+            .body::<proto::ReaderReq>()
+            .map(|r| Opening::Reader(r.group)),
         _ => {
             tracing::warn!(target: LOG,
                 "coordinator: dropping {peer}: first message has type {}, expected a registration",
@@ -446,24 +521,36 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
             .body::<proto::ViewReq>()
             .map(|r| r.client_nonce)
             .unwrap_or_default(),
+        Opening::Reader(_) => frame
+            .body::<proto::ReaderReq>()
+            .map(|r| r.client_nonce)
+            .unwrap_or_default(),
     };
 
-    // 2. Job token: challenge-response.
-    let proof = match &sh.opts.job_token {
-        None => None,
-        Some(token) => match challenge(
+    // 2. Challenge-response: the job token when there is one; a rejoin proves its member
+    //    secret too (even without a token).
+    let token = sh.opts.job_token.as_deref();
+    let hs = if token.is_some() || matches!(opening, Opening::Rejoin(_)) {
+        match challenge(
             &mut reader,
             &writer,
             peer,
             hs_deadline,
-            &sh,
+            sh,
             token,
             &client_nonce,
         ) {
-            Some(server_nonce) => Some(auth::server_mac(token, &client_nonce, &server_nonce)),
+            Some(hs) => hs,
             None => return,
-        },
+        }
+    } else {
+        Handshake {
+            proof: None,
+            server_nonce: String::new(),
+            answer: None,
+        }
     };
+    let proof = hs.proof.clone();
 
     // 3. Admission.
     let (id, group) = match opening {
@@ -473,7 +560,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
                 .get(&group)
                 .and_then(|g| g.view.clone());
             match view {
-                Some(v) => {
+                Some(mut v) => {
+                    // The nonce keys the view's data connections: it goes only to members.
+                    v.nonce = 0;
                     let mut doc =
                         serde_json::json!({"member_id": 0, "view": v, "reason": "view request"});
                     if let Some(p) = proof {
@@ -495,8 +584,17 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
             }
             return;
         }
+        Opening::Reader(group) => {
+            match grant_reader(sh, &group, peer, proof) {
+                Ok(bytes) => {
+                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                }
+                Err((msg, code)) => refuse_code(&writer, peer, &msg, code),
+            }
+            return;
+        }
         Opening::Status => {
-            let body = status_json(&sh);
+            let body = status_json(sh);
             let mut doc = serde_json::json!({ "status": body });
             if let Some(p) = proof {
                 doc["proof"] = serde_json::Value::String(p);
@@ -511,8 +609,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
             }
             return;
         }
-        Opening::Register(reg) => match register(&sh, reg, peer, &writer, proof) {
+        Opening::Register(reg) => match register(sh, reg, peer, &writer, proof) {
             Ok((id, group, publish)) => {
+                unpend(sh, key);
                 publish_all(publish);
                 (id, group)
             }
@@ -521,8 +620,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
                 return;
             }
         },
-        Opening::Rejoin(rj) => match rejoin(&sh, &rj, peer, &writer, proof) {
+        Opening::Rejoin(rj) => match rejoin(sh, &rj, peer, &writer, &hs, &client_nonce) {
             Ok(publish) => {
+                unpend(sh, key);
                 publish_all(publish);
                 (rj.member_id, rj.group)
             }
@@ -534,26 +634,65 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
     };
 
     // 4. Member messages until goodbye or disconnect.
-    let polite = member_loop(&mut reader, &writer, peer, &sh, id, &group);
-    let publish = depart(&sh, id, &group, peer, polite);
+    let polite = member_loop(&mut reader, &writer, peer, sh, id, &group);
+    let publish = depart(sh, id, &group, peer, &writer, polite);
     publish_all(publish);
 }
 
-/// Runs the challenge-response; returns the server nonce when the client proved the token.
+/// A reader's grant: a fresh id (never reused), the group's view without its nonce, and the
+/// ticket the group's push/pull servers check (keyed by the view key, which needs the nonce).
+fn grant_reader(
+    sh: &Shared,
+    group: &str,
+    peer: SocketAddr,
+    proof: Option<String>,
+) -> std::result::Result<Vec<u8>, Refusal> {
+    let (id, mut view) = {
+        let mut st = lock(&sh.state);
+        let Some(view) = st.groups.get(group).and_then(|g| g.view.clone()) else {
+            return Err((
+                format!("group {group} has no view (not formed, or unknown)"),
+                Some("unknown"),
+            ));
+        };
+        let id = alloc_id(sh, &mut st).map_err(|m| (m, None))?;
+        (id, view)
+    };
+    let key = auth::view_key(sh.opts.job_token.as_deref(), view.nonce);
+    let ticket = auth::reader_ticket(&key, group, id, view.epoch);
+    view.nonce = 0;
+    tracing::info!(target: LOG,
+        "coordinator: group {group}: reader {id} registered from {peer} (view epoch {})",
+        view.epoch);
+    proto::encode(
+        MsgType::ReaderGrant,
+        &proto::ReaderGrantMsg {
+            id,
+            view,
+            ticket: super::to_hex(&ticket),
+            proof,
+        },
+    )
+    .map_err(|e| (e.to_string(), None))
+}
+
+/// Runs the challenge-response. With a job token, the client must prove it; the answer is
+/// returned for the caller's own checks (a rejoin's member proof).
 fn challenge(
     reader: &mut TcpStream,
     writer: &Mutex<TcpStream>,
     peer: SocketAddr,
     deadline: Instant,
     sh: &Shared,
-    token: &[u8],
+    token: Option<&[u8]>,
     client_nonce: &str,
-) -> Option<String> {
+) -> Option<Handshake> {
     let server_nonce = super::random_nonce();
     let ch = match proto::encode(
         MsgType::Challenge,
         &proto::Challenge {
             server_nonce: server_nonce.clone(),
+            token: token.is_some(),
         },
     ) {
         Ok(b) => b,
@@ -562,24 +701,50 @@ fn challenge(
     if proto::write_bytes(&mut lock(writer), &ch, WRITE_TIMEOUT).is_err() {
         return None;
     }
-    let Some(f) = read_checked(reader, writer, peer, Some(deadline), sh) else {
-        tracing::warn!(target: LOG, "coordinator: refused {peer}: no answer to the job-token challenge (BRAID_JOB_TOKEN missing on that side?)");
+    let Some(f) = read_checked(reader, writer, peer, deadline, MAX_AUTH, sh) else {
+        if token.is_some() {
+            tracing::warn!(target: LOG, "coordinator: refused {peer}: no answer to the job-token challenge (BRAID_JOB_TOKEN missing on that side?)");
+        } else {
+            tracing::warn!(target: LOG, "coordinator: refused {peer}: no answer to the rejoin challenge");
+        }
         return None;
     };
-    let ok = MsgType::from_u16(f.ty) == Some(MsgType::Auth)
-        && f.body::<proto::Auth>()
-            .is_ok_and(|a| auth::check_client(token, &server_nonce, client_nonce, &a.mac));
-    if !ok {
-        tracing::warn!(target: LOG, "coordinator: refused {peer}: job token missing or wrong");
+    let answer = if MsgType::from_u16(f.ty) == Some(MsgType::Auth) {
+        f.body::<proto::Auth>().ok()
+    } else {
+        None
+    };
+    let Some(answer) = answer else {
+        tracing::warn!(target: LOG, "coordinator: refused {peer}: message type {} is not an answer to the challenge", f.ty);
         refuse_code(
             writer,
             peer,
-            "job token rejected: this coordinator requires BRAID_JOB_TOKEN and the answer did not prove it",
+            "expected the answer to the challenge",
             Some("auth"),
         );
         return None;
-    }
-    Some(server_nonce)
+    };
+    let proof = match token {
+        None => None,
+        Some(token) => {
+            if !auth::check_client(token, &server_nonce, client_nonce, &answer.mac) {
+                tracing::warn!(target: LOG, "coordinator: refused {peer}: job token missing or wrong");
+                refuse_code(
+                    writer,
+                    peer,
+                    "job token rejected: this coordinator requires BRAID_JOB_TOKEN and the answer did not prove it",
+                    Some("auth"),
+                );
+                return None;
+            }
+            Some(auth::server_mac(token, client_nonce, &server_nonce))
+        }
+    };
+    Some(Handshake {
+        proof,
+        server_nonce,
+        answer: Some(answer),
+    })
 }
 
 /// Reads member frames until goodbye (true) or disconnect/violation (false).
@@ -714,11 +879,14 @@ fn read_checked(
     reader: &mut TcpStream,
     writer: &Mutex<TcpStream>,
     peer: SocketAddr,
-    deadline: Option<Instant>,
+    deadline: Instant,
+    max_payload: usize,
     sh: &Shared,
 ) -> Option<Frame> {
     let stop = || sh.stop.load(Ordering::SeqCst);
-    match proto::read_frame(reader, deadline, sh.opts.frame_timeout, &stop) {
+    let mut lim = proto::opening_limits(deadline, max_payload);
+    lim.frame_timeout = lim.frame_timeout.min(sh.opts.frame_timeout);
+    match proto::read_frame_with(reader, &lim, &stop) {
         Ok(f) if f.version != proto::VERSION => {
             let msg = format!(
                 "coordinator speaks protocol v{}, client sent v{}",
@@ -733,6 +901,12 @@ fn read_checked(
         Err(FrameError::Stopped) => None,
         Err(FrameError::Closed) => {
             tracing::debug!(target: LOG, "coordinator: {peer} closed without registering");
+            None
+        }
+        Err(FrameError::Idle) | Err(FrameError::Stalled { .. }) => {
+            tracing::warn!(target: LOG,
+                "coordinator: dropping {peer}: handshake not complete within {:.1} s",
+                sh.opts.handshake_timeout.as_secs_f64());
             None
         }
         Err(e @ FrameError::Oversize { .. }) => {
@@ -779,6 +953,21 @@ fn validate(reg: &Registration) -> std::result::Result<(), String> {
     if !(reg.weight.is_finite() && reg.weight > 0.0) {
         return Err(format!("weight {} is not a positive number", reg.weight));
     }
+    if reg.policy.join_window_ms > MAX_MS {
+        return Err(format!(
+            "join window of {} ms exceeds {MAX_MS} ms",
+            reg.policy.join_window_ms
+        ));
+    }
+    if reg.heartbeat_timeout_ms > MAX_MS {
+        return Err(format!(
+            "heartbeat timeout of {} ms exceeds {MAX_MS} ms",
+            reg.heartbeat_timeout_ms
+        ));
+    }
+    if reg.policy.min_size > MAX_WORLD || reg.policy.max_size.is_some_and(|m| m > MAX_WORLD) {
+        return Err(format!("elastic sizes must be at most {MAX_WORLD}"));
+    }
     if reg.role != Role::Worker && reg.role != Role::Server && reg.role != Role::Reader {
         return Err(format!("role {} is not supported", reg.role));
     }
@@ -790,8 +979,11 @@ type Refusal = (String, Option<&'static str>);
 
 /// Allocates a member id (persisting the high-water mark first when a state file is used).
 fn alloc_id(sh: &Shared, st: &mut State) -> std::result::Result<u64, String> {
+    if st.next_id >= MAX_ID {
+        return Err("the coordinator ran out of member ids".into());
+    }
     if st.next_id >= st.id_high_water {
-        st.id_high_water = st.next_id + ID_BLOCK;
+        st.id_high_water = st.next_id.saturating_add(ID_BLOCK);
         if let Err(e) = persist(sh, st) {
             st.id_high_water = st.next_id;
             return Err(format!("coordinator cannot persist its state: {e}"));
@@ -851,6 +1043,13 @@ fn register(
             }
         }
     }
+    let mut secret = [0u8; SECRET_LEN];
+    braid_transport::random_bytes(&mut secret).map_err(|e| {
+        (
+            format!("coordinator cannot draw a member secret: {e}"),
+            None,
+        )
+    })?;
     let id = alloc_id(sh, &mut st).map_err(|m| (m, None))?;
     let st = &mut *st;
     let group = st
@@ -883,6 +1082,7 @@ fn register(
             registered,
             joining,
             proof,
+            secret: Some(super::to_hex(&secret)),
         },
     )
     .map_err(|e| (e.to_string(), None))?;
@@ -905,6 +1105,7 @@ fn register(
         acked: 0,
         leaving: false,
         resync: None,
+        secret,
     };
     if joining {
         tracing::info!(target: LOG,
@@ -948,7 +1149,8 @@ fn rejoin(
     rj: &proto::Rejoin,
     peer: SocketAddr,
     writer: &Arc<Mutex<TcpStream>>,
-    proof: Option<String>,
+    hs: &Handshake,
+    client_nonce: &str,
 ) -> std::result::Result<Publish, Refusal> {
     let mut st = lock(&sh.state);
     let Some(g) = st.groups.get_mut(&rj.group) else {
@@ -985,6 +1187,35 @@ fn rejoin(
             Some("retired"),
         ));
     };
+    // Only the member itself can take its place: it proves the secret issued at its
+    // registration (a stranger who learnt the id from a status reply cannot).
+    let proved = hs
+        .answer
+        .as_ref()
+        .and_then(|a| a.member.as_deref())
+        .is_some_and(|m| {
+            auth::check_rejoin(
+                &e.secret,
+                &rj.group,
+                rj.member_id,
+                &hs.server_nonce,
+                client_nonce,
+                m,
+            )
+        });
+    if !proved {
+        tracing::warn!(target: LOG,
+            "coordinator: group {}: refused a rejoin as member {} from {peer}: it did not prove the member's secret (member {} keeps its connection{})",
+            rj.group, rj.member_id, rj.member_id,
+            e.writer.as_ref().map_or(String::new(), |_| format!(" from {}", e.peer)));
+        return Err((
+            format!(
+                "rejoin refused: this connection did not prove it is member {} of group {}",
+                rj.member_id, rj.group
+            ),
+            Some("auth"),
+        ));
+    }
     let ack = proto::encode(
         MsgType::Registered,
         &proto::Registered {
@@ -993,7 +1224,8 @@ fn rejoin(
             world_size,
             registered,
             joining: false,
-            proof,
+            proof: hs.proof.clone(),
+            secret: None,
         },
     )
     .map_err(|e| (e.to_string(), None))?;
@@ -1153,7 +1385,14 @@ fn retire(g: &mut Group, id: u64, why: String) -> Option<Entry> {
 }
 
 /// A member's connection ended.
-fn depart(sh: &Shared, id: u64, group_name: &str, peer: SocketAddr, polite: bool) -> Publish {
+fn depart(
+    sh: &Shared,
+    id: u64,
+    group_name: &str,
+    peer: SocketAddr,
+    conn: &Arc<Mutex<TcpStream>>,
+    polite: bool,
+) -> Publish {
     let mut st = lock(&sh.state);
     if sh.stop.load(Ordering::SeqCst) {
         // Shutting down: the membership stays as it is (and as persisted) for a restart.
@@ -1166,6 +1405,19 @@ fn depart(sh: &Shared, id: u64, group_name: &str, peer: SocketAddr, polite: bool
     let how = if polite { "left" } else { "disconnected" };
     if let Some(pos) = g.leavers.iter().position(|l| l.0 == id) {
         g.leavers.remove(pos);
+        return Vec::new();
+    }
+    // The member rejoined on another connection meanwhile (and proved it): this old one
+    // ending says nothing about the member.
+    let superseded = g
+        .entries
+        .iter()
+        .chain(g.joiners.iter())
+        .find(|e| e.id == id)
+        .and_then(|e| e.writer.as_ref())
+        .is_some_and(|w| !Arc::ptr_eq(w, conn));
+    if superseded {
+        tracing::debug!(target: LOG, "coordinator: group {group_name}: an old connection of member {id} ({peer}) ended");
         return Vec::new();
     }
     if let Some(pos) = g.joiners.iter().position(|e| e.id == id) {
@@ -1243,7 +1495,9 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
         g.entries.len() == view_len && g.entries.iter().all(|e| !e.leaving && e.resync.is_none());
     if quiet {
         let window = Duration::from_millis(g.policy.join_window_ms);
-        let joins_due = !g.joiners.is_empty() && g.join_wait.is_some_and(|t| now >= t + window);
+        let joins_due = !g.joiners.is_empty()
+            && g.join_wait
+                .is_some_and(|t| now.saturating_duration_since(t) >= window);
         if !joins_due || g.entries.iter().any(|e| e.acked < view_epoch) {
             return Vec::new();
         }
@@ -1284,7 +1538,9 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     });
     let stable = g.entries.iter().all(|e| e.acked >= view.epoch || e.leaving);
     let window = Duration::from_millis(g.policy.join_window_ms);
-    let joins_due = !g.joiners.is_empty() && g.join_wait.is_some_and(|t| now >= t + window);
+    let joins_due = !g.joiners.is_empty()
+        && g.join_wait
+            .is_some_and(|t| now.saturating_duration_since(t) >= window);
     let want_resync = !resync.is_empty() && !unresolved;
     if gone.is_empty() && !want_resync && !(joins_due && stable) {
         return Vec::new();
@@ -1347,8 +1603,10 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
         out
     };
     for l in leaving {
-        g.retired
-            .insert(l.id, format!("left at epoch {}", view.epoch + 1));
+        g.retired.insert(
+            l.id,
+            format!("left at epoch {}", view.epoch.saturating_add(1)),
+        );
         if let Some(w) = l.writer {
             g.leavers.push((l.id, w, l.peer));
         }
@@ -1364,7 +1622,7 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     }
     let next = View {
         group: name.to_string(),
-        epoch: view.epoch + 1,
+        epoch: view.epoch.saturating_add(1),
         nonce: random_u64(view.nonce),
         members: g.entries.iter().map(Entry::member).collect(),
     };
@@ -1470,9 +1728,14 @@ struct PersistedGroup {
     /// Heartbeat timeout of each member (ms), by id.
     heartbeat_ms: Vec<(u64, u64)>,
     history: Vec<Hist>,
+    /// Each member's secret (hex), by id, so members can prove themselves when they rejoin
+    /// a restarted coordinator. (The file is written readable by its owner only.)
+    #[serde(default)]
+    secrets: Vec<(u64, String)>,
 }
 
-/// Writes the state file (temporary file + rename, so a crash never leaves half a file).
+/// Writes the state file (temporary file + rename, so a crash never leaves half a file;
+/// mode 0600: it holds the members' secrets).
 fn persist(sh: &Shared, st: &State) -> std::io::Result<()> {
     let Some(path) = &sh.opts.state_file else {
         return Ok(());
@@ -1495,6 +1758,11 @@ fn persist(sh: &Shared, st: &State) -> std::io::Result<()> {
                         .collect(),
                     view,
                     history: g.history.clone(),
+                    secrets: g
+                        .entries
+                        .iter()
+                        .map(|e| (e.id, super::to_hex(&e.secret)))
+                        .collect(),
                 })
             })
             .collect(),
@@ -1502,7 +1770,13 @@ fn persist(sh: &Shared, st: &State) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(&doc).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         std::io::Write::write_all(&mut f, &bytes)?;
         f.sync_all()?;
     }
@@ -1512,17 +1786,22 @@ fn persist(sh: &Shared, st: &State) -> std::io::Result<()> {
 /// Reads the state file, if any: ids continue above the high-water mark; each group's view is
 /// restored with its members waiting to reconnect (each has its heartbeat timeout to do so).
 fn load_state(opts: &CoordinatorOptions) -> Result<State> {
-    let mut st = State {
-        next_id: 1,
-        id_high_water: 1,
-        groups: HashMap::new(),
-    };
     let Some(path) = &opts.state_file else {
-        return Ok(st);
+        return Ok(State {
+            next_id: 1,
+            id_high_water: 1,
+            groups: HashMap::new(),
+        });
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(State {
+                next_id: 1,
+                id_high_water: 1,
+                groups: HashMap::new(),
+            })
+        }
         Err(e) => {
             return Err(Error::System(format!(
                 "coordinator state file {}: {e}",
@@ -1530,18 +1809,108 @@ fn load_state(opts: &CoordinatorOptions) -> Result<State> {
             )))
         }
     };
-    let doc: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
+    let st = state_from_bytes(Some(&bytes), Instant::now()).map_err(|e| {
         Error::System(format!(
             "coordinator state file {} is not valid: {e}",
             path.display()
         ))
     })?;
+    tracing::info!(target: LOG, "coordinator: state restored from {}; ids continue at {}", path.display(), st.next_id);
+    Ok(st)
+}
+
+/// Checks one persisted group (the file may be damaged or hostile: nothing in it may make
+/// the coordinator panic or overflow later).
+fn check_persisted(pg: &PersistedGroup, high: u64) -> std::result::Result<(), String> {
+    let v = &pg.view;
+    let name = &v.group;
+    if name.is_empty() || name.len() > MAX_GROUP {
+        return Err(format!("a group name has {} bytes", name.len()));
+    }
+    if pg.world_size == 0 || pg.world_size > MAX_WORLD {
+        return Err(format!(
+            "group {name}: world size {} is not in 1..={MAX_WORLD}",
+            pg.world_size
+        ));
+    }
+    if v.epoch == 0 || v.epoch > MAX_EPOCH {
+        return Err(format!("group {name}: epoch {} is out of range", v.epoch));
+    }
+    if v.members.is_empty() || v.members.len() > MAX_WORLD {
+        return Err(format!("group {name}: {} members", v.members.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in &v.members {
+        if m.id == 0 || m.id >= high {
+            return Err(format!(
+                "group {name}: member id {} is not below the high-water mark {high}",
+                m.id
+            ));
+        }
+        if !seen.insert(m.id) {
+            return Err(format!("group {name}: member id {} appears twice", m.id));
+        }
+        if m.host_id.len() > MAX_NAME || m.hostname.len() > MAX_NAME || m.handle.len() > MAX_HANDLE
+        {
+            return Err(format!("group {name}: member {} is too large", m.id));
+        }
+        if !(m.weight.is_finite() && m.weight > 0.0) {
+            return Err(format!(
+                "group {name}: member {} has weight {}",
+                m.id, m.weight
+            ));
+        }
+    }
+    if pg.policy.min_size > MAX_WORLD
+        || pg.policy.max_size.is_some_and(|m| m > MAX_WORLD)
+        || pg.policy.join_window_ms > MAX_MS
+    {
+        return Err(format!("group {name}: policy out of range"));
+    }
+    if pg.history.len() > 100_000 {
+        return Err(format!(
+            "group {name}: history of {} entries",
+            pg.history.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The state a state file describes (`None`: no file, a fresh state). Never panics, whatever
+/// the bytes.
+fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<State, String> {
+    let mut st = State {
+        next_id: 1,
+        id_high_water: 1,
+        groups: HashMap::new(),
+    };
+    let Some(bytes) = bytes else {
+        return Ok(st);
+    };
+    let doc: Persisted = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if doc.id_high_water > MAX_ID {
+        return Err(format!(
+            "id high-water mark {} is out of range (at most {MAX_ID})",
+            doc.id_high_water
+        ));
+    }
     st.next_id = doc.id_high_water.max(1);
     st.id_high_water = st.next_id;
-    let now = Instant::now();
     let unknown: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
     for pg in doc.groups {
+        check_persisted(&pg, st.next_id)?;
+        if st.groups.contains_key(&pg.view.group) {
+            return Err(format!("group {} appears twice", pg.view.group));
+        }
         let hb: HashMap<u64, u64> = pg.heartbeat_ms.iter().copied().collect();
+        let secrets: HashMap<u64, [u8; SECRET_LEN]> = pg
+            .secrets
+            .iter()
+            .filter_map(|(id, hex)| {
+                let b = super::from_hex(hex)?;
+                Some((*id, <[u8; SECRET_LEN]>::try_from(b.as_slice()).ok()?))
+            })
+            .collect();
         let entries = pg
             .view
             .members
@@ -1567,7 +1936,8 @@ fn load_state(opts: &CoordinatorOptions) -> Result<State> {
                         .get(&m.id)
                         .copied()
                         .filter(|t| *t > 0)
-                        .unwrap_or(10_000),
+                        .unwrap_or(10_000)
+                        .min(MAX_MS),
                     light: false,
                     client_nonce: String::new(),
                 },
@@ -1577,6 +1947,16 @@ fn load_state(opts: &CoordinatorOptions) -> Result<State> {
                 acked: pg.view.epoch,
                 leaving: false,
                 resync: None,
+                // A member without a persisted secret (a file of an older version) cannot
+                // prove itself: a random secret nobody knows; it is declared dead after its
+                // timeout and the group goes on without it.
+                secret: secrets.get(&m.id).copied().unwrap_or_else(|| {
+                    let mut s = [0u8; SECRET_LEN];
+                    for (i, c) in s.chunks_mut(8).enumerate() {
+                        c.copy_from_slice(&random_u64(m.id ^ i as u64).to_le_bytes());
+                    }
+                    s
+                }),
             })
             .collect();
         tracing::info!(target: LOG,
@@ -1599,8 +1979,14 @@ fn load_state(opts: &CoordinatorOptions) -> Result<State> {
             },
         );
     }
-    tracing::info!(target: LOG, "coordinator: state restored from {}; ids continue at {}", path.display(), st.next_id);
     Ok(st)
+}
+
+/// Fuzzing entry point: builds the coordinator state a state file with these bytes
+/// describes (errors are fine, panics are bugs).
+#[doc(hidden)]
+pub fn fuzz_load_state(data: &[u8]) {
+    let _ = state_from_bytes(Some(data), Instant::now());
 }
 
 /// The status document (see [`Coordinator::status`]).
@@ -1664,4 +2050,10 @@ fn status_json(sh: &Shared) -> serde_json::Value {
         "next_member_id": st.next_id,
         "groups": groups,
     })
+}
+
+/// Whether a state file with these bytes would be accepted (tests).
+#[cfg(test)]
+pub(crate) fn state_ok(data: &[u8]) -> bool {
+    state_from_bytes(Some(data), Instant::now()).is_ok()
 }

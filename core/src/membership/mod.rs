@@ -40,8 +40,22 @@
 //!
 //! Every view change is sent to every connected member of the group; members install it at a
 //! point they agree on (see `Communicator::update`) and acknowledge it (`Ack`).
-//! With a state file the coordinator persists the id high-water mark and the views, so after
-//! a restart it never reuses an id and members reconnect with `Rejoin`.
+//! With a state file the coordinator persists the id high-water mark, the views and the
+//! members' secrets, so after a restart it never reuses an id and members reconnect with
+//! `Rejoin`.
+//!
+//! # Hardening
+//! * Each registration's acknowledgement carries a random member secret; a `Rejoin` is always
+//!   challenged (even without a job token) and must prove it, so a stranger who learnt a
+//!   member id (status replies list them) cannot take that member's place.
+//! * View nonces (which key the data connections) reach members only: status replies carry
+//!   none and [`fetch_view`] returns the view with `nonce = 0`.
+//! * Push/pull readers register in the reader role with [`fetch_reader_grant`]: a fresh id
+//!   from the member-id counter, the view without its nonce, and a ticket for the servers.
+//! * Before a peer proved anything its frames are small (a registration with the largest
+//!   handle fits), must arrive whole within the handshake timeout, and at most
+//!   `max_unauthenticated` such connections are open (the oldest is closed for a new one);
+//!   no buffer is sized by a declared length beyond what actually arrived.
 
 pub(crate) mod auth;
 mod client;
@@ -57,10 +71,14 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 pub use client::{
-    coordinator_status, fetch_view, rendezvous, rendezvous_with, Client, ClientOptions, Watch,
-    WatchFn,
+    coordinator_status, fetch_reader_grant, fetch_view, rendezvous, rendezvous_with, Client,
+    ClientOptions, ReaderGrant, Watch, WatchFn,
 };
+#[doc(hidden)]
+pub use coordinator::fuzz_load_state;
 pub use coordinator::{Coordinator, CoordinatorOptions};
+#[doc(hidden)]
+pub use proto::fuzz_decode_frame;
 
 /// Log target of this module.
 pub(crate) const LOG: &str = "braid::membership";

@@ -77,6 +77,12 @@ pub(crate) enum MsgType {
     /// the group's current view, or an error; the connection then closes (readers outside
     /// the group find the servers this way).
     ViewReq = 16,
+    /// anyone → coordinator: [`ReaderReq`], answered with a [`MsgType::ReaderGrant`] or an
+    /// error; the connection then closes (push/pull readers register this way, without
+    /// joining the view).
+    ReaderReq = 17,
+    /// coordinator → reader: [`ReaderGrantMsg`].
+    ReaderGrant = 18,
 }
 
 impl MsgType {
@@ -99,6 +105,8 @@ impl MsgType {
             14 => MsgType::StatusReply,
             15 => MsgType::Notice,
             16 => MsgType::ViewReq,
+            17 => MsgType::ReaderReq,
+            18 => MsgType::ReaderGrant,
             _ => return None,
         })
     }
@@ -121,6 +129,11 @@ pub(crate) struct Registered {
     /// With a job token: HMAC proving the coordinator knows the token too (hex).
     #[serde(default)]
     pub proof: Option<String>,
+    /// A new registration's member secret (hex, 32 bytes): the member proves it with
+    /// [`Auth::member`] when it rejoins, so nobody else can take its place. Sent once, in the
+    /// acknowledgement of the registration (never in that of a rejoin).
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 /// Body of [`MsgType::Heartbeat`].
@@ -160,18 +173,56 @@ pub(crate) struct Rejoin {
     pub client_nonce: String,
 }
 
-/// Body of [`MsgType::Challenge`].
+/// Body of [`MsgType::Challenge`]: sent when the coordinator has a job token, and to every
+/// rejoin (the member proves its member secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Challenge {
     /// Random per connection (hex).
     pub server_nonce: String,
+    /// Whether the coordinator requires the job token ([`Auth::mac`]).
+    #[serde(default = "yes")]
+    pub token: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Body of [`MsgType::Auth`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Auth {
-    /// HMAC-SHA256(token, "braid-client" | server nonce | client nonce), hex.
+    /// HMAC-SHA256(token, "braid-client" | server nonce | client nonce), hex (empty without a
+    /// job token).
+    #[serde(default)]
     pub mac: String,
+    /// Rejoins: HMAC-SHA256(member secret, "braid-rejoin" | group | id | server nonce |
+    /// client nonce), hex.
+    #[serde(default)]
+    pub member: Option<String>,
+}
+
+/// Body of [`MsgType::ReaderReq`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ReaderReq {
+    /// Group whose servers the reader reads from.
+    pub group: String,
+    /// Random per connection (hex), for the job-token handshake.
+    #[serde(default)]
+    pub client_nonce: String,
+}
+
+/// Body of [`MsgType::ReaderGrant`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ReaderGrantMsg {
+    /// The reader's id (from the coordinator's member-id counter; never reused).
+    pub id: u64,
+    /// The group's current view, with its nonce zeroed.
+    pub view: View,
+    /// `auth::reader_ticket(view key, group, id, epoch)`, hex.
+    pub ticket: String,
+    /// With a job token: HMAC proving the coordinator knows the token too (hex).
+    #[serde(default)]
+    pub proof: Option<String>,
 }
 
 /// Body of [`MsgType::StatusReq`].
@@ -276,10 +327,13 @@ pub(crate) enum FrameError {
     },
     /// The first four bytes were not the magic.
     BadMagic([u8; 4]),
-    /// The length field exceeded [`MAX_PAYLOAD`].
+    /// The length field exceeded the limit (at most [`MAX_PAYLOAD`]; smaller before the
+    /// peer proved anything).
     Oversize {
         /// Declared length.
         len: u32,
+        /// The limit in force.
+        max: usize,
     },
     /// A socket error.
     Io(std::io::Error),
@@ -305,9 +359,9 @@ impl std::fmt::Display for FrameError {
                 "not the braid coordinator protocol (first bytes {:02x?}, expected \"BRDC\")",
                 m
             ),
-            FrameError::Oversize { len, .. } => write!(
+            FrameError::Oversize { len, max } => write!(
                 f,
-                "frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD} bytes"
+                "frame payload of {len} bytes exceeds the limit of {max} bytes"
             ),
             FrameError::Io(e) => write!(f, "socket error: {e}"),
         }
@@ -321,10 +375,29 @@ enum Partial {
     Io(std::io::Error),
 }
 
+/// Where frames are read from: a socket (read in deadline-bounded slices) or, for the fuzz
+/// entry points, a byte slice.
+pub(crate) trait Wire: Read {
+    /// Bounds the next blocking read to `d`.
+    fn set_slice(&mut self, d: Duration) -> std::io::Result<()>;
+}
+
+impl Wire for TcpStream {
+    fn set_slice(&mut self, d: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(d))
+    }
+}
+
+impl Wire for &[u8] {
+    fn set_slice(&mut self, _d: Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reads exactly `buf.len()` bytes, in blocking reads of at most `slice`, until `deadline`
 /// (`None`: no deadline) or until `stop()` is true (checked between reads).
 fn read_full(
-    s: &mut TcpStream,
+    s: &mut impl Wire,
     buf: &mut [u8],
     deadline: Option<Instant>,
     slice: Duration,
@@ -346,7 +419,7 @@ fn read_full(
             None => slice,
         };
         // A zero timeout is refused by set_read_timeout; the slice is never zero here.
-        if let Err(e) = s.set_read_timeout(Some(slice.max(Duration::from_millis(1)))) {
+        if let Err(e) = s.set_slice(slice.max(Duration::from_millis(1))) {
             return Err(Partial::Io(e));
         }
         match s.read(&mut buf[got..]) {
@@ -386,15 +459,70 @@ pub(crate) fn read_frame_sliced(
     slice: Duration,
     stop: &dyn Fn() -> bool,
 ) -> std::result::Result<Frame, FrameError> {
+    read_frame_with(
+        s,
+        &Limits {
+            first_byte: first_byte_deadline,
+            frame_timeout,
+            whole: None,
+            max_payload: MAX_PAYLOAD,
+            slice,
+        },
+        stop,
+    )
+}
+
+/// How long and how large one frame may be.
+pub(crate) struct Limits {
+    /// The first byte must arrive by then (`None`: no deadline).
+    pub first_byte: Option<Instant>,
+    /// The rest must follow within this time of the first byte...
+    pub frame_timeout: Duration,
+    /// ...and the whole frame by this instant, if set (the handshake deadline of a connection
+    /// that has not proved anything yet: a slow sender cannot stretch it).
+    pub whole: Option<Instant>,
+    /// Largest accepted payload (at most [`MAX_PAYLOAD`]).
+    pub max_payload: usize,
+    /// Longest single blocking read.
+    pub slice: Duration,
+}
+
+/// Limits of a frame from a peer that has not proved anything yet: small, and complete by
+/// `deadline`.
+pub(crate) fn opening_limits(deadline: Instant, max_payload: usize) -> Limits {
+    Limits {
+        first_byte: Some(deadline),
+        frame_timeout: deadline.saturating_duration_since(Instant::now()),
+        whole: Some(deadline),
+        max_payload: max_payload.min(MAX_PAYLOAD),
+        slice: POLL_SLICE,
+    }
+}
+
+/// Granularity of payload buffers: a declared length is never allocated up front, the buffer
+/// grows by at most this much ahead of the bytes actually received.
+const CHUNK: usize = 64 << 10;
+
+/// Reads one frame within `lim`. Nothing sized by the peer is allocated beyond [`CHUNK`]
+/// ahead of the bytes it actually sent.
+pub(crate) fn read_frame_with(
+    s: &mut impl Wire,
+    lim: &Limits,
+    stop: &dyn Fn() -> bool,
+) -> std::result::Result<Frame, FrameError> {
     let mut hdr = [0u8; HEADER_LEN];
-    match read_full(s, &mut hdr[..1], first_byte_deadline, slice, stop) {
+    match read_full(s, &mut hdr[..1], lim.first_byte, lim.slice, stop) {
         Ok(()) => {}
         Err(Partial::Eof(_)) => return Err(FrameError::Closed),
         Err(Partial::Timeout(_)) => return Err(FrameError::Idle),
         Err(Partial::Stopped) => return Err(FrameError::Stopped),
         Err(Partial::Io(e)) => return Err(FrameError::Io(e)),
     }
-    let frame_deadline = Instant::now() + frame_timeout;
+    let now = Instant::now();
+    let mut frame_deadline = now.checked_add(lim.frame_timeout).unwrap_or(now);
+    if let Some(w) = lim.whole {
+        frame_deadline = frame_deadline.min(w);
+    }
     let map = |p: Partial, base: usize, want: usize| match p {
         Partial::Eof(got) => FrameError::Truncated {
             got: base + got,
@@ -404,7 +532,7 @@ pub(crate) fn read_frame_sliced(
         Partial::Stopped => FrameError::Stopped,
         Partial::Io(e) => FrameError::Io(e),
     };
-    read_full(s, &mut hdr[1..], Some(frame_deadline), slice, stop)
+    read_full(s, &mut hdr[1..], Some(frame_deadline), lim.slice, stop)
         .map_err(|p| map(p, 1, HEADER_LEN))?;
     let magic = [hdr[0], hdr[1], hdr[2], hdr[3]];
     if magic != MAGIC {
@@ -413,12 +541,24 @@ pub(crate) fn read_frame_sliced(
     let version = u16::from_be_bytes([hdr[4], hdr[5]]);
     let ty = u16::from_be_bytes([hdr[6], hdr[7]]);
     let len = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    if len as usize > MAX_PAYLOAD {
-        return Err(FrameError::Oversize { len });
+    let max = lim.max_payload.min(MAX_PAYLOAD);
+    let want = usize::try_from(len).unwrap_or(usize::MAX);
+    if want > max {
+        return Err(FrameError::Oversize { len, max });
     }
-    let mut payload = vec![0u8; len as usize];
-    read_full(s, &mut payload, Some(frame_deadline), slice, stop)
-        .map_err(|p| map(p, HEADER_LEN, HEADER_LEN + len as usize))?;
+    let mut payload = Vec::with_capacity(want.min(CHUNK));
+    while payload.len() < want {
+        let start = payload.len();
+        payload.resize(start + (want - start).min(CHUNK), 0);
+        read_full(
+            s,
+            &mut payload[start..],
+            Some(frame_deadline),
+            lim.slice,
+            stop,
+        )
+        .map_err(|p| map(p, HEADER_LEN + start, HEADER_LEN + want))?;
+    }
     Ok(Frame {
         version,
         ty,
@@ -471,4 +611,42 @@ pub(crate) fn write_bytes(
     s.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
     s.write_all(bytes)?;
     s.flush()
+}
+
+/// Fuzzing entry point: reads frames from `data` as the coordinator reads a connection (at
+/// most 64 frames) and decodes each payload as every message body of the protocol (errors
+/// are fine, panics are bugs).
+#[doc(hidden)]
+pub fn fuzz_decode_frame(data: &[u8]) {
+    let mut src = data;
+    let lim = Limits {
+        first_byte: None,
+        frame_timeout: Duration::from_secs(3600),
+        whole: None,
+        max_payload: MAX_PAYLOAD,
+        slice: POLL_SLICE,
+    };
+    for _ in 0..64 {
+        let Ok(f) = read_frame_with(&mut src, &lim, &|| false) else {
+            return;
+        };
+        let _ = MsgType::from_u16(f.ty);
+        let _ = f.body::<super::Registration>();
+        let _ = f.body::<Registered>();
+        let _ = f.body::<Heartbeat>();
+        let _ = f.body::<Ack>();
+        let _ = f.body::<Resync>();
+        let _ = f.body::<Rejoin>();
+        let _ = f.body::<Challenge>();
+        let _ = f.body::<Auth>();
+        let _ = f.body::<StatusReq>();
+        let _ = f.body::<ViewReq>();
+        let _ = f.body::<ReaderReq>();
+        let _ = f.body::<ReaderGrantMsg>();
+        let _ = f.body::<Notice>();
+        let _ = f.body::<ViewMsg>();
+        let _ = f.body::<ErrorMsg>();
+        let _ = f.body::<Goodbye>();
+        let _ = f.body::<serde_json::Value>();
+    }
 }

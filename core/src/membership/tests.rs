@@ -74,6 +74,35 @@ fn drain_until_closed(s: &mut TcpStream) -> Vec<String> {
     }
 }
 
+/// Sends a rejoin over a raw socket, answers the challenge with `member` as the member proof
+/// (no job token), and returns the error messages until the coordinator closes.
+fn raw_rejoin(addr: &str, group: &str, id: u64, member: Option<String>) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let rj = proto::Rejoin {
+        group: group.into(),
+        member_id: id,
+        epoch: 1,
+        client_nonce: "c0ffee".into(),
+    };
+    s.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut s, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    assert_eq!(
+        f.ty,
+        MsgType::Challenge as u16,
+        "a rejoin is always challenged"
+    );
+    let ch: proto::Challenge = f.body().unwrap();
+    assert!(!ch.token);
+    let auth = proto::Auth {
+        mac: String::new(),
+        member,
+    };
+    s.write_all(&proto::encode(MsgType::Auth, &auth).unwrap())
+        .unwrap();
+    drain_until_closed(&mut s)
+}
+
 fn refusal(addr: &str, r: &Registration) -> String {
     match rendezvous(addr, r, secs(10.0), &AtomicBool::new(false)) {
         Err(Error::Coordinator(m)) => m,
@@ -610,16 +639,7 @@ fn a_member_declared_dead_is_refused_when_it_comes_back() {
         "{why}"
     );
     // It comes back with its old id: refused, its id is retired.
-    let mut s = TcpStream::connect(&addr).unwrap();
-    let rj = proto::Rejoin {
-        group: "g".into(),
-        member_id: id,
-        epoch: 1,
-        client_nonce: String::new(),
-    };
-    s.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
-        .unwrap();
-    let m = drain_until_closed(&mut s);
+    let m = raw_rejoin(&addr, "g", id, Some("00".into()));
     assert!(
         m[0].contains("retired") && m[0].contains(&id.to_string()),
         "{m:?}"
@@ -720,4 +740,500 @@ fn a_join_storm_is_admitted_in_few_view_changes() {
     let last = &joined.iter().max_by_key(|r| r.2.epoch).unwrap().2;
     let ids: Vec<u64> = last.members.iter().map(|m| m.id).collect();
     assert!(ids[2..].windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening (issue 16).
+
+#[test]
+fn reader_grant_has_a_fresh_id_no_nonce_and_a_ticket_for_the_view() {
+    let (_c, addr) = coord();
+    // No view yet: refused.
+    let e = fetch_reader_grant(&addr, "r", None, Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("no view"), "{e}");
+    let (client, me, view) = rendezvous(
+        &addr,
+        &reg("r", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_ne!(view.nonce, 0);
+    let g1 = fetch_reader_grant(&addr, "r", None, Duration::from_secs(5)).unwrap();
+    let g2 = fetch_reader_grant(&addr, "r", None, Duration::from_secs(5)).unwrap();
+    // Ids come from the member-id counter: above the member's, never reused.
+    assert!(g1.id > me && g2.id > g1.id, "{me} {g1:?} {g2:?}");
+    assert_eq!(g1.view.nonce, 0, "readers never learn the view nonce");
+    assert_eq!(g1.view.epoch, view.epoch);
+    assert_eq!(g1.view.members, view.members);
+    let key = auth::view_key(None, view.nonce);
+    assert_eq!(g1.ticket, auth::reader_ticket(&key, "r", g1.id, view.epoch));
+    assert_eq!(g2.ticket, auth::reader_ticket(&key, "r", g2.id, view.epoch));
+    assert_ne!(g1.ticket, g2.ticket);
+    // Registering a reader changes nothing in the group.
+    let st = _c.status();
+    assert_eq!(st["groups"][0]["epoch"], 1, "{st}");
+    assert_eq!(st["groups"][0]["size"], 1, "{st}");
+    let later = Registration::worker("other", 1, None, vec![1]);
+    let (_c2, id2, _) = rendezvous(&addr, &later, secs(10.0), &AtomicBool::new(false)).unwrap();
+    assert!(id2 > g2.id, "member ids continue above reader ids");
+    drop(client);
+}
+
+#[test]
+fn reader_grant_with_a_job_token() {
+    let c = Coordinator::bind_with(
+        "127.0.0.1:0",
+        CoordinatorOptions {
+            job_token: Some(b"tok".to_vec()),
+            ..CoordinatorOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = c.local_addr().to_string();
+    let opts = ClientOptions {
+        token: Some(b"tok".to_vec()),
+        ..ClientOptions::default()
+    };
+    let (_m, _, view) = rendezvous_with(
+        &addr,
+        &reg("t", 1, None),
+        &opts,
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let g = fetch_reader_grant(&addr, "t", Some(b"tok"), Duration::from_secs(5)).unwrap();
+    assert_eq!(g.view.nonce, 0);
+    let key = auth::view_key(Some(b"tok"), view.nonce);
+    assert_eq!(g.ticket, auth::reader_ticket(&key, "t", g.id, view.epoch));
+    assert!(fetch_reader_grant(&addr, "t", None, Duration::from_secs(5)).is_err());
+    assert!(fetch_reader_grant(&addr, "t", Some(b"bad"), Duration::from_secs(5)).is_err());
+}
+
+#[test]
+fn view_requests_and_status_never_carry_the_view_nonce() {
+    let (c, addr) = coord();
+    let (_m, _, view) = rendezvous(
+        &addr,
+        &reg("n", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_ne!(view.nonce, 0);
+    let v = fetch_view(&addr, "n", None, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        v.nonce, 0,
+        "a view request is unauthenticated without a job token"
+    );
+    assert_eq!(v.members, view.members);
+    let st = coordinator_status(&addr, None, Duration::from_secs(5)).unwrap();
+    let text = st.to_string();
+    assert!(!text.contains(&view.nonce.to_string()), "{text}");
+    assert!(!c.status().to_string().contains(&view.nonce.to_string()));
+}
+
+#[test]
+fn a_forged_rejoin_cannot_take_a_live_members_place() {
+    let (c, addr) = coord();
+    let opts = ClientOptions {
+        token: None,
+        heartbeat: Duration::from_millis(100),
+        silence: Duration::ZERO,
+    };
+    let members: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            thread::spawn(move || {
+                let r = rendezvous_with(
+                    &addr,
+                    &elastic_reg("f", 2, 5000),
+                    &opts,
+                    secs(20.0),
+                    &AtomicBool::new(false),
+                )
+                .unwrap();
+                r.0.installed(r.2.epoch);
+                r
+            })
+        })
+        .collect();
+    let members: Vec<_> = members.into_iter().map(|h| h.join().unwrap()).collect();
+    let victim = members[0].1;
+    // A stranger names the victim's id (visible in status replies): without a proof, and with
+    // a wrong one.
+    for proof in [None, Some("00".repeat(32))] {
+        let m = raw_rejoin(&addr, "f", victim, proof);
+        assert!(
+            m.iter()
+                .any(|m| m.contains("rejoin refused") && m.contains(&victim.to_string())),
+            "{m:?}"
+        );
+    }
+    // The victim keeps its connection and its place.
+    thread::sleep(Duration::from_millis(500));
+    let st = c.status();
+    let g = &st["groups"][0];
+    assert_eq!(g["epoch"], 1, "{st}");
+    for m in g["members"].as_array().unwrap() {
+        assert_eq!(m["alive"], true, "{st}");
+        assert_eq!(m["connected"], true, "{st}");
+    }
+    assert!(members[0].0.coordinator_state().0);
+    assert!(members[0].0.expelled().is_none());
+    // The group still works: a joiner is admitted and both members get the view.
+    let (j, jid, jv) = rendezvous_with(
+        &addr,
+        &elastic_reg("f", 2, 5000),
+        &opts,
+        secs(20.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(jv.members.len(), 3);
+    assert!(jv.rank_of(victim).is_some_and(|r| r < 2), "{jv:?}");
+    assert_eq!(jv.rank_of(jid), Some(2));
+    for (client, _, _) in &members {
+        assert_eq!(
+            client
+                .wait_epoch(2, secs(10.0), &AtomicBool::new(false))
+                .unwrap(),
+            2
+        );
+    }
+    drop(j);
+}
+
+#[test]
+fn a_member_rejoins_with_its_secret_after_losing_its_connection() {
+    let dir = std::env::temp_dir().join(format!("braid-coord-rejoin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.json");
+    let _ = std::fs::remove_file(&state);
+    let opts = || CoordinatorOptions {
+        state_file: Some(state.clone()),
+        ..CoordinatorOptions::default()
+    };
+    let mut c = Coordinator::bind_with("127.0.0.1:0", opts()).unwrap();
+    let addr = c.local_addr().to_string();
+    let copts = ClientOptions {
+        token: None,
+        heartbeat: Duration::from_millis(100),
+        silence: Duration::ZERO,
+    };
+    let (client, id, _) = rendezvous_with(
+        &addr,
+        &elastic_reg("s", 1, 5000),
+        &copts,
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    client.installed(1);
+    // The state file holds the member's secret and is private to its owner.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&state).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o077, 0);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+        assert_eq!(doc["groups"][0]["secrets"][0][0], id, "{doc}");
+    }
+    // The coordinator restarts on the same port; the member proves itself and rejoins.
+    c.shutdown();
+    drop(c);
+    let c = (0..100)
+        .find_map(|_| {
+            Coordinator::bind_with(&addr, opts())
+                .map_err(|_| thread::sleep(Duration::from_millis(50)))
+                .ok()
+        })
+        .unwrap();
+    wait_until("the member to reconnect", || {
+        c.status()["groups"][0]["members"][0]["connected"] == true
+    });
+    assert!(client.expelled().is_none());
+    // A stranger still cannot take its place.
+    let m = raw_rejoin(&addr, "s", id, Some("11".repeat(32)));
+    assert!(m.iter().any(|m| m.contains("rejoin refused")), "{m:?}");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.status()["groups"][0]["members"][0]["connected"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_handshake_has_a_deadline_for_the_whole_first_frame() {
+    assert!(CoordinatorOptions::default().handshake_timeout <= Duration::from_secs(10));
+    let c = Coordinator::bind_with(
+        "127.0.0.1:0",
+        CoordinatorOptions {
+            handshake_timeout: Duration::from_millis(500),
+            frame_timeout: Duration::from_secs(10),
+            ..CoordinatorOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = c.local_addr().to_string();
+    // A connection that sends nothing is closed after the deadline.
+    let idle = TcpStream::connect(&addr).unwrap();
+    let t = Instant::now();
+    assert!(closed_within(&idle, Duration::from_secs(4)));
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // A slow sender (one byte every 100 ms of a valid registration) cannot stretch it.
+    let bytes = proto::encode(MsgType::Register, &reg("slow", 1, None)).unwrap();
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    let t = Instant::now();
+    let mut closed = false;
+    for chunk in bytes.chunks(1) {
+        if slow.write_all(chunk).is_err() {
+            closed = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    if !closed {
+        closed = closed_within(&slow, Duration::from_secs(1));
+    }
+    assert!(
+        closed,
+        "a slow sender kept its connection for {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(c.registered("slow"), 0);
+}
+
+#[test]
+fn a_huge_declared_length_is_refused_before_the_payload() {
+    let (c, addr) = coord();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    // A header announcing the protocol's largest payload, and no payload: refused at once
+    // (an unauthenticated first frame is small), not awaited or allocated.
+    let mut h = proto::encode_raw(proto::VERSION, MsgType::Register as u16, b"");
+    h[8..12].copy_from_slice(&(proto::MAX_PAYLOAD as u32).to_be_bytes());
+    s.write_all(&h).unwrap();
+    let t = Instant::now();
+    let m = drain_until_closed(&mut s);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert!(m.iter().any(|m| m.contains("exceeds the limit")), "{m:?}");
+    // A registration with the largest connect handle still fits.
+    let big = Registration::worker("big", 1, None, vec![0xab; 64 << 10]);
+    let (_m, _, v) = rendezvous(&addr, &big, secs(10.0), &AtomicBool::new(false)).unwrap();
+    assert_eq!(v.members[0].handle.len(), 64 << 10);
+    assert_eq!(c.registered("big"), 1);
+}
+
+#[test]
+fn many_idle_connections_do_not_keep_a_member_out() {
+    let (_c, addr) = coord();
+    let cap = CoordinatorOptions::default().max_unauthenticated;
+    let idle: Vec<TcpStream> = (0..cap + 44)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // The oldest handshaking connections are closed to make room.
+    thread::sleep(Duration::from_millis(300));
+    for (i, s) in idle[..44].iter().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "idle connection {i}"
+        );
+    }
+    // A real member registers at once.
+    let (_m, _, v) = rendezvous(
+        &addr,
+        &reg("real", 1, None),
+        secs(5.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(v.members.len(), 1);
+    // The newest idle connections are still open (the member's arrival closed the oldest).
+    assert!(!closed_within(&idle[cap + 43], Duration::from_millis(100)));
+}
+
+/// Whether the coordinator closes `s` within `d` (a read returns end-of-file or a reset,
+/// not a timeout).
+fn closed_within(s: &TcpStream, d: Duration) -> bool {
+    s.set_read_timeout(Some(d)).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match (&*s).read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn garbage_state_files_and_frames_never_panic() {
+    // A tiny deterministic generator (no dependency).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for n in 0..2000 {
+        let len = (next() % 200) as usize;
+        let mut v: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if n % 2 == 0 && v.len() >= 12 {
+            v[..4].copy_from_slice(&proto::MAGIC);
+            v[4..6].copy_from_slice(&proto::VERSION.to_be_bytes());
+        }
+        fuzz_decode_frame(&v);
+        fuzz_load_state(&v);
+    }
+    // Frames: a declared length far beyond the bytes, every message type with junk.
+    let mut h = proto::encode_raw(1, 1, b"");
+    h[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+    fuzz_decode_frame(&h);
+    for ty in 0..20u16 {
+        for body in [&b"{}"[..], b"[]", b"null", b"{\"view\":{}}", b"\xff\xfe"] {
+            fuzz_decode_frame(&proto::encode_raw(1, ty, body));
+        }
+    }
+    // State files: hostile numbers are refused, not panicked on later.
+    let member = r#"{"id":3,"host_id":"h","hostname":"h","pid":1,"role":"worker","handle":"00"}"#;
+    let group = |hw: &str, ws: &str, epoch: &str, members: &str| {
+        format!(
+            r#"{{"id_high_water":{hw},"groups":[{{"world_size":{ws},"elastic":true,"policy":{{"min_size":1,"max_size":null,"join_window_ms":1}},"view":{{"group":"g","epoch":{epoch},"nonce":1,"members":[{members}]}},"heartbeat_ms":[[3,1]],"history":[]}}]}}"#
+        )
+    };
+    let good = group("10", "1", "1", member);
+    assert!(super::coordinator::state_ok(good.as_bytes()), "{good}");
+    for bad in [
+        group("18446744073709551615", "1", "1", member),
+        group("10", "0", "1", member),
+        group("10", "1", "18446744073709551615", member),
+        group("10", "1", "0", member),
+        group("2", "1", "1", member),
+        group("10", "1", "1", &format!("{member},{member}")),
+        group("10", "1", "1", &member.replace("\"00\"", "\"0\"")),
+    ] {
+        fuzz_load_state(bad.as_bytes());
+        assert!(!super::coordinator::state_ok(bad.as_bytes()), "{bad}");
+    }
+    // A coordinator never starts on such a file (today's code started, then panicked on the
+    // first registration when the id counter overflowed).
+    let dir = std::env::temp_dir().join(format!("braid-coord-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    std::fs::write(&path, group("18446744073709551615", "1", "1", member)).unwrap();
+    let e = Coordinator::bind_with(
+        "127.0.0.1:0",
+        CoordinatorOptions {
+            state_file: Some(path.clone()),
+            ..CoordinatorOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deeply_nested_json_does_not_overflow_a_connection_thread() {
+    let (c, addr) = coord();
+    for ty in [
+        MsgType::Register,
+        MsgType::Rejoin,
+        MsgType::StatusReq,
+        MsgType::ReaderReq,
+    ] {
+        let mut body = String::from("{\"group\":\"x\",\"junk\":");
+        body.push_str(&"[".repeat(100_000));
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(&proto::encode_raw(
+            proto::VERSION,
+            ty as u16,
+            body.as_bytes(),
+        ))
+        .unwrap();
+        let m = drain_until_closed(&mut s);
+        assert!(m.iter().any(|m| m.contains("malformed")), "{m:?}");
+    }
+    // The coordinator still serves.
+    let (_m, _, v) = rendezvous(
+        &addr,
+        &reg("after", 1, None),
+        secs(10.0),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(v.members.len(), 1);
+    drop(c);
+}
+
+#[test]
+fn an_elastic_policy_that_would_overflow_time_is_refused() {
+    let (c, addr) = coord();
+    let mut r = elastic_reg("p", 1, 0);
+    r.policy.join_window_ms = u64::MAX;
+    let m = refusal(&addr, &r);
+    assert!(m.contains("join window"), "{m}");
+    let mut r = elastic_reg("p", 1, 0);
+    r.heartbeat_timeout_ms = u64::MAX;
+    let m = refusal(&addr, &r);
+    assert!(m.contains("heartbeat timeout"), "{m}");
+    assert_eq!(c.registered("p"), 0);
+}
+
+#[test]
+fn a_proved_rejoin_replaces_the_old_connection_without_retiring_the_member() {
+    let (c, addr) = coord();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&proto::encode(MsgType::Register, &elastic_reg("p", 1, 0)).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut s, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    let ack: proto::Registered = f.body().unwrap();
+    let secret = from_hex(ack.secret.as_deref().unwrap()).unwrap();
+    assert_eq!(secret.len(), 32);
+    let id = ack.member_id;
+    wait_until("the view", || c.status()["groups"][0]["epoch"] == 1);
+    // The same member comes back on a new connection (its old one still open) and proves it.
+    let mut r = TcpStream::connect(&addr).unwrap();
+    let rj = proto::Rejoin {
+        group: "p".into(),
+        member_id: id,
+        epoch: 1,
+        client_nonce: "abcd".into(),
+    };
+    r.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut r, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    let ch: proto::Challenge = f.body().unwrap();
+    let auth = proto::Auth {
+        mac: String::new(),
+        member: Some(auth::rejoin_mac(&secret, "p", id, &ch.server_nonce, "abcd")),
+    };
+    r.write_all(&proto::encode(MsgType::Auth, &auth).unwrap())
+        .unwrap();
+    let f = proto::read_frame(&mut r, Some(secs(5.0)), Duration::from_secs(5), &|| false).unwrap();
+    assert_eq!(f.ty, MsgType::Registered as u16);
+    let again: proto::Registered = f.body().unwrap();
+    assert_eq!(again.member_id, id);
+    assert!(again.secret.is_none(), "the secret is sent once");
+    // The old connection is closed; the member stays, on its new connection.
+    let _ = drain_until_closed(&mut s);
+    thread::sleep(Duration::from_millis(300));
+    let st = c.status();
+    let m = &st["groups"][0]["members"][0];
+    assert_eq!(m["alive"], true, "{st}");
+    assert_eq!(m["connected"], true, "{st}");
+    assert_eq!(st["groups"][0]["epoch"], 1, "{st}");
+    drop(r);
 }

@@ -5,8 +5,13 @@
 //! On the wire each message is a 16-byte prefix (magic `BRPS`, header length, body length),
 //! then the header bytes, then the body bytes when there are any — three transport messages
 //! with tags 1, 2, 3. Outgoing messages are sent in priority order (higher first, FIFO within a
-//! priority). A peer that sends garbage, closes or dies ends the channel: `on_close` is called
-//! once with the reason.
+//! priority). Both lengths are checked against the channel's [`Limits`] (what the protocol
+//! allows the peer: the group's partition size plus a header) BEFORE anything is allocated.
+//!
+//! A peer that closes or dies ends the channel. A protocol error (bad magic, a length over the
+//! limits, a message the receiver refuses) ends it too, after a goodbye naming the reason
+//! ([`super::wire::Msg::Bye`], sent for at most [`BYE_LINGER`]) so the peer can fail what it
+//! has in flight at once. `on_close` is called once with the reason.
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +27,21 @@ const MAGIC: [u8; 4] = *b"BRPS";
 const TAG_PREFIX: u64 = 1;
 const TAG_HDR: u64 = 2;
 const TAG_BODY: u64 = 3;
-/// Largest accepted header.
-const MAX_HDR: usize = 64 << 20;
-/// Largest accepted body.
-const MAX_BODY: u64 = 1 << 40;
+/// How long a channel that hit a protocol error tries to send its goodbye.
+pub(crate) const BYE_LINGER: Duration = Duration::from_secs(1);
+
+/// The largest header and body a channel accepts from its peer; a larger length in a prefix is
+/// a protocol error, refused before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Header bytes.
+    pub hdr: usize,
+    /// Body bytes.
+    pub body: usize,
+}
+
+/// What handles a received message: `Err(reason)` is a protocol error that ends the channel.
+pub(crate) type OnMsg = Box<dyn FnMut(&Incoming) -> std::result::Result<(), String> + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -97,12 +113,14 @@ pub(crate) struct Chan {
 }
 
 impl Chan {
-    /// Starts the channel thread on `conn`. `on_msg` runs on that thread for every message;
-    /// `on_close` runs once when the channel ends (not after [`Chan::close`]).
-    pub(crate) fn spawn(
+    /// Starts the channel thread on `conn`, accepting messages within `limits`. `on_msg` runs
+    /// on that thread for every message; `on_close` runs once when the channel ends (not after
+    /// [`Chan::close`]).
+    pub(crate) fn start(
         conn: Box<dyn Conn>,
         name: &str,
-        on_msg: Box<dyn FnMut(&Incoming) + Send>,
+        limits: Limits,
+        on_msg: OnMsg,
         on_close: Box<dyn FnOnce(String) + Send>,
     ) -> Result<Chan> {
         // SAFETY: FFI; eventfd(2) with valid flags returns a new descriptor or -1.
@@ -123,7 +141,7 @@ impl Chan {
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("braid-ps-{name}"))
-            .spawn(move || run(conn, sh, on_msg, on_close))
+            .spawn(move || run(conn, sh, limits, on_msg, on_close))
             .map_err(|e| Error::System(format!("spawning a channel thread: {e}")))?;
         Ok(Chan {
             shared,
@@ -216,15 +234,26 @@ enum RState {
 fn run(
     mut conn: Box<dyn Conn>,
     sh: Arc<Shared>,
-    mut on_msg: Box<dyn FnMut(&Incoming) + Send>,
+    limits: Limits,
+    mut on_msg: OnMsg,
     on_close: Box<dyn FnOnce(String) + Send>,
 ) {
-    match drive(&mut *conn, &sh, &mut *on_msg) {
+    let mut failing = None;
+    match drive(&mut *conn, &sh, limits, &mut *on_msg, &mut failing) {
         Ok(()) => {
             conn.goodbye();
             *lock(&sh.closed) = Some("closed".into());
         }
-        Err(why) => {
+        Err(e) => {
+            // After a protocol error, the reason is that error (not how the connection
+            // ended while the goodbye lingered).
+            let why = match failing {
+                Some((why, _)) => {
+                    tracing::warn!(target: "braid::ps", "closed the connection with {}: {why}", conn.peer_desc());
+                    why
+                }
+                None => e,
+            };
             *lock(&sh.closed) = Some(why.clone());
             if !sh.stop.load(Ordering::SeqCst) {
                 on_close(why);
@@ -233,11 +262,59 @@ fn run(
     }
 }
 
-/// The channel loop; `Ok` when stopped, `Err(reason)` when the connection failed.
+/// Checks a message prefix against `limits`: (header length, body length).
+fn parse_prefix(prefix: &[u8; 16], limits: Limits) -> std::result::Result<(usize, usize), String> {
+    if prefix[..4] != MAGIC {
+        return Err("not the braid push/pull protocol (bad magic)".into());
+    }
+    let hl = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+    let mut b8 = [0u8; 8];
+    b8.copy_from_slice(&prefix[8..16]);
+    let bl = u64::from_le_bytes(b8);
+    let hl = usize::try_from(hl)
+        .ok()
+        .filter(|h| (1..=limits.hdr).contains(h));
+    let blu = usize::try_from(bl).ok().filter(|b| *b <= limits.body);
+    match (hl, blu) {
+        (Some(h), Some(b)) => Ok((h, b)),
+        _ => Err(format!(
+            "message lengths over the limits (header {} of at most {}, body {bl} of at most {})",
+            u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]),
+            limits.hdr,
+            limits.body
+        )),
+    }
+}
+
+/// Queues the goodbye that tells the peer why the channel ends.
+fn queue_bye(sh: &Shared, why: &str) {
+    let mut q = lock(&sh.queue);
+    let seq = q.1;
+    q.1 += 1;
+    q.0.push(Queued {
+        prio: i32::MAX,
+        seq,
+        msg: Outgoing {
+            prio: i32::MAX,
+            hdr: super::wire::Msg::Bye {
+                reason: why.to_string(),
+            }
+            .encode(),
+            body: Arc::new(Vec::new()),
+        },
+    });
+}
+
+/// The channel loop; `Ok` when stopped, `Err(reason)` when the connection failed or the peer
+/// broke the protocol. After a protocol error (recorded in `failing`) nothing more is read;
+/// the goodbye goes out and the channel waits for the peer to close, for at most
+/// [`BYE_LINGER`] (closing first could lose the goodbye in flight).
 fn drive(
     conn: &mut dyn Conn,
     sh: &Shared,
-    on_msg: &mut dyn FnMut(&Incoming),
+    limits: Limits,
+    on_msg: &mut dyn FnMut(&Incoming) -> std::result::Result<(), String>,
+    failing: &mut Option<(String, std::time::Instant)>,
 ) -> std::result::Result<(), String> {
     let mut sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)> = Default::default();
     // Message being posted: its parts not yet accepted by the transport.
@@ -289,8 +366,12 @@ fn drive(
                 None => break,
             }
         }
-        // 2. Incoming.
-        if matches!(rstate, RState::Idle) {
+        // 2. Incoming (nothing more once the peer broke the protocol).
+        if let Some((why, since)) = &*failing {
+            if since.elapsed() > BYE_LINGER {
+                return Err(why.clone());
+            }
+        } else if matches!(rstate, RState::Idle) {
             // SAFETY: `prefix` is a boxed array that lives for the whole loop.
             if let Some(r) = unsafe { conn.irecv(TAG_PREFIX, prefix.as_mut_ptr(), 16) }
                 .map_err(|e| e.to_string())?
@@ -314,24 +395,22 @@ fn drive(
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
                     }
-                    if prefix[..4] != MAGIC {
-                        return Err("not the braid push/pull protocol (bad magic)".into());
-                    }
-                    let hl =
-                        u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]) as usize;
-                    let mut b8 = [0u8; 8];
-                    b8.copy_from_slice(&prefix[8..16]);
-                    let bl = u64::from_le_bytes(b8);
-                    if hl == 0 || hl > MAX_HDR || bl > MAX_BODY {
-                        return Err(format!("bad message lengths (header {hl}, body {bl})"));
-                    }
+                    let (hl, bl) = match parse_prefix(&prefix, limits) {
+                        Ok(x) => x,
+                        Err(why) => {
+                            queue_bye(sh, &why);
+                            *failing = Some((why, std::time::Instant::now()));
+                            rstate = RState::Idle;
+                            break;
+                        }
+                    };
                     msg.hdr.clear();
                     msg.hdr.resize(hl, 0);
                     // SAFETY: `msg.hdr` is not touched until the request completed.
                     match unsafe { conn.irecv(TAG_HDR, msg.hdr.as_mut_ptr(), hl) }
                         .map_err(|e| e.to_string())?
                     {
-                        Some(r) => RState::Hdr(r, bl as usize),
+                        Some(r) => RState::Hdr(r, bl),
                         None => return Err("transport refused a receive".into()),
                     }
                 }
@@ -341,7 +420,12 @@ fn drive(
                     }
                     if *bl == 0 {
                         msg.body.clear();
-                        on_msg(&msg);
+                        if let Err(why) = on_msg(&msg) {
+                            queue_bye(sh, &why);
+                            *failing = Some((why, std::time::Instant::now()));
+                            rstate = RState::Idle;
+                            break;
+                        }
                         RState::Idle
                     } else {
                         let bl = *bl;
@@ -364,7 +448,12 @@ fn drive(
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
                     }
-                    on_msg(&msg);
+                    if let Err(why) = on_msg(&msg) {
+                        queue_bye(sh, &why);
+                        *failing = Some((why, std::time::Instant::now()));
+                        rstate = RState::Idle;
+                        break;
+                    }
                     RState::Idle
                 }
             };

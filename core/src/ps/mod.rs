@@ -14,7 +14,14 @@
 //!   acknowledged only once they applied it, so a killed server loses no acknowledged update:
 //!   when the view changes, the replica owns the parts and seeds a new replica; workers re-route
 //!   what was in flight.
-//! * Messages: [`wire`] headers over [`chan`] channels on braid transports (tcp or shm).
+//! * Messages: [`wire`] headers over [`chan`] channels on braid transports (tcp or shm). A
+//!   connection is admitted only with a hello bound to the current view and the acceptor's
+//!   challenge (`node.rs`); message lengths are bounded by the partition size before anything
+//!   is allocated; who may send what is decided in one place ([`wire`]'s `permitted`); a
+//!   protocol error closes that connection only, with a goodbye naming the reason.
+//! * When every copy of a part is lost (more servers died at once than `replicas`), requests
+//!   for its key fail naming it, for the rest of the job (see the README, "Replication,
+//!   exactly").
 
 pub(crate) mod chan;
 pub(crate) mod node;
@@ -63,12 +70,17 @@ impl Default for PsOptions {
     }
 }
 
+/// Largest push/pull partition accepted from the environment (a part is one message).
+pub const MAX_PARTITION_BYTES: usize = 1 << 30;
+/// Most extra copies of a part accepted from the environment.
+pub const MAX_REPLICAS: usize = 64;
+
 impl PsOptions {
     /// Settings from the environment (`BRAID_PS_*`).
     ///
     /// Errors: `InvalidArgument` for malformed values.
     pub fn from_env() -> Result<PsOptions> {
-        PsOptions::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        PsOptions::from_lookup(crate::config::var)
     }
 
     /// Settings from a lookup function.
@@ -113,10 +125,10 @@ impl PsOptions {
         }
         if let Some(b) = get("BRAID_PS_PARTITION_BYTES") {
             o.partition_bytes = crate::config::parse_bytes(&b)
-                .filter(|x| *x >= 8)
+                .filter(|x| (8..=MAX_PARTITION_BYTES).contains(x))
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!(
-                        "BRAID_PS_PARTITION_BYTES={b}: expected a size of at least 8 bytes"
+                        "BRAID_PS_PARTITION_BYTES={b}: expected a size from 8 bytes to 1 GiB"
                     ))
                 })?;
         }
@@ -132,10 +144,42 @@ impl PsOptions {
             };
         }
         if let Some(r) = get("BRAID_PS_REPLICAS") {
-            o.replicas = r.trim().parse().map_err(|_| {
-                Error::InvalidArgument(format!("BRAID_PS_REPLICAS={r}: expected 0, 1, 2, ..."))
-            })?;
+            o.replicas = r
+                .trim()
+                .parse()
+                .ok()
+                .filter(|x| *x <= MAX_REPLICAS)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "BRAID_PS_REPLICAS={r}: expected 0, 1, 2, ... up to {MAX_REPLICAS}"
+                    ))
+                })?;
         }
         Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(k: &'static str, v: &'static str) -> Result<PsOptions> {
+        PsOptions::from_lookup(move |n| (n == k).then(|| v.to_string()))
+    }
+
+    #[test]
+    fn sizes_and_counts_from_the_environment_are_bounded() {
+        assert!(with("BRAID_PS_REPLICAS", "2").is_ok());
+        for bad in ["65", "18446744073709551615", "-1", "x"] {
+            let e = with("BRAID_PS_REPLICAS", bad).unwrap_err().to_string();
+            assert!(e.contains("BRAID_PS_REPLICAS"), "{e}");
+        }
+        assert!(with("BRAID_PS_PARTITION_BYTES", "1G").is_ok());
+        for bad in ["4", "2G", "1T"] {
+            let e = with("BRAID_PS_PARTITION_BYTES", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("BRAID_PS_PARTITION_BYTES"), "{e}");
+        }
     }
 }

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{close_all, Chan, Incoming, Outgoing};
-use super::node::{connect_to, Node};
+use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
+use super::node::{connect_to, Cred, Node, Peer, ViewBook};
 use super::shard::Ring;
 use super::store::{Event, KeyDump, Store};
-use super::wire::{Msg, PartRef};
+use super::wire::{parts_len, permitted, Msg, PartRef, CLIENT_HDR};
 use super::PsOptions;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -66,6 +66,41 @@ struct SState {
     lost: std::collections::HashSet<u64>,
     /// Large pull answers being sent: once sent, their buffers go back to the store.
     sent: Vec<Arc<Vec<u8>>>,
+    /// Every part known to exist in the group (store key → user key, part index): created on
+    /// some server and announced to all ([`Msg::Keys`]).
+    dir: HashMap<u64, (u64, u32)>,
+    /// Parts every copy of which was lost (store key → why): their pulls, pushes and inits fail
+    /// for the rest of the job.
+    lost_parts: HashMap<u64, String>,
+}
+
+/// How long after a view change a part this server now owns may still be on its way (the
+/// hand-over); requests for it are retried meanwhile, and fail as lost afterwards.
+const HANDOVER_GRACE: Duration = Duration::from_secs(5);
+
+/// Why `skey` cannot be served by this server (its owner), if it cannot: a part that exists in
+/// the group but no copy of which reached this server. `Some((msg, retry))`.
+fn missing_part(st: &mut SState, skey: u64) -> Option<(String, bool)> {
+    if let Some(why) = st.lost_parts.get(&skey) {
+        return Some((why.clone(), false));
+    }
+    if st.store.version(skey).is_some() {
+        return None;
+    }
+    let (k, p) = *st.dir.get(&skey)?;
+    if st.changed_at.elapsed() < HANDOVER_GRACE {
+        return Some((
+            format!("key {k} part {p} is on its way to its new owner: retry"),
+            true,
+        ));
+    }
+    let why = format!(
+        "key {k} part {p} was lost: no copy of it reached its owner (this server) after the \
+         view change at epoch {}; its value is gone",
+        st.view.epoch
+    );
+    st.lost_parts.insert(skey, why.clone());
+    Some((why, false))
 }
 
 /// Pull answers followed for reuse at most.
@@ -177,6 +212,19 @@ struct SInner {
     stop: AtomicBool,
     /// Store key → user key, for user update rules.
     keymap: Arc<Mutex<HashMap<u64, u64>>>,
+    /// Views known to this process (the acceptor checks hellos against them).
+    book: Arc<ViewBook>,
+}
+
+/// The largest header a server accepts from another server (hand-overs carry key state in
+/// the header, in chunks of at most half this; see [`apply_view`]).
+fn server_hdr(opts: &PsOptions) -> usize {
+    let per_part = opts
+        .history
+        .saturating_add(8)
+        .saturating_mul(opts.partition_bytes)
+        .saturating_mul(4);
+    per_part.saturating_add(CLIENT_HDR).max(64 << 20)
 }
 
 /// A push/pull server process (see the module docs). Dropping it leaves the group (the
@@ -197,7 +245,7 @@ impl std::fmt::Debug for KvServer {
 
 type Slot = Arc<Mutex<Option<Arc<SInner>>>>;
 /// A connection accepted before the server state exists.
-type Early = (Box<dyn braid_transport::Conn>, u64);
+type Early = (Box<dyn braid_transport::Conn>, Peer);
 
 impl KvServer {
     /// Starts a server: registers with the coordinator as a server of the group and serves
@@ -210,7 +258,7 @@ impl KvServer {
         let on_conn = {
             let slot = slot.clone();
             let early = early.clone();
-            Box::new(move |c: Box<dyn braid_transport::Conn>, id: u64| {
+            Box::new(move |c: Box<dyn braid_transport::Conn>, id: Peer| {
                 // Holding `early` while looking at `slot` closes the gap with start() moving the
                 // early connections over.
                 let mut e = lock(&early);
@@ -284,9 +332,12 @@ impl KvServer {
                 unknown_pulls: Vec::new(),
                 lost: std::collections::HashSet::new(),
                 sent: Vec::new(),
+                dir: HashMap::new(),
+                lost_parts: HashMap::new(),
             }),
             stop: AtomicBool::new(false),
             keymap,
+            book: node.book.clone(),
         });
         let pending: Vec<Early> = {
             let mut e = lock(&early);
@@ -369,30 +420,13 @@ pub(crate) fn ring_of(v: &View) -> Ring {
     Ring::new(&servers_of(v))
 }
 
-/// Takes an accepted connection into service.
-fn adopt(inner: &Arc<SInner>, conn: Box<dyn braid_transport::Conn>, from: u64) {
-    // Readers are not members: they use ids in the upper half and may only read.
+/// Takes an accepted connection (its hello admitted, see [`super::node::admit`]) into
+/// service.
+fn adopt(inner: &Arc<SInner>, conn: Box<dyn braid_transport::Conn>, peer: Peer) {
     if inner.stop.load(Ordering::SeqCst) {
         return;
     }
-    let reader = from >= 1 << 63;
-    let known = reader || lock(&inner.st).view.members.iter().any(|m| m.id == from);
-    if !known && inner.token.is_none() {
-        // Without a token, membership of the view is what admits a connection; a member of a
-        // newer view may connect before this server installed it, so give it a moment.
-        let end = Instant::now() + Duration::from_secs(5);
-        loop {
-            if lock(&inner.st).view.members.iter().any(|m| m.id == from) {
-                break;
-            }
-            if Instant::now() >= end || inner.stop.load(Ordering::SeqCst) {
-                tracing::warn!(target: "braid::ps", "server {}: dropping connection from {} claiming member {from}: not a member", inner.me, conn.peer_desc());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    if let Err(e) = make_chan(inner, conn, from) {
+    if let Err(e) = make_chan(inner, conn, peer) {
         tracing::warn!(target: "braid::ps", "server {}: {e}", inner.me);
     }
 }
@@ -422,8 +456,20 @@ fn register_chan(st: &mut SState, id: u64, c: Arc<Chan>) -> Arc<Chan> {
 fn make_chan(
     inner: &Arc<SInner>,
     conn: Box<dyn braid_transport::Conn>,
-    from: u64,
+    peer: Peer,
 ) -> Result<Arc<Chan>> {
+    let from = peer.id;
+    let part = inner.opts.partition_bytes;
+    // What the protocol allows this peer: a request (or replication) carries at most one
+    // partition of values; headers are small except a server's hand-over.
+    let limits = Limits {
+        hdr: if peer.role == Role::Server {
+            server_hdr(&inner.opts)
+        } else {
+            CLIENT_HDR
+        },
+        body: part,
+    };
     let weak = Arc::downgrade(inner);
     let gate: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
     let g2 = gate.clone();
@@ -437,14 +483,24 @@ fn make_chan(
                         .unwrap_or_else(|p| p.into_inner().0);
             }
         }
-        if let Some(inner) = weak.upgrade() {
-            handle(&inner, from, m);
+        if peer.partition != part as u64 {
+            return Err(format!(
+                "partition size mismatch: this server uses {part} bytes, member {from} {} \
+                 (BRAID_PS_PARTITION_BYTES must be the same on every member of the group)",
+                peer.partition
+            ));
+        }
+        let msg = Msg::decode(&m.hdr).map_err(|e| format!("undecodable header: {e}"))?;
+        permitted(peer.role, Role::Server, &msg)?;
+        match weak.upgrade() {
+            Some(inner) => handle(&inner, from, msg, &m.body),
+            None => Ok(()),
         }
     });
     let me = inner.me;
     let weak = Arc::downgrade(inner);
     let on_close = Box::new(move |why: String| {
-        tracing::info!(target: "braid::ps", "server {me}: connection with member {from} ended: {why}");
+        tracing::info!(target: "braid::ps", "server {me}: connection with {} {from} ended: {why}", peer.role);
         if let Some(inner) = weak.upgrade() {
             let mut st = lock(&inner.st);
             if st
@@ -457,9 +513,10 @@ fn make_chan(
             }
         }
     });
-    let c = Arc::new(Chan::spawn(
+    let c = Arc::new(Chan::start(
         conn,
         &format!("s{me}-{from}"),
+        limits,
         on_msg,
         on_close,
     )?);
@@ -483,22 +540,33 @@ fn server_chan_in(inner: &Arc<SInner>, id: u64, view: Option<&View>) -> Option<A
             return None;
         }
         let v = view.unwrap_or(&st.view);
-        (live, v.members.iter().find(|m| m.id == id).cloned())
+        let cred = Cred::member(
+            inner.me,
+            v,
+            inner.token.as_deref(),
+            inner.opts.partition_bytes,
+        );
+        (
+            live,
+            v.members
+                .iter()
+                .find(|m| m.id == id)
+                .cloned()
+                .map(|m| (m, cred)),
+        )
     };
     if existing.is_some() {
         return existing;
     }
-    let m = member?;
+    let (m, cred) = member?;
     let deadline = Instant::now() + Duration::from_secs(10).min(inner.timeout);
-    match connect_to(
-        &inner.transports,
-        inner.me,
-        &inner.my_host,
-        &m,
-        inner.token.as_deref(),
-        deadline,
-    )
-    .and_then(|c| make_chan(inner, c, id))
+    let peer = Peer {
+        id,
+        role: Role::Server,
+        partition: inner.opts.partition_bytes as u64,
+    };
+    match connect_to(&inner.transports, &cred, &inner.my_host, &m, deadline)
+        .and_then(|c| make_chan(inner, c, peer))
     {
         Ok(c) => {
             lock(&inner.st).chans.insert(id, c.clone());
@@ -523,36 +591,15 @@ fn dtype_of(name: &str) -> Option<DataType> {
     DataType::parse(name)
 }
 
-/// Handles one message from member `from`.
-fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
-    let msg = match Msg::decode(&m.hdr) {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(target: "braid::ps", "server {}: bad message from member {from}: {e}", inner.me);
-            return;
-        }
-    };
-    let body = &m.body[..];
-    if from >= 1 << 63 && !matches!(msg, Msg::Pull { .. } | Msg::SnapVer { .. }) {
-        tracing::warn!(target: "braid::ps", "server {}: reader {from:#x} sent a write ({msg:?}); refused", inner.me);
-        if let Msg::Init { req, .. } | Msg::Push { req, .. } = msg {
-            flush(
-                inner,
-                vec![(
-                    from,
-                    0,
-                    Msg::Fail {
-                        req,
-                        msg: "readers may only read".into(),
-                        retry: false,
-                    },
-                    Vec::new(),
-                )],
-                Vec::new(),
-            );
-        }
-        return;
-    }
+/// Handles one message from member (or reader) `from`, whose role [`permitted`] it.
+/// `Err(reason)`: a protocol error (a part list that does not add up); the caller closes the
+/// connection with that reason.
+fn handle(
+    inner: &Arc<SInner>,
+    from: u64,
+    msg: Msg,
+    body: &[u8],
+) -> std::result::Result<(), String> {
     if inner.stop.load(Ordering::SeqCst) {
         // Leaving: the replicas take these parts over; the worker retries there after the
         // view change (what this server would apply now could be lost with it).
@@ -562,11 +609,14 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                 msg: format!("server {} is leaving: retry", inner.me),
                 retry: true,
             };
-            return flush(inner, vec![(from, 0, fail, Vec::new())], Vec::new());
+            flush(inner, vec![(from, 0, fail, Vec::new())], Vec::new());
+            return Ok(());
         }
     }
     let mut outbox: Vec<(u64, i32, Msg, Vec<u8>)> = Vec::new();
     let mut reps: Vec<(u64, Msg, Vec<u8>)> = Vec::new();
+    // Parts created here, announced to every other server.
+    let mut announced: Vec<(u64, u64, u32)> = Vec::new();
     {
         let mut guard = lock(&inner.st);
         let st = &mut *guard;
@@ -601,9 +651,15 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                         },
                         Vec::new(),
                     ));
-                    return flush(inner, outbox, reps);
+                    flush(inner, outbox, reps);
+                    return Ok(());
                 };
-                let total: usize = parts.iter().map(|p| p.n).sum();
+                let total = parts_len(&parts).ok_or_else(|| {
+                    format!(
+                        "request {req}: {} parts whose lengths overflow or are too many",
+                        parts.len()
+                    )
+                })?;
                 if total != body.len() {
                     outbox.push((
                         from,
@@ -618,7 +674,8 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                         },
                         Vec::new(),
                     ));
-                    return flush(inner, outbox, reps);
+                    flush(inner, outbox, reps);
+                    return Ok(());
                 }
                 st.aggs.insert(
                     (from, req),
@@ -666,6 +723,14 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                                 p.k, p.p, st.view.epoch, owner
                             ),
                         }]
+                    } else if let Some((why, _)) = missing_part(st, p.s) {
+                        // Exists in the group but no copy is here: on its way (retry) or lost
+                        // (an init must not create it afresh, a push has nothing to add to).
+                        vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: why,
+                        }]
                     } else if dup {
                         // A retry of a part already applied (its acknowledgement was lost):
                         // acknowledge again without applying it twice.
@@ -676,7 +741,11 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                         }]
                     } else if is_init {
                         match st.store.init(p.s, dt, data) {
-                            Ok((_, evs)) => {
+                            Ok((created, evs)) => {
+                                if created {
+                                    st.dir.insert(p.s, (p.k, p.p));
+                                    announced.push((p.s, p.k, p.p));
+                                }
                                 let v = st.store.version(p.s).unwrap_or(0);
                                 let mut e = evs;
                                 e.push(Event::PushAck {
@@ -768,7 +837,9 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
         };
         let Some(msg) = msg else {
             drop(guard);
-            return flush(inner, outbox, reps);
+            flush(inner, outbox, reps);
+            announce(inner, announced);
+            return Ok(());
         };
         match msg {
             Msg::Pull {
@@ -779,6 +850,12 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                 min,
                 at,
             } => {
+                if !matches!(parts_len(&parts), Some(n) if n <= inner.opts.partition_bytes) {
+                    return Err(format!(
+                        "pull {req}: {} parts, more than a request may ask for",
+                        parts.len()
+                    ));
+                }
                 st.aggs.insert(
                     (from, req),
                     Agg {
@@ -796,7 +873,13 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                     let sreq = st.next_sreq;
                     st.next_sreq += 1;
                     st.reqs.insert(sreq, (from, req, i, p.k));
+                    let lost = st.lost_parts.get(&p.s).cloned();
                     let evs = match at {
+                        _ if lost.is_some() => vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: lost.unwrap_or_default(),
+                        }],
                         Some(v) => match st.store.read_at(p.s, v) {
                             Some(d) if d.len() == p.n => vec![Event::Value {
                                 req: sreq,
@@ -831,6 +914,11 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                                 "key {} part {} moved away: this server does not own it at epoch {}",
                                 p.k, p.p, st.view.epoch
                             ),
+                        }],
+                        None if missing_part(st, p.s).is_some() => vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: missing_part(st, p.s).map(|x| x.0).unwrap_or_default(),
                         }],
                         None => match st.store.pull(sreq, from, p.s, min) {
                             Ok(e) => {
@@ -873,7 +961,17 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                     } => Some((false, op, dtype, parts)),
                     _ => None,
                 };
-                if let Some((is_init, wop, dtype, parts)) = op {
+                let Some((is_init, wop, dtype, parts)) = op else {
+                    return Err(format!("replication {seq} carries no init or push"));
+                };
+                if parts_len(&parts) != Some(body.len()) {
+                    return Err(format!(
+                        "replication {seq}: {} parts do not add up to its {} bytes",
+                        parts.len(),
+                        body.len()
+                    ));
+                }
+                {
                     if matches!(inner.opts.rule, super::UpdateRule::Custom(_)) {
                         let mut km = lock(&inner.keymap);
                         for p in &parts {
@@ -883,11 +981,14 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                     {
                         if let Some(dt) = dtype_of(&dtype) {
                             for p in &parts {
-                                if off + p.n > body.len() {
+                                // In bounds: the lengths add up to the body's (checked above).
+                                let Some(data) = body.get(off..off + p.n) else {
                                     break;
-                                }
-                                let data = &body[off..off + p.n];
+                                };
                                 off += p.n;
+                                if is_init {
+                                    st.dir.insert(p.s, (p.k, p.p));
+                                }
                                 if !st.dedup.first(worker, wop, p.s) {
                                     continue;
                                 }
@@ -918,26 +1019,59 @@ fn handle(inner: &Arc<SInner>, from: u64, m: &Incoming) {
                     complete(st, w, req, &mut outbox);
                 }
             }
-            Msg::Transfer { dumps, seen } => match serde_json::from_value::<Vec<KeyDump>>(dumps) {
-                Ok(d) => {
-                    let n = d.len();
-                    for (w, op, skey) in seen {
-                        st.dedup.first(w, op, skey);
+            Msg::Transfer { dumps, seen, keys } => {
+                match serde_json::from_value::<Vec<KeyDump>>(dumps) {
+                    Ok(d) => {
+                        let n = d.len();
+                        for (s, k, p) in keys {
+                            st.dir.insert(s, (k, p));
+                        }
+                        for (w, op, skey) in seen {
+                            st.dedup.first(w, op, skey);
+                        }
+                        let evs = st.store.import(d);
+                        apply_events(st, evs, &mut outbox);
+                        tracing::info!(target: "braid::ps", "server {}: received {n} key part(s) from server {from}", inner.me);
                     }
-                    let evs = st.store.import(d);
-                    apply_events(st, evs, &mut outbox);
-                    tracing::info!(target: "braid::ps", "server {}: received {n} key part(s) from server {from}", inner.me);
+                    Err(e) => return Err(format!("undecodable transfer: {e}")),
                 }
-                Err(e) => {
-                    tracing::warn!(target: "braid::ps", "server {}: bad transfer from {from}: {e}", inner.me)
-                }
-            },
-            other => {
-                tracing::warn!(target: "braid::ps", "server {}: unexpected message from member {from}: {other:?}", inner.me);
             }
+            Msg::Keys { add } => {
+                for (s, k, p) in add {
+                    st.dir.insert(s, (k, p));
+                }
+            }
+            Msg::Bye { reason } => {
+                tracing::warn!(target: "braid::ps", "server {}: member {from} closes the connection: {reason}", inner.me);
+            }
+            // `permitted` lets nothing else reach a server.
+            other => return Err(format!("unexpected {} message", other.kind())),
         }
     }
     flush(inner, outbox, reps);
+    announce(inner, announced);
+    Ok(())
+}
+
+/// Tells every other server of the view about parts created here (the key directory).
+fn announce(inner: &Arc<SInner>, add: Vec<(u64, u64, u32)>) {
+    if add.is_empty() {
+        return;
+    }
+    let others: Vec<u64> = {
+        let st = lock(&inner.st);
+        servers_of(&st.view)
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| *id != inner.me)
+            .collect()
+    };
+    let msg = Msg::Keys { add };
+    for id in others {
+        if let Some(c) = server_chan(inner, id) {
+            send(&c, i32::MAX, &msg, Vec::new());
+        }
+    }
 }
 
 /// Sends what `handle` produced (outside the state lock).
@@ -1057,6 +1191,7 @@ fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Ms
                     // Shortly after a view change a part may be on its way to this server
                     // (hand-over): the worker retries. Otherwise the error is final.
                     let retry = msg.contains("moved away")
+                        || msg.contains("is on its way")
                         || (msg.contains("not initialised")
                             && st.changed_at.elapsed() < Duration::from_secs(5));
                     // Name the caller's key, not the part's store key.
@@ -1121,6 +1256,8 @@ fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, 
 /// Applies a new view: worker set, ring, hand-over of key parts.
 fn apply_view(inner: &Arc<SInner>, view: View) {
     let r = inner.opts.replicas;
+    // Hellos of members of the new view are admitted from now on.
+    inner.book.record(&view);
     // Connections to every server of the new view first (connecting blocks; the hand-over
     // below must be queued under the state lock, before any replication to the same server).
     let pre: HashMap<u64, Arc<Chan>> = servers_of(&view)
@@ -1162,6 +1299,46 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
                 drop_keys.push(k);
             }
         }
+        // Parts every holder of which left (died) are lost: this server, their new owner, fails
+        // their requests from now on (the key directory says they existed).
+        let alive: std::collections::HashSet<u64> = view.members.iter().map(|m| m.id).collect();
+        let mut newly_lost = Vec::new();
+        for (&s, &(k, p)) in &st.dir {
+            if st.ring.owner(s) != Some(inner.me)
+                || st.store.version(s).is_some()
+                || st.lost_parts.contains_key(&s)
+            {
+                continue;
+            }
+            let before = old.owners(s, r);
+            if !before.is_empty() && before.iter().all(|h| !alive.contains(h)) {
+                newly_lost.push((
+                    s,
+                    format!(
+                        "key {k} part {p} was lost: every server holding a copy ({before:?}) left \
+                         the group by view epoch {} (BRAID_PS_REPLICAS={r}); its value is gone",
+                        view.epoch
+                    ),
+                ));
+            }
+        }
+        for (s, why) in newly_lost {
+            tracing::error!(target: "braid::ps", "server {}: {why}", inner.me);
+            st.lost_parts.insert(s, why);
+        }
+        // Servers new in this view learn the key directory.
+        let old_servers: std::collections::HashSet<u64> =
+            servers_of(&st.view).into_iter().map(|(id, _)| id).collect();
+        let newcomers: Vec<u64> = servers_of(&view)
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| *id != inner.me && !old_servers.contains(id))
+            .collect();
+        let directory: Vec<(u64, u64, u32)> = if newcomers.is_empty() {
+            Vec::new()
+        } else {
+            st.dir.iter().map(|(s, (k, p))| (*s, *k, *p)).collect()
+        };
         // Parts this server no longer holds are removed after the hand-over below.
         st.view = view.clone();
         st.changed_at = Instant::now();
@@ -1221,20 +1398,53 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
         // The hand-over is queued before anything else can be sent to those servers (the
         // channels are FIFO within a priority, and replication uses the same priority).
         let mut sends = Vec::new();
+        let cap = server_hdr(&inner.opts) / 2;
         for (h, d, seen) in dumps {
-            let n = d.len();
-            match serde_json::to_value(&d) {
-                Ok(v) => sends.push((h, n, Msg::Transfer { dumps: v, seen })),
-                Err(e) => {
-                    tracing::error!(target: "braid::ps", "server {}: cannot encode {n} key part(s): {e}", inner.me)
+            for (chunk, bytes) in chunk_dumps(d, cap) {
+                let n = chunk.len();
+                if bytes > cap {
+                    tracing::error!(target: "braid::ps", "server {}: cannot hand key part {:#x} to server {h}: its state is {bytes} bytes encoded, over the {cap}-byte limit of a hand-over message", inner.me, chunk.first().map_or(0, KeyDump::key));
+                    continue;
                 }
+                let in_chunk: std::collections::HashSet<u64> =
+                    chunk.iter().map(KeyDump::key).collect();
+                let keys = in_chunk
+                    .iter()
+                    .filter_map(|s| st.dir.get(s).map(|(k, p)| (*s, *k, *p)))
+                    .collect();
+                let seen = seen
+                    .iter()
+                    .filter(|x| in_chunk.contains(&x.2))
+                    .copied()
+                    .collect();
+                match serde_json::to_value(&chunk) {
+                    Ok(v) => sends.push((
+                        h,
+                        n,
+                        Msg::Transfer {
+                            dumps: v,
+                            seen,
+                            keys,
+                        },
+                    )),
+                    Err(e) => {
+                        tracing::error!(target: "braid::ps", "server {}: cannot encode {n} key part(s): {e}", inner.me)
+                    }
+                }
+            }
+        }
+        for h in &newcomers {
+            for add in directory.chunks(1 << 16) {
+                sends.push((*h, 0, Msg::Keys { add: add.to_vec() }));
             }
         }
         for (h, n, m) in sends {
             match pre.get(&h).or_else(|| st.chans.get(&h)) {
                 Some(c) => {
                     send(c, i32::MAX, &m, Vec::new());
-                    tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
+                    if n > 0 {
+                        tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
+                    }
                 }
                 None => {
                     tracing::warn!(target: "braid::ps", "server {}: cannot hand {n} key part(s) to server {h}: no connection", inner.me)
@@ -1245,6 +1455,23 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
     }
     close_all(dead);
     flush(inner, outbox, Vec::new());
+}
+
+/// Splits key dumps into hand-over messages of at most `cap` encoded bytes each (a single
+/// larger dump gets a chunk of its own); with each chunk its encoded size.
+fn chunk_dumps(dumps: Vec<KeyDump>, cap: usize) -> Vec<(Vec<KeyDump>, usize)> {
+    let mut out: Vec<(Vec<KeyDump>, usize)> = Vec::new();
+    for d in dumps {
+        let n = serde_json::to_vec(&d).map_or(usize::MAX, |v| v.len().saturating_add(1));
+        match out.last_mut() {
+            Some((c, b)) if b.saturating_add(n) <= cap => {
+                c.push(d);
+                *b += n;
+            }
+            _ => out.push((vec![d], n)),
+        }
+    }
+    out
 }
 
 fn spawn_watcher(

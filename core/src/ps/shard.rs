@@ -106,7 +106,7 @@ impl Ring {
 
     /// The owner of store key `skey` followed by up to `replicas` further distinct servers.
     pub fn owners(&self, skey: u64, replicas: usize) -> Vec<u64> {
-        let want = (replicas + 1).min(self.servers.len());
+        let want = replicas.saturating_add(1).min(self.servers.len());
         let mut out = Vec::with_capacity(want);
         for (_, &id) in self.points.range(skey..).chain(self.points.range(..skey)) {
             if !out.contains(&id) {

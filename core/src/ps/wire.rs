@@ -3,6 +3,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::membership::Role;
+
+/// Most parts in one request (workers split larger requests): bounds the header a client may
+/// send ([`CLIENT_HDR`]).
+pub(crate) const MAX_PARTS: usize = 4096;
+
+/// Largest header a worker or reader may send, and a server may send to them: room for
+/// [`MAX_PARTS`] part references (and the versions of an answer) with a wide margin.
+pub(crate) const CLIENT_HDR: usize = 1 << 20;
+
 /// One part of a key in a request: its store key, user key, part index and byte length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PartRef {
@@ -66,6 +76,13 @@ pub(crate) enum Msg {
     Replicate { seq: u64, worker: u64, op: Box<Msg> },
     /// Replica → owner: operation `seq` applied.
     RepAck { seq: u64 },
+    /// Server → server: parts that exist in the group (store key, user key, part index), so a
+    /// server that comes to own a part every copy of which was lost knows it existed and fails
+    /// its pulls instead of answering with nothing (or a fresh init).
+    Keys { add: Vec<(u64, u64, u32)> },
+    /// Goodbye before a channel ends on a protocol error: why (the peer fails what it has in
+    /// flight on this connection at once).
+    Bye { reason: String },
     /// Server → server: full state of keys (migration, seeding a new replica).
     Transfer {
         dumps: serde_json::Value,
@@ -73,10 +90,78 @@ pub(crate) enum Msg {
         /// crosses the hand-over is not applied twice.
         #[serde(default)]
         seen: Vec<(u64, u64, u64)>,
+        /// The moved parts' entries of the key directory (see [`Msg::Keys`]).
+        #[serde(default)]
+        keys: Vec<(u64, u64, u32)>,
     },
 }
 
+/// Who may send a message to whom, in one place: `Ok` or the reason it is refused (a protocol
+/// error: the receiver closes the connection). `from` is the sender's role as admitted by the
+/// receiver's hello check (readers are not members), `to` the receiver's.
+///
+/// * To a server: workers (members of the view) may init and push; workers and readers may
+///   pull and ask for the snapshot version; only servers may replicate, acknowledge a
+///   replication, hand state over (transfer) or announce keys.
+/// * To a worker or reader: only servers, and only answers.
+/// * A goodbye from anyone.
+pub(crate) fn permitted(from: Role, to: Role, m: &Msg) -> std::result::Result<(), String> {
+    let ok = match (to, m) {
+        (_, Msg::Bye { .. }) => true,
+        (Role::Server, Msg::Init { .. } | Msg::Push { .. }) => from == Role::Worker,
+        (Role::Server, Msg::Pull { .. } | Msg::SnapVer { .. }) => {
+            matches!(from, Role::Worker | Role::Reader)
+        }
+        (
+            Role::Server,
+            Msg::Replicate { .. } | Msg::RepAck { .. } | Msg::Transfer { .. } | Msg::Keys { .. },
+        ) => from == Role::Server,
+        (Role::Server, _) => false,
+        (
+            Role::Worker | Role::Reader,
+            Msg::Ack { .. } | Msg::Values { .. } | Msg::Snap { .. } | Msg::Fail { .. },
+        ) => from == Role::Server,
+        (Role::Worker | Role::Reader, _) => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a {from} may not send a {} message to a {to}",
+            m.kind()
+        ))
+    }
+}
+
+/// The total byte length of `parts`, checked: `None` when it overflows or a request holds more
+/// than [`MAX_PARTS`] parts.
+pub(crate) fn parts_len(parts: &[PartRef]) -> Option<usize> {
+    if parts.len() > MAX_PARTS {
+        return None;
+    }
+    parts.iter().try_fold(0usize, |a, p| a.checked_add(p.n))
+}
+
 impl Msg {
+    /// The message's type name (for logs and refusals).
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Msg::Init { .. } => "Init",
+            Msg::Push { .. } => "Push",
+            Msg::Pull { .. } => "Pull",
+            Msg::SnapVer { .. } => "SnapVer",
+            Msg::Ack { .. } => "Ack",
+            Msg::Values { .. } => "Values",
+            Msg::Snap { .. } => "Snap",
+            Msg::Fail { .. } => "Fail",
+            Msg::Replicate { .. } => "Replicate",
+            Msg::RepAck { .. } => "RepAck",
+            Msg::Keys { .. } => "Keys",
+            Msg::Bye { .. } => "Bye",
+            Msg::Transfer { .. } => "Transfer",
+        }
+    }
+
     /// Encodes the header.
     pub(crate) fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -85,5 +170,56 @@ impl Msg {
     /// Decodes a header.
     pub(crate) fn decode(b: &[u8]) -> std::result::Result<Msg, String> {
         serde_json::from_slice(b).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push() -> Msg {
+        Msg::Push {
+            req: 1,
+            op: 1,
+            prio: 0,
+            dtype: "float".into(),
+            parts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn roles_in_one_place() {
+        let rep = Msg::Replicate {
+            seq: 1,
+            worker: 2,
+            op: Box::new(push()),
+        };
+        assert!(permitted(Role::Worker, Role::Server, &push()).is_ok());
+        assert!(permitted(Role::Reader, Role::Server, &push()).is_err());
+        assert!(permitted(Role::Server, Role::Server, &push()).is_err());
+        assert!(permitted(Role::Server, Role::Server, &rep).is_ok());
+        let e = permitted(Role::Worker, Role::Server, &rep).unwrap_err();
+        assert!(e.contains("worker may not send a Replicate"), "{e}");
+        assert!(permitted(Role::Reader, Role::Server, &Msg::SnapVer { req: 1 }).is_ok());
+        let ack = Msg::Ack {
+            req: 1,
+            versions: Vec::new(),
+        };
+        assert!(permitted(Role::Server, Role::Worker, &ack).is_ok());
+        assert!(permitted(Role::Worker, Role::Server, &ack).is_err());
+        assert!(permitted(Role::Worker, Role::Worker, &ack).is_err());
+    }
+
+    #[test]
+    fn part_lengths_are_checked() {
+        let p = |n| PartRef {
+            s: 1,
+            k: 1,
+            p: 0,
+            n,
+        };
+        assert_eq!(parts_len(&[p(3), p(4)]), Some(7));
+        assert_eq!(parts_len(&[p(usize::MAX), p(1)]), None);
+        assert_eq!(parts_len(&vec![p(1); MAX_PARTS + 1]), None);
     }
 }

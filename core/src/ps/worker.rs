@@ -8,11 +8,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{close_all, Chan, Incoming, Outgoing};
-use super::node::{connect_to, Node};
+use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
+use super::node::{connect_to, Cred, Node};
 use super::server::{ring_of, servers_of};
 use super::shard::{split, Ring};
-use super::wire::{Msg, PartRef};
+use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_PARTS};
 use super::PsOptions;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -85,9 +85,10 @@ struct WState {
     keys: HashMap<u64, (DataType, usize)>,
     /// Pushes of push_pull calls (nobody waits on them; dropped when done).
     chained: Vec<u64>,
-    /// Servers whose connection broke in this view: not reconnected until the view changes
-    /// (their requests wait in the retry list).
-    lost: std::collections::HashSet<u64>,
+    /// Servers whose connection broke (or could not be made) in this view, with why and
+    /// since when: not reconnected until the view changes (their requests wait in the retry
+    /// list); requests for them fail once no new view came within [`WInner::lost_grace`].
+    lost: HashMap<u64, (String, Instant)>,
 }
 
 pub(crate) struct WInner {
@@ -102,6 +103,11 @@ pub(crate) struct WInner {
     stop: AtomicBool,
     /// Readers refresh their view from the coordinator (they are not members).
     reader: Option<(String, String)>,
+    /// A reader's grant for the view in use: (reader id, epoch, ticket).
+    ticket: Mutex<Option<(u64, u64, [u8; crate::membership::auth::MAC_LEN])>>,
+    /// How long requests for a server whose connection broke wait for a new view (the server
+    /// died: its replica takes over) before they fail naming it.
+    lost_grace: Duration,
     /// Request bodies, reused once nobody else holds them (sent and answered): a fresh
     /// buffer per push would cost a page fault per 4 KiB of every large push.
     bodies: Mutex<Vec<Arc<Vec<u8>>>>,
@@ -227,11 +233,12 @@ impl KvWorker {
     /// Errors: as `Communicator::init`.
     pub fn start(cfg: Config, opts: PsOptions) -> Result<KvWorker> {
         let timeout = cfg.timeout;
+        let lost_grace = lost_grace(&cfg);
         let node = Node::start(
             cfg,
             Role::Worker,
-            Box::new(|c: Box<dyn braid_transport::Conn>, id| {
-                tracing::warn!(target: "braid::ps", "worker: dropping an unexpected connection from {} (member {id})", c.peer_desc());
+            Box::new(|c: Box<dyn braid_transport::Conn>, p| {
+                tracing::warn!(target: "braid::ps", "worker: dropping an unexpected connection from {} ({} {})", c.peer_desc(), p.role, p.id);
             }),
         )?;
         let view = node.first_view.clone();
@@ -247,6 +254,8 @@ impl KvWorker {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             reader: None,
+            ticket: Mutex::new(None),
+            lost_grace,
             bodies: Mutex::new(Vec::new()),
         });
         node.client.installed(view.epoch);
@@ -478,8 +487,17 @@ fn new_state(view: View) -> WState {
         retry: Vec::new(),
         keys: HashMap::new(),
         chained: Vec::new(),
-        lost: std::collections::HashSet::new(),
+        lost: HashMap::new(),
     }
+}
+
+/// How long requests for a server whose connection broke wait for the view change that a
+/// dead server brings (the coordinator's failure detection plus a margin), before they fail.
+fn lost_grace(cfg: &Config) -> Duration {
+    cfg.heartbeat_timeout
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(2))
+        .min(cfg.timeout)
 }
 
 impl WInner {
@@ -667,6 +685,7 @@ impl WInner {
             min,
             at,
             prio,
+            self.opts.partition_bytes,
         );
         if matches!(kind, Kind::Init | Kind::Push) {
             // One copy of the caller's values: each server's request gets its own parts,
@@ -747,26 +766,120 @@ impl WInner {
             if sent {
                 st.reqs.insert(id, r);
             } else {
-                st.retry.push(r);
+                self.retry_or_fail(&mut st, r);
             }
         }
     }
 
+    /// A request that cannot be sent now: it waits in the retry list, unless its server's
+    /// connection broke more than [`WInner::lost_grace`] ago without a new view (then it fails,
+    /// naming the server and why).
+    fn retry_or_fail(&self, st: &mut WState, r: WReq) {
+        let gone = st
+            .lost
+            .get(&r.server)
+            .filter(|(_, since)| since.elapsed() >= self.lost_grace)
+            .map(|(why, _)| why.clone());
+        match gone {
+            Some(why) => {
+                let host = st
+                    .view
+                    .members
+                    .iter()
+                    .find(|m| m.id == r.server)
+                    .map(|m| m.hostname.clone())
+                    .unwrap_or_default();
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.error.get_or_insert(Error::PeerLost {
+                        rank: 0,
+                        member: r.server,
+                        host,
+                        detail: format!(
+                            "push/pull server {}: {why} (no new view within {:.1} s)",
+                            r.server,
+                            self.lost_grace.as_secs_f64()
+                        ),
+                    });
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+                self.cv.notify_all();
+            }
+            None => st.retry.push(r),
+        }
+    }
+
+    /// Fails at once every request in flight on the connection to `server`: it closed the
+    /// connection with a reason (a protocol error on either side), so they will not be
+    /// answered on it.
+    fn fail_server(&self, server: u64, why: &str) {
+        tracing::warn!(target: "braid::ps", "member {}: server {server} closed the connection: {why}", self.me);
+        let mut st = lock(&self.st);
+        let st = &mut *st;
+        let ids: Vec<u64> = st
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.server == server)
+            .map(|(id, _)| *id)
+            .collect();
+        let host = st
+            .view
+            .members
+            .iter()
+            .find(|m| m.id == server)
+            .map(|m| m.hostname.clone())
+            .unwrap_or_default();
+        for id in ids {
+            if let Some(r) = st.reqs.remove(&id) {
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.error.get_or_insert(Error::PeerLost {
+                        rank: 0,
+                        member: server,
+                        host: host.clone(),
+                        detail: format!("push/pull server {server} closed the connection: {why}"),
+                    });
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
+        }
+        // Refused, not dead: later requests for it fail at once too (until a new view).
+        let past = Instant::now()
+            .checked_sub(self.lost_grace)
+            .unwrap_or_else(Instant::now);
+        st.lost.insert(server, (why.to_string(), past));
+        self.cv.notify_all();
+    }
+
+    /// The hello credential for the view in use.
+    fn cred(&self, st: &WState) -> Cred {
+        match *lock(&self.ticket) {
+            Some((id, epoch, ticket)) if self.reader.is_some() => {
+                Cred::reader(id, epoch, ticket, self.opts.partition_bytes)
+            }
+            _ => Cred::member(
+                self.me,
+                &st.view,
+                self.token.as_deref(),
+                self.opts.partition_bytes,
+            ),
+        }
+    }
+
     fn server_chan(self: &Arc<Self>, id: u64) -> Option<Arc<Chan>> {
-        let (existing, member) = {
+        let (existing, member, cred) = {
             let mut st = lock(&self.st);
-            if st.lost.contains(&id) {
+            if st.lost.contains_key(&id) {
                 return None;
             }
-            if st.chans.get(&id).is_some_and(|c| c.closed().is_some()) {
+            if let Some(why) = st.chans.get(&id).and_then(|c| c.closed()) {
                 // Broke in this view (its `on_lost` may not have run yet): no reconnect
                 // until the view changes, as for a lost server.
-                st.lost.insert(id);
+                st.lost.insert(id, (why, Instant::now()));
                 return None;
             }
             (
                 st.chans.get(&id).cloned(),
                 st.view.members.iter().find(|m| m.id == id).cloned(),
+                self.cred(&st),
             )
         };
         if existing.is_some() {
@@ -774,25 +887,26 @@ impl WInner {
         }
         let m = member?;
         let deadline = Instant::now() + Duration::from_secs(5).min(self.timeout);
-        let conn = match connect_to(
-            &self.transports,
-            self.me,
-            &self.my_host,
-            &m,
-            self.token.as_deref(),
-            deadline,
-        ) {
+        let conn = match connect_to(&self.transports, &cred, &self.my_host, &m, deadline) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(target: "braid::ps", "member {}: cannot reach server {id}: {e}", self.me);
+                lock(&self.st)
+                    .lost
+                    .entry(id)
+                    .or_insert_with(|| (format!("cannot connect: {e}"), Instant::now()));
                 return None;
             }
         };
         let weak = Arc::downgrade(self);
-        let on_msg = Box::new(move |m: &Incoming| {
-            if let Some(inner) = weak.upgrade() {
-                inner.on_reply(m);
-            }
+        let my_role = if self.reader.is_some() {
+            Role::Reader
+        } else {
+            Role::Worker
+        };
+        let on_msg = Box::new(move |m: &Incoming| match weak.upgrade() {
+            Some(inner) => inner.on_reply(id, my_role, m),
+            None => Ok(()),
         });
         let weak = Arc::downgrade(self);
         let on_close = Box::new(move |why: String| {
@@ -800,7 +914,18 @@ impl WInner {
                 inner.on_lost(id, &why);
             }
         });
-        match Chan::spawn(conn, &format!("w{}-{id}", self.me), on_msg, on_close) {
+        // Answers carry at most one partition of values (requests are split to fit).
+        let limits = Limits {
+            hdr: CLIENT_HDR,
+            body: self.opts.partition_bytes,
+        };
+        match Chan::start(
+            conn,
+            &format!("w{}-{id}", self.me),
+            limits,
+            on_msg,
+            on_close,
+        ) {
             Ok(c) => {
                 let c = Arc::new(c);
                 lock(&self.st).chans.insert(id, c.clone());
@@ -823,7 +948,9 @@ impl WInner {
         let newer = st.chans.get(&server).is_some_and(|c| c.closed().is_none());
         if !newer {
             st.chans.remove(&server);
-            st.lost.insert(server);
+            st.lost
+                .entry(server)
+                .or_insert_with(|| (why.to_string(), Instant::now()));
         }
         let ids: Vec<u64> = st
             .reqs
@@ -840,14 +967,36 @@ impl WInner {
         self.cv.notify_all();
     }
 
-    fn on_reply(&self, m: &Incoming) {
-        let msg = match Msg::decode(&m.hdr) {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(target: "braid::ps", "member {}: bad reply: {e}", self.me);
-                return;
-            }
-        };
+    /// Handles a message from server `server`. `Err`: the channel ends (a protocol error, or
+    /// the server's goodbye); the requests in flight on it fail at once, naming the server.
+    fn on_reply(
+        &self,
+        server: u64,
+        my_role: Role,
+        m: &Incoming,
+    ) -> std::result::Result<(), String> {
+        let r = self.on_reply_checked(server, my_role, m);
+        match &r {
+            Err(why) if why.starts_with("protocol error") => self.fail_server(server, why),
+            Err(why) => self.fail_server(server, why.trim_start_matches("goodbye: ")),
+            Ok(()) => {}
+        }
+        r
+    }
+
+    fn on_reply_checked(
+        &self,
+        server: u64,
+        my_role: Role,
+        m: &Incoming,
+    ) -> std::result::Result<(), String> {
+        let msg =
+            Msg::decode(&m.hdr).map_err(|e| format!("protocol error: undecodable reply: {e}"))?;
+        permitted(Role::Server, my_role, &msg).map_err(|e| format!("protocol error: {e}"))?;
+        if let Msg::Bye { reason } = msg {
+            // The server ends the connection: this side closes it too.
+            return Err(format!("goodbye: {reason}"));
+        }
         let mut st = lock(&self.st);
         let st = &mut *st;
         let req = match &msg {
@@ -855,18 +1004,25 @@ impl WInner {
             | Msg::Values { req, .. }
             | Msg::Snap { req, .. }
             | Msg::Fail { req, .. } => *req,
-            _ => return,
+            _ => return Ok(()),
         };
         let Some(r) = st.reqs.remove(&req) else {
-            return;
+            return Ok(());
         };
+        if r.server != server {
+            // Request ids are per worker: an answer names one sent on this connection.
+            st.reqs.insert(req, r);
+            return Err(format!(
+                "protocol error: an answer to request {req}, which was not sent to it"
+            ));
+        }
         match msg {
             Msg::Fail {
                 msg, retry: true, ..
             } => {
                 tracing::debug!(target: "braid::ps", "member {}: retrying request {req}: {msg}", self.me);
                 st.retry.push(r);
-                return;
+                return Ok(());
             }
             Msg::Fail { msg, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
@@ -887,10 +1043,12 @@ impl WInner {
             }
             Msg::Values { versions, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
-                    let mut src = 0;
+                    let mut src = 0usize;
                     let mut bad = false;
                     for (p, off) in &r.parts {
-                        if src + p.n > m.body.len() || off + p.n > o.out.len {
+                        let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body.len());
+                        let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
+                        if !in_body || !in_out {
                             bad = true;
                             break;
                         }
@@ -959,6 +1117,7 @@ impl WInner {
             }
         }
         self.cv.notify_all();
+        Ok(())
     }
 
     /// Re-routes the retry list over the current ring (called by the watcher).
@@ -995,7 +1154,18 @@ impl WInner {
                 prio,
                 ..
             } = r;
-            out.extend(route(&mut st, op, kind, dtype, parts, body, min, at, prio));
+            out.extend(route(
+                &mut st,
+                op,
+                kind,
+                dtype,
+                parts,
+                body,
+                min,
+                at,
+                prio,
+                self.opts.partition_bytes,
+            ));
         }
         drop(st);
         self.dispatch(out);
@@ -1098,6 +1268,7 @@ fn route(
     min: Option<u64>,
     at: Option<u64>,
     prio: i32,
+    cap: usize,
 ) -> Vec<(u64, WReq)> {
     let mut by: BTreeMap<u64, Vec<(PartRef, usize)>> = BTreeMap::new();
     if kind == Kind::Snap {
@@ -1130,25 +1301,48 @@ fn route(
     }
     let mut out = Vec::new();
     for (server, ps) in by {
-        let id = st.next_req;
-        st.next_req += 1;
-        if let Some(o) = st.ops.get_mut(&op) {
-            o.outstanding += 1;
+        for ps in chunks(ps, cap) {
+            let id = st.next_req;
+            st.next_req += 1;
+            if let Some(o) = st.ops.get_mut(&op) {
+                o.outstanding += 1;
+            }
+            out.push((
+                id,
+                WReq {
+                    op,
+                    server,
+                    kind,
+                    dtype,
+                    parts: ps,
+                    body: body.clone(),
+                    min,
+                    at,
+                    prio,
+                },
+            ));
         }
-        out.push((
-            id,
-            WReq {
-                op,
-                server,
-                kind,
-                dtype,
-                parts: ps,
-                body: body.clone(),
-                min,
-                at,
-                prio,
-            },
-        ));
+    }
+    out
+}
+
+/// Splits one server's parts into requests of at most `cap` bytes of values (the partition
+/// size: what a server accepts in one message, and what its answer carries) and at most
+/// [`MAX_PARTS`] parts. No parts (a snapshot-version request): one request.
+fn chunks(ps: Vec<(PartRef, usize)>, cap: usize) -> Vec<Vec<(PartRef, usize)>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<(PartRef, usize)> = Vec::new();
+    let mut bytes = 0usize;
+    for p in ps {
+        if !cur.is_empty() && (bytes.saturating_add(p.0.n) > cap || cur.len() >= MAX_PARTS) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(p.0.n);
+        cur.push(p);
+    }
+    if !cur.is_empty() || out.is_empty() {
+        out.push(cur);
     }
     out
 }
@@ -1175,18 +1369,25 @@ fn spawn_watcher(inner: Arc<WInner>, client: Option<Arc<Client>>) -> JoinHandle<
                     }
                 },
                 None => {
-                    // A reader: refresh the view from the coordinator while requests wait.
+                    // A reader: while requests wait (a server died, or refused this reader's
+                    // grant as stale), a new grant for the group's current view.
                     let waiting = !lock(&inner.st).retry.is_empty();
                     if waiting {
                         if let Some((addr, group)) = &inner.reader {
-                            if let Ok(v) = crate::membership::fetch_view(
+                            match crate::membership::fetch_reader_grant(
                                 addr,
                                 group,
                                 inner.token.as_deref(),
                                 Duration::from_secs(2),
                             ) {
-                                if v.epoch != cur {
-                                    inner.apply_view(v);
+                                Ok(g) if g.view.epoch != cur => {
+                                    tracing::info!(target: "braid::ps", "reader {}: new grant (view epoch {})", g.id, g.view.epoch);
+                                    *lock(&inner.ticket) = Some((g.id, g.view.epoch, g.ticket));
+                                    inner.apply_view(g.view);
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::debug!(target: "braid::ps", "reader: refreshing the grant: {e}");
                                 }
                             }
                         }
@@ -1216,8 +1417,9 @@ impl std::fmt::Debug for KvReader {
 }
 
 impl KvReader {
-    /// Connects to the servers of the group named in `cfg` (the view comes from the
-    /// coordinator; the reader does not register).
+    /// Connects to the servers of the group named in `cfg`: the coordinator grants this
+    /// reader an id, the group's view and a ticket the servers check (the reader does not join
+    /// the group). A grant that went stale (the view changed) is renewed when a request waits.
     ///
     /// Errors: coordinator unreachable or the group has no view; transports.
     pub fn connect(cfg: Config, opts: PsOptions) -> Result<KvReader> {
@@ -1226,10 +1428,15 @@ impl KvReader {
             Error::InvalidArgument("coordinator unknown: set BRAID_COORDINATOR=host:port".into())
         })?;
         let token = cfg.job_token.as_ref().map(|t| t.0.clone());
-        let view =
-            crate::membership::fetch_view(&addr, &cfg.group, token.as_deref(), cfg.init_timeout)?;
-        // Readers are not members: they identify with a random id in the upper half.
-        let me = crate::membership::random_u64(7) | (1u64 << 63);
+        let grant = crate::membership::fetch_reader_grant(
+            &addr,
+            &cfg.group,
+            token.as_deref(),
+            cfg.init_timeout,
+        )?;
+        let me = grant.id;
+        let view = grant.view;
+        let epoch = view.epoch;
         let inner = Arc::new(WInner {
             me,
             my_host: cfg
@@ -1244,6 +1451,8 @@ impl KvReader {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             reader: Some((addr, cfg.group.clone())),
+            ticket: Mutex::new(Some((me, epoch, grant.ticket))),
+            lost_grace: lost_grace(&cfg),
             bodies: Mutex::new(Vec::new()),
         });
         let watcher = spawn_watcher(inner.clone(), None);
