@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 PYTHON ?= python3
 TORCH_PIN ?= torch==2.11.0
 
-.PHONY: all build demo test test-fast test-python python-deps lint docs clean deps install header
+.PHONY: valgrind all build demo test test-fast test-python python-deps lint docs clean deps install header fuzz fuzz-smoke fuzz-corpus
 
 all: build
 
@@ -72,9 +72,42 @@ endif
 	  'Cflags: -I$${includedir}' \
 	  > $(DESTDIR)$(PREFIX)/lib/pkgconfig/braid.pc
 
+## The C ABI test programs under valgrind memcheck (every rank); needs valgrind.
+valgrind:
+	tests/c/valgrind.sh
+
 ## Regenerates include/braid.h (cbindgen) after a change of the C ABI.
 header:
 	UPDATE_HEADER=1 $(CARGO) test -p braid-capi --test header
+
+## Fuzzing (fuzz/README.md). fuzz-smoke (stable; `make test` runs the same test inside its
+## cargo test line): every fuzz target over its
+## corpus in fuzz/corpus plus deterministic mutations; prints executions and crashes per target.
+fuzz-smoke:
+	$(CARGO) test -p braid --test fuzz_smoke -- --nocapture --test-threads=1
+
+## Long runs with libFuzzer (nightly; installs cargo-fuzz when missing): FUZZ_SECONDS per
+## target (default 300), FUZZ_TARGETS to pick some. New inputs go to fuzz/work/<target>,
+## crashes to fuzz/artifacts/<target>; a table of executions and crashes per target at the end
+## (fails when any target crashed or has crash inputs left in fuzz/artifacts).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@cd fuzz && rm -f work/summary.txt && mkdir -p work && fail=0 && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p work/$$t artifacts/$$t; \
+	  $(CARGO) +nightly fuzz run -a $$t work/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+	    -rss_limit_mb=2048 -malloc_limit_mb=256 -timeout=20 -detect_leaks=0 -print_final_stats=1 \
+	    > work/$$t.log 2>&1; rc=$$?; \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' work/$$t.log | tail -n 1); \
+	  crashes=$$(ls artifacts/$$t | wc -l); \
+	  printf '%-16s %12s executions %4s crashes (exit %s, log fuzz/work/%s.log)\n' $$t "$${execs:-?}" $$crashes $$rc $$t | tee -a work/summary.txt; \
+	  [ $$rc -eq 0 ] && [ $$crashes -eq 0 ] || fail=1; \
+	done; echo "summary in fuzz/work/summary.txt (crash inputs in fuzz/artifacts/<target>)"; exit $$fail
+
+## Rewrites the fuzz seed corpus (fuzz/corpus/<target>/seed-*) from the real encoders.
+fuzz-corpus:
+	UPDATE_CORPUS=1 $(CARGO) test -p braid --test fuzz_smoke corpus_holds
 
 docs:
 	UPDATE_DOCS=1 $(CARGO) test -p braid --lib config::tests::docs_are_current

@@ -16,6 +16,8 @@ pub mod config;
 mod direct;
 pub mod error;
 mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 mod mem;
 pub mod membership;
 pub mod ps;

@@ -25,6 +25,8 @@ use std::os::fd::RawFd;
 pub mod cma;
 #[cfg(test)]
 mod conformance;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handle;
 pub mod mem;
 pub mod region;
