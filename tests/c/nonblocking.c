@@ -76,6 +76,7 @@ int main(void) {
     EXPECT(d == 1, "the barrier ran before the earlier iall_reduce completed");
     CHECK(braid_request_free(r1));
     CHECK(braid_comm_destroy(comm));
+    free(a), free(b), free(rs_s), free(ag_r), free(a2a_s), free(a2a_r), free(g_r), free(sc_s);
     printf("nonblocking ok (rank %d of %d, %d polls)\n", rank, size, polls);
     return 0;
 }

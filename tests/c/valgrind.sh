@@ -18,7 +18,7 @@ run() { # name ranks [env...]
     valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
     --log-file="$out/$t.%p.vg" "$out/$t" >"$out/$t.out" 2>&1
   local rc=$? errs
-  errs=$(cat "$out/$t".*.vg 2>/dev/null | grep -c "^==[0-9]*== [A-Z].*\(Invalid\|uninitialised\|definitely lost\|Mismatched\|overlap\)" || true)
+  errs=$(cat "$out/$t".*.vg 2>/dev/null | grep -c "^==[0-9]*== .*\(Invalid\|uninitialised\|definitely lost\|Mismatched\|overlap\)" || true)
   printf '%-12s ranks=%d rc=%d %3ds memcheck_errors=%s\n' "$t" "$n" "$rc" "$(( $(date +%s) - s ))" "$errs"
   [ "$rc" = 0 ] && [ "$errs" = 0 ] || { fail=1; tail -20 "$out/$t.out"; cat "$out/$t".*.vg 2>/dev/null | head -40; }
 }
