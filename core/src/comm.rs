@@ -791,20 +791,21 @@ impl KnownView {
 
 /// The check every listener runs on a hello before it commits anything to the peer (the shm
 /// transport maps a peer's segment only after it): the form, with a job token its token MAC,
-/// and when this rank knows the view of the hello's epoch, the view MAC and the member. A
+/// and when this rank knows the view of the hello's epoch, the view MAC, the member and (shm) the connecting pid. A
 /// hello for a view this rank does not know yet passes here (no key to check it with without
 /// a token) and is checked when the view is known ([`Stash::learn`]).
 fn hello_check(stash: Arc<Stash>) -> braid_transport::HelloCheck {
-    Box::new(move |challenge: &Challenge, hello: &[u8]| {
-        let token = stash.token.as_deref();
-        let h = match parse_hello(hello, token)
-            .and_then(|h| check_token(&h, challenge, token).map(|()| h))
-        {
-            Ok(h) => h,
-            Err(why) => return Err(format!("refusing a data connection: {why}")),
-        };
-        match stash.known(h.epoch) {
-            Some(v) => stash.check(&h, challenge, None, &v).map_err(|why| {
+    Box::new(
+        move |challenge: &Challenge, hello: &[u8], pid: Option<u32>| {
+            let token = stash.token.as_deref();
+            let h = match parse_hello(hello, token)
+                .and_then(|h| check_token(&h, challenge, token).map(|()| h))
+            {
+                Ok(h) => h,
+                Err(why) => return Err(format!("refusing a data connection: {why}")),
+            };
+            match stash.known(h.epoch) {
+            Some(v) => stash.check(&h, challenge, pid, &v).map_err(|why| {
                 format!(
                     "refusing a data connection claiming rank {} of view epoch {} (member {}): {why}",
                     h.rank, h.epoch, h.member
@@ -812,7 +813,8 @@ fn hello_check(stash: Arc<Stash>) -> braid_transport::HelloCheck {
             }),
             None => Ok(()),
         }
-    })
+        },
+    )
 }
 
 /// An accepted data connection with a well-formed hello, waiting to be claimed by a view
@@ -1163,13 +1165,20 @@ mod data_hello_tests {
         // even for a view it does not know; for a known view checks the view MAC too.
         let s = Arc::new(Stash::new(Some(tok.to_vec()), 2));
         let check = hello_check(s.clone());
-        assert!(check(&c, &with).is_ok());
-        assert!(check(&[0u8; 16], &with).is_err());
+        assert!(check(&c, &with, None).is_ok());
+        assert!(check(&[0u8; 16], &with, None).is_err());
         let stranger = hello_bytes(&c, 78, 1, 0, 10, Some(tok));
-        assert!(check(&c, &stranger).is_ok(), "view unknown: checked later");
+        assert!(
+            check(&c, &stranger, None).is_ok(),
+            "view unknown: checked later"
+        );
         s.learn(&view(77));
-        assert!(check(&c, &stranger).is_err());
-        assert!(check(&c, &with).is_ok());
+        assert!(check(&c, &stranger, None).is_err());
+        assert!(check(&c, &with, None).is_ok());
+        // A local (shm) peer's pid must be the member's, before anything is mapped.
+        assert!(check(&c, &with, Some(100)).is_ok());
+        let e = check(&c, &with, Some(4242)).unwrap_err();
+        assert!(e.contains("pid"), "{e}");
     }
 
     #[test]

@@ -396,7 +396,7 @@ pub fn pending_cap(k: &Kit) {
 /// one that sends a hello that fails the listener's check is dropped at once; others arrive.
 pub fn hello_deadline_and_check(k: &Kit) {
     let (mut l, h) = (k.listen)(Duration::from_millis(300), 128);
-    l.set_hello_check(Box::new(|ch: &Challenge, hello: &[u8]| {
+    l.set_hello_check(Box::new(|ch: &Challenge, hello: &[u8], _pid| {
         if hello.len() == CHALLENGE_LEN + 1 && hello[..CHALLENGE_LEN] == ch[..] {
             Ok(())
         } else {

@@ -437,7 +437,7 @@ pub fn tcp_accept(data: &[u8]) {
         return;
     };
     if h & 8 != 0 {
-        l.set_hello_check(Box::new(|_, hello: &[u8]| match hello.first() {
+        l.set_hello_check(Box::new(|_, hello: &[u8], _| match hello.first() {
             Some(&0xff) => Err("refused by the fuzz target".into()),
             _ => Ok(()),
         }));
@@ -744,7 +744,7 @@ pub fn shm_accept(data: &[u8]) {
         return;
     };
     if f & 32 != 0 {
-        l.set_hello_check(Box::new(|_, h: &[u8]| match h.first() {
+        l.set_hello_check(Box::new(|_, h: &[u8], _| match h.first() {
             Some(&0xff) => Err("refused by the fuzz target".into()),
             _ => Ok(()),
         }));

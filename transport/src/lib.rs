@@ -197,8 +197,10 @@ pub type HelloFn<'a> = &'a (dyn Fn(&Challenge) -> Vec<u8> + Sync);
 
 /// A check of a hello against the challenge it answers, run by the listener BEFORE it commits
 /// anything to the peer (the shm transport maps a peer's segment only after it passes).
-/// An `Err(reason)` drops the connection with one log line naming the peer and the reason.
-pub type HelloCheck = Box<dyn Fn(&Challenge, &[u8]) -> Result<(), String> + Send>;
+/// The arguments: the challenge sent, the hello received, and the connecting process's pid
+/// where the transport knows it (SO_PEERCRED for shm; `None` for tcp). An `Err(reason)` drops
+/// the connection with one log line naming the peer and the reason.
+pub type HelloCheck = Box<dyn Fn(&Challenge, &[u8], Option<u32>) -> Result<(), String> + Send>;
 
 /// A connection just accepted by [`Listener::accept_challenged`].
 pub struct Arrival {

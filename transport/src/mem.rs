@@ -421,7 +421,7 @@ impl MemListener {
                         continue;
                     }
                     if let Some(check) = &self.check {
-                        if let Err(why) = check(&p.challenge, &hello) {
+                        if let Err(why) = check(&p.challenge, &hello, None) {
                             tracing::warn!(target: "braid::net", "dropping connection from {}: {why}", p.conn.desc);
                             continue;
                         }

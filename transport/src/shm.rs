@@ -1703,7 +1703,7 @@ impl ShmListen {
         // The layer above checks that the hello answers this connection's challenge (the
         // job-token MAC) before anything the peer passed is mapped.
         if let Some(check) = &self.check {
-            if let Err(why) = check(&p.challenge, hello) {
+            if let Err(why) = check(&p.challenge, hello, Some(p.pid)) {
                 return HelloRead::Bad(why);
             }
         }
@@ -2708,7 +2708,7 @@ mod tests {
         let t = ShmTransport::new(ShmOptions::default()).unwrap();
         let (mut l, h) = t.listen_shm().unwrap();
         // The check sees the challenge sent on this connection: accept only hellos that echo it.
-        l.set_hello_check(Box::new(|c: &Challenge, hello: &[u8]| {
+        l.set_hello_check(Box::new(|c: &Challenge, hello: &[u8], _pid| {
             if hello == c {
                 Ok(())
             } else {

@@ -634,7 +634,7 @@ impl TcpListen {
     fn place(&mut self, p: PendingSock, h: SockHello, now: Instant) -> Option<PendingSock> {
         if h.index == 0 {
             if let Some(check) = &self.check {
-                if let Err(why) = check(&p.challenge, &h.hello) {
+                if let Err(why) = check(&p.challenge, &h.hello, None) {
                     tracing::warn!(target: "braid::net", "dropping connection from {}: {why}", p.peer);
                     return None;
                 }

@@ -488,7 +488,7 @@ fn spawn_acceptor(
         // Checked before the transport commits anything to the peer; a hello naming a view not
         // heard of yet passes here and waits below.
         let g = gate.clone();
-        l.set_hello_check(Box::new(move |c, h| match g.admit(c, h) {
+        l.set_hello_check(Box::new(move |c, h, _pid| match g.admit(c, h) {
             Err(Refused::No(why)) => Err(format!("refusing a push/pull hello: {why}")),
             _ => Ok(()),
         }));
