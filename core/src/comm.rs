@@ -947,6 +947,7 @@ impl Stash {
                 refuse(&a, &why);
                 return;
             }
+            self.remember(&a.hello.mac);
             a.verified = true;
         } else {
             let cap = self.unverified_cap();
@@ -958,16 +959,19 @@ impl Stash {
                 }
             }
         }
-        {
-            let mut seen = lock(&self.seen);
-            if seen.len() >= SEEN_MACS {
-                seen.pop_front();
-            }
-            seen.push_back(a.hello.mac);
-        }
         l.push(a);
         drop(l);
         self.cv.notify_all();
+    }
+
+    /// Remembers the view MAC of a hello that verified, so that a copy of it on another
+    /// connection is named a replay. Only verified hellos: a forged one is never "seen".
+    fn remember(&self, mac: &[u8; auth::MAC_LEN]) {
+        let mut seen = lock(&self.seen);
+        if seen.len() >= SEEN_MACS {
+            seen.pop_front();
+        }
+        seen.push_back(*mac);
     }
 
     /// Learns a view (announced or being installed): hellos of its epoch are checked from now
@@ -996,6 +1000,7 @@ impl Stash {
             }
             match self.check(&a.hello, &a.challenge, a.peer_pid, &kv) {
                 Ok(()) => {
+                    self.remember(&a.hello.mac);
                     a.verified = true;
                     true
                 }
@@ -3902,6 +3907,7 @@ fn connect_peers(
                     refuse(&a, &why);
                     continue;
                 }
+                stash.remember(&a.hello.mac);
             }
             let r = h.rank;
             if r >= rank {
