@@ -90,32 +90,7 @@ fn records(mut data: &[u8]) -> Vec<(u64, &[u8])> {
 /// Drives the posted sends of `conn` until all completed, the connection failed, or nothing
 /// moves any more.
 fn drive_sends(conn: &mut dyn Conn, reqs: &[Request]) {
-    let mut idle = 0;
-    let mut done = vec![false; reqs.len()];
-    while idle < 50 {
-        let moved = match conn.progress() {
-            Ok(m) => m,
-            Err(_) => return,
-        };
-        for (i, r) in reqs.iter().enumerate() {
-            if !done[i] {
-                match conn.test(*r) {
-                    Ok(Some(_)) => done[i] = true,
-                    Ok(None) => {}
-                    Err(_) => return,
-                }
-            }
-        }
-        if done.iter().all(|d| *d) {
-            return;
-        }
-        if moved {
-            idle = 0;
-        } else {
-            idle += 1;
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
+    braid_transport::fuzzing::drive_requests(conn, reqs, 50, Duration::from_micros(100));
 }
 
 /// The push/pull message channel (`ps::chan`: prefix, header, body over tagged transport

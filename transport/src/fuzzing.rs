@@ -82,9 +82,16 @@ impl<'a> Bytes<'a> {
 /// Drives posted receives on `conn` until they all completed, the connection failed, or
 /// nothing moves any more (the byte stream is finite and already written).
 fn drive(conn: &mut dyn Conn, reqs: &[Request]) {
+    drive_requests(conn, reqs, 3, Duration::from_micros(50));
+}
+
+/// Drives `conn` until every request of `reqs` completed, the connection failed, or nothing
+/// moved for `idle_limit` looks in a row (`nap` apart). Shared by the fuzz targets of both
+/// crates.
+pub fn drive_requests(conn: &mut dyn Conn, reqs: &[Request], idle_limit: u32, nap: Duration) {
     let mut idle = 0;
     let mut done = vec![false; reqs.len()];
-    while idle < 3 {
+    while idle < idle_limit {
         let moved = match conn.progress() {
             Ok(m) => m,
             Err(_) => return,
@@ -105,7 +112,7 @@ fn drive(conn: &mut dyn Conn, reqs: &[Request]) {
             idle = 0;
         } else {
             idle += 1;
-            std::thread::sleep(Duration::from_micros(50));
+            std::thread::sleep(nap);
         }
     }
 }
