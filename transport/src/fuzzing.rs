@@ -117,6 +117,40 @@ pub fn drive_requests(conn: &mut dyn Conn, reqs: &[Request], idle_limit: u32, na
     }
 }
 
+/// Accepts from `l` until it has nothing left to do: its descriptor stayed quiet twice in a
+/// row (2 ms each), it failed, or 1000 rounds passed.
+fn accept_until_quiet(l: &mut dyn crate::Listener) -> Vec<crate::Arrival> {
+    let mut arrivals = Vec::new();
+    let mut scratch = Vec::new();
+    let mut quiet = 0;
+    for _ in 0..1000 {
+        match l.accept_challenged() {
+            Ok(Some(a)) => {
+                arrivals.push(a);
+                quiet = 0;
+                continue;
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        let Some(fd) = l.fd() else { break };
+        let pf = [crate::PollFd {
+            fd,
+            read: true,
+            write: false,
+        }];
+        if crate::wait_fds(&pf, Duration::from_millis(2), &mut scratch).unwrap_or(false) {
+            quiet = 0;
+        } else {
+            quiet += 1;
+            if quiet >= 2 {
+                break;
+            }
+        }
+    }
+    arrivals
+}
+
 /// The TCP transport's receive path (frame headers, striping, control frames, abort reasons):
 /// one input = the receives a collective posts and the byte stream a peer sends on each socket
 /// of the connection.
@@ -489,34 +523,7 @@ pub fn tcp_accept(data: &[u8]) {
         socks.push(s);
     }
     // Accept until the listener has nothing left to do (its descriptor stays quiet).
-    let mut arrivals = Vec::new();
-    let mut scratch = Vec::new();
-    let mut quiet = 0;
-    for _ in 0..1000 {
-        match l.accept_challenged() {
-            Ok(Some(a)) => {
-                arrivals.push(a);
-                quiet = 0;
-                continue;
-            }
-            Ok(None) => {}
-            Err(_) => break,
-        }
-        let Some(fd) = l.fd() else { break };
-        let pf = [crate::PollFd {
-            fd,
-            read: true,
-            write: false,
-        }];
-        if crate::wait_fds(&pf, Duration::from_millis(2), &mut scratch).unwrap_or(false) {
-            quiet = 0;
-        } else {
-            quiet += 1;
-            if quiet >= 2 {
-                break;
-            }
-        }
-    }
+    let mut arrivals = accept_until_quiet(&mut *l);
     let mut bufs: Vec<Vec<u8>> = arrivals.iter().map(|_| vec![0u8; 64]).collect();
     for (a, buf) in arrivals.iter_mut().zip(bufs.iter_mut()) {
         // SAFETY: `buf` outlives the connection (`arrivals` is dropped before `bufs`).
@@ -852,33 +859,7 @@ pub fn shm_accept(data: &[u8]) {
     };
     drop(fds);
     // Accept until the listener has nothing left to do.
-    let mut arrivals = Vec::new();
-    let mut scratch = Vec::new();
-    let mut quiet = 0;
-    for _ in 0..1000 {
-        match l.accept_challenged() {
-            Ok(Some(a)) => {
-                arrivals.push(a);
-                continue;
-            }
-            Ok(None) => {}
-            Err(_) => break,
-        }
-        let Some(fd) = l.fd() else { break };
-        let pf = [crate::PollFd {
-            fd,
-            read: true,
-            write: false,
-        }];
-        if crate::wait_fds(&pf, Duration::from_millis(2), &mut scratch).unwrap_or(false) {
-            quiet = 0;
-        } else {
-            quiet += 1;
-            if quiet >= 2 {
-                break;
-            }
-        }
-    }
+    let mut arrivals = accept_until_quiet(&mut *l);
     if f & 16 != 0 {
         if let Some(m) = &memfd {
             // SAFETY: plain system call on an open memfd (fails when it is sealed).

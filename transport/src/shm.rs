@@ -2845,6 +2845,36 @@ mod tests {
         assert_ne!(r, 0);
     }
 
+    /// In a forked child (async-signal-safe calls only): exits 1 when `fd` delivers bytes
+    /// within 5 s, 0 when it was closed without any, 2 when nothing came.
+    ///
+    /// # Safety
+    /// Only in a forked child; `fd` is a socket of that child.
+    unsafe fn exit_by_reply(fd: libc::c_int) -> ! {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is a live pollfd; the caller owns `fd`.
+        if unsafe { libc::poll(&mut p, 1, 5000) } != 1 {
+            // SAFETY: _exit is async-signal-safe and ends the child at once.
+            unsafe { libc::_exit(2) };
+        }
+        let mut b = [0u8; 64];
+        // SAFETY: `b` is a live 64-byte buffer.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr() as *mut libc::c_void,
+                64,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        // SAFETY: as above.
+        unsafe { libc::_exit(if n > 0 { 1 } else { 0 }) }
+    }
+
     #[test]
     fn shm_peer_of_another_uid_is_refused() {
         let t = ShmTransport::new(ShmOptions::default()).unwrap();
@@ -2934,22 +2964,7 @@ mod tests {
                 // The listener may already have closed the socket: that is the refusal too.
                 libc::sendmsg(s, &mh, libc::MSG_NOSIGNAL);
                 // 0: closed without a challenge (refused); 1: got something; 2: nothing in 5 s.
-                let mut p = libc::pollfd {
-                    fd: s,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                if libc::poll(&mut p, 1, 5000) != 1 {
-                    libc::_exit(2);
-                }
-                let mut b = [0u8; 64];
-                let n = libc::recv(
-                    s,
-                    b.as_mut_ptr() as *mut libc::c_void,
-                    64,
-                    libc::MSG_DONTWAIT,
-                );
-                libc::_exit(if n > 0 { 1 } else { 0 });
+                exit_by_reply(s);
             }
         }
         let end = Instant::now() + Duration::from_secs(10);
@@ -3018,22 +3033,7 @@ mod tests {
                     libc::MSG_NOSIGNAL,
                 );
                 // 0: the connector closed without a hello; 1: it sent one; 2: nothing in 5 s.
-                let mut p = libc::pollfd {
-                    fd: c,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                if libc::poll(&mut p, 1, 5000) != 1 {
-                    libc::_exit(2);
-                }
-                let mut b = [0u8; 64];
-                let n = libc::recv(
-                    c,
-                    b.as_mut_ptr() as *mut libc::c_void,
-                    64,
-                    libc::MSG_DONTWAIT,
-                );
-                libc::_exit(if n > 0 { 1 } else { 0 });
+                exit_by_reply(c);
             }
         }
         let h = ConnectHandle {

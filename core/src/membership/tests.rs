@@ -42,6 +42,34 @@ fn spawn_rdv(
     thread::spawn(move || rendezvous(&addr, &r, secs(20.0), &AtomicBool::new(false)))
 }
 
+/// Spawns `n` elastic members of `group` (world 2, join window 5 s) that register with
+/// `opts` and acknowledge their first view as a communicator does.
+fn spawn_members(
+    addr: &str,
+    opts: &ClientOptions,
+    group: &'static str,
+    n: usize,
+    within_s: f64,
+) -> Vec<thread::JoinHandle<(Client, u64, View)>> {
+    (0..n)
+        .map(|_| {
+            let (addr, opts) = (addr.to_string(), opts.clone());
+            thread::spawn(move || {
+                let r = rendezvous_with(
+                    &addr,
+                    &elastic_reg(group, 2, 5000),
+                    &opts,
+                    secs(within_s),
+                    &AtomicBool::new(false),
+                )
+                .unwrap();
+                r.0.installed(r.2.epoch);
+                r
+            })
+        })
+        .collect()
+}
+
 /// Registers over a raw socket; returns the socket and the acknowledged member id.
 fn raw_register(addr: &str, r: &Registration) -> (TcpStream, u64) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -663,43 +691,11 @@ fn a_join_storm_is_admitted_in_few_view_changes() {
         silence: Duration::ZERO,
     };
     // A running group of 2 (members acknowledge their views as a communicator does).
-    let first: Vec<_> = (0..2)
-        .map(|_| {
-            let (addr, opts) = (addr.clone(), opts.clone());
-            thread::spawn(move || {
-                let r = rendezvous_with(
-                    &addr,
-                    &elastic_reg("s", 2, 5000),
-                    &opts,
-                    secs(20.0),
-                    &AtomicBool::new(false),
-                )
-                .unwrap();
-                r.0.installed(r.2.epoch);
-                r
-            })
-        })
-        .collect();
+    let first: Vec<_> = spawn_members(&addr, &opts, "s", 2, 20.0);
     let first: Vec<_> = first.into_iter().map(|h| h.join().unwrap()).collect();
     // 32 light joiners (membership clients without a data plane) at once.
     let t0 = Instant::now();
-    let joiners: Vec<_> = (0..32)
-        .map(|_| {
-            let (addr, opts) = (addr.clone(), opts.clone());
-            thread::spawn(move || {
-                let r = rendezvous_with(
-                    &addr,
-                    &elastic_reg("s", 2, 5000),
-                    &opts,
-                    secs(30.0),
-                    &AtomicBool::new(false),
-                )
-                .unwrap();
-                r.0.installed(r.2.epoch);
-                r
-            })
-        })
-        .collect();
+    let joiners: Vec<_> = spawn_members(&addr, &opts, "s", 32, 30.0);
     // The running members follow the views as they come (as update() would).
     let stop = Arc::new(AtomicBool::new(false));
     let followers: Vec<_> = first
@@ -842,23 +838,7 @@ fn a_forged_rejoin_cannot_take_a_live_members_place() {
         heartbeat: Duration::from_millis(100),
         silence: Duration::ZERO,
     };
-    let members: Vec<_> = (0..2)
-        .map(|_| {
-            let (addr, opts) = (addr.clone(), opts.clone());
-            thread::spawn(move || {
-                let r = rendezvous_with(
-                    &addr,
-                    &elastic_reg("f", 2, 5000),
-                    &opts,
-                    secs(20.0),
-                    &AtomicBool::new(false),
-                )
-                .unwrap();
-                r.0.installed(r.2.epoch);
-                r
-            })
-        })
-        .collect();
+    let members: Vec<_> = spawn_members(&addr, &opts, "f", 2, 20.0);
     let members: Vec<_> = members.into_iter().map(|h| h.join().unwrap()).collect();
     let victim = members[0].1;
     // A stranger names the victim's id (visible in status replies): without a proof, and with
