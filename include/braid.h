@@ -75,6 +75,10 @@
 // is set to NULL), like NCCL_SPLIT_NOCOLOR / MPI_UNDEFINED.
 #define BRAID_SPLIT_NOCOLOR -1
 
+// "No member" in the prev/next fields of braid_pipeline_stage_t (and never a valid member id
+// in a plan).
+#define BRAID_PIPELINE_NONE UINT64_MAX
+
 // Status of a braid call. Every function that can fail returns one; on failure
 // braid_get_last_error() says why.
 typedef enum {
@@ -245,6 +249,32 @@ typedef braid_kv_worker *braid_kv_worker_t;
 // Handle of a push/pull operation. Using it after braid_kv_request_free is undefined
 // behaviour.
 typedef braid_kv_request *braid_kv_request_t;
+
+// One stage of a pipeline plan.
+typedef struct {
+  // Member id owning the stage (the caller's own ids in plans over explicit lists).
+  uint64_t member;
+  // First block of the stage (0-based); the stage holds blocks [first_block, end_block),
+  // none when they are equal.
+  uint64_t first_block;
+  // One past the last block of the stage.
+  uint64_t end_block;
+  // Member of the previous non-empty stage (forward input, backward output);
+  // BRAID_PIPELINE_NONE for none.
+  uint64_t prev;
+  // Member of the next non-empty stage; BRAID_PIPELINE_NONE for none.
+  uint64_t next;
+} braid_pipeline_stage_t;
+
+// A block that changes owner in a re-plan.
+typedef struct {
+  // The block (0-based).
+  uint64_t block;
+  // Its owner in the previous plan.
+  uint64_t from;
+  // Its owner in the new plan.
+  uint64_t to;
+} braid_pipeline_move_t;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1053,6 +1083,129 @@ braid_status_t braid_kv_test(braid_kv_request_t req, int *done);
 // # Safety
 // `req` is NULL or a live request not used by any other thread.
 braid_status_t braid_kv_request_free(braid_kv_request_t req);
+
+// Writes the members of `comm`'s current view, in view (= rank) order, to `ids` and their
+// published weights (BRAID_WEIGHT at registration, or measured weights after a coordinator
+// re-weigh) to `weights`. `*count` is always set to the view size.
+//
+// Errors: braid_invalid_argument for a NULL `comm` or `count`, NULL `ids`/`weights` with a
+// non-zero capacity, or `capacity` below the view size (`*count` then says how many are
+// needed; nothing else is written).
+//
+// # Safety
+// `comm` is NULL or a live communicator; `ids` and `weights` are NULL or valid for `capacity`
+// writes; `count` is NULL or valid for a write.
+braid_status_t braid_comm_view_members(braid_comm_t comm,
+                                       uint64_t *ids,
+                                       double *weights,
+                                       size_t capacity,
+                                       size_t *count);
+
+// Plans contiguous pipeline stages of `n_blocks` blocks with costs `costs` over an explicit
+// member list `members`/`weights` (`n_members` entries, in stage order): minimises the largest
+// stage cost (sum of the stage's block costs / member weight). With at least as many blocks
+// as members every member gets at least one block. Writes one stage per member, in the given
+// order, to `stages` and the largest stage cost to `*max_cost`.
+//
+// Errors: braid_invalid_argument for NULL pointers (`costs` may be NULL when `n_blocks` is
+// 0), no members, repeated member ids, the id BRAID_PIPELINE_NONE, a weight that is not a
+// positive finite number, or a cost that is negative or not finite.
+//
+// # Safety
+// `members` and `weights` valid for `n_members` reads, `costs` for `n_blocks` reads, `stages`
+// for `n_members` writes, `max_cost` for one write (or NULL).
+braid_status_t braid_pipeline_plan(const uint64_t *members,
+                                   const double *weights,
+                                   size_t n_members,
+                                   const double *costs,
+                                   size_t n_blocks,
+                                   braid_pipeline_stage_t *stages,
+                                   double *max_cost);
+
+// Re-plans `n_blocks` blocks over an explicit member list (as braid_pipeline_plan): among the
+// plans with the smallest largest stage cost, one that moves the fewest blocks away from
+// their owners in `previous` (`n_previous` stages of any members; `previous` may be NULL when
+// `n_previous` is 0; their prev/next fields are ignored). Writes the new stages, the largest
+// stage cost, the moved blocks (block, old owner, new owner; in block order) to `moves` and
+// their number to `*n_moves`. Blocks no previous stage held are not moves.
+//
+// Errors: as braid_pipeline_plan; also a previous stage whose range is not within
+// [0, n_blocks) or overlaps another one, and `moves_capacity` below the number of moves
+// (`*n_moves` then says how many; `moves_capacity` >= `n_blocks` always suffices).
+//
+// # Safety
+// As braid_pipeline_plan; `previous` valid for `n_previous` reads, `moves` for
+// `moves_capacity` writes, `n_moves` for one write (or NULL).
+braid_status_t braid_pipeline_replan(const uint64_t *members,
+                                     const double *weights,
+                                     size_t n_members,
+                                     const double *costs,
+                                     size_t n_blocks,
+                                     const braid_pipeline_stage_t *previous,
+                                     size_t n_previous,
+                                     braid_pipeline_stage_t *stages,
+                                     double *max_cost,
+                                     braid_pipeline_move_t *moves,
+                                     size_t moves_capacity,
+                                     size_t *n_moves);
+
+// braid_pipeline_plan over `comm`'s current view: members in view (= rank) order with the
+// weights published in the view (see braid_comm_view_members). `stages` holds the comm size.
+//
+// Errors: as braid_pipeline_plan; braid_invalid_argument for a NULL `comm`.
+//
+// # Safety
+// `comm` is NULL or a live communicator; `costs` valid for `n_blocks` reads; `stages` for
+// comm-size writes; `max_cost` for one write (or NULL).
+braid_status_t braid_pipeline_plan_view(braid_comm_t comm,
+                                        const double *costs,
+                                        size_t n_blocks,
+                                        braid_pipeline_stage_t *stages,
+                                        double *max_cost);
+
+// braid_pipeline_replan over `comm`'s current view (members in view order, published
+// weights): typically called on every member after braid_comm_update reported a change, with
+// the plan of the previous view. `stages` holds the comm size.
+//
+// Errors: as braid_pipeline_replan; braid_invalid_argument for a NULL `comm`.
+//
+// # Safety
+// As braid_pipeline_replan, with `comm` NULL or a live communicator.
+braid_status_t braid_pipeline_replan_view(braid_comm_t comm,
+                                          const double *costs,
+                                          size_t n_blocks,
+                                          const braid_pipeline_stage_t *previous,
+                                          size_t n_previous,
+                                          braid_pipeline_stage_t *stages,
+                                          double *max_cost,
+                                          braid_pipeline_move_t *moves,
+                                          size_t moves_capacity,
+                                          size_t *n_moves);
+
+// Metric channel of elastic pipelines: this member's stage, blocks [first_block, end_block)
+// of a pipeline whose block costs are `costs` (`n_blocks` entries), took `seconds` of compute
+// (excluding waits) in the last step. Sent to the coordinator by a background thread: returns
+// at once. The coordinator follows each member's measured throughput (stage cost per second,
+// smoothed) and, when every stage reported at least twice in the current view and a plan with
+// the measured weights is predicted to shorten the slowest stage by more than
+// BRAID_PIPELINE_REPLAN_GAIN, publishes a view with the same members re-weighed;
+// braid_comm_update adopts it (`*changed` = 1) and braid_pipeline_replan_view over it gives
+// slow members fewer blocks. Call it on every stage once per step with the same `costs`.
+// `seconds` 0 or an empty stage is accepted and ignored.
+//
+// Errors: braid_invalid_usage when the group is not elastic (BRAID_ELASTIC unset) or this
+// member left; braid_invalid_argument for a NULL `comm`, NULL `costs` with `n_blocks` > 0,
+// more than 65536 blocks, a cost or `seconds` that is negative or not finite, or a stage not
+// within [0, n_blocks).
+//
+// # Safety
+// `comm` is NULL or a live communicator; `costs` valid for `n_blocks` reads.
+braid_status_t braid_pipeline_report(braid_comm_t comm,
+                                     double seconds,
+                                     uint64_t first_block,
+                                     uint64_t end_block,
+                                     const double *costs,
+                                     size_t n_blocks);
 
 #ifdef __cplusplus
 }  // extern "C"

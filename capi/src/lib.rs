@@ -28,6 +28,8 @@ use braid_core::{
     Communicator, Config, DataType, Element, Error, ErrorClass, Handle, RawColl, RawP2p, ReduceOp,
 };
 
+mod pipeline;
+
 // ---- version -------------------------------------------------------------------------------
 
 /// Major version of this header (the library's is returned by braid_get_version).

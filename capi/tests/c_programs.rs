@@ -198,6 +198,29 @@ fn invalid_arguments_and_abort() {
     check_program("errors", &[1, 2, 3]);
 }
 
+/// Pipeline planning: closed-form plans and re-plans over explicit member lists, argument
+/// errors with messages, plans over the view that agree on every rank (1-4 ranks, not
+/// elastic: braid_pipeline_report is refused). Then the metric channel: on an elastic group
+/// of 3, rank 1 reports four times the stage time of the others until the coordinator
+/// publishes a re-weigh view; there its weight is the lowest and a re-plan gives it fewer
+/// blocks.
+#[test]
+fn pipeline_plans_replans_and_reweigh() {
+    check_program("pipeline", &[1, 2, 3, 4]);
+    let dir = scratch("pipeline-elastic");
+    let exe = build("pipeline", &dir);
+    let elastic = dir.join("pipeline-elastic");
+    if let Err(e) = std::fs::copy(&exe, &elastic) {
+        panic!("{}: {e}", elastic.display());
+    }
+    let env = [("BRAID_ELASTIC", "1"), ("BRAID_TRANSPORT", "tcp")];
+    let (ok, out) = launch_env(&elastic, 3, &target_dir(), &env);
+    assert!(ok, "pipeline (elastic) failed:\n{out}");
+    assert_eq!(out.matches("pipeline reweigh ok").count(), 3, "{out}");
+    assert_eq!(out.matches("pipeline ok").count(), 3, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn mismatched_collective_fails_on_every_rank() {
     check_program("mismatch", &[2, 3]);

@@ -1777,6 +1777,43 @@ impl Communicator {
         self.left
     }
 
+    /// Elastic pipelines: reports that this member's stage, blocks `blocks` of a pipeline whose
+    /// block costs are `costs`, took `seconds` of compute (excluding waits) in the last step.
+    /// The coordinator follows each member's measured throughput (stage cost per second,
+    /// smoothed) and, when every stage has reported at least twice in the current view and a
+    /// plan with the measured weights is predicted to shorten the slowest stage by more than
+    /// `BRAID_PIPELINE_REPLAN_GAIN`, publishes a view with the same members re-weighed
+    /// (reason "reweigh: ..."); [`Communicator::update`] adopts it like any view change, and
+    /// a re-plan over the new view's weights gives slow members fewer blocks.
+    ///
+    /// Returns at once: the report is sent by the membership thread (never on the caller's
+    /// thread). `seconds` 0 or an empty stage is accepted and ignored.
+    ///
+    /// Errors: `InvalidUsage` when the group is not elastic or this member left;
+    /// `InvalidArgument` for more than 65536 blocks, a negative or non-finite cost or time, or
+    /// `blocks` not within `costs`.
+    pub fn report_pipeline_metric(
+        &self,
+        seconds: f64,
+        blocks: std::ops::Range<usize>,
+        costs: &[f64],
+    ) -> Result<()> {
+        if !self.inner.cfg.elastic {
+            return Err(Error::InvalidUsage(
+                "pipeline metrics need an elastic group (BRAID_ELASTIC=1)".into(),
+            ));
+        }
+        if self.left {
+            return Err(Error::InvalidUsage("this member left the group".into()));
+        }
+        let epoch = self.inner.view.epoch;
+        let gain = self.inner.cfg.pipeline_replan_gain;
+        match lock(&self.client).as_ref() {
+            Some(c) => c.report_pipeline_metric(epoch, seconds, blocks, costs, gain),
+            None => Err(Error::InvalidUsage("no coordinator connection".into())),
+        }
+    }
+
     /// Broadcasts `buf` from the member with the smallest id (the oldest member) to all: after
     /// a view change, joiners start from the current parameters. Collective; call it on every
     /// rank, once per buffer, in the same order.

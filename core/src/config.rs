@@ -91,6 +91,10 @@ pub const VARS: &[VarSpec] = &[
         doc: "For a process hosting the coordinator (braid-run, braid-coordinator, rank 0): file where it persists the member-id high-water mark and the views, so a restarted coordinator never reuses an id and members can reconnect." },
     VarSpec { name: "BRAID_WEIGHT", ty: "number", default: "1",
         doc: "This member's relative throughput, published in the view (pipeline planning balances blocks by it)." },
+    VarSpec { name: "BRAID_PIPELINE_REPLAN_GAIN", ty: "number", default: "0.1",
+        doc: "Elastic pipelines: sent with each stage's step-time report (braid_pipeline_report, Communicator::report_pipeline_metric); the coordinator publishes a view re-weighing the members by their measured throughput when that is predicted to shorten the slowest stage by more than this fraction (0.1: 10%). Must be a positive number." },
+    VarSpec { name: "BRAID_PIPELINE_SLOWDOWN", ty: "number", default: "1",
+        doc: "Read only by the elastic_pipeline example (integrations/python/examples/elastic_pipeline.py), not by libbraid: that process sleeps so its stage's compute takes this many times as long (>= 1), to show a slow stage losing blocks." },
     VarSpec { name: "BRAID_PS_MODE", ty: "sync|async|bounded:TAU", default: "sync",
         doc: "Push/pull consistency: sync rounds (a round closes when every worker pushed), async (each push applied on arrival), or bounded staleness (no worker more than TAU pushes ahead of the slowest)." },
     VarSpec { name: "BRAID_PS_RULE", ty: "sum|sgd:LR", default: "sum",
@@ -271,6 +275,9 @@ pub struct Config {
     pub coordinator_state: Option<std::path::PathBuf>,
     /// This member's weight (pipeline planning).
     pub weight: f64,
+    /// Predicted gain above which the coordinator re-weighs a pipeline's members
+    /// (BRAID_PIPELINE_REPLAN_GAIN; sent with each pipeline metric report).
+    pub pipeline_replan_gain: f64,
 }
 
 /// A secret string (a job token): compared and used, never printed (`Debug` shows
@@ -321,6 +328,7 @@ impl Default for Config {
                 job_token: None,
                 coordinator_state: None,
                 weight: 1.0,
+                pipeline_replan_gain: 0.1,
             },
         }
     }
@@ -552,6 +560,17 @@ impl Config {
                 }
             }
         };
+        let pipeline_replan_gain: f64 = {
+            let s = val("BRAID_PIPELINE_REPLAN_GAIN");
+            match s.trim().parse::<f64>() {
+                Ok(g) if g.is_finite() && g > 0.0 => g,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "BRAID_PIPELINE_REPLAN_GAIN={s}: expected a positive number"
+                    )))
+                }
+            }
+        };
         Ok(Config {
             coordinator,
             host_coordinator,
@@ -585,6 +604,7 @@ impl Config {
             job_token: opt("BRAID_JOB_TOKEN").map(|t| Secret(t.into_bytes())),
             coordinator_state: opt("BRAID_COORDINATOR_STATE").map(std::path::PathBuf::from),
             weight,
+            pipeline_replan_gain,
         })
     }
 
@@ -787,6 +807,10 @@ mod tests {
             ("BRAID_WEIGHT", "inf"),
             ("BRAID_WEIGHT", "NaN"),
             ("BRAID_WEIGHT", "-1"),
+            ("BRAID_PIPELINE_REPLAN_GAIN", "0"),
+            ("BRAID_PIPELINE_REPLAN_GAIN", "-0.5"),
+            ("BRAID_PIPELINE_REPLAN_GAIN", "inf"),
+            ("BRAID_PIPELINE_REPLAN_GAIN", "ten percent"),
         ] {
             let r = std::panic::catch_unwind(|| cfg(&[(k, v)]));
             let e = r
@@ -797,6 +821,9 @@ mod tests {
         let c = cfg(&[("BRAID_SLICE_BYTES", "1G"), ("BRAID_SPIN_US", "0")]).unwrap();
         assert_eq!(c.slice_bytes, 1 << 30);
         assert_eq!(c.spin, Duration::ZERO);
+        assert_eq!(c.pipeline_replan_gain, 0.1);
+        let c = cfg(&[("BRAID_PIPELINE_REPLAN_GAIN", "0.25")]).unwrap();
+        assert_eq!(c.pipeline_replan_gain, 0.25);
     }
 
     #[test]

@@ -425,6 +425,12 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     reg.numa = Some(0);
     reg.heartbeat_timeout_ms = 2000;
     reg.client_nonce = "00112233445566778899aabbccddeeff".into();
+    // A one-member elastic group (its view is complete at once), for pipeline metrics.
+    let mut elastic = reg.clone();
+    elastic.group = "pipe".into();
+    elastic.world_size = 1;
+    elastic.elastic = true;
+    let elastic = serde_json::to_value(&elastic).unwrap_or_default();
     let reg = serde_json::to_value(&reg).unwrap_or_default();
     let nonce = serde_json::json!("00112233445566778899aabbccddeeff");
     let register = coord_frame_bytes(1, &reg);
@@ -452,12 +458,28 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         &serde_json::json!({"member_id": 1, "view": sample_view(), "reason": "initial"}),
     );
     let error = coord_frame_bytes(4, &serde_json::json!({"message": "no", "code": "auth"}));
+    let metric = coord_frame_bytes(
+        19,
+        &serde_json::json!({"epoch": 1, "seconds": 0.25, "first_block": 0, "end_block": 3,
+            "costs": [1.0, 2.0, 0.5, 4.0], "gain": 0.1}),
+    );
     let sessions: Vec<(&str, Vec<u8>)> = vec![
         (
             "register",
             [&register[..], &heartbeat, &ack, &resync, &leave, &goodbye].concat(),
         ),
         ("rejoin", [&rejoin[..], &auth, &heartbeat].concat()),
+        (
+            "metric",
+            [
+                &coord_frame_bytes(1, &elastic)[..],
+                &ack,
+                &metric,
+                &metric,
+                &goodbye,
+            ]
+            .concat(),
+        ),
         ("status", status.clone()),
         ("viewreq", viewreq.clone()),
         ("readerreq", readerreq.clone()),

@@ -29,6 +29,7 @@ run errors 3
 run mismatch 3
 run backend 3
 run groups 4
+run pipeline 4
 mkdir -p "$out/kv-done"
 run kv 4 BRAID_GROUP=kv BRAID_PS_MODE=sync BRAID_PS_RULE=sum BRAID_PS_PARTITION_BYTES=1024 \
   BRAID_PS_REPLICAS=1 BRAID_KV_TEST_CALLBACK=1 BRAID_KV_TEST_DIR="$out/kv-done"

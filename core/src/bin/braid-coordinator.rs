@@ -26,8 +26,9 @@ options:
   -h, --help         this text
 
 `status HOST:PORT` asks a running coordinator for its groups: current view (epoch, members
-with rank, id, host, pid, heartbeat age), waiting joiners and the history of epochs with their
-reasons (initial, join, leave, failure); as text, or the raw JSON with --json.
+with rank, id, host, pid, weight, heartbeat age), waiting joiners and the history of epochs
+with their reasons (initial, join, leave, failure, reweigh); as text, or the raw JSON with
+--json.
 
 BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
 token never crosses the wire); `status` uses it too. Without it, listening on an address other
@@ -112,8 +113,8 @@ fn status(args: &[String]) -> ExitCode {
         );
         let _ = writeln!(
             out,
-            "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>10} {:>9}",
-            "rank", "id", "host", "pid", "role", "heartbeat", "state"
+            "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>8} {:>10} {:>9}",
+            "rank", "id", "host", "pid", "role", "weight", "heartbeat", "state"
         );
         for m in g["members"].as_array().cloned().unwrap_or_default() {
             let age = m["heartbeat_age_s"]
@@ -128,14 +129,18 @@ fn status(args: &[String]) -> ExitCode {
             } else {
                 "ok"
             };
+            let weight = m["weight"]
+                .as_f64()
+                .map_or("-".to_string(), |w| format!("{w:.3}"));
             let _ = writeln!(
                 out,
-                "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>10} {:>9}",
+                "  {:>5} {:>8} {:<20} {:>8} {:>7} {:>8} {:>10} {:>9}",
                 m["rank"].to_string(),
                 m["id"].to_string(),
                 m["host"].as_str().unwrap_or("?"),
                 m["pid"].to_string(),
                 m["role"].as_str().unwrap_or("?"),
+                weight,
                 age,
                 state
             );

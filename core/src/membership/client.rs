@@ -1,6 +1,6 @@
 //! The member side: [`rendezvous`] and the [`Client`] connection it leaves open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -21,6 +21,8 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Write deadline for the goodbye in `Drop`.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Most pipeline metric reports queued for the membership thread (older ones are dropped).
+const MAX_QUEUED_METRICS: usize = 8;
 
 /// Options of a member's coordinator connection.
 #[derive(Clone, Default)]
@@ -88,6 +90,9 @@ struct Shared {
     cv: Condvar,
     stop: AtomicBool,
     watch: Mutex<Option<WatchFn>>,
+    /// Encoded frames the membership thread sends on its next round (pipeline metrics: the
+    /// caller never waits for the network).
+    outbox: Mutex<VecDeque<Vec<u8>>>,
 }
 
 fn notify(sh: &Shared, w: Watch<'_>) {
@@ -150,6 +155,7 @@ impl Client {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             watch: Mutex::new(None),
+            outbox: Mutex::new(VecDeque::new()),
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -260,6 +266,48 @@ impl Client {
         self.send(MsgType::Resync, &proto::Resync { epoch, suspects });
     }
 
+    /// Reports the compute time of this member's pipeline stage in its last step: blocks
+    /// `blocks` of a pipeline whose block costs are `costs` took `seconds`, in the view of
+    /// `epoch`; `gain` is this member's re-plan threshold (`BRAID_PIPELINE_REPLAN_GAIN`). The
+    /// coordinator smooths the measured throughput of each member and, for elastic groups,
+    /// publishes a view with re-weighed members when that is predicted to shorten the slowest
+    /// stage by more than the threshold.
+    ///
+    /// Returns at once: the report is queued and sent by the membership thread within about
+    /// 100 ms (when reports pile up faster than that, the oldest queued ones are dropped).
+    /// A report with `seconds` 0 or an empty stage is sent but ignored by the coordinator.
+    ///
+    /// Errors: `InvalidArgument` for more than 65536 blocks, a cost that is negative or not
+    /// finite, `seconds` negative or not finite, `gain` not a positive finite number, or
+    /// `blocks` not within the costs.
+    pub fn report_pipeline_metric(
+        &self,
+        epoch: u64,
+        seconds: f64,
+        blocks: std::ops::Range<usize>,
+        costs: &[f64],
+        gain: f64,
+    ) -> Result<()> {
+        let to64 = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let m = proto::Metric {
+            epoch,
+            seconds,
+            first_block: to64(blocks.start),
+            end_block: to64(blocks.end),
+            costs: costs.to_vec(),
+            gain,
+        };
+        m.check()
+            .map_err(|e| Error::InvalidArgument(format!("pipeline metric: {e}")))?;
+        let bytes = proto::encode(MsgType::Metric, &m)?;
+        let mut q = lock(&self.shared.outbox);
+        while q.len() >= MAX_QUEUED_METRICS {
+            q.pop_front();
+        }
+        q.push_back(bytes);
+        Ok(())
+    }
+
     /// Waits until the coordinator announced a view with an epoch of at least `min_epoch`
     /// (or retired this member), checking `abort` every 100 ms. Returns the highest announced
     /// epoch.
@@ -316,9 +364,15 @@ fn send_on<T: serde::Serialize>(sh: &Shared, ty: MsgType, body: &T) {
     let Ok(bytes) = proto::encode(ty, body) else {
         return;
     };
+    send_bytes(sh, ty, &bytes);
+}
+
+/// Sends an encoded frame of type `ty` (best effort: a failed write shuts the connection
+/// down, and the membership thread reconnects).
+fn send_bytes(sh: &Shared, ty: MsgType, bytes: &[u8]) {
     let mut w = lock(&sh.writer);
     if let Some(s) = w.as_mut() {
-        if let Err(e) = proto::write_bytes(s, &bytes, WRITE_TIMEOUT) {
+        if let Err(e) = proto::write_bytes(s, bytes, WRITE_TIMEOUT) {
             tracing::debug!(target: LOG, "member {}: sending {ty:?} to the coordinator: {e}", sh.member_id);
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -392,6 +446,10 @@ fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
             let epoch = lock(&sh.state).installed;
             send_on(&sh, MsgType::Heartbeat, &proto::Heartbeat { epoch });
             next_hb = now + hb;
+        }
+        let queued: Vec<Vec<u8>> = lock(&sh.outbox).drain(..).collect();
+        for bytes in queued {
+            send_bytes(&sh, MsgType::Metric, &bytes);
         }
         let until = if hb.is_zero() {
             now + ABORT_SLICE

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,6 +44,9 @@ const MAX_ID: u64 = 1 << 62;
 const MAX_MS: u64 = 24 * 3600 * 1000;
 /// Largest epoch accepted from a state file.
 const MAX_EPOCH: u64 = 1 << 62;
+/// Most work (members × blocks²) a re-weigh decision may plan, under the state lock; larger
+/// pipelines are not re-weighed (logged once per group).
+const REWEIGH_BUDGET: usize = 1 << 24;
 
 /// Tunables of a [`Coordinator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +167,193 @@ struct Group {
     /// Retired ids of this group and why (refused if they come back).
     retired: HashMap<u64, String>,
     history: Vec<Hist>,
+    /// Pipeline metrics reported by the members (throughput-aware re-weighing).
+    pipeline: PipelineMetrics,
+}
+
+/// What the members of a group reported of their pipeline stages.
+#[derive(Debug, Default)]
+struct PipelineMetrics {
+    /// Block costs of the latest report, and their fingerprint.
+    costs: Vec<f64>,
+    costs_key: u64,
+    /// Each member's measured stage, by id.
+    stages: HashMap<u64, MeasuredStage>,
+    /// A pipeline too large to re-plan under the lock was reported (logged once).
+    too_large: bool,
+    /// The last decision: (epoch, fewest reports of a stage then), so that a decision runs
+    /// once per round of reports rather than on every report.
+    decided: (u64, u32),
+}
+
+/// One member's measured pipeline stage (see [`fold_metric`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MeasuredStage {
+    /// Epoch of the reports.
+    pub epoch: u64,
+    /// The stage's blocks.
+    pub blocks: Range<usize>,
+    /// Fingerprint of the block costs the member reported ([`costs_key`]).
+    pub costs_key: u64,
+    /// Measured throughput (stage cost per second), smoothed.
+    pub weight: f64,
+    /// Reports folded in this epoch.
+    pub reports: u32,
+    /// The member's re-plan threshold.
+    pub gain: f64,
+}
+
+/// Smoothing factor of the measured throughput (weight of the newest sample).
+const EWMA_ALPHA: f64 = 0.5;
+
+/// Fingerprint of a block-cost list (members of one pipeline report the same list).
+pub(crate) fn costs_key(costs: &[f64]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    costs.len().hash(&mut h);
+    for c in costs {
+        c.to_bits().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Folds one report (`sample` = stage cost / seconds) into a member's measured stage: an
+/// exponential moving average (alpha 0.5) while the epoch, the stage and the costs stay the
+/// same, a fresh start otherwise.
+pub(crate) fn fold_metric(
+    prev: Option<&MeasuredStage>,
+    epoch: u64,
+    blocks: Range<usize>,
+    costs_key: u64,
+    sample: f64,
+    gain: f64,
+) -> MeasuredStage {
+    match prev {
+        Some(p) if p.epoch == epoch && p.blocks == blocks && p.costs_key == costs_key => {
+            MeasuredStage {
+                epoch,
+                blocks,
+                costs_key,
+                weight: EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * p.weight,
+                reports: p.reports.saturating_add(1),
+                gain,
+            }
+        }
+        _ => MeasuredStage {
+            epoch,
+            blocks,
+            costs_key,
+            weight: sample,
+            reports: 1,
+            gain,
+        },
+    }
+}
+
+/// Whether the stages' blocks tile `0..n_blocks` exactly (no gap, no overlap, none empty).
+fn tiles(n_blocks: usize, stages: &[(u64, MeasuredStage)]) -> bool {
+    let mut order: Vec<&Range<usize>> = stages.iter().map(|(_, s)| &s.blocks).collect();
+    order.sort_by_key(|b| (b.start, b.end));
+    let mut at = 0;
+    for b in order {
+        if b.start != at || b.end <= b.start {
+            return false;
+        }
+        at = b.end;
+    }
+    at == n_blocks
+}
+
+/// A re-weigh decided by [`reweigh_decision`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Reweigh {
+    /// New weight of every member, in view order.
+    pub weights: Vec<f64>,
+    /// Predicted gain: 1 - best / current largest stage time.
+    pub gain: f64,
+}
+
+/// Whether to re-weigh a pipeline's members, and how. `members`: the view's (id, published
+/// weight) in view order; `costs`: the pipeline's block costs; `stages`: the members' measured
+/// stages (id, stage), those of other members or epochs already left out.
+///
+/// Decides only when the measured stages are complete: at least two of them, each reported at
+/// least twice, tiling the blocks exactly (a member with a stage that has not reported leaves
+/// a gap; two members reporting one range — a replicated stage — overlap: no decision). Then
+/// the measured throughputs are scaled so that the reporting members' mean weight equals
+/// their published mean (members without a stage keep their published weight); `current` is
+/// the largest stage time (stage cost / scaled weight) of the current stages, `best` that of
+/// an optimal plan over the view with the scaled weights, and the predicted gain
+/// 1 - best/current must exceed `threshold`. So must the gain over a plan made with the view's
+/// published weights (measured as well): when those already give about the best plan (the
+/// members' weights were re-weighed before and the stages were not re-planned since), a new
+/// view would change nothing, and none is proposed.
+pub(crate) fn reweigh_decision(
+    members: &[(u64, f64)],
+    costs: &[f64],
+    stages: &[(u64, MeasuredStage)],
+    threshold: f64,
+) -> Option<Reweigh> {
+    if stages.len() < 2 || stages.iter().any(|(_, s)| s.reports < 2) {
+        return None;
+    }
+    if !tiles(costs.len(), stages) {
+        return None;
+    }
+    let published: HashMap<u64, f64> = members.iter().copied().collect();
+    let mut pub_sum = 0.0;
+    let mut meas_sum = 0.0;
+    for (id, s) in stages {
+        pub_sum += published.get(id)?;
+        if !(s.weight.is_finite() && s.weight > 0.0) {
+            return None;
+        }
+        meas_sum += s.weight;
+    }
+    let factor = pub_sum / meas_sum;
+    let measured: HashMap<u64, &MeasuredStage> = stages.iter().map(|(id, s)| (*id, s)).collect();
+    let weights: Vec<f64> = members
+        .iter()
+        .map(|(id, w)| measured.get(id).map_or(*w, |s| s.weight * factor))
+        .collect();
+    if weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
+        return None;
+    }
+    let current = stages
+        .iter()
+        .map(|(_, s)| {
+            let cost: f64 = costs[s.blocks.clone()].iter().sum();
+            cost / (s.weight * factor)
+        })
+        .fold(0.0, f64::max);
+    let list: Vec<(u64, f64)> = members
+        .iter()
+        .zip(&weights)
+        .map(|((id, _), w)| (*id, *w))
+        .collect();
+    let best = super::pipeline::plan_pipeline(costs, &list).ok()?.max_cost;
+    if !(current.is_finite() && current > 0.0) {
+        return None;
+    }
+    let gain = 1.0 - best / current;
+    if gain <= threshold {
+        return None;
+    }
+    // What the view's own weights would plan, timed with the measured weights.
+    let by_view = super::pipeline::plan_pipeline(costs, members).ok()?;
+    let new_weight: HashMap<u64, f64> = list.iter().copied().collect();
+    let view_time = by_view
+        .stages
+        .iter()
+        .map(|st| {
+            let cost: f64 = costs[st.blocks.clone()].iter().sum();
+            cost / new_weight.get(&st.member).copied().unwrap_or(f64::NAN)
+        })
+        .fold(0.0, f64::max);
+    if !(view_time.is_finite() && 1.0 - best / view_time > threshold) {
+        return None;
+    }
+    Some(Reweigh { weights, gain })
 }
 
 struct State {
@@ -852,6 +1043,13 @@ fn member_loop(
                     }
                     Err(_) => Vec::new(),
                 },
+                Some(MsgType::Metric) => match f.body::<proto::Metric>() {
+                    Ok(m) => on_metric(sh, &mut st, group, id, &m),
+                    Err(e) => {
+                        tracing::debug!(target: LOG, "coordinator: member {id} ({peer}): unreadable metric: {e}");
+                        Vec::new()
+                    }
+                },
                 Some(MsgType::Register) | Some(MsgType::Rejoin) => {
                     drop(st);
                     refuse(
@@ -1067,6 +1265,7 @@ fn register(
             reasons: Vec::new(),
             retired: HashMap::new(),
             history: Vec::new(),
+            pipeline: PipelineMetrics::default(),
         });
     let registered = if joining {
         group.joiners.len() + 1
@@ -1651,6 +1850,142 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     publish
 }
 
+/// A member's pipeline metric: folded into its measured stage; when the group is quiet (no
+/// view change under way) and the measurements are complete, a re-weigh view may follow.
+fn on_metric(sh: &Shared, st: &mut State, name: &str, id: u64, m: &proto::Metric) -> Publish {
+    let Some(g) = st.groups.get_mut(name) else {
+        return Vec::new();
+    };
+    let Some(view) = g.view.as_ref() else {
+        return Vec::new();
+    };
+    if !g.elastic || m.epoch != view.epoch || view.rank_of(id).is_none() {
+        return Vec::new();
+    }
+    let blocks = match m.check() {
+        Ok(Some(b)) => b,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            tracing::debug!(target: LOG, "coordinator: group {name}: member {id}: metric refused: {e}");
+            return Vec::new();
+        }
+    };
+    let cost: f64 = m.costs[blocks.clone()].iter().sum();
+    let sample = cost / m.seconds;
+    if !(sample.is_finite() && sample > 0.0) {
+        return Vec::new();
+    }
+    let key = costs_key(&m.costs);
+    let p = &mut g.pipeline;
+    if p.costs_key != key || p.costs.len() != m.costs.len() {
+        p.costs = m.costs.clone();
+        p.costs_key = key;
+    }
+    let folded = fold_metric(p.stages.get(&id), m.epoch, blocks, key, sample, m.gain);
+    p.stages.insert(id, folded);
+    let epoch = view.epoch;
+    p.stages.retain(|_, s| s.epoch == epoch);
+    // Only between view changes: nobody joining, leaving, gone or installing.
+    let quiet = g.entries.len() == view.members.len()
+        && g.joiners.is_empty()
+        && g.entries
+            .iter()
+            .all(|e| e.acked >= epoch && !e.leaving && e.resync.is_none());
+    if !quiet {
+        return Vec::new();
+    }
+    let members: Vec<(u64, f64)> = view.members.iter().map(|m| (m.id, m.weight)).collect();
+    let work = members
+        .len()
+        .saturating_mul(p.costs.len())
+        .saturating_mul(p.costs.len());
+    if work > REWEIGH_BUDGET {
+        if !p.too_large {
+            p.too_large = true;
+            tracing::warn!(target: LOG,
+                "coordinator: group {name}: a pipeline of {} blocks over {} members is too large to re-weigh here; not re-weighed",
+                p.costs.len(), members.len());
+        }
+        return Vec::new();
+    }
+    let stages: Vec<(u64, MeasuredStage)> = p
+        .stages
+        .iter()
+        .filter(|(_, s)| s.costs_key == key)
+        .map(|(k, s)| (*k, s.clone()))
+        .collect();
+    // One decision per round: when every stage has reported once more since the last one.
+    let round = stages.iter().map(|(_, s)| s.reports).min().unwrap_or(0);
+    if p.decided.0 == epoch && round <= p.decided.1 {
+        return Vec::new();
+    }
+    let threshold = stages.iter().map(|(_, s)| s.gain).fold(0.0, f64::max);
+    let decision = reweigh_decision(&members, &p.costs, &stages, threshold);
+    if round >= 2 && tiles(p.costs.len(), &stages) {
+        p.decided = (epoch, round);
+    }
+    let Some(r) = decision else {
+        return Vec::new();
+    };
+    publish_reweigh(sh, st, name, &r)
+}
+
+/// Publishes the next view of a quiet group: the same members in the same order, with the
+/// weights of `r`.
+fn publish_reweigh(sh: &Shared, st: &mut State, name: &str, r: &Reweigh) -> Publish {
+    let Some(g) = st.groups.get_mut(name) else {
+        return Vec::new();
+    };
+    let Some(view) = g.view.clone() else {
+        return Vec::new();
+    };
+    // Entries of a quiet group are the view's members; keep the view's order.
+    g.entries
+        .sort_by_key(|e| view.rank_of(e.id).unwrap_or(usize::MAX));
+    let weight: HashMap<u64, f64> = view
+        .members
+        .iter()
+        .zip(&r.weights)
+        .map(|(m, w)| (m.id, *w))
+        .collect();
+    for e in g.entries.iter_mut() {
+        if let Some(w) = weight.get(&e.id) {
+            e.reg.weight = *w;
+        }
+    }
+    let reason = format!("reweigh: predicted gain {:.0}%", r.gain * 100.0);
+    let next = View {
+        group: name.to_string(),
+        epoch: view.epoch.saturating_add(1),
+        nonce: random_u64(view.nonce),
+        members: g.entries.iter().map(Entry::member).collect(),
+    };
+    g.history.push(Hist {
+        epoch: next.epoch,
+        size: next.members.len(),
+        reason: reason.clone(),
+        at: unix_now(),
+    });
+    if g.history.len() > 1000 {
+        g.history.remove(0);
+    }
+    g.pipeline.stages.clear();
+    let weights: Vec<String> = next
+        .members
+        .iter()
+        .map(|m| format!("{}:{:.3}", m.id, m.weight))
+        .collect();
+    tracing::info!(target: LOG,
+        "coordinator: group {name}: view epoch {} with {} members ({reason}; weights {})",
+        next.epoch, next.members.len(), weights.join(" "));
+    let publish = view_frames(g, &next, &reason);
+    g.view = Some(next);
+    if let Err(e) = persist(sh, st) {
+        tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
+    }
+    publish
+}
+
 /// Heartbeat timeouts and batching windows.
 fn tick_loop(sh: Arc<Shared>) {
     while !sh.stop.load(Ordering::SeqCst) {
@@ -1976,6 +2311,7 @@ fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<S
                 reasons: Vec::new(),
                 retired: HashMap::new(),
                 history: pg.history,
+                pipeline: PipelineMetrics::default(),
             },
         );
     }

@@ -36,7 +36,12 @@
 //!   timeout is removed at the next epoch; its id is retired and refused if it comes back;
 //! * a member whose data connections broke asks for a `Resync`; the coordinator publishes the
 //!   next view as soon as every member it named is either dead or asking too;
-//! * members that stay keep their relative order; joiners come last, in id order.
+//! * members that stay keep their relative order; joiners come last, in id order;
+//! * members of a pipeline report their stages' compute times (`Metric`, see
+//!   `Communicator::report_pipeline_metric`); once every stage reported twice in the current
+//!   view and a plan with the measured throughputs is predicted to shorten the slowest stage
+//!   by more than `BRAID_PIPELINE_REPLAN_GAIN`, the coordinator publishes a view with the same
+//!   members in the same order, re-weighed (reason "reweigh: predicted gain NN%").
 //!
 //! Every view change is sent to every connected member of the group; members install it at a
 //! point they agree on (see `Communicator::update`) and acknowledge it (`Ack`).

@@ -83,6 +83,9 @@ pub(crate) enum MsgType {
     ReaderReq = 17,
     /// coordinator → reader: [`ReaderGrantMsg`].
     ReaderGrant = 18,
+    /// member → coordinator: [`Metric`] — the compute time of this member's pipeline stage in
+    /// its last step (throughput-aware re-plans of elastic pipelines).
+    Metric = 19,
 }
 
 impl MsgType {
@@ -107,6 +110,7 @@ impl MsgType {
             16 => MsgType::ViewReq,
             17 => MsgType::ReaderReq,
             18 => MsgType::ReaderGrant,
+            19 => MsgType::Metric,
             _ => return None,
         })
     }
@@ -157,6 +161,80 @@ pub(crate) struct Resync {
     pub epoch: u64,
     /// Member ids this member lost contact with.
     pub suspects: Vec<u64>,
+}
+
+/// Most blocks a [`Metric`] may describe.
+pub(crate) const MAX_METRIC_BLOCKS: usize = 65536;
+
+/// Body of [`MsgType::Metric`]: this member's pipeline stage `[first_block, end_block)` of a
+/// pipeline whose block costs are `costs` took `seconds` of compute in its last step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Metric {
+    /// Epoch the member runs in (reports of another epoch than the current view's are
+    /// ignored).
+    pub epoch: u64,
+    /// Compute seconds of the stage in the last step (0: nothing measured; ignored).
+    pub seconds: f64,
+    /// First block of the stage.
+    pub first_block: u64,
+    /// One past the last block of the stage (equal to `first_block`: no stage; ignored).
+    pub end_block: u64,
+    /// Cost of every block of the pipeline (at most [`MAX_METRIC_BLOCKS`]).
+    pub costs: Vec<f64>,
+    /// The member's re-plan threshold (`BRAID_PIPELINE_REPLAN_GAIN`).
+    pub gain: f64,
+}
+
+impl Metric {
+    /// Checks the bounds of a report from the wire: `Ok(Some(blocks))` for a stage to account,
+    /// `Ok(None)` for a valid report that says nothing (no time or no blocks), `Err` for one
+    /// outside the protocol's bounds.
+    pub(crate) fn check(&self) -> std::result::Result<Option<std::ops::Range<usize>>, String> {
+        if self.costs.len() > MAX_METRIC_BLOCKS {
+            return Err(format!(
+                "{} block costs exceed the limit of {MAX_METRIC_BLOCKS}",
+                self.costs.len()
+            ));
+        }
+        if let Some((i, c)) = self
+            .costs
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !(c.is_finite() && **c >= 0.0))
+        {
+            return Err(format!(
+                "block {i} has cost {c}; costs must be finite and non-negative"
+            ));
+        }
+        if !(self.seconds.is_finite() && self.seconds >= 0.0) {
+            return Err(format!(
+                "{} seconds is not a finite non-negative time",
+                self.seconds
+            ));
+        }
+        if !(self.gain.is_finite() && self.gain > 0.0) {
+            return Err(format!(
+                "re-plan gain {} is not a positive number",
+                self.gain
+            ));
+        }
+        let n = self.costs.len();
+        let range = usize::try_from(self.first_block)
+            .ok()
+            .zip(usize::try_from(self.end_block).ok())
+            .filter(|(a, b)| a <= b && *b <= n)
+            .map(|(a, b)| a..b)
+            .ok_or_else(|| {
+                format!(
+                    "stage [{}, {}) is not a range within the {n} blocks",
+                    self.first_block, self.end_block
+                )
+            })?;
+        if range.is_empty() || self.seconds == 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(range))
+    }
 }
 
 /// Body of [`MsgType::Rejoin`].
@@ -636,6 +714,7 @@ pub fn fuzz_decode_frame(data: &[u8]) {
         let _ = f.body::<Heartbeat>();
         let _ = f.body::<Ack>();
         let _ = f.body::<Resync>();
+        let _ = f.body::<Metric>().map(|m| m.check());
         let _ = f.body::<Rejoin>();
         let _ = f.body::<Challenge>();
         let _ = f.body::<Auth>();

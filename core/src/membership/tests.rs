@@ -1217,3 +1217,362 @@ fn a_proved_rejoin_replaces_the_old_connection_without_retiring_the_member() {
     assert_eq!(st["groups"][0]["epoch"], 1, "{st}");
     drop(r);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline metrics and throughput-aware re-weighing (issue 19).
+
+use super::coordinator::{fold_metric, reweigh_decision, MeasuredStage};
+
+fn measured(blocks: std::ops::Range<usize>, weight: f64, reports: u32) -> MeasuredStage {
+    MeasuredStage {
+        epoch: 1,
+        blocks,
+        costs_key: 0,
+        weight,
+        reports,
+        gain: 0.1,
+    }
+}
+
+/// Four equal members with 3 of 12 unit blocks each; member 2 runs at a quarter of the speed
+/// of the others (measured throughput: stage cost / seconds).
+/// Members (id, published weight) and their measured stages.
+type Measured = (Vec<(u64, f64)>, Vec<(u64, MeasuredStage)>);
+
+fn slow_second(reports: u32) -> Measured {
+    let members = vec![(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)];
+    let stages = vec![
+        (1, measured(0..3, 3.0, reports)),
+        (2, measured(3..6, 0.75, reports)),
+        (3, measured(6..9, 3.0, reports)),
+        (4, measured(9..12, 3.0, reports)),
+    ];
+    (members, stages)
+}
+
+#[test]
+fn a_slow_stage_is_reweighed_when_the_gain_passes_the_threshold() {
+    let (members, stages) = slow_second(2);
+    let r = reweigh_decision(&members, &[1.0; 12], &stages, 0.1).expect("a re-weigh");
+    // Scaled so that the reporting members' mean weight stays 1: 3 : 0.75 over a sum of 9.75.
+    let want = [12.0 / 9.75, 3.0 / 9.75, 12.0 / 9.75, 12.0 / 9.75];
+    for (w, x) in r.weights.iter().zip(want) {
+        assert!((w - x).abs() < 1e-12, "{:?}", r.weights);
+    }
+    assert!((r.weights.iter().sum::<f64>() / 4.0 - 1.0).abs() < 1e-12);
+    // Current: 3 blocks / (3/9.75) = 9.75; best: member 2 keeps 1 block (3.25), the others 4,
+    // 4 and 3 (4 / (12/9.75) = 3.25): gain 1 - 3.25/9.75 = 2/3.
+    assert!((r.gain - 2.0 / 3.0).abs() < 1e-9, "{}", r.gain);
+    let list: Vec<(u64, f64)> = members
+        .iter()
+        .zip(&r.weights)
+        .map(|((id, _), w)| (*id, *w))
+        .collect();
+    let plan = super::pipeline::plan_pipeline(&[1.0; 12], &list).unwrap();
+    assert_eq!(plan.stage_of(2).unwrap().blocks.len(), 1, "{plan:?}");
+    // The same measurements under a higher threshold: no re-weigh.
+    assert_eq!(reweigh_decision(&members, &[1.0; 12], &stages, 0.7), None);
+}
+
+#[test]
+fn no_reweigh_below_the_threshold_or_without_complete_measurements() {
+    // 5% slower: no plan with whole blocks does better than 3 blocks each.
+    let members = vec![(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)];
+    let even: Vec<(u64, MeasuredStage)> = (0..4)
+        .map(|i| {
+            let w = if i == 1 { 3.0 / 1.05 } else { 3.0 };
+            (i as u64 + 1, measured(3 * i..3 * i + 3, w, 5))
+        })
+        .collect();
+    assert_eq!(reweigh_decision(&members, &[1.0; 12], &even, 0.1), None);
+    // A stage reported only once so far: wait.
+    let (m, mut s) = slow_second(2);
+    s[1].1.reports = 1;
+    assert_eq!(reweigh_decision(&m, &[1.0; 12], &s, 0.1), None);
+    // Fewer than two reporting stages.
+    assert_eq!(
+        reweigh_decision(&m, &[1.0; 12], &[(1, measured(0..12, 1.0, 9))], 0.1),
+        None
+    );
+    assert_eq!(reweigh_decision(&m, &[1.0; 12], &[], 0.1), None);
+    // A member with a stage that has not reported leaves a gap: wait.
+    let (m, s) = slow_second(3);
+    assert_eq!(reweigh_decision(&m, &[1.0; 12], &s[..3], 0.1), None);
+    // Reports of a pipeline with more blocks than the stages cover.
+    assert_eq!(reweigh_decision(&m, &[1.0; 13], &s, 0.1), None);
+    // A reporter outside the view.
+    let (m, mut s) = slow_second(3);
+    s[3].0 = 99;
+    assert_eq!(reweigh_decision(&m, &[1.0; 12], &s, 0.1), None);
+}
+
+#[test]
+fn a_view_already_weighed_by_the_measurements_is_not_reweighed_again() {
+    // The re-weigh view was published but the stages were not re-planned: the same
+    // measurements would propose the same weights again, which would change nothing.
+    let (members, stages) = slow_second(2);
+    let r = reweigh_decision(&members, &[1.0; 12], &stages, 0.1).expect("a re-weigh");
+    let reweighed: Vec<(u64, f64)> = members
+        .iter()
+        .zip(&r.weights)
+        .map(|((id, _), w)| (*id, *w))
+        .collect();
+    assert_eq!(reweigh_decision(&reweighed, &[1.0; 12], &stages, 0.1), None);
+    // Once re-planned (member 2 keeps 1 block) and measured again: balanced, nothing to do.
+    let replanned = vec![
+        (1, measured(0..4, 4.0, 2)),
+        (2, measured(4..5, 1.0, 2)),
+        (3, measured(5..9, 4.0, 2)),
+        (4, measured(9..12, 3.0, 2)),
+    ];
+    assert_eq!(
+        reweigh_decision(&reweighed, &[1.0; 12], &replanned, 0.1),
+        None
+    );
+}
+
+#[test]
+fn replicated_stages_are_not_reweighed() {
+    // Members 1 and 2 hold the same stage (replicas), 3 and 4 the other; 2 is slow.
+    let members = vec![(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)];
+    let stages = vec![
+        (1, measured(0..6, 6.0, 4)),
+        (2, measured(0..6, 1.0, 4)),
+        (3, measured(6..12, 6.0, 4)),
+        (4, measured(6..12, 6.0, 4)),
+    ];
+    assert_eq!(reweigh_decision(&members, &[1.0; 12], &stages, 0.1), None);
+    // Overlapping (not equal) ranges are refused as well.
+    let stages = vec![(1, measured(0..7, 1.0, 4)), (3, measured(6..12, 6.0, 4))];
+    assert_eq!(reweigh_decision(&members, &[1.0; 12], &stages, 0.1), None);
+}
+
+#[test]
+fn members_without_a_stage_keep_their_published_weight() {
+    // Five members, 4 blocks: member 5 (published weight 2) has no stage; member 2 is slow.
+    let members = vec![(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0)];
+    let stages = vec![
+        (1, measured(0..1, 1.0, 2)),
+        (2, measured(1..2, 0.2, 2)),
+        (3, measured(2..3, 1.0, 2)),
+        (4, measured(3..4, 1.0, 2)),
+    ];
+    let r = reweigh_decision(&members, &[1.0; 4], &stages, 0.1).expect("a re-weigh");
+    assert_eq!(r.weights[4], 2.0);
+    assert!((r.weights[..4].iter().sum::<f64>() - 4.0).abs() < 1e-12);
+    assert!(r.weights[1] < r.weights[0], "{:?}", r.weights);
+}
+
+#[test]
+fn measured_throughput_is_smoothed_and_reset_per_epoch() {
+    let a = fold_metric(None, 3, 0..4, 7, 4.0, 0.1);
+    assert_eq!((a.weight, a.reports), (4.0, 1));
+    let b = fold_metric(Some(&a), 3, 0..4, 7, 2.0, 0.1);
+    assert_eq!((b.weight, b.reports), (3.0, 2));
+    let c = fold_metric(Some(&b), 3, 0..4, 7, 3.0, 0.2);
+    assert_eq!((c.weight, c.reports, c.gain), (3.0, 3, 0.2));
+    // A new epoch, another stage or other costs start over.
+    for d in [
+        fold_metric(Some(&c), 4, 0..4, 7, 8.0, 0.1),
+        fold_metric(Some(&c), 3, 0..5, 7, 8.0, 0.1),
+        fold_metric(Some(&c), 3, 0..4, 8, 8.0, 0.1),
+    ] {
+        assert_eq!((d.weight, d.reports), (8.0, 1));
+    }
+}
+
+#[test]
+fn metric_messages_are_bounded() {
+    let ok = proto::Metric {
+        epoch: 1,
+        seconds: 0.5,
+        first_block: 2,
+        end_block: 5,
+        costs: vec![1.0; 10],
+        gain: 0.1,
+    };
+    assert_eq!(ok.check(), Ok(Some(2..5)));
+    // Valid but saying nothing: no time, or no blocks.
+    let none = [
+        proto::Metric {
+            seconds: 0.0,
+            ..ok.clone()
+        },
+        proto::Metric {
+            end_block: 2,
+            ..ok.clone()
+        },
+    ];
+    for m in none {
+        assert_eq!(m.check(), Ok(None), "{m:?}");
+    }
+    let mut bad_cost = ok.clone();
+    bad_cost.costs[3] = -1.0;
+    let mut nan_cost = ok.clone();
+    nan_cost.costs[0] = f64::NAN;
+    let bad = [
+        (
+            proto::Metric {
+                costs: vec![0.0; proto::MAX_METRIC_BLOCKS + 1],
+                end_block: 1,
+                ..ok.clone()
+            },
+            "limit",
+        ),
+        (bad_cost, "block 3"),
+        (nan_cost, "block 0"),
+        (
+            proto::Metric {
+                seconds: -1.0,
+                ..ok.clone()
+            },
+            "seconds",
+        ),
+        (
+            proto::Metric {
+                seconds: f64::INFINITY,
+                ..ok.clone()
+            },
+            "seconds",
+        ),
+        (
+            proto::Metric {
+                gain: 0.0,
+                ..ok.clone()
+            },
+            "gain",
+        ),
+        (
+            proto::Metric {
+                gain: f64::NAN,
+                ..ok.clone()
+            },
+            "gain",
+        ),
+        (
+            proto::Metric {
+                end_block: 11,
+                ..ok.clone()
+            },
+            "within",
+        ),
+        (
+            proto::Metric {
+                first_block: 6,
+                ..ok.clone()
+            },
+            "within",
+        ),
+        (
+            proto::Metric {
+                first_block: u64::MAX,
+                end_block: u64::MAX,
+                ..ok.clone()
+            },
+            "within",
+        ),
+    ];
+    for (m, what) in bad {
+        let e = m.check().expect_err(what);
+        assert!(e.contains(what), "{e}");
+    }
+    // On the wire: a frame with a non-number cost does not decode; the largest one fits.
+    let f = proto::Frame {
+        version: proto::VERSION,
+        ty: MsgType::Metric as u16,
+        payload:
+            br#"{"epoch":1,"seconds":1,"first_block":0,"end_block":1,"costs":[null],"gain":0.1}"#
+                .to_vec(),
+    };
+    assert!(f.body::<proto::Metric>().is_err());
+    let big = proto::Metric {
+        costs: vec![1.0e300; proto::MAX_METRIC_BLOCKS],
+        ..ok
+    };
+    assert!(proto::encode(MsgType::Metric, &big).is_ok());
+    assert_eq!(MsgType::from_u16(19), Some(MsgType::Metric));
+}
+
+/// End to end: three elastic members (communicators as threads over TCP) report their stage
+/// times every step; member at rank 1 is four times slower. The coordinator publishes a
+/// re-weigh view (same members, same order) in which its weight is the lowest, and a plan over
+/// that view gives it fewer blocks.
+#[test]
+fn a_slow_stage_gets_a_lower_weight_in_a_reweigh_view() {
+    let (c, addr) = coord();
+    let costs = [1.0f64; 12];
+    let outs: Vec<(u64, View, View, crate::Communicator)> = thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|i| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let mut comm = crate::Communicator::init_with(crate::Config {
+                        coordinator: Some(addr),
+                        world_size: Some(3),
+                        rank: Some(i),
+                        timeout: Duration::from_secs(20),
+                        init_timeout: Duration::from_secs(30),
+                        transport: crate::config::TransportKind::Tcp,
+                        elastic: true,
+                        heartbeat: Duration::from_millis(200),
+                        heartbeat_timeout: Duration::from_secs(5),
+                        ..crate::Config::default()
+                    })
+                    .unwrap();
+                    let first = comm.view().clone();
+                    let me = comm.member_id();
+                    let plan = pipeline::plan_for_view(&costs, &first).unwrap();
+                    let blocks = plan.stage_of(me).unwrap().blocks.clone();
+                    let speed = if i == 1 { 250.0 } else { 1000.0 };
+                    let end = secs(30.0);
+                    loop {
+                        assert!(Instant::now() < end, "no re-weigh view within 30 s");
+                        let secs = blocks.len() as f64 / speed;
+                        comm.report_pipeline_metric(secs, blocks.clone(), &costs)
+                            .unwrap();
+                        thread::sleep(Duration::from_millis(20));
+                        if comm.update().unwrap() {
+                            break;
+                        }
+                    }
+                    let now = comm.view().clone();
+                    (me, first, now, comm)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (slow, first, view) = (&outs[1].0, &outs[1].1, &outs[1].2);
+    assert_eq!(view.epoch, first.epoch + 1);
+    for (_, _, v, _) in &outs {
+        assert_eq!(v, view, "every member installed the same view");
+    }
+    let ids = |v: &View| v.members.iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(ids(view), ids(first), "same members, same order");
+    let w: Vec<f64> = view.members.iter().map(|m| m.weight).collect();
+    assert!(
+        w[1] < w[0] / 2.0 && w[1] < w[2] / 2.0,
+        "the slow member {slow} has weight {}: {w:?}",
+        w[1]
+    );
+    assert!(
+        (w.iter().sum::<f64>() - 3.0).abs() < 1e-9,
+        "mean kept: {w:?}"
+    );
+    let before = pipeline::plan_for_view(&costs, first).unwrap();
+    let after = pipeline::plan_for_view(&costs, view).unwrap();
+    assert!(
+        after.stage_of(*slow).unwrap().blocks.len() < before.stage_of(*slow).unwrap().blocks.len(),
+        "{before:?} -> {after:?}"
+    );
+    let st = c.status();
+    let hist = st["groups"][0]["history"].as_array().unwrap();
+    assert!(
+        hist.iter().any(|h| h["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("reweigh: predicted gain"))),
+        "{st}"
+    );
+    assert_eq!(st["groups"][0]["members"][1]["weight"], w[1], "{st}");
+    drop(outs);
+}
