@@ -85,8 +85,17 @@ impl Ord for Queued {
 pub(crate) struct Incoming {
     /// Header bytes.
     pub hdr: Vec<u8>,
+    /// The receive buffer: the body is its first `len` bytes. It keeps its high-water length
+    /// between messages, so a body is received without zeroing the buffer first.
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Incoming {
     /// Body bytes.
-    pub body: Vec<u8>,
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.buf[..self.len.min(self.buf.len())]
+    }
 }
 
 struct Shared {
@@ -324,7 +333,8 @@ fn drive(
     // message would cost a page fault per 4 KiB of every large body).
     let mut msg = Incoming {
         hdr: Vec::new(),
-        body: Vec::new(),
+        buf: Vec::new(),
+        len: 0,
     };
     let mut rstate = RState::Idle;
     let mut fds: Vec<PollFd> = Vec::new();
@@ -419,7 +429,7 @@ fn drive(
                         break;
                     }
                     if *bl == 0 {
-                        msg.body.clear();
+                        msg.len = 0;
                         if let Err(why) = on_msg(&msg) {
                             queue_bye(sh, &why);
                             *failing = Some((why, std::time::Instant::now()));
@@ -429,14 +439,19 @@ fn drive(
                         RState::Idle
                     } else {
                         let bl = *bl;
-                        if msg.body.capacity() > 4 * bl.max(1 << 20) {
+                        if msg.buf.len() > 4 * bl.max(1 << 20) {
                             // Do not hold on to a buffer much larger than the traffic now.
-                            msg.body = Vec::new();
+                            msg.buf = Vec::new();
                         }
-                        msg.body.clear();
-                        msg.body.resize(bl, 0);
-                        // SAFETY: `msg.body` is not touched until the request completed.
-                        match unsafe { conn.irecv(TAG_BODY, msg.body.as_mut_ptr(), bl) }
+                        if msg.buf.len() < bl {
+                            // Grows only (zeroing only the new part); a smaller body is
+                            // received into the front of the buffer.
+                            msg.buf.resize(bl, 0);
+                        }
+                        msg.len = bl;
+                        // SAFETY: `msg.buf` (at least `bl` bytes) is not touched until the
+                        // request completed.
+                        match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), bl) }
                             .map_err(|e| e.to_string())?
                         {
                             Some(r) => RState::Body(r),

@@ -493,7 +493,7 @@ fn make_chan(
         let msg = Msg::decode(&m.hdr).map_err(|e| format!("undecodable header: {e}"))?;
         permitted(peer.role, Role::Server, &msg)?;
         match weak.upgrade() {
-            Some(inner) => handle(&inner, from, msg, &m.body),
+            Some(inner) => handle(&inner, from, msg, m.body()),
             None => Ok(()),
         }
     });

@@ -71,7 +71,7 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::reduce::reduce_inplace;
+use crate::reduce::{reduce_inplace, reduce_into};
 use crate::types::{DataType, ReduceOp};
 
 /// A request id, chosen by the caller (the network layer) and echoed in events.
@@ -340,6 +340,20 @@ impl Entry {
     fn apply(&mut self, key: u64, cfg: &Cfg<'_>, grad: &[u8]) -> std::result::Result<(), String> {
         let dtype = self.dtype;
         match cfg.rule {
+            UpdateRule::Sum if cfg.history > 1 => {
+                // One pass (next = value + grad) instead of a copy of the value followed by an
+                // in-place sum: the new version is written once, the old one kept as it is.
+                let mut buf = if self.old.len() + 1 >= cfg.history {
+                    self.old.pop_front().map(|(_, b)| b).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                buf.resize(self.value.len(), 0);
+                reduce_into(dtype, ReduceOp::Sum, &mut buf, &self.value, grad)
+                    .map_err(|e| e.to_string())?;
+                self.commit(cfg.history, buf);
+                Ok(())
+            }
             UpdateRule::Sum => self.update(cfg.history, |v| {
                 reduce_inplace(dtype, ReduceOp::Sum, v, grad).map_err(|e| e.to_string())
             }),

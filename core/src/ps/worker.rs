@@ -1046,7 +1046,7 @@ impl WInner {
                     let mut src = 0usize;
                     let mut bad = false;
                     for (p, off) in &r.parts {
-                        let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body.len());
+                        let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body().len());
                         let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
                         if !in_body || !in_out {
                             bad = true;
@@ -1060,7 +1060,7 @@ impl WInner {
                         // `OutBuf`); the state lock is held, so no other thread writes it.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
-                                m.body.as_ptr().add(src),
+                                m.body().as_ptr().add(src),
                                 o.out.ptr.add(*off),
                                 p.n,
                             );
