@@ -956,6 +956,26 @@ braid_status_t braid_kv_server_destroy(braid_kv_server_t server);
 // `worker` is NULL or valid for a write; `config` as for braid_comm_init.
 braid_status_t braid_kv_worker_start(braid_kv_worker_t *worker, const braid_config_t *config);
 
+// Writes a checkpoint of the group's push/pull state to directory `dir` (created if needed;
+// a relative path is taken from the current directory; every server must reach the same
+// path), blocking until it is on disk: every server writes the parts it owns at one
+// consistent version (sync: the round this worker last pushed into), one file per server,
+// then this worker writes `manifest.json` last, so the previous checkpoint in `dir` stays
+// valid until the new one is complete. Servers copy their state in memory and write in the
+// background. The coordinator records it (`braid-coordinator status`). Servers started with
+// BRAID_PS_RESTORE=`dir` load it, with any number of servers. Periodic checkpoints:
+// BRAID_PS_CHECKPOINT_DIR and BRAID_PS_CHECKPOINT_EVERY.
+//
+// Errors: braid_invalid_argument (NULL `worker` or `dir`, a path that is not UTF-8 or too
+// long, a server's refusal, e.g. still writing an earlier checkpoint or the view changed
+// meanwhile), braid_remote_error when a server is lost before it answered,
+// braid_system_error (I/O writing the manifest), braid_timeout (BRAID_TIMEOUT). Nothing is
+// installed on error.
+//
+// # Safety
+// `worker` is NULL or live; `dir` is NULL or a NUL-terminated string.
+braid_status_t braid_kv_checkpoint(braid_kv_worker_t worker, const char *dir);
+
 // Stops a worker and frees it (it leaves the group). Wait for or free its requests first:
 // operations still in flight afterwards fail, possibly only after BRAID_TIMEOUT. NULL is a
 // no-op returning braid_success. The handle is invalid afterwards.

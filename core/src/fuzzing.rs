@@ -51,8 +51,9 @@ pub fn ps_hello(data: &[u8]) {
 
 /// Push/pull message headers ([`Msg::decode`]), then what a receiver checks before acting on
 /// one: the role rule for every sender/receiver pair and the checked length of its parts. A
-/// decoded header must encode and decode again.
+/// decoded header must encode and decode again. The input also goes to [`ps_checkpoint`].
 pub fn ps_wire(data: &[u8]) {
+    ps_checkpoint(data);
     let Ok(m) = Msg::decode(data) else {
         return;
     };
@@ -70,6 +71,13 @@ pub fn ps_wire(data: &[u8]) {
     }
     let again = Msg::decode(&m.encode());
     assert!(again.is_ok(), "re-encoded push/pull header does not decode");
+}
+
+/// A push/pull checkpoint manifest (`ps::checkpoint::Manifest::decode`: checksum and every
+/// bound checked), a server file's header, and names and paths as the checkpoint code checks
+/// them. Run by the `ps_wire` target too (its JSON inputs are the closest corpus).
+pub fn ps_checkpoint(data: &[u8]) {
+    crate::ps::checkpoint::fuzz_manifest(data);
 }
 
 /// Splits the input into records `[tag u8][len u16 LE][len bytes]` (the last one shorter if the
@@ -399,6 +407,75 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, m) in &msgs {
         out.push(("ps_wire", format!("seed-{name}"), m.encode()));
     }
+    // Checkpoints: the request, the answers, and a manifest.
+    let entry = crate::ps::checkpoint::PartEntry {
+        s: crate::ps::shard::part_key(10, 0),
+        k: 10,
+        p: 0,
+        dtype: "float".into(),
+        version: 4,
+        file: 0,
+        offset: 64,
+        len: 16,
+        hash: "0123456789abcdef".into(),
+    };
+    let file = crate::ps::checkpoint::FileEntry {
+        name: crate::ps::checkpoint::file_name("00ab", 2),
+        server: 2,
+        bytes: 80,
+        hash: "fedcba9876543210".into(),
+    };
+    for (name, m) in [
+        (
+            "checkpoint",
+            Msg::Checkpoint {
+                req: 7,
+                id: "00ab".into(),
+                dir: "/tmp/ckpt".into(),
+            },
+        ),
+        (
+            "ckpt-parts",
+            Msg::CkptParts {
+                req: 7,
+                parts: vec![entry.clone()],
+            },
+        ),
+        (
+            "checkpointed",
+            Msg::Checkpointed {
+                req: 7,
+                file: file.clone(),
+                epoch: 3,
+                known: 1,
+                copy_us: 10,
+                write_us: 20,
+            },
+        ),
+    ] {
+        out.push(("ps_wire", format!("seed-{name}"), m.encode()));
+    }
+    let mut manifest = crate::ps::checkpoint::Manifest {
+        format: crate::ps::checkpoint::FORMAT.into(),
+        format_version: crate::ps::checkpoint::FORMAT_VERSION,
+        id: "00ab".into(),
+        group: "g".into(),
+        mode: "sync".into(),
+        partition_bytes: 4096,
+        epoch: 3,
+        version: 4,
+        max_version: 4,
+        created_unix_ms: 1_700_000_000_000,
+        files: vec![file],
+        parts: vec![entry],
+        hash: String::new(),
+    };
+    manifest.seal();
+    out.push((
+        "ps_wire",
+        "seed-checkpoint-manifest".into(),
+        serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
+    ));
     out.push((
         "ps_wire",
         "seed-transfer".into(),
@@ -458,6 +535,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         &serde_json::json!({"member_id": 1, "view": sample_view(), "reason": "initial"}),
     );
     let error = coord_frame_bytes(4, &serde_json::json!({"message": "no", "code": "auth"}));
+    let checkpoint = coord_frame_bytes(
+        20,
+        &serde_json::json!({"id": "00ab", "dir": "/tmp/ckpt", "version": 4, "max_version": 4,
+            "parts": 12, "bytes": 4096}),
+    );
     let metric = coord_frame_bytes(
         19,
         &serde_json::json!({"epoch": 1, "seconds": 0.25, "first_block": 0, "end_block": 3,
@@ -469,6 +551,10 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             [&register[..], &heartbeat, &ack, &resync, &leave, &goodbye].concat(),
         ),
         ("rejoin", [&rejoin[..], &auth, &heartbeat].concat()),
+        (
+            "checkpoint",
+            [&register[..], &ack, &checkpoint, &goodbye].concat(),
+        ),
         (
             "metric",
             [

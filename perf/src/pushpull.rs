@@ -8,7 +8,16 @@
 //! braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS]
 //!     [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input]
 //!     [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
+//! braid-perf push_pull --ckpt-bench DIR --workers W --servers S [--state BYTES] [-b BYTES]
+//!     [--rounds N] [--ckpt-every N] [--mode ...] [--replicas R] [--partition BYTES]
 //! ```
+//!
+//! `--ckpt-bench` measures checkpoints of the servers' state (see `ckpt_bench`): `--state`
+//! bytes (default 1 GiB) in keys of one partition each, training rounds that push_pull `-b`
+//! bytes per worker (default 16 MiB), a periodic checkpoint into DIR every `--ckpt-every`
+//! rounds (default 20) while training goes on; it prints round times without and during a
+//! checkpoint, the checkpoint's time, the longest server copy (the time a server's state lock
+//! was held) and write, and the time to check the checkpoint as a restore does.
 //!
 //! `--drill` is the fault-drill loop (see `drill` below: rounds on fixed keys, no all_reduce
 //! communicator, checks that detect a lost acknowledged update); under `braid-run --join`,
@@ -47,6 +56,12 @@ struct Args {
     replicas: Option<String>,
     partition: Option<String>,
     drill: Drill,
+    /// `--ckpt-bench DIR`.
+    ckpt_dir: Option<String>,
+    /// `--state BYTES` (checkpoint bench).
+    state: usize,
+    /// `--ckpt-every N` (checkpoint bench).
+    ckpt_every: u64,
 }
 
 /// Settings of the `--drill` loop mode (fault drills; see [`drill`]).
@@ -66,7 +81,8 @@ struct Drill {
 }
 
 const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES]
-       braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--slow MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]";
+       braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--slow MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
+       braid-perf push_pull --ckpt-bench DIR --workers W --servers S [--state BYTES] [-b BYTES] [--rounds N] [--ckpt-every N] [--mode ...] [--replicas R] [--partition BYTES]";
 
 fn parse(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
@@ -94,6 +110,9 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             bad_input: false,
             op_timeout: None,
         },
+        ckpt_dir: None,
+        state: 1 << 30,
+        ckpt_every: 20,
     };
     let mut it = argv.iter();
     let mut max_set = false;
@@ -146,6 +165,9 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             }
             "--bad-input" => a.drill.bad_input = true,
             "--op-timeout" => a.drill.op_timeout = Some(secs(val()?)?),
+            "--ckpt-bench" => a.ckpt_dir = Some(val()?),
+            "--state" => a.state = size(val()?)?,
+            "--ckpt-every" => a.ckpt_every = num(val()?)?.max(1) as u64,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -209,7 +231,7 @@ fn spawn(a: &Args, argv: &[String]) -> Result<bool, String> {
             .env("BRAID_RUN_INDEX", i.to_string())
             .env_remove("BRAID_RANK")
             .stdin(Stdio::null());
-        if i != a.servers {
+        if i != a.servers && (a.ckpt_dir.is_none() || i < a.servers) {
             c.stdout(Stdio::null());
         }
         kids.push(
@@ -314,6 +336,9 @@ fn run(a: &Args) -> Result<bool, String> {
             cfg.timeout = Duration::from_secs_f64(t);
         }
         return drill(a, cfg, o, idx.saturating_sub(a.servers));
+    }
+    if let Some(dir) = &a.ckpt_dir {
+        return ckpt_bench(a, cfg, o, idx.saturating_sub(a.servers), dir);
     }
     worker(a, cfg, o, idx.saturating_sub(a.servers))
 }
@@ -459,6 +484,212 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
     drop(comm);
     drop(kv);
     Ok(wrong_total == 0)
+}
+
+/// Quantile `q` of `v` (sorted here); 0 for none.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `--ckpt-bench DIR`: `--state` bytes in keys of one partition each (worker 0 initialises
+/// them, in 64 MiB calls); every worker then runs `--rounds` sync rounds of push_pull over the
+/// first `-b` bytes of keys (its working set), timing each; the worker with the lowest member
+/// id takes a periodic checkpoint into DIR every `--ckpt-every` rounds (the library's
+/// `BRAID_PS_CHECKPOINT_*` mechanism) while training goes on. The trigger worker prints
+/// round-time quantiles of the rounds that overlapped no checkpoint and of those that did,
+/// each checkpoint's total time, longest server copy and longest server write, and how long
+/// checking the last checkpoint takes as a restore does (manifest and every file read once).
+fn ckpt_bench(
+    a: &Args,
+    cfg: Config,
+    mut o: PsOptions,
+    widx: usize,
+    dir: &str,
+) -> Result<bool, String> {
+    let dir = std::path::absolute(dir).map_err(|e| format!("--ckpt-bench {dir}: {e}"))?;
+    o.checkpoint_dir = Some(dir.clone());
+    o.checkpoint_every = a.ckpt_every;
+    let part = o.partition_bytes.max(4) / 4 * 4;
+    let nkeys = a.state.div_ceil(part).max(1);
+    let key_elems = part / 4;
+    let ws_keys = (a.min.div_ceil(part)).clamp(1, nkeys);
+    let rounds = a.drill.rounds.unwrap_or(60);
+    let mode = o.consistency;
+    let replicas = o.replicas;
+    let (coord, group, token) = (
+        cfg.coordinator.clone().unwrap_or_default(),
+        cfg.group.clone(),
+        cfg.job_token.as_ref().map(|t| t.0.clone()),
+    );
+    let kv = KvWorker::start(cfg, o).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    loop {
+        let (s, w) = kv.sizes();
+        if s >= a.servers && w >= a.workers {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "the view has {s} servers and {w} workers after 60 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The worker with the lowest member id takes the periodic checkpoints and reports.
+    let view =
+        braid::membership::fetch_view(&coord, &group, token.as_deref(), Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+    let trigger = view
+        .members
+        .iter()
+        .filter(|m| m.role == braid::membership::Role::Worker)
+        .map(|m| m.id)
+        .min()
+        == Some(kv.member_id());
+    let keys: Vec<u64> = (0..nkeys as u64).collect();
+    let lens = vec![key_elems; nkeys];
+    let ti = Instant::now();
+    if widx == 0 {
+        let per = ((64usize << 20) / part).max(1);
+        let zeros = vec![0f32; per * key_elems];
+        for (k, l) in keys.chunks(per).zip(lens.chunks(per)) {
+            kv.init(k, l, &zeros[..l.len() * key_elems])
+                .map_err(|e| format!("init: {e}"))?;
+        }
+    } else {
+        kv.init(
+            &keys[..ws_keys],
+            &lens[..ws_keys],
+            &vec![0f32; ws_keys * key_elems],
+        )
+        .map_err(|e| format!("init: {e}"))?;
+    }
+    let init_s = ti.elapsed().as_secs_f64();
+    if widx == 0 {
+        // The other workers wait in their first round for this worker's push.
+        println!(
+            "# push_pull checkpoint bench: {} workers, {} servers, mode {mode:?}, replicas {replicas}, state {} B in {nkeys} keys of {part} B, working set {} B per worker per round, {rounds} rounds, a checkpoint every {} rounds into {} (init {init_s:.1} s)",
+            a.workers,
+            a.servers,
+            nkeys * part,
+            ws_keys * part,
+            a.ckpt_every,
+            dir.display()
+        );
+        let _ = std::io::stdout().flush();
+    }
+    let grad = vec![1f32; ws_keys * key_elems];
+    let mut out = vec![0f32; ws_keys * key_elems];
+    let mut spans: Vec<(f64, f64)> = Vec::with_capacity(rounds);
+    let mut ckpts: Vec<(f64, braid::ps::CheckpointInfo)> = Vec::new();
+    let base = Instant::now();
+    for r in 0..rounds {
+        let s = base.elapsed().as_secs_f64();
+        kv.push_pull_into(&keys[..ws_keys], &lens[..ws_keys], &grad, &mut out, 0)
+            .map_err(|e| format!("round {r}: {e}"))?;
+        let e = base.elapsed().as_secs_f64();
+        spans.push((s, e));
+        if let Some(i) = kv.last_checkpoint() {
+            if ckpts.last().map_or(true, |(_, c)| c.id != i.id) {
+                ckpts.push((e, i));
+            }
+        }
+    }
+    if !trigger {
+        return Ok(true);
+    }
+    // The last checkpoint may finish after the last round.
+    let end = Instant::now() + Duration::from_secs(120);
+    let triggers = (rounds.saturating_sub(1) as u64) / a.ckpt_every;
+    while (ckpts.len() as u64) < triggers && Instant::now() < end {
+        if let Some(i) = kv.last_checkpoint() {
+            if ckpts.last().map_or(true, |(_, c)| c.id != i.id) {
+                ckpts.push((base.elapsed().as_secs_f64(), i));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if (ckpts.len() as u64) < triggers {
+        println!(
+            "# {} of {triggers} checkpoints completed (a due one waits for the next round while the previous is written)",
+            ckpts.len()
+        );
+    }
+    if ckpts.is_empty() && triggers > 0 {
+        return Ok(false);
+    }
+    // A round overlaps a checkpoint when it ran between the request (completion minus the
+    // checkpoint's time) and the moment its completion was seen.
+    let during = |s: f64, e: f64| {
+        ckpts
+            .iter()
+            .any(|(seen, c)| s < *seen && e > *seen - c.seconds - 1e-3)
+    };
+    let warm = 3.min(spans.len());
+    let (mut quiet, mut busy): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for &(s, e) in &spans[warm..] {
+        if during(s, e) {
+            busy.push((e - s) * 1e3);
+        } else {
+            quiet.push((e - s) * 1e3);
+        }
+    }
+    let (qn, bn) = (quiet.len(), busy.len());
+    let (q50, q90, qmax) = (
+        quantile(&mut quiet, 0.5),
+        quantile(&mut quiet, 0.9),
+        quantile(&mut quiet, 1.0),
+    );
+    let (b50, b90, bmax) = (
+        quantile(&mut busy, 0.5),
+        quantile(&mut busy, 0.9),
+        quantile(&mut busy, 1.0),
+    );
+    println!(
+        "# round_ms without a checkpoint: median {q50:.2} p90 {q90:.2} max {qmax:.2} ({qn} rounds)"
+    );
+    if bn > 0 {
+        println!(
+            "# round_ms during a checkpoint:  median {b50:.2} p90 {b90:.2} max {bmax:.2} ({bn} rounds); slowdown median {:+.1}%, max round {:+.1} ms",
+            if q50 > 0.0 { (b50 / q50 - 1.0) * 100.0 } else { 0.0 },
+            bmax - qmax
+        );
+    }
+    for (_, c) in &ckpts {
+        println!(
+            "# checkpoint {}: versions {}..{}, {} B in {} part(s), {} file(s): total {:.3} s ({:.2} GB/s), longest server copy {:.3} s (state lock held), longest server write {:.3} s",
+            c.id,
+            c.version,
+            c.max_version,
+            c.bytes,
+            c.parts,
+            c.servers,
+            c.seconds,
+            c.bytes as f64 / c.seconds.max(1e-9) / 1e9,
+            c.copy_seconds,
+            c.write_seconds
+        );
+    }
+    if ckpts.is_empty() {
+        // No checkpoint asked for (--ckpt-every above --rounds): the baseline alone.
+        return Ok(true);
+    }
+    let tv = Instant::now();
+    let m = braid::ps::checkpoint::read_manifest(&dir)?;
+    braid::ps::checkpoint::verify_files(&dir, &m)?;
+    let vs = tv.elapsed().as_secs_f64();
+    let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+    println!(
+        "# restore check of checkpoint {} (manifest, every file read and checksummed once, one reader): {vs:.3} s ({:.2} GB/s)",
+        m.id,
+        bytes as f64 / vs.max(1e-9) / 1e9
+    );
+    let _ = std::io::stdout().flush();
+    Ok(true)
 }
 
 /// A count of updates held in an f64 element (a whole number), or None.

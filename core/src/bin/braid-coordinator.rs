@@ -26,9 +26,9 @@ options:
   -h, --help         this text
 
 `status HOST:PORT` asks a running coordinator for its groups: current view (epoch, members
-with rank, id, host, pid, weight, heartbeat age), waiting joiners and the history of epochs
-with their reasons (initial, join, leave, failure, reweigh); as text, or the raw JSON with
---json.
+with rank, id, host, pid, weight, heartbeat age), waiting joiners, the last push/pull
+checkpoint a member reported (version, time, directory) and the history of epochs with their
+reasons (initial, join, leave, failure, reweigh); as text, or the raw JSON with --json.
 
 BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
 token never crosses the wire); `status` uses it too. Without it, listening on an address other
@@ -153,6 +153,28 @@ fn status(args: &[String]) -> ExitCode {
                 j["host"].as_str().unwrap_or("?"),
                 j["pid"]
             );
+        }
+        match g["checkpoint"].as_object() {
+            Some(c) => {
+                let version = match (c["version"].as_u64(), c["max_version"].as_u64()) {
+                    (Some(a), Some(b)) if a != b => format!("{a} (parts up to {b})"),
+                    (Some(a), _) => a.to_string(),
+                    _ => "?".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  last checkpoint: version {version} at {:.3} in {} (id {}, {} parts, {} bytes, member {})",
+                    c["at"].as_f64().unwrap_or(0.0),
+                    c["dir"].as_str().unwrap_or("?"),
+                    c["id"].as_str().unwrap_or("?"),
+                    c["parts"],
+                    c["bytes"],
+                    c["member"]
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  last checkpoint: none");
+            }
         }
         let _ = writeln!(out, "  history:");
         for h in g["history"].as_array().cloned().unwrap_or_default() {

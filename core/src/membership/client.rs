@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -93,6 +93,27 @@ struct Shared {
     /// Encoded frames the membership thread sends on its next round (pipeline metrics: the
     /// caller never waits for the network).
     outbox: Mutex<VecDeque<Vec<u8>>>,
+    /// The optional messages the coordinator takes ([`feature_bits`] of its registration
+    /// reply; renewed at every reconnection, which may reach another coordinator build).
+    features: AtomicU8,
+}
+
+/// [`Shared::features`]: pipeline metrics.
+const FEAT_METRIC: u8 = 1;
+/// [`Shared::features`]: checkpoint notes.
+const FEAT_CHECKPOINT: u8 = 2;
+
+/// The feature bits of a coordinator's registration reply.
+fn feature_bits(r: &proto::Registered) -> u8 {
+    let mut b = 0;
+    for f in &r.features {
+        match f.as_str() {
+            proto::FEATURE_METRIC => b |= FEAT_METRIC,
+            proto::FEATURE_CHECKPOINT => b |= FEAT_CHECKPOINT,
+            _ => {}
+        }
+    }
+    b
 }
 
 fn notify(sh: &Shared, w: Watch<'_>) {
@@ -128,6 +149,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         stream: TcpStream,
         addr: &str,
@@ -136,6 +158,7 @@ impl Client {
         secret: Option<Vec<u8>>,
         opts: ClientOptions,
         installed: u64,
+        features: u8,
     ) -> Result<Client> {
         let reader = stream
             .try_clone()
@@ -156,6 +179,7 @@ impl Client {
             stop: AtomicBool::new(false),
             watch: Mutex::new(None),
             outbox: Mutex::new(VecDeque::new()),
+            features: AtomicU8::new(features),
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -299,12 +323,57 @@ impl Client {
         };
         m.check()
             .map_err(|e| Error::InvalidArgument(format!("pipeline metric: {e}")))?;
+        if self.shared.features.load(Ordering::SeqCst) & FEAT_METRIC == 0 {
+            // An older coordinator would drop this member for an unknown message type.
+            return Err(Error::InvalidUsage(format!(
+                "the coordinator at {} does not take pipeline metrics (it is older than this \
+                 libbraid): throughput-aware re-plans need a coordinator of this braid version",
+                self.shared.addr
+            )));
+        }
         let bytes = proto::encode(MsgType::Metric, &m)?;
         let mut q = lock(&self.shared.outbox);
         while q.len() >= MAX_QUEUED_METRICS {
             q.pop_front();
         }
         q.push_back(bytes);
+        Ok(())
+    }
+
+    /// Tells the coordinator that a push/pull checkpoint of this member's group is in place
+    /// (`braid-coordinator status` shows the last one): checkpoint `id` in directory `dir`, at
+    /// version `version` (its smallest part version; `max_version` the largest), `parts` key
+    /// parts, `bytes` bytes. Best effort: sent at once on the coordinator connection, lost if
+    /// that is down.
+    ///
+    /// Errors: `InvalidArgument` for a directory longer than 4096 bytes or with control
+    /// characters, an id that is not 1 to 48 lowercase hex digits, or `version > max_version`
+    /// (nothing is sent).
+    pub fn report_checkpoint(
+        &self,
+        id: &str,
+        dir: &str,
+        version: u64,
+        max_version: u64,
+        parts: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        let note = proto::CheckpointNote {
+            id: id.to_string(),
+            dir: dir.to_string(),
+            version,
+            max_version,
+            parts,
+            bytes,
+        };
+        note.check()
+            .map_err(|e| Error::InvalidArgument(format!("checkpoint note: {e}")))?;
+        if self.shared.features.load(Ordering::SeqCst) & FEAT_CHECKPOINT == 0 {
+            // An older coordinator would drop this member for an unknown message type.
+            tracing::debug!(target: LOG, "member {}: the coordinator at {} predates checkpoint notes; not telling it", self.shared.member_id, self.shared.addr);
+            return Ok(());
+        }
+        self.send(MsgType::Checkpoint, &note);
         Ok(())
     }
 
@@ -609,6 +678,10 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
                     let Ok(writer) = stream.try_clone() else {
                         continue;
                     };
+                    let bits = f
+                        .body::<proto::Registered>()
+                        .map_or(0, |r| feature_bits(&r));
+                    sh.features.store(bits, Ordering::SeqCst);
                     *lock(&sh.writer) = Some(writer);
                     {
                         let mut st = lock(&sh.state);
@@ -1112,6 +1185,7 @@ pub fn rendezvous_with(
     let mut registered = 0usize;
     let mut joining = false;
     let mut secret: Option<Vec<u8>> = None;
+    let mut features = 0u8;
     loop {
         let next = match pending.take() {
             Some(f) => Ok(f),
@@ -1191,6 +1265,7 @@ pub fn rendezvous_with(
                 member_id = Some(r.member_id);
                 registered = r.registered;
                 secret = r.secret.as_deref().and_then(super::from_hex);
+                features = feature_bits(&r);
             }
             Some(MsgType::View) => {
                 let v: proto::ViewMsg = frame.body().map_err(bad)?;
@@ -1211,6 +1286,7 @@ pub fn rendezvous_with(
                     secret,
                     opts.clone(),
                     0,
+                    features,
                 )?;
                 return Ok((client, v.member_id, v.view));
             }
@@ -1256,4 +1332,29 @@ fn check_view(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_messages_only_to_coordinators_that_list_them() {
+        // A coordinator older than the optional messages sends no `features`: nothing is sent
+        // that it would drop the member for.
+        let old: proto::Registered =
+            serde_json::from_str(r#"{"member_id":1,"group":"g","world_size":2,"registered":1}"#)
+                .unwrap();
+        assert_eq!(feature_bits(&old), 0);
+        let new = proto::Registered {
+            features: proto::features(),
+            ..old.clone()
+        };
+        assert_eq!(feature_bits(&new), FEAT_METRIC | FEAT_CHECKPOINT);
+        let unknown = proto::Registered {
+            features: vec!["from-the-future".into(), proto::FEATURE_METRIC.into()],
+            ..old
+        };
+        assert_eq!(feature_bits(&unknown), FEAT_METRIC);
+    }
 }

@@ -169,6 +169,23 @@ struct Group {
     history: Vec<Hist>,
     /// Pipeline metrics reported by the members (throughput-aware re-weighing).
     pipeline: PipelineMetrics,
+    /// The last push/pull checkpoint a member reported (not persisted).
+    checkpoint: Option<CheckpointSeen>,
+}
+
+/// A push/pull checkpoint reported by a member, for the status.
+#[derive(Debug, Clone, Serialize)]
+struct CheckpointSeen {
+    id: String,
+    dir: String,
+    version: u64,
+    max_version: u64,
+    parts: u64,
+    bytes: u64,
+    /// Who reported it.
+    member: u64,
+    /// When it was reported (seconds since the Unix epoch, coordinator clock).
+    at: f64,
 }
 
 /// What the members of a group reported of their pipeline stages.
@@ -1050,6 +1067,30 @@ fn member_loop(
                         Vec::new()
                     }
                 },
+                Some(MsgType::Checkpoint) => {
+                    match f
+                        .body::<proto::CheckpointNote>()
+                        .and_then(|c| c.check().map(|()| c))
+                    {
+                        Ok(c) => {
+                            tracing::info!(target: LOG, "coordinator: group {group}: checkpoint {} (version {}) in {} reported by member {id}", c.id, c.version, c.dir);
+                            g.checkpoint = Some(CheckpointSeen {
+                                id: c.id,
+                                dir: c.dir,
+                                version: c.version,
+                                max_version: c.max_version,
+                                parts: c.parts,
+                                bytes: c.bytes,
+                                member: id,
+                                at: unix_now(),
+                            });
+                        }
+                        Err(e) => {
+                            tracing::debug!(target: LOG, "coordinator: member {id} ({peer}): checkpoint note refused: {e}");
+                        }
+                    }
+                    Vec::new()
+                }
                 Some(MsgType::Register) | Some(MsgType::Rejoin) => {
                     drop(st);
                     refuse(
@@ -1266,6 +1307,7 @@ fn register(
             retired: HashMap::new(),
             history: Vec::new(),
             pipeline: PipelineMetrics::default(),
+            checkpoint: None,
         });
     let registered = if joining {
         group.joiners.len() + 1
@@ -1282,6 +1324,7 @@ fn register(
             joining,
             proof,
             secret: Some(super::to_hex(&secret)),
+            features: proto::features(),
         },
     )
     .map_err(|e| (e.to_string(), None))?;
@@ -1425,6 +1468,7 @@ fn rejoin(
             joining: false,
             proof: hs.proof.clone(),
             secret: None,
+            features: proto::features(),
         },
     )
     .map_err(|e| (e.to_string(), None))?;
@@ -2312,6 +2356,7 @@ fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<S
                 retired: HashMap::new(),
                 history: pg.history,
                 pipeline: PipelineMetrics::default(),
+                checkpoint: None,
             },
         );
     }
@@ -2378,6 +2423,7 @@ fn status_json(sh: &Shared) -> serde_json::Value {
                 "members": members,
                 "joiners": joiners,
                 "history": g.history,
+                "checkpoint": g.checkpoint,
             })
         })
         .collect();

@@ -86,6 +86,9 @@ pub(crate) enum MsgType {
     /// member → coordinator: [`Metric`] — the compute time of this member's pipeline stage in
     /// its last step (throughput-aware re-plans of elastic pipelines).
     Metric = 19,
+    /// member → coordinator: [`CheckpointNote`] — a push/pull checkpoint of the group was
+    /// written (shown by `braid-coordinator status`).
+    Checkpoint = 20,
 }
 
 impl MsgType {
@@ -111,6 +114,7 @@ impl MsgType {
             17 => MsgType::ReaderReq,
             18 => MsgType::ReaderGrant,
             19 => MsgType::Metric,
+            20 => MsgType::Checkpoint,
             _ => return None,
         })
     }
@@ -138,6 +142,20 @@ pub(crate) struct Registered {
     /// acknowledgement of the registration (never in that of a rejoin).
     #[serde(default)]
     pub secret: Option<String>,
+    /// Optional messages this coordinator understands ([`FEATURE_METRIC`],
+    /// [`FEATURE_CHECKPOINT`]); absent from coordinators older than them, which drop a member
+    /// that sends a message type they do not know. Members send those only when listed.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// [`Registered::features`]: the coordinator takes [`MsgType::Metric`].
+pub(crate) const FEATURE_METRIC: &str = "metric";
+/// [`Registered::features`]: the coordinator takes [`MsgType::Checkpoint`].
+pub(crate) const FEATURE_CHECKPOINT: &str = "checkpoint";
+/// Every optional message this coordinator takes.
+pub(crate) fn features() -> Vec<String> {
+    vec![FEATURE_METRIC.to_string(), FEATURE_CHECKPOINT.to_string()]
 }
 
 /// Body of [`MsgType::Heartbeat`].
@@ -234,6 +252,59 @@ impl Metric {
             return Ok(None);
         }
         Ok(Some(range))
+    }
+}
+
+/// Longest checkpoint directory in a [`CheckpointNote`] (bytes).
+pub(crate) const MAX_CHECKPOINT_DIR: usize = 4096;
+/// Longest checkpoint id in a [`CheckpointNote`].
+pub(crate) const MAX_CHECKPOINT_ID: usize = 48;
+
+/// Body of [`MsgType::Checkpoint`]: a push/pull checkpoint of the member's group is in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CheckpointNote {
+    /// Checkpoint id (lowercase hex digits).
+    pub id: String,
+    /// The directory it was written to.
+    pub dir: String,
+    /// Its (smallest) version: the round boundary in sync mode.
+    pub version: u64,
+    /// Its largest part version.
+    pub max_version: u64,
+    /// Key parts in it.
+    pub parts: u64,
+    /// Bytes of its server files.
+    pub bytes: u64,
+}
+
+impl CheckpointNote {
+    /// Checks the bounds of a note from the wire.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        if self.dir.is_empty() || self.dir.len() > MAX_CHECKPOINT_DIR {
+            return Err(format!(
+                "checkpoint directory of {} bytes (1 to {MAX_CHECKPOINT_DIR})",
+                self.dir.len()
+            ));
+        }
+        if self.dir.chars().any(char::is_control) {
+            return Err("checkpoint directory with control characters".into());
+        }
+        if self.id.is_empty()
+            || self.id.len() > MAX_CHECKPOINT_ID
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("invalid checkpoint id {:?}", self.id));
+        }
+        if self.version > self.max_version {
+            return Err(format!(
+                "checkpoint version {} above its largest part version {}",
+                self.version, self.max_version
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -715,6 +786,7 @@ pub fn fuzz_decode_frame(data: &[u8]) {
         let _ = f.body::<Ack>();
         let _ = f.body::<Resync>();
         let _ = f.body::<Metric>().map(|m| m.check());
+        let _ = f.body::<CheckpointNote>().map(|c| c.check());
         let _ = f.body::<Rejoin>();
         let _ = f.body::<Challenge>();
         let _ = f.body::<Auth>();

@@ -159,6 +159,12 @@ impl Chan {
         })
     }
 
+    /// Messages queued and not yet taken for sending (messages are taken one at a time, in
+    /// order, so everything taken before goes out before anything queued later).
+    pub(crate) fn queued(&self) -> usize {
+        lock(&self.shared.queue).0.len()
+    }
+
     /// Queues a message. Errors: the channel ended (with its reason).
     pub(crate) fn send(&self, msg: Outgoing) -> Result<()> {
         if let Some(why) = lock(&self.shared.closed).clone() {

@@ -22,8 +22,46 @@
 //! * When every copy of a part is lost (more servers died at once than `replicas`), requests
 //!   for its key fail naming it, for the rest of the job (see the README, "Replication,
 //!   exactly").
+//! * Checkpoints ([`KvWorker::checkpoint`], or every N push_pull rounds with
+//!   `BRAID_PS_CHECKPOINT_DIR` and `BRAID_PS_CHECKPOINT_EVERY`): every server writes the parts
+//!   it owns at one consistent version in the background, one file per server; the worker
+//!   that asked writes the manifest last ([`checkpoint`]).
+//!   Servers started with `BRAID_PS_RESTORE=DIR` load it, with any number of servers.
+//!
+//! # Checkpoints, exactly
+//! * Who: any worker may call [`KvWorker::checkpoint`]. Periodic checkpoints are taken by the
+//!   worker with the lowest member id of the view: at the start of its push_pull call after
+//!   every N-th one (N = `BRAID_PS_CHECKPOINT_EVERY`), once nothing it sent is still queued
+//!   (otherwise at its next call); it goes on training while the servers write.
+//! * When: the request reaches each server behind everything the asking worker sent before
+//!   (it is queued only once that all left the worker's queues, and a server handles a
+//!   connection's messages in order). A server takes
+//!   every part it owns at `T` = its current version (async and bounded: the version vector
+//!   recorded per part in the manifest); in sync mode `T` = the round the asking worker last
+//!   pushed into, waiting for that round to close when it is still open. Since no sync round
+//!   closes without the asking worker's push, the parts are at one round boundary: every key
+//!   pushed in the same rounds has the same version in the checkpoint (the manifest's
+//!   `version`).
+//! * Pin, copy, write: the server pins those versions in its store (kept readable beyond the
+//!   history while it goes on serving; see [`store::Store::pin`]) and a thread copies the parts
+//!   one at a time, each under the state lock, into one reused buffer, and writes them: the
+//!   server stops serving for at most one part's copy at a time (a partition), and holds no
+//!   second copy of its state (only the versions that changed while pinned). The answer lists
+//!   the parts and checksums.
+//!   The asking worker checks that every server answered at the same view epoch and that no
+//!   part is missing or twice, then writes the manifest (temporary name, fsync, rename) and
+//!   tells the coordinator (`braid-coordinator status` shows the last checkpoint). A
+//!   checkpoint fails as a whole (nothing installed; the previous one stays) when a server is
+//!   lost, the view changes, or a server is still writing the previous one.
+//! * Restore: a server started with `BRAID_PS_RESTORE=DIR` checks the manifest and every file
+//!   (length, header, checksums) BEFORE it registers, and refuses to start naming the file
+//!   that is missing, truncated or corrupt; then it loads the parts it owns or replicates on
+//!   the ring of its first view. Start every server of the group with it, in a fresh job or
+//!   once the old servers have left the view. Parts restart at their checkpoint versions with
+//!   no open round; workers continue from there (sync: their next push is round `version + 1`).
 
 pub(crate) mod chan;
+pub mod checkpoint;
 pub(crate) mod node;
 pub mod server;
 pub mod shard;
@@ -33,7 +71,7 @@ pub mod worker;
 
 pub use server::KvServer;
 pub use store::{Consistency, UpdateRule};
-pub use worker::{KvReader, KvWorker, PsHandle, Pulled};
+pub use worker::{CheckpointInfo, KvReader, KvWorker, PsHandle, Pulled};
 
 use crate::error::{Error, Result};
 
@@ -55,6 +93,14 @@ pub struct PsOptions {
     /// Servers measure their reduction bandwidth at start and publish it as their ring weight
     /// (`BRAID_PS_PLACEMENT=bandwidth`; default `equal`: the configured `BRAID_WEIGHT`).
     pub weigh_by_bandwidth: bool,
+    /// Workers: directory of the periodic checkpoints (`BRAID_PS_CHECKPOINT_DIR`; with
+    /// [`PsOptions::checkpoint_every`]).
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Workers: a checkpoint every this many push_pull rounds (`BRAID_PS_CHECKPOINT_EVERY`;
+    /// 0: none).
+    pub checkpoint_every: u64,
+    /// Servers: load the checkpoint in this directory at start (`BRAID_PS_RESTORE`).
+    pub restore: Option<std::path::PathBuf>,
 }
 
 impl Default for PsOptions {
@@ -66,6 +112,9 @@ impl Default for PsOptions {
             replicas: 1,
             history: 4,
             weigh_by_bandwidth: false,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            restore: None,
         }
     }
 }
@@ -155,8 +204,51 @@ impl PsOptions {
                     ))
                 })?;
         }
+        let dir = get("BRAID_PS_CHECKPOINT_DIR").filter(|d| !d.trim().is_empty());
+        let every = get("BRAID_PS_CHECKPOINT_EVERY").filter(|d| !d.trim().is_empty());
+        match (dir, every) {
+            (None, None) => {}
+            (Some(d), Some(n)) => {
+                o.checkpoint_every = n.trim().parse().ok().filter(|x| *x > 0).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "BRAID_PS_CHECKPOINT_EVERY={n}: expected a number of rounds, 1 or more"
+                    ))
+                })?;
+                o.checkpoint_dir = Some(absolute("BRAID_PS_CHECKPOINT_DIR", &d)?);
+            }
+            (Some(d), None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_PS_CHECKPOINT_DIR={d} needs BRAID_PS_CHECKPOINT_EVERY=N (rounds)"
+                )))
+            }
+            (None, Some(n)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "BRAID_PS_CHECKPOINT_EVERY={n} needs BRAID_PS_CHECKPOINT_DIR=DIR"
+                )))
+            }
+        }
+        if let Some(d) = get("BRAID_PS_RESTORE").filter(|d| !d.trim().is_empty()) {
+            o.restore = Some(absolute("BRAID_PS_RESTORE", &d)?);
+        }
         Ok(o)
     }
+}
+
+/// `dir` as an absolute path (relative to the current directory), checked as a checkpoint
+/// directory ([`checkpoint::check_dir`]).
+pub(crate) fn absolute(name: &str, dir: &str) -> Result<std::path::PathBuf> {
+    let p = std::path::Path::new(dir);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::System(format!("{name}={dir}: current directory: {e}")))?
+            .join(p)
+    };
+    let s = abs
+        .to_str()
+        .ok_or_else(|| Error::InvalidArgument(format!("{name}={dir}: not UTF-8")))?;
+    checkpoint::check_dir(s).map_err(|e| Error::InvalidArgument(format!("{name}={dir}: {e}")))
 }
 
 #[cfg(test)]
@@ -175,6 +267,38 @@ mod tests {
             assert!(e.contains("BRAID_PS_REPLICAS"), "{e}");
         }
         assert!(with("BRAID_PS_PARTITION_BYTES", "1G").is_ok());
+        let both = |d: &'static str, n: &'static str| {
+            PsOptions::from_lookup(move |k| match k {
+                "BRAID_PS_CHECKPOINT_DIR" => Some(d.to_string()),
+                "BRAID_PS_CHECKPOINT_EVERY" => Some(n.to_string()),
+                _ => None,
+            })
+        };
+        let o = both("/tmp/ck", "5").unwrap();
+        assert_eq!(o.checkpoint_every, 5);
+        assert_eq!(
+            o.checkpoint_dir.as_deref(),
+            Some(std::path::Path::new("/tmp/ck"))
+        );
+        assert!(both("rel", "5")
+            .unwrap()
+            .checkpoint_dir
+            .unwrap()
+            .is_absolute());
+        for bad in ["0", "-1", "x"] {
+            let e = both("/tmp/ck", bad).unwrap_err().to_string();
+            assert!(e.contains("BRAID_PS_CHECKPOINT_EVERY"), "{e}");
+        }
+        let e = with("BRAID_PS_CHECKPOINT_DIR", "/tmp/ck")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs BRAID_PS_CHECKPOINT_EVERY"), "{e}");
+        let e = with("BRAID_PS_CHECKPOINT_EVERY", "3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs BRAID_PS_CHECKPOINT_DIR"), "{e}");
+        let r = with("BRAID_PS_RESTORE", "/tmp/ck").unwrap();
+        assert_eq!(r.restore.as_deref(), Some(std::path::Path::new("/tmp/ck")));
         for bad in ["4", "2G", "1T"] {
             let e = with("BRAID_PS_PARTITION_BYTES", bad)
                 .unwrap_err()

@@ -257,6 +257,9 @@ struct Entry {
     held: BTreeMap<u64, VecDeque<Held>>,
     /// Waiting pulls, in arrival order.
     pulls: Vec<Pull>,
+    /// A version kept readable beyond the history for a checkpoint ([`Store::pin`]).
+    #[serde(skip)]
+    pin: Option<u64>,
 }
 
 /// What the per-key logic needs from the store.
@@ -290,19 +293,50 @@ impl Entry {
             done: BTreeMap::new(),
             held: BTreeMap::new(),
             pulls: Vec::new(),
+            pin: None,
         }
     }
 
+    fn pinned(&self, version: u64) -> bool {
+        self.pin == Some(version)
+    }
+
+    /// Older versions kept, the pinned one (which does not count against the history) aside.
+    fn kept(&self) -> usize {
+        let pinned = self
+            .pin
+            .is_some_and(|p| self.old.iter().any(|(v, _)| *v == p));
+        self.old.len() - usize::from(pinned)
+    }
+
+    /// Drops the oldest versions beyond the history (never the pinned one).
     fn trim(&mut self, history: usize) {
-        while self.old.len() + 1 > history.max(1) {
-            self.old.pop_front();
+        while self.kept() + 1 > history.max(1) {
+            let i = self
+                .old
+                .iter()
+                .position(|(v, _)| !self.pinned(*v))
+                .unwrap_or(0);
+            self.old.remove(i);
+        }
+    }
+
+    /// The buffer of the version the next commit drops (the oldest kept one that is not
+    /// pinned) when the history is full, else a new one.
+    fn spare_buf(&mut self, history: usize) -> Vec<u8> {
+        if self.kept() + 1 < history {
+            return Vec::new();
+        }
+        match self.old.iter().position(|(v, _)| !self.pinned(*v)) {
+            Some(i) => self.old.remove(i).map(|(_, b)| b).unwrap_or_default(),
+            None => Vec::new(),
         }
     }
 
     /// Makes `next` the value of version + 1.
     fn commit(&mut self, history: usize, next: Vec<u8>) {
         let prev = std::mem::replace(&mut self.value, next);
-        if history > 1 {
+        if history > 1 || self.pinned(self.version) {
             self.old.push_back((self.version, prev));
         }
         self.version += 1;
@@ -316,18 +350,15 @@ impl Entry {
         history: usize,
         f: impl FnOnce(&mut [u8]) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
-        if history <= 1 {
+        if history <= 1 && !self.pinned(self.version) {
             f(&mut self.value)?;
             self.version += 1;
-            self.old.clear();
+            let pin = self.pin;
+            self.old.retain(|(v, _)| Some(*v) == pin);
             return Ok(());
         }
         // Reuse the buffer of the version this commit drops.
-        let mut buf = if self.old.len() + 1 >= history {
-            self.old.pop_front().map(|(_, b)| b).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let mut buf = self.spare_buf(history);
         buf.clear();
         buf.extend_from_slice(&self.value);
         f(&mut buf)?;
@@ -343,11 +374,7 @@ impl Entry {
             UpdateRule::Sum if cfg.history > 1 => {
                 // One pass (next = value + grad) instead of a copy of the value followed by an
                 // in-place sum: the new version is written once, the old one kept as it is.
-                let mut buf = if self.old.len() + 1 >= cfg.history {
-                    self.old.pop_front().map(|(_, b)| b).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
+                let mut buf = self.spare_buf(cfg.history);
                 buf.resize(self.value.len(), 0);
                 reduce_into(dtype, ReduceOp::Sum, &mut buf, &self.value, grad)
                     .map_err(|e| e.to_string())?;
@@ -612,6 +639,26 @@ impl KeyDump {
     /// The key's version, `None` if it is not initialised (only waiting pulls).
     pub fn version(&self) -> Option<u64> {
         self.entry.as_ref().map(|e| e.version)
+    }
+
+    /// A key restored from a checkpoint: `value` (elements of `dtype`) at `version`, with no
+    /// history, open round or request.
+    ///
+    /// Errors: [`Error::InvalidArgument`] if `value` is not a whole number of elements.
+    pub fn restored(key: u64, dtype: DataType, version: u64, value: Vec<u8>) -> Result<KeyDump> {
+        if value.len() % dtype.size() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "key {key}: {} bytes is not a whole number of {dtype} elements",
+                value.len()
+            )));
+        }
+        let mut e = Entry::new(dtype, value);
+        e.version = version;
+        Ok(KeyDump {
+            key,
+            entry: Some(e),
+            waiting: Vec::new(),
+        })
     }
 
     /// Drops the requests in flight (waiting pulls and held, unacknowledged pushes), keeping
@@ -1013,6 +1060,36 @@ impl Store {
     /// The current version of `key`.
     pub fn version(&self, key: u64) -> Option<u64> {
         self.keys.get(&key).map(|e| e.version)
+    }
+
+    /// Keeps version `version` of `key` readable with [`Store::read_at`], beyond the history,
+    /// until [`Store::unpin`]: a checkpoint copies its parts one at a time while the store goes
+    /// on. One pin per key (a new one replaces the old). Returns false, pinning nothing, when
+    /// the key does not hold that version.
+    pub fn pin(&mut self, key: u64, version: u64) -> bool {
+        let h = self.history;
+        match self.keys.get_mut(&key) {
+            Some(e) if e.read(version).is_some() => {
+                e.pin = Some(version);
+                e.trim(h);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the pin of `key`, if any (versions beyond the history go).
+    pub fn unpin(&mut self, key: u64) {
+        let h = self.history;
+        if let Some(e) = self.keys.get_mut(&key) {
+            e.pin = None;
+            e.trim(h);
+        }
+    }
+
+    /// Sync mode: the round `worker` last pushed into on `key` (closed or open), if it pushed.
+    pub fn last_round(&self, key: u64, worker: u64) -> Option<u64> {
+        self.keys.get(&key)?.last_round.get(&worker).copied()
     }
 }
 
@@ -1606,6 +1683,47 @@ mod tests {
         );
         assert_eq!(a.get(5).unwrap(), (1, &b(&[3.])[..]));
         assert_eq!(a.read_at(5, 0), Some(&b(&[1.])[..]));
+    }
+
+    #[test]
+    fn a_pinned_version_outlives_the_history_until_unpinned() {
+        for history in [1, 2, 3] {
+            // Async: each push is a version.
+            let mut s = store(Consistency::Async, UpdateRule::Sum, history, &[]);
+            s.init(0, F, &b(&[1.])).unwrap();
+            s.push(1, 1, 0, F, &b(&[1.])).unwrap();
+            assert!(s.pin(0, 1));
+            assert!(!s.pin(0, 9));
+            for i in 0..5 {
+                s.push(2 + i, 1, 0, F, &b(&[1.])).unwrap();
+            }
+            assert_eq!(s.get(0).unwrap(), (6, &b(&[7.])[..]));
+            assert_eq!(s.read_at(0, 1), Some(&b(&[2.])[..]), "history {history}");
+            // The history still holds its own versions besides the pinned one.
+            for v in 7 - history as u64..=6 {
+                assert!(s.read_at(0, v).is_some(), "history {history} version {v}");
+            }
+            assert_eq!(s.read_at(0, 2), None);
+            s.unpin(0);
+            assert_eq!(s.read_at(0, 1), None);
+            assert_eq!(s.get(0).unwrap(), (6, &b(&[7.])[..]));
+            // Sync with a custom-free rule: rounds commit the same way.
+            let mut y = store(
+                Consistency::Sync,
+                UpdateRule::Sgd { lr: -1.0 },
+                history,
+                &[1],
+            );
+            y.init(0, F, &b(&[0.])).unwrap();
+            assert!(y.pin(0, 0));
+            for i in 0..4 {
+                y.push(i, 1, 0, F, &b(&[2.])).unwrap();
+            }
+            assert_eq!(y.get(0).unwrap(), (4, &b(&[8.])[..]));
+            assert_eq!(y.read_at(0, 0), Some(&b(&[0.])[..]));
+            y.unpin(0);
+            assert_eq!(y.read_at(0, 0), None);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{FileEntry, PartEntry};
 use crate::membership::Role;
 
 /// Most parts in one request (workers split larger requests): bounds the header a client may
@@ -12,6 +13,9 @@ pub(crate) const MAX_PARTS: usize = 4096;
 /// Largest header a worker or reader may send, and a server may send to them: room for
 /// [`MAX_PARTS`] part references (and the versions of an answer) with a wide margin.
 pub(crate) const CLIENT_HDR: usize = 1 << 20;
+
+/// Most part entries in one [`Msg::CkptParts`] (well inside [`CLIENT_HDR`]).
+pub(crate) const MAX_CKPT_CHUNK: usize = 2048;
 
 /// One part of a key in a request: its store key, user key, part index and byte length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +87,25 @@ pub(crate) enum Msg {
     /// Goodbye before a channel ends on a protocol error: why (the peer fails what it has in
     /// flight on this connection at once).
     Bye { reason: String },
+    /// Worker → server: write the parts this server owns, at one consistent version, to
+    /// directory `dir` as checkpoint `id` (see [`super::checkpoint`]). Answered with zero or
+    /// more [`Msg::CkptParts`] and then [`Msg::Checkpointed`], or a [`Msg::Fail`].
+    Checkpoint { req: u64, id: String, dir: String },
+    /// Server → worker: the entries of some of the parts written for checkpoint request `req`
+    /// (at most [`MAX_CKPT_CHUNK`] per message; more may follow).
+    CkptParts { req: u64, parts: Vec<PartEntry> },
+    /// Server → worker: this server's file of checkpoint request `req` is on disk. `epoch`:
+    /// the view the parts were taken in; `known`: parts in this server's key directory;
+    /// `copy_us`: the longest hold of the server's state lock for a part's copy; `write_us`:
+    /// how long copying and writing the file took.
+    Checkpointed {
+        req: u64,
+        file: FileEntry,
+        epoch: u64,
+        known: u64,
+        copy_us: u64,
+        write_us: u64,
+    },
     /// Server → server: full state of keys (migration, seeding a new replica).
     Transfer {
         dumps: serde_json::Value,
@@ -100,9 +123,9 @@ pub(crate) enum Msg {
 /// error: the receiver closes the connection). `from` is the sender's role as admitted by the
 /// receiver's hello check (readers are not members), `to` the receiver's.
 ///
-/// * To a server: workers (members of the view) may init and push; workers and readers may
-///   pull and ask for the snapshot version; only servers may replicate, acknowledge a
-///   replication, hand state over (transfer) or announce keys.
+/// * To a server: workers (members of the view) may init, push and ask for a checkpoint;
+///   workers and readers may pull and ask for the snapshot version; only servers may
+///   replicate, acknowledge a replication, hand state over (transfer) or announce keys.
 /// * To a worker or reader: only servers, and only answers.
 /// * A goodbye from anyone.
 pub(crate) fn permitted(from: Role, to: Role, m: &Msg) -> std::result::Result<(), String> {
@@ -112,6 +135,7 @@ pub(crate) fn permitted(from: Role, to: Role, m: &Msg) -> std::result::Result<()
         (Role::Server, Msg::Pull { .. } | Msg::SnapVer { .. }) => {
             matches!(from, Role::Worker | Role::Reader)
         }
+        (Role::Server, Msg::Checkpoint { .. }) => from == Role::Worker,
         (
             Role::Server,
             Msg::Replicate { .. } | Msg::RepAck { .. } | Msg::Transfer { .. } | Msg::Keys { .. },
@@ -119,7 +143,12 @@ pub(crate) fn permitted(from: Role, to: Role, m: &Msg) -> std::result::Result<()
         (Role::Server, _) => false,
         (
             Role::Worker | Role::Reader,
-            Msg::Ack { .. } | Msg::Values { .. } | Msg::Snap { .. } | Msg::Fail { .. },
+            Msg::Ack { .. }
+            | Msg::Values { .. }
+            | Msg::Snap { .. }
+            | Msg::Fail { .. }
+            | Msg::CkptParts { .. }
+            | Msg::Checkpointed { .. },
         ) => from == Role::Server,
         (Role::Worker | Role::Reader, _) => false,
     };
@@ -159,6 +188,9 @@ impl Msg {
             Msg::Keys { .. } => "Keys",
             Msg::Bye { .. } => "Bye",
             Msg::Transfer { .. } => "Transfer",
+            Msg::Checkpoint { .. } => "Checkpoint",
+            Msg::CkptParts { .. } => "CkptParts",
+            Msg::Checkpointed { .. } => "Checkpointed",
         }
     }
 
@@ -208,6 +240,20 @@ mod tests {
         assert!(permitted(Role::Server, Role::Worker, &ack).is_ok());
         assert!(permitted(Role::Worker, Role::Server, &ack).is_err());
         assert!(permitted(Role::Worker, Role::Worker, &ack).is_err());
+        let ck = Msg::Checkpoint {
+            req: 1,
+            id: "01".into(),
+            dir: "/tmp".into(),
+        };
+        assert!(permitted(Role::Worker, Role::Server, &ck).is_ok());
+        assert!(permitted(Role::Reader, Role::Server, &ck).is_err());
+        assert!(permitted(Role::Server, Role::Server, &ck).is_err());
+        let parts = Msg::CkptParts {
+            req: 1,
+            parts: Vec::new(),
+        };
+        assert!(permitted(Role::Server, Role::Worker, &parts).is_ok());
+        assert!(permitted(Role::Worker, Role::Server, &parts).is_err());
     }
 
     #[test]

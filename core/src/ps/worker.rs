@@ -2,15 +2,17 @@
 //! owner on the ring, waits for the answers, and re-routes what failed after a view change
 //! (a server died: its replica took over) until the operation's deadline.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
+use super::checkpoint::{self, FileEntry, Manifest, PartEntry};
 use super::node::{connect_to, Cred, Node};
-use super::server::{ring_of, servers_of};
+use super::server::{mode_name, ring_of, servers_of, workers_of};
 use super::shard::{split, Ring};
 use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_PARTS};
 use super::PsOptions;
@@ -29,6 +31,7 @@ enum Kind {
     Push,
     Pull,
     Snap,
+    Checkpoint,
 }
 
 /// A request to one server (part of an operation).
@@ -89,6 +92,70 @@ struct WState {
     /// since when: not reconnected until the view changes (their requests wait in the retry
     /// list); requests for them fail once no new view came within [`WInner::lost_grace`].
     lost: HashMap<u64, (String, Instant)>,
+    /// Checkpoint operations: what the servers answered so far.
+    ckpts: HashMap<u64, CkptAcc>,
+}
+
+/// What the servers answered to a checkpoint operation.
+#[derive(Default)]
+struct CkptAcc {
+    /// By server: its file, the view epoch, its key directory's size, copy and write µs.
+    files: BTreeMap<u64, (FileEntry, u64, u64, u64, u64)>,
+    /// By server: the parts it wrote.
+    parts: BTreeMap<u64, Vec<PartEntry>>,
+    /// Part entries received in all.
+    nparts: usize,
+}
+
+/// Most part entries a checkpoint's answers may hold (all servers together).
+const MAX_CKPT_PARTS: usize = 1 << 22;
+
+/// This worker's checkpoints: the periodic trigger and the last result.
+#[derive(Default)]
+struct CkptCtl {
+    /// push_pull calls made.
+    rounds: u64,
+    /// A periodic checkpoint is due (taken at the next call with nothing queued).
+    due: bool,
+    /// A checkpoint of this worker is in progress.
+    busy: bool,
+    /// The last checkpoint this worker completed.
+    last: Option<CheckpointInfo>,
+}
+
+/// A completed checkpoint (see [`KvWorker::checkpoint`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointInfo {
+    /// The directory (absolute).
+    pub dir: PathBuf,
+    /// The checkpoint id.
+    pub id: String,
+    /// The smallest part version (sync: the round boundary).
+    pub version: u64,
+    /// The largest part version.
+    pub max_version: u64,
+    /// Key parts written.
+    pub parts: usize,
+    /// Bytes of the server files.
+    pub bytes: u64,
+    /// Servers (files).
+    pub servers: usize,
+    /// From the request to the manifest in place.
+    pub seconds: f64,
+    /// The longest time a server's state lock was held for the checkpoint (the copy of one
+    /// part): what training waits for it at most, per part.
+    pub copy_seconds: f64,
+    /// The longest file write on a server (in the background).
+    pub write_seconds: f64,
+}
+
+/// A checkpoint whose requests were sent.
+struct Started {
+    op: u64,
+    id: String,
+    dir: PathBuf,
+    t0: Instant,
+    deadline: Instant,
 }
 
 pub(crate) struct WInner {
@@ -111,6 +178,13 @@ pub(crate) struct WInner {
     /// Request bodies, reused once nobody else holds them (sent and answered): a fresh
     /// buffer per push would cost a page fault per 4 KiB of every large push.
     bodies: Mutex<Vec<Arc<Vec<u8>>>>,
+    /// The group (named in checkpoint manifests).
+    group: String,
+    /// The membership client (workers; readers have none): checkpoints are reported to the
+    /// coordinator.
+    client: Option<Arc<Client>>,
+    /// Checkpoints (lock order: `ckpt` before `st`).
+    ckpt: Mutex<CkptCtl>,
 }
 
 /// Request bodies kept for reuse, at most this many and [`BODY_POOL_BYTES`] of them.
@@ -234,6 +308,7 @@ impl KvWorker {
     pub fn start(cfg: Config, opts: PsOptions) -> Result<KvWorker> {
         let timeout = cfg.timeout;
         let lost_grace = lost_grace(&cfg);
+        let group = cfg.group.clone();
         let node = Node::start(
             cfg,
             Role::Worker,
@@ -257,6 +332,9 @@ impl KvWorker {
             ticket: Mutex::new(None),
             lost_grace,
             bodies: Mutex::new(Vec::new()),
+            group,
+            client: Some(node.client.clone()),
+            ckpt: Mutex::new(CkptCtl::default()),
         });
         node.client.installed(view.epoch);
         let watcher = spawn_watcher(inner.clone(), Some(node.client.clone()));
@@ -344,9 +422,71 @@ impl KvWorker {
         vals: &[T],
         prio: i32,
     ) -> Result<PsHandle<Pulled<T>>> {
+        self.inner.round_start();
         let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         self.inner.pull_op::<T>(keys, lens, None, None, prio)
+    }
+
+    /// Writes a checkpoint of the group's push/pull state to directory `dir` (created if
+    /// needed; relative paths are taken from the current directory, and every server must
+    /// reach the same path: a shared or local file system) and returns what was written. See
+    /// the module documentation of [`super`], "Checkpoints, exactly": every server writes the
+    /// parts it owns at one consistent version (sync: the round this worker last pushed into;
+    /// async/bounded: each part's current version), one file per server, then this worker
+    /// writes the manifest, and the coordinator records the checkpoint (`braid-coordinator
+    /// status`). The previous checkpoint in `dir` stays valid until the new manifest is in
+    /// place; then its files are removed. Servers copy their state in memory and write in the
+    /// background; this call blocks until the checkpoint is on disk. Every push this worker
+    /// sent before the call is in it (sync: once its round closed). It first waits (up to
+    /// `BRAID_TIMEOUT`) for a periodic checkpoint of this worker to finish and for what this
+    /// worker sent to leave its queues.
+    ///
+    /// Errors: `InvalidArgument` for a bad path or a server's refusal (e.g. still writing an
+    /// earlier checkpoint, a part without a copy, the view changed meanwhile); `PeerLost` when
+    /// a server is lost before it answered; `System` for I/O errors writing the manifest;
+    /// `Timeout`. Nothing is installed on error.
+    pub fn checkpoint(&self, dir: impl AsRef<Path>) -> Result<CheckpointInfo> {
+        let d = dir.as_ref();
+        let name = d.to_str().ok_or_else(|| {
+            Error::InvalidArgument(format!("checkpoint directory {} is not UTF-8", d.display()))
+        })?;
+        let dir = super::absolute("checkpoint directory", name)?;
+        let deadline = Instant::now() + self.inner.timeout;
+        loop {
+            let mut c = lock(&self.inner.ckpt);
+            if !c.busy {
+                c.busy = true;
+                break;
+            }
+            drop(c);
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "checkpoint: waiting for this worker's previous checkpoint".into(),
+                    secs: self.inner.timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = self
+            .inner
+            .start_checkpoint(&dir, Some(deadline))
+            .and_then(|s| {
+                s.ok_or_else(|| Error::Internal("checkpoint not started".into()))
+                    .and_then(|s| self.inner.finish_checkpoint(s))
+            });
+        let mut c = lock(&self.inner.ckpt);
+        c.busy = false;
+        if let Ok(i) = &r {
+            c.last = Some(i.clone());
+        }
+        r
+    }
+
+    /// The last checkpoint this worker completed (by [`KvWorker::checkpoint`] or
+    /// periodically), if any.
+    pub fn last_checkpoint(&self) -> Option<CheckpointInfo> {
+        lock(&self.inner.ckpt).last.clone()
     }
 
     /// As [`KvWorker::pull`], blocking, with the values written straight into `out` (no
@@ -402,6 +542,7 @@ impl KvWorker {
         out: *mut T,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
+        self.inner.round_start();
         let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         // SAFETY: forwarded from the caller.
@@ -488,6 +629,7 @@ fn new_state(view: View) -> WState {
         keys: HashMap::new(),
         chained: Vec::new(),
         lost: HashMap::new(),
+        ckpts: HashMap::new(),
     }
 }
 
@@ -515,6 +657,361 @@ impl WInner {
     /// logged; the pull that follows it on the same connections reports the server's view).
     fn chain(&self, push: u64) {
         lock(&self.st).chained.push(push);
+    }
+
+    /// Periodic checkpoints (`BRAID_PS_CHECKPOINT_EVERY`), at the start of a push_pull call:
+    /// after every N-th call, the worker with the lowest member id of the view starts one once
+    /// nothing it sent is still queued (else at a later call) and goes on; a thread waits for
+    /// the servers and writes the manifest.
+    fn round_start(self: &Arc<Self>) {
+        let (Some(dir), n) = (self.opts.checkpoint_dir.clone(), self.opts.checkpoint_every) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        {
+            let mut c = lock(&self.ckpt);
+            let done = c.rounds;
+            c.rounds += 1;
+            if done > 0 && done % n == 0 {
+                c.due = true;
+            }
+            if !c.due || c.busy {
+                return;
+            }
+            let lowest = workers_of(&lock(&self.st).view).into_iter().min() == Some(self.me);
+            if !lowest {
+                c.due = false;
+                return;
+            }
+            c.busy = true;
+            c.due = false;
+        }
+        let started = self.start_checkpoint(&dir, None);
+        let mut c = lock(&self.ckpt);
+        match started {
+            Ok(Some(s)) => {
+                let me = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("braid-ps-ckpt-w{}", self.me))
+                    .spawn(move || {
+                        let r = me.finish_checkpoint(s);
+                        let mut c = lock(&me.ckpt);
+                        c.busy = false;
+                        match r {
+                            Ok(i) => {
+                                tracing::info!(target: "braid::ps", "member {}: periodic checkpoint {} (version {}) in {}: {:.3} s", me.me, i.id, i.version, i.dir.display(), i.seconds);
+                                c.last = Some(i);
+                            }
+                            Err(e) => {
+                                tracing::warn!(target: "braid::ps", "member {}: periodic checkpoint failed: {e}", me.me)
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(target: "braid::ps", "member {}: periodic checkpoint: no thread: {e}", self.me);
+                    c.busy = false;
+                }
+            }
+            Ok(None) => {
+                // Requests still queued: at a later call.
+                c.busy = false;
+                c.due = true;
+            }
+            Err(e) => {
+                tracing::warn!(target: "braid::ps", "member {}: periodic checkpoint not started: {e}", self.me);
+                c.busy = false;
+            }
+        }
+    }
+
+    /// Sends a checkpoint request to every server of the ring, under the state lock once
+    /// nothing this worker sent before is still queued or waiting to be re-sent (so each
+    /// request is behind all of it, on every connection). `idle_by`: how long to wait for
+    /// that; `None`: `Ok(None)` at once when something is still queued.
+    fn start_checkpoint(
+        self: &Arc<Self>,
+        dir: &Path,
+        idle_by: Option<Instant>,
+    ) -> Result<Option<Started>> {
+        let dir_s = dir
+            .to_str()
+            .ok_or_else(|| Error::InvalidArgument(format!("{} is not UTF-8", dir.display())))?;
+        checkpoint::check_dir(dir_s).map_err(Error::InvalidArgument)?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::System(format!(
+                "creating checkpoint directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let t0 = Instant::now();
+        let deadline = t0 + self.timeout;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(Error::Aborted);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "checkpoint: a stable view to send the requests in".into(),
+                    secs: self.timeout.as_secs_f64(),
+                });
+            }
+            let servers: Vec<u64> = lock(&self.st).ring.servers().to_vec();
+            if servers.is_empty() {
+                return Err(Error::InvalidUsage(
+                    "checkpoint: no push/pull server in the view".into(),
+                ));
+            }
+            for s in &servers {
+                let _ = self.server_chan(*s);
+            }
+            let mut st = lock(&self.st);
+            if st.ring.servers() != servers.as_slice() {
+                continue;
+            }
+            // Everything sent before must leave first (a server handles a connection's
+            // messages in order): nothing waits to be re-sent and nothing is still queued.
+            let busy = !st.retry.is_empty()
+                || st
+                    .chans
+                    .values()
+                    .any(|c| c.closed().is_none() && c.queued() > 0);
+            if busy {
+                drop(st);
+                match idle_by {
+                    None => return Ok(None),
+                    Some(t) if Instant::now() >= t => {
+                        return Err(Error::Timeout {
+                            what: "checkpoint: waiting for this worker's queued requests to go out"
+                                .into(),
+                            secs: self.timeout.as_secs_f64(),
+                        })
+                    }
+                    Some(_) => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                }
+            }
+            let mut chans = Vec::with_capacity(servers.len());
+            for s in &servers {
+                match st.chans.get(s).filter(|c| c.closed().is_none()) {
+                    Some(c) => chans.push((*s, c.clone())),
+                    None => {
+                        let why = st
+                            .lost
+                            .get(s)
+                            .map_or_else(|| "no connection".to_string(), |x| x.0.clone());
+                        return Err(Error::PeerLost {
+                            rank: 0,
+                            member: *s,
+                            host: host_of(&st.view, *s),
+                            detail: format!("checkpoint: push/pull server {s}: {why}"),
+                        });
+                    }
+                }
+            }
+            let id = checkpoint::new_id(self.me);
+            let op = st.next_op;
+            st.next_op += 1;
+            st.ops.insert(
+                op,
+                Op {
+                    outstanding: 0,
+                    out: OutBuf::NONE,
+                    versions: BTreeMap::new(),
+                    error: None,
+                    deadline,
+                },
+            );
+            st.ckpts.insert(op, CkptAcc::default());
+            for (s, c) in chans {
+                let req = st.next_req;
+                st.next_req += 1;
+                let msg = Msg::Checkpoint {
+                    req,
+                    id: id.clone(),
+                    dir: dir_s.to_string(),
+                };
+                let sent = c
+                    .send(Outgoing {
+                        prio: i32::MAX,
+                        hdr: msg.encode(),
+                        body: Arc::new(Vec::new()),
+                    })
+                    .is_ok();
+                let host = host_of(&st.view, s);
+                let Some(o) = st.ops.get_mut(&op) else {
+                    break;
+                };
+                if !sent {
+                    o.error.get_or_insert(Error::PeerLost {
+                        rank: 0,
+                        member: s,
+                        host,
+                        detail: format!("checkpoint: push/pull server {s}: connection closed"),
+                    });
+                    break;
+                }
+                o.outstanding += 1;
+                st.reqs.insert(
+                    req,
+                    WReq {
+                        op,
+                        server: s,
+                        kind: Kind::Checkpoint,
+                        dtype: DataType::U8,
+                        parts: Vec::new(),
+                        body: Arc::new(Vec::new()),
+                        min: None,
+                        at: None,
+                        prio: i32::MAX,
+                    },
+                );
+            }
+            tracing::debug!(target: "braid::ps", "member {}: checkpoint {id} requested from {} server(s)", self.me, servers.len());
+            return Ok(Some(Started {
+                op,
+                id,
+                dir: dir.to_path_buf(),
+                t0,
+                deadline,
+            }));
+        }
+    }
+
+    /// Waits for every server's answer to a started checkpoint, checks them, writes the
+    /// manifest and reports the checkpoint to the coordinator.
+    fn finish_checkpoint(&self, s: Started) -> Result<CheckpointInfo> {
+        let mut st = lock(&self.st);
+        let failed = loop {
+            let (done, err) = match st.ops.get(&s.op) {
+                Some(o) => (o.outstanding == 0, o.error.is_some()),
+                None => break Some(Error::Internal("checkpoint operation vanished".into())),
+            };
+            if done || err {
+                break None;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break Some(Error::Aborted);
+            }
+            let now = Instant::now();
+            if now >= s.deadline {
+                break Some(Error::Timeout {
+                    what: format!("checkpoint {}: servers' answers", s.id),
+                    secs: self.timeout.as_secs_f64(),
+                });
+            }
+            st = self
+                .cv
+                .wait_timeout(st, (s.deadline - now).min(Duration::from_millis(100)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        };
+        let op = st.ops.remove(&s.op);
+        let acc = st.ckpts.remove(&s.op).unwrap_or_default();
+        st.reqs.retain(|_, r| r.op != s.op);
+        drop(st);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let Some(e) = op.and_then(|o| o.error) {
+            return Err(e);
+        }
+        let (mut m, copy_us, write_us) = self
+            .manifest_of(&s.id, acc)
+            .map_err(|e| Error::InvalidArgument(format!("checkpoint {}: {e}", s.id)))?;
+        checkpoint::write_manifest(&s.dir, &mut m).map_err(Error::System)?;
+        let info = CheckpointInfo {
+            dir: s.dir.clone(),
+            id: s.id.clone(),
+            version: m.version,
+            max_version: m.max_version,
+            parts: m.parts.len(),
+            bytes: m.files.iter().map(|f| f.bytes).sum(),
+            servers: m.files.len(),
+            seconds: s.t0.elapsed().as_secs_f64(),
+            copy_seconds: copy_us as f64 * 1e-6,
+            write_seconds: write_us as f64 * 1e-6,
+        };
+        if let Some(c) = &self.client {
+            if let Err(e) = c.report_checkpoint(
+                &info.id,
+                &s.dir.to_string_lossy(),
+                info.version,
+                info.max_version,
+                info.parts as u64,
+                info.bytes,
+            ) {
+                tracing::warn!(target: "braid::ps", "member {}: checkpoint not reported to the coordinator: {e}", self.me);
+            }
+        }
+        tracing::info!(target: "braid::ps", "member {}: checkpoint {} in {}: version {}, {} part(s), {} bytes, {} server(s), {:.3} s (longest server copy {:.3} s, write {:.3} s)", self.me, info.id, info.dir.display(), info.version, info.parts, info.bytes, info.servers, info.seconds, info.copy_seconds, info.write_seconds);
+        Ok(info)
+    }
+
+    /// The manifest of a checkpoint from the servers' answers: every server at the same view
+    /// epoch, no part twice, none missing from the key directory. Also the longest copy and
+    /// write times (µs).
+    fn manifest_of(
+        &self,
+        id: &str,
+        mut acc: CkptAcc,
+    ) -> std::result::Result<(Manifest, u64, u64), String> {
+        let epochs: BTreeSet<u64> = acc.files.values().map(|f| f.1).collect();
+        if epochs.len() > 1 {
+            return Err(format!(
+                "the view changed during the checkpoint (servers answered at epochs {epochs:?}); \
+                 nothing was installed"
+            ));
+        }
+        let mut files = Vec::with_capacity(acc.files.len());
+        let mut parts = Vec::with_capacity(acc.nparts);
+        let mut seen: HashMap<u64, u64> = HashMap::new();
+        let (mut known, mut copy, mut write) = (0u64, 0u64, 0u64);
+        for (i, (server, (f, _, k, c, w))) in acc.files.into_iter().enumerate() {
+            known = known.max(k);
+            copy = copy.max(c);
+            write = write.max(w);
+            for mut p in acc.parts.remove(&server).unwrap_or_default() {
+                if let Some(other) = seen.insert(p.s, server) {
+                    return Err(format!(
+                        "key {} part {} was written by servers {other} and {server}",
+                        p.k, p.p
+                    ));
+                }
+                p.file = i as u32;
+                parts.push(p);
+            }
+            files.push(f);
+        }
+        if (parts.len() as u64) < known {
+            return Err(format!(
+                "the servers wrote {} part(s), the key directory holds {known}: a part has no \
+                 copy; nothing was installed",
+                parts.len()
+            ));
+        }
+        let version = parts.iter().map(|p| p.version).min().unwrap_or(0);
+        let max_version = parts.iter().map(|p| p.version).max().unwrap_or(0);
+        let m = Manifest {
+            format: checkpoint::FORMAT.into(),
+            format_version: checkpoint::FORMAT_VERSION,
+            id: id.to_string(),
+            group: self.group.clone(),
+            mode: mode_name(self.opts.consistency),
+            partition_bytes: self.opts.partition_bytes as u64,
+            epoch: epochs.into_iter().next().unwrap_or(0),
+            version,
+            max_version,
+            created_unix_ms: checkpoint::unix_ms(),
+            files,
+            parts,
+            hash: String::new(),
+        };
+        m.validate()?;
+        Ok((m, copy, write))
     }
 
     /// Submits a push; returns its operation id.
@@ -731,7 +1228,8 @@ impl WInner {
                     min: r.min,
                     at: r.at,
                 },
-                Kind::Snap => Msg::SnapVer { req: id },
+                // Checkpoint requests are sent by `start_checkpoint` only (never re-sent).
+                Kind::Snap | Kind::Checkpoint => Msg::SnapVer { req: id },
             };
             let body = if matches!(r.kind, Kind::Init | Kind::Push) {
                 let total: usize = r.parts.iter().map(|(p, _)| p.n).sum();
@@ -1003,7 +1501,38 @@ impl WInner {
             Msg::Ack { req, .. }
             | Msg::Values { req, .. }
             | Msg::Snap { req, .. }
-            | Msg::Fail { req, .. } => *req,
+            | Msg::Fail { req, .. }
+            | Msg::Checkpointed { req, .. } => *req,
+            Msg::CkptParts { req, parts } => {
+                // A chunk of a checkpoint answer: kept until the server's last word.
+                let Some(r) = st.reqs.get(req) else {
+                    return Ok(());
+                };
+                if r.server != server || r.kind != Kind::Checkpoint {
+                    return Err(format!(
+                        "protocol error: checkpoint entries for request {req}, which is not a \
+                         checkpoint request sent to it"
+                    ));
+                }
+                let op = r.op;
+                if let Some(acc) = st.ckpts.get_mut(&op) {
+                    acc.nparts = acc.nparts.saturating_add(parts.len());
+                    if acc.nparts > MAX_CKPT_PARTS {
+                        if let Some(o) = st.ops.get_mut(&op) {
+                            o.error.get_or_insert(Error::InvalidArgument(format!(
+                                "checkpoint: the servers listed more than {MAX_CKPT_PARTS} parts"
+                            )));
+                        }
+                        self.cv.notify_all();
+                    } else {
+                        acc.parts
+                            .entry(server)
+                            .or_default()
+                            .extend(parts.iter().cloned());
+                    }
+                }
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         let Some(r) = st.reqs.remove(&req) else {
@@ -1079,6 +1608,29 @@ impl WInner {
                     o.outstanding = o.outstanding.saturating_sub(1);
                 }
             }
+            Msg::Checkpointed {
+                file,
+                epoch,
+                known,
+                copy_us,
+                write_us,
+                ..
+            } => {
+                if r.kind != Kind::Checkpoint {
+                    st.reqs.insert(req, r);
+                    return Err(format!(
+                        "protocol error: a checkpoint answer to request {req}, which is not a \
+                         checkpoint request"
+                    ));
+                }
+                if let Some(acc) = st.ckpts.get_mut(&r.op) {
+                    acc.files
+                        .insert(server, (file, epoch, known, copy_us, write_us));
+                }
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+            }
             Msg::Snap { version, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
                     // (MAX, 0): the smallest version over servers; (MAX, 1): some server has
@@ -1130,6 +1682,23 @@ impl WInner {
         let now = Instant::now();
         let mut out = Vec::new();
         for r in list {
+            if r.kind == Kind::Checkpoint {
+                // A checkpoint is not re-routed: it fails, and the next one starts afresh.
+                let host = host_of(&st.view, r.server);
+                if let Some(o) = st.ops.get_mut(&r.op) {
+                    o.error.get_or_insert(Error::PeerLost {
+                        rank: 0,
+                        member: r.server,
+                        host,
+                        detail: format!(
+                            "checkpoint: push/pull server {} was lost before it answered",
+                            r.server
+                        ),
+                    });
+                    o.outstanding = o.outstanding.saturating_sub(1);
+                }
+                continue;
+            }
             let alive = st
                 .ops
                 .get(&r.op)
@@ -1454,6 +2023,9 @@ impl KvReader {
             ticket: Mutex::new(Some((me, epoch, grant.ticket))),
             lost_grace: lost_grace(&cfg),
             bodies: Mutex::new(Vec::new()),
+            group: cfg.group.clone(),
+            client: None,
+            ckpt: Mutex::new(CkptCtl::default()),
         });
         let watcher = spawn_watcher(inner.clone(), None);
         Ok(KvReader {
@@ -1519,4 +2091,13 @@ impl Drop for KvReader {
     fn drop(&mut self) {
         self.inner.shutdown(self.watcher.take());
     }
+}
+
+/// The host name of member `id` in `v` (empty if it is not there).
+fn host_of(v: &View, id: u64) -> String {
+    v.members
+        .iter()
+        .find(|m| m.id == id)
+        .map(|m| m.hostname.clone())
+        .unwrap_or_default()
 }
