@@ -117,6 +117,30 @@ comm_t = c_void_p
 request_t = c_void_p
 coordinator_t = c_void_p
 
+#: "no member" in the prev/next fields of a pipeline stage (BRAID_PIPELINE_NONE).
+PIPELINE_NONE = 0xFFFFFFFFFFFFFFFF
+
+
+class PipelineStage(ctypes.Structure):
+    """braid_pipeline_stage_t: a stage's member, its blocks [first_block, end_block) and the
+    members of its previous and next non-empty stages (PIPELINE_NONE: none)."""
+
+    _fields_ = [
+        ("member", c_uint64),
+        ("first_block", c_uint64),
+        ("end_block", c_uint64),
+        ("prev", c_uint64),
+        ("next", c_uint64),
+    ]
+
+
+class PipelineMove(ctypes.Structure):
+    """braid_pipeline_move_t: a block changing owner in a re-plan (C field ``from`` is
+    ``from_`` here: ``from`` is a Python keyword)."""
+
+    _fields_ = [("block", c_uint64), ("from_", c_uint64), ("to", c_uint64)]
+
+
 # name -> (argtypes); every function returns braid_status_t (int) unless listed in _RESTYPE.
 _PROTOS = {
     "braid_get_version": [POINTER(c_int)],
@@ -174,6 +198,20 @@ _PROTOS = {
     "braid_coordinator_start": [c_char_p, c_char_p, POINTER(coordinator_t)],
     "braid_coordinator_port": [coordinator_t, POINTER(c_int)],
     "braid_coordinator_destroy": [coordinator_t],
+    "braid_comm_view_members": [comm_t, POINTER(c_uint64), POINTER(c_double), c_size_t,
+                                POINTER(c_size_t)],
+    "braid_pipeline_plan": [POINTER(c_uint64), POINTER(c_double), c_size_t, POINTER(c_double),
+                            c_size_t, POINTER(PipelineStage), POINTER(c_double)],
+    "braid_pipeline_replan": [POINTER(c_uint64), POINTER(c_double), c_size_t, POINTER(c_double),
+                              c_size_t, POINTER(PipelineStage), c_size_t,
+                              POINTER(PipelineStage), POINTER(c_double), POINTER(PipelineMove),
+                              c_size_t, POINTER(c_size_t)],
+    "braid_pipeline_plan_view": [comm_t, POINTER(c_double), c_size_t, POINTER(PipelineStage),
+                                 POINTER(c_double)],
+    "braid_pipeline_replan_view": [comm_t, POINTER(c_double), c_size_t, POINTER(PipelineStage),
+                                   c_size_t, POINTER(PipelineStage), POINTER(c_double),
+                                   POINTER(PipelineMove), c_size_t, POINTER(c_size_t)],
+    "braid_pipeline_report": [comm_t, c_double, c_uint64, c_uint64, POINTER(c_double), c_size_t],
 }
 
 
