@@ -17,6 +17,7 @@ A braid operation is issued in one of three ways:
 
 import ctypes
 import queue
+import sys
 import threading
 from datetime import timedelta
 
@@ -145,6 +146,10 @@ def _watcher():
     if _w is None:
         with _w_lock:
             if _w is None:
+                if sys.is_finalizing():
+                    # A thread started while the interpreter shuts down never runs, and
+                    # Thread.start() would wait for it forever (a hang at exit).
+                    raise RuntimeError("interpreter shutting down: no watcher thread")
                 _w = Watcher()
     return _w
 
