@@ -41,6 +41,12 @@ fn step(c: &Communicator, stop: &AtomicBool) -> braid::Result<bool> {
 
 #[test]
 fn joiners_are_admitted_into_a_running_loop_and_get_the_state() {
+    // Both joiners must land in ONE view (epoch 2): a join window wide enough that a loaded
+    // machine starting the two joiner threads some time apart still batches them.
+    let wide = |addr: &str| Config {
+        join_window: Duration::from_secs(2),
+        ..cfg(addr, 2)
+    };
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
     let four = Arc::new(AtomicUsize::new(0));
@@ -51,7 +57,7 @@ fn joiners_are_admitted_into_a_running_loop_and_get_the_state() {
             let (addr, four, stop, started) =
                 (addr.clone(), four.clone(), stop.clone(), started.clone());
             s.spawn(move || {
-                let mut c = Communicator::init_with(cfg(&addr, 2)).unwrap();
+                let mut c = Communicator::init_with(wide(&addr)).unwrap();
                 let first_id = c.member_id();
                 started.wait();
                 let mut params = vec![1.5f32; 4096];
@@ -75,7 +81,7 @@ fn joiners_are_admitted_into_a_running_loop_and_get_the_state() {
             let (addr, four, stop) = (addr.clone(), four.clone(), stop.clone());
             joiners.push(s.spawn(move || {
                 let c0 = Instant::now();
-                let mut c = Communicator::init_with(cfg(&addr, 2)).unwrap();
+                let mut c = Communicator::init_with(wide(&addr)).unwrap();
                 let mut params = vec![0f32; 4096];
                 c.sync_from_oldest(&mut params).unwrap();
                 assert!(params.iter().all(|v| *v == 1.5));
