@@ -17,7 +17,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -133,16 +135,7 @@ fn spawn_server(addr: &str, restore: Option<&Path>) -> Server {
 
 /// Waits for the child's `SERVER id` line.
 fn server_up(s: &mut Server) -> u64 {
-    let out = s.child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        if let Some(id) = l.split("SERVER ").nth(1) {
-            std::thread::spawn(move || for _ in lines {});
-            return id.trim().parse().unwrap();
-        }
-    }
-    panic!("the server process printed no id");
+    common::server_id(&mut s.child)
 }
 
 /// Rounds `from+1..=to` of push_pull on both workers (in lockstep: sync mode), each answer

@@ -12,7 +12,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,22 +92,6 @@ fn spawn_server(addr: &str, replicas: usize) -> Child {
         .unwrap()
 }
 
-/// Reads the child's `SERVER id` line.
-fn server_id(c: &mut Child) -> u64 {
-    let out = c.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        // libtest's own "test child_server ... " precedes it on the line.
-        if let Some(id) = l.split("SERVER ").nth(1) {
-            // Keep draining the pipe so the child never blocks on it.
-            std::thread::spawn(move || for _ in lines {});
-            return id.trim().parse().unwrap();
-        }
-    }
-    panic!("the server process printed no id");
-}
-
 /// Starts the group, kills two of the three servers with -9, and returns the worker, the keys
 /// that lost every copy and those that kept one.
 fn drill(replicas: usize) -> (KvWorker, Vec<u64>, Vec<u64>, Vec<Server>, Coordinator) {
@@ -116,7 +102,7 @@ fn drill(replicas: usize) -> (KvWorker, Vec<u64>, Vec<u64>, Vec<Server>, Coordin
     let mut servers: Vec<Server> = children
         .drain(..)
         .map(|mut c| {
-            let id = server_id(&mut c);
+            let id = common::server_id(&mut c);
             Server { child: c, id }
         })
         .collect();

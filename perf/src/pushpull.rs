@@ -526,19 +526,7 @@ fn ckpt_bench(
         cfg.job_token.as_ref().map(|t| t.0.clone()),
     );
     let kv = KvWorker::start(cfg, o).map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    loop {
-        let (s, w) = kv.sizes();
-        if s >= a.servers && w >= a.workers {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "the view has {s} servers and {w} workers after 60 s"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_view(&kv, a, "")?;
     // The worker with the lowest member id takes the periodic checkpoints and reports.
     let view =
         braid::membership::fetch_view(&coord, &group, token.as_deref(), Duration::from_secs(10))
@@ -781,18 +769,7 @@ fn drill(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Strin
     let kv = KvWorker::start(cfg, o.clone()).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     // Everyone in the view first, so the first sync round waits for all workers.
-    loop {
-        let (s, w) = kv.sizes();
-        if s >= a.servers && w >= a.workers {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "--drill: the view has {s} servers and {w} workers after 60 s"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_view(&kv, a, "--drill: ")?;
     let (k, l, w) = (a.keys, d.len, a.workers);
     let main_keys: Vec<u64> = (0..k as u64).collect();
     let main_lens = vec![l; k];
@@ -1144,4 +1121,22 @@ fn bad_input(a: &Args, mut cfg: Config, o: PsOptions) -> Result<bool, String> {
     // Exit 0 either way (the verdict is in the lines): a failure would make braid-run stop the
     // other processes, whose totals are the other half of the check.
     Ok(true)
+}
+
+/// Waits (at most 60 s) until the worker's view holds `--servers` servers and `--workers`
+/// workers; the error names what it has, after `prefix`.
+fn wait_for_view(kv: &KvWorker, a: &Args, prefix: &str) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        let (s, w) = kv.sizes();
+        if s >= a.servers && w >= a.workers {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "{prefix}the view has {s} servers and {w} workers after 60 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1719,6 +1719,19 @@ fn depart(
     decide(sh, &mut st, group_name, Instant::now())
 }
 
+/// Records a published view in the group's history (the last 1000 kept).
+fn record_history(g: &mut Group, next: &View, reason: &str) {
+    g.history.push(Hist {
+        epoch: next.epoch,
+        size: next.members.len(),
+        reason: reason.to_string(),
+        at: unix_now(),
+    });
+    if g.history.len() > 1000 {
+        g.history.remove(0);
+    }
+}
+
 /// Publishes the next view of an elastic group when one is due. Called with the state lock
 /// held after every event; returns the frames to send once the lock is released.
 fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
@@ -1874,15 +1887,7 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     } else {
         Some(now)
     };
-    g.history.push(Hist {
-        epoch: next.epoch,
-        size: next.members.len(),
-        reason: reason.clone(),
-        at: unix_now(),
-    });
-    if g.history.len() > 1000 {
-        g.history.remove(0);
-    }
+    record_history(g, &next, &reason);
     tracing::info!(target: LOG,
         "coordinator: group {name}: view epoch {} with {} members ({reason})",
         next.epoch, next.members.len());
@@ -2004,15 +2009,7 @@ fn publish_reweigh(sh: &Shared, st: &mut State, name: &str, r: &Reweigh) -> Publ
         nonce: random_u64(view.nonce),
         members: g.entries.iter().map(Entry::member).collect(),
     };
-    g.history.push(Hist {
-        epoch: next.epoch,
-        size: next.members.len(),
-        reason: reason.clone(),
-        at: unix_now(),
-    });
-    if g.history.len() > 1000 {
-        g.history.remove(0);
-    }
+    record_history(g, &next, &reason);
     g.pipeline.stages.clear();
     let weights: Vec<String> = next
         .members

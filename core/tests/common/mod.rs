@@ -1,5 +1,6 @@
-//! Scaffolding shared by the multi-process shm tests: the test binary re-runs itself as the
-//! ranks (an environment variable names the role), and /dev/shm residue checks.
+//! Scaffolding shared by the multi-process tests: the test binary re-runs itself as the ranks
+//! (an environment variable names the role), /dev/shm residue checks, and reading the member
+//! id a push/pull server child prints.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -190,4 +191,21 @@ pub fn kill_rank_2_and_check(mut ranks: Ranks, limit: Duration, before: &BTreeSe
     drop(ranks);
     let new: Vec<String> = dev_shm().difference(before).cloned().collect();
     assert!(new.is_empty(), "files left in /dev/shm: {new:?}")
+}
+
+/// Reads a child's `SERVER id` line (a push/pull server process started by a test), then
+/// keeps draining its stdout so it never blocks on the pipe.
+pub fn server_id(c: &mut Child) -> u64 {
+    use std::io::BufRead;
+    let out = c.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        // libtest's own "test child_server ... " may precede it on the line.
+        if let Some(id) = l.split("SERVER ").nth(1) {
+            std::thread::spawn(move || for _ in lines {});
+            return id.trim().parse().unwrap();
+        }
+    }
+    panic!("the server process printed no id");
 }
