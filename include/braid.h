@@ -444,6 +444,32 @@ braid_status_t braid_coordinator_start(const char *bind_addr,
 // `coord` is NULL or a live coordinator; `port` is NULL or valid for a write.
 braid_status_t braid_coordinator_port(braid_coordinator_t coord, int *port);
 
+// Writes the coordinator's status document (JSON, the one `braid-coordinator status ADDR`
+// prints), NUL-terminated, into `buf` (`cap` bytes) and its length without the NUL to `*len`.
+// The document holds: `next_member_id`; `groups`, one object per group with members
+// registered now: `group`, `elastic`, `world_size`, `epoch` and `size` of the current view
+// (null before the first view), `members` (rank, id, host, pid, role, alive, heartbeat age,
+// ...), `joiners`, `history`, `checkpoint`, `live` (members and joiners registered now) and
+// `registered_total` (registrations this coordinator accepted for the group since it
+// started); `live_members` (members and joiners registered now, over all groups);
+// `registered_total` (registrations since it started, over all groups, forgotten ones
+// included); `past_groups` (groups whose members all left and that the coordinator forgot:
+// `group`, `registered_total`). "Members came and all left" is `registered_total > 0` and
+// `live_members == 0`.
+//
+// Errors: braid_invalid_argument for a NULL `coord` or `len`, a NULL `buf` with `cap` > 0,
+// or `cap` smaller than the length + 1: then `*len` is the length needed (without the NUL)
+// and `buf` is left untouched (call again with a buffer of `*len + 1` bytes; the document
+// may have grown meanwhile).
+//
+// # Safety
+// `coord` is NULL or a live coordinator; `buf` is NULL or valid for writing `cap` bytes;
+// `len` is NULL or valid for a write.
+braid_status_t braid_coordinator_status(braid_coordinator_t coord,
+                                        char *buf,
+                                        size_t cap,
+                                        size_t *len);
+
 // Stops the coordinator (closes its listener and connections, waiting a few seconds at most
 // for its threads) and frees it. Destroy it after the communicators that met at it: members
 // that lose their coordinator may fail later membership operations. NULL is a no-op
@@ -945,6 +971,16 @@ braid_status_t braid_kv_server_start_with_update(braid_kv_server_t *server,
 // `server` is NULL or a live server not used by any other thread.
 braid_status_t braid_kv_server_destroy(braid_kv_server_t server);
 
+// Writes to `*workers` the number of workers in the view this server runs on (the group's
+// current membership, updated as workers join, leave or die). A dedicated server process can
+// poll it and stop once workers came and all left.
+//
+// Errors: braid_invalid_argument (NULL `server` or `workers`).
+//
+// # Safety
+// `server` is NULL or a live server; `workers` is NULL or valid for a write.
+braid_status_t braid_kv_server_workers(braid_kv_server_t server, size_t *workers);
+
 // Starts a push/pull worker: registers with the coordinator as a worker of the group
 // (BRAID_GROUP) and connects to its servers. Blocks until the group has formed (see
 // braid_kv_server_start). `config` may be NULL. Settings as for braid_kv_server_start. On
@@ -976,6 +1012,65 @@ braid_status_t braid_kv_worker_start(braid_kv_worker_t *worker, const braid_conf
 // `worker` is NULL or live; `dir` is NULL or a NUL-terminated string.
 braid_status_t braid_kv_checkpoint(braid_kv_worker_t worker, const char *dir);
 
+// Installs update rule `rule` on every push/pull server of the view, blocking until each
+// acknowledged it (bounded by BRAID_TIMEOUT). `rule` is spelt as BRAID_PS_RULE: `sum`,
+// `sgd:LR`, or `sgd:lr=LR,momentum=M,wd=WD,rescale=R,clip=C` (any subset, `lr` required;
+// defaults momentum 0, wd 0, rescale 1, no clipping; a negative clip means none): MXNet 1.9's
+// SGD (sgd_update / sgd_mom_update: g = clip(rescale * grad); without momentum
+// w = (1 - lr*wd)*w - lr*g; with momentum mom = momentum*mom - lr*wd*w - lr*g, w += mom),
+// float keys only (float16/bfloat16 computed in float32). The momentum buffer is kept per key
+// on the servers (zero at its first use), survives rule changes, moves with the key when a
+// server leaves or dies (replicas keep it), and can be read and replaced with
+// braid_kv_pull_state / braid_kv_push_state. The request is queued on each server's
+// connection behind everything this worker queued before; servers use the rule for every
+// update applied after it (sync mode: the rounds that close after it). Idempotent: call it on
+// every worker with the same rule. Afterwards this worker also sends the rule to servers that
+// join the view later, before anything else it sends them.
+//
+// Errors: braid_invalid_argument (NULL `worker` or `rule`, a malformed rule naming the bad
+// field, a server running a callback rule from braid_kv_server_start_with_update, which
+// cannot be replaced), braid_remote_error naming a server lost before it answered,
+// braid_timeout. On error some servers may already use the new rule: call it again.
+//
+// # Safety
+// `worker` is NULL or live; `rule` is NULL or NUL-terminated.
+braid_status_t braid_kv_set_rule(braid_kv_worker_t worker, const char *rule);
+
+// Reads the server-side optimizer state of `nkeys` keys (the momentum buffers of the sgd
+// rule, see braid_kv_set_rule) into `out`, laid out as braid_kv_pull's output (`lens[i]`
+// elements of `dtype`, the keys' datatype, concatenated); zeros for a key that has no state
+// yet (no update with momentum so far). Blocking. For MXNet's save_optimizer_states.
+//
+// Errors: as braid_kv_pull; braid_invalid_argument for a key nobody initialised.
+//
+// # Safety
+// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements; `out` valid for
+// writing the sum of `lens` elements of `dtype` for the call.
+braid_status_t braid_kv_pull_state(braid_kv_worker_t worker,
+                                   const uint64_t *keys,
+                                   const size_t *lens,
+                                   size_t nkeys,
+                                   void *out,
+                                   braid_datatype_t dtype);
+
+// Replaces the server-side optimizer state of `nkeys` keys (laid out as braid_kv_push's
+// values; the keys' datatype and lengths) with `vals`, replicated like a push, blocking until
+// every part was stored and replicated. The servers use it from their next update. For
+// MXNet's load_optimizer_states.
+//
+// Errors: as braid_kv_push; braid_invalid_argument for a key nobody initialised or a length
+// or datatype that is not the key's.
+//
+// # Safety
+// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements; `vals` valid for
+// reading the sum of `lens` elements of `dtype` for the call.
+braid_status_t braid_kv_push_state(braid_kv_worker_t worker,
+                                   const uint64_t *keys,
+                                   const size_t *lens,
+                                   size_t nkeys,
+                                   const void *vals,
+                                   braid_datatype_t dtype);
+
 // Stops a worker and frees it (it leaves the group). Wait for or free its requests first:
 // operations still in flight afterwards fail, possibly only after BRAID_TIMEOUT. NULL is a
 // no-op returning braid_success. The handle is invalid afterwards.
@@ -989,8 +1084,9 @@ braid_status_t braid_kv_worker_destroy(braid_kv_worker_t worker);
 // in `vals` (sum of `lens` elements). The first init of a key wins; later inits (other
 // workers) must agree on its length and datatype, else braid_invalid_argument. Every key must
 // be initialised (by some worker) before it is pushed. `keys` and `lens` may be NULL when
-// `nkeys` is 0, `vals` when the lengths sum to 0. float16/bfloat16 keys are not supported in
-// this release (braid_invalid_argument).
+// `nkeys` is 0, `vals` when the lengths sum to 0. Every datatype is accepted, float16 and
+// bfloat16 included (16-bit patterns; the servers sum them and run the sgd rule in float32 and
+// round back).
 //
 // Errors: braid_invalid_argument (NULL or misaligned arrays, bad datatype, lengths that
 // contradict what this worker saw before, a server's refusal), braid_timeout (no answer within
@@ -1009,7 +1105,7 @@ braid_status_t braid_kv_init(braid_kv_worker_t worker,
 // Pushes gradients for `nkeys` keys (arrays as braid_kv_init; every key initialised before)
 // with priority `prio` (higher is sent first when queues build up) and writes a request to
 // `*req` (NULL on failure). Servers aggregate per BRAID_PS_MODE and apply BRAID_PS_RULE (or
-// the server's callback). `vals` is copied before the call returns (it may be reused at once).
+// the rule set with braid_kv_set_rule, or the server's callback). `vals` is copied before the call returns (it may be reused at once).
 // The request completes when every part was recorded and replicated; braid_kv_wait writes
 // version 0 for a push.
 //

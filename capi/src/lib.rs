@@ -1125,6 +1125,65 @@ pub unsafe extern "C" fn braid_coordinator_port(
     })
 }
 
+/// Writes the coordinator's status document (JSON, the one `braid-coordinator status ADDR`
+/// prints), NUL-terminated, into `buf` (`cap` bytes) and its length without the NUL to `*len`.
+/// The document holds: `next_member_id`; `groups`, one object per group with members
+/// registered now: `group`, `elastic`, `world_size`, `epoch` and `size` of the current view
+/// (null before the first view), `members` (rank, id, host, pid, role, alive, heartbeat age,
+/// ...), `joiners`, `history`, `checkpoint`, `live` (members and joiners registered now) and
+/// `registered_total` (registrations this coordinator accepted for the group since it
+/// started); `live_members` (members and joiners registered now, over all groups);
+/// `registered_total` (registrations since it started, over all groups, forgotten ones
+/// included); `past_groups` (groups whose members all left and that the coordinator forgot:
+/// `group`, `registered_total`). "Members came and all left" is `registered_total > 0` and
+/// `live_members == 0`.
+///
+/// Errors: braid_invalid_argument for a NULL `coord` or `len`, a NULL `buf` with `cap` > 0,
+/// or `cap` smaller than the length + 1: then `*len` is the length needed (without the NUL)
+/// and `buf` is left untouched (call again with a buffer of `*len + 1` bytes; the document
+/// may have grown meanwhile).
+///
+/// # Safety
+/// `coord` is NULL or a live coordinator; `buf` is NULL or valid for writing `cap` bytes;
+/// `len` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_coordinator_status(
+    coord: braid_coordinator_t,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> braid_status_t {
+    boundary("braid_coordinator_status", || {
+        // SAFETY: per contract, a non-NULL `coord` came from Box::into_raw in
+        // braid_coordinator_start and has not been destroyed.
+        let c = unsafe { coord.cast_const().as_ref() }.ok_or_else(|| Fail::arg("coord is NULL"))?;
+        if len.is_null() {
+            return Err(Fail::arg("len is NULL"));
+        }
+        let doc = c.coord.status().to_string();
+        let n = doc.len();
+        // SAFETY: checked non-NULL above; caller contract.
+        unsafe { len.write(n) };
+        if buf.is_null() && cap > 0 {
+            return Err(Fail::arg("buf is NULL"));
+        }
+        if cap <= n {
+            return Err(Fail::arg(format!(
+                "buffer of {cap} bytes is too small: the status needs {} (length {n} + NUL); \
+                 *len holds the length",
+                n + 1
+            )));
+        }
+        // SAFETY: `buf` is non-NULL (cap > n >= 0) and valid for `cap` > n bytes (contract);
+        // the JSON text holds no NUL and does not overlap `buf` (it is our own String).
+        unsafe {
+            std::ptr::copy_nonoverlapping(doc.as_ptr(), buf.cast::<u8>(), n);
+            buf.add(n).write(0);
+        }
+        Ok(())
+    })
+}
+
 /// Stops the coordinator (closes its listener and connections, waiting a few seconds at most
 /// for its threads) and frees it. Destroy it after the communicators that met at it: members
 /// that lose their coordinator may fail later membership operations. NULL is a no-op
@@ -2336,13 +2395,14 @@ pub unsafe extern "C" fn braid_request_free(req: braid_request_t) -> braid_statu
 // Servers (braid_kv_server_start*) and workers (braid_kv_worker_start) are members of one
 // push/pull group (BRAID_GROUP); BRAID_WORLD_SIZE counts both at start. Settings that must be
 // the same on every member come from the environment (PsOptions::from_env): BRAID_PS_MODE
-// (sync | async | bounded:TAU), BRAID_PS_RULE (sum | sgd:LR), BRAID_PS_PARTITION_BYTES,
+// (sync | async | bounded:TAU), BRAID_PS_RULE (sum | sgd:LR | sgd:lr=..,momentum=..,wd=..,
+// rescale=..,clip=..; replaceable at run time: braid_kv_set_rule), BRAID_PS_PARTITION_BYTES,
 // BRAID_PS_REPLICAS.
 
 /// A push/pull server (opaque). Created by braid_kv_server_start or
 /// braid_kv_server_start_with_update, freed by braid_kv_server_destroy.
 pub struct braid_kv_server {
-    _server: KvServer,
+    server: KvServer,
 }
 
 /// Handle of a push/pull server. Using it after braid_kv_server_destroy is undefined
@@ -2502,12 +2562,8 @@ macro_rules! with_element {
             DataType::U64 => $f::<u64>($($arg),*),
             DataType::F32 => $f::<f32>($($arg),*),
             DataType::F64 => $f::<f64>($($arg),*),
-            DataType::F16 => Err(Fail::arg(
-                "datatype braid_float16 is not supported by push/pull in this release",
-            )),
-            DataType::BF16 => Err(Fail::arg(
-                "datatype braid_bfloat16 is not supported by push/pull in this release",
-            )),
+            DataType::F16 => $f::<half::f16>($($arg),*),
+            DataType::BF16 => $f::<half::bf16>($($arg),*),
         }
     };
 }
@@ -2590,7 +2646,7 @@ unsafe fn start_server(
         opts.rule = r;
     }
     let s = KvServer::start(cfg, opts)?;
-    let b = Box::into_raw(Box::new(braid_kv_server { _server: s }));
+    let b = Box::into_raw(Box::new(braid_kv_server { server: s }));
     // SAFETY: checked non-NULL by `put` above; caller contract.
     unsafe { server.write(b) };
     Ok(())
@@ -2671,6 +2727,30 @@ pub unsafe extern "C" fn braid_kv_server_destroy(server: braid_kv_server_t) -> b
     })
 }
 
+/// Writes to `*workers` the number of workers in the view this server runs on (the group's
+/// current membership, updated as workers join, leave or die). A dedicated server process can
+/// poll it and stop once workers came and all left.
+///
+/// Errors: braid_invalid_argument (NULL `server` or `workers`).
+///
+/// # Safety
+/// `server` is NULL or a live server; `workers` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_server_workers(
+    server: braid_kv_server_t,
+    workers: *mut usize,
+) -> braid_status_t {
+    boundary("braid_kv_server_workers", || {
+        // SAFETY: per contract, a non-NULL `server` came from Box::into_raw in start_server and
+        // has not been destroyed.
+        let s =
+            unsafe { server.cast_const().as_ref() }.ok_or_else(|| Fail::arg("server is NULL"))?;
+        let n = s.server.sizes().0;
+        // SAFETY: caller contract.
+        unsafe { put(workers, "workers", n) }
+    })
+}
+
 /// Starts a push/pull worker: registers with the coordinator as a worker of the group
 /// (BRAID_GROUP) and connects to its servers. Blocks until the group has formed (see
 /// braid_kv_server_start). `config` may be NULL. Settings as for braid_kv_server_start. On
@@ -2731,6 +2811,134 @@ pub unsafe extern "C" fn braid_kv_checkpoint(
     })
 }
 
+/// Installs update rule `rule` on every push/pull server of the view, blocking until each
+/// acknowledged it (bounded by BRAID_TIMEOUT). `rule` is spelt as BRAID_PS_RULE: `sum`,
+/// `sgd:LR`, or `sgd:lr=LR,momentum=M,wd=WD,rescale=R,clip=C` (any subset, `lr` required;
+/// defaults momentum 0, wd 0, rescale 1, no clipping; a negative clip means none): MXNet 1.9's
+/// SGD (sgd_update / sgd_mom_update: g = clip(rescale * grad); without momentum
+/// w = (1 - lr*wd)*w - lr*g; with momentum mom = momentum*mom - lr*wd*w - lr*g, w += mom),
+/// float keys only (float16/bfloat16 computed in float32). The momentum buffer is kept per key
+/// on the servers (zero at its first use), survives rule changes, moves with the key when a
+/// server leaves or dies (replicas keep it), and can be read and replaced with
+/// braid_kv_pull_state / braid_kv_push_state. The request is queued on each server's
+/// connection behind everything this worker queued before; servers use the rule for every
+/// update applied after it (sync mode: the rounds that close after it). Idempotent: call it on
+/// every worker with the same rule. Afterwards this worker also sends the rule to servers that
+/// join the view later, before anything else it sends them.
+///
+/// Errors: braid_invalid_argument (NULL `worker` or `rule`, a malformed rule naming the bad
+/// field, a server running a callback rule from braid_kv_server_start_with_update, which
+/// cannot be replaced), braid_remote_error naming a server lost before it answered,
+/// braid_timeout. On error some servers may already use the new rule: call it again.
+///
+/// # Safety
+/// `worker` is NULL or live; `rule` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_set_rule(
+    worker: braid_kv_worker_t,
+    rule: *const c_char,
+) -> braid_status_t {
+    boundary("braid_kv_set_rule", || {
+        // SAFETY: caller contract.
+        let w = unsafe { kv_worker_ref(worker) }?;
+        // SAFETY: caller contract (NULL or NUL-terminated).
+        let spec = unsafe { opt_str(rule, "rule") }?.ok_or_else(|| Fail::arg("rule is NULL"))?;
+        let r = UpdateRule::parse(&spec)?;
+        w.worker.set_rule(&r)?;
+        Ok(())
+    })
+}
+
+fn kv_pull_state<T: Element>(w: &KvWorker, k: &KvKeys<'_>, out: *mut c_void) -> CResult {
+    let bytes = k
+        .total
+        .checked_mul(size_of::<T>())
+        .filter(|b| *b <= isize::MAX as usize)
+        .ok_or_else(|| Fail::arg("the lengths are too large"))?;
+    if bytes == 0 {
+        w.pull_state_into::<T>(k.keys, k.lens, &mut [])?;
+        return Ok(());
+    }
+    if out.is_null() {
+        return Err(Fail::arg("out is NULL"));
+    }
+    if !out.cast::<T>().is_aligned() {
+        return Err(Fail::arg("out is not aligned for its element type"));
+    }
+    // SAFETY: non-NULL, aligned, not too large, and valid for writing `total` elements for the
+    // call (contract of braid_kv_pull_state); nobody else uses it meanwhile.
+    let o = unsafe { std::slice::from_raw_parts_mut(out.cast::<T>(), k.total) };
+    w.pull_state_into(k.keys, k.lens, o)?;
+    Ok(())
+}
+
+fn kv_push_state<T: Element>(w: &KvWorker, k: &KvKeys<'_>, vals: *const c_void) -> CResult {
+    // SAFETY: `vals` is NULL or valid for `total` elements for the call (contract of
+    // braid_kv_push_state).
+    let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
+    w.push_state(k.keys, k.lens, v)?;
+    Ok(())
+}
+
+/// Reads the server-side optimizer state of `nkeys` keys (the momentum buffers of the sgd
+/// rule, see braid_kv_set_rule) into `out`, laid out as braid_kv_pull's output (`lens[i]`
+/// elements of `dtype`, the keys' datatype, concatenated); zeros for a key that has no state
+/// yet (no update with momentum so far). Blocking. For MXNet's save_optimizer_states.
+///
+/// Errors: as braid_kv_pull; braid_invalid_argument for a key nobody initialised.
+///
+/// # Safety
+/// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements; `out` valid for
+/// writing the sum of `lens` elements of `dtype` for the call.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_pull_state(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    out: *mut c_void,
+    dtype: DatatypeArg,
+) -> braid_status_t {
+    boundary("braid_kv_pull_state", || {
+        // SAFETY: caller contract.
+        let w = unsafe { kv_worker_ref(worker) }?;
+        let dtype = dtype_of(dtype)?;
+        // SAFETY: caller contract.
+        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+        with_element!(dtype, kv_pull_state(&w.worker, &k, out))
+    })
+}
+
+/// Replaces the server-side optimizer state of `nkeys` keys (laid out as braid_kv_push's
+/// values; the keys' datatype and lengths) with `vals`, replicated like a push, blocking until
+/// every part was stored and replicated. The servers use it from their next update. For
+/// MXNet's load_optimizer_states.
+///
+/// Errors: as braid_kv_push; braid_invalid_argument for a key nobody initialised or a length
+/// or datatype that is not the key's.
+///
+/// # Safety
+/// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements; `vals` valid for
+/// reading the sum of `lens` elements of `dtype` for the call.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_push_state(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const c_void,
+    dtype: DatatypeArg,
+) -> braid_status_t {
+    boundary("braid_kv_push_state", || {
+        // SAFETY: caller contract.
+        let w = unsafe { kv_worker_ref(worker) }?;
+        let dtype = dtype_of(dtype)?;
+        // SAFETY: caller contract.
+        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+        with_element!(dtype, kv_push_state(&w.worker, &k, vals))
+    })
+}
+
 /// Stops a worker and frees it (it leaves the group). Wait for or free its requests first:
 /// operations still in flight afterwards fail, possibly only after BRAID_TIMEOUT. NULL is a
 /// no-op returning braid_success. The handle is invalid afterwards.
@@ -2762,8 +2970,9 @@ fn kv_init<T: Element>(w: &KvWorker, k: &KvKeys<'_>, vals: *const c_void) -> CRe
 /// in `vals` (sum of `lens` elements). The first init of a key wins; later inits (other
 /// workers) must agree on its length and datatype, else braid_invalid_argument. Every key must
 /// be initialised (by some worker) before it is pushed. `keys` and `lens` may be NULL when
-/// `nkeys` is 0, `vals` when the lengths sum to 0. float16/bfloat16 keys are not supported in
-/// this release (braid_invalid_argument).
+/// `nkeys` is 0, `vals` when the lengths sum to 0. Every datatype is accepted, float16 and
+/// bfloat16 included (16-bit patterns; the servers sum them and run the sgd rule in float32 and
+/// round back).
 ///
 /// Errors: braid_invalid_argument (NULL or misaligned arrays, bad datatype, lengths that
 /// contradict what this worker saw before, a server's refusal), braid_timeout (no answer within
@@ -2852,7 +3061,7 @@ fn kv_pull<T: Element>(
 /// Pushes gradients for `nkeys` keys (arrays as braid_kv_init; every key initialised before)
 /// with priority `prio` (higher is sent first when queues build up) and writes a request to
 /// `*req` (NULL on failure). Servers aggregate per BRAID_PS_MODE and apply BRAID_PS_RULE (or
-/// the server's callback). `vals` is copied before the call returns (it may be reused at once).
+/// the rule set with braid_kv_set_rule, or the server's callback). `vals` is copied before the call returns (it may be reused at once).
 /// The request completes when every part was recorded and replicated; braid_kv_wait writes
 /// version 0 for a push.
 ///

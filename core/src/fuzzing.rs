@@ -389,6 +389,32 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                     dtype: "f32".into(),
                     parts: parts.clone(),
                 }),
+                rule: Some("sgd:lr=0.1,momentum=0.9".into()),
+            },
+        ),
+        (
+            "set-rule",
+            Msg::SetRule {
+                req: 6,
+                rule: "sgd:lr=0.1,momentum=0.9,wd=0.0001,rescale=0.5,clip=5".into(),
+            },
+        ),
+        (
+            "pull-state",
+            Msg::PullState {
+                req: 7,
+                prio: 0,
+                parts: parts.clone(),
+            },
+        ),
+        (
+            "push-state",
+            Msg::PushState {
+                req: 8,
+                op: 3,
+                prio: 0,
+                dtype: "f32".into(),
+                parts: parts.clone(),
             },
         ),
         (

@@ -582,6 +582,47 @@ fn a_worker_sending_a_replication_is_refused() {
     job.still_serves();
 }
 
+/// A reader (it may only read) cannot install an update rule or replace the optimizer state:
+/// each closes its connection with a goodbye naming the message; nothing changes.
+#[test]
+fn a_reader_may_not_set_the_rule_or_the_optimizer_state() {
+    let mut job = Job::start();
+    let (h, _) = job.server_handle();
+    let mk = reader_hello(&job.addr);
+    let s = braid::ps::shard::split(KEY, LEN * 4, 4, PART)[0].skey;
+    let set_rule = r#"{"t":"SetRule","req":1,"rule":"sgd:lr=1000"}"#.to_string();
+    let push_state = format!(
+        r#"{{"t":"PushState","req":2,"op":9,"prio":0,"dtype":"float","parts":[{{"s":{s},"k":{KEY},"p":0,"n":{}}}]}}"#,
+        LEN * 4
+    );
+    let body: Vec<u8> = [1000f32; LEN]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    for (hdr, body, kind) in [
+        (set_rule, Vec::new(), "SetRule"),
+        (push_state, body, "PushState"),
+    ] {
+        let mut c = connect(&h, &mk).expect("connect");
+        assert!(send_frame(
+            &mut *c,
+            hdr.as_bytes(),
+            body.len() as u64,
+            &body
+        ));
+        match next(&mut *c) {
+            Outcome::Answer(a) => {
+                let why = format!("reader may not send a {kind}");
+                assert!(a.contains(r#""t":"Bye""#) && a.contains(&why), "{a}");
+                assert!(matches!(next(&mut *c), Outcome::Closed));
+            }
+            o => assert!(matches!(o, Outcome::Closed), "{o:?}"),
+        }
+    }
+    // The server still sums (no sgd with lr 1000), exactly.
+    job.still_serves();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. A connection closed on a protocol error: the worker hears at once, naming the server
 // ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ fn cfg(addr: &str) -> Config {
 fn opts() -> PsOptions {
     PsOptions {
         consistency: Consistency::Sync,
-        rule: UpdateRule::Sgd { lr: -1.0 },
+        rule: UpdateRule::sgd(-1.0),
         partition_bytes: 4096,
         replicas: 1,
         ..PsOptions::default()

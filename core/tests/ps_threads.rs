@@ -96,7 +96,7 @@ fn async_and_sgd_rule() {
     let addr = coord.local_addr().to_string();
     let opts = PsOptions {
         consistency: Consistency::Async,
-        rule: UpdateRule::Sgd { lr: 0.5 },
+        rule: UpdateRule::sgd(0.5),
         ..PsOptions::default()
     };
     std::thread::scope(|s| {

@@ -6,7 +6,11 @@
  * Workers: init 3 float keys of different lengths and one int64 key; rounds of push_pull with
  * exact expected values; a pull with min_version (non-blocking, completed by the next round);
  * argument errors (wrong length for a known key names the key, wrong datatype, bad
- * min_version, NULL pointers, unsupported datatype).
+ * min_version, NULL pointers); a float16 key summed in a sync round; braid_kv_set_rule at run
+ * time (sgd with momentum: exact weights, braid_kv_pull_state / braid_kv_push_state of the
+ * momentum; refused naming the field when malformed, and by servers with a C update rule).
+ * Servers: braid_kv_server_workers sees both workers, then none once they left. Worker 2 also
+ * checks braid_coordinator_status on a coordinator of its own (buffer too small: the length).
  * With BRAID_KV_TEST_CALLBACK=1 the servers start with a C update rule
  * value += 2 * grad (overriding BRAID_PS_RULE) and the workers expect its values.
  *
@@ -200,11 +204,6 @@ static void worker(int index, int cb) {
                  braid_invalid_argument, "NULL worker", "braid_kv_push_pull", "worker is NULL");
     expect_error(braid_kv_push(kv, keys, lens, 1, out, (braid_datatype_t)42, 0, &req),
                  braid_invalid_argument, "bad datatype", "braid_kv_push", "datatype 42");
-    uint16_t halfs[4] = {0};
-    uint64_t hkey = 20;
-    size_t hlen = 4;
-    expect_error(braid_kv_init(kv, &hkey, &hlen, 1, halfs, braid_float16),
-                 braid_invalid_argument, "float16", "braid_kv_init", "float16");
     expect_error(braid_kv_wait(NULL, NULL), braid_invalid_argument, "NULL request",
                  "braid_kv_wait", "req is NULL");
     CHECK(braid_kv_request_free(NULL));
@@ -215,6 +214,110 @@ static void worker(int index, int cb) {
     CHECK(braid_kv_request_free(req));
     EXPECT(v == ROUNDS + 1, "final pull: version %llu", (unsigned long long)v);
     EXPECT(out[TOTAL - 1] == expect_f(cb, TOTAL - 1, ROUNDS + 1), "final pull value");
+
+    /* float16: a sync round sums the workers' pushes (bit patterns; exact values). Worker w
+     * pushes (w + 1) * {0.5, 0.25, 1, 2}. With the C rule, which refuses float16, the round
+     * closes with the value unchanged. */
+    uint64_t hkey = 20;
+    size_t hlen = 4;
+    const uint16_t hinit[4] = {0x3C00, 0x4000, 0x3800, 0xBC00}; /* 1, 2, 0.5, -1 */
+    const uint16_t hgrad[2][4] = {{0x3800, 0x3400, 0x3C00, 0x4000},  /* 0.5 0.25 1 2 */
+                                  {0x3C00, 0x3800, 0x4000, 0x4400}}; /* 1 0.5 2 4 */
+    const uint16_t hsum[4] = {0x3E00, 0x3A00, 0x4200, 0x4600};       /* 1.5 0.75 3 6 */
+    uint16_t hout[4] = {0};
+    CHECK(braid_kv_init(kv, &hkey, &hlen, 1, hinit, braid_float16));
+    CHECK(braid_kv_push_pull(kv, &hkey, &hlen, 1, hgrad[w], hout, braid_float16, 0, &req));
+    CHECK(braid_kv_wait(req, &v));
+    CHECK(braid_kv_request_free(req));
+    EXPECT(v == 1, "float16 round: version %llu", (unsigned long long)v);
+    for (int i = 0; i < 4; i++) {
+        uint16_t want = cb ? hinit[i] : hsum[i];
+        EXPECT(hout[i] == want, "float16 element %d: 0x%04x, want 0x%04x", i, hout[i], want);
+    }
+
+    /* A rule installed at run time. */
+    expect_error(braid_kv_set_rule(kv, "sgd:lr=x"), braid_invalid_argument, "malformed rule",
+                 "braid_kv_set_rule", "lr=x");
+    expect_error(braid_kv_set_rule(kv, "sgd:lr=0.5,nesterov=1"), braid_invalid_argument,
+                 "unknown field", "braid_kv_set_rule", "nesterov");
+    expect_error(braid_kv_set_rule(kv, NULL), braid_invalid_argument, "NULL rule",
+                 "braid_kv_set_rule", "rule is NULL");
+    if (cb) {
+        expect_error(braid_kv_set_rule(kv, "sgd:lr=0.5,momentum=0.5"), braid_invalid_argument,
+                     "callback servers refuse", "braid_kv_set_rule", "custom");
+    } else {
+        /* sgd with momentum 0.5, lr 0.5 on this round's sum G = 3 * (i + r): mom = -0.5 G,
+         * w = w_prev - 0.5 G (exact in float32). */
+        CHECK(braid_kv_set_rule(kv, "sgd:lr=0.5,momentum=0.5"));
+        CHECK(braid_kv_set_rule(kv, "sgd:lr=0.5,momentum=0.5")); /* idempotent */
+        int r = ROUNDS + 2;
+        static float g[TOTAL], mom[TOTAL];
+        for (size_t i = 0; i < TOTAL; i++) g[i] = (float)(w + 1) * (float)(i + (size_t)r);
+        CHECK(braid_kv_push_pull(kv, keys, lens, NKEYS, g, out, braid_float32, 0, &req));
+        CHECK(braid_kv_wait(req, &v));
+        CHECK(braid_kv_request_free(req));
+        EXPECT(v == (uint64_t)r, "sgd round: version %llu", (unsigned long long)v);
+        CHECK(braid_kv_pull_state(kv, keys, lens, NKEYS, mom, braid_float32));
+        for (size_t i = 0; i < TOTAL; i++) {
+            float G = 3.0f * (float)(i + (size_t)r);
+            float want = expect_f(0, i, ROUNDS + 1) - 0.5f * G;
+            EXPECT(out[i] == want, "sgd element %zu: %g, want %g", i, (double)out[i],
+                   (double)want);
+            EXPECT(mom[i] == -0.5f * G, "momentum element %zu: %g, want %g", i, (double)mom[i],
+                   (double)(-0.5f * G));
+        }
+        /* An integer key has no sgd: its state reads as zeros; a key nobody created fails. */
+        int64_t istate[NINT] = {7, 7, 7};
+        CHECK(braid_kv_pull_state(kv, &ikey, &ilen, 1, istate, braid_int64));
+        for (size_t j = 0; j < NINT; j++) EXPECT(istate[j] == 0, "int state %zu", j);
+        uint64_t nokey = 999;
+        size_t nolen = 2;
+        float two[2];
+        expect_error(braid_kv_pull_state(kv, &nokey, &nolen, 1, two, braid_float32),
+                     braid_invalid_argument, "unknown key", "braid_kv_pull_state", "999");
+        expect_error(braid_kv_push_state(kv, keys, &five_len, 1, five, braid_float32),
+                     braid_invalid_argument, "state of a wrong length", "braid_kv_push_state",
+                     "key 1");
+        /* Worker 0 replaces the momentum (after both read it: a round in between). */
+        CHECK(braid_kv_push_pull(kv, &hkey, &hlen, 1, hgrad[w], hout, braid_float16, 0, &req));
+        CHECK(braid_kv_wait(req, &v));
+        CHECK(braid_kv_request_free(req));
+        if (w == 0) {
+            for (size_t i = 0; i < TOTAL; i++) mom[i] = 1.0f;
+            CHECK(braid_kv_push_state(kv, keys, lens, NKEYS, mom, braid_float32));
+        }
+        /* Another round on the float16 key orders the replacement before both reads. */
+        CHECK(braid_kv_push_pull(kv, &hkey, &hlen, 1, hgrad[w], hout, braid_float16, 0, &req));
+        CHECK(braid_kv_wait(req, &v));
+        CHECK(braid_kv_request_free(req));
+        memset(mom, 0, sizeof mom);
+        CHECK(braid_kv_pull_state(kv, keys, lens, NKEYS, mom, braid_float32));
+        for (size_t i = 0; i < TOTAL; i++) EXPECT(mom[i] == 1.0f, "replaced momentum %zu", i);
+    }
+
+    if (w == 0) {
+        /* The status of a coordinator of this process (nobody registered). */
+        braid_coordinator_t c = NULL;
+        CHECK(braid_coordinator_start("127.0.0.1:0", NULL, &c));
+        char small[8] = "unused";
+        size_t len = 0;
+        expect_error(braid_coordinator_status(c, small, sizeof small, &len),
+                     braid_invalid_argument, "small buffer", "braid_coordinator_status",
+                     "too small");
+        EXPECT(len > sizeof small && strcmp(small, "unused") == 0,
+               "len %zu and the buffer untouched", len);
+        char* doc = malloc(len + 1);
+        EXPECT(doc != NULL, "malloc");
+        size_t len2 = 0;
+        CHECK(braid_coordinator_status(c, doc, len + 1, &len2));
+        EXPECT(len2 == len && strlen(doc) == len, "status of %zu bytes", len2);
+        EXPECT(strstr(doc, "\"live_members\":0") != NULL, "live_members: %s", doc);
+        EXPECT(strstr(doc, "\"registered_total\":0") != NULL, "registered_total: %s", doc);
+        free(doc);
+        expect_error(braid_coordinator_status(NULL, small, sizeof small, &len),
+                     braid_invalid_argument, "NULL coord", "braid_coordinator_status", "coord");
+        CHECK(braid_coordinator_destroy(c));
+    }
 
     CHECK(braid_kv_worker_destroy(kv));
     char path[4096];
@@ -236,6 +339,11 @@ static void server(int cb) {
         CHECK(braid_kv_server_start(&s, NULL));
     }
     EXPECT(s != NULL, "a server");
+    size_t nw = 99;
+    CHECK(braid_kv_server_workers(s, &nw));
+    EXPECT(nw == NWORKERS, "the server sees %zu workers, want %d", nw, NWORKERS);
+    expect_error(braid_kv_server_workers(s, NULL), braid_invalid_argument, "NULL workers",
+                 "braid_kv_server_workers", "workers is NULL");
     /* Serve until both workers are done. */
     int seen = 0;
     for (int t = 0; t < 6000 && seen < NWORKERS; t++) {
@@ -252,6 +360,13 @@ static void server(int cb) {
         if (seen < NWORKERS) sleep_ms(10);
     }
     EXPECT(seen == NWORKERS, "both workers done within 60 s (%d)", seen);
+    /* They left the group: the server's view loses them (as a dedicated server process polls
+     * it to know when to stop). */
+    for (int t = 0; t < 3000 && nw != 0; t++) {
+        CHECK(braid_kv_server_workers(s, &nw));
+        if (nw != 0) sleep_ms(10);
+    }
+    EXPECT(nw == 0, "no worker left in the server's view within 30 s (%zu)", nw);
     /* Every part has a replica on the other server, so both servers ran the rule. */
     if (cb) EXPECT(atomic_load(&calls) > 0, "the update callback ran on this server");
     CHECK(braid_kv_server_destroy(s));

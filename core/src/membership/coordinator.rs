@@ -1,7 +1,7 @@
 //! The coordinator service: accepts member connections (one thread each), runs rendezvous per
 //! group and publishes views.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -389,6 +389,9 @@ struct Shared {
     conns: Mutex<Vec<(u64, TcpStream, JoinHandle<()>)>>,
     /// Keys of the connections still in their handshake, oldest first.
     pending: Mutex<VecDeque<u64>>,
+    /// Registrations accepted per group since this service started (not persisted; kept after
+    /// a group is forgotten), for the status: "members came and all left".
+    tally: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -460,6 +463,7 @@ impl Coordinator {
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             pending: Mutex::new(VecDeque::new()),
+            tally: Mutex::new(BTreeMap::new()),
         });
         let sh = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -481,8 +485,13 @@ impl Coordinator {
     }
 
     /// The service's status as JSON: per group the current view (epoch, members with rank,
-    /// id, host, pid, role, heartbeat age), waiting joiners, and the history of epochs with
-    /// their reasons. The same document `braid-coordinator status ADDR` prints.
+    /// id, host, pid, role, heartbeat age), waiting joiners, the history of epochs with
+    /// their reasons, `live` (members and joiners still registered) and `registered_total`
+    /// (registrations accepted since this service started). At the top: `live_members` (over
+    /// all groups), `registered_total` (all groups, forgotten ones included) and
+    /// `past_groups` (groups whose members all left, so forgotten: name and
+    /// `registered_total`). "Members came and all left" is `registered_total > 0 &&
+    /// live_members == 0`. The same document `braid-coordinator status ADDR` prints.
     pub fn status(&self) -> serde_json::Value {
         status_json(&self.shared)
     }
@@ -1338,6 +1347,7 @@ fn register(
         }
         return Err((format!("acknowledgement failed: {e}"), None));
     }
+    *lock(&sh.tally).entry(group_name.clone()).or_insert(0) += 1;
     let entry = Entry {
         id,
         reg,
@@ -2370,6 +2380,7 @@ pub fn fuzz_load_state(data: &[u8]) {
 /// The status document (see [`Coordinator::status`]).
 fn status_json(sh: &Shared) -> serde_json::Value {
     let st = lock(&sh.state);
+    let tally = lock(&sh.tally).clone();
     let now = Instant::now();
     let mut groups: Vec<serde_json::Value> = st
         .groups
@@ -2421,13 +2432,28 @@ fn status_json(sh: &Shared) -> serde_json::Value {
                 "joiners": joiners,
                 "history": g.history,
                 "checkpoint": g.checkpoint,
+                "live": g.entries.len() + g.joiners.len(),
+                "registered_total": tally.get(name).copied().unwrap_or(0),
             })
         })
         .collect();
     groups.sort_by(|a, b| a["group"].as_str().cmp(&b["group"].as_str()));
+    let live: usize = st
+        .groups
+        .values()
+        .map(|g| g.entries.len() + g.joiners.len())
+        .sum();
+    let past: Vec<serde_json::Value> = tally
+        .iter()
+        .filter(|(name, _)| !st.groups.contains_key(*name))
+        .map(|(name, n)| serde_json::json!({"group": name, "registered_total": n}))
+        .collect();
     serde_json::json!({
         "next_member_id": st.next_id,
         "groups": groups,
+        "live_members": live,
+        "registered_total": tally.values().sum::<u64>(),
+        "past_groups": past,
     })
 }
 

@@ -5,7 +5,9 @@
 //! On the wire each message is a 16-byte prefix (magic `BRPS`, header length, body length),
 //! then the header bytes, then the body bytes when there are any — three transport messages
 //! with tags 1, 2, 3. Outgoing messages are sent in priority order (higher first, FIFO within a
-//! priority). Both lengths are checked against the channel's [`Limits`] (what the protocol
+//! priority): they are handed to the transport one at a time, and only while less than
+//! [`POST_WINDOW`] bytes handed over earlier are still unsent, so a message queued later with a
+//! higher priority overtakes what is still queued. Both lengths are checked against the channel's [`Limits`] (what the protocol
 //! allows the peer: the group's partition size plus a header) BEFORE anything is allocated.
 //!
 //! A peer that closes or dies ends the channel. A protocol error (bad magic, a length over the
@@ -29,6 +31,11 @@ const TAG_HDR: u64 = 2;
 const TAG_BODY: u64 = 3;
 /// How long a channel that hit a protocol error tries to send its goodbye.
 pub(crate) const BYE_LINGER: Duration = Duration::from_secs(1);
+/// Bytes handed to the transport and not yet sent, beyond which the next message waits in the
+/// channel's priority queue: the transport sends in posting order, so a message of higher
+/// priority queued later overtakes everything not yet handed over (a large push split in
+/// parts lets a later urgent one through after at most about one part).
+pub(crate) const POST_WINDOW: usize = 1 << 20;
 
 /// The largest header and body a channel accepts from its peer; a larger length in a prefix is
 /// a protocol error, refused before anything is allocated.
@@ -332,6 +339,8 @@ fn drive(
     failing: &mut Option<(String, std::time::Instant)>,
 ) -> std::result::Result<(), String> {
     let mut sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)> = Default::default();
+    // Bytes in `sends` (handed to the transport, not sent yet).
+    let mut inflight = 0usize;
     // Message being posted: its parts not yet accepted by the transport.
     let mut posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)> = Default::default();
     let mut prefix = Box::new([0u8; 16]);
@@ -352,6 +361,10 @@ fn drive(
         // 1. Outgoing: one message at a time, in priority order.
         loop {
             if posting.is_empty() {
+                if inflight >= POST_WINDOW {
+                    // Enough on its way: the rest waits, in priority order.
+                    break;
+                }
                 let next = lock(&sh.queue).0.pop();
                 let Some(q) = next else { break };
                 let m = q.msg;
@@ -375,6 +388,7 @@ fn drive(
             match r {
                 Some(req) => {
                     if let Some((_, buf)) = posting.pop_front() {
+                        inflight += buf.len();
                         sends.push_back((req, buf));
                     }
                     moved = true;
@@ -398,7 +412,9 @@ fn drive(
         moved |= conn.progress().map_err(|e| e.to_string())?;
         while let Some((r, _)) = sends.front() {
             if conn.test(*r).map_err(|e| e.to_string())?.is_some() {
-                sends.pop_front();
+                if let Some((_, buf)) = sends.pop_front() {
+                    inflight = inflight.saturating_sub(buf.len());
+                }
                 moved = true;
             } else {
                 break;

@@ -9,7 +9,13 @@
 //!   hashing with virtual nodes ([`shard`]), weighted by member weight (`BRAID_WEIGHT`, e.g.
 //!   measured throughput), so a server joining or leaving moves about 1/servers of the parts.
 //! * Servers run a deterministic state machine per part ([`store`]): sync rounds, async, or
-//!   bounded staleness; versions; update rules (sum, SGD, user callback).
+//!   bounded staleness; versions; update rules (sum, MXNet's SGD with momentum, weight decay,
+//!   rescale and clipping, user callback).
+//! * Priorities: every request carries the caller's priority; each connection sends its queued
+//!   messages highest priority first, handing the transport at most about 1 MiB ahead
+//!   (`chan.rs`), so a small urgent push queued behind a large one (split
+//!   in parts of [`PsOptions::partition_bytes`]) overtakes all but about one part of it; the
+//!   server answers in the order it received and queues its answers by the same priority.
 //! * Every update is forwarded to the next [`PsOptions::replicas`] servers of the ring and
 //!   acknowledged only once they applied it, so a killed server loses no acknowledged update:
 //!   when the view changes, the replica owns the parts and seeds a new replica; workers re-route
@@ -27,6 +33,26 @@
 //!   it owns at one consistent version in the background, one file per server; the worker
 //!   that asked writes the manifest last ([`checkpoint`]).
 //!   Servers started with `BRAID_PS_RESTORE=DIR` load it, with any number of servers.
+//!
+//! # Update rules at run time
+//! * [`KvWorker::set_rule`] (C `braid_kv_set_rule`) sends a built-in rule (`sum`, `sgd:...`,
+//!   see [`UpdateRule::parse`]) to every server of the view, behind everything the worker
+//!   queued before, and returns once each acknowledged it; servers use it for every update
+//!   they apply afterwards (sync: the rounds that close afterwards). Idempotent; call it on
+//!   every worker (as MXNet's `set_optimizer`). A server running a callback rule refuses it.
+//!   The worker sends the rule first on every connection it makes later, so servers that join
+//!   the view get it before anything else from that worker.
+//! * Replicas apply each replicated push with the rule its owner applied it with (carried in
+//!   the replication), so the copies, momentum included, stay identical even while the rule
+//!   reaches the servers at different times. (Sync rounds that a view change closes, without
+//!   a push, are closed by each copy with its own rule: the same once every server got it.)
+//! * The optimizer state (the SGD momentum, one buffer per key part, same dtype and length as
+//!   the value, zero at its first use) lives next to the value, is kept when the rule changes,
+//!   replicated with every update, and moves with the part when the view changes (a replica
+//!   that takes a dead server's parts over has the momentum too). Read and replace it with
+//!   [`KvWorker::pull_state_into`] / [`KvWorker::push_state`] (C `braid_kv_pull_state`,
+//!   `braid_kv_push_state`). Checkpoints ([`checkpoint`]) hold the values only: a restored
+//!   group starts its momentum at zero (save it with `pull_state_into` if needed).
 //!
 //! # Checkpoints, exactly
 //! * Who: any worker may call [`KvWorker::checkpoint`]. Periodic checkpoints are taken by the
@@ -70,7 +96,7 @@ pub(crate) mod wire;
 pub mod worker;
 
 pub use server::KvServer;
-pub use store::{Consistency, UpdateRule};
+pub use store::{Consistency, SgdParams, UpdateRule};
 pub use worker::{CheckpointInfo, KvReader, KvWorker, PsHandle, Pulled};
 
 use crate::error::{Error, Result};
@@ -80,7 +106,9 @@ use crate::error::{Error, Result};
 pub struct PsOptions {
     /// Consistency (`BRAID_PS_MODE`: `sync`, `async` or `bounded:TAU`; default sync).
     pub consistency: Consistency,
-    /// Server update rule (`BRAID_PS_RULE`: `sum` or `sgd:LR`; default sum).
+    /// Server update rule (`BRAID_PS_RULE`: `sum`, `sgd:LR` or
+    /// `sgd:lr=LR,momentum=M,wd=WD,rescale=R,clip=C`, see [`UpdateRule::parse`]; default sum).
+    /// Workers may replace it at run time ([`KvWorker::set_rule`]).
     pub rule: UpdateRule,
     /// Values larger than this are split into parts over servers (`BRAID_PS_PARTITION_BYTES`,
     /// default 4 MiB).
@@ -154,23 +182,8 @@ impl PsOptions {
             };
         }
         if let Some(r) = get("BRAID_PS_RULE") {
-            o.rule = match r.trim() {
-                "sum" => UpdateRule::Sum,
-                s if s.starts_with("sgd:") => UpdateRule::Sgd {
-                    lr: s["sgd:".len()..]
-                        .parse()
-                        .ok()
-                        .filter(|x: &f64| x.is_finite())
-                        .ok_or_else(|| {
-                            Error::InvalidArgument(format!("BRAID_PS_RULE={r}: expected sgd:LR"))
-                        })?,
-                },
-                _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "BRAID_PS_RULE={r}: expected sum or sgd:LR"
-                    )))
-                }
-            };
+            o.rule = UpdateRule::parse(&r)
+                .map_err(|e| Error::InvalidArgument(format!("BRAID_PS_RULE={r}: {e}")))?;
         }
         if let Some(b) = get("BRAID_PS_PARTITION_BYTES") {
             o.partition_bytes = crate::config::parse_bytes(&b)
@@ -257,6 +270,34 @@ mod tests {
 
     fn with(k: &'static str, v: &'static str) -> Result<PsOptions> {
         PsOptions::from_lookup(move |n| (n == k).then(|| v.to_string()))
+    }
+
+    #[test]
+    fn update_rules_from_the_environment() {
+        assert!(matches!(
+            with("BRAID_PS_RULE", "sum").unwrap().rule,
+            UpdateRule::Sum
+        ));
+        let r = with("BRAID_PS_RULE", "sgd:0.25").unwrap().rule;
+        assert!(matches!(r, UpdateRule::Sgd(p) if p == SgdParams::lr(0.25)));
+        let r = with(
+            "BRAID_PS_RULE",
+            "sgd:lr=0.1,momentum=0.9,wd=1e-4,rescale=0.5,clip=5",
+        )
+        .unwrap()
+        .rule;
+        assert_eq!(
+            r.spec().as_deref(),
+            Some("sgd:lr=0.1,momentum=0.9,wd=0.0001,rescale=0.5,clip=5.0")
+        );
+        for (bad, field) in [
+            ("sgd:lr=0.1,momentum=x", "momentum=x"),
+            ("sgd:momentum=0.9", "lr is required"),
+            ("adam", "expected sum"),
+        ] {
+            let e = with("BRAID_PS_RULE", bad).unwrap_err().to_string();
+            assert!(e.contains("BRAID_PS_RULE") && e.contains(field), "{e}");
+        }
     }
 
     #[test]

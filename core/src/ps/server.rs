@@ -31,6 +31,15 @@ enum Kind {
     Pull,
 }
 
+/// What a worker's write request does to its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Init,
+    Push,
+    /// Replaces the optimizer state.
+    State,
+}
+
 /// One client request being answered (its parts may complete at different times).
 struct Agg {
     kind: Kind,
@@ -78,6 +87,11 @@ struct SState {
     /// The id of the checkpoint whose file is being written (its copy of the state is held
     /// until then; a further request is refused meanwhile).
     ckpt_writing: Option<String>,
+    /// The store's update rule as [`super::UpdateRule::spec`] writes it (`None`: custom),
+    /// sent with every replication so replicas apply what the owner applied.
+    rule_spec: Option<String>,
+    /// The last rule a replication carried, parsed.
+    rep_rule: Option<(String, super::UpdateRule)>,
 }
 
 /// A checkpoint request taken in (see the module documentation of [`super`], "Checkpoints,
@@ -324,6 +338,7 @@ impl KvServer {
             }
             other => other.clone(),
         };
+        let rule_spec = rule.spec();
         let mut store = Store::new(opts.consistency, rule, opts.history.max(1));
         let _ = store.set_workers(&workers_of(&view));
         let mut directory = HashMap::new();
@@ -372,6 +387,8 @@ impl KvServer {
                 lost_parts: HashMap::new(),
                 ckpt: None,
                 ckpt_writing: None,
+                rule_spec,
+                rep_rule: None,
             }),
             stop: AtomicBool::new(false),
             keymap,
@@ -996,7 +1013,12 @@ fn handle(
     if inner.stop.load(Ordering::SeqCst) {
         // Leaving: the replicas take these parts over; the worker retries there after the
         // view change (what this server would apply now could be lost with it).
-        if let Msg::Init { req, .. } | Msg::Push { req, .. } | Msg::Pull { req, .. } = msg {
+        if let Msg::Init { req, .. }
+        | Msg::Push { req, .. }
+        | Msg::Pull { req, .. }
+        | Msg::PushState { req, .. }
+        | Msg::PullState { req, .. } = msg
+        {
             let fail = Msg::Fail {
                 req,
                 msg: format!("server {} is leaving: retry", inner.me),
@@ -1020,18 +1042,26 @@ fn handle(
                 prio,
                 dtype,
                 parts,
-            } => Ok((true, req, op, prio, dtype, parts)),
+            } => Ok((Write::Init, req, op, prio, dtype, parts)),
             Msg::Push {
                 req,
                 op,
                 prio,
                 dtype,
                 parts,
-            } => Ok((false, req, op, prio, dtype, parts)),
+            } => Ok((Write::Push, req, op, prio, dtype, parts)),
+            Msg::PushState {
+                req,
+                op,
+                prio,
+                dtype,
+                parts,
+            } => Ok((Write::State, req, op, prio, dtype, parts)),
             other => Err(other),
         };
         let msg = match msg {
-            Ok((is_init, req, wop, prio, dtype, parts)) => {
+            Ok((write, req, wop, prio, dtype, parts)) => {
+                let is_init = write == Write::Init;
                 let kind = if is_init { Kind::Init } else { Kind::Push };
                 let Some(dt) = dtype_of(&dtype) else {
                     outbox.push((
@@ -1154,6 +1184,19 @@ fn handle(
                                 msg: e.to_string(),
                             }],
                         }
+                    } else if write == Write::State {
+                        match st.store.set_state(p.s, dt, data) {
+                            Ok(()) => vec![Event::PushAck {
+                                req: sreq,
+                                key: p.s,
+                                version: st.store.version(p.s).unwrap_or(0),
+                            }],
+                            Err(e) => vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: e.to_string(),
+                            }],
+                        }
                     } else {
                         match st.store.push(sreq, from, p.s, dt, data) {
                             Ok(evs) => evs,
@@ -1193,22 +1236,28 @@ fn handle(
                     if let Some(a) = st.aggs.get_mut(&(from, req)) {
                         a.reps += 1;
                     }
-                    let op = if is_init {
-                        Msg::Init {
+                    let op = match write {
+                        Write::Init => Msg::Init {
                             req: 0,
                             op: wop,
                             prio: 0,
                             dtype: dtype.clone(),
                             parts: ps,
-                        }
-                    } else {
-                        Msg::Push {
+                        },
+                        Write::Push => Msg::Push {
                             req: 0,
                             op: wop,
                             prio: 0,
                             dtype: dtype.clone(),
                             parts: ps,
-                        }
+                        },
+                        Write::State => Msg::PushState {
+                            req: 0,
+                            op: wop,
+                            prio: 0,
+                            dtype: dtype.clone(),
+                            parts: ps,
+                        },
                     };
                     reps.push((
                         r,
@@ -1216,6 +1265,11 @@ fn handle(
                             seq,
                             worker: from,
                             op: Box::new(op),
+                            rule: if write == Write::Push {
+                                st.rule_spec.clone()
+                            } else {
+                                None
+                            },
                         },
                         data,
                     ));
@@ -1345,19 +1399,41 @@ fn handle(
                     Vec::new(),
                 ));
             }
-            Msg::Replicate { seq, worker, op } => {
+            Msg::Replicate {
+                seq,
+                worker,
+                op,
+                rule,
+            } => {
                 let mut off = 0;
                 let op = match *op {
                     Msg::Init {
                         op, dtype, parts, ..
-                    } => Some((true, op, dtype, parts)),
+                    } => Some((Write::Init, op, dtype, parts)),
                     Msg::Push {
                         op, dtype, parts, ..
-                    } => Some((false, op, dtype, parts)),
+                    } => Some((Write::Push, op, dtype, parts)),
+                    Msg::PushState {
+                        op, dtype, parts, ..
+                    } => Some((Write::State, op, dtype, parts)),
                     _ => None,
                 };
-                let Some((is_init, wop, dtype, parts)) = op else {
+                let Some((write, wop, dtype, parts)) = op else {
                     return Err(format!("replication {seq} carries no init or push"));
+                };
+                let is_init = write == Write::Init;
+                // The rule the owner applied this push with (parsed once per change).
+                let owner_rule = match rule {
+                    None => None,
+                    Some(spec) => {
+                        let cached = st.rep_rule.as_ref().is_some_and(|(s, _)| *s == spec);
+                        if !cached {
+                            let r = super::UpdateRule::parse(&spec)
+                                .map_err(|e| format!("replication {seq}: {e}"))?;
+                            st.rep_rule = Some((spec, r));
+                        }
+                        st.rep_rule.as_ref().map(|(_, r)| r.clone())
+                    }
                 };
                 if parts_len(&parts) != Some(body.len()) {
                     return Err(format!(
@@ -1387,10 +1463,19 @@ fn handle(
                                 if !st.dedup.first(worker, wop, p.s) {
                                     continue;
                                 }
-                                let r = if is_init {
-                                    st.store.init(p.s, dt, data).map(|x| x.1)
-                                } else {
-                                    st.store.push(0, worker, p.s, dt, data)
+                                let r = match write {
+                                    Write::Init => st.store.init(p.s, dt, data).map(|x| x.1),
+                                    Write::Push => st.store.push_with(
+                                        0,
+                                        worker,
+                                        p.s,
+                                        dt,
+                                        data,
+                                        owner_rule.as_ref(),
+                                    ),
+                                    Write::State => {
+                                        st.store.set_state(p.s, dt, data).map(|()| Vec::new())
+                                    }
                                 };
                                 let evs = r.unwrap_or_else(|e| {
                                     // Only when this copy and the owner's disagree on the
@@ -1453,6 +1538,106 @@ fn handle(
                         ));
                     }
                 }
+            }
+            Msg::SetRule { req, rule } => {
+                let r = match st.store.rule() {
+                    super::UpdateRule::Custom(_) => Err(format!(
+                        "server {} runs a custom (callback) update rule, which cannot be \
+                         replaced at run time: rule {rule:?} refused",
+                        inner.me
+                    )),
+                    _ => super::UpdateRule::parse(&rule).map_err(|e| e.to_string()),
+                };
+                let answer = match r {
+                    Ok(new) => {
+                        let spec = new.spec();
+                        if spec != st.rule_spec {
+                            tracing::info!(target: "braid::ps", "server {}: update rule {} (from worker {from})", inner.me, spec.as_deref().unwrap_or("?"));
+                        }
+                        st.store.set_rule(new);
+                        st.rule_spec = spec;
+                        Msg::Ack {
+                            req,
+                            versions: Vec::new(),
+                        }
+                    }
+                    Err(msg) => {
+                        tracing::warn!(target: "braid::ps", "server {}: worker {from}: {msg}", inner.me);
+                        Msg::Fail {
+                            req,
+                            msg,
+                            retry: false,
+                        }
+                    }
+                };
+                if req != 0 {
+                    outbox.push((from, i32::MAX, answer, Vec::new()));
+                }
+            }
+            Msg::PullState { req, prio, parts } => {
+                if !matches!(parts_len(&parts), Some(n) if n <= inner.opts.partition_bytes) {
+                    return Err(format!(
+                        "state pull {req}: {} parts, more than a request may ask for",
+                        parts.len()
+                    ));
+                }
+                let mut body = Vec::new();
+                let mut versions = Vec::with_capacity(parts.len());
+                let mut failed = None;
+                for p in &parts {
+                    let why = if st.ring.owner(p.s) != Some(inner.me) {
+                        Some((
+                            format!(
+                                "key {} part {} moved away: this server does not own it at epoch {}",
+                                p.k, p.p, st.view.epoch
+                            ),
+                            true,
+                        ))
+                    } else {
+                        missing_part(st, p.s)
+                    };
+                    if let Some(w) = why {
+                        failed = Some(w);
+                        break;
+                    }
+                    match st.store.state(p.s) {
+                        Some(d) if d.len() == p.n => {
+                            body.extend_from_slice(&d);
+                            versions.push(st.store.version(p.s).unwrap_or(0));
+                        }
+                        Some(d) => {
+                            failed = Some((
+                                format!(
+                                    "key {} part {} has {} bytes, the request says {}",
+                                    p.k,
+                                    p.p,
+                                    d.len(),
+                                    p.n
+                                ),
+                                false,
+                            ));
+                            break;
+                        }
+                        None => {
+                            failed = Some((
+                                format!(
+                                    "user key {} does not exist (nobody called init for it)",
+                                    p.k
+                                ),
+                                false,
+                            ));
+                            break;
+                        }
+                    }
+                }
+                let answer = match failed {
+                    Some((msg, retry)) => {
+                        body.clear();
+                        Msg::Fail { req, msg, retry }
+                    }
+                    None => Msg::Values { req, versions },
+                };
+                outbox.push((from, prio, answer, body));
             }
             Msg::Bye { reason } => {
                 tracing::warn!(target: "braid::ps", "server {}: member {from} closes the connection: {reason}", inner.me);

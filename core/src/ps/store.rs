@@ -43,9 +43,16 @@
 //! # Update rules
 //! - [`UpdateRule::Sum`]: sync: the value becomes the sum of the round's pushes (ps-lite's
 //!   aggregation: workers pull the aggregated gradient); async/bounded: value += push.
-//! - [`UpdateRule::Sgd`]: value -= lr × (round sum in sync, push in async/bounded); float
-//!   dtypes only (f16 and bf16 computed through f64 and rounded back), pushes to integer keys
-//!   are refused.
+//! - [`UpdateRule::Sgd`]: MXNet's SGD (`sgd_update` / `sgd_mom_update` of MXNet 1.9) applied
+//!   to the gradient g (the round sum in sync, each push in async/bounded), with
+//!   `g' = clip(rescale × g)` (clip only when `clip` is set):
+//!   without momentum `value = (1 - lr × wd) × value - lr × g'`; with momentum
+//!   `mom = momentum × mom - lr × wd × value - lr × g'`, `value += mom`. The momentum buffer
+//!   is per key (same dtype and length as the value), starts at zero at the key's first update
+//!   with momentum, and is kept when the rule changes ([`Store::set_rule`]); it moves with the
+//!   key ([`Store::export`]) and can be read and replaced ([`Store::state`],
+//!   [`Store::set_state`]). Float dtypes only: f32 computed in f32 (as MXNet), f64 in f64, f16
+//!   and bf16 in f32 and rounded back; pushes to integer keys are refused.
 //! - [`UpdateRule::Custom`]: called with the key, its dtype, the value (to update in place) and
 //!   the round sum (sync) or the push (async/bounded). It works on a copy: if it fails, the
 //!   value is unchanged. In async/bounded mode the push gets an [`Event::Error`] and no ack;
@@ -98,20 +105,133 @@ pub type UpdateFn = dyn Fn(u64, DataType, &mut [u8], &[u8]) -> Result<()> + Send
 pub enum UpdateRule {
     /// Sync: value = sum of the round's pushes; async/bounded: value += push.
     Sum,
-    /// value -= lr × gradient (float dtypes only).
-    Sgd {
-        /// Learning rate.
-        lr: f64,
-    },
+    /// MXNet's SGD (see [`SgdParams`]; float dtypes only).
+    Sgd(SgdParams),
     /// A user callback (see [`UpdateFn`]).
     Custom(Arc<UpdateFn>),
+}
+
+/// The parameters of [`UpdateRule::Sgd`], as MXNet's `SGD` optimizer names them (see the
+/// [module documentation](self) for the formulas).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdParams {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum (0: none, no state kept).
+    pub momentum: f64,
+    /// Weight decay.
+    pub wd: f64,
+    /// Factor applied to the gradient first (MXNet's `rescale_grad`; 1 by default).
+    pub rescale: f64,
+    /// Clip the rescaled gradient to `[-clip, clip]` (MXNet's `clip_gradient`; `None`: no
+    /// clipping).
+    pub clip: Option<f64>,
+}
+
+impl SgdParams {
+    /// Plain SGD with learning rate `lr` (no momentum, no weight decay, no clipping).
+    pub fn lr(lr: f64) -> SgdParams {
+        SgdParams {
+            lr,
+            momentum: 0.0,
+            wd: 0.0,
+            rescale: 1.0,
+            clip: None,
+        }
+    }
+}
+
+impl UpdateRule {
+    /// Plain SGD with learning rate `lr` ([`SgdParams::lr`]).
+    pub fn sgd(lr: f64) -> UpdateRule {
+        UpdateRule::Sgd(SgdParams::lr(lr))
+    }
+
+    /// Parses a rule as `BRAID_PS_RULE` and `braid_kv_set_rule` spell it: `sum`, `sgd:LR`, or
+    /// `sgd:lr=LR,momentum=M,wd=WD,rescale=R,clip=C` (any subset of the fields in any order,
+    /// `lr` required; defaults momentum 0, wd 0, rescale 1, no clipping; a negative `clip`
+    /// means no clipping, as MXNet's `clip_gradient`). Every number must be finite.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the rule and the bad field.
+    pub fn parse(spec: &str) -> Result<UpdateRule> {
+        let s = spec.trim();
+        let bad = |why: String| Error::InvalidArgument(format!("update rule {spec:?}: {why}"));
+        if s == "sum" {
+            return Ok(UpdateRule::Sum);
+        }
+        let Some(rest) = s.strip_prefix("sgd:") else {
+            return Err(bad(
+                "expected sum, sgd:LR or sgd:lr=LR,momentum=M,wd=WD,rescale=R,clip=C".into(),
+            ));
+        };
+        let num = |field: &str, v: &str| -> Result<f64> {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| bad(format!("{field}={v}: expected a finite number")))
+        };
+        if !rest.contains('=') {
+            return Ok(UpdateRule::sgd(num("lr", rest)?));
+        }
+        let mut p = SgdParams::lr(0.0);
+        let mut seen: Vec<&str> = Vec::new();
+        for item in rest.split(',') {
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(bad(format!("{item:?}: expected FIELD=VALUE")));
+            };
+            let k = k.trim();
+            if seen.contains(&k) {
+                return Err(bad(format!("field {k} given twice")));
+            }
+            match k {
+                "lr" => p.lr = num(k, v)?,
+                "momentum" => p.momentum = num(k, v)?,
+                "wd" => p.wd = num(k, v)?,
+                "rescale" => p.rescale = num(k, v)?,
+                "clip" => {
+                    let c = num(k, v)?;
+                    p.clip = (c >= 0.0).then_some(c);
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown field {other:?} (fields: lr, momentum, wd, rescale, clip)"
+                    )))
+                }
+            }
+            seen.push(k);
+        }
+        if !seen.contains(&"lr") {
+            return Err(bad("lr is required (sgd:lr=LR,...)".into()));
+        }
+        Ok(UpdateRule::Sgd(p))
+    }
+
+    /// The rule in the syntax of [`UpdateRule::parse`] (every field written, numbers exact),
+    /// `None` for a custom rule.
+    pub fn spec(&self) -> Option<String> {
+        match self {
+            UpdateRule::Sum => Some("sum".into()),
+            UpdateRule::Sgd(p) => {
+                let mut s = format!(
+                    "sgd:lr={:?},momentum={:?},wd={:?},rescale={:?}",
+                    p.lr, p.momentum, p.wd, p.rescale
+                );
+                if let Some(c) = p.clip {
+                    s.push_str(&format!(",clip={c:?}"));
+                }
+                Some(s)
+            }
+            UpdateRule::Custom(_) => None,
+        }
+    }
 }
 
 impl fmt::Debug for UpdateRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UpdateRule::Sum => f.write_str("Sum"),
-            UpdateRule::Sgd { lr } => f.debug_struct("Sgd").field("lr", lr).finish(),
+            UpdateRule::Sgd(p) => f.debug_tuple("Sgd").field(p).finish(),
             UpdateRule::Custom(_) => f.write_str("Custom(..)"),
         }
     }
@@ -260,6 +380,10 @@ struct Entry {
     /// A version kept readable beyond the history for a checkpoint ([`Store::pin`]).
     #[serde(skip)]
     pin: Option<u64>,
+    /// The optimizer state (the Sgd rule's momentum buffer; same dtype and length as the
+    /// value), created at the first update that needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mom: Option<Vec<u8>>,
 }
 
 /// What the per-key logic needs from the store.
@@ -294,6 +418,7 @@ impl Entry {
             held: BTreeMap::new(),
             pulls: Vec::new(),
             pin: None,
+            mom: None,
         }
     }
 
@@ -384,9 +509,26 @@ impl Entry {
             UpdateRule::Sum => self.update(cfg.history, |v| {
                 reduce_inplace(dtype, ReduceOp::Sum, v, grad).map_err(|e| e.to_string())
             }),
-            UpdateRule::Sgd { lr } => {
-                let lr = *lr;
-                self.update(cfg.history, |v| sgd(dtype, v, grad, lr))
+            UpdateRule::Sgd(p) => {
+                let p = *p;
+                if p.momentum == 0.0 {
+                    return self.update(cfg.history, |v| sgd(dtype, v, grad, &p, None));
+                }
+                let mut mom = match self.mom.take() {
+                    Some(m) if m.len() == self.value.len() => m,
+                    Some(m) => {
+                        let n = m.len();
+                        self.mom = Some(m);
+                        return Err(format!(
+                            "sgd: momentum buffer of {n} bytes for a value of {}",
+                            self.value.len()
+                        ));
+                    }
+                    None => vec![0u8; self.value.len()],
+                };
+                let r = self.update(cfg.history, |v| sgd(dtype, v, grad, &p, Some(&mut mom)));
+                self.mom = Some(mom);
+                r
             }
             UpdateRule::Custom(f) => {
                 let mut next = self.value.clone();
@@ -567,54 +709,193 @@ impl Entry {
     }
 }
 
-/// `value -= lr * grad`, elementwise, float dtypes only; checks before writing.
-fn sgd(dtype: DataType, value: &mut [u8], grad: &[u8], lr: f64) -> std::result::Result<(), String> {
-    if value.len() != grad.len() || value.len() % dtype.size() != 0 {
+/// MXNet's SGD step on one element type (see the module documentation): `w` the weight, `g`
+/// the gradient, `m` the momentum (when there is one); returns the new weight.
+trait SgdFloat:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
+    fn of(x: f64) -> Self;
+}
+
+impl SgdFloat for f32 {
+    fn of(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+impl SgdFloat for f64 {
+    fn of(x: f64) -> f64 {
+        x
+    }
+}
+
+/// [`SgdParams`] in the element type the step computes in.
+#[derive(Clone, Copy)]
+struct SgdK<F> {
+    lr: F,
+    momentum: F,
+    wd: F,
+    rescale: F,
+    clip: Option<F>,
+    one: F,
+}
+
+impl<F: SgdFloat> SgdK<F> {
+    fn new(p: &SgdParams) -> SgdK<F> {
+        SgdK {
+            lr: F::of(p.lr),
+            momentum: F::of(p.momentum),
+            wd: F::of(p.wd),
+            rescale: F::of(p.rescale),
+            clip: p.clip.map(F::of),
+            one: F::of(1.0),
+        }
+    }
+
+    /// One element, as MXNet 1.9's SGDKernel / SGDMomKernel write it.
+    #[inline]
+    fn step(&self, w: F, g: F, m: Option<&mut F>) -> F {
+        let k = self;
+        match (m, k.clip) {
+            (None, None) => (k.one - k.lr * k.wd) * w - (k.lr * k.rescale) * g,
+            (None, Some(c)) => (k.one - k.lr * k.wd) * w - k.lr * clamp(k.rescale * g, c),
+            (Some(m), None) => {
+                *m = k.momentum * *m - k.lr * k.wd * w - k.lr * k.rescale * g;
+                w + *m
+            }
+            (Some(m), Some(c)) => {
+                *m = k.momentum * *m - k.lr * k.wd * w - k.lr * clamp(k.rescale * g, c);
+                w + *m
+            }
+        }
+    }
+}
+
+/// `x` clipped to `[-c, c]` (NaN stays NaN), as mshadow's `clip`.
+#[inline]
+fn clamp<F: SgdFloat>(x: F, c: F) -> F {
+    if x > c {
+        c
+    } else if x < -c {
+        -c
+    } else {
+        x
+    }
+}
+
+/// MXNet's SGD over a value (see the module documentation), float dtypes only; `mom`: the
+/// momentum buffer (same length), when the rule has momentum. Checks before writing.
+fn sgd(
+    dtype: DataType,
+    value: &mut [u8],
+    grad: &[u8],
+    p: &SgdParams,
+    mom: Option<&mut Vec<u8>>,
+) -> std::result::Result<(), String> {
+    if value.len() != grad.len()
+        || value.len() % dtype.size() != 0
+        || mom.as_ref().is_some_and(|m| m.len() != value.len())
+    {
         return Err(format!(
             "sgd: lengths {} and {} bytes of {dtype}",
             value.len(),
             grad.len()
         ));
     }
+    if !dtype.is_float() {
+        return Err(format!(
+            "the Sgd update rule needs a float dtype, got {dtype}"
+        ));
+    }
     match dtype {
-        DataType::F32 => step::<4>(value, grad, |v, g| {
-            let (v, g) = (f32::from_ne_bytes(v) as f64, f32::from_ne_bytes(g) as f64);
-            ((v - lr * g) as f32).to_ne_bytes()
-        }),
-        DataType::F64 => step::<8>(value, grad, |v, g| {
-            (f64::from_ne_bytes(v) - lr * f64::from_ne_bytes(g)).to_ne_bytes()
-        }),
-        DataType::F16 => step::<2>(value, grad, |v, g| {
-            let (v, g) = (
-                f16::from_ne_bytes(v).to_f64(),
-                f16::from_ne_bytes(g).to_f64(),
-            );
-            f16::from_f64(v - lr * g).to_ne_bytes()
-        }),
-        DataType::BF16 => step::<2>(value, grad, |v, g| {
-            let (v, g) = (
-                bf16::from_ne_bytes(v).to_f64(),
-                bf16::from_ne_bytes(g).to_f64(),
-            );
-            bf16::from_f64(v - lr * g).to_ne_bytes()
-        }),
+        DataType::F32 => {
+            let k = SgdK::<f32>::new(p);
+            elems::<4>(value, grad, mom, |w, g, m| {
+                let mut mm = m.map(f32::from_ne_bytes);
+                let w = k.step(f32::from_ne_bytes(w), f32::from_ne_bytes(g), mm.as_mut());
+                (w.to_ne_bytes(), mm.map(f32::to_ne_bytes))
+            })
+        }
+        DataType::F64 => {
+            let k = SgdK::<f64>::new(p);
+            elems::<8>(value, grad, mom, |w, g, m| {
+                let mut mm = m.map(f64::from_ne_bytes);
+                let w = k.step(f64::from_ne_bytes(w), f64::from_ne_bytes(g), mm.as_mut());
+                (w.to_ne_bytes(), mm.map(f64::to_ne_bytes))
+            })
+        }
+        DataType::F16 => {
+            let k = SgdK::<f32>::new(p);
+            elems::<2>(value, grad, mom, |w, g, m| {
+                let mut mm = m.map(|m| f16::from_ne_bytes(m).to_f32());
+                let w = k.step(
+                    f16::from_ne_bytes(w).to_f32(),
+                    f16::from_ne_bytes(g).to_f32(),
+                    mm.as_mut(),
+                );
+                (
+                    f16::from_f32(w).to_ne_bytes(),
+                    mm.map(|m| f16::from_f32(m).to_ne_bytes()),
+                )
+            })
+        }
         _ => {
-            return Err(format!(
-                "the Sgd update rule needs a float dtype, got {dtype}"
-            ))
+            let k = SgdK::<f32>::new(p);
+            elems::<2>(value, grad, mom, |w, g, m| {
+                let mut mm = m.map(|m| bf16::from_ne_bytes(m).to_f32());
+                let w = k.step(
+                    bf16::from_ne_bytes(w).to_f32(),
+                    bf16::from_ne_bytes(g).to_f32(),
+                    mm.as_mut(),
+                );
+                (
+                    bf16::from_f32(w).to_ne_bytes(),
+                    mm.map(|m| bf16::from_f32(m).to_ne_bytes()),
+                )
+            })
         }
     }
     Ok(())
 }
 
-/// Runs `f` over the N-byte elements of `value` and `grad` (any alignment).
-fn step<const N: usize>(value: &mut [u8], grad: &[u8], f: impl Fn([u8; N], [u8; N]) -> [u8; N]) {
-    for (v, g) in value.chunks_exact_mut(N).zip(grad.chunks_exact(N)) {
+/// Runs `f` over the N-byte elements of `value`, `grad` and `mom` (when given; any
+/// alignment), writing back the value and the momentum.
+fn elems<const N: usize>(
+    value: &mut [u8],
+    grad: &[u8],
+    mom: Option<&mut Vec<u8>>,
+    f: impl Fn([u8; N], [u8; N], Option<[u8; N]>) -> ([u8; N], Option<[u8; N]>),
+) {
+    let arr = |b: &[u8]| {
         let mut a = [0u8; N];
-        a.copy_from_slice(v);
-        let mut b = [0u8; N];
-        b.copy_from_slice(g);
-        v.copy_from_slice(&f(a, b));
+        a.copy_from_slice(b);
+        a
+    };
+    match mom {
+        None => {
+            for (v, g) in value.chunks_exact_mut(N).zip(grad.chunks_exact(N)) {
+                let (w, _) = f(arr(v), arr(g), None);
+                v.copy_from_slice(&w);
+            }
+        }
+        Some(mom) => {
+            for ((v, g), m) in value
+                .chunks_exact_mut(N)
+                .zip(grad.chunks_exact(N))
+                .zip(mom.chunks_exact_mut(N))
+            {
+                let (w, mm) = f(arr(v), arr(g), Some(arr(m)));
+                v.copy_from_slice(&w);
+                if let Some(mm) = mm {
+                    m.copy_from_slice(&mm);
+                }
+            }
+        }
     }
 }
 
@@ -800,9 +1081,26 @@ impl Store {
         dtype: DataType,
         grad: &[u8],
     ) -> Result<Vec<Event>> {
+        self.push_with(req, worker, key, dtype, grad, None)
+    }
+
+    /// As [`Store::push`], with `rule` (when given) instead of the store's rule for whatever
+    /// this push applies (a replica applies an operation with the rule its owner used, so the
+    /// copies stay identical whatever rule each was told to use meanwhile).
+    ///
+    /// Errors: as [`Store::push`].
+    pub fn push_with(
+        &mut self,
+        req: ReqId,
+        worker: u64,
+        key: u64,
+        dtype: DataType,
+        grad: &[u8],
+        rule: Option<&UpdateRule>,
+    ) -> Result<Vec<Event>> {
         let cfg = Cfg {
             mode: self.consistency,
-            rule: &self.rule,
+            rule: rule.unwrap_or(&self.rule),
             history: self.history,
             workers: &self.workers,
             spare: &self.spare,
@@ -820,7 +1118,7 @@ impl Store {
             out.push(error(req, key, msg));
             return Ok(out);
         }
-        if matches!(cfg.rule, UpdateRule::Sgd { .. }) && !dtype.is_float() {
+        if matches!(cfg.rule, UpdateRule::Sgd(_)) && !dtype.is_float() {
             out.push(error(
                 req,
                 key,
@@ -1090,6 +1388,39 @@ impl Store {
     /// Sync mode: the round `worker` last pushed into on `key` (closed or open), if it pushed.
     pub fn last_round(&self, key: u64, worker: u64) -> Option<u64> {
         self.keys.get(&key)?.last_round.get(&worker).copied()
+    }
+
+    /// The update rule.
+    pub fn rule(&self) -> &UpdateRule {
+        &self.rule
+    }
+
+    /// Replaces the update rule for every update applied from now on (sync: the rounds that
+    /// close from now on). The keys' optimizer state (momentum) is kept.
+    pub fn set_rule(&mut self, rule: UpdateRule) {
+        self.rule = rule;
+    }
+
+    /// The optimizer state of `key` (the Sgd rule's momentum buffer, same dtype and length as
+    /// the value; zeros when the key has none yet), `None` when the key is not initialised.
+    pub fn state(&self, key: u64) -> Option<Vec<u8>> {
+        let e = self.keys.get(&key)?;
+        Some(e.mom.clone().unwrap_or_else(|| vec![0u8; e.value.len()]))
+    }
+
+    /// Replaces the optimizer state of `key` (see [`Store::state`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] when the key is not initialised or `dtype` and the
+    /// length are not the key's.
+    pub fn set_state(&mut self, key: u64, dtype: DataType, state: &[u8]) -> Result<()> {
+        let e = self.keys.get_mut(&key).ok_or_else(|| {
+            Error::InvalidArgument(format!("key {key} not initialised: call init first"))
+        })?;
+        if let Some(msg) = e.check(key, dtype, state.len()) {
+            return Err(Error::InvalidArgument(format!("optimizer state: {msg}")));
+        }
+        e.mom = Some(state.to_vec());
+        Ok(())
     }
 }
 
@@ -1510,7 +1841,7 @@ mod tests {
     #[test]
     fn export_import_round_trip() {
         round_trip(Consistency::Sync, UpdateRule::Sum);
-        round_trip(Consistency::Sync, UpdateRule::Sgd { lr: 0.5 });
+        round_trip(Consistency::Sync, UpdateRule::sgd(0.5));
         round_trip(Consistency::Async, UpdateRule::Sum);
         round_trip(Consistency::Bounded(1), UpdateRule::Sum);
     }
@@ -1607,7 +1938,7 @@ mod tests {
 
     #[test]
     fn sgd_f32_and_integer_error() {
-        let mut s = store(Consistency::Async, UpdateRule::Sgd { lr: 0.5 }, 1, &[]);
+        let mut s = store(Consistency::Async, UpdateRule::sgd(0.5), 1, &[]);
         s.init(0, F, &b(&[1., 2.])).unwrap();
         assert_eq!(s.push(1, 1, 0, F, &b(&[2., 4.])).unwrap(), [ack(1, 0, 1)]);
         assert_eq!(s.get(0).unwrap().1, b(&[0., 0.]));
@@ -1618,7 +1949,7 @@ mod tests {
             "{m}"
         );
         assert_eq!(s.version(1), Some(0));
-        // f16, f64, bf16 through f64.
+        // f16, f64, bf16 (halves computed in f32).
         s.init(2, DataType::F16, &f16::from_f32(1.0).to_ne_bytes())
             .unwrap();
         s.push(3, 1, 2, DataType::F16, &f16::from_f32(0.5).to_ne_bytes())
@@ -1633,7 +1964,7 @@ mod tests {
         s.push(5, 1, 4, DataType::F64, &1f64.to_ne_bytes()).unwrap();
         assert_eq!(s.get(4).unwrap().1, 2.5f64.to_ne_bytes());
         // Sync: value -= lr * (sum of the round), history 2 keeps the weights before.
-        let mut s = store(Consistency::Sync, UpdateRule::Sgd { lr: 0.5 }, 2, &[1, 2]);
+        let mut s = store(Consistency::Sync, UpdateRule::sgd(0.5), 2, &[1, 2]);
         s.init(0, F, &b(&[1., 2.])).unwrap();
         s.push(1, 1, 0, F, &b(&[1., 1.])).unwrap();
         s.push(2, 2, 0, F, &b(&[3., 3.])).unwrap();
@@ -1708,12 +2039,7 @@ mod tests {
             assert_eq!(s.read_at(0, 1), None);
             assert_eq!(s.get(0).unwrap(), (6, &b(&[7.])[..]));
             // Sync with a custom-free rule: rounds commit the same way.
-            let mut y = store(
-                Consistency::Sync,
-                UpdateRule::Sgd { lr: -1.0 },
-                history,
-                &[1],
-            );
+            let mut y = store(Consistency::Sync, UpdateRule::sgd(-1.0), history, &[1]);
             y.init(0, F, &b(&[0.])).unwrap();
             assert!(y.pin(0, 0));
             for i in 0..4 {
@@ -1740,5 +2066,243 @@ mod tests {
             assert_eq!(run(&mut a, &ops), run(&mut r, &ops));
         }
         assert_eq!(a.export(|_| true), r.export(|_| true));
+    }
+
+    fn f16s(v: &[f32]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| f16::from_f32(*x).to_ne_bytes())
+            .collect()
+    }
+
+    fn rule(spec: &str) -> UpdateRule {
+        UpdateRule::parse(spec).unwrap()
+    }
+
+    fn params(spec: &str) -> SgdParams {
+        match rule(spec) {
+            UpdateRule::Sgd(p) => p,
+            other => panic!("{spec}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rule_syntax() {
+        assert!(matches!(rule("sum"), UpdateRule::Sum));
+        assert_eq!(params("sgd:0.5"), SgdParams::lr(0.5));
+        assert_eq!(params(" sgd:lr=0.5 "), SgdParams::lr(0.5));
+        let p = params("sgd:clip=5,lr=0.1,momentum=0.9,wd=1e-4,rescale=0.5");
+        assert_eq!(
+            p,
+            SgdParams {
+                lr: 0.1,
+                momentum: 0.9,
+                wd: 1e-4,
+                rescale: 0.5,
+                clip: Some(5.0)
+            }
+        );
+        // A negative clip is MXNet's "no clipping"; 0 clips to 0.
+        assert_eq!(params("sgd:lr=1,clip=-1").clip, None);
+        assert_eq!(params("sgd:lr=1,clip=0").clip, Some(0.0));
+        // The spec round-trips exactly.
+        for spec in [
+            "sum",
+            "sgd:0.1",
+            "sgd:lr=0.1,momentum=0.9,wd=0.0001,rescale=0.3333333333333333,clip=5",
+            "sgd:lr=1e-300,momentum=-0.5",
+        ] {
+            let r = rule(spec);
+            let again = rule(&r.spec().unwrap());
+            assert_eq!(format!("{r:?}"), format!("{again:?}"), "{spec}");
+        }
+        let custom = UpdateRule::Custom(Arc::new(|_, _, _: &mut [u8], _: &[u8]| Ok(())));
+        assert!(custom.spec().is_none());
+        for (bad, names) in [
+            ("sgd:", "lr"),
+            ("sgd:x", "lr=x"),
+            ("sgd:lr=0.1,momentum=abc", "momentum=abc"),
+            ("sgd:lr=0.1,mom=0.9", "\"mom\""),
+            ("sgd:momentum=0.9", "lr is required"),
+            ("sgd:lr=0.1,lr=0.2", "lr given twice"),
+            ("sgd:lr=inf", "lr=inf"),
+            ("sgd:lr=0.1,wd", "\"wd\""),
+            ("adam:0.1", "expected sum"),
+            ("sgd:lr=0.1,clip=nan", "clip=nan"),
+        ] {
+            let e = UpdateRule::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(names) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    /// MXNet's formulas in f64, element by element (the hand computation).
+    fn mx_step(p: &SgdParams, w: f64, g: f64, m: &mut f64) -> f64 {
+        let mut g = p.rescale * g;
+        if let Some(c) = p.clip {
+            g = g.clamp(-c, c);
+        }
+        if p.momentum == 0.0 {
+            w - p.lr * (g + p.wd * w)
+        } else {
+            *m = p.momentum * *m - p.lr * (g + p.wd * w);
+            w + *m
+        }
+    }
+
+    fn close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            let tol = 1e-6 * w.abs().max(1.0);
+            assert!((*g as f64 - w).abs() <= tol, "got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn sgd_as_mxnet_sync_two_workers() {
+        for spec in [
+            "sgd:lr=0.1,momentum=0.9,wd=0.01,rescale=0.5",
+            "sgd:lr=0.1,wd=0.01,rescale=0.5",
+            "sgd:lr=0.2,momentum=0.5,rescale=2,clip=1.5",
+            "sgd:lr=0.2,rescale=2,clip=1.5",
+        ] {
+            let p = params(spec);
+            let mut s = store(Consistency::Sync, rule(spec), 2, &[1, 2]);
+            let w0 = [1.0f32, -2.0, 0.5, 3.0];
+            s.init(9, F, &b(&w0)).unwrap();
+            let mut w: Vec<f64> = w0.iter().map(|x| *x as f64).collect();
+            let mut m = vec![0f64; w.len()];
+            let rounds: [([f32; 4], [f32; 4]); 3] = [
+                ([0.5, -1.0, 2.0, 0.25], [0.5, 3.0, -0.5, 0.75]),
+                ([1.0, 1.0, -4.0, 0.0], [-2.0, 0.5, 0.25, 1.0]),
+                ([0.125, -0.5, 0.0, 2.0], [0.0, 0.0, 1.0, -1.0]),
+            ];
+            for (r, (g1, g2)) in rounds.iter().enumerate() {
+                s.push(1, 1, 9, F, &b(g1)).unwrap();
+                assert_eq!(s.version(9), Some(r as u64), "{spec}: round still open");
+                s.push(2, 2, 9, F, &b(g2)).unwrap();
+                assert_eq!(s.version(9), Some(r as u64 + 1));
+                for i in 0..w.len() {
+                    let g = g1[i] as f64 + g2[i] as f64;
+                    w[i] = mx_step(&p, w[i], g, &mut m[i]);
+                }
+                close(&f(s.get(9).unwrap().1), &w);
+                let st = f(&s.state(9).unwrap());
+                if p.momentum == 0.0 {
+                    assert!(st.iter().all(|x| *x == 0.0), "{spec}: no state: {st:?}");
+                } else {
+                    close(&st, &m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sgd_f16_momentum_and_f16_sum() {
+        // Exactly representable steps: m = 0.5m - 0.25g, w += m.
+        let mut s = store(Consistency::Async, rule("sgd:lr=0.25,momentum=0.5"), 1, &[]);
+        let h = DataType::F16;
+        s.init(1, h, &f16s(&[1.0, -1.0])).unwrap();
+        s.push(1, 1, 1, h, &f16s(&[2.0, -4.0])).unwrap();
+        assert_eq!(s.get(1).unwrap().1, f16s(&[0.5, 0.0]));
+        assert_eq!(s.state(1).unwrap(), f16s(&[-0.5, 1.0]));
+        s.push(2, 1, 1, h, &f16s(&[2.0, 0.0])).unwrap();
+        assert_eq!(s.get(1).unwrap().1, f16s(&[-0.25, 0.5]));
+        assert_eq!(s.state(1).unwrap(), f16s(&[-0.75, 0.5]));
+        // bf16 the same way.
+        let bh = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| bf16::from_f32(*x).to_ne_bytes())
+                .collect()
+        };
+        s.init(2, DataType::BF16, &bh(&[1.0])).unwrap();
+        s.push(3, 1, 2, DataType::BF16, &bh(&[2.0])).unwrap();
+        assert_eq!(s.get(2).unwrap().1, bh(&[0.5]));
+        // Sum on f16: sync rounds add the pushes (through f32).
+        let mut s = store(Consistency::Sync, UpdateRule::Sum, 1, &[1, 2]);
+        s.init(3, h, &f16s(&[0.0, 0.0, 0.0])).unwrap();
+        s.push(1, 1, 3, h, &f16s(&[0.5, 0.25, -1.0])).unwrap();
+        s.push(2, 2, 3, h, &f16s(&[1.5, 0.75, 65504.0])).unwrap();
+        assert_eq!(s.get(3).unwrap(), (1, &f16s(&[2.0, 1.0, 65503.0])[..]));
+        // Async: value += push.
+        let mut s = store(Consistency::Async, UpdateRule::Sum, 2, &[]);
+        s.init(3, h, &f16s(&[1.0])).unwrap();
+        s.push(1, 1, 3, h, &f16s(&[0.5])).unwrap();
+        s.push(2, 2, 3, h, &f16s(&[0.25])).unwrap();
+        assert_eq!(s.get(3).unwrap(), (2, &f16s(&[1.75])[..]));
+    }
+
+    #[test]
+    fn rule_change_keeps_state_and_state_moves_with_the_key() {
+        let mut s = store(Consistency::Async, rule("sgd:lr=0.5,momentum=0.5"), 2, &[]);
+        s.init(4, F, &b(&[1.0])).unwrap();
+        s.push(1, 1, 4, F, &b(&[1.0])).unwrap();
+        // m = -0.5, w = 0.5
+        assert_eq!(f(&s.state(4).unwrap()), [-0.5]);
+        // Plain SGD meanwhile: the momentum stays as it is.
+        s.set_rule(rule("sgd:lr=0.5"));
+        s.push(2, 1, 4, F, &b(&[1.0])).unwrap();
+        assert_eq!(f(s.get(4).unwrap().1), [0.0]);
+        assert_eq!(f(&s.state(4).unwrap()), [-0.5]);
+        // Back to momentum: it goes on from the kept buffer: m = -0.25 - 0.5 = -0.75.
+        s.set_rule(rule("sgd:lr=0.5,momentum=0.5"));
+        s.push(3, 1, 4, F, &b(&[1.0])).unwrap();
+        assert_eq!(f(s.get(4).unwrap().1), [-0.75]);
+        assert_eq!(f(&s.state(4).unwrap()), [-0.75]);
+        // The state moves with the key.
+        let mut t = Store::new(Consistency::Async, rule("sgd:lr=0.5,momentum=0.5"), 2);
+        t.import(s.export(|_| true));
+        assert_eq!(t.state(4), s.state(4));
+        let json = serde_json::to_value(s.export(|_| true)).unwrap();
+        let back: Vec<KeyDump> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s.export(|_| true));
+        // Replaced state; checked against the key.
+        s.set_state(4, F, &b(&[2.0])).unwrap();
+        s.push(4, 1, 4, F, &b(&[0.0])).unwrap();
+        // m = 0.5 * 2 = 1, w = -0.75 + 1
+        assert_eq!(f(s.get(4).unwrap().1), [0.25]);
+        let e = s.set_state(4, F, &b(&[1.0, 2.0])).unwrap_err().to_string();
+        assert!(e.contains("key 4") && e.contains("length"), "{e}");
+        let e = s
+            .set_state(4, DataType::F64, &[0; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dtype"), "{e}");
+        assert!(s.set_state(5, F, &b(&[1.0])).is_err());
+        assert_eq!(s.state(5), None);
+        // A key without state reads as zeros.
+        s.init(6, F, &b(&[1.0, 1.0])).unwrap();
+        assert_eq!(f(&s.state(6).unwrap()), [0.0, 0.0]);
+        // A dump without the state field (an older server's) has none.
+        let mut j = serde_json::to_value(t.export(|_| true)).unwrap();
+        j[0]["entry"].as_object_mut().unwrap().remove("mom");
+        let old: Vec<KeyDump> = serde_json::from_value(j).unwrap();
+        let mut u = Store::new(Consistency::Async, UpdateRule::Sum, 2);
+        u.import(old);
+        assert_eq!(f(&u.state(4).unwrap()), [0.0]);
+    }
+
+    #[test]
+    fn replica_applies_the_owners_rule() {
+        // The owner switched to momentum SGD; the replica was not told (yet): it applies what
+        // the replication carries, and both stay identical.
+        let r1 = rule("sgd:lr=0.1,momentum=0.9,wd=0.1");
+        let mut owner = store(Consistency::Sync, r1.clone(), 2, &[1, 2]);
+        let mut replica = store(Consistency::Sync, UpdateRule::Sum, 2, &[1, 2]);
+        for st in [&mut owner, &mut replica] {
+            st.init(1, F, &b(&[1.0, 2.0])).unwrap();
+        }
+        for (w, g) in [
+            (1, [1.0, 1.0]),
+            (2, [0.5, -3.0]),
+            (1, [2.0, 0.0]),
+            (2, [0.0, 1.0]),
+        ] {
+            owner.push(0, w, 1, F, &b(&g)).unwrap();
+            replica
+                .push_with(0, w, 1, F, &b(&g), Some(owner.rule()))
+                .unwrap();
+        }
+        assert_eq!(owner.version(1), Some(2));
+        assert_eq!(owner.export(|_| true), replica.export(|_| true));
+        assert!(matches!(replica.rule(), UpdateRule::Sum));
     }
 }

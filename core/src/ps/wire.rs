@@ -77,7 +77,16 @@ pub(crate) enum Msg {
     /// change (the worker retries), otherwise it is the caller's error.
     Fail { req: u64, msg: String, retry: bool },
     /// Server → replica server: apply this operation (same order as on the owner). Body: data.
-    Replicate { seq: u64, worker: u64, op: Box<Msg> },
+    /// `rule`: the update rule the owner applied it with (see [`super::store::UpdateRule::spec`];
+    /// absent for a custom rule: the replica's own), so replicas stay identical to the owner
+    /// when a worker replaces the rule at run time ([`Msg::SetRule`]).
+    Replicate {
+        seq: u64,
+        worker: u64,
+        op: Box<Msg>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+    },
     /// Replica → owner: operation `seq` applied.
     RepAck { seq: u64 },
     /// Server → server: parts that exist in the group (store key, user key, part index), so a
@@ -106,6 +115,28 @@ pub(crate) enum Msg {
         copy_us: u64,
         write_us: u64,
     },
+    /// Worker → server: use update rule `rule` (see [`super::store::UpdateRule::parse`]) for
+    /// every update applied from now on. Answered with an [`Msg::Ack`] (no versions) or a
+    /// [`Msg::Fail`] (a server with a custom rule, a malformed rule). `req` 0: not answered.
+    SetRule { req: u64, rule: String },
+    /// Worker → server: the optimizer state (momentum) of these parts, answered like a pull
+    /// ([`Msg::Values`]; zeros where a part has none).
+    PullState {
+        req: u64,
+        #[serde(default)]
+        prio: i32,
+        parts: Vec<PartRef>,
+    },
+    /// Worker → server: replaces the optimizer state of these parts (replicated like a push).
+    /// Body: the states. `op` as for `Init`.
+    PushState {
+        req: u64,
+        op: u64,
+        #[serde(default)]
+        prio: i32,
+        dtype: String,
+        parts: Vec<PartRef>,
+    },
     /// Server → server: full state of keys (migration, seeding a new replica).
     Transfer {
         dumps: serde_json::Value,
@@ -123,7 +154,8 @@ pub(crate) enum Msg {
 /// error: the receiver closes the connection). `from` is the sender's role as admitted by the
 /// receiver's hello check (readers are not members), `to` the receiver's.
 ///
-/// * To a server: workers (members of the view) may init, push and ask for a checkpoint;
+/// * To a server: workers (members of the view) may init, push, ask for a checkpoint, set the
+///   update rule and read or replace the optimizer state;
 ///   workers and readers may pull and ask for the snapshot version; only servers may
 ///   replicate, acknowledge a replication, hand state over (transfer) or announce keys.
 /// * To a worker or reader: only servers, and only answers.
@@ -135,7 +167,13 @@ pub(crate) fn permitted(from: Role, to: Role, m: &Msg) -> std::result::Result<()
         (Role::Server, Msg::Pull { .. } | Msg::SnapVer { .. }) => {
             matches!(from, Role::Worker | Role::Reader)
         }
-        (Role::Server, Msg::Checkpoint { .. }) => from == Role::Worker,
+        (
+            Role::Server,
+            Msg::Checkpoint { .. }
+            | Msg::SetRule { .. }
+            | Msg::PullState { .. }
+            | Msg::PushState { .. },
+        ) => from == Role::Worker,
         (
             Role::Server,
             Msg::Replicate { .. } | Msg::RepAck { .. } | Msg::Transfer { .. } | Msg::Keys { .. },
@@ -191,6 +229,9 @@ impl Msg {
             Msg::Checkpoint { .. } => "Checkpoint",
             Msg::CkptParts { .. } => "CkptParts",
             Msg::Checkpointed { .. } => "Checkpointed",
+            Msg::SetRule { .. } => "SetRule",
+            Msg::PullState { .. } => "PullState",
+            Msg::PushState { .. } => "PushState",
         }
     }
 
@@ -225,6 +266,7 @@ mod tests {
             seq: 1,
             worker: 2,
             op: Box::new(push()),
+            rule: None,
         };
         assert!(permitted(Role::Worker, Role::Server, &push()).is_ok());
         assert!(permitted(Role::Reader, Role::Server, &push()).is_err());
@@ -254,6 +296,35 @@ mod tests {
         };
         assert!(permitted(Role::Server, Role::Worker, &parts).is_ok());
         assert!(permitted(Role::Worker, Role::Server, &parts).is_err());
+        let rule = Msg::SetRule {
+            req: 1,
+            rule: "sgd:0.1".into(),
+        };
+        let pull_state = Msg::PullState {
+            req: 1,
+            prio: 0,
+            parts: Vec::new(),
+        };
+        let push_state = Msg::PushState {
+            req: 1,
+            op: 1,
+            prio: 0,
+            dtype: "float".into(),
+            parts: Vec::new(),
+        };
+        for m in [&rule, &pull_state, &push_state] {
+            assert!(permitted(Role::Worker, Role::Server, m).is_ok(), "{m:?}");
+            assert!(permitted(Role::Reader, Role::Server, m).is_err(), "{m:?}");
+            assert!(permitted(Role::Server, Role::Server, m).is_err(), "{m:?}");
+            assert!(permitted(Role::Server, Role::Worker, m).is_err(), "{m:?}");
+            assert_eq!(Msg::decode(&m.encode()).as_ref(), Ok(m));
+        }
+        // A replication written by an older server (no rule) still decodes.
+        let old = br#"{"t":"Replicate","seq":1,"worker":2,"op":{"t":"Push","req":0,"op":1,"dtype":"float","parts":[]}}"#;
+        assert!(matches!(
+            Msg::decode(old),
+            Ok(Msg::Replicate { rule: None, .. })
+        ));
     }
 
     #[test]

@@ -32,6 +32,24 @@ enum Kind {
     Pull,
     Snap,
     Checkpoint,
+    /// A [`Msg::SetRule`] (never re-sent).
+    Rule,
+    /// Reads the optimizer state (answered like a pull).
+    PullState,
+    /// Replaces the optimizer state (written like a push).
+    PushState,
+}
+
+impl Kind {
+    /// Requests carrying values (a body).
+    fn writes(self) -> bool {
+        matches!(self, Kind::Init | Kind::Push | Kind::PushState)
+    }
+
+    /// Requests answered with values.
+    fn reads(self) -> bool {
+        matches!(self, Kind::Pull | Kind::PullState)
+    }
 }
 
 /// A request to one server (part of an operation).
@@ -94,6 +112,10 @@ struct WState {
     lost: HashMap<u64, (String, Instant)>,
     /// Checkpoint operations: what the servers answered so far.
     ckpts: HashMap<u64, CkptAcc>,
+    /// The update rule this worker installed on the servers ([`KvWorker::set_rule`]), as
+    /// [`super::UpdateRule::spec`] writes it: sent first on every connection made afterwards
+    /// (servers that join later, reconnections).
+    rule: Option<String>,
 }
 
 /// What the servers answered to a checkpoint operation.
@@ -489,6 +511,98 @@ impl KvWorker {
         lock(&self.inner.ckpt).last.clone()
     }
 
+    /// Installs update rule `rule` (a built-in one: [`UpdateRule::Sum`](super::UpdateRule) or
+    /// [`UpdateRule::Sgd`](super::UpdateRule)) on every server of the view, blocking until
+    /// each acknowledged it. The request is queued on each server's connection behind
+    /// everything this worker queued before (requests waiting for a view change to be
+    /// re-sent excepted), and servers use the rule for every update they apply after it (sync:
+    /// the rounds that close after it); the optimizer state (momentum) of the keys is kept.
+    /// Idempotent: every worker may send the same rule (as MXNet's `set_optimizer` on every
+    /// worker; do so, so that whichever worker reaches a server first, the rule is there).
+    /// This worker also sends the rule first on every connection it makes from now on (servers
+    /// that join the view, reconnections), unless a server refused it. Replicas apply each replicated push with
+    /// the rule its owner applied it with.
+    ///
+    /// Errors: `InvalidArgument` for a custom rule (it cannot be sent), or a server's refusal
+    /// (a server running a custom callback rule); `PeerLost` naming a server lost before it
+    /// answered; `Timeout` (BRAID_TIMEOUT).
+    pub fn set_rule(&self, rule: &super::UpdateRule) -> Result<()> {
+        let spec = rule.spec().ok_or_else(|| {
+            Error::InvalidArgument(
+                "a custom (callback) update rule cannot be installed at run time; only sum and \
+                 sgd can"
+                    .into(),
+            )
+        })?;
+        // From now on new connections start with this rule (servers joining meanwhile);
+        // restored when a server refuses it.
+        let before = lock(&self.inner.st).rule.replace(spec.clone());
+        let r = self
+            .inner
+            .send_rule(&spec)
+            .and_then(|op| handle(&self.inner, op, |_| ()).wait());
+        if let Err(e) = &r {
+            if matches!(e, Error::InvalidArgument(_)) {
+                let mut st = lock(&self.inner.st);
+                if st.rule.as_deref() == Some(spec.as_str()) {
+                    st.rule = before;
+                }
+            }
+        }
+        r
+    }
+
+    /// Reads the optimizer state (the Sgd rule's momentum buffers) of `keys` (`lens[i]`
+    /// elements each, the keys' dtype) into `out`, laid out as a pull; zeros for keys that
+    /// have none yet. Blocking.
+    ///
+    /// Errors: as [`KvWorker::pull_into`]; `InvalidArgument` for a key nobody initialised.
+    pub fn pull_state_into<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        out: &mut [T],
+    ) -> Result<()> {
+        check_out(lens, out.len())?;
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        let buf = OutBuf {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+        };
+        let op = self.inner.submit_to(
+            Kind::PullState,
+            T::DTYPE,
+            keys,
+            lens,
+            &[],
+            buf,
+            None,
+            None,
+            i32::MAX,
+        )?;
+        // `out` stays borrowed until the handle was waited for (or dropped on error, which
+        // forgets the operation under the state lock).
+        handle(&self.inner, op, |_| ()).wait()
+    }
+
+    /// Replaces the optimizer state of `keys` (laid out as a push; the keys' dtype and
+    /// lengths), replicated like a push. Blocking. The servers use it from their next update.
+    ///
+    /// Errors: as [`KvWorker::push`]; `InvalidArgument` for a key nobody initialised.
+    pub fn push_state<T: Element>(&self, keys: &[u64], lens: &[usize], vals: &[T]) -> Result<()> {
+        let op = self.inner.submit(
+            Kind::PushState,
+            T::DTYPE,
+            keys,
+            lens,
+            bytemuck::cast_slice(vals),
+            None,
+            None,
+            i32::MAX,
+        )?;
+        handle(&self.inner, op, |_| ()).wait()
+    }
+
     /// As [`KvWorker::pull`], blocking, with the values written straight into `out` (no
     /// result vector to allocate and fill); returns the version (the smallest over the
     /// parts).
@@ -630,6 +744,7 @@ fn new_state(view: View) -> WState {
         chained: Vec::new(),
         lost: HashMap::new(),
         ckpts: HashMap::new(),
+        rule: None,
     }
 }
 
@@ -1014,6 +1129,81 @@ impl WInner {
         Ok((m, copy, write))
     }
 
+    /// Sends a rule request to every server of the ring at the lowest priority (behind what is
+    /// queued); returns the operation waiting for their acknowledgements.
+    fn send_rule(self: &Arc<Self>, spec: &str) -> Result<u64> {
+        let servers: Vec<u64> = lock(&self.st).ring.servers().to_vec();
+        if servers.is_empty() {
+            return Err(Error::InvalidUsage(
+                "set_rule: no push/pull server in the view".into(),
+            ));
+        }
+        let chans: Vec<(u64, Option<Arc<Chan>>)> =
+            servers.iter().map(|s| (*s, self.server_chan(*s))).collect();
+        let mut st = lock(&self.st);
+        let op = st.next_op;
+        st.next_op += 1;
+        st.ops.insert(
+            op,
+            Op {
+                outstanding: 0,
+                out: OutBuf::NONE,
+                versions: BTreeMap::new(),
+                error: None,
+                deadline: Instant::now() + self.timeout,
+            },
+        );
+        for (s, c) in chans {
+            let req = st.next_req;
+            st.next_req += 1;
+            let msg = Msg::SetRule {
+                req,
+                rule: spec.to_string(),
+            };
+            let sent = c.is_some_and(|c| {
+                c.send(Outgoing {
+                    prio: i32::MIN,
+                    hdr: msg.encode(),
+                    body: Arc::new(Vec::new()),
+                })
+                .is_ok()
+            });
+            if !sent {
+                let why = st
+                    .lost
+                    .get(&s)
+                    .map_or_else(|| "no connection".to_string(), |x| x.0.clone());
+                let host = host_of(&st.view, s);
+                st.ops.remove(&op);
+                st.reqs.retain(|_, r| r.op != op);
+                return Err(Error::PeerLost {
+                    rank: 0,
+                    member: s,
+                    host,
+                    detail: format!("update rule: push/pull server {s}: {why}"),
+                });
+            }
+            if let Some(o) = st.ops.get_mut(&op) {
+                o.outstanding += 1;
+            }
+            st.reqs.insert(
+                req,
+                WReq {
+                    op,
+                    server: s,
+                    kind: Kind::Rule,
+                    dtype: DataType::U8,
+                    parts: Vec::new(),
+                    body: Arc::new(Vec::new()),
+                    min: None,
+                    at: None,
+                    prio: i32::MIN,
+                },
+            );
+        }
+        Ok(op)
+    }
+
     /// Submits a push; returns its operation id.
     fn push_op<T: Element>(
         self: &Arc<Self>,
@@ -1111,13 +1301,13 @@ impl WInner {
         }
         let es = dtype.size();
         let total: usize = lens.iter().sum::<usize>() * es;
-        if kind == Kind::Pull && out.len != total {
+        if kind.reads() && out.len != total {
             return Err(Error::Internal(format!(
                 "pull buffer of {} bytes for {total}",
                 out.len
             )));
         }
-        if matches!(kind, Kind::Init | Kind::Push) && data.len() != total {
+        if kind.writes() && data.len() != total {
             return Err(Error::InvalidArgument(format!(
                 "values hold {} bytes, the lengths say {total} ({} elements of {})",
                 data.len(),
@@ -1154,7 +1344,7 @@ impl WInner {
                 }
                 Some(_) => {}
                 None => {
-                    if matches!(kind, Kind::Init | Kind::Push) {
+                    if kind.writes() {
                         st.keys.insert(k, (dtype, n * es));
                     }
                 }
@@ -1184,7 +1374,7 @@ impl WInner {
             prio,
             self.opts.partition_bytes,
         );
-        if matches!(kind, Kind::Init | Kind::Push) {
+        if kind.writes() {
             // One copy of the caller's values: each server's request gets its own parts,
             // contiguous, sent as they are.
             let mut pool = lock(&self.bodies);
@@ -1228,10 +1418,23 @@ impl WInner {
                     min: r.min,
                     at: r.at,
                 },
-                // Checkpoint requests are sent by `start_checkpoint` only (never re-sent).
-                Kind::Snap | Kind::Checkpoint => Msg::SnapVer { req: id },
+                Kind::PullState => Msg::PullState {
+                    req: id,
+                    prio: r.prio,
+                    parts: r.parts.iter().map(|p| p.0).collect(),
+                },
+                Kind::PushState => Msg::PushState {
+                    req: id,
+                    op: r.op,
+                    prio: r.prio,
+                    dtype: r.dtype.name().into(),
+                    parts: r.parts.iter().map(|p| p.0).collect(),
+                },
+                // Checkpoint and rule requests are sent by `start_checkpoint` and `set_rule`
+                // only (never re-sent).
+                Kind::Snap | Kind::Checkpoint | Kind::Rule => Msg::SnapVer { req: id },
             };
-            let body = if matches!(r.kind, Kind::Init | Kind::Push) {
+            let body = if r.kind.writes() {
                 let total: usize = r.parts.iter().map(|(p, _)| p.n).sum();
                 let whole = total == r.body.len()
                     && r.parts
@@ -1426,7 +1629,21 @@ impl WInner {
         ) {
             Ok(c) => {
                 let c = Arc::new(c);
-                lock(&self.st).chans.insert(id, c.clone());
+                let mut st = lock(&self.st);
+                if let Some(rule) = &st.rule {
+                    // The rule this worker installed reaches a server before anything else
+                    // this worker sends it (a server that joined later, a reconnection).
+                    let _ = c.send(Outgoing {
+                        prio: i32::MAX,
+                        hdr: Msg::SetRule {
+                            req: 0,
+                            rule: rule.clone(),
+                        }
+                        .encode(),
+                        body: Arc::new(Vec::new()),
+                    });
+                }
+                st.chans.insert(id, c.clone());
                 Some(c)
             }
             Err(e) => {
@@ -1682,16 +1899,23 @@ impl WInner {
         let now = Instant::now();
         let mut out = Vec::new();
         for r in list {
-            if r.kind == Kind::Checkpoint {
-                // A checkpoint is not re-routed: it fails, and the next one starts afresh.
+            if matches!(r.kind, Kind::Checkpoint | Kind::Rule) {
+                // A checkpoint is not re-routed: it fails, and the next one starts afresh. A
+                // rule goes to every server of the view: one lost before it acknowledged
+                // fails the call (its successor learns the rule when this worker connects).
                 let host = host_of(&st.view, r.server);
+                let what = if r.kind == Kind::Rule {
+                    "update rule"
+                } else {
+                    "checkpoint"
+                };
                 if let Some(o) = st.ops.get_mut(&r.op) {
                     o.error.get_or_insert(Error::PeerLost {
                         rank: 0,
                         member: r.server,
                         host,
                         detail: format!(
-                            "checkpoint: push/pull server {} was lost before it answered",
+                            "{what}: push/pull server {} was lost before it answered",
                             r.server
                         ),
                     });
