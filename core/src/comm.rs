@@ -1259,6 +1259,7 @@ pub(crate) fn make_transport_with(
 ) -> Result<Vec<Arc<dyn Transport>>> {
     let shm = || -> Result<Arc<dyn Transport>> {
         let opts = ShmOptions {
+            ring_bytes: cfg.shm_ring_bytes,
             spin: cfg.shm_spin,
             direct_min: if cfg.shm_direct { 1 } else { usize::MAX },
             ..ShmOptions::default()

@@ -49,6 +49,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Transport between ranks. auto: shared memory between ranks with the same host id, tcp between hosts (in one communicator); tcp or shm forces one (shm between different hosts is an error)." },
     VarSpec { name: "BRAID_SHM_SPIN", ty: "microseconds", default: "20",
         doc: "How long the shared-memory transport spins on its rings before the waiting rank blocks in poll(2) (on top of BRAID_SPIN_US)." },
+    VarSpec { name: "BRAID_SHM_RING_BYTES", ty: "bytes", default: "4M",
+        doc: "Size of each of the two rings of a shared-memory connection (one connection per same-host peer pair). A multiple of 4K (the page size), 4K to 1G. The connecting rank's value sizes a connection (it creates the segment; the other end reads the size from it), so ranks may differ. Ring pages are allocated as messages first reach them, not up front: a connection costs at most 2 × this per rank of the pair, and an idle one about 12K. Larger messages stream through the ring in pieces." },
     VarSpec { name: "BRAID_SHM_DIRECT", ty: "0|1", default: "1",
         doc: "1: when every rank of a communicator is on one host (shared memory to every peer) copy each byte once, straight out of (or into) the peer's buffer: all-reduce, reduce-scatter, all-gather, broadcast, reduce, all-to-all (not in place), gather and scatter whose buffers lie in memory from Communicator::alloc_shared (braid_mem_alloc), or in private memory through cross-memory attach (BRAID_SHM_CMA); sends of at least the shm ring size from alloc_shared memory. Must be equal on all ranks. 0: always copy through the shm rings." },
     VarSpec { name: "BRAID_SHM_CMA", ty: "auto|0|1", default: "auto",
@@ -117,6 +119,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Log filter (tracing EnvFilter syntax, e.g. `info` or `braid::net=debug`); logs go to stderr. Read by libbraid, braid-run and braid-coordinator." },
     VarSpec { name: "BRAID_LIBRARY", ty: "path", default: "",
         doc: "Python package only (not read by libbraid): the libbraid.so that `import braid` loads instead of the one installed inside the package." },
+    VarSpec { name: "BRAID_PS_SERVERS", ty: "int", default: "0",
+        doc: "Python package only (`braid.mxnet`, not read by libbraid): the number of dedicated push/pull server processes (`python -m braid.mxnet.server`) of a `braid_dist_async` job; 0: each worker process runs a server (DMLC_NUM_SERVER is used when unset)." },
     VarSpec { name: "BRAID_PREBUILT_LIB", ty: "path", default: "",
         doc: "Python package build only (`pip install ./integrations/python`): install this libbraid.so instead of building one with cargo." },
     VarSpec { name: "BRAID_CARGO", ty: "path", default: "",
@@ -151,6 +155,10 @@ pub const MAX_SECS: f64 = 1e9;
 pub const MAX_SPIN_US: usize = 10_000_000;
 /// Largest pipelining unit (`BRAID_SLICE_BYTES`): 1 GiB.
 pub const MAX_SLICE_BYTES: usize = 1 << 30;
+/// Largest shm ring (`BRAID_SHM_RING_BYTES`): 1 GiB (the transport's own bound).
+pub const MAX_SHM_RING_BYTES: usize = 1 << 30;
+/// `BRAID_SHM_RING_BYTES` must be a multiple of this (the page size of x86-64 and most arm64).
+const SHM_PAGE: usize = 4096;
 /// Largest world size braid accepts (`BRAID_WORLD_SIZE`, `BRAID_MIN_SIZE`, `BRAID_MAX_SIZE`).
 pub const MAX_WORLD: usize = 1 << 24;
 
@@ -253,6 +261,8 @@ pub struct Config {
     pub spin: Duration,
     /// Spin time of the shared-memory transport before blocking.
     pub shm_spin: Duration,
+    /// Bytes of each shm ring of the connections this rank makes (BRAID_SHM_RING_BYTES).
+    pub shm_ring_bytes: usize,
     /// Single-copy transfers between same-host ranks from shared regions (BRAID_SHM_DIRECT).
     pub shm_direct: bool,
     /// Single-copy collectives also for private buffers, by cross-memory attach
@@ -321,6 +331,7 @@ impl Default for Config {
                 slice_bytes: 524288,
                 spin: Duration::from_micros(200),
                 shm_spin: Duration::from_micros(20),
+                shm_ring_bytes: 4 << 20,
                 shm_direct: true,
                 shm_cma: CmaUse::Auto,
                 shm_direct_min: 1 << 20,
@@ -504,6 +515,16 @@ impl Config {
         };
         let spin_us = parse_in("BRAID_SPIN_US", &val("BRAID_SPIN_US"), 0, MAX_SPIN_US)?;
         let shm_spin_us = parse_in("BRAID_SHM_SPIN", &val("BRAID_SHM_SPIN"), 0, MAX_SPIN_US)?;
+        let shm_ring_bytes = parse_size("BRAID_SHM_RING_BYTES", &val("BRAID_SHM_RING_BYTES"))?;
+        if shm_ring_bytes % SHM_PAGE != 0
+            || !(SHM_PAGE..=MAX_SHM_RING_BYTES).contains(&shm_ring_bytes)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "BRAID_SHM_RING_BYTES={}: must be a multiple of 4K (the page size) from 4K to 1G \
+                 ({shm_ring_bytes} bytes)",
+                val("BRAID_SHM_RING_BYTES")
+            )));
+        }
         let shm_direct = match val("BRAID_SHM_DIRECT").trim() {
             "0" | "false" | "no" => false,
             "1" | "" | "true" | "yes" => true,
@@ -597,6 +618,7 @@ impl Config {
             slice_bytes,
             spin: Duration::from_micros(spin_us as u64),
             shm_spin: Duration::from_micros(shm_spin_us as u64),
+            shm_ring_bytes,
             shm_direct,
             shm_cma,
             shm_direct_min: parse_size("BRAID_SHM_DIRECT_MIN", &val("BRAID_SHM_DIRECT_MIN"))?,
@@ -830,6 +852,42 @@ mod tests {
         assert_eq!(c.pipeline_replan_gain, 0.1);
         let c = cfg(&[("BRAID_PIPELINE_REPLAN_GAIN", "0.25")]).unwrap();
         assert_eq!(c.pipeline_replan_gain, 0.25);
+    }
+
+    #[test]
+    fn shm_ring_bytes() {
+        assert_eq!(cfg(&[]).unwrap().shm_ring_bytes, 4 << 20);
+        for (v, want) in [
+            ("64K", 64 << 10),
+            ("4096", 4096),
+            ("12K", 12 << 10),
+            ("1G", 1 << 30),
+        ] {
+            assert_eq!(
+                cfg(&[("BRAID_SHM_RING_BYTES", v)]).unwrap().shm_ring_bytes,
+                want,
+                "{v}"
+            );
+        }
+        for v in [
+            "0",
+            "2048",
+            "4097",
+            "100000",
+            "2G",
+            "-4K",
+            "lots",
+            "18446744073709551615",
+        ] {
+            let e = cfg(&[("BRAID_SHM_RING_BYTES", v)])
+                .expect_err(v)
+                .to_string();
+            assert!(e.contains("BRAID_SHM_RING_BYTES"), "{v}: {e}");
+        }
+        let e = cfg(&[("BRAID_SHM_RING_BYTES", "4097")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple of 4K"), "{e}");
     }
 
     #[test]

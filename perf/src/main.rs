@@ -20,6 +20,9 @@
 //! Columns follow nccl-tests: `size count type redop root`, then for out-of-place and in-place
 //! `time algbw busbw #wrong`. Time is the maximum over ranks of the mean per iteration; #wrong
 //! counts elements that differ from the closed-form expected result of a separate checked run.
+//! After the table rank 0 prints `# Peak RSS (max over ranks)`, then the machine-readable lines
+//! `peak_rss_mib max=X mean=Y ranks=N` (VmHWM of /proc/self/status over ranks) and `init_s=S`
+//! (wall time of `Communicator::init`, rendezvous and connection set-up, of the slowest rank).
 //!
 //! `--elastic --duration S` (elastic groups: run under `braid-run --join/--kill`, or with
 //! `BRAID_ELASTIC=1`) loops the collective at one size (`-e` if given, else `-b`) for S seconds, calling
@@ -445,7 +448,9 @@ fn run_rank(args: &Args) -> Result<bool, String> {
             DataType::F64 => elastic::<f64>(comm, args, t_init),
         };
     }
+    let t_init = Instant::now();
     let comm = Communicator::init_with(cfg).map_err(|e| e.to_string())?;
+    let init_s = t_init.elapsed().as_secs_f64();
     let rows = match args.dtype {
         DataType::I8 => bench::<i8>(&comm, args),
         DataType::U8 => bench::<u8>(&comm, args),
@@ -461,10 +466,16 @@ fn run_rank(args: &Args) -> Result<bool, String> {
     }
     .map_err(|e| format!("rank {}: {e}", comm.rank()))?;
     let wrong: u64 = rows.iter().map(|r| r.oop_wrong + r.ip_wrong).sum();
-    // Peak memory over ranks.
+    // Peak memory over ranks (max and sum), and the slowest rank's init time.
     let rss = [peak_rss_kib()];
     let mut rss_max = [0u64];
     comm.all_reduce(&rss, &mut rss_max, ReduceOp::Max)
+        .map_err(|e| e.to_string())?;
+    let mut rss_sum = [0u64];
+    comm.all_reduce(&rss, &mut rss_sum, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    let mut init_max = [0f64];
+    comm.all_reduce(&[init_s], &mut init_max, ReduceOp::Max)
         .map_err(|e| e.to_string())?;
     if comm.rank() == 0 {
         let avg = if rows.is_empty() {
@@ -487,6 +498,16 @@ fn run_rank(args: &Args) -> Result<bool, String> {
             "# Peak RSS (max over ranks) : {:.1} MiB",
             rss_max[0] as f64 / 1024.0
         );
+        // Machine-readable: peak RSS (VmHWM) per rank, and Communicator::init's wall time
+        // (rendezvous and connection set-up) of the slowest rank.
+        let _ = writeln!(
+            out,
+            "peak_rss_mib max={:.1} mean={:.1} ranks={}",
+            rss_max[0] as f64 / 1024.0,
+            rss_sum[0] as f64 / 1024.0 / comm.size().max(1) as f64,
+            comm.size()
+        );
+        let _ = writeln!(out, "init_s={:.3}", init_max[0]);
         if let Some(path) = &args.json {
             let doc = serde_json::json!({
                 "collective": args.coll.name(),
@@ -500,6 +521,8 @@ fn run_rank(args: &Args) -> Result<bool, String> {
                 "wrong": wrong,
                 "avg_busbw": avg,
                 "peak_rss_kib": rss_max[0],
+                "peak_rss_mean_kib": rss_sum[0] / comm.size().max(1) as u64,
+                "init_s": init_max[0],
             });
             if let Err(e) =
                 std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())

@@ -7,7 +7,10 @@
 //! open for the connection's life: its hang-up means the peer process is gone.
 //!
 //! Segment layout: a header page (magic, version, ring size), one control page per side, then
-//! two single-producer single-consumer byte rings (side 0 → side 1, side 1 → side 0). Side `s`'s
+//! two single-producer single-consumer byte rings (side 0 → side 1, side 1 → side 0). The
+//! connector picks the ring size ([`ShmOptions::ring_bytes`]); the acceptor takes it from the
+//! hello and the header, checked against the segment's real length. The segment is mapped
+//! without `MAP_POPULATE`: ring pages are allocated as messages first reach them. Side `s`'s
 //! control page holds, each on its own 128-byte line: the head of ring `s` (bytes published by
 //! side `s`), the tail of ring `s` (bytes consumed by the other side), side `s`'s "waiting"
 //! flag, its state (open, goodbye, abort) and its abort reason.
@@ -16,6 +19,10 @@
 //! payload, both written with wrap-around at any byte offset. Large payloads stream through the
 //! ring in chunks (`chunk_bytes`): the sender publishes its head after each chunk so that the
 //! receiver copies out while the sender copies in (a pipelined two-copy path).
+//! A frame that finds the ring drained and fits before the write position is written at the
+//! start of the ring instead, behind a padding frame (`BRDP`, its length running exactly to the
+//! ring's end): small messages keep cycling through the first pages of the ring, which the
+//! lazy mapping then never grows beyond.
 //!
 //! Waiting: before the executor blocks in `poll(2)` it asks [`Conn::poll_fds`]; this spins for
 //! `spin`, then sets the side's "waiting" flag and re-checks the rings (a ready ring signals its
@@ -77,10 +84,12 @@ const SEG_MAGIC: u64 = u64::from_le_bytes(*b"BRDSHM01");
 const HELLO_MAGIC: [u8; 4] = *b"BRDS";
 const FRAME_MAGIC: [u8; 4] = *b"BRDM";
 const DIRECT_MAGIC: [u8; 4] = *b"BRDD";
+/// A padding frame: the writer skipped to the start of its ring (see [`ShmConn::progress_tx`]).
+const PAD_MAGIC: [u8; 4] = *b"BRDP";
 /// Bytes after a direct frame's header (a [`RegionDesc`], padded).
 const DBODY: usize = 64;
 /// Version of the shared-memory protocol (2: direct frames and the `DACK` word).
-pub const PROTO_VERSION: u16 = 2;
+pub const PROTO_VERSION: u16 = 3;
 const HDR: usize = 64;
 const PAGE: usize = 4096;
 const OFF_HEAD: usize = 0;
@@ -116,7 +125,11 @@ const SOCK_CHECK: Duration = Duration::from_millis(1);
 /// Options of the shared-memory transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShmOptions {
-    /// Bytes of each of the two rings of a connection (set by the connecting side).
+    /// Bytes of each of the two rings of a connection. Only the connecting side's value counts:
+    /// it creates the segment and states the size in its hello and in the segment header; the
+    /// accepting side uses that size (checked against the sealed memfd's real length before it
+    /// maps anything), whatever its own option says. Ring pages are mapped lazily (touched as
+    /// messages flow), so an idle connection costs about three pages of memory.
     pub ring_bytes: usize,
     /// Largest copy between two publications of a ring index (pipelining unit).
     pub chunk_bytes: usize,
@@ -427,6 +440,10 @@ struct Seg {
 unsafe impl Send for Seg {}
 
 impl Seg {
+    /// Maps `len` bytes of the memfd `fd` lazily: no `MAP_POPULATE`, so a page of the rings is
+    /// allocated (and counted in either process's RSS) only when a message first reaches it.
+    /// Pages are only ever touched inside `len`, which the caller made or checked with fstat
+    /// on a memfd sealed against shrinking, so a fault is never a SIGBUS.
     fn map(fd: RawFd, len: usize) -> NetResult<Seg> {
         // SAFETY: maps `len` bytes of the memfd `fd` (sized by the caller or checked with fstat);
         // the result is checked against MAP_FAILED.
@@ -435,7 +452,7 @@ impl Seg {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                libc::MAP_SHARED,
                 fd,
                 0,
             )
@@ -855,6 +872,38 @@ impl ShmConn {
                 moved = true;
                 break;
             }
+            if !t.hdr_done {
+                // Compaction: a frame that finds the ring drained and fits in the part before
+                // the write position goes to the start of the ring instead, behind a padding
+                // frame to the ring's end. Small messages then cycle through the first pages
+                // (kept in cache, and the only ring pages ever allocated: the segment is mapped
+                // lazily) instead of walking the whole ring. Only then: the frame still fits
+                // at once (free bytes after the padding = the offset), so no send that would
+                // complete through the ring alone now waits for the receiver.
+                let off = self.head % r;
+                let pad = r - off;
+                if off != 0 && pad >= HDR as u64 && (HDR + t.len) as u64 <= off {
+                    if self.peer_tail != self.head {
+                        load_tail(
+                            &self.seg,
+                            self.side,
+                            self.head,
+                            &mut self.peer_tail,
+                            &self.desc,
+                        )?;
+                    }
+                    if self.peer_tail == self.head {
+                        let mut h = [0u8; HDR];
+                        h[0..4].copy_from_slice(&PAD_MAGIC);
+                        h[16..24].copy_from_slice(&pad.to_le_bytes());
+                        // SAFETY: the ring is empty (tail == head), so all `r` bytes are free;
+                        // HDR <= pad bytes from head to the ring's end.
+                        unsafe { ring_write(ring, self.ring, self.head, h.as_ptr(), HDR) };
+                        self.head += pad;
+                        moved = true;
+                    }
+                }
+            }
             let need = if t.hdr_done { 1 } else { HDR as u64 };
             let Some(mut free) = room(
                 &self.seg,
@@ -949,6 +998,30 @@ impl ShmConn {
                 let mut h = [0u8; HDR];
                 // SAFETY: HDR published bytes start at tail in the peer's ring.
                 unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR, false) };
+                if h[0..4] == PAD_MAGIC {
+                    // The writer went back to the start of its ring: skip to it. The padding
+                    // runs exactly to the ring's end and was published with its header.
+                    let r = self.ring as u64;
+                    let pad = u64_at(&h, 16);
+                    if pad != r - self.tail % r || pad < HDR as u64 || pad > avail {
+                        break Err(corrupt(
+                            &self.desc,
+                            format!(
+                                "a padding frame of {pad} bytes at ring offset {} ({avail} \
+                                 published)",
+                                self.tail % r
+                            ),
+                        ));
+                    }
+                    self.tail += pad;
+                    moved = true;
+                    self.tail_pub = self.tail;
+                    self.seg
+                        .atom(block(1 - self.side) + OFF_TAIL)
+                        .store(self.tail, Ordering::Release);
+                    wake_if_waiting(&self.seg, 1 - self.side, self.efd_peer.as_raw_fd());
+                    continue;
+                }
                 if h[0..4] == DIRECT_MAGIC {
                     if avail < (HDR + DBODY) as u64 {
                         // Header and body are published together; look again.
@@ -3253,5 +3326,190 @@ mod tests {
         assert_eq!(a.direct_bytes(), (0, 0));
         assert_eq!(b.direct_bytes(), (0, 0));
         assert!(a.remote.is_empty(), "the unsealed region was mapped");
+    }
+
+    /// A connected pair between two transports: `tc` connects to a listener of `tl`. Returns
+    /// (accepted side of `tl`, connecting side of `tc`).
+    fn raw_pair_between(tl: &ShmTransport, tc: &ShmTransport) -> (ShmConn, ShmConn) {
+        let (mut l, h) = tl.listen_shm().unwrap();
+        let t2 = tc.clone();
+        let th = std::thread::spawn(move || {
+            t2.connect_shm(
+                &h,
+                &|_| b"x".to_vec(),
+                Instant::now() + Duration::from_secs(5),
+            )
+        });
+        let (a, ..) = accept_one(&mut l).expect("no arrival");
+        let b = th.join().unwrap().unwrap();
+        (*a, b)
+    }
+
+    /// Pages of `seg` from byte `from` to `to` that exist in the segment's memfd (mincore).
+    fn resident_pages(seg: &Seg, from: usize, to: usize) -> usize {
+        let n = (to - from).div_ceil(PAGE);
+        let mut v = vec![0u8; n];
+        // SAFETY: [from, to) lies inside the page-aligned mapping of seg (from a multiple of
+        // PAGE); v has one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                seg.ptr(from) as *mut libc::c_void,
+                to - from,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn shm_ring_size_is_the_connectors_and_may_differ_between_ends() {
+        // Each connection's rings have the size the connecting side configured (it creates the
+        // segment); the acceptor takes it from the hello and header, whatever its own option.
+        let opts = |ring| ShmOptions {
+            ring_bytes: ring,
+            chunk_bytes: 16 << 10,
+            spin: Duration::ZERO,
+            ..ShmOptions::default()
+        };
+        let small = ShmTransport::new(opts(64 << 10)).unwrap();
+        let big = ShmTransport::new(opts(1 << 20)).unwrap();
+        for (tl, tc, want) in [(&small, &big, 1 << 20), (&big, &small, 64 << 10)] {
+            let (a, b) = raw_pair_between(tl, tc);
+            assert_eq!((a.ring, b.ring), (want, want));
+            assert_eq!(a.seg.len, RINGS + 2 * want);
+            assert_eq!(a.seg.atom(16).load(Ordering::Relaxed), want as u64);
+        }
+        // Messages larger than either ring, both ways, on connections made in both directions.
+        let mk = |tl: &ShmTransport, tc: &ShmTransport| -> (Box<dyn Conn>, Box<dyn Conn>) {
+            let (a, b) = raw_pair_between(tl, tc);
+            (Box::new(a), Box::new(b))
+        };
+        let sizes = &[(3 << 20) + 7, 1, (64 << 10) + 1, 200_000, 0];
+        conf::exchange(&|| mk(&small, &big), sizes);
+        conf::exchange(&|| mk(&big, &small), sizes);
+        conf::exchange(
+            &|| {
+                let (a, b) = mk(&small, &big);
+                (b, a)
+            },
+            sizes,
+        );
+        conf::both_directions_at_once(&|| mk(&small, &big));
+        conf::both_directions_at_once(&|| mk(&big, &small));
+    }
+
+    #[test]
+    fn shm_small_messages_stay_at_the_start_of_the_ring() {
+        // A drained ring takes the next small frame back to offset 0 (behind a padding frame):
+        // 2,000 messages of 3 KiB, one at a time, allocate a few pages of a 4 MiB ring, not
+        // the 6 MB they add up to; interleaved sizes keep arriving intact.
+        let ring = 4 << 20;
+        let t = ShmTransport::new(ShmOptions {
+            ring_bytes: ring,
+            spin: Duration::ZERO,
+            ..ShmOptions::default()
+        })
+        .unwrap();
+        let (mut a, mut b, ..) = raw_pair(&t, b"x");
+        let meta = [3u8; META_LEN];
+        let mut total = 0u64;
+        for i in 0..2000usize {
+            let n = [3072, 1, 0, 4000, 777][i % 5];
+            let src: Vec<u8> = (0..n).map(|k| (k + i) as u8).collect();
+            let mut dst = vec![0u8; n];
+            // SAFETY: the buffers outlive the transfer (driven to completion below).
+            let rs = unsafe { b.isend(i as u64, &meta, src.as_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            // SAFETY: as above.
+            let rr = unsafe { a.irecv(i as u64, dst.as_mut_ptr(), n) }
+                .unwrap()
+                .unwrap();
+            drive(&mut b, &mut a, rs, rr);
+            assert!(dst == src, "message {i} differs");
+            total += n as u64;
+        }
+        assert_eq!(a.bytes().1, total);
+        let pages = resident_pages(&b.seg, RINGS, RINGS + ring);
+        assert!(pages <= 3, "{pages} pages of the ring allocated");
+        // A forged padding frame that does not run to the ring's end is an error naming it.
+        let off = (b.head % ring as u64) as usize;
+        let mut h = [0u8; HDR];
+        h[0..4].copy_from_slice(&PAD_MAGIC);
+        h[16..24].copy_from_slice(&100u64.to_le_bytes());
+        // SAFETY: HDR bytes at the write position of side 0's ring, inside the mapping.
+        unsafe { ring_write(b.ring_ptr(0), ring, b.head, h.as_ptr(), HDR) };
+        assert!(off + HDR <= ring);
+        b.seg
+            .atom(block(0) + OFF_HEAD)
+            .store(b.head + 100, Ordering::Release);
+        let mut dst = [0u8; 8];
+        // SAFETY: the buffer outlives the request (the connection fails below).
+        let err = match unsafe { a.irecv(99, dst.as_mut_ptr(), 8) } {
+            Err(e) => e,
+            Ok(rr) => {
+                let rr = rr.unwrap();
+                let end = Instant::now() + Duration::from_secs(5);
+                loop {
+                    if let Err(e) = a.progress() {
+                        break e;
+                    }
+                    if let Err(e) = a.test(rr) {
+                        break e;
+                    }
+                    assert!(Instant::now() < end, "the forged padding was accepted");
+                }
+            }
+        };
+        assert!(
+            err.to_string().contains("padding frame of 100 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shm_segment_is_mapped_lazily() {
+        // Nothing of the rings exists before a message reaches it (no MAP_POPULATE): an idle
+        // connection costs its header and control pages only; a message allocates the ring
+        // pages it passes through and no more.
+        let ring = 4 << 20;
+        let t = ShmTransport::new(ShmOptions {
+            ring_bytes: ring,
+            spin: Duration::ZERO,
+            ..ShmOptions::default()
+        })
+        .unwrap();
+        let (mut a, mut b, ..) = raw_pair(&t, b"x");
+        let end = RINGS + 2 * ring;
+        assert_eq!(
+            resident_pages(&a.seg, RINGS, end),
+            0,
+            "rings populated up front"
+        );
+        assert!(resident_pages(&b.seg, 0, RINGS) <= 3);
+        // 256 KiB (plus a 64-byte frame header) from the connector (side 0) to the acceptor.
+        let n = 256 << 10;
+        let src: Vec<u8> = (0..n).map(|i| (i % 199) as u8).collect();
+        let mut dst = vec![0u8; n];
+        // SAFETY: the buffers outlive the transfer (driven to completion below).
+        let rs = unsafe { b.isend(1, &[0; META_LEN], src.as_ptr(), n) }
+            .unwrap()
+            .unwrap();
+        // SAFETY: as above.
+        let rr = unsafe { a.irecv(1, dst.as_mut_ptr(), n) }.unwrap().unwrap();
+        drive(&mut b, &mut a, rs, rr);
+        assert!(dst == src);
+        let pages = (n + HDR).div_ceil(PAGE);
+        let side0 = resident_pages(&b.seg, RINGS, RINGS + ring);
+        assert!(
+            (pages..=pages + 1).contains(&side0),
+            "{side0} pages of the sending ring exist, expected {pages}"
+        );
+        assert_eq!(
+            resident_pages(&a.seg, RINGS + ring, end),
+            0,
+            "idle ring populated"
+        );
     }
 }

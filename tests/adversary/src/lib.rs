@@ -1034,10 +1034,11 @@ pub fn shm_seg_len(ring: u64) -> u64 {
     3 * 4096 + 2 * ring
 }
 
-/// A shm hello (`BRDS`, version 2, ring, segment length, hello length) with `hello`.
+/// A shm hello (`BRDS`, version 3 = transport/src/shm.rs PROTO_VERSION, ring, segment
+/// length, hello length) with `hello`.
 pub fn shm_hello(ring: u64, seg_len: u64, hl: u32, hello: &[u8]) -> Vec<u8> {
     let mut v = b"BRDS".to_vec();
-    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&3u16.to_le_bytes());
     v.extend_from_slice(&[0, 0]);
     v.extend_from_slice(&ring.to_le_bytes());
     v.extend_from_slice(&seg_len.to_le_bytes());
@@ -1059,7 +1060,7 @@ pub fn fake_segment(len: u64, ring: u64) -> OwnedFd {
     assert_eq!(r, 0, "ftruncate");
     let mut hdr = Vec::new();
     hdr.extend_from_slice(b"BRDSHM01");
-    hdr.extend_from_slice(&2u64.to_le_bytes());
+    hdr.extend_from_slice(&3u64.to_le_bytes());
     hdr.extend_from_slice(&ring.to_le_bytes());
     // SAFETY: writes hdr.len() bytes from a live buffer at offset 0.
     let n = unsafe {
