@@ -12,9 +12,10 @@
 //!   bounded staleness; versions; update rules (sum, MXNet's SGD with momentum, weight decay,
 //!   rescale and clipping, user callback).
 //! * Priorities: every request carries the caller's priority; each connection sends its queued
-//!   messages highest priority first, handing the transport at most about 1 MiB ahead
-//!   (`chan.rs`), so a small urgent push queued behind a large one (split
-//!   in parts of [`PsOptions::partition_bytes`]) overtakes all but about one part of it; the
+//!   messages highest priority first, handing the transport at most about 8 MiB ahead
+//!   (`chan.rs`: two parts at the default partition size, so the link never idles between
+//!   parts), so a small urgent push queued behind a large one (split in parts of
+//!   [`PsOptions::partition_bytes`]) overtakes all but about 8 MiB of it; the
 //!   server answers in the order it received and queues its answers by the same priority.
 //! * Every update is forwarded to the next [`PsOptions::replicas`] servers of the ring and
 //!   acknowledged only once they applied it, so a killed server loses no acknowledged update:
