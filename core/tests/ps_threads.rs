@@ -411,6 +411,18 @@ fn bad_input_is_refused_clearly_and_others_are_served() {
                     .and_then(|h| h.wait())
                     .unwrap_err();
                 assert!(e.to_string().contains("key"), "{e}");
+                // Pulling a different length: refused naming the key (was an internal
+                // "short body" error).
+                let e = kv
+                    .pull::<f32>(&[8], &[5], None, 0)
+                    .unwrap()
+                    .wait()
+                    .unwrap_err();
+                assert!(
+                    e.to_string().contains("key 8") && e.to_string().contains("asked for 20"),
+                    "{e}"
+                );
+                assert!(!e.to_string().contains("internal"), "{e}");
                 for _ in 0..20 {
                     kv.push(&[7], &[3], &[1i32, 1, 1], 0)
                         .unwrap()

@@ -1369,6 +1369,17 @@ fn handle(
                             key: p.s,
                             msg: missing_part(st, p.s).map(|x| x.0).unwrap_or_default(),
                         }],
+                        None if st.store.get(p.s).is_some_and(|(_, d)| d.len() != p.n) => {
+                            let held = st.store.get(p.s).map_or(0, |(_, d)| d.len());
+                            vec![Event::Error {
+                                req: sreq,
+                                key: p.s,
+                                msg: format!(
+                                    "key {} part {} has {} bytes, the pull asked for {}",
+                                    p.k, p.p, held, p.n
+                                ),
+                            }]
+                        }
                         None => match st.store.pull(sreq, from, p.s, min) {
                             Ok(e) => {
                                 if st.store.version(p.s).is_none() {
