@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 PYTHON ?= python3
 TORCH_PIN ?= torch==2.11.0
 
-.PHONY: valgrind all build demo test test-fast test-python python-deps lint docs clean deps install header fuzz fuzz-smoke fuzz-corpus
+.PHONY: valgrind all build demo test test-fast test-python test-mxnet python-deps lint docs clean deps install header fuzz fuzz-smoke fuzz-corpus
 
 all: build
 
@@ -28,12 +28,26 @@ test: deps
 	$(CARGO) build --workspace --bins --lib
 	$(CARGO) test --workspace -- --test-threads=2
 	$(MAKE) test-python
+	$(MAKE) test-mxnet
 
 ## The Python package (pip install ./integrations/python builds libbraid into it) and its
 ## tests: the torch.distributed backend across real processes (pytest).
 test-python: python-deps
 	$(PYTHON) -m pip install -q ./integrations/python
 	cd integrations/python/tests && $(PYTHON) -m pytest -q -p no:cacheprovider
+
+## braid's MXNet kvstores (braid.mxnet) across real processes. MXNet 1.9.1 needs numpy<1.24,
+## which would break torch: these tests get their own virtual environment (MXNET_VENV, created
+## once and reused), with the braid package installed into it (the libbraid just built).
+MXNET_VENV ?= target/mxnet-venv
+MXNET_PIN ?= mxnet==1.9.1
+test-mxnet:
+	@$(MXNET_VENV)/bin/python -c "import mxnet, numpy, pytest, sys; sys.exit(mxnet.__version__ != '$(MXNET_PIN)'.split('==')[1])" 2>/dev/null || \
+	  { echo "creating $(MXNET_VENV) with $(MXNET_PIN) (numpy<1.24)"; rm -rf $(MXNET_VENV) && $(PYTHON) -m venv $(MXNET_VENV) && \
+	    $(MXNET_VENV)/bin/python -m pip install -q "$(MXNET_PIN)" "numpy<1.24" pytest; }
+	$(CARGO) build --release -p braid-capi
+	BRAID_PREBUILT_LIB=$(CURDIR)/target/release/libbraid.so $(MXNET_VENV)/bin/python -m pip install -q ./integrations/python
+	cd integrations/python/tests_mxnet && $(abspath $(MXNET_VENV))/bin/python -m pytest -q -p no:cacheprovider
 
 ## torch (pinned), pytest and numpy, each only when missing.
 python-deps:

@@ -3,7 +3,9 @@
 ``import braid`` loads libbraid (installed inside this package by ``pip install``; the
 environment variable ``BRAID_LIBRARY=/path/libbraid.so`` overrides which library is loaded)
 through its C ABI. Framework integrations live in subpackages: ``braid.torch`` (a
-torch.distributed backend named "braid").
+torch.distributed backend named "braid") and ``braid.mxnet`` (MXNet kvstores
+"braid_dist_sync" and "braid_dist_async"); ``braid.kv`` binds braid's push/pull servers and
+workers (numpy arrays or raw buffers).
 
 Errors from braid surface as :class:`BraidError` (a ``RuntimeError``) or one of its
 subclasses, carrying braid's own message (which names the lost rank and host, both

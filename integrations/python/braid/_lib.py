@@ -14,6 +14,7 @@ from ctypes import (
     c_double,
     c_int,
     c_size_t,
+    c_int64,
     c_uint32,
     c_uint64,
     c_void_p,
@@ -116,6 +117,9 @@ _ERRORS = {
 comm_t = c_void_p
 request_t = c_void_p
 coordinator_t = c_void_p
+kv_server_t = c_void_p
+kv_worker_t = c_void_p
+kv_request_t = c_void_p
 
 #: "no member" in the prev/next fields of a pipeline stage (BRAID_PIPELINE_NONE).
 PIPELINE_NONE = 0xFFFFFFFFFFFFFFFF
@@ -212,6 +216,27 @@ _PROTOS = {
                                    c_size_t, POINTER(PipelineStage), POINTER(c_double),
                                    POINTER(PipelineMove), c_size_t, POINTER(c_size_t)],
     "braid_pipeline_report": [comm_t, c_double, c_uint64, c_uint64, POINTER(c_double), c_size_t],
+    "braid_coordinator_status": [coordinator_t, c_void_p, c_size_t, POINTER(c_size_t)],
+    # push/pull (keys: uint64_t arrays, lens: size_t arrays; buffers as plain addresses)
+    "braid_kv_server_start": [POINTER(kv_server_t), POINTER(Config)],
+    "braid_kv_server_destroy": [kv_server_t],
+    "braid_kv_server_workers": [kv_server_t, POINTER(c_size_t)],
+    "braid_kv_worker_start": [POINTER(kv_worker_t), POINTER(Config)],
+    "braid_kv_worker_destroy": [kv_worker_t],
+    "braid_kv_checkpoint": [kv_worker_t, c_char_p],
+    "braid_kv_init": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int],
+    "braid_kv_push": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int, c_int,
+                      POINTER(kv_request_t)],
+    "braid_kv_pull": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int, c_int64,
+                      c_int, POINTER(kv_request_t)],
+    "braid_kv_push_pull": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p,
+                           c_int, c_int, POINTER(kv_request_t)],
+    "braid_kv_wait": [kv_request_t, POINTER(c_uint64)],
+    "braid_kv_test": [kv_request_t, POINTER(c_int)],
+    "braid_kv_request_free": [kv_request_t],
+    "braid_kv_set_rule": [kv_worker_t, c_char_p],
+    "braid_kv_pull_state": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int],
+    "braid_kv_push_state": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int],
 }
 
 
