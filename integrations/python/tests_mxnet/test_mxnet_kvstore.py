@@ -116,7 +116,10 @@ def test_killed_server_with_replicas_loses_nothing(tmp_path):
 
 
 def test_priority_small_high_priority_push_overtakes_a_large_one(tmp_path):
-    res = run("priority", 2, tmp_path, kvstore=ASYNC, env={"BRAID_PS_MODE": "async"})
+    """One dedicated server, no replicas: the small push's acknowledgement must arrive while
+    the large one (128 MiB, queued first) is still being sent."""
+    res = run("priority", 2, tmp_path, kvstore=ASYNC, servers=1,
+              env={"BRAID_PS_MODE": "async", "BRAID_PS_REPLICAS": "0"})
     for r in res.values():
         assert not any(r["big_done_when_small_done"]), r
 
@@ -153,3 +156,25 @@ def test_dmlc_launch_like_mxnet_launch_py(tmp_path, kvstore):
     check_ok(out)
     res = results(out)
     assert sorted(res[w]["rank"] for w in ("worker0", "worker1")) == [0, 1]
+
+
+def _braid_run():
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    for profile in ("release", "debug"):
+        p = os.path.join(repo, "target", profile, "braid-run")
+        if os.path.exists(p):
+            return p
+    pytest.fail("braid-run is not built (cargo build --workspace --bins)")
+
+
+@pytest.mark.parametrize("kvstore", [SYNC, ASYNC])
+def test_braid_run_launch(tmp_path, kvstore):
+    """braid-run -n 3 starts the workers (its coordinator, BRAID_* variables)."""
+    job = Job(tmp_path)
+    job.spawn("braid-run", [_braid_run(), "-n", "3", "--", sys.executable, WORKER, "quick"],
+              base_env({"TEST_KVSTORE": kvstore, "BRAID_PS_MODE": "sync"}))
+    out = job.wait(120)
+    check_ok(out)
+    ranks = sorted(int(line.split('"rank": ')[1].split(",")[0])
+                   for line in out["braid-run"][1].splitlines() if "RESULT" in line)
+    assert ranks == [0, 1, 2], out["braid-run"][1][-3000:]

@@ -585,7 +585,15 @@ class braid_dist_sync(_Base):  # noqa: N801 - MXNet names kvstores by lower-case
             targets = outs if outs else vals
             if self._updater is not None:
                 w = self._reduce_update(b, k, vals, n, code, size)
-                _copy_out(w, n * size, targets)
+                for t in targets:
+                    # on MXNet's engine, behind the update: this key's update and copies
+                    # overlap the next keys' all-reduces
+                    if t.handle.value == w.handle.value:
+                        continue
+                    if t.shape == w.shape:
+                        w.copyto(t)
+                    else:
+                        _copy_out(_ptr_read(w), n * size, [t])
                 continue
             if len(vals) == 1:
                 v = vals[0]
@@ -602,7 +610,8 @@ class braid_dist_sync(_Base):  # noqa: N801 - MXNet names kvstores by lower-case
 
     def _reduce_update(self, b, k, vals, n, code, size):
         """All-reduce of the local sum into the scratch gradient, then the updater on the
-        stored weight; returns the weight's address (update completed)."""
+        stored weight (queued on MXNet's engine, not waited for); returns the stored weight
+        (an NDArray: reading it through MXNet orders after the update)."""
         s = self._stored.get(k)
         if s is None:
             raise BraidMXNetError(f"key {k!r} was never initialised (init or broadcast it "
@@ -617,7 +626,7 @@ class braid_dist_sync(_Base):  # noqa: N801 - MXNet names kvstores by lower-case
             gp = _local_sum(vals, g, n, size)
             b.all_reduce(gp, gp, n, code)
         self._updater(k, g, s)
-        return _ptr_read(s)
+        return s
 
     @_errors
     def push(self, key, value, priority=0):
@@ -1017,6 +1026,10 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
                                           f"kvstore {n}", _lib.INVALID_ARGUMENT, "")
                 vals.append(a)
             self._w.push_state([u for _k, u, _n, _d in items], vals)
+
+    def _wait(self, key):
+        """Waits for this worker's pushes of `key` (their errors are raised here)."""
+        self._drain(_u64(key))
 
     def _done(self, key):
         """Whether every push of `key` by this worker has completed (never blocks)."""
