@@ -48,10 +48,9 @@ def reference(tmp_path, steps, workers):
 @pytest.mark.parametrize("kvstore,update_on_kvstore,workers,env", [
     (SYNC, 0, 2, {}),
     (SYNC, 0, 3, {}),
-    (SYNC, 1, 2, {}),
     (ASYNC, 1, 2, PS_SYNC),
     (ASYNC, 1, 3, PS_SYNC),
-], ids=["sync-w2", "sync-w3", "sync-on-kvstore-w2", "async-w2", "async-w3"])
+], ids=["sync-w2", "sync-w3", "async-w2", "async-w3"])
 def test_trainer_matches_single_process_reference(tmp_path, kvstore, update_on_kvstore,
                                                   workers, env):
     steps = 6

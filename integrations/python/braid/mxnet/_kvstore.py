@@ -474,10 +474,13 @@ class _Base(mx.kv.KVStoreBase):
     def num_workers(self):
         return self._b.size
 
-    @staticmethod
-    def is_capable(capability):
+    #: What is_capable("optimizer") answers (see the subclasses).
+    _optimizer_capable = True
+
+    @classmethod
+    def is_capable(cls, capability):
         if capability.lower() == mx.kv.KVStoreBase.OPTIMIZER:
-            return True
+            return cls._optimizer_capable
         raise ValueError(f"Unknown capability: {capability}")
 
     def _live(self):
@@ -509,14 +512,18 @@ class braid_dist_sync(_Base):  # noqa: N801 - MXNet names kvstores by lower-case
       `value` (an NDArray or a list: several devices), written to `out` or back into `value`.
     * ``push(key, value)``: the all-reduce of `value` becomes the key's stored value;
       ``pull(key, out)`` copies it out. ``init``/``broadcast``: rank 0's value.
-    * ``set_optimizer(opt)``: pushes then apply the optimizer after the all-reduce, locally and
-      identically on every worker (update_on_kvstore=True works as with MXNet's local kvstore);
-      pull and pushpull return the weights.
+    * ``set_optimizer(opt)`` (called directly, e.g. by Module-style code): pushes then apply
+      the optimizer after the all-reduce, locally and identically on every worker (queued on
+      MXNet's engine); pull and pushpull return the weights. ``is_capable("optimizer")`` is
+      False, so gluon's Trainer all-reduces the gradients and updates with its own batched
+      multi-tensor updater: measured faster (perf/mxnet_compare: 34 vs 50 ms per step at 2
+      workers) than per-key updates inside the kvstore.
     * ``priority`` is accepted and does not reorder: every worker must run the same sequence of
-      collectives, in call order (each call completes before it returns).
+      collectives, in call order (each call's all-reduce completes before it returns).
     """
 
     _kind = "sync"
+    _optimizer_capable = False
 
     def __init__(self):
         super().__init__()
