@@ -118,6 +118,26 @@ struct WState {
     rule: Option<String>,
 }
 
+impl WState {
+    /// Registers a new operation (no request sent yet) writing to `out`, failing at
+    /// `deadline`; returns its id.
+    fn new_op(&mut self, out: OutBuf, deadline: Instant) -> u64 {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(
+            op,
+            Op {
+                outstanding: 0,
+                out,
+                versions: BTreeMap::new(),
+                error: None,
+                deadline,
+            },
+        );
+        op
+    }
+}
+
 /// What the servers answered to a checkpoint operation.
 #[derive(Default)]
 struct CkptAcc {
@@ -928,18 +948,7 @@ impl WInner {
                 }
             }
             let id = checkpoint::new_id(self.me);
-            let op = st.next_op;
-            st.next_op += 1;
-            st.ops.insert(
-                op,
-                Op {
-                    outstanding: 0,
-                    out: OutBuf::NONE,
-                    versions: BTreeMap::new(),
-                    error: None,
-                    deadline,
-                },
-            );
+            let op = st.new_op(OutBuf::NONE, deadline);
             st.ckpts.insert(op, CkptAcc::default());
             for (s, c) in chans {
                 let req = st.next_req;
@@ -1141,18 +1150,7 @@ impl WInner {
         let chans: Vec<(u64, Option<Arc<Chan>>)> =
             servers.iter().map(|s| (*s, self.server_chan(*s))).collect();
         let mut st = lock(&self.st);
-        let op = st.next_op;
-        st.next_op += 1;
-        st.ops.insert(
-            op,
-            Op {
-                outstanding: 0,
-                out: OutBuf::NONE,
-                versions: BTreeMap::new(),
-                error: None,
-                deadline: Instant::now() + self.timeout,
-            },
-        );
+        let op = st.new_op(OutBuf::NONE, Instant::now() + self.timeout);
         for (s, c) in chans {
             let req = st.next_req;
             st.next_req += 1;
@@ -1350,18 +1348,7 @@ impl WInner {
                 }
             }
         }
-        let op = st.next_op;
-        st.next_op += 1;
-        st.ops.insert(
-            op,
-            Op {
-                outstanding: 0,
-                out,
-                versions: BTreeMap::new(),
-                error: None,
-                deadline: Instant::now() + self.timeout,
-            },
-        );
+        let op = st.new_op(out, Instant::now() + self.timeout);
         let mut reqs = route(
             &mut st,
             op,
