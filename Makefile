@@ -56,9 +56,12 @@ python-deps:
 	@$(PYTHON) -c "import pytest, numpy" 2>/dev/null || $(PYTHON) -m pip install -q pytest numpy
 
 ## Native and Python dependencies of the tests: a C compiler (cc, c++) and pkg-config;
-## hwloc (>= 2.8) and libudev headers for braid's topology discovery (hwlocality).
+## hwloc (>= 2.8) and libudev headers for braid's topology discovery (hwlocality); for the
+## verbs plugin libbraid_ibverbs.so (ibverbs-plugin/: ibverbs-sys runs cmake over rdma-core and
+## bindgen, which loads libclang) cmake, libclang, libnl and libibverbs (rdma-core's headers and
+## libibverbs.so.1; libbraid itself does not link it).
 ## Installs only what is missing; refreshes the apt lists only when there are none.
-DEB_DEPS := pkg-config libhwloc-dev libudev-dev iproute2
+DEB_DEPS := pkg-config libhwloc-dev libudev-dev iproute2 cmake libclang1-14 libclang-common-14-dev libnl-3-dev libnl-route-3-dev libibverbs-dev
 deps:
 	@dpkg -s $(DEB_DEPS) >/dev/null 2>&1 || { \
 	  { ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q; } && \

@@ -349,6 +349,7 @@ fn assemble(
     let direct = cfg.shm_direct
         && (2..=crate::direct::MAX_RANKS).contains(&size)
         && cfg.transport != TransportKind::Tcp
+        && cfg.transport != TransportKind::Ib
         && view
             .members
             .iter()
@@ -1273,14 +1274,38 @@ pub(crate) fn make_transport_with(
     };
     match cfg.transport {
         TransportKind::Shm => return Ok(vec![shm()?]),
-        TransportKind::Auto => return Ok(vec![shm()?, make_tcp(cfg)?]),
+        TransportKind::Auto => {
+            // ib between hosts where this rank has a usable device; tcp otherwise (a peer
+            // without ib publishes no ib handle, so the pair falls back to tcp).
+            let mut v = vec![shm()?];
+            match make_ib(cfg, regions.as_deref()) {
+                Ok(t) => v.push(t),
+                Err(reason) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(
+                        || tracing::info!(target: "braid::ib", "no RDMA device: {reason}"),
+                    );
+                }
+            }
+            v.push(make_tcp(cfg)?);
+            return Ok(v);
+        }
+        TransportKind::Ib => {
+            return make_ib(cfg, regions.as_deref())
+                .map(|t| vec![t])
+                .map_err(|reason| {
+                    Error::InvalidArgument(format!("BRAID_TRANSPORT=ib: no RDMA device: {reason}"))
+                })
+        }
         TransportKind::Tcp => {}
     }
     Ok(vec![make_tcp(cfg)?])
 }
 
-fn make_tcp(cfg: &Config) -> Result<Arc<dyn Transport>> {
-    let bind = match &cfg.bind_addr {
+/// The address this rank listens on (BRAID_BIND_ADDR, else the interface towards the
+/// coordinator, else loopback).
+fn bind_ip(cfg: &Config) -> Result<std::net::IpAddr> {
+    Ok(match &cfg.bind_addr {
         Some(a) => a.parse().map_err(|_| {
             Error::InvalidArgument(format!("BRAID_BIND_ADDR={a}: not an IP address"))
         })?,
@@ -1289,7 +1314,42 @@ fn make_tcp(cfg: &Config) -> Result<Arc<dyn Transport>> {
             .as_deref()
             .and_then(|a| membership::local_ip_towards(a).ok())
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
-    };
+    })
+}
+
+/// The ib transport per BRAID_IB_*, or why there is none.
+fn make_ib(
+    cfg: &Config,
+    regions: Option<&Regions>,
+) -> std::result::Result<Arc<dyn Transport>, String> {
+    use braid_transport::ib::{IbOptions, IbTransport, Provider};
+    let bind = bind_ip(cfg).map_err(|e| e.to_string())?;
+    let t = IbTransport::new(IbOptions {
+        provider: if cfg.ib.emulated {
+            Provider::Emulated
+        } else {
+            Provider::Verbs
+        },
+        device: cfg.ib.device.clone(),
+        port: cfg.ib.port,
+        gid_index: cfg.ib.gid_index,
+        traffic_class: cfg.ib.traffic_class,
+        qps_per_peer: cfg.ib.qps_per_peer,
+        bind,
+        plugin: cfg.ib.plugin.clone(),
+    })
+    .map_err(|e| match e {
+        braid_transport::NetError::Unavailable(r) => r,
+        other => other.to_string(),
+    })?;
+    if let Some(r) = regions {
+        t.attach_regions(r);
+    }
+    Ok(Arc::new(t))
+}
+
+fn make_tcp(cfg: &Config) -> Result<Arc<dyn Transport>> {
+    let bind = bind_ip(cfg)?;
     let t = TcpTransport::new(TcpOptions {
         streams: cfg.tcp_streams,
         stripe_min: cfg.tcp_stripe_min,
@@ -1861,13 +1921,13 @@ impl Communicator {
         &self.inner.cfg
     }
 
-    /// Name of the transport between ranks ("tcp", "shm", "mem"), or "mixed" when peers are
+    /// Name of the transport between ranks ("tcp", "shm", "ib", "mem"), or "mixed" when peers are
     /// reached over different transports (see [`Communicator::peer_transports`]).
     pub fn transport_name(&self) -> &'static str {
         self.inner.transport
     }
 
-    /// The transport used to reach each peer rank: (rank, "shm" | "tcp" | "mem"), in rank
+    /// The transport used to reach each peer rank: (rank, "shm" | "tcp" | "ib" | "mem"), in rank
     /// order, without this rank.
     pub fn peer_transports(&self) -> Vec<(usize, &'static str)> {
         self.inner.peer_transports.clone()

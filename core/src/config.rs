@@ -45,8 +45,22 @@ pub const VARS: &[VarSpec] = &[
         doc: "Deadline of every blocking wait of an operation (a silent peer is reported after this long)." },
     VarSpec { name: "BRAID_INIT_TIMEOUT", ty: "seconds", default: "300",
         doc: "Deadline for rendezvous and connection set-up." },
-    VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp|shm", default: "auto",
-        doc: "Transport between ranks. auto: shared memory between ranks with the same host id, tcp between hosts (in one communicator); tcp or shm forces one (shm between different hosts is an error)." },
+    VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp|shm|ib", default: "auto",
+        doc: "Transport between ranks. auto: shared memory between ranks with the same host id; between hosts ib (RDMA verbs) where both ends have a usable device, else tcp (a rank without one logs once \"no RDMA device: <reason>\"); tcp, shm or ib forces one (shm between different hosts is an error; ib without a usable device is an error naming the reason)." },
+    VarSpec { name: "BRAID_IB_PROVIDER", ty: "verbs|emulated", default: "verbs",
+        doc: "NIC behind the ib transport. verbs: rdma-core, through the plugin library libbraid_ibverbs.so, loaded at run time (libbraid itself does not need libibverbs). emulated: braid's userspace NIC over TCP with reliable-connected semantics (rkeys and bounds enforced, RNR, retry errors), a test and demo device that is never chosen unless named here; it is not a speed claim. Must be equal on all ranks." },
+    VarSpec { name: "BRAID_IB_DEVICE", ty: "string", default: "",
+        doc: "RDMA device name (as ibv_devices lists it, e.g. mlx5_0). Unset: the first device." },
+    VarSpec { name: "BRAID_IB_PORT", ty: "integer", default: "1",
+        doc: "Port number of the RDMA device (1-based)." },
+    VarSpec { name: "BRAID_IB_GID_INDEX", ty: "integer", default: "0",
+        doc: "GID table index used for RoCE addressing (see show_gids; RoCE v2 is often 3)." },
+    VarSpec { name: "BRAID_IB_TC", ty: "integer", default: "0",
+        doc: "Traffic class of the queue pairs (RoCE: DSCP << 2), 0..255." },
+    VarSpec { name: "BRAID_IB_QPS_PER_PEER", ty: "integer", default: "2",
+        doc: "Data queue pairs per peer connection (1..16); large messages are striped over them in 512 KiB chunks. A connection also has one control queue pair. Peers with different values use the smaller." },
+    VarSpec { name: "BRAID_IB_PLUGIN", ty: "path", default: "",
+        doc: "Path of the verbs plugin library. Unset: libbraid_ibverbs.so next to libbraid (or the executable, or its parent directory), else the dynamic loader's search path." },
     VarSpec { name: "BRAID_SHM_SPIN", ty: "microseconds", default: "20",
         doc: "How long the shared-memory transport spins on its rings before the waiting rank blocks in poll(2) (on top of BRAID_SPIN_US)." },
     VarSpec { name: "BRAID_SHM_RING_BYTES", ty: "bytes", default: "4M",
@@ -220,6 +234,40 @@ pub enum TransportKind {
     Tcp,
     /// Shared memory only (all ranks on one host).
     Shm,
+    /// RDMA verbs only (BRAID_IB_PROVIDER picks the NIC).
+    Ib,
+}
+
+impl TransportKind {
+    /// Parses a BRAID_TRANSPORT value (`auto`, `tcp`, `shm`, `ib`; any case).
+    pub fn parse(s: &str) -> Option<TransportKind> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(TransportKind::Auto),
+            "tcp" => Some(TransportKind::Tcp),
+            "shm" => Some(TransportKind::Shm),
+            "ib" => Some(TransportKind::Ib),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of the ib transport (`BRAID_IB_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IbConfig {
+    /// BRAID_IB_PROVIDER is `emulated`.
+    pub emulated: bool,
+    /// BRAID_IB_DEVICE.
+    pub device: Option<String>,
+    /// BRAID_IB_PORT.
+    pub port: u8,
+    /// BRAID_IB_GID_INDEX.
+    pub gid_index: u8,
+    /// BRAID_IB_TC.
+    pub traffic_class: u8,
+    /// BRAID_IB_QPS_PER_PEER.
+    pub qps_per_peer: usize,
+    /// BRAID_IB_PLUGIN.
+    pub plugin: Option<std::path::PathBuf>,
 }
 
 /// Immutable configuration of one communicator.
@@ -294,6 +342,8 @@ pub struct Config {
     /// Predicted gain above which the coordinator re-weighs a pipeline's members
     /// (BRAID_PIPELINE_REPLAN_GAIN; sent with each pipeline metric report).
     pub pipeline_replan_gain: f64,
+    /// The ib transport's settings.
+    pub ib: IbConfig,
 }
 
 /// A secret string (a job token): compared and used, never printed (`Debug` shows
@@ -346,6 +396,15 @@ impl Default for Config {
                 coordinator_state: None,
                 weight: 1.0,
                 pipeline_replan_gain: 0.1,
+                ib: IbConfig {
+                    emulated: false,
+                    device: None,
+                    port: 1,
+                    gid_index: 0,
+                    traffic_class: 0,
+                    qps_per_peer: 2,
+                    plugin: None,
+                },
             },
         }
     }
@@ -480,15 +539,33 @@ impl Config {
         // torchrun convention: rank 0 hosts the coordinator at MASTER_ADDR:MASTER_PORT.
         host_coordinator = host_coordinator && rank == Some(0);
 
-        let transport = match val("BRAID_TRANSPORT").to_ascii_lowercase().as_str() {
-            "auto" => TransportKind::Auto,
-            "tcp" => TransportKind::Tcp,
-            "shm" => TransportKind::Shm,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "BRAID_TRANSPORT={other}: expected auto, tcp or shm"
-                )))
-            }
+        let transport = TransportKind::parse(&val("BRAID_TRANSPORT")).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "BRAID_TRANSPORT={}: expected auto, tcp, shm or ib",
+                val("BRAID_TRANSPORT")
+            ))
+        })?;
+        let ib = IbConfig {
+            emulated: match val("BRAID_IB_PROVIDER").to_ascii_lowercase().as_str() {
+                "verbs" => false,
+                "emulated" => true,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "BRAID_IB_PROVIDER={other}: expected verbs or emulated"
+                    )))
+                }
+            },
+            device: opt("BRAID_IB_DEVICE"),
+            port: parse_in("BRAID_IB_PORT", &val("BRAID_IB_PORT"), 1, 255)? as u8,
+            gid_index: parse_in("BRAID_IB_GID_INDEX", &val("BRAID_IB_GID_INDEX"), 0, 255)? as u8,
+            traffic_class: parse_in("BRAID_IB_TC", &val("BRAID_IB_TC"), 0, 255)? as u8,
+            qps_per_peer: parse_in(
+                "BRAID_IB_QPS_PER_PEER",
+                &val("BRAID_IB_QPS_PER_PEER"),
+                1,
+                16,
+            )?,
+            plugin: opt("BRAID_IB_PLUGIN").map(std::path::PathBuf::from),
         };
         let tcp_streams = parse_usize("BRAID_TCP_STREAMS", &val("BRAID_TCP_STREAMS"))?;
         if !(1..=64).contains(&tcp_streams) {
@@ -633,6 +710,7 @@ impl Config {
             coordinator_state: opt("BRAID_COORDINATOR_STATE").map(std::path::PathBuf::from),
             weight,
             pipeline_replan_gain,
+            ib,
         })
     }
 
@@ -746,6 +824,11 @@ mod tests {
             ("BRAID_TIMEOUT", "x"),
             ("BRAID_TIMEOUT", "-1"),
             ("BRAID_TRANSPORT", "carrier-pigeon"),
+            ("BRAID_IB_PROVIDER", "softroce"),
+            ("BRAID_IB_QPS_PER_PEER", "0"),
+            ("BRAID_IB_QPS_PER_PEER", "17"),
+            ("BRAID_IB_PORT", "0"),
+            ("BRAID_IB_TC", "256"),
             ("BRAID_TCP_STREAMS", "0"),
             ("BRAID_SLICE_BYTES", "12Q"),
             ("BRAID_WORLD_SIZE", "0"),

@@ -3,7 +3,7 @@
 //! ```text
 //! braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv
 //!     [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT]
-//!     [--ranks N] [--transport tcp|shm|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration S]]
+//!     [--ranks N] [--transport tcp|shm|ib|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration S]]
 //! braid-perf kernels [-b MIN] [-e MAX]     # reduction kernel vs memcpy bandwidth, one process
 //! braid-perf topo [--json]                 # this host's topology (hwloc, sysfs fallback)
 //! ```
@@ -148,7 +148,7 @@ struct Args {
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
+[--transport tcp|shm|ib|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int16 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg band bor bxor (bitwise: integer DTYPEs)";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -216,8 +216,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--ranks" => a.ranks = num(val()?)?,
             "--transport" => {
                 let v = val()?;
-                if !["tcp", "shm", "auto"].contains(&v.as_str()) {
-                    return Err(format!("--transport {v}: expected tcp, shm or auto"));
+                if TransportKind::parse(&v).is_none() {
+                    return Err(format!("--transport {v}: expected tcp, shm, ib or auto"));
                 }
                 a.transport = Some(v)
             }
@@ -424,11 +424,7 @@ struct Row {
 fn run_rank(args: &Args) -> Result<bool, String> {
     let mut cfg = Config::from_env().map_err(|e| e.to_string())?;
     if let Some(t) = &args.transport {
-        cfg.transport = match t.as_str() {
-            "tcp" => TransportKind::Tcp,
-            "shm" => TransportKind::Shm,
-            _ => TransportKind::Auto,
-        };
+        cfg.transport = TransportKind::parse(t).unwrap_or(TransportKind::Auto);
     }
     if args.elastic {
         cfg.elastic = true;

@@ -277,11 +277,8 @@ fn base_cfg(a: &Args) -> Result<Config, String> {
         cfg.group = "ps".into();
     }
     if let Some(t) = &a.transport {
-        cfg.transport = match t.as_str() {
-            "tcp" => braid::config::TransportKind::Tcp,
-            "shm" => braid::config::TransportKind::Shm,
-            _ => braid::config::TransportKind::Auto,
-        };
+        cfg.transport = braid::config::TransportKind::parse(t)
+            .ok_or_else(|| format!("--transport {t}: expected tcp, shm, ib or auto"))?;
     }
     cfg.rank = None;
     Ok(cfg)

@@ -28,6 +28,7 @@ mod conformance;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handle;
+pub mod ib;
 pub mod mem;
 pub mod region;
 mod reqs;

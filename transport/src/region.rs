@@ -89,11 +89,28 @@ struct Entry {
     id: u64,
 }
 
+/// Told when regions of a [`Regions`] come and go: a transport that registers memory with a
+/// device (ib) registers every region, so that transfers from and into them need no copy.
+pub trait RegionHook: Send + Sync {
+    /// A region of `len` bytes at `base` (page-aligned, mapped until [`RegionHook::removed`]).
+    fn added(&self, base: *mut u8, len: usize, id: u64);
+    /// The region is about to be unmapped: after this returns, nothing may touch it.
+    fn removed(&self, id: u64);
+}
+
 /// The live regions of one owner (a communicator). Cheap to share (`Arc`).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Regions {
     /// Start address -> region.
     map: Mutex<BTreeMap<usize, Entry>>,
+    /// Hooks (weak: a hook dies with its transport).
+    hooks: Mutex<Vec<std::sync::Weak<dyn RegionHook>>>,
+}
+
+impl std::fmt::Debug for Regions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Regions({})", self.count())
+    }
 }
 
 fn last_err(op: &str) -> NetError {
@@ -249,6 +266,9 @@ impl Regions {
             id: random_id(),
         };
         self.lock().insert(p as usize, e);
+        for h in self.live_hooks() {
+            h.added(p as *mut u8, map_len, e.id);
+        }
         Ok(Region {
             base: p as *mut u8,
             len,
@@ -261,6 +281,27 @@ impl Regions {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live_hooks(&self) -> Vec<Arc<dyn RegionHook>> {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.retain(|h| h.strong_count() > 0);
+        hooks.iter().filter_map(|h| h.upgrade()).collect()
+    }
+
+    /// Adds a hook and tells it of every region that exists now.
+    pub fn add_hook(&self, hook: std::sync::Weak<dyn RegionHook>) {
+        let now: Vec<(usize, usize, u64)> =
+            self.lock().iter().map(|(a, e)| (*a, e.len, e.id)).collect();
+        if let Some(h) = hook.upgrade() {
+            for (a, len, id) in now {
+                h.added(a as *mut u8, len, id);
+            }
+        }
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
     /// Describes `ptr..ptr+len` if it lies entirely inside one registered region.
@@ -331,6 +372,9 @@ impl Drop for Region {
     fn drop(&mut self) {
         if let Some(o) = self.owner.upgrade() {
             o.lock().remove(&(self.base as usize));
+            for h in o.live_hooks() {
+                h.removed(self.id);
+            }
         }
         // SAFETY: base/map_len describe the mapping made by Regions::alloc, unmapped only here.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };

@@ -1,0 +1,187 @@
+//! The ib transport over the emulated NIC: the conformance suite, rendezvous through staging
+//! and through registered memory, striping, credits under many small messages, and errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::conformance as conf;
+use crate::{Conn, META_LEN};
+
+fn emu(qps: usize) -> IbTransport {
+    IbTransport::new(IbOptions {
+        provider: Provider::Emulated,
+        qps_per_peer: qps,
+        ..IbOptions::default()
+    })
+    .unwrap()
+}
+
+fn pair_of(a: &IbTransport, b: &IbTransport) -> (Box<dyn Conn>, Box<dyn Conn>) {
+    let (mut l, h) = a.listen(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    std::thread::scope(|s| {
+        let th = s.spawn(|| {
+            b.connect_challenged(&h, &|_| b"hello-ib".to_vec(), deadline)
+                .unwrap()
+        });
+        let acc = loop {
+            if let Some(x) = l.accept_challenged().unwrap() {
+                break x;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(acc.hello, b"hello-ib");
+        (acc.conn, th.join().unwrap())
+    })
+}
+
+fn default_pair() -> (Box<dyn Conn>, Box<dyn Conn>) {
+    // Two NICs (two "processes"), as across hosts.
+    let (a, b) = (emu(2), emu(2));
+    pair_of(&a, &b)
+}
+
+#[test]
+fn conformance_over_emulated_nic() {
+    let mut sizes = conf::SIZES.to_vec();
+    sizes.extend_from_slice(&[conn::EAGER_MAX, conn::EAGER_MAX + 1, 5 * conn::CHUNK + 3]);
+    conf::exchange(&default_pair, &sizes);
+    conf::both_directions_at_once(&default_pair);
+    conf::mismatch_is_reported_with_meta(&default_pair);
+    conf::death_goodbye_and_abort(&default_pair);
+}
+
+fn send_recv(a: &mut dyn Conn, b: &mut dyn Conn, src: &[u8], dst: &mut [u8]) {
+    // SAFETY: both buffers outlive the requests (waited below).
+    let s = unsafe { a.isend(7, &[1; META_LEN], src.as_ptr(), src.len()) }
+        .unwrap()
+        .unwrap();
+    // SAFETY: as above.
+    let r = unsafe { b.irecv(7, dst.as_mut_ptr(), dst.len()) }
+        .unwrap()
+        .unwrap();
+    std::thread::scope(|sc| {
+        sc.spawn(|| conf::wait(a, s).unwrap());
+        conf::wait(b, r).unwrap();
+    });
+}
+
+#[test]
+fn registered_buffers_zero_copy_and_striping() {
+    for qps in [1, 3] {
+        let (ta, tb) = (emu(qps), emu(qps));
+        let (mut a, mut b) = pair_of(&ta, &tb);
+        let n = 3 * conn::WINDOW_MAX + 12345;
+        let src: Vec<u8> = (0..n).map(|i| (i * 13 % 251) as u8).collect();
+        let mut dst = vec![0u8; n];
+        let hs = ta.register(src.as_ptr(), n).unwrap();
+        let hr = tb.register(dst.as_ptr(), n).unwrap();
+        send_recv(a.as_mut(), b.as_mut(), &src, &mut dst);
+        assert!(dst == src, "registered transfer corrupted with {qps} qps");
+        // Zero copy: every byte went by RDMA from and into the registered buffers.
+        assert_eq!(a.direct_bytes().0, n as u64);
+        assert_eq!(b.direct_bytes().1, n as u64);
+        assert_eq!((a.bytes().0, b.bytes().1), (0, 0));
+        // Only part of a registration: still direct.
+        let mut dst2 = vec![0u8; 100_000];
+        send_recv(a.as_mut(), b.as_mut(), &src[1000..101_000], &mut dst2);
+        assert_eq!(&dst2[..], &src[1000..101_000]);
+        // The sender's part of its registration went direct; the receiver's heap buffer staged.
+        assert_eq!(a.direct_bytes().0, n as u64 + 100_000);
+        assert_eq!(b.bytes().1, 100_000);
+        ta.deregister(hs).unwrap();
+        tb.deregister(hr).unwrap();
+        assert!(ta.deregister(hs).is_err());
+    }
+}
+
+#[test]
+fn many_small_messages_use_credits() {
+    let (mut a, mut b) = default_pair();
+    // Far more than the peer's receive slots, all posted before any receive.
+    let k = 10 * conn::SLOTS;
+    let src: Vec<Vec<u8>> = (0..k).map(|i| vec![i as u8; 1 + i % 300]).collect();
+    let mut dst: Vec<Vec<u8>> = (0..k).map(|i| vec![0u8; 1 + i % 300]).collect();
+    let sreqs: Vec<_> = src
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            // SAFETY: the buffers outlive the requests.
+            unsafe { a.isend(i as u64, &[0; META_LEN], s.as_ptr(), s.len()) }
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|sc| {
+        let a = a.as_mut();
+        sc.spawn(move || {
+            for r in sreqs {
+                conf::wait(a, r).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let rreqs: Vec<_> = dst
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| {
+                // SAFETY: as above.
+                unsafe { b.irecv(i as u64, d.as_mut_ptr(), d.len()) }
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        for r in rreqs {
+            conf::wait(b.as_mut(), r).unwrap();
+        }
+    });
+    assert_eq!(src, dst);
+}
+
+#[test]
+fn large_mismatch_fails_both_sides_clearly() {
+    let (mut a, mut b) = default_pair();
+    let src = vec![1u8; 3 * conn::CHUNK];
+    let mut dst = vec![0u8; 2 * conn::CHUNK];
+    // SAFETY: buffers outlive the requests (or the connections, which fail).
+    let s = unsafe { a.isend(4, &[6; META_LEN], src.as_ptr(), src.len()) }
+        .unwrap()
+        .unwrap();
+    // SAFETY: as above.
+    let r = unsafe { b.irecv(4, dst.as_mut_ptr(), dst.len()) }
+        .unwrap()
+        .unwrap();
+    std::thread::scope(|sc| {
+        let a = a.as_mut();
+        let h = sc.spawn(move || conf::wait(a, s).unwrap_err());
+        let e = conf::wait(b.as_mut(), r).unwrap_err();
+        assert!(
+            matches!(e, NetError::Mismatch { expected_len, got_len, meta, .. }
+            if expected_len == dst.len() as u64 && got_len == src.len() as u64 && meta == [6; META_LEN]),
+            "{e}"
+        );
+        let e = h.join().unwrap();
+        assert!(e.to_string().contains("bytes"), "{e}");
+    });
+    assert!(
+        dst.iter().all(|&x| x == 0),
+        "a mismatched message wrote into the buffer"
+    );
+}
+
+#[test]
+fn connect_handle_round_trip_and_garbage() {
+    let t = emu(1);
+    let (_l, h) = t.listen(0).unwrap();
+    let p = decode_addr(&h.addr).unwrap();
+    assert_eq!(p.provider, Provider::Emulated.code());
+    assert_eq!(p.device, t.port().device);
+    assert!(decode_addr(&h.addr[..10]).is_err());
+    let mut bad = h.clone();
+    bad.addr[0] = Provider::Verbs.code();
+    let e = t
+        .connect_challenged(&bad, &|_| vec![], Instant::now() + Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("BRAID_IB_PROVIDER"), "{e}");
+}
