@@ -38,6 +38,7 @@ const TARGETS: &[(&str, Target, usize)] = &[
     ("tcp_accept", braid::transport::fuzzing::tcp_accept, 100),
     ("shm_ring", braid::transport::fuzzing::shm_ring, 400),
     ("shm_accept", braid::transport::fuzzing::shm_accept, 100),
+    ("ib_wire", braid::transport::fuzzing::ib_wire, 20000),
     ("decode_handles", braid::fuzzing::decode_handles, 20000),
     ("comm_hello", braid::fuzzing::comm_hello, 15000),
     ("ps_hello", braid::fuzzing::ps_hello, 15000),

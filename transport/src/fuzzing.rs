@@ -297,10 +297,20 @@ fn tcp_seed(nsock: usize, stripe_min: u16, msgs: &[(u8, Vec<u8>)], end: u8) -> V
     out
 }
 
+/// The ib transport's decoders of peer-controlled bytes: the connect handle address, the queue
+/// pair handshake, control message headers, the emulated NIC's address (the first byte picks
+/// one).
+pub fn ib_wire(data: &[u8]) {
+    crate::ib::fuzz_decoders(data);
+}
+
 /// Seed inputs made by the real encoders: (target, file name, bytes); see
 /// `braid::fuzzing::seeds`.
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out: Vec<(&'static str, String, Vec<u8>)> = Vec::new();
+    for (name, bytes) in crate::ib::fuzz_seeds() {
+        out.push(("ib_wire", name, bytes));
+    }
     for (name, t, addr) in [
         ("tcp", "tcp", b"127.0.0.1:40000".to_vec()),
         ("shm", "shm", b"braid-shm-1234-5678".to_vec()),

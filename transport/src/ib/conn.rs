@@ -243,6 +243,41 @@ impl Hdr {
     }
 }
 
+/// Fuzzing: decodes a control message header (and re-encodes what decodes).
+pub(crate) fn fuzz_header(b: &[u8]) {
+    if let Ok(h) = Hdr::decode(b) {
+        let mut out = [0u8; HDR];
+        h.encode(&mut out);
+        let again = Hdr::decode(&out).ok();
+        assert!(again.is_some_and(|g| g.kind == h.kind && g.seq == h.seq));
+    }
+}
+
+/// Fuzzing seeds: one header of each kind.
+pub(crate) fn fuzz_header_seeds() -> Vec<(String, Vec<u8>)> {
+    [K_EAGER, K_RTS, K_CTS, K_CREDIT]
+        .iter()
+        .map(|&kind| {
+            let h = Hdr {
+                kind,
+                credits: 3,
+                seq: 9,
+                tag: 5,
+                len: 70000,
+                off: 4096,
+                wlen: 65536,
+                addr: 0x7f00_0000_1000,
+                rkey: 0x1234,
+                win: 2,
+                ..Hdr::default()
+            };
+            let mut out = vec![0u8; HDR];
+            h.encode(&mut out);
+            (format!("seed-header-{kind}"), out)
+        })
+        .collect()
+}
+
 /// Encodes this side's queue pair addresses for the handshake.
 pub(crate) fn encode_handshake(addrs: &[QpAddr], qps: usize) -> NetResult<Vec<u8>> {
     let mut b = vec![0u8; HS_LEN];
@@ -443,6 +478,9 @@ pub struct IbConn {
     zc_tx: u64,
     zc_rx: u64,
     wcs: Vec<Wc>,
+    /// Test hook: rewrites every CTS this side sends (a corrupted rkey or address).
+    #[cfg(test)]
+    pub(crate) corrupt_cts: Option<fn(&mut u32, &mut u64)>,
 }
 
 // SAFETY: the raw pointers inside SendMsg/RecvMsg are the caller's buffers, which the Conn
@@ -555,6 +593,8 @@ impl IbConn {
             bytes_rx: 0,
             zc_tx: 0,
             zc_rx: 0,
+            #[cfg(test)]
+            corrupt_cts: None,
             wcs: vec![
                 Wc {
                     wr_id: 0,
@@ -682,6 +722,10 @@ impl IbConn {
             .ok_or_else(|| NetError::Protocol("no control send slot".into()))?;
         h.credits = self.to_return as u32;
         self.to_return = 0;
+        #[cfg(test)]
+        if let (K_CTS, Some(f)) = (h.kind, self.corrupt_cts) {
+            f(&mut h.rkey, &mut h.addr);
+        }
         let base = slot * SLOT;
         h.encode(&mut self.ctrl_send.mem[base..base + HDR]);
         let mut n = HDR;

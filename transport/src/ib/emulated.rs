@@ -797,7 +797,7 @@ fn encode_addr(sa: SocketAddr, secret: &[u8; SECRET_LEN]) -> Vec<u8> {
     v
 }
 
-fn decode_addr(b: &[u8]) -> Option<(SocketAddr, [u8; SECRET_LEN])> {
+pub(crate) fn decode_addr(b: &[u8]) -> Option<(SocketAddr, [u8; SECRET_LEN])> {
     let (ip, rest): (IpAddr, &[u8]) = match b.first()? {
         4 if b.len() == 1 + 4 + 2 + SECRET_LEN => {
             let mut o = [0u8; 4];

@@ -488,5 +488,76 @@ impl Transport for IbTransport {
     }
 }
 
+/// Fuzzing entry (see `crate::fuzzing::ib_wire`): the first byte picks a decoder of bytes a
+/// peer controls, the rest is its input: 0 the connect handle address, 1 the queue pair
+/// handshake, 2 a control message header, 3 the emulated NIC's address.
+pub(crate) fn fuzz_decoders(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 4 {
+        0 => {
+            if let Ok(p) = decode_addr(rest) {
+                let _ = (p.device.len(), p.tcp.len());
+            }
+        }
+        1 => {
+            // The handshake has a fixed length: pad or cut the input to it.
+            let mut b = rest.to_vec();
+            b.resize(conn::HS_LEN, 0);
+            if let Ok((n, addrs)) = conn::decode_handshake(&b) {
+                assert_eq!(addrs.len(), n + 1);
+                let again = conn::encode_handshake(&addrs, n).ok();
+                assert!(again.is_some());
+            }
+            let _ = conn::decode_handshake(rest);
+        }
+        2 => conn::fuzz_header(rest),
+        _ => {
+            let _ = emulated::decode_addr(rest);
+        }
+    }
+}
+
+/// Seed inputs for [`fuzz_decoders`] made by the real encoders: (file name, bytes).
+pub(crate) fn fuzz_seeds() -> Vec<(String, Vec<u8>)> {
+    let port = PortInfo {
+        device: "emu0".into(),
+        port: 1,
+        lid: 0,
+        gid: [7; 16],
+        mtu: 4096,
+        speed_mbps: 0,
+        link_layer: LinkLayer::Emulated,
+    };
+    let mut out = vec![];
+    let mut a = vec![0u8];
+    a.extend(encode_addr(Provider::Emulated, &port, b"127.0.0.1:4000"));
+    out.push(("seed-handle".to_string(), a));
+    let addrs: Vec<nic::QpAddr> = (0..3)
+        .map(|i| nic::QpAddr {
+            lid: 1,
+            gid: [i as u8; 16],
+            qpn: 100 + i,
+            psn: 7,
+            nic_addr: vec![4, 127, 0, 0, 1, 0x10, 0x20],
+        })
+        .collect();
+    if let Ok(h) = conn::encode_handshake(&addrs, 2) {
+        let mut v = vec![1u8];
+        v.extend(h);
+        out.push(("seed-handshake".to_string(), v));
+    }
+    for (name, h) in conn::fuzz_header_seeds() {
+        let mut v = vec![2u8];
+        v.extend(h);
+        out.push((name, v));
+    }
+    let mut e = vec![3u8, 4, 127, 0, 0, 1, 0x10, 0x20];
+    e.extend([9u8; 16]);
+    out.push(("seed-emu-addr".to_string(), e));
+    out
+}
+
 #[cfg(test)]
 mod tests;

@@ -323,6 +323,35 @@ pub trait Nic: Send + Sync {
     fn status_str(&self, status: u32) -> String {
         status::as_str(status).to_string()
     }
+    /// How GPU memory would reach this NIC (GPUDirect RDMA by dma-buf or nvidia_peermem, or
+    /// staging through host memory); `user_disabled` forces staging. Default: staging (a NIC
+    /// that cannot register device memory, such as the emulated one).
+    fn gpu_path(&self, user_disabled: bool) -> super::verbs::GpuPath {
+        let _ = user_disabled;
+        super::verbs::GpuPath::HostStaging {
+            reason: "this NIC cannot register device memory",
+        }
+    }
+    /// Registers `len` bytes at `offset` of a dma-buf `fd` (device memory exported with
+    /// `cuMemGetHandleForAddressRange`), addressed as `iova` onwards (`ibv_reg_dmabuf_mr`).
+    /// Default: unsupported.
+    ///
+    /// # Safety
+    /// The device memory must stay allocated until [`Nic::dereg_mr`].
+    unsafe fn reg_dmabuf_mr(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: u32,
+    ) -> NicResult<Mr> {
+        let _ = (fd, offset, len, iova, access);
+        Err(NicError::new(
+            "ibv_reg_dmabuf_mr",
+            "this NIC cannot register device memory",
+        ))
+    }
 }
 
 /// A completion queue.

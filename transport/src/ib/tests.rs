@@ -185,3 +185,86 @@ fn connect_handle_round_trip_and_garbage() {
         .unwrap();
     assert!(e.to_string().contains("BRAID_IB_PROVIDER"), "{e}");
 }
+
+/// A connected pair of concrete connections (for the test hooks).
+fn concrete_pair(a: &IbTransport, b: &IbTransport) -> (conn::IbConn, conn::IbConn) {
+    let (mut l, h) = a.tcp.listen(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let params = ConnectParams::default();
+    std::thread::scope(|s| {
+        let th = s.spawn(|| {
+            let side = b
+                .tcp
+                .connect_challenged(&h, &|_| b"x".to_vec(), deadline)
+                .unwrap();
+            conn::IbConn::new(b.nic.clone(), b.regs.clone(), side, 2, params, deadline).unwrap()
+        });
+        let acc = loop {
+            if let Some(x) = l.accept_challenged().unwrap() {
+                break x;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let c = conn::IbConn::new(a.nic.clone(), a.regs.clone(), acc.conn, 2, params, deadline)
+            .unwrap();
+        (c, th.join().unwrap())
+    })
+}
+
+/// A CTS with a corrupted rkey, or a window address outside the registered region: the
+/// sender's write fails with the verbs status text naming the peer, the receiver fails too,
+/// and not one byte lands in the receiver's memory (guards around the buffer included).
+#[test]
+fn corrupted_rkey_or_out_of_bounds_window_touches_nothing() {
+    let corruptions: [fn(&mut u32, &mut u64); 2] = [
+        |rkey, _| *rkey ^= 0x5a5a,
+        |_, addr| *addr += 64 * 1024 * 1024,
+    ];
+    for (i, f) in corruptions.into_iter().enumerate() {
+        let (ta, tb) = (emu(2), emu(2));
+        let (mut a, mut b) = concrete_pair(&ta, &tb);
+        let n = 2 * conn::CHUNK;
+        let src = vec![0xabu8; n];
+        // Guard pages around the receive buffer, all registered.
+        let mut mem = vec![0u8; n + 2 * 4096];
+        let h = tb.register(mem.as_ptr(), mem.len()).unwrap();
+        b.corrupt_cts = Some(f);
+        // SAFETY: buffers outlive the connections (dropped at the end of the iteration).
+        let s = unsafe { a.isend(1, &[0; META_LEN], src.as_ptr(), n) }
+            .unwrap()
+            .unwrap();
+        // SAFETY: as above.
+        let r = unsafe { b.irecv(1, mem.as_mut_ptr().add(4096), n) }
+            .unwrap()
+            .unwrap();
+        std::thread::scope(|sc| {
+            let bb = &mut b;
+            let rh = sc.spawn(move || conf::wait(bb, r));
+            let e = conf::wait(&mut a, s).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("remote access error") && text.contains("127.0.0.1"),
+                "case {i}: {text}"
+            );
+            assert!(
+                rh.join().unwrap().is_err(),
+                "case {i}: the receive completed"
+            );
+        });
+        assert!(mem.iter().all(|&x| x == 0), "case {i}: bytes landed");
+        drop((a, b));
+        tb.deregister(h).unwrap();
+    }
+}
+
+#[test]
+fn emulated_nic_stages_gpu_memory() {
+    let t = emu(1);
+    assert!(matches!(
+        t.nic.gpu_path(false),
+        verbs::GpuPath::HostStaging { .. }
+    ));
+    // SAFETY: the call fails before touching anything (no such registration is possible).
+    let r = unsafe { t.nic.reg_dmabuf_mr(-1, 0, 4096, 0, nic::ACCESS_LOCAL_WRITE) };
+    assert!(r.is_err());
+}

@@ -461,6 +461,22 @@ impl Nic for VerbsNic {
         self.port.clone()
     }
 
+    fn gpu_path(&self, user_disabled: bool) -> GpuPath {
+        VerbsNic::gpu_path(self, user_disabled)
+    }
+
+    unsafe fn reg_dmabuf_mr(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: u32,
+    ) -> NicResult<Mr> {
+        // SAFETY: the caller's contract is this one's.
+        unsafe { VerbsNic::reg_dmabuf_mr(self, fd, offset, len, iova, access) }
+    }
+
     unsafe fn reg_mr(&self, addr: *mut u8, len: usize, access: u32) -> NicResult<Mr> {
         let mut out = abi::MrV1::default();
         // SAFETY: live context; out is a valid out-struct; the memory stays valid until
