@@ -67,14 +67,18 @@ deps:
 	  { ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q; } && \
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS); }; }; }
 
-## Installs libbraid.so, libbraid.a, include/braid.h and a pkg-config file braid.pc under PREFIX.
+## Installs libbraid.so, libbraid.a, the verbs plugin libbraid_ibverbs.so (loaded at run time
+## for RDMA; libbraid does not link libibverbs), include/braid.h and braid.pc under PREFIX.
 install: deps
 ifeq ($(NO_BUILD),)
-	$(CARGO) build -p braid-capi $(if $(filter release,$(PROFILE)),--release,)
+	$(CARGO) build -p braid-capi -p braid-ibverbs $(if $(filter release,$(PROFILE)),--release,)
 endif
 	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include
 	install -m 755 target/$(PROFILE)/libbraid.so $(DESTDIR)$(PREFIX)/lib/libbraid.so
 	install -m 644 target/$(PROFILE)/libbraid.a $(DESTDIR)$(PREFIX)/lib/libbraid.a
+	@if [ -f target/$(PROFILE)/libbraid_ibverbs.so ]; then \
+	  install -m 755 target/$(PROFILE)/libbraid_ibverbs.so $(DESTDIR)$(PREFIX)/lib/libbraid_ibverbs.so; \
+	else echo "libbraid_ibverbs.so not built (cargo build -p braid-ibverbs): installed without RDMA verbs"; fi
 	install -m 644 include/braid.h $(DESTDIR)$(PREFIX)/include/braid.h
 	printf '%s\n' \
 	  'prefix=$(PREFIX)' \
