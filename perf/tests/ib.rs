@@ -245,6 +245,25 @@ fn push_pull_over_ib_emulated() {
     let se = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{so}\n{se}");
     assert!(so.contains("Out of bounds values : 0 OK"), "{so}\n{se}");
+    // The same run with the real provider (no device here) fails naming why: push/pull goes
+    // through the ib transport, not around it.
+    let out = Command::new(perf())
+        .args(
+            "push_pull --workers 1 --servers 1 -b 4K -e 4K -n 1 --mode sync --transport ib"
+                .split(' '),
+        )
+        .env("BRAID_IB_PROVIDER", "verbs")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && all.contains("no RDMA device"),
+        "{all}"
+    );
 }
 
 /// This machine has libibverbs but no RDMA device (no kernel InfiniBand): the real provider
@@ -271,6 +290,13 @@ fn real_provider_without_device_fails_clearly_or_falls_back() {
     let (ok, so, se) = braid_run(&args, &[("BRAID_TRANSPORT", "ib")]);
     assert!(!ok, "forced ib without a device succeeded\n{so}\n{se}");
     assert!(se.contains("no RDMA device"), "{se}");
+
+    // Without the plugin at all (a machine without rdma-core is the same: the plugin is what
+    // links libibverbs), forced ib says the plugin is not loadable and auto still runs.
+    let missing = ("BRAID_IB_PLUGIN", "/nonexistent/libbraid_ibverbs.so");
+    let (ok, so, se) = braid_run(&args, &[("BRAID_TRANSPORT", "ib"), missing]);
+    assert!(!ok && se.contains("not loadable"), "{so}\n{se}");
+    run_ok(&args, &[("BRAID_TRANSPORT", "auto"), missing]);
 
     // Two simulated hosts, auto: no ib device on either, so the pair uses tcp, and each rank
     // says why once.
