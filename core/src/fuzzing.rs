@@ -315,12 +315,14 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             k: 10,
             p: 0,
             n: 16,
+            t: 0,
         },
         PartRef {
             s: 2,
             k: 11,
             p: 1,
             n: 8,
+            t: 0,
         },
     ];
     let msgs = vec![

@@ -584,3 +584,56 @@ fn pulls_into_caller_memory() {
         }
     });
 }
+
+/// A key of three parts pushed with another total length whose first parts happen to have the
+/// same sizes (2 parts of 64 bytes against 3): refused by every server holding a part, and the
+/// key is unchanged (before, the matching parts were applied: a partial update).
+#[test]
+fn a_wrong_total_length_is_refused_on_every_part() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        partition_bytes: 64,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let servers = start_servers(s, 2, &addr, 4, &opts);
+        let init: Vec<f32> = (0..48).map(|i| i as f32).collect();
+        let a = {
+            let (addr, opts, init) = (addr.clone(), opts.clone(), init.clone());
+            s.spawn(move || {
+                let kv = KvWorker::start(cfg(&addr, 4), opts).unwrap();
+                kv.init(&[20], &[48], &init).unwrap();
+                kv
+            })
+        };
+        let kv = KvWorker::start(cfg(&addr, 4), opts).unwrap();
+        let a = a.join().unwrap();
+        // This worker never saw key 20: only the servers can tell the length is wrong.
+        let e = kv
+            .push(&[20], &[32], &[1f32; 32], 0)
+            .and_then(|h| h.wait())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("key 20") && e.to_string().contains("wrong length"),
+            "{e}"
+        );
+        let e = kv
+            .pull::<f32>(&[20], &[32], None, 0)
+            .and_then(|h| h.wait())
+            .unwrap_err();
+        assert!(e.to_string().contains("wrong length"), "{e}");
+        let p = a
+            .pull::<f32>(&[20], &[48], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(p.values, init, "a refused push changed the key");
+        assert_eq!(p.version, 0);
+        drop((a, kv));
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}

@@ -112,6 +112,19 @@ struct CkptJob {
 /// hand-over); requests for it are retried meanwhile, and fail as lost afterwards.
 const HANDOVER_GRACE: Duration = Duration::from_secs(5);
 
+/// A request for part `p` stating another whole-key length than the one this part was
+/// initialised with: refused, so that a wrong length is never applied to the parts whose own
+/// size happens to match.
+fn total_mismatch(st: &SState, p: &PartRef) -> Option<String> {
+    let held = st.store.total(p.s)?;
+    (p.t != 0 && p.t != held).then(|| {
+        format!(
+            "key {}: wrong length: it holds {held} bytes, the request says {}",
+            p.k, p.t
+        )
+    })
+}
+
 /// Why `skey` cannot be served by this server (its owner), if it cannot: a part that exists in
 /// the group but no copy of which reached this server. `Some((msg, retry))`.
 fn missing_part(st: &mut SState, skey: u64) -> Option<(String, bool)> {
@@ -1154,6 +1167,12 @@ fn handle(
                             key: p.s,
                             msg: why,
                         }]
+                    } else if let Some(msg) = total_mismatch(st, p) {
+                        vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg,
+                        }]
                     } else if dup {
                         // A retry of a part already applied (its acknowledgement was lost):
                         // acknowledge again without applying it twice.
@@ -1165,6 +1184,7 @@ fn handle(
                     } else if is_init {
                         match st.store.init(p.s, dt, data) {
                             Ok((created, evs)) => {
+                                st.store.set_total(p.s, p.t);
                                 if created {
                                     st.dir.insert(p.s, (p.k, p.p));
                                     announced.push((p.s, p.k, p.p));
@@ -1380,6 +1400,11 @@ fn handle(
                                 ),
                             }]
                         }
+                        None if total_mismatch(st, p).is_some() => vec![Event::Error {
+                            req: sreq,
+                            key: p.s,
+                            msg: total_mismatch(st, p).unwrap_or_default(),
+                        }],
                         None => match st.store.pull(sreq, from, p.s, min) {
                             Ok(e) => {
                                 if st.store.version(p.s).is_none() {
@@ -1475,7 +1500,11 @@ fn handle(
                                     continue;
                                 }
                                 let r = match write {
-                                    Write::Init => st.store.init(p.s, dt, data).map(|x| x.1),
+                                    Write::Init => {
+                                        let r = st.store.init(p.s, dt, data).map(|x| x.1);
+                                        st.store.set_total(p.s, p.t);
+                                        r
+                                    }
                                     Write::Push => st.store.push_with(
                                         0,
                                         worker,

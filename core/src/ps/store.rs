@@ -384,6 +384,10 @@ struct Entry {
     /// value), created at the first update that needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mom: Option<Vec<u8>>,
+    /// Bytes of the whole user key this part belongs to (0: unknown, e.g. restored from a
+    /// checkpoint before any init re-stated it).
+    #[serde(default)]
+    total: u64,
 }
 
 /// What the per-key logic needs from the store.
@@ -419,6 +423,7 @@ impl Entry {
             pulls: Vec::new(),
             pin: None,
             mom: None,
+            total: 0,
         }
     }
 
@@ -1353,6 +1358,21 @@ impl Store {
     /// The initialised keys, ascending.
     pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
         self.keys.keys().copied()
+    }
+
+    /// Bytes of the whole user key part `key` belongs to, if known.
+    pub fn total(&self, key: u64) -> Option<u64> {
+        self.keys.get(&key).map(|e| e.total).filter(|t| *t > 0)
+    }
+
+    /// Records the whole key's byte length of part `key` where it is not known yet (the first
+    /// init that states it; later ones are checked against it by the caller).
+    pub fn set_total(&mut self, key: u64, total: u64) {
+        if let Some(e) = self.keys.get_mut(&key) {
+            if e.total == 0 {
+                e.total = total;
+            }
+        }
     }
 
     /// The current version of `key`.

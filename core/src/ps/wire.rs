@@ -17,7 +17,9 @@ pub(crate) const CLIENT_HDR: usize = 1 << 20;
 /// Most part entries in one [`Msg::CkptParts`] (well inside [`CLIENT_HDR`]).
 pub(crate) const MAX_CKPT_CHUNK: usize = 2048;
 
-/// One part of a key in a request: its store key, user key, part index and byte length.
+/// One part of a key in a request: its store key, user key, part index, byte length, and the
+/// byte length of the whole key (so that every server holding a part can refuse a request for
+/// another length, even where its own part happens to have the same size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PartRef {
     /// Store key.
@@ -28,6 +30,13 @@ pub(crate) struct PartRef {
     pub p: u32,
     /// Bytes.
     pub n: usize,
+    /// Bytes of the whole key (0: not stated).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub t: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Messages between workers/readers and servers, and between servers. `prio` (higher first):
@@ -334,6 +343,7 @@ mod tests {
             k: 1,
             p: 0,
             n,
+            t: 0,
         };
         assert_eq!(parts_len(&[p(3), p(4)]), Some(7));
         assert_eq!(parts_len(&[p(usize::MAX), p(1)]), None);

@@ -1323,6 +1323,7 @@ impl WInner {
                         k,
                         p: p.index,
                         n: p.len,
+                        t: (n * es) as u64,
                     },
                     off + p.offset,
                 ));
