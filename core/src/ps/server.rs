@@ -1175,11 +1175,12 @@ fn handle(
                         }]
                     } else if dup {
                         // A retry of a part already applied (its acknowledgement was lost):
-                        // acknowledge again without applying it twice.
+                        // acknowledge again without applying it twice, with the version that
+                        // push leads to (sync: its round, perhaps still open).
                         vec![Event::PushAck {
                             req: sreq,
                             key: p.s,
-                            version: st.store.version(p.s).unwrap_or(0),
+                            version: st.store.ack_version(p.s, from).unwrap_or(0),
                         }]
                     } else if is_init {
                         match st.store.init(p.s, dt, data) {

@@ -1360,6 +1360,18 @@ impl Store {
         self.keys.keys().copied()
     }
 
+    /// The version to acknowledge again for `worker`'s push to `key` that was already applied
+    /// (a retry whose first acknowledgement was lost): in sync mode the round that push went
+    /// into, which may still be open (acknowledging the current version instead would let the
+    /// worker's pull return the round before its own push); otherwise the current version.
+    pub fn ack_version(&self, key: u64, worker: u64) -> Option<u64> {
+        let e = self.keys.get(&key)?;
+        Some(
+            e.version
+                .max(e.last_round.get(&worker).copied().unwrap_or(0)),
+        )
+    }
+
     /// Bytes of the whole user key part `key` belongs to, if known.
     pub fn total(&self, key: u64) -> Option<u64> {
         self.keys.get(&key).map(|e| e.total).filter(|t| *t > 0)
@@ -1535,6 +1547,27 @@ mod tests {
         assert_eq!(s.push(33, 2, 7, F, &b(&[0., 2.])).unwrap(), [ack(33, 7, 5)]);
         assert_eq!(f(s.get(7).unwrap().1), [5., 2.]);
         assert!(s.rounds_open(7) == 0);
+    }
+
+    /// A retried push that was already applied is acknowledged again with the round it went
+    /// into (still open), not the current version: a worker pulling after that acknowledgement
+    /// must get its own round, not the one before.
+    #[test]
+    fn sync_ack_version_of_an_applied_push_is_its_round() {
+        let mut s = store(Consistency::Sync, UpdateRule::Sum, 1, &[1, 2]);
+        s.init(7, F, &b(&[0., 0.])).unwrap();
+        assert_eq!(s.ack_version(7, 1), Some(0));
+        assert_eq!(s.push(1, 1, 7, F, &b(&[1., 2.])).unwrap(), [ack(1, 7, 1)]);
+        assert_eq!(s.version(7), Some(0));
+        assert_eq!(s.ack_version(7, 1), Some(1));
+        assert_eq!(s.ack_version(7, 2), Some(0));
+        s.push(2, 2, 7, F, &b(&[1., 2.])).unwrap();
+        assert_eq!(s.version(7), Some(1));
+        assert_eq!(
+            (s.ack_version(7, 1), s.ack_version(7, 2)),
+            (Some(1), Some(1))
+        );
+        assert_eq!(s.ack_version(8, 1), None);
     }
 
     impl Store {

@@ -1655,12 +1655,15 @@ impl WInner {
                 .entry(server)
                 .or_insert_with(|| (why.to_string(), Instant::now()));
         }
-        let ids: Vec<u64> = st
+        // In the order they were sent (ids grow): a push_pull's pull must be sent again after
+        // its push, or the new owner answers the pull with the round before the push.
+        let mut ids: Vec<u64> = st
             .reqs
             .iter()
             .filter(|(_, r)| r.server == server)
             .map(|(id, _)| *id)
             .collect();
+        ids.sort_unstable();
         for id in ids {
             if let Some(r) = st.reqs.remove(&id) {
                 st.retry.push(r);
@@ -1980,12 +1983,14 @@ impl WInner {
             if let Some(c) = st.chans.remove(&id) {
                 dead.push(c);
             }
-            let ids: Vec<u64> = st
+            // In the order they were sent (see `on_lost`).
+            let mut ids: Vec<u64> = st
                 .reqs
                 .iter()
                 .filter(|(_, r)| r.server == id)
                 .map(|(i, _)| *i)
                 .collect();
+            ids.sort_unstable();
             for i in ids {
                 if let Some(r) = st.reqs.remove(&i) {
                     st.retry.push(r);
