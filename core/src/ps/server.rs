@@ -119,7 +119,7 @@ fn total_mismatch(st: &SState, p: &PartRef) -> Option<String> {
     let held = st.store.total(p.s)?;
     (p.t != 0 && p.t != held).then(|| {
         format!(
-            "key {}: wrong length: it holds {held} bytes, the request says {}",
+            "key {}: wrong length: expected {held} bytes, got {}",
             p.k, p.t
         )
     })
