@@ -9,11 +9,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+use braid::membership::bench::{BenchOptions, MEMBERS_SUBCOMMAND};
 use braid::membership::Coordinator;
 
 const USAGE: &str = "\
 usage: braid-coordinator [--bind HOST:PORT] [--state FILE]
        braid-coordinator status HOST:PORT [--json]
+       braid-coordinator bench --members N [--procs P] [--rounds R] [--window-ms MS]
+                               [--storm K] [--steady-s S] [--timeout-s S]
 
 Runs the braid membership service (rendezvous of ranks, elastic views, heartbeats) until
 SIGINT or SIGTERM. Ranks find it through BRAID_COORDINATOR=HOST:PORT.
@@ -29,6 +32,13 @@ options:
 with rank, id, host, pid, weight, heartbeat age), waiting joiners, the last push/pull
 checkpoint a member reported (version, time, directory) and the history of epochs with their
 reasons (initial, join, leave, failure, reweigh); as text, or the raw JSON with --json.
+
+`bench` measures a coordinator in this process with N simulated light members (real sockets,
+heartbeats at BRAID_HEARTBEAT's default interval) in P child processes (default 2): formation,
+R single joins (default 5), S seconds of steady heartbeats (default 5; the coordinator
+process's CPU), a storm of K joiners in one batching window (default 1000; MS default 500).
+It prints its tables, then one line
+`members=N join_view_ms=X storm_1000_ms=Y heartbeat_cpu_pct=Z` (nan: not measured).
 
 BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
 token never crosses the wire); `status` uses it too. Without it, listening on an address other
@@ -191,10 +201,90 @@ fn status(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `braid-coordinator bench ...`.
+fn bench(args: &[String]) -> ExitCode {
+    let filter = braid::config::var("BRAID_LOG").unwrap_or_else(|| "warn".into());
+    braid::config::init_logging(&filter);
+    let parsed = (|| -> Result<BenchOptions, String> {
+        let mut members = None;
+        let mut o = BenchOptions::new(1);
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut val = |name: &str| -> Result<f64, String> {
+                let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
+                let x: f64 = v.parse().map_err(|e| format!("{name} {v:?}: {e}"))?;
+                if x.is_finite() && x >= 0.0 {
+                    Ok(x)
+                } else {
+                    Err(format!("{name} {v:?}: not a count"))
+                }
+            };
+            match a.as_str() {
+                "--members" => members = Some(val(a)? as usize),
+                "--procs" => o.procs = val(a)? as usize,
+                "--rounds" => o.rounds = val(a)? as usize,
+                "--window-ms" => o.join_window_ms = val(a)? as u64,
+                "--storm" => o.storm = val(a)? as usize,
+                "--steady-s" => o.steady = Duration::from_secs_f64(val(a)?),
+                "--timeout-s" => o.phase_timeout = Duration::from_secs_f64(val(a)?),
+                other => return Err(format!("unexpected argument {other:?}")),
+            }
+        }
+        o.members = members.ok_or("needs --members N")?;
+        Ok(o)
+    })();
+    let opts = match parsed {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("braid-coordinator bench: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "braid-coordinator bench: cannot find this program to start the members: {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match braid::membership::bench::coordinator_bench(&opts, &exe) {
+        Ok(r) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{r}");
+            let _ = writeln!(out, "{}", r.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("braid-coordinator bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hidden `bench-members` subcommand: a member process of `bench`.
+fn bench_members(args: &[String]) -> ExitCode {
+    let filter = braid::config::var("BRAID_LOG").unwrap_or_else(|| "warn".into());
+    braid::config::init_logging(&filter);
+    let r = braid::membership::bench::MembersOptions::from_args(args)
+        .and_then(braid::membership::bench::run_members);
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("braid-coordinator {MEMBERS_SUBCOMMAND}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.first().map(String::as_str) == Some("status") {
-        return status(&argv[1..]);
+    match argv.first().map(String::as_str) {
+        Some("status") => return status(&argv[1..]),
+        Some("bench") => return bench(&argv[1..]),
+        Some(MEMBERS_SUBCOMMAND) => return bench_members(&argv[1..]),
+        _ => {}
     }
     let mut bind = String::from("0.0.0.0:29400");
     let mut opts = braid::membership::CoordinatorOptions::from_env();

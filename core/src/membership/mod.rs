@@ -63,6 +63,7 @@
 //!   no buffer is sized by a declared length beyond what actually arrived.
 
 pub(crate) mod auth;
+pub mod bench;
 mod client;
 mod coordinator;
 pub mod pipeline;

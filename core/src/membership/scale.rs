@@ -488,8 +488,9 @@ impl Bench {
     }
 }
 
-/// Removes one complete frame from the front of `buf`, if there is one.
-fn take_frame(buf: &mut Vec<u8>, i: usize) -> Result<Option<proto::Frame>> {
+/// Removes one complete frame from the front of `buf`, if there is one (`i` names the
+/// simulated member in errors).
+pub(super) fn take_frame(buf: &mut Vec<u8>, i: usize) -> Result<Option<proto::Frame>> {
     if buf.len() < proto::HEADER_LEN {
         return Ok(None);
     }
