@@ -3963,13 +3963,27 @@ fn connect_peers(
         };
         names[j] = Some(transport.name());
         tracing::debug!(target: "braid::init", "rank {rank} -> rank {j}: {}", transport.name());
+        // A peer of a stale view may be dead (its listener refuses): stop retrying once a
+        // newer view is announced, as the accept loop below does, instead of at the deadline.
+        let give_up = || abort.load(Ordering::Relaxed) || superseded();
         let conn = transport
-            .connect_challenged(&h, &hello, deadline)
-            .map_err(|e| Error::PeerLost {
-                rank: j,
-                member: m.id,
-                host: m.hostname.clone(),
-                detail: format!("connecting: {e}"),
+            .connect_or_give_up(&h, &hello, deadline, &give_up)
+            .map_err(|e| {
+                if abort.load(Ordering::Relaxed) {
+                    Error::Aborted
+                } else if superseded() {
+                    Error::Coordinator(format!(
+                        "view epoch {} was superseded while connecting to rank {j}",
+                        view.epoch
+                    ))
+                } else {
+                    Error::PeerLost {
+                        rank: j,
+                        member: m.id,
+                        host: m.hostname.clone(),
+                        detail: format!("connecting: {e}"),
+                    }
+                }
             })?;
         peers[j] = Some(Peer {
             conn,

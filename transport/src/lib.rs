@@ -175,6 +175,23 @@ pub trait Transport: Send + Sync {
         hello: HelloFn<'_>,
         deadline: std::time::Instant,
     ) -> NetResult<Box<dyn Conn>>;
+    /// As [`Transport::connect_challenged`], but while the peer's listener refuses
+    /// connections (not listening yet, or gone) it asks `give_up` between attempts and stops
+    /// with [`NetError::Timeout`] when that returns true, instead of retrying until
+    /// `deadline`: the caller's idea of the peer may be stale (a newer membership view has
+    /// dropped it). The default asks once, before connecting.
+    fn connect_or_give_up(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: std::time::Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> NetResult<Box<dyn Conn>> {
+        if give_up() {
+            return Err(NetError::Timeout("gave up before connecting".into()));
+        }
+        self.connect_challenged(handle, hello, deadline)
+    }
     /// Registers a memory region for zero-copy transfers (a no-op for transports that do not
     /// need it). The region must stay valid until deregistered.
     fn register(&self, _ptr: *const u8, _len: usize) -> NetResult<MemHandle> {

@@ -2049,6 +2049,17 @@ impl ShmTransport {
         hello: HelloFn<'_>,
         deadline: Instant,
     ) -> NetResult<ShmConn> {
+        self.connect_shm_or_give_up(handle, hello, deadline, &|| false)
+    }
+
+    /// [`Transport::connect_or_give_up`]: `give_up` is asked while the listener refuses.
+    fn connect_shm_or_give_up(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> NetResult<ShmConn> {
         if handle.transport != "shm" {
             return Err(NetError::Protocol(format!(
                 "shm cannot connect to a {} handle",
@@ -2083,6 +2094,11 @@ impl ShmTransport {
             if Instant::now() >= deadline {
                 return Err(NetError::Timeout(format!(
                     "connecting to shm socket {name}"
+                )));
+            }
+            if give_up() {
+                return Err(NetError::Timeout(format!(
+                    "connecting to shm socket {name}: gave up (the caller's view of the peer is stale)"
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -2197,6 +2213,18 @@ impl Transport for ShmTransport {
         deadline: Instant,
     ) -> NetResult<Box<dyn Conn>> {
         Ok(Box::new(self.connect_shm(handle, hello, deadline)?))
+    }
+
+    fn connect_or_give_up(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> NetResult<Box<dyn Conn>> {
+        Ok(Box::new(self.connect_shm_or_give_up(
+            handle, hello, deadline, give_up,
+        )?))
     }
 }
 
@@ -2318,6 +2346,25 @@ mod tests {
         assert_eq!(a.direct_bytes(), (3 * n as u64, 0));
         assert_eq!(b.direct_bytes(), (0, 3 * n as u64));
         assert_eq!(a.bytes().0, 3 * n as u64);
+    }
+
+    /// A listener that is gone refuses: connect_or_give_up stops when asked to, long before
+    /// its deadline.
+    #[test]
+    fn connecting_to_a_gone_listener_gives_up_when_asked() {
+        let t = ShmTransport::new(ShmOptions::default()).unwrap();
+        let (l, h) = t.listen(0).unwrap();
+        drop(l);
+        let t0 = Instant::now();
+        let give_up = || t0.elapsed() > Duration::from_millis(200);
+        let deadline = t0 + Duration::from_secs(60);
+        let e = match t.connect_or_give_up(&h, &|c| c.to_vec(), deadline, &give_up) {
+            Ok(_) => panic!("connected to a closed listener"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, NetError::Timeout(_)), "{e}");
+        assert!(e.to_string().contains("gave up"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     }
 
     #[test]

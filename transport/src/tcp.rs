@@ -253,10 +253,18 @@ impl TcpTransport {
         &self,
         addr: SocketAddr,
         deadline: Instant,
+        give_up: &dyn Fn() -> bool,
     ) -> NetResult<(TcpStream, Challenge, Secret)> {
+        // Between attempts: wait a little, unless the caller gives up.
         let pause = || {
+            if give_up() {
+                return Err(NetError::Timeout(format!(
+                    "connecting to {addr}: gave up (the caller's view of the peer is stale)"
+                )));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             std::thread::sleep(left.min(Duration::from_millis(20)));
+            Ok(())
         };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -266,7 +274,7 @@ impl TcpTransport {
             let s = match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    pause();
+                    pause()?;
                     continue;
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {
@@ -279,7 +287,7 @@ impl TcpTransport {
             let what = format!("waiting for the challenge of {addr}");
             if !read_by(&s, &mut f, deadline, &what)? {
                 tracing::debug!(target: "braid::net", "{addr} closed the connection before its challenge; retrying");
-                pause();
+                pause()?;
                 continue;
             }
             let (ch, secret) = decode_challenge(&f)?;
@@ -344,6 +352,16 @@ impl Transport for TcpTransport {
         hello: HelloFn<'_>,
         deadline: Instant,
     ) -> NetResult<Box<dyn Conn>> {
+        self.connect_or_give_up(handle, hello, deadline, &|| false)
+    }
+
+    fn connect_or_give_up(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> NetResult<Box<dyn Conn>> {
         if handle.transport != "tcp" {
             return Err(NetError::Protocol(format!(
                 "tcp cannot connect to a {} handle",
@@ -358,7 +376,7 @@ impl Transport for TcpTransport {
         let mut secret: Secret = [0; SECRET_LEN];
         let mut socks = Vec::with_capacity(n);
         for i in 0..n {
-            let (s, challenge, sec) = self.open_socket(addr, deadline)?;
+            let (s, challenge, sec) = self.open_socket(addr, deadline, give_up)?;
             // Socket 0 answers its challenge with the caller's hello and learns the connection
             // secret; the other sockets present that secret, so only this connector can add
             // sockets to this connection.
@@ -1761,6 +1779,25 @@ mod tests {
             }
             assert!(n <= CHAL_FRAME, "the listener sent more than its challenge");
         }
+    }
+
+    /// A listener that is gone refuses: connect_or_give_up stops when asked to, long before
+    /// its deadline (a member installing a stale view must not wait for a dead peer).
+    #[test]
+    fn connecting_to_a_gone_listener_gives_up_when_asked() {
+        let t = TcpTransport::new(TcpOptions::default()).unwrap();
+        let (l, h) = t.listen(0).unwrap();
+        drop(l);
+        let t0 = Instant::now();
+        let give_up = || t0.elapsed() > Duration::from_millis(200);
+        let deadline = t0 + Duration::from_secs(60);
+        let e = match t.connect_or_give_up(&h, &|c| c.to_vec(), deadline, &give_up) {
+            Ok(_) => panic!("connected to a closed listener"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, NetError::Timeout(_)), "{e}");
+        assert!(e.to_string().contains("gave up"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -411,6 +411,16 @@ impl Transport for IbTransport {
         hello: HelloFn<'_>,
         deadline: std::time::Instant,
     ) -> NetResult<Box<dyn crate::Conn>> {
+        self.connect_or_give_up(handle, hello, deadline, &|| false)
+    }
+
+    fn connect_or_give_up(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: std::time::Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> NetResult<Box<dyn crate::Conn>> {
         if handle.transport != "ib" {
             return Err(NetError::Protocol(format!(
                 "ib cannot connect to a {} handle",
@@ -430,13 +440,14 @@ impl Transport for IbTransport {
                 peer.device, self.port.device, self.port.link_layer
             )));
         }
-        let side = self.tcp.connect_challenged(
+        let side = self.tcp.connect_or_give_up(
             &ConnectHandle {
                 transport: "tcp".into(),
                 addr: peer.tcp.clone(),
             },
             hello,
             deadline,
+            give_up,
         )?;
         let c = conn::IbConn::new(
             self.nic.clone(),
