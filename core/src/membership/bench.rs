@@ -48,9 +48,10 @@ use crate::error::{Error, Result};
 const GROUP: &str = "bench";
 /// Hidden subcommand of `braid-coordinator` that runs a child's members ([`run_members`]).
 pub const MEMBERS_SUBCOMMAND: &str = "bench-members";
-/// Descriptors the coordinator holds per connection today: the accepted stream, the clone the
-/// accept loop keeps for shutdown, the reader clone and the closer clone.
-pub const COORD_FDS_PER_CONN: u64 = 4;
+/// Descriptors the coordinator holds per connection: the accepted stream, shared by its
+/// reader, its writers and the accept loop's table (it held four before the stream was
+/// shared).
+pub const COORD_FDS_PER_CONN: u64 = 1;
 /// Epoll token of the child's stdin.
 const STDIN_TOKEN: u64 = u64::MAX;
 /// No progress for this long in a phase: it failed (stalled).
@@ -1735,7 +1736,7 @@ pub fn coordinator_bench(opts: &BenchOptions, exe: &Path) -> Result<BenchReport>
         let need = open + COORD_FDS_PER_CONN * opts.storm as u64 + 16;
         if need > nofile_limit {
             Storm::Skipped(format!(
-                "{} more connections need about {} descriptors in the coordinator process ({COORD_FDS_PER_CONN} per connection: the accepted stream, the accept loop's clone, the reader and the closer), which has {open} open of RLIMIT_NOFILE {nofile_limit} (the hard limit)",
+                "{} more connections need about {} descriptors in the coordinator process ({COORD_FDS_PER_CONN} per connection: the accepted stream), which has {open} open of RLIMIT_NOFILE {nofile_limit} (the hard limit)",
                 opts.storm,
                 COORD_FDS_PER_CONN * opts.storm as u64
             ))

@@ -1,9 +1,21 @@
 //! The coordinator service: accepts member connections (one thread each), runs rendezvous per
 //! group and publishes views.
+//!
+//! Costs at scale (`braid-coordinator bench`): one thread and one descriptor per connection
+//! (the thread reads the socket through a shared reference, writers share it behind a write
+//! lock, and the accept loop keeps the same `Arc` to shut it down); members are found by id
+//! through a per-group index, so a heartbeat or an acknowledgement costs O(1) under the state
+//! lock, and the per-event check of `decide` reads counters instead of scanning the group;
+//! the ticker scans a group for heartbeat timeouts only when its earliest deadline passed.
+//! The listener has a backlog of [`LISTEN_BACKLOG`] and the accept thread sleeps in `poll(2)`
+//! (woken by shutdown), so a join storm waits neither in SYN retransmits nor in sleeps.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +56,16 @@ const MAX_ID: u64 = 1 << 62;
 const MAX_MS: u64 = 24 * 3600 * 1000;
 /// Largest epoch accepted from a state file.
 const MAX_EPOCH: u64 = 1 << 62;
+/// Backlog of the listening socket (the kernel caps it at `net.core.somaxconn`, 4096 on
+/// current kernels): a join storm of thousands of members queues there instead of overflowing
+/// into SYN retransmits (1, 3, 7 s) with the default backlog of 128.
+pub(crate) const LISTEN_BACKLOG: i32 = 4096;
+/// Longest sleep of the accept thread in `poll(2)` (shutdown wakes it at once; this only
+/// bounds how long a missed wake-up could delay it).
+const ACCEPT_POLL: Duration = Duration::from_secs(1);
+/// How often the ticker recounts a group's bookkeeping (index, counters, earliest heartbeat
+/// deadline) from scratch, whatever happened: a safety net, O(members) once a second.
+const AUDIT: Duration = Duration::from_secs(1);
 /// Most work (members × blocks²) a re-weigh decision may plan, under the state lock; larger
 /// pipelines are not re-weighed (logged once per group).
 const REWEIGH_BUDGET: usize = 1 << 24;
@@ -68,9 +90,13 @@ pub struct CoordinatorOptions {
     pub state_file: Option<PathBuf>,
     /// Stack size of the per-connection threads (default 256 KiB).
     pub thread_stack: usize,
-    /// Most connections still in their handshake at once (default 256): when one more
+    /// Most connections still in their handshake at once (default 1024): when one more
     /// arrives, the oldest of them is closed (with a log line), so idle or slow connections
-    /// cannot keep a real member out for longer than it takes it to register.
+    /// cannot keep a real member out for longer than it takes it to register. The default lets
+    /// a join storm of about a thousand members handshake at once on a loaded machine (with
+    /// 256, storm joiners whose threads had not run yet were closed as "oldest"); each open
+    /// handshake holds a thread, a descriptor and at most one opening frame (160 KiB), so
+    /// 1024 of them bound a flood to about 160 MiB.
     pub max_unauthenticated: usize,
 }
 
@@ -83,7 +109,7 @@ impl Default for CoordinatorOptions {
             job_token: None,
             state_file: None,
             thread_stack: 256 << 10,
-            max_unauthenticated: 256,
+            max_unauthenticated: 1024,
         }
     }
 }
@@ -107,7 +133,7 @@ struct Entry {
     peer: SocketAddr,
     /// `None` while the member is disconnected (after a coordinator restart, until it
     /// rejoins).
-    writer: Option<Arc<Mutex<TcpStream>>>,
+    writer: Option<Arc<Link>>,
     last_seen: Instant,
     /// Highest epoch this member acknowledged as installed.
     acked: u64,
@@ -117,6 +143,91 @@ struct Entry {
     resync: Option<(u64, Vec<u64>)>,
     /// Issued at registration; a rejoin must prove it (see `auth::rejoin_mac`).
     secret: [u8; SECRET_LEN],
+}
+
+/// One connection's socket, shared by its connection thread (which reads it through
+/// [`Sock`]), the threads that write frames to it (one at a time, under `write`) and the
+/// accept loop's table (which shuts it down): one descriptor per connection.
+struct Link {
+    sock: TcpStream,
+    /// Serializes writers (a frame is one `write_all`, never torn); holds the write timeout
+    /// last set on the socket, so it is set again only when it changes.
+    write: Mutex<Option<Duration>>,
+}
+
+impl Link {
+    fn new(sock: TcpStream) -> Link {
+        Link {
+            sock,
+            write: Mutex::new(None),
+        }
+    }
+
+    /// Writes a whole frame with a write deadline (like `proto::write_bytes`).
+    fn send(&self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+        let mut last = lock(&self.write);
+        let t = Some(timeout.max(Duration::from_millis(1)));
+        if *last != t {
+            self.sock.set_write_timeout(t)?;
+            *last = t;
+        }
+        (&self.sock).write_all(bytes)?;
+        (&self.sock).flush()
+    }
+
+    /// Shuts the socket down both ways (wakes its reader; the peer sees the close).
+    fn close(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The reading side of a [`Link`], owned by its connection thread: buffered (a small frame is
+/// one `recv`, not three), and the read timeout is set only when it changes.
+struct Sock<'a> {
+    sock: &'a TcpStream,
+    slice: Option<Duration>,
+    buf: Box<[u8]>,
+    at: usize,
+    end: usize,
+}
+
+impl<'a> Sock<'a> {
+    fn new(sock: &'a TcpStream) -> Sock<'a> {
+        Sock {
+            sock,
+            slice: None,
+            buf: vec![0u8; 4096].into_boxed_slice(),
+            at: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Read for Sock<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.end {
+            if out.len() >= self.buf.len() {
+                return self.sock.read(out);
+            }
+            let n = self.sock.read(&mut self.buf)?;
+            self.at = 0;
+            self.end = n;
+        }
+        let n = out.len().min(self.end - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl proto::Wire for Sock<'_> {
+    fn set_slice(&mut self, d: Duration) -> std::io::Result<()> {
+        if self.slice != Some(d) {
+            self.sock.set_read_timeout(Some(d))?;
+            self.slice = Some(d);
+        }
+        Ok(())
+    }
 }
 
 impl Entry {
@@ -157,7 +268,7 @@ struct Group {
     joiners: Vec<Entry>,
     /// Members removed from the current view but still connected until they say goodbye
     /// (leavers); they get the next view so they know they are out.
-    leavers: Vec<(u64, Arc<Mutex<TcpStream>>, SocketAddr)>,
+    leavers: Vec<(u64, Arc<Link>, SocketAddr)>,
     /// The published view, if any.
     view: Option<View>,
     /// When the first waiting joiner registered.
@@ -171,6 +282,170 @@ struct Group {
     pipeline: PipelineMetrics,
     /// The last push/pull checkpoint a member reported (not persisted).
     checkpoint: Option<CheckpointSeen>,
+    /// Index and counters over `entries` and `joiners` (see [`Book`]).
+    book: Book,
+}
+
+/// Where a member sits in its group.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Entry(usize),
+    Joiner(usize),
+}
+
+/// A group's bookkeeping, so that the per-event work (a heartbeat, an acknowledgement, the
+/// quick check of `decide`, the tick) does not scan the group. Rebuilt by [`Group::reindex`]
+/// after every change of `entries`/`joiners` other than an append, and after every new view;
+/// kept up to date in between by the few places that change what it counts (appends, acks,
+/// rejoins, leaves, resyncs). An index slot is checked before use (a stale one falls back to
+/// a search); `unacked` is exact; `flagged` may only over-count (a member flagged twice),
+/// which sends `decide` down its full path, and that recounts. The ticker rebuilds it once a
+/// second in any case ([`AUDIT`]), so no slip can hold a view back for longer.
+#[derive(Debug, Default)]
+struct Book {
+    /// Position of each member by id.
+    index: HashMap<u64, Slot>,
+    /// Entries that have not acknowledged the current view's epoch.
+    unacked: usize,
+    /// Entries leaving or asking for a resync (at least).
+    flagged: usize,
+    /// No heartbeat deadline of an entry or joiner is before this (`None`: no deadline).
+    next_deadline: Option<Instant>,
+    /// When the ticker rebuilds this from scratch next.
+    next_audit: Option<Instant>,
+}
+
+/// When `e` is declared dead if it stays silent (`None`: never).
+fn hb_deadline(e: &Entry) -> Option<Instant> {
+    if e.reg.heartbeat_timeout_ms == 0 {
+        return None;
+    }
+    e.last_seen
+        .checked_add(Duration::from_millis(e.reg.heartbeat_timeout_ms))
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+impl Group {
+    /// Rebuilds the [`Book`] from `entries`, `joiners` and the view (O(members)).
+    fn reindex(&mut self) {
+        let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
+        let b = &mut self.book;
+        b.index.clear();
+        b.unacked = 0;
+        b.flagged = 0;
+        b.next_deadline = None;
+        for (i, e) in self.entries.iter().enumerate() {
+            b.index.insert(e.id, Slot::Entry(i));
+            b.unacked += usize::from(e.acked < epoch);
+            b.flagged += usize::from(e.leaving || e.resync.is_some());
+            b.next_deadline = earliest(b.next_deadline, hb_deadline(e));
+        }
+        for (i, e) in self.joiners.iter().enumerate() {
+            b.index.insert(e.id, Slot::Joiner(i));
+            b.next_deadline = earliest(b.next_deadline, hb_deadline(e));
+        }
+    }
+
+    /// Where member `id` is (entries or joiners), checked against the vectors: a stale slot
+    /// (a bookkeeping slip) falls back to a search.
+    fn slot(&self, id: u64) -> Option<Slot> {
+        let slot = *self.book.index.get(&id)?;
+        let ok = match slot {
+            Slot::Entry(i) => self.entries.get(i).is_some_and(|e| e.id == id),
+            Slot::Joiner(i) => self.joiners.get(i).is_some_and(|e| e.id == id),
+        };
+        if ok {
+            return Some(slot);
+        }
+        tracing::debug!(target: LOG, "coordinator: stale index slot of member {id}");
+        if let Some(i) = self.entries.iter().position(|e| e.id == id) {
+            return Some(Slot::Entry(i));
+        }
+        self.joiners
+            .iter()
+            .position(|e| e.id == id)
+            .map(Slot::Joiner)
+    }
+
+    /// Member `id` of the current entries (not a joiner).
+    fn entry(&self, id: u64) -> Option<&Entry> {
+        match self.slot(id)? {
+            Slot::Entry(i) => self.entries.get(i),
+            Slot::Joiner(_) => None,
+        }
+    }
+
+    /// Member `id` of the current entries (not a joiner), mutably.
+    fn entry_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        match self.slot(id)? {
+            Slot::Entry(i) => self.entries.get_mut(i),
+            Slot::Joiner(_) => None,
+        }
+    }
+
+    /// Member `id`, an entry or a joiner.
+    fn any(&self, id: u64) -> Option<&Entry> {
+        match self.slot(id)? {
+            Slot::Entry(i) => self.entries.get(i),
+            Slot::Joiner(i) => self.joiners.get(i),
+        }
+    }
+
+    /// Member `id`, an entry or a joiner, mutably.
+    fn any_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        match self.slot(id)? {
+            Slot::Entry(i) => self.entries.get_mut(i),
+            Slot::Joiner(i) => self.joiners.get_mut(i),
+        }
+    }
+
+    /// Appends an entry (O(1) bookkeeping).
+    fn push_entry(&mut self, e: Entry) {
+        let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
+        let b = &mut self.book;
+        b.index.insert(e.id, Slot::Entry(self.entries.len()));
+        b.unacked += usize::from(e.acked < epoch);
+        b.flagged += usize::from(e.leaving || e.resync.is_some());
+        b.next_deadline = earliest(b.next_deadline, hb_deadline(&e));
+        self.entries.push(e);
+    }
+
+    /// Appends a joiner (O(1) bookkeeping).
+    fn push_joiner(&mut self, e: Entry) {
+        let b = &mut self.book;
+        b.index.insert(e.id, Slot::Joiner(self.joiners.len()));
+        b.next_deadline = earliest(b.next_deadline, hb_deadline(&e));
+        self.joiners.push(e);
+    }
+
+    /// Removes joiner `id` (if it is one).
+    fn remove_joiner(&mut self, id: u64) -> Option<Entry> {
+        let Slot::Joiner(i) = self.slot(id)? else {
+            return None;
+        };
+        let e = self.joiners.remove(i);
+        self.reindex();
+        Some(e)
+    }
+
+    /// Records that entry `id` acknowledged `epoch`.
+    fn ack(&mut self, id: u64, epoch: u64) {
+        let cur = self.view.as_ref().map_or(0, |v| v.epoch);
+        if let Some(e) = self.entry_mut(id) {
+            let before = e.acked;
+            e.acked = e.acked.max(epoch);
+            if before < cur && e.acked >= cur {
+                self.book.unacked = self.book.unacked.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// A push/pull checkpoint reported by a member, for the status.
@@ -381,14 +656,19 @@ struct State {
     groups: HashMap<String, Group>,
 }
 
+/// A row of the service's connection table: the socket and its thread.
+type Conn = (Arc<Link>, JoinHandle<()>);
+
 struct Shared {
     opts: CoordinatorOptions,
     state: Mutex<State>,
     stop: AtomicBool,
-    /// Open connections (key, a clone to shut them down at once, thread).
-    conns: Mutex<Vec<(u64, TcpStream, JoinHandle<()>)>>,
-    /// Keys of the connections still in their handshake, oldest first.
-    pending: Mutex<VecDeque<u64>>,
+    /// Open connections by key: the socket (to shut it down at once) and the thread. A
+    /// connection's thread removes its own row when it ends (the accept loop spawns it while
+    /// holding this lock, so the row is always there first).
+    conns: Mutex<HashMap<u64, Conn>>,
+    /// Keys of the connections still in their handshake (keys grow: the first is the oldest).
+    pending: Mutex<BTreeSet<u64>>,
     /// Registrations accepted per group since this service started (not persisted; kept after
     /// a group is forgotten), for the status: "members came and all left".
     tally: Mutex<BTreeMap<String, u64>>,
@@ -420,6 +700,8 @@ pub struct Coordinator {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
+    /// Dropped by `shutdown` to wake the accept thread from `poll(2)`.
+    wake: Option<UnixStream>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -456,19 +738,28 @@ impl Coordinator {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::System(format!("coordinator listener: {e}")))?;
+        // SAFETY: `listener` owns this descriptor, a bound listening TCP socket, for the
+        // whole call; listen(2) on it again only changes its backlog.
+        if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            tracing::warn!(target: LOG,
+                "coordinator: cannot raise the listen backlog to {LISTEN_BACKLOG}: {}",
+                std::io::Error::last_os_error());
+        }
+        let (wake, woken) = UnixStream::pair()
+            .map_err(|e| Error::System(format!("coordinator wake-up socket: {e}")))?;
         let state = load_state(&opts)?;
         let shared = Arc::new(Shared {
             opts,
             state: Mutex::new(state),
             stop: AtomicBool::new(false),
-            conns: Mutex::new(Vec::new()),
-            pending: Mutex::new(VecDeque::new()),
+            conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeSet::new()),
             tally: Mutex::new(BTreeMap::new()),
         });
         let sh = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("braid-coord-accept".into())
-            .spawn(move || accept_loop(listener, sh))
+            .spawn(move || accept_loop(listener, woken, sh))
             .map_err(|e| Error::System(format!("cannot start the coordinator thread: {e}")))?;
         let sh = Arc::clone(&shared);
         let ticker = std::thread::Builder::new()
@@ -481,6 +772,7 @@ impl Coordinator {
             shared,
             accept: Some(accept),
             ticker: Some(ticker),
+            wake: Some(wake),
         })
     }
 
@@ -518,6 +810,8 @@ impl Coordinator {
             return;
         }
         let deadline = Instant::now() + JOIN_TIMEOUT;
+        // Its peer closing wakes the accept thread's poll.
+        drop(self.wake.take());
         if let Some(h) = self.accept.take() {
             join_until(h, deadline, "accept");
         }
@@ -525,10 +819,10 @@ impl Coordinator {
             join_until(h, deadline, "tick");
         }
         let conns = std::mem::take(&mut *lock(&self.shared.conns));
-        for (_, s, _) in &conns {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        for (link, _) in conns.values() {
+            link.close();
         }
-        for (_, _, h) in conns {
+        for (_, (_, h)) in conns {
             join_until(h, deadline, "connection");
         }
         tracing::info!(target: LOG, "coordinator on {} stopped", self.addr);
@@ -552,7 +846,28 @@ fn join_until(h: JoinHandle<()>, deadline: Instant, what: &str) {
     let _ = h.join();
 }
 
-fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+/// Waits until the listener has a connection to accept, `woken` is readable (shutdown) or
+/// `timeout` passed.
+fn wait_accept(listener: &TcpListener, woken: &UnixStream, timeout: Duration) {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fds` is a valid array of two pollfd for the whole call (its length is passed),
+    // and both descriptors are owned by `listener` and `woken`, borrowed for the call.
+    let _ = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+}
+
+fn accept_loop(listener: TcpListener, woken: UnixStream, sh: Arc<Shared>) {
     let mut next_key = 0u64;
     // Evictions of handshaking connections since the last log line (logged at most once a
     // second, so a flood does not flood the log too).
@@ -562,34 +877,27 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let mut conns = lock(&sh.conns);
-                conns.retain(|(_, _, h)| !h.is_finished());
                 if conns.len() >= sh.opts.max_connections {
                     tracing::warn!(target: LOG,
                         "coordinator: refusing connection from {peer}: {} connections open",
                         conns.len());
                     continue;
                 }
-                let clone = match stream.try_clone() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(target: LOG, "coordinator: connection from {peer}: {e}");
-                        continue;
-                    }
-                };
+                let link = Arc::new(Link::new(stream));
                 next_key += 1;
                 let key = next_key;
                 {
                     let mut pending = lock(&sh.pending);
                     while pending.len() >= sh.opts.max_unauthenticated.max(1) {
-                        let Some(old) = pending.pop_front() else {
+                        let Some(old) = pending.pop_first() else {
                             break;
                         };
-                        if let Some((_, s, _)) = conns.iter().find(|c| c.0 == old) {
-                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        if let Some((l, _)) = conns.get(&old) {
+                            l.close();
                             evicted += 1;
                         }
                     }
-                    pending.push_back(key);
+                    pending.insert(key);
                 }
                 if evicted > 0 && last_log.map_or(true, |t| t.elapsed() >= Duration::from_secs(1)) {
                     tracing::warn!(target: LOG,
@@ -599,12 +907,15 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                     last_log = Some(Instant::now());
                 }
                 let sh2 = Arc::clone(&sh);
+                let link2 = Arc::clone(&link);
                 match std::thread::Builder::new()
                     .name("braid-coord-conn".into())
                     .stack_size(sh.opts.thread_stack.max(64 << 10))
-                    .spawn(move || serve(stream, peer, sh2, key))
+                    .spawn(move || serve(link2, peer, sh2, key))
                 {
-                    Ok(h) => conns.push((key, clone, h)),
+                    Ok(h) => {
+                        conns.insert(key, (link, h));
+                    }
                     Err(e) => {
                         unpend(&sh, key);
                         tracing::warn!(target: LOG, "coordinator: no thread for {peer}: {e}")
@@ -612,7 +923,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                wait_accept(&listener, &woken, ACCEPT_POLL);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -626,35 +937,27 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 /// The connection `key` finished its handshake (or ended): it no longer counts against
 /// [`CoordinatorOptions::max_unauthenticated`].
 fn unpend(sh: &Shared, key: u64) {
-    let mut p = lock(&sh.pending);
-    if let Some(pos) = p.iter().position(|k| *k == key) {
-        p.remove(pos);
-    }
+    lock(&sh.pending).remove(&key);
 }
 
 /// Sends an error frame (best effort) and logs the refusal.
-fn refuse(s: &Mutex<TcpStream>, peer: SocketAddr, message: &str) {
+fn refuse(s: &Link, peer: SocketAddr, message: &str) {
     refuse_code(s, peer, message, None);
 }
 
-fn refuse_code(s: &Mutex<TcpStream>, peer: SocketAddr, message: &str, code: Option<&str>) {
+fn refuse_code(s: &Link, peer: SocketAddr, message: &str, code: Option<&str>) {
     tracing::info!(target: LOG, "coordinator: refused {peer}: {message}");
-    let _ = proto::write_bytes(
-        &mut lock(s),
-        &proto::encode_error_code(message, code),
-        WRITE_TIMEOUT,
-    );
+    let _ = s.send(&proto::encode_error_code(message, code), WRITE_TIMEOUT);
 }
 
-/// Serves one connection until it closes, then shuts the socket down (the service keeps a
-/// clone of it until the thread is reaped, so dropping ours would not close it).
-fn serve(stream: TcpStream, peer: SocketAddr, sh: Arc<Shared>, key: u64) {
-    let closer = stream.try_clone();
-    serve_inner(stream, peer, &sh, key);
+/// Serves one connection until it closes, then shuts the socket down (others may still hold
+/// the link for a moment, so dropping ours would not close it) and removes its row from the
+/// service's table.
+fn serve(link: Arc<Link>, peer: SocketAddr, sh: Arc<Shared>, key: u64) {
+    serve_inner(&link, peer, &sh, key);
     unpend(&sh, key);
-    if let Ok(c) = closer {
-        let _ = c.shutdown(std::net::Shutdown::Both);
-    }
+    link.close();
+    lock(&sh.conns).remove(&key);
 }
 
 /// What the first frame asked for.
@@ -674,23 +977,16 @@ struct Handshake {
     answer: Option<proto::Auth>,
 }
 
-fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_nonblocking(false);
-    let mut reader = match stream.try_clone() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(target: LOG, "coordinator: connection from {peer}: {e}");
-            return;
-        }
-    };
-    let writer = Arc::new(Mutex::new(stream));
+fn serve_inner(writer: &Arc<Link>, peer: SocketAddr, sh: &Shared, key: u64) {
+    let _ = writer.sock.set_nodelay(true);
+    let _ = writer.sock.set_nonblocking(false);
+    let mut reader = Sock::new(&writer.sock);
     let now = Instant::now();
     let hs_deadline = now.checked_add(sh.opts.handshake_timeout).unwrap_or(now);
 
     // 1. The first frame must be a registration, a rejoin or a request, small, and complete
     //    within the handshake timeout.
-    let Some(frame) = read_checked(&mut reader, &writer, peer, hs_deadline, MAX_OPENING, sh) else {
+    let Some(frame) = read_checked(&mut reader, writer, peer, hs_deadline, MAX_OPENING, sh) else {
         return;
     };
     let opening = match MsgType::from_u16(frame.ty) {
@@ -708,7 +1004,7 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
                 "coordinator: dropping {peer}: first message has type {}, expected a registration",
                 frame.ty);
             refuse(
-                &writer,
+                writer,
                 peer,
                 &format!(
                     "expected a registration (message type {}), got message type {}",
@@ -723,7 +1019,7 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(target: LOG, "coordinator: dropping {peer}: bad first message: {e}");
-            refuse(&writer, peer, &format!("malformed registration: {e}"));
+            refuse(writer, peer, &format!("malformed registration: {e}"));
             return;
         }
     };
@@ -750,7 +1046,7 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
     let hs = if token.is_some() || matches!(opening, Opening::Rejoin(_)) {
         match challenge(
             &mut reader,
-            &writer,
+            writer,
             peer,
             hs_deadline,
             sh,
@@ -790,10 +1086,10 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
                         MsgType::View as u16,
                         &serde_json::to_vec(&doc).unwrap_or_default(),
                     );
-                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                    let _ = writer.send(&bytes, WRITE_TIMEOUT);
                 }
                 None => refuse_code(
-                    &writer,
+                    writer,
                     peer,
                     &format!("group {group} has no view (not formed, or unknown)"),
                     Some("unknown"),
@@ -804,9 +1100,9 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
         Opening::Reader(group) => {
             match grant_reader(sh, &group, peer, proof) {
                 Ok(bytes) => {
-                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                    let _ = writer.send(&bytes, WRITE_TIMEOUT);
                 }
-                Err((msg, code)) => refuse_code(&writer, peer, &msg, code),
+                Err((msg, code)) => refuse_code(writer, peer, &msg, code),
             }
             return;
         }
@@ -820,39 +1116,39 @@ fn serve_inner(stream: TcpStream, peer: SocketAddr, sh: &Shared, key: u64) {
                 Ok(payload) => {
                     let bytes =
                         proto::encode_raw(proto::VERSION, MsgType::StatusReply as u16, &payload);
-                    let _ = proto::write_bytes(&mut lock(&writer), &bytes, WRITE_TIMEOUT);
+                    let _ = writer.send(&bytes, WRITE_TIMEOUT);
                 }
-                Err(e) => refuse(&writer, peer, &format!("status: {e}")),
+                Err(e) => refuse(writer, peer, &format!("status: {e}")),
             }
             return;
         }
-        Opening::Register(reg) => match register(sh, reg, peer, &writer, proof) {
+        Opening::Register(reg) => match register(sh, reg, peer, writer, proof) {
             Ok((id, group, publish)) => {
                 unpend(sh, key);
                 publish_all(publish);
                 (id, group)
             }
             Err((msg, code)) => {
-                refuse_code(&writer, peer, &msg, code);
+                refuse_code(writer, peer, &msg, code);
                 return;
             }
         },
-        Opening::Rejoin(rj) => match rejoin(sh, &rj, peer, &writer, &hs, &client_nonce) {
+        Opening::Rejoin(rj) => match rejoin(sh, &rj, peer, writer, &hs, &client_nonce) {
             Ok(publish) => {
                 unpend(sh, key);
                 publish_all(publish);
                 (rj.member_id, rj.group)
             }
             Err((msg, code)) => {
-                refuse_code(&writer, peer, &msg, code);
+                refuse_code(writer, peer, &msg, code);
                 return;
             }
         },
     };
 
     // 4. Member messages until goodbye or disconnect.
-    let polite = member_loop(&mut reader, &writer, peer, sh, id, &group);
-    let publish = depart(sh, id, &group, peer, &writer, polite);
+    let polite = member_loop(&mut reader, writer, peer, sh, id, &group);
+    let publish = depart(sh, id, &group, peer, writer, polite);
     publish_all(publish);
 }
 
@@ -896,8 +1192,8 @@ fn grant_reader(
 /// Runs the challenge-response. With a job token, the client must prove it; the answer is
 /// returned for the caller's own checks (a rejoin's member proof).
 fn challenge(
-    reader: &mut TcpStream,
-    writer: &Mutex<TcpStream>,
+    reader: &mut Sock<'_>,
+    writer: &Link,
     peer: SocketAddr,
     deadline: Instant,
     sh: &Shared,
@@ -915,7 +1211,7 @@ fn challenge(
         Ok(b) => b,
         Err(_) => return None,
     };
-    if proto::write_bytes(&mut lock(writer), &ch, WRITE_TIMEOUT).is_err() {
+    if writer.send(&ch, WRITE_TIMEOUT).is_err() {
         return None;
     }
     let Some(f) = read_checked(reader, writer, peer, deadline, MAX_AUTH, sh) else {
@@ -966,22 +1262,24 @@ fn challenge(
 
 /// Reads member frames until goodbye (true) or disconnect/violation (false).
 fn member_loop(
-    reader: &mut TcpStream,
-    writer: &Mutex<TcpStream>,
+    reader: &mut Sock<'_>,
+    writer: &Link,
     peer: SocketAddr,
     sh: &Shared,
     id: u64,
     group: &str,
 ) -> bool {
     let stop = || sh.stop.load(Ordering::SeqCst);
+    // What `proto::read_frame_sliced` reads with: no deadline for the first byte.
+    let lim = proto::Limits {
+        first_byte: None,
+        frame_timeout: sh.opts.frame_timeout,
+        whole: None,
+        max_payload: proto::MAX_PAYLOAD,
+        slice: IDLE_SLICE,
+    };
     loop {
-        let f = match proto::read_frame_sliced(
-            reader,
-            None,
-            sh.opts.frame_timeout,
-            IDLE_SLICE,
-            &stop,
-        ) {
+        let f = match proto::read_frame_with(reader, &lim, &stop) {
             Ok(f) => f,
             Err(FrameError::Closed) | Err(FrameError::Stopped) => return false,
             Err(e) => {
@@ -1002,12 +1300,7 @@ fn member_loop(
                 return matches!(ty, Some(MsgType::Goodbye));
             };
             let now = Instant::now();
-            if let Some(e) = g
-                .entries
-                .iter_mut()
-                .chain(g.joiners.iter_mut())
-                .find(|e| e.id == id)
-            {
+            if let Some(e) = g.any_mut(id) {
                 e.last_seen = now;
             } else if !g.leavers.iter().any(|l| l.0 == id) {
                 // Declared dead meanwhile: its connection is being closed.
@@ -1027,29 +1320,27 @@ fn member_loop(
                     let epoch = g.view.as_ref().map_or(0, |v| v.epoch);
                     drop(st);
                     if let Ok(b) = proto::encode(MsgType::Heartbeat, &proto::Heartbeat { epoch }) {
-                        let _ = proto::write_bytes(&mut lock(writer), &b, WRITE_TIMEOUT);
+                        let _ = writer.send(&b, WRITE_TIMEOUT);
                     }
                     continue;
                 }
                 Some(MsgType::Goodbye) => return true,
                 Some(MsgType::Ack) => match f.body::<proto::Ack>() {
                     Ok(a) => {
-                        if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
-                            e.acked = e.acked.max(a.epoch);
-                        }
+                        g.ack(id, a.epoch);
                         decide(sh, &mut st, group, now)
                     }
                     Err(_) => Vec::new(),
                 },
                 Some(MsgType::Leave) => {
-                    if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
+                    if let Some(e) = g.entry_mut(id) {
                         if !e.leaving {
                             tracing::info!(target: LOG, "coordinator: group {group}: member {id} announced its leave");
                             e.leaving = true;
+                            g.book.flagged += 1;
                             g.reasons.push(format!("leave of {id}"));
                         }
-                    } else if let Some(pos) = g.joiners.iter().position(|e| e.id == id) {
-                        g.joiners.remove(pos);
+                    } else if g.remove_joiner(id).is_some() {
                         g.retired.insert(id, "left before admission".into());
                     }
                     decide(sh, &mut st, group, now)
@@ -1058,11 +1349,12 @@ fn member_loop(
                     Ok(r) => {
                         let cur = g.view.as_ref().map_or(0, |v| v.epoch);
                         if r.epoch >= cur {
-                            if let Some(e) = g.entries.iter_mut().find(|e| e.id == id) {
+                            if let Some(e) = g.entry_mut(id) {
                                 tracing::info!(target: LOG,
                                     "coordinator: group {group}: member {id} asks for a resync of epoch {} (suspects {:?})",
                                     r.epoch, r.suspects);
                                 e.resync = Some((r.epoch, r.suspects));
+                                g.book.flagged += 1;
                             }
                         }
                         decide(sh, &mut st, group, now)
@@ -1124,8 +1416,8 @@ fn member_loop(
 /// Reads one frame, handling protocol errors (warning with the peer address, error frame where
 /// useful). `None`: the connection is to be closed.
 fn read_checked(
-    reader: &mut TcpStream,
-    writer: &Mutex<TcpStream>,
+    reader: &mut Sock<'_>,
+    writer: &Link,
     peer: SocketAddr,
     deadline: Instant,
     max_payload: usize,
@@ -1222,7 +1514,7 @@ fn validate(reg: &Registration) -> std::result::Result<(), String> {
     Ok(())
 }
 
-type Publish = Vec<(Arc<Mutex<TcpStream>>, SocketAddr, Vec<u8>)>;
+type Publish = Vec<(Arc<Link>, SocketAddr, Vec<u8>)>;
 type Refusal = (String, Option<&'static str>);
 
 /// Allocates a member id (persisting the high-water mark first when a state file is used).
@@ -1248,7 +1540,7 @@ fn register(
     sh: &Shared,
     reg: Registration,
     peer: SocketAddr,
-    writer: &Arc<Mutex<TcpStream>>,
+    writer: &Arc<Link>,
     proof: Option<String>,
 ) -> std::result::Result<(u64, String, Publish), Refusal> {
     validate(&reg).map_err(|m| (m, None))?;
@@ -1317,6 +1609,7 @@ fn register(
             history: Vec::new(),
             pipeline: PipelineMetrics::default(),
             checkpoint: None,
+            book: Book::default(),
         });
     let registered = if joining {
         group.joiners.len() + 1
@@ -1339,7 +1632,7 @@ fn register(
     .map_err(|e| (e.to_string(), None))?;
     // The acknowledgement is written under the state lock so that it always precedes the view
     // (which may be published by another connection's thread right after the lock is released).
-    if let Err(e) = proto::write_bytes(&mut lock(writer), &ack, WRITE_TIMEOUT) {
+    if let Err(e) = writer.send(&ack, WRITE_TIMEOUT) {
         tracing::info!(target: LOG,
             "coordinator: member {id} ({peer}) vanished while registering: {e}; id retired");
         if group.entries.is_empty() && group.joiners.is_empty() && group.view.is_none() {
@@ -1363,7 +1656,7 @@ fn register(
         tracing::info!(target: LOG,
             "coordinator: group {group_name}: member {id} waits to join (host {}, pid {}, from {peer})",
             entry.reg.hostname, entry.reg.pid);
-        group.joiners.push(entry);
+        group.push_joiner(entry);
         if group.join_wait.is_none() {
             group.join_wait = Some(Instant::now());
         }
@@ -1374,10 +1667,11 @@ fn register(
         "coordinator: group {group_name}: member {id} registered ({}/{}; host {}, pid {}, rank {}, from {peer})",
         group.entries.len() + 1, group.world_size, entry.reg.hostname, entry.reg.pid,
         entry.reg.rank.map_or("any".to_string(), |r| r.to_string()));
-    group.entries.push(entry);
+    group.push_entry(entry);
     let mut publish = Vec::new();
     if group.entries.len() == group.world_size {
         let view = complete(&group_name, group);
+        group.reindex();
         group.history.push(Hist {
             epoch: view.epoch,
             size: view.members.len(),
@@ -1400,7 +1694,7 @@ fn rejoin(
     sh: &Shared,
     rj: &proto::Rejoin,
     peer: SocketAddr,
-    writer: &Arc<Mutex<TcpStream>>,
+    writer: &Arc<Link>,
     hs: &Handshake,
     client_nonce: &str,
 ) -> std::result::Result<Publish, Refusal> {
@@ -1425,12 +1719,22 @@ fn rejoin(
         .last()
         .map(|h| h.reason.clone())
         .unwrap_or_default();
-    let Some(e) = g
-        .entries
-        .iter_mut()
-        .chain(g.joiners.iter_mut())
-        .find(|e| e.id == rj.member_id)
-    else {
+    let cur = g.view.as_ref().map_or(0, |v| v.epoch);
+    let Some(slot) = g.slot(rj.member_id) else {
+        return Err((
+            format!(
+            "member {} is not a member of group {}; its id is retired: join again as a new member",
+            rj.member_id, rj.group
+        ),
+            Some("retired"),
+        ));
+    };
+    let book = &mut g.book;
+    let e = match slot {
+        Slot::Entry(i) => g.entries.get_mut(i),
+        Slot::Joiner(i) => g.joiners.get_mut(i),
+    };
+    let Some(e) = e else {
         return Err((
             format!(
             "member {} is not a member of group {}; its id is retired: join again as a new member",
@@ -1482,13 +1786,17 @@ fn rejoin(
         },
     )
     .map_err(|e| (e.to_string(), None))?;
-    proto::write_bytes(&mut lock(writer), &ack, WRITE_TIMEOUT)
+    writer
+        .send(&ack, WRITE_TIMEOUT)
         .map_err(|e| (format!("acknowledgement failed: {e}"), None))?;
     if let Some(old) = e.writer.replace(Arc::clone(writer)) {
-        let _ = lock(&old).shutdown(std::net::Shutdown::Both);
+        old.close();
     }
     e.peer = peer;
     e.last_seen = Instant::now();
+    if matches!(slot, Slot::Entry(_)) && e.acked < cur && rj.epoch >= cur {
+        book.unacked = book.unacked.saturating_sub(1);
+    }
     e.acked = e.acked.max(rj.epoch);
     tracing::info!(target: LOG, "coordinator: group {}: member {} reconnected from {peer} (epoch {})",
         rj.group, rj.member_id, rj.epoch);
@@ -1621,7 +1929,7 @@ fn complete(name: &str, group: &mut Group) -> View {
 
 fn publish_all(publish: Publish) {
     for (w, peer, bytes) in publish {
-        if let Err(e) = proto::write_bytes(&mut lock(&w), &bytes, WRITE_TIMEOUT) {
+        if let Err(e) = w.send(&bytes, WRITE_TIMEOUT) {
             tracing::info!(target: LOG, "coordinator: cannot send a view to {peer}: {e}");
         }
     }
@@ -1630,8 +1938,11 @@ fn publish_all(publish: Publish) {
 /// Retires a member of the current view (dead or gone): it is removed now and excluded from
 /// the next view.
 fn retire(g: &mut Group, id: u64, why: String) -> Option<Entry> {
-    let pos = g.entries.iter().position(|e| e.id == id)?;
+    let Slot::Entry(pos) = g.slot(id)? else {
+        return None;
+    };
     let e = g.entries.remove(pos);
+    g.reindex();
     g.retired.insert(id, why.clone());
     g.reasons.push(why);
     Some(e)
@@ -1643,7 +1954,7 @@ fn depart(
     id: u64,
     group_name: &str,
     peer: SocketAddr,
-    conn: &Arc<Mutex<TcpStream>>,
+    conn: &Arc<Link>,
     polite: bool,
 ) -> Publish {
     let mut st = lock(&sh.state);
@@ -1663,18 +1974,14 @@ fn depart(
     // The member rejoined on another connection meanwhile (and proved it): this old one
     // ending says nothing about the member.
     let superseded = g
-        .entries
-        .iter()
-        .chain(g.joiners.iter())
-        .find(|e| e.id == id)
+        .any(id)
         .and_then(|e| e.writer.as_ref())
         .is_some_and(|w| !Arc::ptr_eq(w, conn));
     if superseded {
         tracing::debug!(target: LOG, "coordinator: group {group_name}: an old connection of member {id} ({peer}) ended");
         return Vec::new();
     }
-    if let Some(pos) = g.joiners.iter().position(|e| e.id == id) {
-        g.joiners.remove(pos);
+    if g.remove_joiner(id).is_some() {
         g.retired.insert(id, format!("{how} before admission"));
         tracing::info!(target: LOG, "coordinator: group {group_name}: joiner {id} ({peer}) {how} before admission; id retired");
         if g.joiners.is_empty() {
@@ -1684,6 +1991,7 @@ fn depart(
         match &g.view {
             None => {
                 g.entries.retain(|e| e.id != id);
+                g.reindex();
                 tracing::info!(target: LOG,
                     "coordinator: group {group_name}: member {id} ({peer}) {how} before the view was complete; id retired ({}/{} registered)",
                     g.entries.len(), g.world_size);
@@ -1691,10 +1999,7 @@ fn depart(
             Some(v) => {
                 let rank = v.rank_of(id);
                 let epoch = v.epoch;
-                let is_current = g
-                    .entries
-                    .iter()
-                    .any(|e| e.id == id && e.writer.as_ref().is_some());
+                let is_current = g.entry(id).is_some_and(|e| e.writer.is_some());
                 if !is_current {
                     return Vec::new();
                 }
@@ -1729,6 +2034,15 @@ fn depart(
     decide(sh, &mut st, group_name, Instant::now())
 }
 
+/// Rank of each member of `view`, by id.
+fn ranks(view: &View) -> HashMap<u64, usize> {
+    view.members
+        .iter()
+        .enumerate()
+        .map(|(r, m)| (m.id, r))
+        .collect()
+}
+
 /// Records a published view in the group's history (the last 1000 kept).
 fn record_history(g: &mut Group, next: &View, reason: &str) {
     g.history.push(Hist {
@@ -1753,21 +2067,23 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     }
     // Cheap exit first (this runs on every acknowledgement and every tick, under the lock):
     // nobody gone, leaving or asking for a resync, and no join that is both due and possible.
-    let (view_len, view_epoch) = match &g.view {
-        Some(v) => (v.members.len(), v.epoch),
+    let view_len = match &g.view {
+        Some(v) => v.members.len(),
         None => return Vec::new(),
     };
-    let quiet =
-        g.entries.len() == view_len && g.entries.iter().all(|e| !e.leaving && e.resync.is_none());
+    // (The counters of the book, O(1): see `Book` for why they are safe to trust here.)
+    let quiet = g.entries.len() == view_len && g.book.flagged == 0;
     if quiet {
         let window = Duration::from_millis(g.policy.join_window_ms);
         let joins_due = !g.joiners.is_empty()
             && g.join_wait
                 .is_some_and(|t| now.saturating_duration_since(t) >= window);
-        if !joins_due || g.entries.iter().any(|e| e.acked < view_epoch) {
+        if !joins_due || g.book.unacked > 0 {
             return Vec::new();
         }
     }
+    // The full path scans the group anyway: recount, so an over-count cannot linger.
+    g.reindex();
     let Some(view) = g.view.clone() else {
         return Vec::new();
     };
@@ -1811,10 +2127,11 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     if gone.is_empty() && !want_resync && !(joins_due && stable) {
         return Vec::new();
     }
+    let gone_set: std::collections::HashSet<u64> = gone.iter().copied().collect();
     let keep: Vec<u64> = view
         .members
         .iter()
-        .filter(|m| !gone.contains(&m.id))
+        .filter(|m| !gone_set.contains(&m.id))
         .map(|m| m.id)
         .collect();
     let room = g
@@ -1878,8 +2195,9 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
         }
     }
     // Order: members that stay keep their relative order; joiners last, in id order.
+    let rank_of = ranks(&view);
     g.entries
-        .sort_by_key(|e| view.rank_of(e.id).unwrap_or(usize::MAX));
+        .sort_by_key(|e| rank_of.get(&e.id).copied().unwrap_or(usize::MAX));
     let mut admitted = admitted;
     admitted.sort_by_key(|e| e.id);
     g.entries.extend(admitted);
@@ -1903,6 +2221,7 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
         next.epoch, next.members.len());
     let publish = view_frames(g, &next, &reason);
     g.view = Some(next);
+    g.reindex();
     if let Err(e) = persist(sh, st) {
         tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
     }
@@ -1999,8 +2318,9 @@ fn publish_reweigh(sh: &Shared, st: &mut State, name: &str, r: &Reweigh) -> Publ
         return Vec::new();
     };
     // Entries of a quiet group are the view's members; keep the view's order.
+    let rank_of = ranks(&view);
     g.entries
-        .sort_by_key(|e| view.rank_of(e.id).unwrap_or(usize::MAX));
+        .sort_by_key(|e| rank_of.get(&e.id).copied().unwrap_or(usize::MAX));
     let weight: HashMap<u64, f64> = view
         .members
         .iter()
@@ -2031,6 +2351,7 @@ fn publish_reweigh(sh: &Shared, st: &mut State, name: &str, r: &Reweigh) -> Publ
         next.epoch, next.members.len(), weights.join(" "));
     let publish = view_frames(g, &next, &reason);
     g.view = Some(next);
+    g.reindex();
     if let Err(e) = persist(sh, st) {
         tracing::error!(target: LOG, "coordinator: cannot persist its state: {e}");
     }
@@ -2052,6 +2373,15 @@ fn tick_loop(sh: Arc<Shared>) {
                     if !g.elastic || g.view.is_none() {
                         continue;
                     }
+                    if g.book.next_audit.map_or(true, |t| now >= t) {
+                        g.reindex();
+                        g.book.next_audit = now.checked_add(AUDIT);
+                    }
+                    // Nobody can be overdue before the earliest deadline.
+                    if g.book.next_deadline.map_or(true, |d| now <= d) {
+                        publish.extend(decide(&sh, &mut st, &name, now));
+                        continue;
+                    }
                     let dead: Vec<(u64, Duration)> = g
                         .entries
                         .iter()
@@ -2071,15 +2401,20 @@ fn tick_loop(sh: Arc<Shared>) {
                         tracing::warn!(target: LOG, "coordinator: group {name}: member {id} declared dead: no heartbeat for {:.1} s", age.as_secs_f64());
                         let e = match retire(g, id, why.clone()) {
                             Some(e) => Some(e),
-                            None => g.joiners.iter().position(|e| e.id == id).map(|p| {
-                                g.retired.insert(id, why.clone());
-                                g.joiners.remove(p)
-                            }),
+                            None => {
+                                let j = g.remove_joiner(id);
+                                if j.is_some() {
+                                    g.retired.insert(id, why.clone());
+                                }
+                                j
+                            }
                         };
                         if let Some(w) = e.and_then(|e| e.writer) {
                             close.push(w);
                         }
                     }
+                    // The next deadline, from the survivors.
+                    g.reindex();
                 }
                 publish.extend(decide(&sh, &mut st, &name, now));
             }
@@ -2089,9 +2424,8 @@ fn tick_loop(sh: Arc<Shared>) {
             Some("retired"),
         );
         for w in close {
-            let mut s = lock(&w);
-            let _ = proto::write_bytes(&mut s, &bye, Duration::from_millis(200));
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = w.send(&bye, Duration::from_millis(200));
+            w.close();
         }
         publish_all(publish);
     }
@@ -2348,24 +2682,25 @@ fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<S
         tracing::info!(target: LOG,
             "coordinator: restored group {} at epoch {} with {} members (waiting for them to reconnect)",
             pg.view.group, pg.view.epoch, pg.view.members.len());
-        st.groups.insert(
-            pg.view.group.clone(),
-            Group {
-                world_size: pg.world_size,
-                elastic: pg.elastic,
-                policy: pg.policy,
-                entries,
-                joiners: Vec::new(),
-                leavers: Vec::new(),
-                view: Some(pg.view),
-                join_wait: None,
-                reasons: Vec::new(),
-                retired: HashMap::new(),
-                history: pg.history,
-                pipeline: PipelineMetrics::default(),
-                checkpoint: None,
-            },
-        );
+        let name = pg.view.group.clone();
+        let mut group = Group {
+            world_size: pg.world_size,
+            elastic: pg.elastic,
+            policy: pg.policy,
+            entries,
+            joiners: Vec::new(),
+            leavers: Vec::new(),
+            view: Some(pg.view),
+            join_wait: None,
+            reasons: Vec::new(),
+            retired: HashMap::new(),
+            history: pg.history,
+            pipeline: PipelineMetrics::default(),
+            checkpoint: None,
+            book: Book::default(),
+        };
+        group.reindex();
+        st.groups.insert(name, group);
     }
     Ok(st)
 }
@@ -2392,7 +2727,7 @@ fn status_json(sh: &Shared) -> serde_json::Value {
                     .iter()
                     .enumerate()
                     .map(|(rank, m)| {
-                        let e = g.entries.iter().find(|e| e.id == m.id);
+                        let e = g.entry(m.id);
                         serde_json::json!({
                             "rank": rank,
                             "id": m.id,
