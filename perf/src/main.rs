@@ -759,7 +759,7 @@ fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args, t_init: Instant) -> Re
     Ok(wrong_total == 0)
 }
 
-fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

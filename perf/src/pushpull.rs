@@ -305,9 +305,12 @@ fn run(a: &Args) -> Result<bool, String> {
         // Serve until every worker has left the view (after having seen one).
         let mut seen = false;
         let mut shown = (usize::MAX, u64::MAX);
+        // The most value bytes held at once, against this process's peak RSS at the end.
+        let mut held_max = 0usize;
         loop {
             let (w, _) = s.sizes();
             seen |= w > 0;
+            held_max = held_max.max(s.value_bytes());
             if seen && w == 0 {
                 break;
             }
@@ -326,6 +329,15 @@ fn run(a: &Args) -> Result<bool, String> {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Memory of this server against what it stores (issue 17: RSS <= 2x the stored bytes
+        // plus what is in flight). On stderr, which push_pull's launcher does not silence.
+        let rss = crate::peak_rss_kib() as f64 / 1024.0;
+        let held = held_max as f64 / (1024.0 * 1024.0);
+        eprintln!(
+            "# server [{idx}] member {}: peak_rss_mib={rss:.1} held_mib={held:.1} rss_over_held={:.2}",
+            s.member_id(),
+            if held > 0.0 { rss / held } else { 0.0 }
+        );
         return Ok(true);
     }
     if a.drill.on {

@@ -439,6 +439,11 @@ impl KvServer {
         lock(&self.inner.st).store.keys().count()
     }
 
+    /// Bytes of the current values of the key parts held (owned or replicated).
+    pub fn value_bytes(&self) -> usize {
+        lock(&self.inner.st).store.value_bytes()
+    }
+
     /// The epoch of the view this server runs on.
     pub fn epoch(&self) -> u64 {
         lock(&self.inner.st).view.epoch

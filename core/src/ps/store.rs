@@ -1355,6 +1355,12 @@ impl Store {
         out
     }
 
+    /// Bytes of the current values held (every initialised key's value; not the kept older
+    /// versions, open rounds or optimizer state).
+    pub fn value_bytes(&self) -> usize {
+        self.keys.values().map(|e| e.value.len()).sum()
+    }
+
     /// The initialised keys, ascending.
     pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
         self.keys.keys().copied()
