@@ -25,15 +25,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::*;
 
 /// Both tests start 32+ processes: they take turns.
 static HEAVY: Mutex<()> = Mutex::new(());
@@ -45,221 +45,6 @@ fn heavy() -> MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------------------------
 // Binaries and processes (copied from perf/tests/elastic.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn perf() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_braid-perf"))
-}
-
-fn bin(name: &str) -> PathBuf {
-    // Workspace binaries land next to braid-perf.
-    let p = perf().with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} not built (run cargo build --workspace --bins)",
-        p.display()
-    );
-    p
-}
-
-/// A command whose environment holds no launcher variables of the test's own environment
-/// (BRAID_*, torchrun's), with stdin from /dev/null.
-fn clean(program: &Path) -> Command {
-    let mut c = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if let Some(k) = k.to_str() {
-            if k.starts_with("BRAID_")
-                || [
-                    "MASTER_ADDR",
-                    "MASTER_PORT",
-                    "RANK",
-                    "WORLD_SIZE",
-                    "LOCAL_RANK",
-                ]
-                .contains(&k)
-            {
-                c.env_remove(k);
-            }
-        }
-    }
-    c.stdin(Stdio::null());
-    c
-}
-
-/// One line a process wrote, with the time the test read it.
-#[derive(Clone, Debug)]
-struct Line {
-    at: Instant,
-    stderr: bool,
-    text: String,
-}
-
-/// A child process whose stdout and stderr are read line by line, with timestamps, while it
-/// runs. Dropping it stops the process (SIGTERM, which braid-run forwards, then SIGKILL).
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<Line>>>,
-    readers: Vec<JoinHandle<()>>,
-    status: Option<ExitStatus>,
-}
-
-fn reader(
-    src: impl Read + Send + 'static,
-    stderr: bool,
-    to: Arc<Mutex<Vec<Line>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(src);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string();
-                    to.lock().unwrap().push(Line {
-                        at: Instant::now(),
-                        stderr,
-                        text,
-                    });
-                }
-            }
-        }
-    })
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            reader(child.stdout.take().unwrap(), false, lines.clone()),
-            reader(child.stderr.take().unwrap(), true, lines.clone()),
-        ];
-        Proc {
-            name: name.to_string(),
-            child,
-            lines,
-            readers,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn lines(&self) -> Vec<Line> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    /// Everything it printed so far, for assertion messages.
-    fn dump(&self) -> String {
-        let mut s = format!("---- {} (pid {}) ----\n", self.name, self.pid());
-        for l in self.lines() {
-            s.push_str(if l.stderr { "err| " } else { "out| " });
-            s.push_str(&l.text);
-            s.push('\n');
-        }
-        s
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().unwrap();
-        }
-        self.status
-    }
-
-    /// Waits until a line matches `pred` (returns it) or `limit` passes or the process exits
-    /// without such a line (None).
-    fn wait_line(&mut self, limit: Duration, pred: impl Fn(&Line) -> bool) -> Option<Line> {
-        let end = Instant::now() + limit;
-        loop {
-            let done = self.exited().is_some();
-            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
-                return Some(l);
-            }
-            if done {
-                // Let the readers drain what is left in the pipes.
-                std::thread::sleep(Duration::from_millis(100));
-                return self.lines().into_iter().find(|l| pred(l));
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits at most `limit` for the process to exit.
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + limit;
-        while self.exited().is_none() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.exited()
-    }
-
-    /// Stops the process if it still runs (SIGTERM, 5 s, SIGKILL) and reaps it.
-    fn stop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        if self.wait_exit(Duration::from_secs(5)).is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-    }
-
-    /// SIGKILL now, then reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        self.status = self.child.wait().ok();
-    }
-
-    /// Waits for the process (stopping it after `limit`) and for its output. Returns its exit
-    /// status, None if the test had to stop it.
-    fn finish(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let st = self.wait_exit(limit);
-        if st.is_none() {
-            self.stop();
-        }
-        // braid-run's children may hold the pipes a little longer; they die with it.
-        let end = Instant::now() + Duration::from_secs(10);
-        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for r in std::mem::take(&mut self.readers) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-        st
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
-}
-
-fn since(a: Instant, b: Instant) -> f64 {
-    secs(b.saturating_duration_since(a))
-}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Every collective on 32 ranks, shm and tcp
@@ -394,24 +179,6 @@ fn every_collective_on_32_ranks_over_shm_and_tcp() {
 // 2. Elastic drill: 32 ranks, 4 join, 4 are killed
 // ---------------------------------------------------------------------------------------------
 
-/// `# view epoch=E size=N rank=R` -> (E, N, R).
-fn parse_view(s: &str) -> Option<(u64, usize, usize)> {
-    let rest = s.strip_prefix("# view ")?;
-    let mut e = None;
-    let mut n = None;
-    let mut r = None;
-    for kv in rest.split_whitespace() {
-        let (k, v) = kv.split_once('=')?;
-        match k {
-            "epoch" => e = v.parse().ok(),
-            "size" => n = v.parse().ok(),
-            "rank" => r = v.parse().ok(),
-            _ => {}
-        }
-    }
-    Some((e?, n?, r?))
-}
-
 /// The `# view` lines of a process, as (time, (E, N, R)).
 fn views(p: &Proc) -> Vec<(Instant, (u64, usize, usize))> {
     p.lines()
@@ -419,34 +186,6 @@ fn views(p: &Proc) -> Vec<(Instant, (u64, usize, usize))> {
         .filter(|l| !l.stderr)
         .filter_map(|l| parse_view(&l.text).map(|v| (l.at, v)))
         .collect()
-}
-
-/// The final `# elastic: steps completed C failed F view changes V epoch E size N #wrong W`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Final {
-    completed: u64,
-    failed: u64,
-    changes: u64,
-    epoch: u64,
-    size: usize,
-    wrong: u64,
-}
-
-fn parse_final(s: &str) -> Option<Final> {
-    let rest = s.strip_prefix("# elastic: ")?;
-    let t: Vec<&str> = rest.split_whitespace().collect();
-    let after = |key: &str| -> Option<u64> {
-        let i = t.iter().position(|w| *w == key)?;
-        t.get(i + 1)?.parse().ok()
-    };
-    Some(Final {
-        completed: after("completed")?,
-        failed: after("failed")?,
-        changes: after("changes")?,
-        epoch: after("epoch")?,
-        size: after("size")? as usize,
-        wrong: after("#wrong")?,
-    })
 }
 
 fn finals(p: &Proc) -> Vec<Final> {
@@ -501,59 +240,6 @@ fn status(addr: &str) -> Option<Value> {
         .map(|l| l.text + "\n")
         .collect();
     serde_json::from_str(&out).ok()
-}
-
-/// The group `world` of a status document.
-fn world(v: &Value) -> Option<&Value> {
-    v["groups"]
-        .as_array()?
-        .iter()
-        .find(|g| g["group"].as_str() == Some("world"))
-}
-
-/// One member of a view as the coordinator reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Member {
-    rank: usize,
-    id: u64,
-    pid: u64,
-}
-
-/// (epoch, members by rank) of the group `world`.
-fn view_of(v: &Value) -> Option<(u64, Vec<Member>)> {
-    let g = world(v)?;
-    let epoch = g["epoch"].as_u64()?;
-    let mut ms: Vec<Member> = g["members"]
-        .as_array()?
-        .iter()
-        .filter_map(|m| {
-            Some(Member {
-                rank: m["rank"].as_u64()? as usize,
-                id: m["id"].as_u64()?,
-                pid: m["pid"].as_u64()?,
-            })
-        })
-        .collect();
-    ms.sort_by_key(|m| m.rank);
-    Some((epoch, ms))
-}
-
-/// The history of the group `world`: (epoch, size, reason).
-fn history(v: &Value) -> Vec<(u64, usize, String)> {
-    world(v)
-        .and_then(|g| g["history"].as_array())
-        .map(|h| {
-            h.iter()
-                .filter_map(|e| {
-                    Some((
-                        e["epoch"].as_u64()?,
-                        e["size"].as_u64()? as usize,
-                        e["reason"].as_str()?.to_string(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Polls `status --json` in the background (the coordinator forgets a group once all its
