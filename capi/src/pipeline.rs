@@ -7,7 +7,9 @@ use std::ops::Range;
 
 use braid_core::membership::pipeline::{replan_pipeline, Move, PipelinePlan, StagePlan};
 
-use super::{boundary, braid_comm_t, braid_status_t, c_slice, comm_ref, put, CResult, Fail};
+use crate::args::{c_slice, comm_ref, put};
+use crate::comm::braid_comm_t;
+use crate::error::{boundary, braid_status_t, CResult, Fail};
 
 /// "No member" in the prev/next fields of braid_pipeline_stage_t (and never a valid member id
 /// in a plan).
