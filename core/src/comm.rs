@@ -243,6 +243,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// See [`Communicator::failure_probe`].
+pub(crate) type FailureProbe = Arc<dyn Fn() -> Option<Error> + Send + Sync>;
+
 /// A group of ranks that run collectives together.
 pub struct Communicator {
     inner: Arc<Inner>,
@@ -272,6 +275,9 @@ pub struct Communicator {
     /// the members of a new communicator count their creations with the same member set
     /// alike, so the n-th creation gets the same group name on all of them.
     subgroups: Mutex<HashMap<(String, Vec<u64>), u64>>,
+    /// Device-buffer engines (NCCL, staging), created at the first device call and rebuilt
+    /// after view changes.
+    device: crate::cuda::engine::DeviceSlot,
 }
 
 impl Inner {
@@ -1542,6 +1548,7 @@ impl Communicator {
             attempted: 0,
             regions,
             subgroups: Mutex::new(HashMap::new()),
+            device: crate::cuda::engine::DeviceSlot::default(),
         };
         comm.install(view, deadline)?;
         Ok(comm)
@@ -2013,6 +2020,54 @@ impl Communicator {
             return Some(e);
         }
         lock(&self.inner.state).error.clone()
+    }
+
+    /// The device engines of this communicator.
+    pub(crate) fn device_slot(&self) -> &crate::cuda::engine::DeviceSlot {
+        &self.device
+    }
+
+    /// A check, cheap and callable from any thread, of whether this communicator (on its
+    /// current view) can no longer complete operations: aborted, failed (sticky error), or a
+    /// rank of the view removed by the coordinator for a failure (braid's failure detector), or
+    /// this member isolated from the coordinator. The NCCL watcher polls it to abort the NCCL
+    /// communicator (NCCL has no timeouts of its own).
+    pub(crate) fn failure_probe(&self) -> FailureProbe {
+        let inner = self.inner.clone();
+        Arc::new(move || {
+            if inner.abort.load(Ordering::Relaxed) {
+                return Some(Error::Aborted);
+            }
+            if let Some(e) = inner.poison.error() {
+                return Some(e);
+            }
+            // Never wait behind a running blocking call: its result shows up next time.
+            let Ok(st) = inner.state.try_lock() else {
+                return None;
+            };
+            if let Some(e) = st.error.clone() {
+                return Some(e);
+            }
+            let trip = st.exec.trip.clone();
+            drop(st);
+            if !trip.set.load(Ordering::Relaxed) {
+                return None;
+            }
+            let dropped = trip.dropped.lock().map(|d| d.clone()).unwrap_or_default();
+            for (id, why) in dropped {
+                if let Some(rank) = inner.view.rank_of(id) {
+                    let host = inner.view.members[rank].hostname.clone();
+                    return Some(Error::PeerLost {
+                        rank,
+                        member: id,
+                        host,
+                        detail: format!("removed from the group by the coordinator: {why}"),
+                    });
+                }
+            }
+            let iso = trip.isolated.lock().ok().and_then(|g| g.clone());
+            iso.map(Error::Coordinator)
+        })
     }
 
     /// Test hook: makes this communicator's progress thread panic at its next step (starting
@@ -2841,6 +2896,44 @@ pub struct RawColl {
     pub root: usize,
 }
 
+impl RawColl {
+    /// Byte lengths of its (send, recv) buffers on rank `rank` of `n` (0 where a buffer is
+    /// not significant on that rank); the root must already be checked. Host and device
+    /// forms share it.
+    pub(crate) fn byte_lens(&self, rank: usize, n: usize) -> Result<(usize, usize)> {
+        let es = self.dtype.size();
+        let is_root = rank == self.root;
+        let blk = self
+            .count
+            .checked_mul(es)
+            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+        let all = blk
+            .checked_mul(n)
+            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+        Ok(match self.kind {
+            CollKind::AllReduce => (blk, blk),
+            CollKind::ReduceScatter => (all, blk),
+            CollKind::AllGather => (blk, all),
+            CollKind::Broadcast => (if is_root { blk } else { 0 }, blk),
+            CollKind::Reduce => (blk, if is_root { blk } else { 0 }),
+            CollKind::AllToAll => (all, all),
+            CollKind::Gather => (blk, if is_root { all } else { 0 }),
+            CollKind::Scatter => (if is_root { all } else { 0 }, blk),
+            CollKind::Barrier => (0, 0),
+            CollKind::P2p => {
+                return Err(Error::InvalidArgument(
+                    "point-to-point has calls of its own (p2p_raw, p2p_device_raw)".into(),
+                ))
+            }
+            CollKind::AllToAllV => {
+                return Err(Error::InvalidArgument(
+                    "all_to_allv has calls of its own (all_to_allv_raw; on device buffers braid_all_to_allv_stream)".into(),
+                ))
+            }
+        })
+    }
+}
+
 /// One point-to-point operation on a raw buffer ([`Communicator::p2p_raw`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawP2p {
@@ -2861,40 +2954,10 @@ pub struct RawP2p {
 impl Communicator {
     /// Byte lengths of the (send, recv) buffers of a raw collective on this rank.
     fn raw_lens(&self, c: &RawColl) -> Result<(usize, usize)> {
-        let n = self.size();
-        let es = c.dtype.size();
-        let is_root = self.rank() == c.root;
         if c.kind.rooted() {
             self.check_root(c.root)?;
         }
-        let blk = c
-            .count
-            .checked_mul(es)
-            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
-        let all = blk
-            .checked_mul(n)
-            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
-        Ok(match c.kind {
-            CollKind::AllReduce => (blk, blk),
-            CollKind::ReduceScatter => (all, blk),
-            CollKind::AllGather => (blk, all),
-            CollKind::Broadcast => (if is_root { blk } else { 0 }, blk),
-            CollKind::Reduce => (blk, if is_root { blk } else { 0 }),
-            CollKind::AllToAll => (all, all),
-            CollKind::Gather => (blk, if is_root { all } else { 0 }),
-            CollKind::Scatter => (if is_root { all } else { 0 }, blk),
-            CollKind::Barrier => (0, 0),
-            CollKind::P2p => {
-                return Err(Error::InvalidArgument(
-                    "point-to-point goes through p2p_raw".into(),
-                ))
-            }
-            CollKind::AllToAllV => {
-                return Err(Error::InvalidArgument(
-                    "all_to_allv goes through all_to_allv_raw".into(),
-                ))
-            }
-        })
+        c.byte_lens(self.rank(), self.size())
     }
 
     fn raw_bufs(&self, c: &RawColl, send: *const u8, recv: *mut u8) -> Result<[RawBuf; 2]> {
@@ -4089,6 +4152,9 @@ fn connect_peers(
 
 impl Drop for Communicator {
     fn drop(&mut self) {
+        // Device engines first: the NCCL communicator and the staging worker end before the
+        // connections they may still be using.
+        self.device.shutdown();
         // Let queued non-blocking operations finish for a while; what is still pending after
         // min(BRAID_TIMEOUT, 10 s) is aborted (its handles report Aborted, peers are told), so
         // dropping a communicator never blocks for long.

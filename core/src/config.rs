@@ -61,6 +61,16 @@ pub const VARS: &[VarSpec] = &[
         doc: "Data queue pairs per peer connection (1..16); large messages are striped over them in 512 KiB chunks. A connection also has one control queue pair. Peers with different values use the smaller." },
     VarSpec { name: "BRAID_IB_PLUGIN", ty: "path", default: "",
         doc: "Path of the verbs plugin library. Unset: libbraid_ibverbs.so next to libbraid (or the executable, or its parent directory), else the dynamic loader's search path." },
+    VarSpec { name: "BRAID_CUDA_DEVICE", ty: "integer", default: "",
+        doc: "CUDA device ordinal of this rank for device-buffer calls (one rank per GPU). Unset: LOCAL_RANK (as torchrun sets it) modulo the number of devices, else 0." },
+    VarSpec { name: "BRAID_NCCL_LIBRARY", ty: "path", default: "",
+        doc: "Path of the NCCL library (libnccl.so.2) used as the engine of device-buffer collectives. Unset: libnccl.so.2, then libnccl.so on the dynamic loader's path, then the nvidia-nccl-cu13 / nvidia-nccl-cu12 pip packages' nvidia/nccl/lib under BRAID_NCCL_DIRS." },
+    VarSpec { name: "BRAID_NCCL_DIRS", ty: "paths", default: "",
+        doc: "Colon-separated directories searched for libnccl.so.2 after the loader path (the Python package sets it to the nvidia/nccl/lib directories of the installed nvidia-nccl-cu* packages)." },
+    VarSpec { name: "BRAID_DEVICE_ENGINE", ty: "auto|nccl|staging", default: "auto",
+        doc: "Engine of device-buffer calls. auto: NCCL when every rank has it loaded and a GPU of its own, else staging through pinned host buffers over braid's transports. nccl: NCCL or an error. staging: always staging. Must be equal on all ranks." },
+    VarSpec { name: "BRAID_STAGING_CHUNK_BYTES", ty: "bytes", default: "4M",
+        doc: "Pipelining unit of the staging engine: device data is copied to and from pinned host buffers in chunks of this size, overlapped with the transport (4K to 1G)." },
     VarSpec { name: "BRAID_SHM_SPIN", ty: "microseconds", default: "20",
         doc: "How long the shared-memory transport spins on its rings before the waiting rank blocks in poll(2) (on top of BRAID_SPIN_US)." },
     VarSpec { name: "BRAID_SHM_RING_BYTES", ty: "bytes", default: "4M",
@@ -144,6 +154,8 @@ pub const VARS: &[VarSpec] = &[
 /// Variables of other launchers that braid reads when the `BRAID_*` rendezvous variables are
 /// unset (torchrun, Open MPI, SLURM). [`var`] accepts these names too.
 pub const FOREIGN: &[VarSpec] = &[
+    VarSpec { name: "LOCAL_RANK", ty: "integer", default: "",
+        doc: "torchrun: this rank's index on its host; picks the CUDA device when BRAID_CUDA_DEVICE is unset." },
     VarSpec { name: "MASTER_ADDR", ty: "host", default: "",
         doc: "torchrun: with MASTER_PORT, the coordinator address when BRAID_COORDINATOR is unset (rank 0 hosts it)." },
     VarSpec { name: "MASTER_PORT", ty: "port", default: "",

@@ -13,6 +13,7 @@
 pub mod coll;
 pub mod comm;
 pub mod config;
+pub mod cuda;
 mod direct;
 pub mod error;
 mod exec;
