@@ -1106,6 +1106,8 @@ braid_status_t braid_kv_init(braid_kv_worker_t worker,
 // with priority `prio` (higher is sent first when queues build up) and writes a request to
 // `*req` (NULL on failure). Servers aggregate per BRAID_PS_MODE and apply BRAID_PS_RULE (or
 // the rule set with braid_kv_set_rule, or the server's callback). `vals` is copied before the call returns (it may be reused at once).
+// `vals` may be CUDA device memory (braid_kv_init, braid_kv_push_pull likewise): it is staged
+// through host memory after the device's pending work (cuCtxSynchronize).
 // The request completes when every part was recorded and replicated; braid_kv_wait writes
 // version 0 for a push.
 //
@@ -1129,7 +1131,8 @@ braid_status_t braid_kv_push(braid_kv_worker_t worker,
 // `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:
 // sync and bounded mode: the round this worker last pushed to (a push followed by a pull
 // returns that round's aggregate); async mode: the latest. The values are written to `out`
-// when braid_kv_wait returns (or braid_kv_test reports done); braid_kv_wait reports the
+// when braid_kv_wait returns (or braid_kv_test reports done; `out` may be CUDA device memory:
+// braid pulls into host memory and copies to the device then); braid_kv_wait reports the
 // smallest version over the parts read. Pulling a key nobody initialised waits for it until
 // BRAID_TIMEOUT.
 //
@@ -1322,6 +1325,202 @@ braid_status_t braid_pipeline_report(braid_comm_t comm,
                                      uint64_t end_block,
                                      const double *costs,
                                      size_t n_blocks);
+
+// Stream form of braid_all_reduce: `sendbuf`/`recvbuf` are CUDA device memory; the call is
+// enqueued on `stream` (NULL: the default stream) and returns at once, as ncclAllReduce.
+// Errors found before enqueueing are returned; later ones by braid_comm_get_async_error and
+// the next device call. Host memory here, or a device pointer in braid_all_reduce, is
+// braid_invalid_argument. Without a CUDA driver: braid_system_error ("no CUDA driver
+// (libcuda.so.1 not found)").
+//
+// # Safety
+// The buffers are device (or managed) memory valid for `count` elements until the work
+// completes on `stream`; `comm` is NULL or live; `stream` is NULL or a live CUDA stream of the
+// calling thread's context.
+braid_status_t braid_all_reduce_stream(const void *sendbuf,
+                                       void *recvbuf,
+                                       size_t count,
+                                       braid_datatype_t datatype,
+                                       braid_redop_t op,
+                                       braid_comm_t comm,
+                                       void *stream);
+
+// Stream form of braid_reduce_scatter (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_reduce_scatter's lengths.
+braid_status_t braid_reduce_scatter_stream(const void *sendbuf,
+                                           void *recvbuf,
+                                           size_t recvcount,
+                                           braid_datatype_t datatype,
+                                           braid_redop_t op,
+                                           braid_comm_t comm,
+                                           void *stream);
+
+// Stream form of braid_all_gather (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_all_gather's lengths.
+braid_status_t braid_all_gather_stream(const void *sendbuf,
+                                       void *recvbuf,
+                                       size_t sendcount,
+                                       braid_datatype_t datatype,
+                                       braid_comm_t comm,
+                                       void *stream);
+
+// Stream form of braid_broadcast (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_broadcast's lengths.
+braid_status_t braid_broadcast_stream(const void *sendbuf,
+                                      void *recvbuf,
+                                      size_t count,
+                                      braid_datatype_t datatype,
+                                      int root,
+                                      braid_comm_t comm,
+                                      void *stream);
+
+// Stream form of braid_reduce (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_reduce's lengths.
+braid_status_t braid_reduce_stream(const void *sendbuf,
+                                   void *recvbuf,
+                                   size_t count,
+                                   braid_datatype_t datatype,
+                                   braid_redop_t op,
+                                   int root,
+                                   braid_comm_t comm,
+                                   void *stream);
+
+// Stream form of braid_all_to_all (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_all_to_all's lengths.
+braid_status_t braid_all_to_all_stream(const void *sendbuf,
+                                       void *recvbuf,
+                                       size_t count,
+                                       braid_datatype_t datatype,
+                                       braid_comm_t comm,
+                                       void *stream);
+
+// Stream form of braid_gather (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_gather's lengths.
+braid_status_t braid_gather_stream(const void *sendbuf,
+                                   void *recvbuf,
+                                   size_t sendcount,
+                                   braid_datatype_t datatype,
+                                   int root,
+                                   braid_comm_t comm,
+                                   void *stream);
+
+// Stream form of braid_scatter (device buffers, enqueued on `stream`; see
+// braid_all_reduce_stream).
+//
+// # Safety
+// As braid_all_reduce_stream, with braid_scatter's lengths.
+braid_status_t braid_scatter_stream(const void *sendbuf,
+                                    void *recvbuf,
+                                    size_t recvcount,
+                                    braid_datatype_t datatype,
+                                    int root,
+                                    braid_comm_t comm,
+                                    void *stream);
+
+// Stream form of braid_barrier: enqueued on `stream`; work enqueued on `stream` after it
+// starts once every rank's stream has reached its barrier.
+//
+// # Safety
+// `comm` is NULL or live; `stream` is NULL or a live CUDA stream.
+braid_status_t braid_barrier_stream(braid_comm_t comm, void *stream);
+
+// Stream form of braid_send: `buf` is CUDA device memory; enqueued on `stream`. Between
+// braid_group_start and braid_group_end it is recorded, and braid_group_end enqueues the
+// group's device sends and receives together on their stream (one stream per group; a group
+// holds host or device operations, not both).
+//
+// # Safety
+// `buf` is device memory valid for `count` elements until the send completes on `stream`;
+// `comm` is NULL or live; `stream` is NULL or a live CUDA stream.
+braid_status_t braid_send_stream(const void *buf,
+                                 size_t count,
+                                 braid_datatype_t datatype,
+                                 int peer,
+                                 uint64_t tag,
+                                 braid_comm_t comm,
+                                 void *stream);
+
+// Stream form of braid_recv (see braid_send_stream).
+//
+// # Safety
+// As braid_send_stream; `buf` does not overlap another buffer of its group.
+braid_status_t braid_recv_stream(void *buf,
+                                 size_t count,
+                                 braid_datatype_t datatype,
+                                 int peer,
+                                 uint64_t tag,
+                                 braid_comm_t comm,
+                                 void *stream);
+
+// Stream form of braid_all_to_allv: device buffers, enqueued on `stream` (this rank's own
+// block as a device-to-device copy, the others as one group of sends and receives, as
+// ProcessGroupNCCL does). The four arrays are read during the call only.
+//
+// # Safety
+// As braid_all_to_allv for the arrays; the buffers are device memory valid until the work
+// completes on `stream`; `comm` is NULL or live; `stream` is NULL or a live CUDA stream.
+braid_status_t braid_all_to_allv_stream(const void *sendbuf,
+                                        const size_t *sendcounts,
+                                        const size_t *sdispls,
+                                        void *recvbuf,
+                                        const size_t *recvcounts,
+                                        const size_t *rdispls,
+                                        braid_datatype_t datatype,
+                                        braid_comm_t comm,
+                                        void *stream);
+
+// Allocates `size` bytes of CUDA device memory on the calling rank's device
+// (`BRAID_CUDA_DEVICE`, else the local rank; like ncclMemAlloc) and writes its address to
+// `*ptr`. Free it with braid_mem_free_device.
+//
+// Errors: braid_invalid_argument (NULL `ptr`); braid_system_error without a CUDA driver or
+// device, or when the device is out of memory (the driver's message).
+//
+// # Safety
+// `ptr` is NULL or valid for a write.
+braid_status_t braid_mem_alloc_device(size_t size, void **ptr);
+
+// Frees memory from braid_mem_alloc_device. NULL is a no-op.
+//
+// # Safety
+// `ptr` is NULL or from braid_mem_alloc_device, not freed yet, and no work still uses it.
+braid_status_t braid_mem_free_device(void *ptr);
+
+// The first error of a device call of `comm` that failed after the call returned (on its
+// stream), as ncclCommGetAsyncError: writes braid_success, or the error's status (and makes
+// its message this thread's last error). Sticky.
+//
+// # Safety
+// `comm` is NULL or live; `async_error` is NULL or valid for a write.
+braid_status_t braid_comm_get_async_error(braid_comm_t comm, braid_status_t *async_error);
+
+// Whether CUDA device buffers can be used in this process: braid_success, and a one-line
+// description ("CUDA driver 13.0, device 0 of 1: NVIDIA H100 80GB HBM3; NCCL 2.27.3 (path)")
+// written to `info` (`len` bytes, NUL-terminated, truncated to fit; NULL/0: not written); or
+// braid_system_error with the reason as the last error ("no CUDA driver (libcuda.so.1 not
+// found)").
+//
+// # Safety
+// `info` is NULL or valid for `len` bytes of writes.
+braid_status_t braid_cuda_available(char *info, size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -47,6 +47,10 @@ unsafe fn all_to_allv(
         // SAFETY: caller contract (`req` NULL or writable, `comm` NULL or live).
         let c = unsafe { coll_start(comm, req) }?;
         let dtype = dtype_of(a.dtype)?;
+        crate::stream::host_only(
+            func,
+            &[("sendbuf", a.send), ("recvbuf", a.recv.cast_const())],
+        )?;
         let n = c.comm.size();
         // SAFETY: each array is NULL or holds one entry per rank (caller contract); they are
         // read during this call only.

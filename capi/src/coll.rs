@@ -48,6 +48,26 @@ pub(crate) unsafe fn coll_start<'a>(
     Ok(c)
 }
 
+/// The datatype, operator (Sum when the collective has none) and root (0 when it has none)
+/// of a collective's C arguments, checked.
+pub(crate) fn resolve(
+    c: &braid_comm,
+    dtype: DatatypeArg,
+    op: Option<RedopArg>,
+    root: Option<c_int>,
+) -> CResult<(braid_core::DataType, ReduceOp, usize)> {
+    let dtype = dtype_of(dtype)?;
+    let op = match op {
+        Some(o) => op_of(o)?,
+        None => ReduceOp::Sum,
+    };
+    let root = match root {
+        Some(r) => rank_arg("root", r, c.comm.size())?,
+        None => 0,
+    };
+    Ok((dtype, op, root))
+}
+
 /// Body of every collective: blocking when `req` is None, else non-blocking.
 ///
 /// # Safety
@@ -61,15 +81,11 @@ pub(crate) unsafe fn coll(
     boundary(func, || {
         // SAFETY: caller contract (`req` NULL or writable, `comm` NULL or live).
         let c = unsafe { coll_start(comm, req) }?;
-        let dtype = dtype_of(a.dtype)?;
-        let op = match a.op {
-            Some(o) => op_of(o)?,
-            None => ReduceOp::Sum,
-        };
-        let root = match a.root {
-            Some(r) => rank_arg("root", r, c.comm.size())?,
-            None => 0,
-        };
+        let (dtype, op, root) = resolve(c, a.dtype, a.op, a.root)?;
+        crate::stream::host_only(
+            func,
+            &[("sendbuf", a.send), ("recvbuf", a.recv.cast_const())],
+        )?;
         let rc = RawColl {
             kind: a.kind,
             dtype,

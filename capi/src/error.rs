@@ -94,7 +94,7 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn set_last_error(func: &str, msg: &str) {
+pub(crate) fn set_last_error(func: &str, msg: &str) {
     let text = format!("{func}: {msg}").replace('\0', " ");
     let c = CString::new(text).unwrap_or_default();
     let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);

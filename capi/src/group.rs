@@ -5,11 +5,12 @@
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 
+use braid_core::cuda::{DeviceP2p, Stream};
 use braid_core::RawP2p;
 
 use crate::args::{comm_ref, dtype_of, rank_arg, DatatypeArg};
 use crate::comm::{braid_comm, braid_comm_t};
-use crate::error::{boundary, braid_status_t, Fail};
+use crate::error::{boundary, braid_status_t, CResult, Fail};
 use crate::request::{braid_request, braid_request_t, reset_request, store_request};
 
 // ---- point-to-point and groups -------------------------------------------------------------
@@ -29,7 +30,69 @@ struct GroupState {
     depth: u32,
     comm: Option<*const braid_comm>,
     ops: Vec<RawP2p>,
+    /// Device operations (braid_send_stream / braid_recv_stream) and their stream.
+    dev_ops: Vec<DeviceP2p>,
+    stream: Option<Stream>,
     failed: Option<Fail>,
+}
+
+impl GroupState {
+    /// Records the first failure of a call inside the group.
+    fn fail(&mut self, f: &Fail) {
+        if self.failed.is_none() {
+            self.failed = Some(f.clone());
+        }
+    }
+
+    /// Checks that `comm` is the group's communicator (setting it on the first call).
+    fn same_comm(&mut self, this: *const braid_comm) -> CResult {
+        match self.comm {
+            Some(p) if p != this => Err(Fail::usage(
+                "a group may hold operations of one communicator only",
+            )),
+            _ => {
+                self.comm = Some(this);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Records a device send/recv (`_stream` form) in this thread's open group; `op` is the
+/// checked operation or the failure of its checks (then the group will not run).
+pub(crate) fn record_device_op(
+    comm: braid_comm_t,
+    op: CResult<DeviceP2p>,
+    stream: Stream,
+) -> CResult {
+    GROUP
+        .try_with(|g| {
+            let mut g = g.borrow_mut();
+            let res = op.and_then(|op| {
+                g.same_comm(comm.cast_const())?;
+                if !g.ops.is_empty() {
+                    return Err(Fail::usage(
+                        "a group holds host operations (braid_send/braid_recv) or device \
+                         operations (braid_send_stream/braid_recv_stream), not both",
+                    ));
+                }
+                match g.stream {
+                    Some(s) if s != stream => Err(Fail::usage(
+                        "the device operations of a group must use one stream",
+                    )),
+                    _ => {
+                        g.stream = Some(stream);
+                        g.dev_ops.push(op);
+                        Ok(())
+                    }
+                }
+            });
+            if let Err(f) = &res {
+                g.fail(f);
+            }
+            res
+        })
+        .unwrap_or_else(|_| Err(Fail::usage("thread is exiting")))
 }
 
 pub(crate) struct P2pArgs {
@@ -65,6 +128,7 @@ pub(crate) unsafe fn p2p(
             if a.count > 0 && a.buf.is_null() {
                 return Err(Fail::arg("buf is NULL"));
             }
+            crate::stream::host_only(func, &[("buf", a.buf.cast_const())])?;
             let op = RawP2p {
                 send: a.send,
                 buf: a.buf.cast(),
@@ -83,17 +147,16 @@ pub(crate) unsafe fn p2p(
                 return GROUP
                     .try_with(|g| {
                         let mut g = g.borrow_mut();
-                        let this = comm.cast_const();
-                        match g.comm {
-                            Some(p) if p != this => Err(Fail::usage(
-                                "a group may hold operations of one communicator only",
-                            )),
-                            _ => {
-                                g.comm = Some(this);
-                                g.ops.push(op);
-                                Ok(())
-                            }
+                        g.same_comm(comm.cast_const())?;
+                        if !g.dev_ops.is_empty() {
+                            return Err(Fail::usage(
+                                "a group holds host operations (braid_send/braid_recv) or \
+                                 device operations (braid_send_stream/braid_recv_stream), not \
+                                 both",
+                            ));
                         }
+                        g.ops.push(op);
+                        Ok(())
                     })
                     .unwrap_or_else(|_| Err(Fail::usage("thread is exiting")));
             }
@@ -115,12 +178,7 @@ pub(crate) unsafe fn p2p(
         if grouped {
             if let Err(f) = &res {
                 // The group will not run: braid_group_end reports the first failure.
-                let _ = GROUP.try_with(|g| {
-                    let mut g = g.borrow_mut();
-                    if g.failed.is_none() {
-                        g.failed = Some(f.clone());
-                    }
-                });
+                let _ = GROUP.try_with(|g| g.borrow_mut().fail(f));
             }
         }
         res
@@ -232,6 +290,15 @@ pub extern "C" fn braid_group_end() -> braid_status_t {
         // SAFETY: the pointer was a live communicator when the operations were recorded; using
         // it after braid_comm_destroy is undefined behaviour per the documented contract.
         let c = unsafe { comm_ref(comm.cast_mut()) }?;
+        if !g.dev_ops.is_empty() {
+            // SAFETY: device buffers stay valid until the work completes on the stream
+            // (documented on braid_send_stream/braid_recv_stream).
+            unsafe {
+                c.comm
+                    .p2p_device_raw(&g.dev_ops, g.stream.unwrap_or_default())
+            }?;
+            return Ok(());
+        }
         // SAFETY: the buffers of recorded operations stay valid until braid_group_end returns
         // (documented on braid_send/braid_recv).
         unsafe { c.comm.p2p_raw(&g.ops) }?;
@@ -281,6 +348,12 @@ pub unsafe extern "C" fn braid_igroup_end(req: *mut braid_request_t) -> braid_st
                 status: f.status,
                 msg: format!("group not run: a call in it failed: {}", f.msg),
             });
+        }
+        if !taken.dev_ops.is_empty() {
+            return Err(Fail::usage(
+                "a group of device operations completes on its stream: close it with \
+                 braid_group_end (nothing was run)",
+            ));
         }
         let h = match taken.comm {
             Some(comm) if !taken.ops.is_empty() => {

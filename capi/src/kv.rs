@@ -105,6 +105,48 @@ impl KvPending for PullPending {
     }
 }
 
+/// A pull into CUDA device memory: braid pulls into `host` (staging), and completing it
+/// copies the values to the device buffer (issue 14: push/pull with device buffers uses
+/// staging). `inner` is declared first so it is dropped (stopping writes into `host`) first.
+struct DevicePull<T: Element> {
+    inner: Box<dyn KvPending>,
+    host: Vec<T>,
+    dev: braid_core::cuda::DevPtr,
+}
+
+impl<T: Element> KvPending for DevicePull<T> {
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    fn complete(self: Box<Self>) -> CResult<u64> {
+        let DevicePull { inner, host, dev } = *self;
+        let version = inner.complete()?;
+        let bytes: &[u8] = bytemuck::cast_slice(&host);
+        braid_core::cuda::driver::copy_to_device(dev, bytes)?;
+        Ok(version)
+    }
+}
+
+/// Values in CUDA device memory, copied to the host (after the device's pending work), or None
+/// for host memory (and NULL / empty).
+fn staged_in<T: Element>(vals: *const c_void, total: usize) -> CResult<Option<Vec<T>>> {
+    if vals.is_null() || total == 0 {
+        return Ok(None);
+    }
+    match braid_core::cuda::pointer_kind(vals) {
+        braid_core::cuda::PtrKind::Device(_) => {
+            let mut v = vec![T::default(); total];
+            braid_core::cuda::driver::copy_from_device(
+                bytemuck::cast_slice_mut(&mut v),
+                vals as braid_core::cuda::DevPtr,
+            )?;
+            Ok(Some(v))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// A C update callback and its user pointer.
 struct UpdateCallback {
     f: unsafe extern "C" fn(
@@ -546,6 +588,8 @@ pub unsafe extern "C" fn braid_kv_worker_destroy(worker: braid_kv_worker_t) -> b
 }
 
 fn kv_init<T: Element>(w: &KvWorker, k: &KvKeys<'_>, vals: *const c_void) -> CResult {
+    let staged = staged_in::<T>(vals, k.total)?;
+    let vals = staged.as_ref().map_or(vals, |v| v.as_ptr().cast());
     // SAFETY: `vals` is NULL or valid for `total` elements for the call (contract of
     // braid_kv_init).
     let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
@@ -607,6 +651,8 @@ fn kv_push<T: Element>(
     vals: *const c_void,
     prio: c_int,
 ) -> CResult<Box<dyn KvPending>> {
+    let staged = staged_in::<T>(vals, k.total)?;
+    let vals = staged.as_ref().map_or(vals, |v| v.as_ptr().cast());
     // SAFETY: `vals` is NULL or valid for `total` elements for the call (contract of
     // braid_kv_push).
     let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
@@ -630,6 +676,30 @@ fn kv_pull<T: Element>(
     if bytes > 0 && out.is_null() {
         return Err(Fail::arg("out is NULL"));
     }
+    // Device memory: push from a host copy, pull into a host buffer copied to the device at
+    // completion.
+    let staged = match push {
+        Some(vals) => staged_in::<T>(vals, k.total)?,
+        None => None,
+    };
+    let push = match (&staged, push) {
+        (Some(v), Some(_)) => Some(v.as_ptr().cast::<c_void>()),
+        (_, p) => p,
+    };
+    let device_out = bytes > 0
+        && matches!(
+            braid_core::cuda::pointer_kind(out.cast_const()),
+            braid_core::cuda::PtrKind::Device(_)
+        );
+    if device_out {
+        let mut host = vec![T::default(); k.total];
+        let inner = kv_pull::<T>(w, k, push, host.as_mut_ptr().cast(), min_version, prio)?;
+        return Ok(Box::new(DevicePull {
+            inner,
+            host,
+            dev: out as braid_core::cuda::DevPtr,
+        }));
+    }
     let out = out.cast::<T>();
     let handle = match push {
         Some(vals) => {
@@ -650,6 +720,8 @@ fn kv_pull<T: Element>(
 /// with priority `prio` (higher is sent first when queues build up) and writes a request to
 /// `*req` (NULL on failure). Servers aggregate per BRAID_PS_MODE and apply BRAID_PS_RULE (or
 /// the rule set with braid_kv_set_rule, or the server's callback). `vals` is copied before the call returns (it may be reused at once).
+/// `vals` may be CUDA device memory (braid_kv_init, braid_kv_push_pull likewise): it is staged
+/// through host memory after the device's pending work (cuCtxSynchronize).
 /// The request completes when every part was recorded and replicated; braid_kv_wait writes
 /// version 0 for a push.
 ///
@@ -690,7 +762,8 @@ pub unsafe extern "C" fn braid_kv_push(
 /// `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:
 /// sync and bounded mode: the round this worker last pushed to (a push followed by a pull
 /// returns that round's aggregate); async mode: the latest. The values are written to `out`
-/// when braid_kv_wait returns (or braid_kv_test reports done); braid_kv_wait reports the
+/// when braid_kv_wait returns (or braid_kv_test reports done; `out` may be CUDA device memory:
+/// braid pulls into host memory and copies to the device then); braid_kv_wait reports the
 /// smallest version over the parts read. Pulling a key nobody initialised waits for it until
 /// BRAID_TIMEOUT.
 ///

@@ -47,10 +47,12 @@ mod request;
 mod kv;
 // Pipeline planning.
 mod pipeline;
+// CUDA device buffers: the _stream forms, device allocations, the async error.
+mod stream;
 
 pub use crate::{
     alltoallv::*, args::*, coll::*, comm::*, config::*, coordinator::*, error::*, group::*, kv::*,
-    mem::*, nonblocking::*, pipeline::*, request::*, split::*,
+    mem::*, nonblocking::*, pipeline::*, request::*, split::*, stream::*,
 };
 
 use std::ffi::c_int;

@@ -326,3 +326,11 @@ fn make_install_and_pkg_config() {
     assert_eq!(out.matches("sum = 3 (expected 3)").count(), 2, "{out}");
     let _ = std::fs::remove_dir_all(&prefix);
 }
+
+/// The device-buffer entry points without a CUDA driver (this machine, CI): every `_stream`
+/// form, braid_mem_alloc_device and braid_cuda_available report "no CUDA driver (libcuda.so.1
+/// not found)" as braid_system_error; argument errors come first; host forms keep working.
+#[test]
+fn cuda_entry_points_without_a_driver() {
+    check_program("cuda", &[1, 2]);
+}
