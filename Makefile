@@ -10,7 +10,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 PYTHON ?= python3
 TORCH_PIN ?= torch==2.11.0
 
-.PHONY: valgrind all build demo test test-fast test-python test-mxnet python-deps lint docs clean deps install header fuzz fuzz-smoke fuzz-corpus
+.PHONY: gpu-carry valgrind all build demo test test-fast test-python test-mxnet python-deps lint docs clean deps install header fuzz fuzz-smoke fuzz-corpus
 
 all: build
 
@@ -66,6 +66,14 @@ deps:
 	@dpkg -s $(DEB_DEPS) >/dev/null 2>&1 || { \
 	  { ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -q; } && \
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEB_DEPS); }; }; }
+
+## What perf/gpu_check needs on a GPU machine (no Rust toolchain there): stripped release
+## braid-perf, braid-run, braid-coordinator and libbraid.so in target/gpu-carry (a few MiB;
+## carry that directory, run `perf/gpu_check OUTDIR`).
+gpu-carry: build
+	rm -rf target/gpu-carry && mkdir -p target/gpu-carry
+	for f in braid-perf braid-run braid-coordinator libbraid.so; do strip -o target/gpu-carry/$$f target/release/$$f; done
+	@du -sh target/gpu-carry
 
 ## Installs libbraid.so, libbraid.a, the verbs plugin libbraid_ibverbs.so (loaded at run time
 ## for RDMA; libbraid does not link libibverbs), include/braid.h and braid.pc under PREFIX.

@@ -3,7 +3,7 @@
 //! ```text
 //! braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv
 //!     [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT]
-//!     [--ranks N] [--transport tcp|shm|ib|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration S]]
+//!     [--ranks N] [--transport tcp|shm|ib|auto] [-R 0|1] [-G 0|1] [--json FILE] [-v] [--elastic [--duration S]]
 //! braid-perf kernels [-b MIN] [-e MAX]     # reduction kernel vs memcpy bandwidth, one process
 //! braid-perf topo [--json]                 # this host's topology (hwloc, sysfs fallback)
 //! ```
@@ -12,6 +12,14 @@
 //! allocator (`Communicator::alloc_shared`), so that same-host ranks copy each byte once,
 //! straight out of the peer's buffer; `-R 0` (default): ordinary heap buffers. The header says
 //! which were used.
+//!
+//! `-G 1` (nccl-tests' default: device buffers): buffers are
+//! CUDA device memory (cuMemAlloc on the rank's device: `BRAID_CUDA_DEVICE`, else the local
+//! rank), and each call is enqueued on the default stream through braid's device engines
+//! (NCCL, or staging through pinned host buffers; `BRAID_DEVICE_ENGINE=auto|nccl|staging`).
+//! The header names the device, driver and NCCL; `# device engine: ...` follows the table.
+//! Without a usable GPU it exits with status 1 at once, printing the reason ("no CUDA driver
+//! (libcuda.so.1 not found)").
 //!
 //! Under a launcher (braid-run, torchrun, mpirun: `BRAID_COORDINATOR`, `MASTER_ADDR`, ... set)
 //! each process is one rank. Otherwise `--ranks N` (default 2) starts N local ranks as child
@@ -46,6 +54,7 @@ use braid::{Communicator, Config, DataType, Element, ReduceOp};
 use half::{bf16, f16};
 
 mod check;
+mod device;
 mod pushpull;
 use check::PerfElem;
 
@@ -143,12 +152,14 @@ struct Args {
     max_set: bool,
     /// `-R 1`: buffers from `Communicator::alloc_shared`.
     register: bool,
+    /// `-G 1`: CUDA device buffers.
+    device: bool,
     raw: Vec<String>,
 }
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|ib|auto] [-R 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
+[--transport tcp|shm|ib|auto] [-R 0|1] [-G 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int16 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg band bor bxor (bitwise: integer DTYPEs)";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -174,6 +185,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         duration: 10.0,
         max_set: false,
         register: false,
+        device: false,
         raw: argv.to_vec(),
     };
     let mut max_set = false;
@@ -211,6 +223,13 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     "0" => false,
                     "1" => true,
                     v => return Err(format!("-R {v}: expected 0 or 1")),
+                }
+            }
+            "-G" | "--device" => {
+                a.device = match val()?.as_str() {
+                    "0" => false,
+                    "1" => true,
+                    v => return Err(format!("-G {v}: expected 0 or 1")),
                 }
             }
             "--ranks" => a.ranks = num(val()?)?,
@@ -254,6 +273,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     if a.ranks == 0 {
         return Err("--ranks must be at least 1".into());
     }
+    if a.device && (a.register || a.elastic) {
+        return Err("-G 1 cannot be combined with -R 1 or --elastic".into());
+    }
     if a.coll.reduces() && !a.op.supports(a.dtype) {
         return Err(format!(
             "-o {} needs an integer datatype, not -d {}",
@@ -292,6 +314,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.device {
+        // Refuse at once, before any rank starts, where there is no GPU to use.
+        if let Err(e) = device::describe() {
+            eprintln!("braid-perf: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if under_launcher() {
         match run_rank(&args) {
             Ok(true) => ExitCode::SUCCESS,
@@ -896,15 +925,19 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             a.iters,
             a.warmup
         );
-        let _ = writeln!(
-            out,
-            "# buffers: {}",
-            if a.register {
-                "registered (-R 1: braid shared memory, Communicator::alloc_shared)"
-            } else {
-                "heap (-R 0)"
-            }
-        );
+        if a.device {
+            device::header(&mut out);
+        } else {
+            let _ = writeln!(
+                out,
+                "# buffers: {}",
+                if a.register {
+                    "registered (-R 1: braid shared memory, Communicator::alloc_shared)"
+                } else {
+                    "heap (-R 0)"
+                }
+            );
+        }
         let _ = writeln!(out, "#");
         let _ = writeln!(
             out,
@@ -959,7 +992,10 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             total
         };
         let mut res = [(0.0f64, 0u64); 2];
-        for (k, inplace) in [false, true].into_iter().enumerate() {
+        if a.device {
+            res = device::measure::<T>(comm, a, per)?;
+        }
+        for (k, inplace) in [false, true].into_iter().enumerate().filter(|_| !a.device) {
             let b = check::buffers::<T>(a.coll_kind(), n, rank, per, a.root, inplace, a.op);
             let mut b = place(comm, a, b)?;
             for _ in 0..a.warmup {
@@ -1030,6 +1066,9 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             break;
         }
         size = size.saturating_mul(a.factor).min(a.max);
+    }
+    if a.device && rank == 0 {
+        device::footer(comm, &mut std::io::stdout().lock());
     }
     Ok(rows)
 }
