@@ -31,6 +31,7 @@ __all__ = [
     "__version__",
     "library_path",
     "library_version",
+    "cuda_available",
     "BraidError",
     "InvalidArgument",
     "InvalidUsage",
@@ -55,6 +56,49 @@ def library_version():
     L.check(L.braid_get_version(ctypes.byref(v)), "braid_get_version")
     code = v.value
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+
+
+def _nccl_dirs():
+    """The nvidia/nccl/lib directories of the installed nvidia-nccl-cu13 / -cu12 pip packages
+    (torch's CUDA wheels depend on one), for BRAID_NCCL_DIRS."""
+    import importlib.util
+    import os
+    dirs = []
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+    except (ImportError, ValueError):
+        spec = None
+    for p in (spec.submodule_search_locations or []) if spec else []:
+        d = os.path.join(p, "lib")
+        if os.path.isdir(d):
+            dirs.append(d)
+    return dirs
+
+
+def _export_nccl_dirs():
+    """Points libbraid at the pip packages' NCCL (BRAID_NCCL_DIRS) unless the user chose one
+    (BRAID_NCCL_LIBRARY or BRAID_NCCL_DIRS set). Read by libbraid at its first device call."""
+    import os
+    if os.environ.get("BRAID_NCCL_LIBRARY") or os.environ.get("BRAID_NCCL_DIRS"):
+        return
+    dirs = _nccl_dirs()
+    if dirs:
+        os.environ["BRAID_NCCL_DIRS"] = ":".join(dirs)
+
+
+def cuda_available():
+    """``(True, description)`` when libbraid can use CUDA device buffers in this process
+    (driver, device, NCCL or not), else ``(False, reason)``, e.g. ``(False, "braid_cuda_available:
+    system error: no CUDA driver (libcuda.so.1 not found)")``."""
+    _export_nccl_dirs()
+    L = _lib.lib()
+    if not L.has("braid_cuda_available"):
+        return False, f"{L.path} has no device support (braid_cuda_available missing)"
+    buf = ctypes.create_string_buffer(512)
+    st = L.braid_cuda_available(buf, len(buf))
+    if st != _lib.SUCCESS:
+        return False, (L.braid_get_last_error() or b"").decode("utf-8", "replace")
+    return True, buf.value.decode("utf-8", "replace")
 
 
 class Coordinator:

@@ -72,3 +72,31 @@ def test_a_wrong_job_token_is_refused():
         c.close()
     finally:
         coord.close()
+
+
+def _has_libcuda():
+    import ctypes
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def test_cuda_available_says_why_not():
+    ok, why = braid.cuda_available()
+    if _has_libcuda():
+        # perf/gpu_check covers machines with a driver; here only the shape of the answer.
+        assert isinstance(why, str) and why
+        return
+    assert not ok
+    assert "no CUDA driver (libcuda.so.1 not found)" in why, why
+
+
+def test_backend_is_registered_for_cpu_and_cuda():
+    import torch.distributed as dist
+    import braid.torch  # noqa: F401
+    caps = dist.Backend.backend_capability.get("braid")
+    assert caps is not None and "cpu" in caps and "cuda" in caps, caps

@@ -148,7 +148,11 @@ def _register():
     if BACKEND in getattr(dist.Backend, "_plugins", {}) or BACKEND.upper() in getattr(
             dist.Backend, "_plugins", {}):
         return
-    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+    # cuda: device tensors go to libbraid's device engines (NCCL where every rank has it and a
+    # GPU of its own, else staging through pinned host memory), on the current stream.
+    from .. import _export_nccl_dirs
+    _export_nccl_dirs()
+    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu", "cuda"])
 
 
 _register()

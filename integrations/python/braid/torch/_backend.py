@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _lib
+from . import _cuda
 from ._work import DONE, PENDING, RUNNING, Request, Work
 
 _C10D = "torch.distributed.distributed_c10d"
@@ -63,14 +64,34 @@ def _redop(op):
 
 
 def _check_cpu(t, what):
+    """Checks a tensor argument: a dense cpu or cuda tensor (cuda tensors go to libbraid's
+    device engines, NCCL or staging, on the tensor's current stream)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"braid {what}: expected a tensor, got {type(t).__name__}")
-    if not t.is_cpu:
+    if not (t.is_cpu or t.is_cuda):
         raise ValueError(
-            f"braid {what}: tensors on device '{t.device}' are not supported yet (braid's "
-            f"torch backend serves cpu tensors; CUDA tensors come with the GPU work)")
+            f"braid {what}: tensors on device '{t.device}' are not supported (braid's torch "
+            f"backend serves cpu and cuda tensors)")
     if t.is_sparse:
         raise ValueError(f"braid {what}: sparse tensors are not supported")
+
+
+def _device_of(keep, what):
+    """The cuda device of an operation's tensors, or None for cpu ones; mixing is refused."""
+    dev = None
+    cpu = False
+    for t in keep or ():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_cuda:
+            if dev is not None and t.device != dev:
+                raise ValueError(f"braid {what}: tensors on {dev} and {t.device} in one call")
+            dev = t.device
+        else:
+            cpu = True
+    if dev is not None and cpu:
+        raise ValueError(f"braid {what}: cpu and cuda tensors cannot be mixed in one call")
+    return dev
 
 
 def _flat(t):
@@ -258,7 +279,14 @@ class ProcessGroupBraid(dist.ProcessGroup):
     def _issue(self, what, opts, result, post, keep, calls):
         """For a synchronous torch call (asyncOp False: torch waits at once) runs the
         operation on the calling thread right now: no hand-off to braid's progress thread,
-        and a completed work is returned. Otherwise starts it non-blocking (braid_i*)."""
+        and a completed work is returned. Otherwise starts it non-blocking (braid_i*).
+        CUDA tensors: enqueued on the current stream (braid_*_stream), a CudaWork."""
+        dev = _device_of(keep, what) if keep else None
+        if dev is not None:
+            with self._lock:
+                if self._pending:
+                    self._flush_locked()
+                return _cuda.run(self, what, result, post, keep, calls, dev)
         if opts is not None and not opts.asyncOp:
             with self._lock:
                 if self._pending:
@@ -322,6 +350,8 @@ class ProcessGroupBraid(dist.ProcessGroup):
             w._src = peer
         if mode is None:
             mode = _p2p_mode()
+        if buf.is_cuda:
+            return self._p2p_cuda(what, op, buf, result, post, mode)
         with self._lock:
             if mode == "group":
                 self._pending.append(w)
@@ -334,6 +364,22 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 w, lambda: [self._submit(fn, (op[1], count, dt, peer, tag, h), what, [buf])])
         return w
 
+    def _p2p_cuda(self, what, op, buf, result, post, mode):
+        """A device send/recv: batched ones (batch_isend_irecv, dist.send/recv) wait in the
+        pending group until the next operation or a wait; others are enqueued now, alone."""
+        with self._lock:
+            if mode == "group" and (not self._pending_ops or self._pending_ops[0][6].is_cuda):
+                w = _cuda.PendingCudaWork(self, result, post, what, buf.device)
+                self._pending.append(w)
+                self._pending_ops.append(op)
+                return w
+            if self._pending:
+                self._flush_locked()
+            stream = _cuda.run_p2p_group(self, [op], buf.device)
+            if post is not None:
+                post()
+            return _cuda.CudaWork(self, result, stream, [buf], what)
+
     def _run_group_blocking(self, ops):
         L = self._L
         L.braid_group_start()
@@ -345,6 +391,9 @@ class ProcessGroupBraid(dist.ProcessGroup):
         """Runs the pending operations (ending with `work`) on the calling thread."""
         with self._lock:
             if work._state != PENDING:
+                return
+            if self._pending_ops and self._pending_ops[0][6].is_cuda:
+                self._flush_locked()
                 return
             works, ops = self._pending, self._pending_ops
             self._pending, self._pending_ops = [], []
@@ -361,9 +410,20 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 self._flush_locked()
 
     def _flush_locked(self):
-        """Starts the pending send/recv group non-blocking: one braid group, one request."""
+        """Starts the pending send/recv group non-blocking: one braid group, one request
+        (device tensors: one group enqueued on the current stream)."""
         works, ops = self._pending, self._pending_ops
         self._pending, self._pending_ops = [], []
+        if ops and ops[0][6].is_cuda:
+            try:
+                stream = _cuda.run_p2p_group(self, ops, ops[0][6].device)
+            except _lib.BraidError as e:
+                for w in works:
+                    w._fail(e)
+                return
+            for w in works:
+                w._enqueued(stream)
+            return
         L = self._L
         try:
             L.braid_group_start()
@@ -451,7 +511,7 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 raise ValueError("braid all_gather: every output tensor must have the input's "
                                  f"dtype and size ({inp.dtype}, {inp.numel()} elements)")
         src = _flat(inp)
-        flat = torch.empty(self._size * inp.numel(), dtype=inp.dtype)
+        flat = torch.empty(self._size * inp.numel(), dtype=inp.dtype, device=inp.device)
         dt, n = _move_spec(src)
         n_in = inp.numel()
         pairs = [(o, flat[i * n_in:(i + 1) * n_in]) for i, o in enumerate(outs)]
@@ -505,7 +565,7 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 raise ValueError("braid reduce_scatter: every input tensor must have the "
                                  f"output's dtype and size ({out.dtype}, {out.numel()})")
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
-        flat = torch.cat([i.reshape(-1) for i in ins]) if ins else torch.empty(0, dtype=out.dtype)
+        flat = torch.cat([i.reshape(-1) for i in ins]) if ins else torch.empty(0, dtype=out.dtype, device=out.device)
         dst = _flat(out)
         dt, n, bop = _reduce_spec(dst, op, "reduce_scatter")
         post = _copy_back([(out, dst)]) if dst is not out else None
@@ -581,7 +641,8 @@ class ProcessGroupBraid(dist.ProcessGroup):
         if any(t.dtype != dtype for t in list(output_tensors) + list(input_tensors)):
             raise ValueError("braid all_to_all: every tensor must have the same dtype")
         src = torch.cat([t.reshape(-1) for t in input_tensors])
-        dst = torch.empty(sum(t.numel() for t in output_tensors), dtype=dtype)
+        dst = torch.empty(sum(t.numel() for t in output_tensors), dtype=dtype,
+                          device=input_tensors[0].device)
         pairs, off = [], 0
         for t in output_tensors:
             pairs.append((t, dst[off:off + t.numel()]))
@@ -622,7 +683,7 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 _check_cpu(o, "gather")
                 if o.numel() != inp.numel() or o.dtype != inp.dtype:
                     raise ValueError("braid gather: output tensors must match the input")
-            flat = torch.empty(self._size * inp.numel(), dtype=inp.dtype)
+            flat = torch.empty(self._size * inp.numel(), dtype=inp.dtype, device=inp.device)
             k = inp.numel()
             post = _copy_back([(o, flat[i * k:(i + 1) * k]) for i, o in enumerate(outs)])
             rp = flat.data_ptr()
