@@ -94,8 +94,11 @@ def ratios(argv):
     braid, torch_ = table(argv[0]), table(argv[1])
     print("# braid NCCL engine vs torch NCCL (1 rank, all_reduce, out-of-place)")
     print(f"# {'size':>10} {'braid_us':>10} {'torch_us':>10} {'ratio':>7} {'added_us':>9} target")
-    ok = True
-    for size in sorted(set(braid) & set(torch_)):
+    common = sorted(set(braid) & set(torch_))
+    ok = bool(common)
+    if not common:
+        print("# no size measured by both")
+    for size in common:
         b, t = braid[size][0], torch_[size][0]
         target = ""
         if size >= 1 << 20:
@@ -113,8 +116,15 @@ def ratios(argv):
 def staging_ratio(argv):
     rows = table(argv[0])
     line = open(argv[1]).read()
-    h2d = float(line.split("h2d")[1].split()[0])
-    d2h = float(line.split("d2h")[1].split()[0])
+    try:
+        h2d = float(line.split("h2d")[1].split()[0])
+        d2h = float(line.split("d2h")[1].split()[0])
+    except (IndexError, ValueError):
+        print("FAIL staging target (>= 70%): no pinned copy bandwidth measured")
+        return
+    if not rows:
+        print("FAIL staging target (>= 70%): no staging row measured")
+        return
     peer = min(h2d, d2h)
     size = max(rows)
     busbw = rows[size][1]
