@@ -1,0 +1,1037 @@
+//! The connection handshake: the acceptor thread, data hellos and their checks, the stash of
+//! accepted connections, and the connection of a view's peers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use braid_transport::{Challenge, Conn, ConnectHandle, Listener, Transport};
+
+use crate::config::TransportKind;
+use crate::error::{Error, Result};
+use crate::exec::{Exec, Peer, Tripwire};
+use crate::membership::{auth, Client, View};
+
+use super::setup::decode_handles;
+use super::{lock, panic_message};
+
+const HELLO_MAGIC: &[u8; 4] = b"BRDA";
+const HELLO_VERSION: u16 = 2;
+
+/// Starts the thread that accepts data connections on every listener and puts them in the
+/// stash. Every listener first runs [`hello_check`] on each hello (before it commits anything
+/// to the peer); the thread checks the hello's form and job-token MAC, and the stash checks the
+/// rest (view MAC over this connection's challenge, member, pid) as soon as the view of the
+/// hello's epoch is known. Connections that fail are dropped with a log line naming the peer
+/// and the reason.
+pub(super) fn spawn_acceptor(
+    mut listeners: Vec<(Box<dyn Listener>, &'static str)>,
+    stash: Arc<Stash>,
+    stop: Arc<AtomicBool>,
+    token: Option<Vec<u8>>,
+) -> Result<JoinHandle<()>> {
+    for (listener, _) in listeners.iter_mut() {
+        listener.set_hello_check(hello_check(stash.clone()));
+    }
+    std::thread::Builder::new()
+        .name("braid-accept".into())
+        .spawn(move || {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                accept_loop(&mut listeners, &stash, &stop, token.as_deref())
+            }));
+            if let Err(p) = run {
+                // No more connections can arrive: waiters for them fail at once, naming why.
+                let why = format!("the accept thread panicked: {}", panic_message(&*p));
+                tracing::error!(target: "braid::net", "{why}");
+                *lock(&stash.dead) = Some(why);
+                stash.cv.notify_all();
+            }
+        })
+        .map_err(|e| Error::System(format!("spawning the accept thread: {e}")))
+}
+
+/// The accept thread's loop (see [`spawn_acceptor`]), until `stop`.
+fn accept_loop(
+    listeners: &mut [(Box<dyn Listener>, &'static str)],
+    stash: &Stash,
+    stop: &AtomicBool,
+    token: Option<&[u8]>,
+) {
+    let mut scratch = Vec::new();
+    let mut pf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = false;
+        for (listener, name) in listeners.iter_mut() {
+            match listener.accept_challenged() {
+                Ok(Some(a)) => {
+                    got = true;
+                    let t = token;
+                    let parsed = parse_hello(&a.hello, t)
+                        .and_then(|h| check_token(&h, &a.challenge, t).map(|()| h));
+                    match parsed {
+                        Ok(h) => stash.push(Arrived {
+                            conn: a.conn,
+                            hello: h,
+                            challenge: a.challenge,
+                            peer_pid: a.peer_pid,
+                            transport: name,
+                            at: Instant::now(),
+                            verified: false,
+                        }),
+                        Err(why) => {
+                            tracing::warn!(target: "braid::net", "dropping data connection from {}: {why}", a.conn.peer_desc());
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(target: "braid::net", "{name} accept: {e}");
+                }
+            }
+        }
+        if got {
+            continue;
+        }
+        pf.clear();
+        let mut fd_less = false;
+        for (listener, _) in listeners.iter() {
+            match listener.fd() {
+                Some(fd) => pf.push(braid_transport::PollFd {
+                    fd,
+                    read: true,
+                    write: false,
+                }),
+                None => fd_less = true,
+            }
+        }
+        if fd_less || pf.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            let _ = braid_transport::wait_fds(&pf, Duration::from_millis(20), &mut scratch);
+        }
+    }
+}
+
+/// Length of a data hello's fields (magic, version, flags, epoch, rank, member id), which its
+/// MACs cover.
+const HELLO_FIELDS: usize = 32;
+/// Flag of a data hello: a job-token MAC follows the view MAC.
+const HELLO_HAS_TOKEN: u16 = 1;
+/// Domain label of a data hello's view MAC.
+const HELLO_LABEL: &[u8] = b"braid-data";
+/// Domain label of a data hello's job-token MAC.
+const HELLO_TOKEN_LABEL: &[u8] = b"braid-data-token";
+
+fn hello_fields(epoch: u64, rank: usize, member: u64, token: bool) -> [u8; HELLO_FIELDS] {
+    let mut f = [0u8; HELLO_FIELDS];
+    f[0..4].copy_from_slice(HELLO_MAGIC);
+    f[4..6].copy_from_slice(&HELLO_VERSION.to_le_bytes());
+    let flags = if token { HELLO_HAS_TOKEN } else { 0 };
+    f[6..8].copy_from_slice(&flags.to_le_bytes());
+    f[8..16].copy_from_slice(&epoch.to_le_bytes());
+    f[16..24].copy_from_slice(&(rank as u64).to_le_bytes());
+    f[24..32].copy_from_slice(&member.to_le_bytes());
+    f
+}
+
+/// The data-connection hello that answers the acceptor's `challenge`: the fields, then
+/// `HMAC(view_key, "braid-data" | challenge | fields)` with `view_key = auth::view_key(token,
+/// nonce)`, then with a job token `HMAC(token, "braid-data-token" | challenge | fields)`. The
+/// view nonce never crosses the wire; the challenge is fresh per connection, so a captured
+/// hello answers no other connection.
+fn hello_bytes(
+    challenge: &Challenge,
+    nonce: u64,
+    epoch: u64,
+    rank: usize,
+    member: u64,
+    token: Option<&[u8]>,
+) -> Vec<u8> {
+    let f = hello_fields(epoch, rank, member, token.is_some());
+    let key = auth::view_key(token, nonce);
+    let mut h = Vec::with_capacity(HELLO_FIELDS + 2 * auth::MAC_LEN);
+    h.extend_from_slice(&f);
+    h.extend_from_slice(&auth::mac(&key, &[HELLO_LABEL, challenge, &f]));
+    if let Some(t) = token {
+        h.extend_from_slice(&auth::mac(t, &[HELLO_TOKEN_LABEL, challenge, &f]));
+    }
+    h
+}
+
+/// A parsed data-connection hello (its form checked, its MACs not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hello {
+    epoch: u64,
+    rank: usize,
+    member: u64,
+    /// The bytes the MACs cover.
+    fields: [u8; HELLO_FIELDS],
+    /// `HMAC(view_key, "braid-data" | challenge | fields)`.
+    mac: [u8; auth::MAC_LEN],
+    /// With a job token: `HMAC(token, "braid-data-token" | challenge | fields)`.
+    token_mac: Option<[u8; auth::MAC_LEN]>,
+}
+
+/// Parses a data-connection hello: magic, version, length, and whether it carries a job-token
+/// MAC exactly when this rank has a token.
+pub(crate) fn parse_hello(
+    h: &[u8],
+    token: Option<&[u8]>,
+) -> std::result::Result<Hello, &'static str> {
+    if h.len() < HELLO_FIELDS || &h[..4] != HELLO_MAGIC {
+        return Err("not a braid hello");
+    }
+    if u16::from_le_bytes([h[4], h[5]]) != HELLO_VERSION {
+        return Err("another braid hello version");
+    }
+    let has_token = u16::from_le_bytes([h[6], h[7]]) & HELLO_HAS_TOKEN != 0;
+    let want = HELLO_FIELDS + auth::MAC_LEN * if has_token { 2 } else { 1 };
+    if h.len() != want {
+        return Err("malformed braid hello (length)");
+    }
+    match (token.is_some(), has_token) {
+        (false, true) => return Err("the peer authenticates with a job token, this rank has none"),
+        (true, false) => return Err("no job-token MAC"),
+        _ => {}
+    }
+    let u = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let mut fields = [0u8; HELLO_FIELDS];
+    fields.copy_from_slice(&h[..HELLO_FIELDS]);
+    let mut mac = [0u8; auth::MAC_LEN];
+    mac.copy_from_slice(&h[HELLO_FIELDS..HELLO_FIELDS + auth::MAC_LEN]);
+    let token_mac = has_token.then(|| {
+        let mut m = [0u8; auth::MAC_LEN];
+        m.copy_from_slice(&h[HELLO_FIELDS + auth::MAC_LEN..]);
+        m
+    });
+    Ok(Hello {
+        epoch: u(8),
+        rank: usize::try_from(u(16)).unwrap_or(usize::MAX),
+        member: u(24),
+        fields,
+        mac,
+        token_mac,
+    })
+}
+
+/// With a job token: checks the hello's job-token MAC over `challenge` (possible before the
+/// view is known, so strangers without the token are refused at once).
+fn check_token(
+    h: &Hello,
+    challenge: &Challenge,
+    token: Option<&[u8]>,
+) -> std::result::Result<(), &'static str> {
+    match (token, h.token_mac) {
+        (None, _) => Ok(()),
+        (Some(t), Some(m)) => {
+            if auth::verify(t, &[HELLO_TOKEN_LABEL, challenge, &h.fields], &m) {
+                Ok(())
+            } else {
+                Err("wrong job-token MAC")
+            }
+        }
+        (Some(_), None) => Err("no job-token MAC"),
+    }
+}
+
+/// What a rank knows of a view to check data hellos against: its nonce, and (member id, pid)
+/// by rank.
+#[derive(Debug, Clone)]
+struct KnownView {
+    nonce: u64,
+    members: Vec<(u64, u32)>,
+}
+
+impl KnownView {
+    fn of(v: &View) -> KnownView {
+        KnownView {
+            nonce: v.nonce,
+            members: v.members.iter().map(|m| (m.id, m.pid)).collect(),
+        }
+    }
+}
+
+/// The check every listener runs on a hello before it commits anything to the peer (the shm
+/// transport maps a peer's segment only after it): the form, with a job token its token MAC,
+/// and when this rank knows the view of the hello's epoch, the view MAC, the member and (shm) the connecting pid. A
+/// hello for a view this rank does not know yet passes here (no key to check it with without
+/// a token) and is checked when the view is known ([`Stash::learn`]).
+fn hello_check(stash: Arc<Stash>) -> braid_transport::HelloCheck {
+    Box::new(
+        move |challenge: &Challenge, hello: &[u8], pid: Option<u32>| {
+            let token = stash.token.as_deref();
+            let h = match parse_hello(hello, token)
+                .and_then(|h| check_token(&h, challenge, token).map(|()| h))
+            {
+                Ok(h) => h,
+                Err(why) => return Err(format!("refusing a data connection: {why}")),
+            };
+            match stash.known(h.epoch) {
+            Some(v) => stash.check(&h, challenge, pid, &v).map_err(|why| {
+                format!(
+                    "refusing a data connection claiming rank {} of view epoch {} (member {}): {why}",
+                    h.rank, h.epoch, h.member
+                )
+            }),
+            None => Ok(()),
+        }
+        },
+    )
+}
+
+/// An accepted data connection with a well-formed hello, waiting to be claimed by a view
+/// installation. `verified`: its hello was checked against the view of its epoch.
+struct Arrived {
+    conn: Box<dyn Conn>,
+    hello: Hello,
+    challenge: Challenge,
+    peer_pid: Option<u32>,
+    transport: &'static str,
+    at: Instant,
+    verified: bool,
+}
+
+fn refuse(a: &Arrived, why: &str) {
+    tracing::warn!(target: "braid::net", "dropping data connection from {} claiming rank {} of view epoch {} (member {}): {why}",
+        a.conn.peer_desc(), a.hello.rank, a.hello.epoch, a.hello.member);
+}
+
+/// Data connections accepted and not yet claimed. Connections for a view this rank has not
+/// installed yet wait here (a faster peer may connect first); connections of an epoch this
+/// rank already installed, or older than [`STASH_MAX_AGE`], are dropped. With lazy connections
+/// (BRAID_LAZY_CONNECT) the installed view's connections wait here too, until their first use
+/// claims them, however long that takes.
+///
+/// A connection is verified as soon as the view of its epoch is known (at once when it is, or
+/// when [`Stash::learn`] learns it) and dropped if it fails; only verified connections are
+/// claimed. Unverified connections are capped ([`Stash::unverified_cap`]; the oldest goes).
+pub(super) struct Stash {
+    list: Mutex<Vec<Arrived>>,
+    cv: Condvar,
+    /// Connections of epochs below this are stale.
+    floor: std::sync::atomic::AtomicU64,
+    /// The job token, if any.
+    token: Option<Vec<u8>>,
+    /// Views this rank knows, by epoch (at most [`STASH_VIEWS`], none below `floor`).
+    views: Mutex<std::collections::BTreeMap<u64, KnownView>>,
+    /// Size of the largest view known (scales the cap on unverified connections).
+    largest: std::sync::atomic::AtomicUsize,
+    /// View MACs of recent hellos, to name a replay as such.
+    seen: Mutex<VecDeque<[u8; auth::MAC_LEN]>>,
+    /// Set when the accept thread died (a panic): connecting fails with it at once.
+    dead: Mutex<Option<String>>,
+    /// The installed view connects lazily: its connections (epoch `floor`) are kept.
+    lazy: AtomicBool,
+    /// The communicator of this epoch failed (epoch, reason): its connections are aborted
+    /// with the reason as they arrive (the peer fails at once, naming this rank, instead of
+    /// waiting on a connection nobody claims).
+    failed: Mutex<Option<(u64, String)>>,
+}
+
+/// How long an unclaimed connection is kept.
+const STASH_MAX_AGE: Duration = Duration::from_secs(300);
+/// Views kept to check hellos against.
+const STASH_VIEWS: usize = 16;
+/// Hello MACs remembered to recognise a replay.
+const SEEN_MACS: usize = 1024;
+/// Unverified connections kept at least (more for large views: twice the largest view).
+const MIN_UNVERIFIED: usize = 64;
+
+impl Stash {
+    /// A stash for a rank of a group of `world` ranks (scales the cap on unverified
+    /// connections before the first view is known).
+    pub(super) fn new(token: Option<Vec<u8>>, world: usize) -> Stash {
+        Stash {
+            list: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            floor: std::sync::atomic::AtomicU64::new(0),
+            token,
+            views: Mutex::new(std::collections::BTreeMap::new()),
+            largest: std::sync::atomic::AtomicUsize::new(world),
+            seen: Mutex::new(VecDeque::new()),
+            dead: Mutex::new(None),
+            lazy: AtomicBool::new(false),
+            failed: Mutex::new(None),
+        }
+    }
+
+    /// The view of `epoch`, if this rank knows it.
+    fn known(&self, epoch: u64) -> Option<KnownView> {
+        lock(&self.views).get(&epoch).cloned()
+    }
+
+    /// Checks a hello against the challenge it answered and the view of its epoch: the rank
+    /// belongs to the member it names, the view MAC (key `auth::view_key(token, nonce)`), and
+    /// the connecting process's pid where the transport knows it (0: not visible from this pid
+    /// namespace).
+    fn check(
+        &self,
+        h: &Hello,
+        challenge: &Challenge,
+        peer_pid: Option<u32>,
+        v: &KnownView,
+    ) -> std::result::Result<(), String> {
+        let Some(&(id, pid)) = v.members.get(h.rank) else {
+            return Err(format!(
+                "not a member of this view (it has {} ranks)",
+                v.members.len()
+            ));
+        };
+        if id != h.member {
+            return Err(format!(
+                "not a member of this view (rank {} is member {id})",
+                h.rank
+            ));
+        }
+        let key = auth::view_key(self.token.as_deref(), v.nonce);
+        if !auth::verify(&key, &[HELLO_LABEL, challenge, &h.fields], &h.mac) {
+            return Err(if lock(&self.seen).contains(&h.mac) {
+                "replayed (the hello answers another connection's challenge)".into()
+            } else {
+                "wrong MAC".into()
+            });
+        }
+        if let Some(p) = peer_pid {
+            if p != 0 && p != pid {
+                return Err(format!(
+                    "the connecting process is pid {p}, member {id} is pid {pid}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Most unverified connections kept at once.
+    fn unverified_cap(&self) -> usize {
+        MIN_UNVERIFIED.max(2 * self.largest.load(Ordering::Relaxed))
+    }
+
+    fn push(&self, mut a: Arrived) {
+        let mut l = lock(&self.list);
+        let floor = self.floor.load(Ordering::SeqCst);
+        let lazy = self.lazy.load(Ordering::SeqCst);
+        l.retain(|x| {
+            x.hello.epoch >= floor
+                && (x.at.elapsed() < STASH_MAX_AGE
+                    || (lazy && x.verified && x.hello.epoch == floor))
+        });
+        if a.hello.epoch < floor {
+            tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", a.hello.epoch, a.conn.peer_desc());
+            return;
+        }
+        if let Some(v) = self.known(a.hello.epoch) {
+            if let Err(why) = self.check(&a.hello, &a.challenge, a.peer_pid, &v) {
+                refuse(&a, &why);
+                return;
+            }
+            self.remember(&a.hello.mac);
+            a.verified = true;
+            if let Some((e, why)) = lock(&self.failed).as_ref() {
+                if *e == a.hello.epoch {
+                    a.conn.abort(why);
+                    return;
+                }
+            }
+        } else {
+            let cap = self.unverified_cap();
+            let n = l.iter().filter(|x| !x.verified).count();
+            if n >= cap {
+                if let Some(i) = l.iter().position(|x| !x.verified) {
+                    let old = l.remove(i);
+                    refuse(&old, &format!("{n} connections for views this rank does not know yet wait (at most {cap}); dropping the oldest"));
+                }
+            }
+        }
+        l.push(a);
+        drop(l);
+        self.cv.notify_all();
+    }
+
+    /// Remembers the view MAC of a hello that verified, so that a copy of it on another
+    /// connection is named a replay. Only verified hellos: a forged one is never "seen".
+    fn remember(&self, mac: &[u8; auth::MAC_LEN]) {
+        let mut seen = lock(&self.seen);
+        if seen.len() >= SEEN_MACS {
+            seen.pop_front();
+        }
+        seen.push_back(*mac);
+    }
+
+    /// Learns a view (announced or being installed): hellos of its epoch are checked from now
+    /// on as they arrive, and those waiting are checked now (failures dropped).
+    pub(super) fn learn(&self, view: &View) {
+        if view.epoch < self.floor.load(Ordering::SeqCst) {
+            return;
+        }
+        let kv = KnownView::of(view);
+        {
+            let mut vs = lock(&self.views);
+            if vs.contains_key(&view.epoch) {
+                return;
+            }
+            vs.insert(view.epoch, kv.clone());
+            while vs.len() > STASH_VIEWS {
+                vs.pop_first();
+            }
+        }
+        self.largest
+            .fetch_max(view.members.len(), Ordering::Relaxed);
+        let mut l = lock(&self.list);
+        l.retain_mut(|a| {
+            if a.verified || a.hello.epoch != view.epoch {
+                return true;
+            }
+            match self.check(&a.hello, &a.challenge, a.peer_pid, &kv) {
+                Ok(()) => {
+                    self.remember(&a.hello.mac);
+                    a.verified = true;
+                    true
+                }
+                Err(why) => {
+                    refuse(a, &why);
+                    false
+                }
+            }
+        });
+        drop(l);
+        self.cv.notify_all();
+    }
+
+    /// Marks epochs up to `epoch` installed (their connections are stale now).
+    /// The communicator of view `epoch` failed: its connections waiting here, and those that
+    /// arrive later, are aborted with `reason`.
+    pub(super) fn fail(&self, epoch: u64, reason: &str) {
+        *lock(&self.failed) = Some((epoch, reason.to_string()));
+        lock(&self.list).retain_mut(|a| {
+            if a.verified && a.hello.epoch == epoch {
+                a.conn.abort(reason);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// With `lazy`, the connections of `epoch` itself are kept (and still accepted) for their
+    /// first use.
+    pub(super) fn installed(&self, epoch: u64, lazy: bool) {
+        let floor = if lazy { epoch } else { epoch + 1 };
+        self.lazy.store(lazy, Ordering::SeqCst);
+        self.floor.store(floor, Ordering::SeqCst);
+        lock(&self.list).retain(|x| x.hello.epoch >= floor);
+        lock(&self.views).retain(|e, _| *e >= floor);
+    }
+}
+
+/// The peers (indexed by rank) and the transport name used for each, by rank.
+type Connected = (Vec<Option<Peer>>, Vec<(usize, &'static str)>);
+
+/// Checks, with BRAID_TRANSPORT=shm, that every rank of `view` is on this rank's host: every
+/// rank checks every pair, so all fail at once instead of waiting for a connect.
+pub(super) fn check_shm_hosts(kind: TransportKind, view: &View, rank: usize) -> Result<()> {
+    if kind != TransportKind::Shm {
+        return Ok(());
+    }
+    let me = &view.members[rank];
+    for (j, m) in view.members.iter().enumerate() {
+        if m.host_id != me.host_id {
+            return Err(Error::InvalidArgument(format!(
+                "BRAID_TRANSPORT=shm, but rank {j} is on host {} (host id {}) and rank {rank} on host {} (host id {}): shared memory works only within one host (use auto or tcp)",
+                m.hostname, m.host_id, me.hostname, me.host_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The transport this rank connects to rank `j` over, and `j`'s handle for it: the first of
+/// `transports` that `j` also listens on (shm only when the host ids are equal).
+fn pick<'t>(
+    transports: &'t [Arc<dyn Transport>],
+    view: &View,
+    rank: usize,
+    j: usize,
+) -> Result<(&'t Arc<dyn Transport>, ConnectHandle)> {
+    let (me, m) = (&view.members[rank], &view.members[j]);
+    let hs = decode_handles(&m.handle)
+        .map_err(|e| Error::Coordinator(format!("rank {j}'s connect handle: {e}")))?;
+    let same_host = m.host_id == me.host_id;
+    let pick = transports.iter().find_map(|t| {
+        if t.name() == "shm" && !same_host {
+            return None;
+        }
+        hs.iter()
+            .find(|h| h.transport == t.name())
+            .map(|h| (t, h.clone()))
+    });
+    pick.ok_or_else(|| {
+        let theirs: Vec<&str> = hs.iter().map(|h| h.transport.as_str()).collect();
+        let mine: Vec<&str> = transports.iter().map(|t| t.name()).collect();
+        Error::InvalidArgument(format!(
+            "no transport in common with rank {j} on host {} (this rank offers {}, it offers {}; same host: {same_host}); set the same BRAID_TRANSPORT on all ranks",
+            m.hostname,
+            mine.join(","),
+            theirs.join(",")
+        ))
+    })
+}
+
+/// The transport each peer is reached over, by rank (without this rank), known before any
+/// connection: to a higher rank the one this rank picks ([`pick`]); from a lower rank the one
+/// that rank picks (the first of its handles, in its order of preference, that this rank
+/// also listens on). A peer without one is left out (connecting to it fails, naming it).
+pub(super) fn planned_transports(
+    transports: &[Arc<dyn Transport>],
+    view: &View,
+    rank: usize,
+) -> Vec<(usize, &'static str)> {
+    let me = &view.members[rank];
+    let mut out = Vec::with_capacity(view.members.len().saturating_sub(1));
+    for (j, m) in view.members.iter().enumerate() {
+        let name = if j > rank {
+            pick(transports, view, rank, j).ok().map(|(t, _)| t.name())
+        } else if j < rank {
+            let same_host = m.host_id == me.host_id;
+            decode_handles(&m.handle).ok().and_then(|hs| {
+                hs.iter().find_map(|h| {
+                    transports
+                        .iter()
+                        .find(|t| t.name() == h.transport && (same_host || t.name() != "shm"))
+                        .map(|t| t.name())
+                })
+            })
+        } else {
+            None
+        };
+        if let Some(n) = name {
+            out.push((j, n));
+        }
+    }
+    out
+}
+
+/// Connects this rank to rank `j` of `view` (the lower rank of a pair connects). While `j`
+/// refuses, `give_up` is asked between attempts: `Some(e)` stops with `e`. Errors name the
+/// peer: `PeerLost` (rank, member, host) when it cannot be reached by `deadline`;
+/// `InvalidArgument` when it offers no transport this rank has.
+#[allow(clippy::too_many_arguments)]
+fn dial(
+    transports: &[Arc<dyn Transport>],
+    view: &View,
+    rank: usize,
+    member: u64,
+    token: Option<&[u8]>,
+    j: usize,
+    deadline: Instant,
+    give_up: &dyn Fn() -> Option<Error>,
+) -> Result<(Peer, &'static str)> {
+    let m = &view.members[j];
+    let (transport, h) = pick(transports, view, rank, j)?;
+    tracing::debug!(target: "braid::init", "rank {rank} -> rank {j}: {}", transport.name());
+    let hello = |c: &Challenge| hello_bytes(c, view.nonce, view.epoch, rank, member, token);
+    let conn = transport
+        .connect_or_give_up(&h, &hello, deadline, &|| give_up().is_some())
+        .map_err(|e| {
+            give_up().unwrap_or_else(|| Error::PeerLost {
+                rank: j,
+                member: m.id,
+                host: m.hostname.clone(),
+                detail: format!("connecting: {e}"),
+            })
+        })?;
+    Ok((
+        Peer {
+            conn,
+            rank: j,
+            member: m.id,
+            host: m.hostname.clone(),
+        },
+        transport.name(),
+    ))
+}
+
+/// Connects to every peer: to higher ranks over the first transport of `transports` that the
+/// peer also listens on (shm only when the host ids are equal), and accepts from lower ranks.
+/// Returns the peers and the transport name used for each.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn connect_peers(
+    transports: &[Arc<dyn Transport>],
+    kind: TransportKind,
+    view: &View,
+    rank: usize,
+    member: u64,
+    stash: &Stash,
+    token: Option<&[u8]>,
+    deadline: Instant,
+    abort: &AtomicBool,
+    superseded: &dyn Fn() -> bool,
+) -> Result<Connected> {
+    let size = view.members.len();
+    let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+    let mut names: Vec<Option<&'static str>> = vec![None; size];
+    // Connections of this view that arrived before are checked now; later ones on arrival.
+    stash.learn(view);
+    check_shm_hosts(kind, view, rank)?;
+    // Connect to every higher rank; accept from every lower one.
+    for j in rank + 1..size {
+        // A peer of a stale view may be dead (its listener refuses): stop retrying once a
+        // newer view is announced, as the accept loop below does, instead of at the deadline.
+        let give_up = || {
+            if abort.load(Ordering::Relaxed) {
+                Some(Error::Aborted)
+            } else if superseded() {
+                Some(Error::Coordinator(format!(
+                    "view epoch {} was superseded while connecting to rank {j}",
+                    view.epoch
+                )))
+            } else {
+                None
+            }
+        };
+        let (peer, name) = dial(transports, view, rank, member, token, j, deadline, &give_up)?;
+        names[j] = Some(name);
+        peers[j] = Some(peer);
+    }
+    let mut missing = rank;
+    let mut list = lock(&stash.list);
+    while missing > 0 {
+        // Claim the verified connections of this view; keep those of later epochs. Only a
+        // connection whose hello verified (view MAC over its own challenge, member, pid) takes
+        // a rank, so a forged one that arrived first cannot.
+        let mut i = 0;
+        while i < list.len() {
+            let h = list[i].hello;
+            if h.epoch > view.epoch {
+                i += 1;
+                continue;
+            }
+            let a = list.swap_remove(i);
+            if h.epoch < view.epoch {
+                tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", h.epoch, a.conn.peer_desc());
+                continue;
+            }
+            if !a.verified {
+                // learn() checked the connections of this view and push() checks later ones:
+                // this is only a second line of defence.
+                if let Err(why) =
+                    stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view))
+                {
+                    refuse(&a, &why);
+                    continue;
+                }
+                stash.remember(&a.hello.mac);
+            }
+            let r = h.rank;
+            if r >= rank {
+                refuse(
+                    &a,
+                    &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
+                );
+                continue;
+            }
+            if peers[r].is_some() {
+                refuse(&a, &format!("rank {r} is connected already"));
+                continue;
+            }
+            peers[r] = Some(Peer {
+                conn: a.conn,
+                rank: r,
+                member: view.members[r].id,
+                host: view.members[r].hostname.clone(),
+            });
+            names[r] = Some(a.transport);
+            missing -= 1;
+        }
+        if missing == 0 {
+            break;
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted);
+        }
+        if let Some(why) = lock(&stash.dead).clone() {
+            return Err(Error::Internal(format!("rank {rank}: {why}")));
+        }
+        if superseded() {
+            return Err(Error::Coordinator(format!(
+                "view epoch {} was superseded while connecting",
+                view.epoch
+            )));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let who: Vec<String> = (0..rank)
+                .filter(|r| peers[*r].is_none())
+                .map(|r| format!("rank {r} ({})", view.members[r].hostname))
+                .collect();
+            return Err(Error::Timeout {
+                what: format!(
+                    "waiting for connections from {} (view epoch {})",
+                    who.join(", "),
+                    view.epoch
+                ),
+                secs: 0.0,
+            });
+        }
+        list = stash
+            .cv
+            .wait_timeout(list, left.min(Duration::from_millis(50)))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+    drop(list);
+    let used = names
+        .iter()
+        .enumerate()
+        .filter_map(|(r, n)| n.map(|n| (r, n)))
+        .collect();
+    Ok((peers, used))
+}
+
+/// Lazy connections (BRAID_LAZY_CONNECT=1): what connecting a peer at its first use needs.
+/// The lower rank of a pair connects; the higher one claims the accepted connection from the
+/// stash.
+pub(super) struct Dialer {
+    /// The transports this rank listens on, in order of preference.
+    pub(super) transports: Vec<Arc<dyn Transport>>,
+    /// Accepted connections (those of the installed view wait here for their first use).
+    pub(super) stash: Arc<Stash>,
+    /// Job token for data-connection hellos.
+    pub(super) token: Option<Vec<u8>>,
+    /// The membership client (shared with the communicator): a newer view or an expulsion
+    /// stops retrying a peer whose listener refuses.
+    pub(super) client: Arc<Mutex<Option<Client>>>,
+    /// The failure of this view's communicator was told ([`Dialer::tell_failure`]).
+    pub(super) told: AtomicBool,
+}
+
+/// Why waiting on `peer` should stop: the membership dropped it for a failure (`PeerLost`),
+/// or this member lost the coordinator.
+fn tripped(trip: &Tripwire, view: &View, peer: usize) -> Option<Error> {
+    if !trip.set.load(Ordering::Relaxed) {
+        return None;
+    }
+    let m = &view.members[peer];
+    let dropped = trip.dropped.lock().map(|d| d.clone()).unwrap_or_default();
+    if let Some((_, why)) = dropped.iter().find(|(id, _)| *id == m.id) {
+        return Some(Error::PeerLost {
+            rank: peer,
+            member: m.id,
+            host: m.hostname.clone(),
+            detail: format!("removed from the group by the coordinator: {why}"),
+        });
+    }
+    let iso = trip.isolated.lock().ok().and_then(|g| g.clone());
+    iso.map(Error::Coordinator)
+}
+
+/// How long telling one peer of a failure may take ([`Dialer::tell_failure`]).
+const TELL_DEADLINE: Duration = Duration::from_secs(2);
+
+impl Dialer {
+    /// The communicator of `view` failed with `reason` (sticky error or abort): tells the peers
+    /// that have no connection with this rank yet, once. Connections that arrive from lower
+    /// ranks are aborted with the reason ([`Stash::fail`]); the higher ranks not connected yet
+    /// (they may be waiting for this rank's connection) are connected to and aborted by a
+    /// short-lived thread, at most [`TELL_DEADLINE`] each, best effort. Never blocks.
+    pub(super) fn tell_failure(
+        &self,
+        view: &View,
+        rank: usize,
+        member: u64,
+        peers: &[Option<Peer>],
+        reason: &str,
+    ) {
+        if self.told.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stash.fail(view.epoch, reason);
+        let higher: Vec<usize> = (rank + 1..peers.len())
+            .filter(|&j| peers[j].is_none())
+            .collect();
+        if higher.is_empty() {
+            return;
+        }
+        let (transports, token) = (self.transports.clone(), self.token.clone());
+        let (view, reason) = (view.clone(), reason.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("braid-tell".into())
+            .spawn(move || {
+                for j in higher {
+                    let deadline = Instant::now() + TELL_DEADLINE;
+                    let t = token.as_deref();
+                    match dial(&transports, &view, rank, member, t, j, deadline, &|| None) {
+                        Ok((mut p, _)) => p.conn.abort(&reason),
+                        Err(e) => {
+                            tracing::debug!(target: "braid::net", "rank {rank}: telling rank {j} of the failure: {e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(target: "braid::net", "rank {rank}: spawning the thread that tells peers of the failure: {e}");
+        }
+    }
+
+    /// Whether a newer view was announced or this member was expelled (without blocking: a
+    /// client lock held elsewhere counts as no news).
+    fn superseded(&self, epoch: u64) -> bool {
+        match self.client.try_lock() {
+            Ok(g) => g
+                .as_ref()
+                .is_some_and(|c| c.announced_epoch() > epoch || c.expelled().is_some()),
+            Err(_) => false,
+        }
+    }
+
+    /// Connects the peers of `need` that are not connected yet: first the higher ranks (this
+    /// rank connects to them), then the lower ones (waits for their connections: they connect
+    /// at their first use of this rank). Every wait ends by `now + exec.timeout`
+    /// (BRAID_TIMEOUT) and watches the abort flag, the accept thread and the membership's
+    /// tripwire. Errors name the peer: `PeerLost` (cannot connect, or dropped by the
+    /// membership), `InvalidArgument` (no transport in common), `Timeout` (no connection from
+    /// a lower rank in time); `Aborted`; `Coordinator` (isolated, or the view superseded while
+    /// a peer refused).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn ensure(
+        &self,
+        view: &View,
+        rank: usize,
+        member: u64,
+        peers: &mut [Option<Peer>],
+        exec: &Exec,
+        need: &mut Vec<usize>,
+    ) -> Result<()> {
+        need.retain(|&p| p != rank && p < peers.len() && peers[p].is_none());
+        if need.is_empty() {
+            return Ok(());
+        }
+        need.sort_unstable();
+        need.dedup();
+        let deadline = Instant::now() + exec.timeout;
+        let abort = &exec.abort;
+        let trip = &exec.trip;
+        for &j in need.iter().filter(|&&j| j > rank) {
+            // A peer that refuses may be dead: stop retrying once this member aborts, the
+            // membership drops the peer, or a newer view is announced.
+            let give_up = || {
+                if abort.load(Ordering::Relaxed) {
+                    Some(Error::Aborted)
+                } else if let Some(e) = tripped(trip, view, j) {
+                    Some(e)
+                } else if self.superseded(view.epoch) {
+                    Some(Error::Coordinator(format!(
+                        "view epoch {} was superseded while connecting to rank {j}",
+                        view.epoch
+                    )))
+                } else {
+                    None
+                }
+            };
+            let token = self.token.as_deref();
+            let (peer, name) = dial(
+                &self.transports,
+                view,
+                rank,
+                member,
+                token,
+                j,
+                deadline,
+                &give_up,
+            )?;
+            tracing::debug!(target: "braid::net", "rank {rank}: connected to rank {j} over {name} at first use");
+            peers[j] = Some(peer);
+        }
+        let mut missing: Vec<usize> = need.iter().copied().filter(|&j| j < rank).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let stash = &self.stash;
+        let mut list = lock(&stash.list);
+        loop {
+            // Claim the verified connections of this view from the ranks awaited; refuse
+            // those from ranks that do not connect to this one; keep the rest (later uses,
+            // later views).
+            let mut i = 0;
+            while i < list.len() {
+                let h = list[i].hello;
+                if h.epoch != view.epoch || (h.rank < rank && !missing.contains(&h.rank)) {
+                    i += 1;
+                    continue;
+                }
+                let a = list.swap_remove(i);
+                if !a.verified {
+                    // learn() checked the connections of this view and push() checks later
+                    // ones: this is only a second line of defence.
+                    if let Err(why) =
+                        stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view))
+                    {
+                        refuse(&a, &why);
+                        continue;
+                    }
+                    stash.remember(&a.hello.mac);
+                }
+                let r = h.rank;
+                if r >= rank {
+                    refuse(
+                        &a,
+                        &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
+                    );
+                    continue;
+                }
+                if peers[r].is_some() {
+                    refuse(&a, &format!("rank {r} is connected already"));
+                    continue;
+                }
+                tracing::debug!(target: "braid::net", "rank {rank}: connection from rank {r} over {} claimed at first use", a.transport);
+                peers[r] = Some(Peer {
+                    conn: a.conn,
+                    rank: r,
+                    member: view.members[r].id,
+                    host: view.members[r].hostname.clone(),
+                });
+                missing.retain(|&x| x != r);
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if abort.load(Ordering::Relaxed) {
+                return Err(Error::Aborted);
+            }
+            if let Some(why) = lock(&stash.dead).clone() {
+                return Err(Error::Internal(format!("rank {rank}: {why}")));
+            }
+            if let Some(e) = missing.iter().find_map(|&r| tripped(trip, view, r)) {
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let who: Vec<String> = missing
+                    .iter()
+                    .map(|&r| format!("rank {r} ({})", view.members[r].hostname))
+                    .collect();
+                return Err(Error::Timeout {
+                    what: format!(
+                        "rank {rank}: waiting for the connection from {} (view epoch {}; the lower rank of a pair connects at its first use of the other, BRAID_LAZY_CONNECT=1)",
+                        who.join(", "),
+                        view.epoch
+                    ),
+                    secs: exec.timeout.as_secs_f64(),
+                });
+            }
+            list = stash
+                .cv
+                .wait_timeout(list, left.min(Duration::from_millis(50)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod data_hello_tests;
