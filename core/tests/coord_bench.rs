@@ -119,7 +119,8 @@ fn small_bench_prints_sane_summary() {
     assert!(out.contains("join storm of 200:"), "{out}");
     assert!(out.contains("size 403"), "{out}");
     assert!(out.contains("steady heartbeats over"), "{out}");
-    assert!(out.contains("braid-coord-con"), "{out}");
+    // Registered members are served by the event loop (no thread per connection).
+    assert!(out.contains("braid-coord-loo"), "{out}");
     // 200 members, one heartbeat a second each.
     let hb: f64 = out
         .lines()
@@ -145,4 +146,19 @@ fn bad_arguments_are_refused() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn state_machine_bench_prints_its_summary() {
+    let (ok, out, err) = bench(&["--state-machine", "100000"]);
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.starts_with("state_machine members=100000 "), "{out}");
+    for key in ["join_decision_ms", "failure_decision_ms"] {
+        let v = field(last, key);
+        assert!(v.is_finite() && v > 0.0, "{key} in {out}");
+    }
+    eprintln!("{out}");
+    let (ok, _, err) = bench(&["--state-machine", "0"]);
+    assert!(!ok && err.contains("not in 1.."), "{err}");
 }

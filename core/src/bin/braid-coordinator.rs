@@ -17,6 +17,7 @@ usage: braid-coordinator [--bind HOST:PORT] [--state FILE]
        braid-coordinator status HOST:PORT [--json]
        braid-coordinator bench --members N [--procs P] [--rounds R] [--window-ms MS]
                                [--storm K] [--steady-s S] [--timeout-s S]
+       braid-coordinator bench --state-machine N
 
 Runs the braid membership service (rendezvous of ranks, elastic views, heartbeats) until
 SIGINT or SIGTERM. Ranks find it through BRAID_COORDINATOR=HOST:PORT.
@@ -39,6 +40,10 @@ R single joins (default 5), S seconds of steady heartbeats (default 5; the coord
 process's CPU), a storm of K joiners in one batching window (default 1000; MS default 500).
 It prints its tables, then one line
 `members=N join_view_ms=X storm_1000_ms=Y heartbeat_cpu_pct=Z` (nan: not measured).
+`bench --state-machine N` times the membership state machine alone (no sockets, no disk) with
+one elastic group of N members: a heartbeat, an acknowledgement, one join decision and one
+failure decision; it ends with one line
+`state_machine members=N join_decision_ms=X failure_decision_ms=Y`.
 
 BRAID_JOB_TOKEN: when set, clients must prove the token (HMAC-SHA256 challenge-response; the
 token never crosses the wire); `status` uses it too. Without it, listening on an address other
@@ -205,6 +210,25 @@ fn status(args: &[String]) -> ExitCode {
 fn bench(args: &[String]) -> ExitCode {
     let filter = braid::config::var("BRAID_LOG").unwrap_or_else(|| "warn".into());
     braid::config::init_logging(&filter);
+    if args.first().map(String::as_str) == Some("--state-machine") {
+        let n = match args.get(1).map(|v| v.parse::<usize>()) {
+            Some(Ok(n)) if args.len() == 2 => n,
+            _ => {
+                eprintln!("braid-coordinator bench: --state-machine needs one count\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        };
+        return match braid::membership::bench::state_machine_bench(n) {
+            Ok(r) => {
+                let _ = writeln!(std::io::stdout().lock(), "{r}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("braid-coordinator bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let parsed = (|| -> Result<BenchOptions, String> {
         let mut members = None;
         let mut o = BenchOptions::new(1);

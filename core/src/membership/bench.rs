@@ -1843,6 +1843,17 @@ fn run_storm(c: &mut Children, opts: &BenchOptions, epoch: u64, size: usize) -> 
     })
 }
 
+/// `braid-coordinator bench --state-machine N`: the coordinator's membership state machine
+/// alone (no sockets, no disk) with one elastic group of `n` members: the cost of a heartbeat
+/// and an acknowledgement, and of one join decision and one failure decision (each publishes
+/// the next view). The report ends with one line
+/// `state_machine members=N join_decision_ms=X failure_decision_ms=Y`.
+///
+/// Errors: as the state machine's (an `n` out of range, or a decision that did not publish).
+pub fn state_machine_bench(n: usize) -> Result<String> {
+    super::coordinator::state_machine_bench(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,6 +65,7 @@
 pub(crate) mod auth;
 pub mod bench;
 mod client;
+mod coord_loop;
 mod coordinator;
 pub mod pipeline;
 mod proto;

@@ -1576,3 +1576,97 @@ fn a_slow_stage_gets_a_lower_weight_in_a_reweigh_view() {
     assert_eq!(st["groups"][0]["members"][1]["weight"], w[1], "{st}");
     drop(outs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The event loop (issue 18): a member that stops reading delays no one.
+
+#[test]
+fn a_member_that_stops_reading_delays_no_one_and_is_dropped() {
+    let c = Coordinator::bind_with(
+        "127.0.0.1:0",
+        CoordinatorOptions {
+            max_queued: 1 << 20,
+            ..CoordinatorOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = c.local_addr().to_string();
+    let opts = ClientOptions {
+        token: None,
+        heartbeat: Duration::from_millis(200),
+        silence: Duration::ZERO,
+    };
+    // Large handles: every whole view is 128 KiB (hex) per member, so a member that reads
+    // nothing fills its socket buffers within a few views.
+    let big = |hb_ms: u64| {
+        let mut r = elastic_reg("stuck", 2, hb_ms);
+        r.handle = vec![0xab; 64 << 10];
+        r
+    };
+    // The stuck member registers first (so it comes first in every publication), acknowledges
+    // every epoch to come at once, and never reads again.
+    let (mut stuck, stuck_id) = raw_register(&addr, &big(0));
+    stuck
+        .write_all(&proto::encode(MsgType::Ack, &proto::Ack { epoch: 1 << 40 }).unwrap())
+        .unwrap();
+    let spawn = |addr: &str| {
+        let (addr, opts, r) = (addr.to_string(), opts.clone(), big(5000));
+        thread::spawn(move || {
+            let r = rendezvous_with(&addr, &r, &opts, secs(30.0), &AtomicBool::new(false)).unwrap();
+            r.0.installed(r.2.epoch);
+            r
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let follow = |client: Client| {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let top = client.announced_epoch();
+                if top > client.installed_epoch() {
+                    client.installed(top);
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            client
+        })
+    };
+    let mut followers = vec![follow(spawn(&addr).join().unwrap().0)];
+    // Joiners one at a time: each is admitted (its view published to everyone) promptly,
+    // although the stuck member's socket is full (a blocking write would wait 5 s for it).
+    let mut slowest = Duration::ZERO;
+    let mut dropped_at = None;
+    for j in 0..14 {
+        let t = Instant::now();
+        let (client, _, view) = spawn(&addr).join().unwrap();
+        let took = t.elapsed();
+        slowest = slowest.max(took);
+        assert!(
+            took < Duration::from_secs(4),
+            "joiner {j} took {took:?} (view epoch {})",
+            view.epoch
+        );
+        if dropped_at.is_none() && view.rank_of(stuck_id).is_none() {
+            dropped_at = Some(j);
+        }
+        followers.push(follow(client));
+    }
+    eprintln!("slowest join {slowest:?}; stuck member out of the view from joiner {dropped_at:?}");
+    // The stuck member was dropped as a failure once its queue passed the bound.
+    wait_until("the stuck member's removal", || {
+        c.status()["groups"][0]["history"]
+            .as_array()
+            .is_some_and(|h| {
+                h.iter().any(|e| {
+                    e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&format!("failure of {stuck_id}")))
+                })
+            })
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for f in followers {
+        let _ = f.join().unwrap();
+    }
+    drop(stuck);
+}
