@@ -297,6 +297,49 @@ struct Arrived {
     verified: bool,
 }
 
+/// Takes an accepted connection of `view` as rank `rank`'s connection to the lower rank that
+/// sent it: checks it (the view MAC for one not verified on arrival), refuses it (and returns
+/// None) when it does not come from a lower rank or that rank is connected already, else puts
+/// the peer in `peers` and returns its rank and the transport's name. Shared by eager set-up
+/// and lazy first use.
+fn claim(
+    stash: &Stash,
+    view: &View,
+    rank: usize,
+    peers: &mut [Option<Peer>],
+    a: Arrived,
+) -> Option<(usize, &'static str)> {
+    if !a.verified {
+        // learn() checked the connections of this view and push() checks later ones: this is
+        // only a second line of defence.
+        if let Err(why) = stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view)) {
+            refuse(&a, &why);
+            return None;
+        }
+        stash.remember(&a.hello.mac);
+    }
+    let r = a.hello.rank;
+    if r >= rank {
+        refuse(
+            &a,
+            &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
+        );
+        return None;
+    }
+    if peers[r].is_some() {
+        refuse(&a, &format!("rank {r} is connected already"));
+        return None;
+    }
+    let transport = a.transport;
+    peers[r] = Some(Peer {
+        conn: a.conn,
+        rank: r,
+        member: view.members[r].id,
+        host: view.members[r].hostname.clone(),
+    });
+    Some((r, transport))
+}
+
 fn refuse(a: &Arrived, why: &str) {
     tracing::warn!(target: "braid::net", "dropping data connection from {} claiming rank {} of view epoch {} (member {}): {why}",
         a.conn.peer_desc(), a.hello.rank, a.hello.epoch, a.hello.member);
@@ -716,36 +759,10 @@ pub(super) fn connect_peers(
                 tracing::debug!(target: "braid::net", "dropping a data connection of old epoch {} from {}", h.epoch, a.conn.peer_desc());
                 continue;
             }
-            if !a.verified {
-                // learn() checked the connections of this view and push() checks later ones:
-                // this is only a second line of defence.
-                if let Err(why) =
-                    stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view))
-                {
-                    refuse(&a, &why);
-                    continue;
-                }
-                stash.remember(&a.hello.mac);
-            }
-            let r = h.rank;
-            if r >= rank {
-                refuse(
-                    &a,
-                    &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
-                );
+            let Some((r, transport)) = claim(stash, view, rank, &mut peers, a) else {
                 continue;
-            }
-            if peers[r].is_some() {
-                refuse(&a, &format!("rank {r} is connected already"));
-                continue;
-            }
-            peers[r] = Some(Peer {
-                conn: a.conn,
-                rank: r,
-                member: view.members[r].id,
-                host: view.members[r].hostname.clone(),
-            });
-            names[r] = Some(a.transport);
+            };
+            names[r] = Some(transport);
             missing -= 1;
         }
         if missing == 0 {
@@ -965,36 +982,10 @@ impl Dialer {
                     continue;
                 }
                 let a = list.swap_remove(i);
-                if !a.verified {
-                    // learn() checked the connections of this view and push() checks later
-                    // ones: this is only a second line of defence.
-                    if let Err(why) =
-                        stash.check(&a.hello, &a.challenge, a.peer_pid, &KnownView::of(view))
-                    {
-                        refuse(&a, &why);
-                        continue;
-                    }
-                    stash.remember(&a.hello.mac);
-                }
-                let r = h.rank;
-                if r >= rank {
-                    refuse(
-                        &a,
-                        &format!("rank {r} does not connect to rank {rank} (lower ranks do)"),
-                    );
+                let Some((r, transport)) = claim(stash, view, rank, peers, a) else {
                     continue;
-                }
-                if peers[r].is_some() {
-                    refuse(&a, &format!("rank {r} is connected already"));
-                    continue;
-                }
-                tracing::debug!(target: "braid::net", "rank {rank}: connection from rank {r} over {} claimed at first use", a.transport);
-                peers[r] = Some(Peer {
-                    conn: a.conn,
-                    rank: r,
-                    member: view.members[r].id,
-                    host: view.members[r].hostname.clone(),
-                });
+                };
+                tracing::debug!(target: "braid::net", "rank {rank}: connection from rank {r} over {transport} claimed at first use");
                 missing.retain(|&x| x != r);
             }
             if missing.is_empty() {

@@ -680,6 +680,27 @@ struct Shared {
     written_gen: Mutex<u64>,
 }
 
+impl Shared {
+    /// The coordinator's shared state around `state` (as loaded: its next id is durable).
+    fn new(opts: CoordinatorOptions, state: State, poller: Poller) -> Shared {
+        let durable = state.next_id;
+        Shared {
+            opts,
+            state: Mutex::new(state),
+            stop: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeSet::new()),
+            tally: Mutex::new(BTreeMap::new()),
+            poller,
+            inbox: Mutex::new(Vec::new()),
+            work: Mutex::new(Work::default()),
+            work_cv: Condvar::new(),
+            durable_high: AtomicU64::new(durable),
+            written_gen: Mutex::new(0),
+        }
+    }
+}
+
 /// What the persister thread has to do.
 #[derive(Default)]
 struct Work {
@@ -780,21 +801,7 @@ impl Coordinator {
         let state = load_state(&opts)?;
         let poller = Poller::new()
             .map_err(|e| Error::System(format!("coordinator event loop (epoll): {e}")))?;
-        let durable = state.next_id;
-        let shared = Arc::new(Shared {
-            opts,
-            state: Mutex::new(state),
-            stop: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
-            pending: Mutex::new(BTreeSet::new()),
-            tally: Mutex::new(BTreeMap::new()),
-            poller,
-            inbox: Mutex::new(Vec::new()),
-            work: Mutex::new(Work::default()),
-            work_cv: Condvar::new(),
-            durable_high: AtomicU64::new(durable),
-            written_gen: Mutex::new(0),
-        });
+        let shared = Arc::new(Shared::new(opts, state, poller));
         if shared.opts.state_file.is_some() {
             // Ids for the first registrations, persisted before anyone asks.
             let mut st = lock(&shared.state);
@@ -3248,25 +3255,15 @@ pub(crate) fn state_machine_bench(n: usize) -> Result<String> {
     }
     let name = "sm";
     let poller = Poller::new().map_err(|e| Error::System(format!("epoll: {e}")))?;
-    let sh = Shared {
-        opts: CoordinatorOptions::default(),
-        state: Mutex::new(State {
-            next_id: 1,
-            id_high_water: 1,
-            groups: HashMap::new(),
-            snap_gen: 0,
-        }),
-        stop: AtomicBool::new(false),
-        conns: Mutex::new(HashMap::new()),
-        pending: Mutex::new(BTreeSet::new()),
-        tally: Mutex::new(BTreeMap::new()),
-        poller,
-        inbox: Mutex::new(Vec::new()),
-        work: Mutex::new(Work::default()),
-        work_cv: Condvar::new(),
-        durable_high: AtomicU64::new(0),
-        written_gen: Mutex::new(0),
+    let state = State {
+        next_id: 1,
+        id_high_water: 1,
+        groups: HashMap::new(),
+        snap_gen: 0,
     };
+    let sh = Shared::new(CoordinatorOptions::default(), state, poller);
+    // Nothing is persisted here: no id is durable.
+    sh.durable_high.store(0, Ordering::SeqCst);
     let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
     let entry = |id: u64| {
         let mut reg = Registration::worker(name, n, None, id.to_le_bytes().to_vec());

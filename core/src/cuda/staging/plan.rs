@@ -112,9 +112,8 @@ fn footprint(kind: CollKind, n: usize) -> usize {
 }
 
 /// Byte lengths of the (send, recv) device buffers of a collective on this rank (those of
-/// `Communicator::coll_raw`), checking the arguments.
+/// `Communicator::coll_raw`: [`RawColl::byte_lens`]), checking the arguments.
 pub(crate) fn coll_lens(c: &RawColl, n: usize, rank: usize) -> Result<(usize, usize)> {
-    let es = c.dtype.size();
     if c.kind.rooted() && c.root >= n {
         return Err(Error::InvalidArgument(format!(
             "{}: root {} is not a rank (size {n})",
@@ -122,29 +121,20 @@ pub(crate) fn coll_lens(c: &RawColl, n: usize, rank: usize) -> Result<(usize, us
             c.root
         )));
     }
-    let over = || Error::InvalidArgument(format!("{}: count {} overflows", c.kind.name(), c.count));
-    let blk = c.count.checked_mul(es).ok_or_else(over)?;
-    let all = blk.checked_mul(n).ok_or_else(over)?;
+    if matches!(c.kind, CollKind::P2p | CollKind::AllToAllV) {
+        return Err(Error::InvalidArgument(format!(
+            "{} cannot be staged as a collective (use the point-to-point form)",
+            c.kind.name()
+        )));
+    }
     // The slot layouts multiply the block by at most 2n + 1.
-    all.checked_mul(3).ok_or_else(over)?;
-    let is_root = rank == c.root;
-    Ok(match c.kind {
-        CollKind::AllReduce => (blk, blk),
-        CollKind::ReduceScatter => (all, blk),
-        CollKind::AllGather => (blk, all),
-        CollKind::Broadcast => (if is_root { blk } else { 0 }, blk),
-        CollKind::Reduce => (blk, if is_root { blk } else { 0 }),
-        CollKind::AllToAll => (all, all),
-        CollKind::Gather => (blk, if is_root { all } else { 0 }),
-        CollKind::Scatter => (if is_root { all } else { 0 }, blk),
-        CollKind::Barrier => (0, 0),
-        CollKind::P2p | CollKind::AllToAllV => {
-            return Err(Error::InvalidArgument(format!(
-                "{} cannot be staged as a collective (use the point-to-point form)",
-                c.kind.name()
-            )))
-        }
-    })
+    let over = || Error::InvalidArgument(format!("{}: count {} overflows", c.kind.name(), c.count));
+    c.count
+        .checked_mul(c.dtype.size())
+        .and_then(|blk| blk.checked_mul(n))
+        .and_then(|all| all.checked_mul(3))
+        .ok_or_else(over)?;
+    c.byte_lens(rank, n)
 }
 
 impl Plan {
