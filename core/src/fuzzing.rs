@@ -602,6 +602,19 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("coord_session", format!("seed-{name}"), b.clone()));
         out.push(("coord_frame", format!("seed-{name}"), b.clone()));
     }
+    // A whole view, then a delta to apply to it (member 2 out, member 3 in).
+    let joined = sample_view().members[0].clone();
+    let delta = coord_frame_bytes(
+        21,
+        &serde_json::json!({"member_id": 1, "group": "g", "base_epoch": 3, "epoch": 4,
+            "nonce": 7, "left": [2], "joined": [crate::membership::Member { id: 3, ..joined }],
+            "reason": "failure of 2; join of 3"}),
+    );
+    out.push((
+        "coord_frame",
+        "seed-view-delta".into(),
+        [&view[..], &delta].concat(),
+    ));
     out.push(("coord_frame", "seed-view".into(), view));
     out.push(("coord_frame", "seed-error".into(), error));
 

@@ -506,6 +506,7 @@ impl Communicator {
                 0
             },
             light: false,
+            view_deltas: true,
             client_nonce: String::new(),
         };
         let copts = ClientOptions {

@@ -68,6 +68,8 @@ struct MState {
     installed: u64,
     /// Views received with an epoch above the installed one.
     views: BTreeMap<u64, (View, String)>,
+    /// The last view received (whole, or rebuilt from a delta): the base of the next delta.
+    last: Option<View>,
     /// Notices received (light members): epoch → (size, rank).
     notices: BTreeMap<u64, (usize, Option<usize>)>,
     /// Set when the coordinator retired this member (declared dead, or left).
@@ -96,6 +98,8 @@ struct Shared {
     /// The optional messages the coordinator takes ([`feature_bits`] of its registration
     /// reply; renewed at every reconnection, which may reach another coordinator build).
     features: AtomicU8,
+    /// This member registered as applying view deltas (said again when it rejoins).
+    view_deltas: bool,
 }
 
 /// [`Shared::features`]: pipeline metrics.
@@ -159,6 +163,8 @@ impl Client {
         opts: ClientOptions,
         installed: u64,
         features: u8,
+        view: View,
+        view_deltas: bool,
     ) -> Result<Client> {
         let reader = stream
             .try_clone()
@@ -173,6 +179,7 @@ impl Client {
             state: Mutex::new(MState {
                 installed,
                 connected: true,
+                last: Some(view),
                 ..MState::default()
             }),
             cv: Condvar::new(),
@@ -180,6 +187,7 @@ impl Client {
             watch: Mutex::new(None),
             outbox: Mutex::new(VecDeque::new()),
             features: AtomicU8::new(features),
+            view_deltas,
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -565,25 +573,38 @@ fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
     match MsgType::from_u16(f.ty) {
         Some(MsgType::View) => match f.body::<proto::ViewMsg>() {
             Ok(v) if v.member_id == sh.member_id && v.view.group == sh.group => {
-                let st = lock(&sh.state);
-                if v.view.epoch > st.installed {
-                    tracing::info!(target: LOG, "member {}: view epoch {} announced ({} members; {})",
-                        sh.member_id, v.view.epoch, v.view.members.len(), v.reason);
-                    drop(st);
-                    notify(sh, Watch::View(&v.view, &v.reason));
-                    lock(&sh.state)
-                        .views
-                        .insert(v.view.epoch, (v.view, v.reason));
-                } else {
-                    drop(st);
-                }
-                sh.cv.notify_all();
+                announce(sh, v.view, v.reason);
             }
             Ok(_) => {
                 tracing::warn!(target: LOG, "member {}: ignoring a view addressed to another member", sh.member_id)
             }
             Err(e) => {
                 tracing::warn!(target: LOG, "member {}: bad view from the coordinator: {e}", sh.member_id)
+            }
+        },
+        Some(MsgType::ViewDelta) => match f.body::<proto::ViewDeltaMsg>() {
+            Ok(d) if d.member_id == sh.member_id && d.group == sh.group => {
+                let built = match &lock(&sh.state).last {
+                    Some(base) => d.apply(base),
+                    None => Err("no view held to apply a view delta to".to_string()),
+                };
+                match built {
+                    Ok(view) => announce(sh, view, d.reason),
+                    Err(why) => {
+                        // Cannot happen with a coordinator that tracks what it sent; recover
+                        // anyway: the rejoin on a new connection brings the whole view.
+                        tracing::warn!(target: LOG, "member {}: {why}; reconnecting for the whole view", sh.member_id);
+                        if let Some(w) = lock(&sh.writer).as_ref() {
+                            let _ = w.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(target: LOG, "member {}: ignoring a view delta addressed to another member", sh.member_id)
+            }
+            Err(e) => {
+                tracing::warn!(target: LOG, "member {}: bad view delta from the coordinator: {e}", sh.member_id)
             }
         },
         Some(MsgType::Notice) => {
@@ -616,6 +637,25 @@ fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
     true
 }
 
+/// A view received (whole or rebuilt from a delta): kept as the base of the next delta, and
+/// announced when it is newer than the installed one.
+fn announce(sh: &Shared, view: View, reason: String) {
+    let mut st = lock(&sh.state);
+    if !st.last.as_ref().is_some_and(|l| view.epoch < l.epoch) {
+        st.last = Some(view.clone());
+    }
+    if view.epoch > st.installed {
+        tracing::info!(target: LOG, "member {}: view epoch {} announced ({} members; {})",
+            sh.member_id, view.epoch, view.members.len(), reason);
+        drop(st);
+        notify(sh, Watch::View(&view, &reason));
+        lock(&sh.state).views.insert(view.epoch, (view, reason));
+    } else {
+        drop(st);
+    }
+    sh.cv.notify_all();
+}
+
 /// Reconnects and rejoins, retrying with backoff until stopped. `None`: stopped or retired.
 fn reconnect(sh: &Shared) -> Option<TcpStream> {
     let mut backoff = Duration::from_millis(50);
@@ -643,6 +683,7 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
                 member_id: sh.member_id,
                 epoch: installed,
                 client_nonce: client_nonce.clone(),
+                view_deltas: sh.view_deltas,
             },
         ) else {
             return None;
@@ -1287,6 +1328,8 @@ pub fn rendezvous_with(
                     opts.clone(),
                     0,
                     features,
+                    v.view.clone(),
+                    reg.view_deltas,
                 )?;
                 return Ok((client, v.member_id, v.view));
             }

@@ -163,6 +163,9 @@ struct Entry {
     secret: [u8; SECRET_LEN],
     /// When its last heartbeat was echoed (see [`echo_due`]).
     echoed: Option<Instant>,
+    /// The epoch of the last view queued on its current connection (0: none): the base a
+    /// view delta for it is computed from (see [`view_frames`]).
+    sent: u64,
 }
 
 /// The reading side of a [`Link`], owned by its connection thread: buffered (a small frame is
@@ -1989,6 +1992,7 @@ fn register(
         resync: None,
         secret,
         echoed: None,
+        sent: 0,
     };
     if joining {
         tracing::info!(target: LOG,
@@ -2017,7 +2021,7 @@ fn register(
             reason: "initial".into(),
             at: unix_now(),
         });
-        publish = view_frames(group, &view, "initial");
+        publish = view_frames(group, &view, "initial", None);
         tracing::info!(target: LOG,
             "coordinator: group {group_name} complete: view epoch {} with {} members",
             view.epoch, view.members.len());
@@ -2140,6 +2144,7 @@ fn rejoin(
         book.unacked = book.unacked.saturating_sub(1);
     }
     e.acked = e.acked.max(rj.epoch);
+    e.reg.view_deltas = rj.view_deltas;
     tracing::info!(target: LOG, "coordinator: group {}: member {} reconnected from {peer} (epoch {})",
         rj.group, rj.member_id, rj.epoch);
     // Resend the current view if the member is behind.
@@ -2151,6 +2156,12 @@ fn rejoin(
             }
         }
     }
+    // A member of the view holds the current view now (it ran in it, or it was just
+    // resent): the base of its next delta. A joiner gets whole views until admitted.
+    e.sent = match slot {
+        Slot::Entry(_) => cur,
+        Slot::Joiner(_) => 0,
+    };
     queue(sh, publish);
     Ok(Vec::new())
 }
@@ -2187,43 +2198,104 @@ fn view_frame(e: &Entry, view: &View, reason: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// How the next view differs from the view of epoch `base`: the members of `base` in `left`
+/// are out, those that stay keep their order, `joined` follow.
+struct Delta<'a> {
+    base: u64,
+    left: &'a [u64],
+    joined: &'a [Member],
+}
+
+/// `{"member_id":ID,` + `rest`: a frame body encoded once for every receiver, with the
+/// receiver's id spliced in (`rest` is the encoding's tail after its member id).
+fn splice(ty: MsgType, id: u64, rest: &str) -> Vec<u8> {
+    let payload = format!("{{\"member_id\":{id},{rest}");
+    proto::encode_raw(proto::VERSION, ty as u16, payload.as_bytes())
+}
+
 /// Frames announcing `view` to every connected member of the group (members, joiners,
-/// leavers). Whole views are encoded once per member (the member id differs); light members
-/// get a small notice.
-fn view_frames(g: &Group, view: &View, reason: &str) -> Publish {
+/// leavers). Light members get a small notice; members that take deltas and hold the view of
+/// `delta.base` (the last one queued on their connection) get the delta; the others the whole
+/// view. Each body is encoded at most once (the member id is spliced in), the whole view only
+/// if someone needs it. Records in each entry the epoch queued to it.
+fn view_frames(g: &mut Group, view: &View, reason: &str, delta: Option<Delta<'_>>) -> Publish {
     let mut out = Vec::new();
-    // Encode the view once and splice the member id in (views of thousands of members).
-    let body = serde_json::to_string(view).unwrap_or_default();
     let reason_json = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
-    let rank_of: IdMap<usize> = view
-        .members
-        .iter()
-        .enumerate()
-        .map(|(r, m)| (m.id, r))
-        .collect();
-    for e in g.entries.iter().chain(g.joiners.iter()) {
+    // The whole view after `"member_id":N,` (views of thousands of members: encoded once,
+    // at first need).
+    let mut whole: Option<String> = None;
+    let make_whole = || {
+        let body = serde_json::to_string(view).unwrap_or_default();
+        format!("\"view\":{body},\"reason\":{reason_json}}}")
+    };
+    // The delta after `"member_id":0,` (its first field), encoded once.
+    let delta_rest: Option<(u64, String)> = delta.and_then(|d| {
+        let msg = proto::ViewDeltaMsg {
+            member_id: 0,
+            group: view.group.clone(),
+            base_epoch: d.base,
+            epoch: view.epoch,
+            nonce: view.nonce,
+            left: d.left.to_vec(),
+            joined: d.joined.to_vec(),
+            reason: reason.to_string(),
+        };
+        let s = serde_json::to_string(&msg).ok()?;
+        let rest = s.strip_prefix("{\"member_id\":0,")?.to_string();
+        Some((d.base, rest))
+    });
+    // Ranks for the notices of light members (built only if there is one).
+    let mut rank_of: Option<IdMap<usize>> = None;
+    let mut notice = |id: u64| {
+        let ranks = rank_of.get_or_insert_with(|| {
+            view.members
+                .iter()
+                .enumerate()
+                .map(|(r, m)| (m.id, r))
+                .collect()
+        });
+        proto::encode(
+            MsgType::Notice,
+            &proto::Notice {
+                member_id: id,
+                group: view.group.clone(),
+                epoch: view.epoch,
+                size: view.members.len(),
+                rank: ranks.get(&id).copied(),
+            },
+        )
+        .ok()
+    };
+    for e in g.entries.iter_mut() {
         let Some(w) = &e.writer else { continue };
         let bytes = if e.reg.light {
-            proto::encode(
-                MsgType::Notice,
-                &proto::Notice {
-                    member_id: e.id,
-                    group: view.group.clone(),
-                    epoch: view.epoch,
-                    size: view.members.len(),
-                    rank: rank_of.get(&e.id).copied(),
-                },
-            )
-            .ok()
+            notice(e.id)
         } else {
-            let payload = format!(
-                "{{\"member_id\":{},\"view\":{body},\"reason\":{reason_json}}}",
-                e.id
-            );
-            Some(proto::encode_raw(
-                proto::VERSION,
-                MsgType::View as u16,
-                payload.as_bytes(),
+            match &delta_rest {
+                Some((base, rest)) if e.reg.view_deltas && e.sent == *base => {
+                    Some(splice(MsgType::ViewDelta, e.id, rest))
+                }
+                _ => Some(splice(
+                    MsgType::View,
+                    e.id,
+                    whole.get_or_insert_with(&make_whole),
+                )),
+            }
+        };
+        if let Some(b) = bytes {
+            out.push((Arc::clone(w), e.peer, b));
+            e.sent = view.epoch;
+        }
+    }
+    for e in g.joiners.iter() {
+        let Some(w) = &e.writer else { continue };
+        let bytes = if e.reg.light {
+            notice(e.id)
+        } else {
+            Some(splice(
+                MsgType::View,
+                e.id,
+                whole.get_or_insert_with(&make_whole),
             ))
         };
         if let Some(b) = bytes {
@@ -2231,11 +2303,10 @@ fn view_frames(g: &Group, view: &View, reason: &str) -> Publish {
         }
     }
     for (id, w, peer) in &g.leavers {
-        let payload = format!("{{\"member_id\":{id},\"view\":{body},\"reason\":{reason_json}}}");
         out.push((
             Arc::clone(w),
             *peer,
-            proto::encode_raw(proto::VERSION, MsgType::View as u16, payload.as_bytes()),
+            splice(MsgType::View, *id, whole.get_or_insert_with(&make_whole)),
         ));
     }
     out
@@ -2521,10 +2592,12 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     }
     let reason = reasons.join("; ");
     // Leavers move out of the entries but get this view.
-    let leaving: Vec<Entry> = {
+    let leaving: Vec<Entry> = if g.entries.iter().any(|e| e.leaving) {
         let (out, stay): (Vec<Entry>, Vec<Entry>) = g.entries.drain(..).partition(|e| e.leaving);
         g.entries = stay;
         out
+    } else {
+        Vec::new()
     };
     for l in leaving {
         g.retired
@@ -2546,15 +2619,28 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     }
     let mut admitted = admitted;
     admitted.sort_by_key(|e| e.id);
+    let joined: Vec<Member> = admitted.iter().map(Entry::member).collect();
     g.entries.extend(admitted);
     for e in g.entries.iter_mut() {
         e.resync = None;
+    }
+    // The next view's members: the current view's less those gone (moved, not copied: at
+    // 100,000 members copying them costs more than the rest of the decision), then the
+    // joined. The entries are in that order; should they not be, they are the truth.
+    let mut members: Vec<Member> = g.view.take().map(|v| v.members).unwrap_or_default();
+    members.retain(|m| !gone_set.contains(&m.id));
+    members.extend(joined.iter().cloned());
+    let consistent = members.len() == g.entries.len()
+        && members.iter().zip(&g.entries).all(|(m, e)| m.id == e.id);
+    if !consistent {
+        tracing::debug!(target: LOG, "coordinator: group {name}: the view's members are rebuilt from the entries");
+        members = g.entries.iter().map(Entry::member).collect();
     }
     let next = View {
         group: name.to_string(),
         epoch: epoch.saturating_add(1),
         nonce: random_u64(nonce),
-        members: g.entries.iter().map(Entry::member).collect(),
+        members,
     };
     g.join_wait = if g.joiners.is_empty() {
         None
@@ -2565,7 +2651,13 @@ fn decide(sh: &Shared, st: &mut State, name: &str, now: Instant) -> Publish {
     tracing::info!(target: LOG,
         "coordinator: group {name}: view epoch {} with {} members ({reason})",
         next.epoch, next.members.len());
-    let publish = view_frames(g, &next, &reason);
+    let delta = Delta {
+        base: epoch,
+        left: &gone,
+        joined: &joined,
+    };
+    // (A rebuilt view is not the delta's: whole views then.)
+    let publish = view_frames(g, &next, &reason, consistent.then_some(delta));
     g.view = Some(next);
     g.reindex();
     mark_dirty(sh);
@@ -2693,7 +2785,8 @@ fn publish_reweigh(sh: &Shared, st: &mut State, name: &str, r: &Reweigh) -> Publ
     tracing::info!(target: LOG,
         "coordinator: group {name}: view epoch {} with {} members ({reason}; weights {})",
         next.epoch, next.members.len(), weights.join(" "));
-    let publish = view_frames(g, &next, &reason);
+    // A re-weigh changes every member's record: whole views.
+    let publish = view_frames(g, &next, &reason, None);
     g.view = Some(next);
     g.reindex();
     mark_dirty(sh);
@@ -3092,6 +3185,8 @@ fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<S
                         .min(MAX_MS),
                     light: false,
                     client_nonce: String::new(),
+                    // Said again by the member's rejoin.
+                    view_deltas: false,
                 },
                 peer: unknown,
                 writer: None,
@@ -3110,6 +3205,7 @@ fn state_from_bytes(bytes: Option<&[u8]>, now: Instant) -> std::result::Result<S
                     s
                 }),
                 echoed: None,
+                sent: 0,
             })
             .collect();
         tracing::info!(target: LOG,
@@ -3240,8 +3336,9 @@ fn sm_group<'a>(st: &'a mut State, name: &str) -> Result<&'a mut Group> {
 
 /// The state machine alone, without sockets or disk (`braid-coordinator bench
 /// --state-machine N`): one elastic group of `n` members in a view; times a heartbeat and an
-/// acknowledgement (per event), one join decision (the next view, with its frame body
-/// encoded) and one failure decision. Returns the report, ending with one line
+/// acknowledgement (per event), one join decision (the next view, with its delta frame body
+/// encoded: members hold the last view) and one failure decision; then, apart, encoding the
+/// whole view once (what a member (re)connecting, or one without deltas, costs). Returns the report, ending with one line
 /// `state_machine members=N join_decision_ms=X failure_decision_ms=Y`.
 ///
 /// Errors: `Error::InvalidArgument` for `n` outside 1..=`MAX_WORLD`; `Error::System` when the
@@ -3282,6 +3379,7 @@ pub(crate) fn state_machine_bench(n: usize) -> Result<String> {
             resync: None,
             secret: [0u8; SECRET_LEN],
             echoed: None,
+            sent: 0,
         }
     };
     let t = Instant::now();
@@ -3373,17 +3471,29 @@ pub(crate) fn state_machine_bench(n: usize) -> Result<String> {
             "state machine bench: the failure published {v:?}"
         )));
     }
+    // Apart: the whole view, encoded once (sent on (re)connects and to members without
+    // deltas; its bytes are O(members) per receiver).
+    let t = Instant::now();
+    let whole_bytes = sm_group(&mut st, name)?
+        .view
+        .as_ref()
+        .and_then(|v| serde_json::to_string(v).ok())
+        .map_or(0, |b| b.len());
+    let whole = t.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(format!(
         "state machine alone (no sockets, no disk), one elastic group of {n} members:\n\
          build {:.1} ms; heartbeat + quick check {heartbeat_ns:.0} ns; acknowledgement + check {ack_ns:.0} ns\n\
-         join decision (epoch 2, {} members, view encoded once) {:.2} ms\n\
-         failure decision (epoch 3, {n} members) {:.2} ms\n\
+         join decision (epoch 2, {} members, delta encoded once) {:.2} ms\n\
+         failure decision (epoch 3, {n} members, delta encoded once) {:.2} ms\n\
+         whole view encoded once (for a (re)connect): {:.2} ms, {:.1} MB\n\
          state_machine members={n} join_decision_ms={:.2} failure_decision_ms={:.2}",
         ms(build),
         n + 1,
         ms(join),
         ms(failure),
+        ms(whole),
+        whole_bytes as f64 / 1e6,
         ms(join),
         ms(failure),
     ))

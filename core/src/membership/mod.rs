@@ -214,6 +214,12 @@ pub struct Registration {
     /// Random per connection (hex), for the job-token handshake.
     #[serde(default)]
     pub client_nonce: String,
+    /// This member applies view deltas: after the first whole view on a connection, the
+    /// coordinator may send each next view as the members that left and joined
+    /// (O(changes) bytes instead of O(members)). Members that do not say so (older clients)
+    /// get whole views.
+    #[serde(default)]
+    pub view_deltas: bool,
 }
 
 /// Elastic policy of a group.
@@ -256,6 +262,7 @@ impl Registration {
             heartbeat_timeout_ms: 0,
             light: false,
             client_nonce: String::new(),
+            view_deltas: true,
         }
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::View;
+use super::{Member, View};
 
 /// Frame magic.
 pub(crate) const MAGIC: [u8; 4] = *b"BRDC";
@@ -89,6 +89,9 @@ pub(crate) enum MsgType {
     /// member → coordinator: [`CheckpointNote`] — a push/pull checkpoint of the group was
     /// written (shown by `braid-coordinator status`).
     Checkpoint = 20,
+    /// coordinator → member that registered with [`super::Registration::view_deltas`]:
+    /// [`ViewDeltaMsg`], the next view as a change of the last one sent on this connection.
+    ViewDelta = 21,
 }
 
 impl MsgType {
@@ -115,6 +118,7 @@ impl MsgType {
             18 => MsgType::ReaderGrant,
             19 => MsgType::Metric,
             20 => MsgType::Checkpoint,
+            21 => MsgType::ViewDelta,
             _ => return None,
         })
     }
@@ -320,6 +324,10 @@ pub(crate) struct Rejoin {
     /// Random per connection (hex), for the job-token handshake.
     #[serde(default)]
     pub client_nonce: String,
+    /// The member applies view deltas (as [`super::Registration::view_deltas`]; a restarted
+    /// coordinator learns it here).
+    #[serde(default)]
+    pub view_deltas: bool,
 }
 
 /// Body of [`MsgType::Challenge`]: sent when the coordinator has a job token, and to every
@@ -417,6 +425,86 @@ pub(crate) struct ViewMsg {
     /// Why this view was made ("initial", "join of 5,6", "failure of 3: ...", ...).
     #[serde(default)]
     pub reason: String,
+}
+
+/// Body of [`MsgType::ViewDelta`]: the view of `epoch` is the view of `base_epoch` (the last
+/// view this connection carried) without the members `left`, in the same order, followed by
+/// `joined`. A member that does not hold the view of `base_epoch` cannot apply it: it
+/// reconnects, and the rejoin brings the whole view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ViewDeltaMsg {
+    /// The receiver's member id.
+    pub member_id: u64,
+    /// Group.
+    pub group: String,
+    /// The epoch of the view this delta applies to.
+    pub base_epoch: u64,
+    /// The new view's epoch.
+    pub epoch: u64,
+    /// The new view's nonce.
+    pub nonce: u64,
+    /// Ids of the members of the base view that are not in the new one.
+    pub left: Vec<u64>,
+    /// Members appended after those that stay (joiners, in rank order).
+    pub joined: Vec<Member>,
+    /// Why this view was made (as in [`ViewMsg::reason`]).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Most members a [`ViewDeltaMsg`] may remove (a view never has more members).
+const MAX_DELTA_LEFT: usize = 1 << 20;
+
+impl ViewDeltaMsg {
+    /// The new view: `base` (which must be the view of `base_epoch` of the same group) less
+    /// `left`, then `joined`. Errors (as text) when the base does not match, an id in `left`
+    /// is not in the base, or a joined id is already a member.
+    pub(crate) fn apply(&self, base: &View) -> std::result::Result<View, String> {
+        if base.group != self.group || base.epoch != self.base_epoch {
+            return Err(format!(
+                "a view delta for group {} epoch {} -> {} does not apply to the view held (group {} epoch {})",
+                self.group, self.base_epoch, self.epoch, base.group, base.epoch
+            ));
+        }
+        if self.epoch <= self.base_epoch || self.left.len() > MAX_DELTA_LEFT {
+            return Err(format!(
+                "a view delta from epoch {} to epoch {} with {} removals is not valid",
+                self.base_epoch,
+                self.epoch,
+                self.left.len()
+            ));
+        }
+        let gone: std::collections::HashSet<u64> = self.left.iter().copied().collect();
+        let mut members: Vec<Member> = base
+            .members
+            .iter()
+            .filter(|m| !gone.contains(&m.id))
+            .cloned()
+            .collect();
+        if base.members.len() - members.len() != self.left.len() {
+            return Err(format!(
+                "a view delta to epoch {} removes members that are not in the view of epoch {}",
+                self.epoch, self.base_epoch
+            ));
+        }
+        let stay: std::collections::HashSet<u64> = members.iter().map(|m| m.id).collect();
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.joined {
+            if stay.contains(&m.id) || !seen.insert(m.id) {
+                return Err(format!(
+                    "a view delta to epoch {} adds member {} twice",
+                    self.epoch, m.id
+                ));
+            }
+        }
+        members.extend(self.joined.iter().cloned());
+        Ok(View {
+            group: self.group.clone(),
+            epoch: self.epoch,
+            nonce: self.nonce,
+            members,
+        })
+    }
 }
 
 /// Body of [`MsgType::Error`].
@@ -775,6 +863,7 @@ pub fn fuzz_decode_frame(data: &[u8]) {
         max_payload: MAX_PAYLOAD,
         slice: POLL_SLICE,
     };
+    let mut last: Option<View> = None;
     for _ in 0..64 {
         let Ok(f) = read_frame_with(&mut src, &lim, &|| false) else {
             return;
@@ -795,7 +884,15 @@ pub fn fuzz_decode_frame(data: &[u8]) {
         let _ = f.body::<ReaderReq>();
         let _ = f.body::<ReaderGrantMsg>();
         let _ = f.body::<Notice>();
-        let _ = f.body::<ViewMsg>();
+        if let Ok(v) = f.body::<ViewMsg>() {
+            last = Some(v.view);
+        }
+        // A delta is applied to the last view decoded, as a member does.
+        if let (Ok(d), Some(base)) = (f.body::<ViewDeltaMsg>(), last.as_ref()) {
+            if let Ok(next) = d.apply(base) {
+                last = Some(next);
+            }
+        }
         let _ = f.body::<ErrorMsg>();
         let _ = f.body::<Goodbye>();
         let _ = f.body::<serde_json::Value>();

@@ -111,6 +111,7 @@ fn raw_rejoin(addr: &str, group: &str, id: u64, member: Option<String>) -> Vec<S
         member_id: id,
         epoch: 1,
         client_nonce: "c0ffee".into(),
+        view_deltas: false,
     };
     s.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
         .unwrap();
@@ -1191,6 +1192,7 @@ fn a_proved_rejoin_replaces_the_old_connection_without_retiring_the_member() {
         member_id: id,
         epoch: 1,
         client_nonce: "abcd".into(),
+        view_deltas: false,
     };
     r.write_all(&proto::encode(MsgType::Rejoin, &rj).unwrap())
         .unwrap();
@@ -1597,10 +1599,11 @@ fn a_member_that_stops_reading_delays_no_one_and_is_dropped() {
         silence: Duration::ZERO,
     };
     // Large handles: every whole view is 128 KiB (hex) per member, so a member that reads
-    // nothing fills its socket buffers within a few views.
+    // nothing fills its socket buffers within a few views (whole views: no deltas).
     let big = |hb_ms: u64| {
         let mut r = elastic_reg("stuck", 2, hb_ms);
         r.handle = vec![0xab; 64 << 10];
+        r.view_deltas = false;
         r
     };
     // The stuck member registers first (so it comes first in every publication), acknowledges
@@ -1669,4 +1672,186 @@ fn a_member_that_stops_reading_delays_no_one_and_is_dropped() {
         let _ = f.join().unwrap();
     }
     drop(stuck);
+}
+
+// ---------------------------------------------------------------------------------------------
+// View deltas (issue 18).
+
+/// Reads the next view frame (whole or delta) from a raw member connection, skipping
+/// heartbeat echoes.
+fn next_view_frame(s: &mut TcpStream) -> proto::Frame {
+    loop {
+        let f = proto::read_frame(s, Some(secs(10.0)), Duration::from_secs(10), &|| false).unwrap();
+        if f.ty == MsgType::View as u16 || f.ty == MsgType::ViewDelta as u16 {
+            return f;
+        }
+        assert_ne!(
+            f.ty,
+            MsgType::Error as u16,
+            "{}",
+            String::from_utf8_lossy(&f.payload)
+        );
+    }
+}
+
+fn ack(s: &mut TcpStream, epoch: u64) {
+    s.write_all(&proto::encode(MsgType::Ack, &proto::Ack { epoch }).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn views_go_out_as_deltas_to_members_that_take_them_and_whole_to_the_others() {
+    let (_c, addr) = coord();
+    let mut with = elastic_reg("d", 2, 0);
+    with.view_deltas = true;
+    let mut without = elastic_reg("d", 2, 0);
+    without.view_deltas = false;
+    let (mut a, id_a) = raw_register(&addr, &with);
+    let (mut b, id_b) = raw_register(&addr, &without);
+    // The first view is whole for everyone.
+    let fa = next_view_frame(&mut a);
+    let fb = next_view_frame(&mut b);
+    assert_eq!(fa.ty, MsgType::View as u16);
+    assert_eq!(fb.ty, MsgType::View as u16);
+    let v1 = fa.body::<proto::ViewMsg>().unwrap().view;
+    assert_eq!(v1.epoch, 1);
+    ack(&mut a, 1);
+    ack(&mut b, 1);
+    // A joiner (taking deltas): admitted after the join window; it gets the whole view, A a
+    // delta that rebuilds the same view B gets whole.
+    let (mut c, id_c) = raw_register(&addr, &with);
+    let fa = next_view_frame(&mut a);
+    let fb = next_view_frame(&mut b);
+    let fc = next_view_frame(&mut c);
+    assert_eq!(fa.ty, MsgType::ViewDelta as u16, "A takes deltas");
+    assert_eq!(fb.ty, MsgType::View as u16, "B does not");
+    assert_eq!(fc.ty, MsgType::View as u16, "a joiner gets the whole view");
+    let d2: proto::ViewDeltaMsg = fa.body().unwrap();
+    assert_eq!(
+        (d2.member_id, d2.base_epoch, d2.epoch),
+        (id_a, 1, 2),
+        "{d2:?}"
+    );
+    assert!(d2.left.is_empty(), "{d2:?}");
+    assert_eq!(
+        d2.joined.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![id_c]
+    );
+    assert!(d2.reason.contains(&format!("join of {id_c}")), "{d2:?}");
+    let v2 = fb.body::<proto::ViewMsg>().unwrap().view;
+    assert_eq!(d2.apply(&v1).unwrap(), v2);
+    assert_eq!(fc.body::<proto::ViewMsg>().unwrap().view, v2);
+    assert!(
+        fa.payload.len() * 2 < fb.payload.len(),
+        "a delta of one join is smaller than the view: {} vs {} bytes",
+        fa.payload.len(),
+        fb.payload.len()
+    );
+    for s in [&mut a, &mut b, &mut c] {
+        ack(s, 2);
+    }
+    // B fails (its connection drops): A and C get a delta removing it.
+    drop(b);
+    let fa = next_view_frame(&mut a);
+    let fc = next_view_frame(&mut c);
+    for f in [&fa, &fc] {
+        assert_eq!(f.ty, MsgType::ViewDelta as u16);
+        let d3: proto::ViewDeltaMsg = f.body().unwrap();
+        assert_eq!((d3.base_epoch, d3.epoch), (2, 3));
+        assert_eq!(d3.left, vec![id_b]);
+        assert!(d3.joined.is_empty());
+        let v3 = d3.apply(&v2).unwrap();
+        assert_eq!(
+            v3.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![id_a, id_c]
+        );
+        assert_ne!(v3.nonce, v2.nonce);
+    }
+}
+
+#[test]
+fn a_delta_that_does_not_apply_is_refused_with_a_reason() {
+    let m = |id: u64| Member {
+        id,
+        host_id: "h".into(),
+        hostname: "h".into(),
+        pid: 1,
+        role: Role::Worker,
+        handle: vec![],
+        numa: None,
+        weight: 1.0,
+    };
+    let base = View {
+        group: "g".into(),
+        epoch: 4,
+        nonce: 9,
+        members: vec![m(1), m(2), m(3)],
+    };
+    let d = |base_epoch: u64, left: Vec<u64>, joined: Vec<Member>| proto::ViewDeltaMsg {
+        member_id: 1,
+        group: "g".into(),
+        base_epoch,
+        epoch: base_epoch + 1,
+        nonce: 10,
+        left,
+        joined,
+        reason: String::new(),
+    };
+    // Applies: 2 leaves, 7 joins; the order of those that stay is kept.
+    let v = d(4, vec![2], vec![m(7)]).apply(&base).unwrap();
+    assert_eq!(
+        v.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![1, 3, 7]
+    );
+    assert_eq!((v.epoch, v.nonce), (5, 10));
+    // Another base epoch, an unknown leaver, a member joined twice: refused.
+    assert!(d(3, vec![], vec![])
+        .apply(&base)
+        .unwrap_err()
+        .contains("does not apply"));
+    assert!(d(4, vec![8], vec![])
+        .apply(&base)
+        .unwrap_err()
+        .contains("not in the view"));
+    assert!(d(4, vec![], vec![m(3)])
+        .apply(&base)
+        .unwrap_err()
+        .contains("twice"));
+    assert!(d(4, vec![2, 2], vec![])
+        .apply(&base)
+        .unwrap_err()
+        .contains("not in the view"));
+}
+
+#[test]
+fn a_client_rebuilds_each_view_from_deltas_as_joiners_see_it_whole() {
+    let (_c, addr) = coord();
+    let opts = ClientOptions::default();
+    let first: Vec<_> = spawn_members(&addr, &opts, "cd", 2, 20.0)
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let mut epoch = first[0].2.epoch;
+    let mut joined = Vec::new();
+    // Three joins one after the other: the running members get deltas (they registered with
+    // view_deltas, as Registration::worker does); each joiner gets its first view whole.
+    for _ in 0..3 {
+        let (joiner, _, whole) = spawn_members(&addr, &opts, "cd", 1, 20.0)
+            .pop()
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(whole.epoch, epoch + 1);
+        for (client, _, _) in &first {
+            let top = client
+                .wait_epoch(whole.epoch, secs(10.0), &AtomicBool::new(false))
+                .unwrap();
+            assert_eq!(top, whole.epoch);
+            let (rebuilt, why) = client.view_of(top).unwrap();
+            assert_eq!(rebuilt, whole, "rebuilt from a delta ({why})");
+            client.installed(top);
+        }
+        epoch = whole.epoch;
+        joined.push(joiner);
+    }
 }
