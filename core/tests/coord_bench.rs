@@ -162,3 +162,62 @@ fn state_machine_bench_prints_its_summary() {
     let (ok, _, err) = bench(&["--state-machine", "0"]);
     assert!(!ok && err.contains("not in 1.."), "{err}");
 }
+
+/// Bytes per member of each join round's view (the round lines' "(X per member)").
+fn per_member_bytes(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains("view bytes read by all members"))
+        .filter_map(|l| {
+            l.rsplit_once('(')?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn full_members_read_deltas_of_a_few_bytes_and_whole_views_grow_with_the_group() {
+    let run = |views: &str| {
+        let (ok, out, err) = bench(&[
+            "--members",
+            "120",
+            "--procs",
+            "2",
+            "--rounds",
+            "2",
+            "--window-ms",
+            "20",
+            "--steady-s",
+            "0",
+            "--storm",
+            "0",
+            "--views",
+            views,
+            "--timeout-s",
+            "120",
+        ]);
+        assert!(
+            ok,
+            "bench --views {views} failed\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        let b = per_member_bytes(&out);
+        assert_eq!(b.len(), 2, "{out}");
+        (b, out)
+    };
+    let (delta, out_d) = run("delta");
+    let (whole, out_w) = run("whole");
+    assert!(out_d.contains("view deltas"), "{out_d}");
+    assert!(out_w.contains("no deltas"), "{out_w}");
+    // A join's delta is one member record (a few hundred bytes); a whole view of 121 members
+    // is over 100 records.
+    for (d, w) in delta.iter().zip(&whole) {
+        assert!(*d < 1000.0, "delta bytes per member {d}\n{out_d}");
+        assert!(
+            *w > 20.0 * *d,
+            "whole {w} vs delta {d} bytes per member\n{out_w}"
+        );
+    }
+}

@@ -17,6 +17,7 @@ usage: braid-coordinator [--bind HOST:PORT] [--state FILE]
        braid-coordinator status HOST:PORT [--json]
        braid-coordinator bench --members N [--procs P] [--rounds R] [--window-ms MS]
                                [--storm K] [--steady-s S] [--timeout-s S]
+                               [--views notice|delta|whole]
        braid-coordinator bench --state-machine N
 
 Runs the braid membership service (rendezvous of ranks, elastic views, heartbeats) until
@@ -38,7 +39,10 @@ reasons (initial, join, leave, failure, reweigh); as text, or the raw JSON with 
 heartbeats at BRAID_HEARTBEAT's default interval) in P child processes (default 2): formation,
 R single joins (default 5), S seconds of steady heartbeats (default 5; the coordinator
 process's CPU), a storm of K joiners in one batching window (default 1000; MS default 500).
-It prints its tables, then one line
+--views says what members receive at a view change: `notice` (default: light members, a
+notice of epoch, size and rank), `delta` (full members: the first view whole, then view
+deltas) or `whole` (full members without deltas: every view whole); each join round prints the
+view bytes all members read. It prints its tables, then one line
 `members=N join_view_ms=X storm_1000_ms=Y heartbeat_cpu_pct=Z` (nan: not measured).
 `bench --state-machine N` times the membership state machine alone (no sockets, no disk) with
 one elastic group of N members: a heartbeat, an acknowledgement, one join decision and one
@@ -251,6 +255,11 @@ fn bench(args: &[String]) -> ExitCode {
                 "--storm" => o.storm = val(a)? as usize,
                 "--steady-s" => o.steady = Duration::from_secs_f64(val(a)?),
                 "--timeout-s" => o.phase_timeout = Duration::from_secs_f64(val(a)?),
+                "--views" => {
+                    let v = it.next().ok_or("--views needs a value")?;
+                    o.views =
+                        braid::membership::bench::Views::parse(v).map_err(|e| e.to_string())?;
+                }
                 other => return Err(format!("unexpected argument {other:?}")),
             }
         }

@@ -57,6 +57,43 @@ const STDIN_TOKEN: u64 = u64::MAX;
 /// No progress for this long in a phase: it failed (stalled).
 const STALL: Duration = Duration::from_secs(30);
 
+/// What the simulated members receive at a view change ([`BenchOptions::views`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Views {
+    /// Light members: a notice (epoch, size, rank).
+    #[default]
+    Notice,
+    /// Full members that take view deltas: the first view whole, then deltas.
+    Delta,
+    /// Full members without deltas: every view whole (O(members) bytes each).
+    Whole,
+}
+
+impl Views {
+    /// `notice`, `delta` or `whole`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Views::Notice => "notice",
+            Views::Delta => "delta",
+            Views::Whole => "whole",
+        }
+    }
+
+    /// Parses what [`Views::as_str`] writes.
+    ///
+    /// Errors: `Error::InvalidArgument` for another word.
+    pub fn parse(s: &str) -> Result<Views> {
+        match s {
+            "notice" => Ok(Views::Notice),
+            "delta" => Ok(Views::Delta),
+            "whole" => Ok(Views::Whole),
+            _ => Err(Error::InvalidArgument(format!(
+                "views {s:?}: expected notice, delta or whole"
+            ))),
+        }
+    }
+}
+
 /// Parameters of [`coordinator_bench`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchOptions {
@@ -80,6 +117,8 @@ pub struct BenchOptions {
     pub phase_timeout: Duration,
     /// Most registrations in flight at once per child during formation.
     pub max_connecting: usize,
+    /// What members receive at a view change.
+    pub views: Views,
 }
 
 impl BenchOptions {
@@ -99,6 +138,7 @@ impl BenchOptions {
             steady: Duration::from_secs(5),
             phase_timeout: Duration::from_secs(600),
             max_connecting: 64,
+            views: Views::Notice,
         }
     }
 }
@@ -116,6 +156,8 @@ pub struct JoinRound {
     pub last: Duration,
     /// The last acknowledgement was written.
     pub acked: Duration,
+    /// Bytes of the view frames (payloads) all members read for this epoch.
+    pub bytes: u64,
 }
 
 /// Steady-state heartbeat cost.
@@ -192,6 +234,8 @@ pub struct BenchReport {
     pub members: usize,
     /// Member processes.
     pub procs: usize,
+    /// What members received at view changes.
+    pub views: Views,
     /// The group's batching window (ms).
     pub join_window_ms: u64,
     /// The members' heartbeat interval.
@@ -259,8 +303,13 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "coordinator bench: {} light members in {} processes, join window {} ms, heartbeat {:.1} s",
+            "coordinator bench: {} {} in {} processes, join window {} ms, heartbeat {:.1} s",
             self.members,
+            match self.views {
+                Views::Notice => "light members (view notices)",
+                Views::Delta => "full members (whole first view, then view deltas)",
+                Views::Whole => "full members (whole views, no deltas)",
+            },
             self.procs,
             self.join_window_ms,
             self.heartbeat.as_secs_f64()
@@ -297,12 +346,14 @@ impl std::fmt::Display for BenchReport {
         for r in &self.rounds {
             writeln!(
                 f,
-                "  epoch {:>3} size {:>6}: first {:.2} last {:.2} acked {:.2} ms",
+                "  epoch {:>3} size {:>6}: first {:.2} last {:.2} acked {:.2} ms, view bytes read by all members {} ({:.1} per member)",
                 r.epoch,
                 r.size,
                 ms(r.first),
                 ms(r.last),
-                ms(r.acked)
+                ms(r.acked),
+                r.bytes,
+                r.bytes as f64 / r.size.max(1) as f64
             )?;
         }
         match &self.steady {
@@ -561,6 +612,8 @@ pub struct MembersOptions {
     pub heartbeat_timeout: Duration,
     /// Most registrations in flight at start.
     pub max_connecting: usize,
+    /// What the members receive at a view change.
+    pub views: Views,
 }
 
 impl MembersOptions {
@@ -581,6 +634,8 @@ impl MembersOptions {
             self.heartbeat_timeout.as_millis().to_string(),
             "--max-connecting".into(),
             self.max_connecting.to_string(),
+            "--views".into(),
+            self.views.as_str().into(),
         ]
     }
 
@@ -619,8 +674,9 @@ impl MembersOptions {
             heartbeat: Duration::from_millis(num("--heartbeat-ms")?),
             heartbeat_timeout: Duration::from_millis(num("--timeout-ms")?),
             max_connecting: size("--max-connecting")?.max(1),
+            views: Views::parse(get("--views")?)?,
         };
-        if m.len() != 7 {
+        if m.len() != 8 {
             return Err(Error::InvalidArgument(format!(
                 "unexpected arguments {args:?}"
             )));
@@ -637,6 +693,8 @@ struct Member {
     id: Option<u64>,
     /// Last epoch read (0: none yet).
     epoch: u64,
+    /// Members in that epoch's view.
+    size: usize,
     /// An acknowledgement of this epoch is in `wbuf`.
     ack_pending: Option<u64>,
     /// In [`Swarm::pending`].
@@ -666,6 +724,8 @@ struct EpStat {
     first_ns: u64,
     last_ns: u64,
     acked_ns: u64,
+    /// Bytes of view frames (payloads) read for this epoch.
+    bytes: u64,
 }
 
 struct Swarm {
@@ -758,7 +818,8 @@ impl Swarm {
     fn new(opts: MembersOptions) -> Result<Swarm> {
         let mut reg = Registration::worker(GROUP, opts.world, None, Vec::new());
         reg.elastic = true;
-        reg.light = true;
+        reg.light = opts.views == Views::Notice;
+        reg.view_deltas = opts.views == Views::Delta;
         reg.heartbeat_timeout_ms = u64::try_from(opts.heartbeat_timeout.as_millis()).unwrap_or(0);
         reg.policy = GroupPolicy {
             min_size: 1,
@@ -830,6 +891,7 @@ impl Swarm {
             wbuf: self.reg.clone(),
             id: None,
             epoch: 0,
+            size: 0,
             ack_pending: None,
             queued: false,
             connecting: true,
@@ -1022,46 +1084,52 @@ impl Swarm {
             }
             Some(MsgType::Notice) => {
                 let n: proto::Notice = f.body().map_err(|e| bad("notice", e))?;
-                let now = mono_ns();
-                let m = &mut self.members[i];
-                if Some(n.member_id) != m.id || n.group != GROUP {
+                self.view_read(
+                    i,
+                    n.member_id,
+                    &n.group,
+                    n.epoch,
+                    n.size,
+                    n.rank,
+                    f.payload.len(),
+                )?;
+            }
+            Some(MsgType::View) => {
+                let v: proto::ViewMsg = f.body().map_err(|e| bad("view", e))?;
+                let rank = v.view.rank_of(v.member_id);
+                let (size, epoch) = (v.view.members.len(), v.view.epoch);
+                self.view_read(
+                    i,
+                    v.member_id,
+                    &v.view.group,
+                    epoch,
+                    size,
+                    rank,
+                    f.payload.len(),
+                )?;
+            }
+            Some(MsgType::ViewDelta) => {
+                let d: proto::ViewDeltaMsg = f.body().map_err(|e| bad("view delta", e))?;
+                let m = &self.members[i];
+                if d.base_epoch != m.epoch || m.epoch == 0 {
                     return Err(Error::Internal(format!(
-                        "member {i} (id {:?}) got a notice for member {} of group {}",
-                        m.id, n.member_id, n.group
+                        "member {i} (id {:?}) got a delta from epoch {} holding epoch {}",
+                        m.id, d.base_epoch, m.epoch
                     )));
                 }
-                if m.epoch != 0 && n.epoch != m.epoch + 1 {
-                    return Err(Error::Internal(format!(
-                        "member {i} (id {:?}) read epoch {} after epoch {}",
-                        m.id, n.epoch, m.epoch
-                    )));
-                }
-                if !n.rank.is_some_and(|r| r < n.size) {
-                    return Err(Error::Internal(format!(
-                        "member {i} (id {:?}): epoch {} gives rank {:?} of {}",
-                        m.id, n.epoch, n.rank, n.size
-                    )));
-                }
-                let first = m.epoch == 0;
-                m.epoch = n.epoch;
-                m.ack_pending = Some(n.epoch);
-                self.notices += 1;
-                let st = self.epochs.entry(n.epoch).or_default();
-                st.size = n.size;
-                st.seen += 1;
-                st.first_ns = if st.first_ns == 0 {
-                    now
-                } else {
-                    st.first_ns.min(now)
-                };
-                st.last_ns = st.last_ns.max(now);
-                self.dirty.insert(n.epoch);
-                if first && !self.opts.heartbeat.is_zero() {
-                    self.hb
-                        .push(std::cmp::Reverse((Instant::now() + self.opts.heartbeat, i)));
-                }
-                let ack = proto::encode(MsgType::Ack, &proto::Ack { epoch: n.epoch })?;
-                self.send(i, &ack)?;
+                let size = (m.size + d.joined.len()).saturating_sub(d.left.len());
+                // Rank: not rebuilt here (that needs the whole view); a member that left is
+                // told so by its absence, which the benchmark never does.
+                let rank = (!m.id.is_some_and(|id| d.left.contains(&id))).then_some(0);
+                self.view_read(
+                    i,
+                    d.member_id,
+                    &d.group,
+                    d.epoch,
+                    size,
+                    rank,
+                    f.payload.len(),
+                )?;
             }
             Some(MsgType::Heartbeat) => self.hb_echo += 1,
             Some(MsgType::Error) => {
@@ -1079,6 +1147,63 @@ impl Swarm {
             }
         }
         Ok(())
+    }
+
+    /// Member `i` read the view (or notice) of `epoch` with `size` members, giving it `rank`,
+    /// in a frame of `bytes` payload bytes: checked, counted and acknowledged.
+    #[allow(clippy::too_many_arguments)]
+    fn view_read(
+        &mut self,
+        i: usize,
+        member_id: u64,
+        group: &str,
+        epoch: u64,
+        size: usize,
+        rank: Option<usize>,
+        bytes: usize,
+    ) -> Result<()> {
+        let now = mono_ns();
+        let m = &mut self.members[i];
+        if Some(member_id) != m.id || group != GROUP {
+            return Err(Error::Internal(format!(
+                "member {i} (id {:?}) got a view for member {member_id} of group {group}",
+                m.id
+            )));
+        }
+        if m.epoch != 0 && epoch != m.epoch + 1 {
+            return Err(Error::Internal(format!(
+                "member {i} (id {:?}) read epoch {epoch} after epoch {}",
+                m.id, m.epoch
+            )));
+        }
+        if !rank.is_some_and(|r| r < size) {
+            return Err(Error::Internal(format!(
+                "member {i} (id {:?}): epoch {epoch} gives rank {rank:?} of {size}",
+                m.id
+            )));
+        }
+        let first = m.epoch == 0;
+        m.epoch = epoch;
+        m.size = size;
+        m.ack_pending = Some(epoch);
+        self.notices += 1;
+        let st = self.epochs.entry(epoch).or_default();
+        st.size = size;
+        st.seen += 1;
+        st.bytes += bytes as u64;
+        st.first_ns = if st.first_ns == 0 {
+            now
+        } else {
+            st.first_ns.min(now)
+        };
+        st.last_ns = st.last_ns.max(now);
+        self.dirty.insert(epoch);
+        if first && !self.opts.heartbeat.is_zero() {
+            self.hb
+                .push(std::cmp::Reverse((Instant::now() + self.opts.heartbeat, i)));
+        }
+        let ack = proto::encode(MsgType::Ack, &proto::Ack { epoch })?;
+        self.send(i, &ack)
     }
 
     /// Sends the heartbeats that are due; returns when the next one is.
@@ -1180,8 +1305,8 @@ impl Swarm {
             if let Some(s) = self.epochs.get(&ep) {
                 let _ = writeln!(
                     self.out,
-                    "ep {ep} {} {} {} {} {} {}",
-                    s.size, s.seen, s.acked, s.first_ns, s.last_ns, s.acked_ns
+                    "ep {ep} {} {} {} {} {} {} {}",
+                    s.size, s.seen, s.acked, s.first_ns, s.last_ns, s.acked_ns, s.bytes
                 );
             }
         }
@@ -1305,18 +1430,21 @@ fn parse_line(line: &str) -> Msg {
     let bad = || Msg::Err(format!("unreadable line {line:?}"));
     match w.first().copied() {
         Some("reg") => n(1).map_or_else(bad, |v| Msg::Reg(v as usize)),
-        Some("ep") => match (n(1), n(2), n(3), n(4), n(5), n(6), n(7)) {
-            (Some(e), Some(sz), Some(seen), Some(ack), Some(f), Some(l), Some(a)) => Msg::Ep(
-                e,
-                EpStat {
-                    size: sz as usize,
-                    seen: seen as usize,
-                    acked: ack as usize,
-                    first_ns: f,
-                    last_ns: l,
-                    acked_ns: a,
-                },
-            ),
+        Some("ep") => match (n(1), n(2), n(3), n(4), n(5), n(6), n(7), n(8)) {
+            (Some(e), Some(sz), Some(seen), Some(ack), Some(f), Some(l), Some(a), Some(b)) => {
+                Msg::Ep(
+                    e,
+                    EpStat {
+                        size: sz as usize,
+                        seen: seen as usize,
+                        acked: ack as usize,
+                        first_ns: f,
+                        last_ns: l,
+                        acked_ns: a,
+                        bytes: b,
+                    },
+                )
+            }
             _ => bad(),
         },
         Some("joined") => match (n(2), n(3)) {
@@ -1351,6 +1479,7 @@ struct EpSum {
     first_ns: u64,
     last_ns: u64,
     acked_ns: u64,
+    bytes: u64,
 }
 
 struct Children {
@@ -1537,6 +1666,7 @@ impl Children {
                 }
                 s.last_ns = s.last_ns.max(x.last_ns);
                 s.acked_ns = s.acked_ns.max(x.acked_ns);
+                s.bytes += x.bytes;
             }
         }
         s
@@ -1611,6 +1741,7 @@ pub fn coordinator_bench(opts: &BenchOptions, exe: &Path) -> Result<BenchReport>
             heartbeat: opts.heartbeat,
             heartbeat_timeout: opts.heartbeat_timeout,
             max_connecting: opts.max_connecting,
+            views: opts.views,
         })
         .collect();
     let mut profile = Vec::new();
@@ -1677,6 +1808,7 @@ pub fn coordinator_bench(opts: &BenchOptions, exe: &Path) -> Result<BenchReport>
             first: since(s.first_ns, tw),
             last: since(s.last_ns, tw),
             acked: since(s.acked_ns, tw),
+            bytes: s.bytes,
         });
     }
     phase_end("joins", &mut snap, &mut t_phase);
@@ -1776,6 +1908,7 @@ pub fn coordinator_bench(opts: &BenchOptions, exe: &Path) -> Result<BenchReport>
     Ok(BenchReport {
         members: n,
         procs: p,
+        views: opts.views,
         join_window_ms: opts.join_window_ms,
         heartbeat: opts.heartbeat,
         register,
@@ -1868,6 +2001,7 @@ mod tests {
             heartbeat: Duration::from_millis(1000),
             heartbeat_timeout: Duration::from_millis(10000),
             max_connecting: 8,
+            views: Views::Delta,
         };
         assert_eq!(MembersOptions::from_args(&o.to_args()).unwrap(), o);
         let mut bad = o.to_args();
@@ -1879,10 +2013,11 @@ mod tests {
     #[test]
     fn lines_parse() {
         assert!(matches!(parse_line("reg 12"), Msg::Reg(12)));
-        match parse_line("ep 3 10 9 8 100 200 300") {
+        match parse_line("ep 3 10 9 8 100 200 300 4096") {
             Msg::Ep(3, s) => {
                 assert_eq!((s.size, s.seen, s.acked), (10, 9, 8));
                 assert_eq!((s.first_ns, s.last_ns, s.acked_ns), (100, 200, 300));
+                assert_eq!(s.bytes, 4096);
             }
             _ => panic!("ep line"),
         }
