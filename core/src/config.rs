@@ -45,8 +45,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Deadline of every blocking wait of an operation (a silent peer is reported after this long)." },
     VarSpec { name: "BRAID_INIT_TIMEOUT", ty: "seconds", default: "300",
         doc: "Deadline for rendezvous and connection set-up." },
-    VarSpec { name: "BRAID_LAZY_CONNECT", ty: "0|1", default: "0",
-        doc: "1 (experimental): a peer is connected at the first operation that exchanges data with it (as NCCL does), so a ring all-reduce on N ranks opens O(N) connections, not O(N²); an all-to-all still connects every pair when it runs. The lower rank of a pair connects; the higher one's first operation with it waits (at most BRAID_TIMEOUT) until the lower one reaches its own. Known limit: non-blocking point-to-point whose progress depends on a chain through other ranks can wait until BRAID_TIMEOUT where eager connections complete (the progress thread stops at the first operation waiting for a lower rank's connection), so it is off by default. Errors of connecting name the peer and fail that operation. Applies to the view installed at init (and by create_group/split); a view adopted by update() (elastic groups) connects every pair. 0: every pair is connected at init. Must be equal on all ranks." },
+    VarSpec { name: "BRAID_LAZY_CONNECT", ty: "0|1", default: "1",
+        doc: "1: a peer is connected at the first operation that exchanges data with it (as NCCL does), so a ring all-reduce on N ranks opens O(N) connections, not O(N²); an all-to-all still connects every pair when it runs. Either side of a pair may need it first, whatever the other side's application is doing: the lower rank dials, and a higher rank asks the lower rank's acceptor to dial it (an authenticated dial-back request; the address dialed comes from the lower rank's own view), so programs that work with connections made at init work the same (a non-blocking operation waiting for its connection holds up no other one, except later ones with the same peer, which keep their order). Errors of connecting name the peer and fail that operation (at most BRAID_TIMEOUT). Applies to the view installed at init (and by create_group/split); a view adopted by update() (elastic groups) connects every pair. 0: every pair is connected at init. Must be equal on all ranks." },
     VarSpec { name: "BRAID_TRANSPORT", ty: "auto|tcp|shm|ib", default: "auto",
         doc: "Transport between ranks. auto: shared memory between ranks with the same host id; between hosts ib (RDMA verbs) where both ends have a usable device, else tcp (a rank without one logs once \"no RDMA device: <reason>\"); tcp, shm or ib forces one (shm between different hosts is an error; ib without a usable device is an error naming the reason)." },
     VarSpec { name: "BRAID_IB_PROVIDER", ty: "verbs|emulated", default: "verbs",
@@ -400,7 +400,7 @@ impl Default for Config {
                 shm_spin: Duration::from_micros(20),
                 shm_ring_bytes: 4 << 20,
                 shm_direct: true,
-                lazy_connect: false,
+                lazy_connect: true,
                 shm_cma: CmaUse::Auto,
                 shm_direct_min: 1 << 20,
                 log: "warn".into(),
@@ -630,8 +630,8 @@ impl Config {
             }
         };
         let lazy_connect = match val("BRAID_LAZY_CONNECT").trim() {
-            "0" | "" | "false" | "no" => false,
-            "1" | "true" | "yes" => true,
+            "0" | "false" | "no" => false,
+            "1" | "" | "true" | "yes" => true,
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "BRAID_LAZY_CONNECT={other}: expected 0 or 1"

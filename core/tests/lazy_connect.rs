@@ -1,14 +1,21 @@
-//! Lazy connections (BRAID_LAZY_CONNECT): a peer is connected at the first operation that
-//! exchanges data with it. Ranks are threads over the in-process transport; the connections a
-//! rank holds are read with `Communicator::connected_peers`. Expected values are closed forms.
+//! Lazy connections (BRAID_LAZY_CONNECT, on by default): a peer is connected at the first
+//! operation that exchanges data with it, by either side (a higher rank asks the lower one to
+//! dial it), so programs that work with connections made at init work the same. Ranks are
+//! threads over the in-process transport (one test over tcp); the connections a rank holds
+//! are read with `Communicator::connected_peers`, the connections made are counted by
+//! [`Counting`]. Expected values are closed forms.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use braid::membership::Coordinator;
-use braid::transport::mem::MemFabric;
+use braid::transport::mem::{MemFabric, MemTransport};
+use braid::transport::{
+    Challenge, Conn, ConnectHandle, DeviceProps, HelloFn, Listener, NetResult, Transport,
+};
 use braid::{Communicator, Config, Error, ReduceOp};
 
 /// Runs `f(rank, communicator)` on `n` in-process ranks; `lazy` sets BRAID_LAZY_CONNECT.
@@ -16,6 +23,17 @@ fn with_ranks(
     n: usize,
     lazy: bool,
     timeout: Duration,
+    f: impl Fn(usize, Communicator) + Send + Sync,
+) {
+    with_ranks_over(n, lazy, timeout, false, f)
+}
+
+/// [`with_ranks`], over tcp with `tcp` (ranks are still threads of this process).
+fn with_ranks_over(
+    n: usize,
+    lazy: bool,
+    timeout: Duration,
+    tcp: bool,
     f: impl Fn(usize, Communicator) + Send + Sync,
 ) {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
@@ -35,9 +53,14 @@ fn with_ranks(
                     shm_direct: false,
                     slice_bytes: 4096,
                     timeout,
+                    transport: braid::config::TransportKind::Tcp,
                     ..Config::default()
                 };
-                let c = Communicator::init_in_process(cfg, fabric).unwrap();
+                let c = if tcp {
+                    Communicator::init_with(cfg).unwrap()
+                } else {
+                    Communicator::init_in_process(cfg, fabric).unwrap()
+                };
                 assert_eq!(c.rank(), r);
                 f(r, c);
             });
@@ -159,11 +182,12 @@ fn connecting_to_a_peer_that_died_before_first_use_names_it() {
 }
 
 #[test]
-fn waiting_for_a_lower_peer_that_died_before_first_use_names_it() {
-    // Rank 0 is gone before any operation: rank 1, the higher rank, waits for its connection
-    // at its first receive until BRAID_TIMEOUT, then fails naming rank 0 and its host.
+fn asking_a_lower_peer_that_died_before_first_use_names_it() {
+    // Rank 0 is gone before any operation: rank 1, the higher rank, asks it to connect at its
+    // first receive; the request cannot be delivered and the receive fails at once (not at
+    // BRAID_TIMEOUT, 60 s here) naming rank 0 and its host.
     let done = Barrier::new(2);
-    with_ranks(2, true, Duration::from_secs(2), |r, c| {
+    with_ranks(2, true, Duration::from_secs(60), |r, c| {
         let host = c.view().members[0].hostname.clone();
         if r == 0 {
             drop(c);
@@ -171,14 +195,23 @@ fn waiting_for_a_lower_peer_that_died_before_first_use_names_it() {
             return;
         }
         done.wait();
+        let t = Instant::now();
         let mut b = [0u8; 3];
         let e = c.recv(&mut b, 0, 0).unwrap_err();
         match &e {
-            Error::Timeout { what, .. } => {
-                assert!(what.contains(&format!("rank 0 ({host})")), "{e}");
+            Error::PeerLost {
+                rank,
+                host: h,
+                detail,
+                ..
+            } => {
+                assert_eq!(*rank, 0, "{e}");
+                assert_eq!(*h, host, "{e}");
+                assert!(detail.contains("asking it to connect"), "{e}");
             }
-            other => panic!("expected a Timeout naming rank 0, got {other}"),
+            other => panic!("expected PeerLost naming rank 0, got {other}"),
         }
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     });
 }
 
@@ -283,14 +316,13 @@ fn a_higher_rank_that_aborts_before_first_use_refuses_the_lower_ranks_connection
     });
 }
 
-/// Why lazy connections are off by default: a non-blocking chain (rank 1's isend to rank 2
-/// must progress while its irecv from rank 0 waits; rank 0 sends only after rank 2 forwarded)
-/// completes with connections made at init. With BRAID_LAZY_CONNECT=1 it waits until
-/// BRAID_TIMEOUT (rank 1's progress thread stops at the irecv waiting for rank 0's connection).
-#[test]
-fn a_nonblocking_chain_completes_with_eager_connections() {
+/// A non-blocking chain: rank 1's isend to rank 2 must progress while its irecv from rank 0
+/// waits; rank 0 sends only after rank 2 forwarded. It completes with connections made at init
+/// and with lazy ones (rank 1 asks rank 0 to connect: rank 0's acceptor side dials while its
+/// application waits in recv(2); rank 1's progress thread keeps the isend going meanwhile).
+fn nonblocking_chain(lazy: bool) {
     // rank 1: isend(2) then irecv(0); rank 2: recv(1) then send(0); rank 0: recv(2) then send(1)
-    with_ranks(3, false, Duration::from_secs(20), |r, c| {
+    with_ranks(3, lazy, Duration::from_secs(20), |r, c| {
         let big = 8 << 20;
         match r {
             0 => {
@@ -309,6 +341,216 @@ fn a_nonblocking_chain_completes_with_eager_connections() {
                 c.recv(&mut b, 1, 3).unwrap();
                 c.send(&b[..16], 0, 1).unwrap();
             }
+        }
+    });
+}
+
+#[test]
+fn a_nonblocking_chain_completes_with_eager_connections() {
+    nonblocking_chain(false);
+}
+
+#[test]
+fn a_nonblocking_chain_completes_with_lazy_connections() {
+    let t = Instant::now();
+    nonblocking_chain(true);
+    // Well under BRAID_TIMEOUT (20 s): nothing waited for an application.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
+/// A small blocking send to a rank that is busy elsewhere, then a barrier: with 6 ranks the
+/// dissemination barrier pairs ranks at distances 1 and 2 (and 4 = -2) only, never 0 and 3.
+/// Rank 3 sends to rank 0 first (over tcp it is buffered: it completes before rank 0
+/// receives; the in-process transport would wait for the receive); rank 0 receives only after
+/// the barrier. Eager connections complete it; lazy ones too (rank 3 asks rank 0, whose
+/// acceptor side dials while its application is in the barrier).
+fn send_then_barrier(lazy: bool) {
+    const N: usize = 6;
+    with_ranks_over(N, lazy, Duration::from_secs(20), true, |r, c| {
+        match r {
+            3 => {
+                c.send(&[3u32, 33], 0, 5).unwrap();
+                c.barrier().unwrap();
+            }
+            0 => {
+                c.barrier().unwrap();
+                let mut b = [0u32; 2];
+                c.recv(&mut b, 3, 5).unwrap();
+                assert_eq!(b, [3, 33]);
+            }
+            _ => c.barrier().unwrap(),
+        }
+        if lazy {
+            // The barrier's peers (r ± 1, r ± 2), and the pair 0-3.
+            let mut want: Vec<usize> = [1, 2, N - 1, N - 2].iter().map(|d| (r + d) % N).collect();
+            if r == 0 || r == 3 {
+                want.push(3 - r);
+            }
+            want.sort_unstable();
+            want.dedup();
+            assert_eq!(c.connected_peers(), want, "rank {r}");
+        }
+    });
+}
+
+#[test]
+fn a_send_then_a_barrier_that_does_not_pair_them_completes_with_eager_connections() {
+    send_then_barrier(false);
+}
+
+#[test]
+fn a_send_then_a_barrier_that_does_not_pair_them_completes_with_lazy_connections() {
+    let t = Instant::now();
+    send_then_barrier(true);
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
+/// A transport that counts the connections it makes: data connections and dial-back requests
+/// (flag 2 of the hello's flags, bytes 6..8).
+struct Counting {
+    inner: MemTransport,
+    data: Arc<AtomicUsize>,
+    asks: Arc<AtomicUsize>,
+}
+
+impl Transport for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn devices(&self) -> NetResult<Vec<DeviceProps>> {
+        self.inner.devices()
+    }
+    fn listen(&self, dev: usize) -> NetResult<(Box<dyn Listener>, ConnectHandle)> {
+        self.inner.listen(dev)
+    }
+    fn connect_challenged(
+        &self,
+        handle: &ConnectHandle,
+        hello: HelloFn<'_>,
+        deadline: Instant,
+    ) -> NetResult<Box<dyn Conn>> {
+        let ask = AtomicBool::new(false);
+        let c = self.inner.connect_challenged(
+            handle,
+            &|ch: &Challenge| {
+                let h = hello(ch);
+                ask.store(h.len() > 8 && h[6] & 2 != 0, Ordering::SeqCst);
+                h
+            },
+            deadline,
+        )?;
+        if ask.load(Ordering::SeqCst) {
+            self.asks.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.data.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(c)
+    }
+}
+
+#[test]
+fn both_ends_of_every_pair_first_using_it_at_once_make_one_connection() {
+    // Every rank starts a non-blocking exchange with every other rank at once (both ends of
+    // every pair need it at the same moment: the lower one dials, the higher one asks), then
+    // an all-to-all: exactly one data connection per pair (a request that finds the pair
+    // being connected is not answered with a second dial).
+    const N: usize = 6;
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let fabric = MemFabric::new();
+    let (data, asks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    std::thread::scope(|s| {
+        for r in 0..N {
+            let (addr, fabric) = (addr.clone(), fabric.clone());
+            let (data, asks) = (data.clone(), asks.clone());
+            s.spawn(move || {
+                let cfg = Config {
+                    coordinator: Some(addr),
+                    world_size: Some(N),
+                    rank: Some(r),
+                    shm_direct: false,
+                    timeout: Duration::from_secs(20),
+                    ..Config::default()
+                };
+                assert!(cfg.lazy_connect, "lazy connections are the default");
+                let t = Counting {
+                    inner: MemTransport::new(fabric),
+                    data,
+                    asks,
+                };
+                let c = Communicator::init_with_transports(cfg, vec![Arc::new(t)]).unwrap();
+                let mut hs = Vec::new();
+                for p in (0..N).filter(|&p| p != r) {
+                    hs.push(c.isend(vec![r as u8; 100], p, 9).unwrap());
+                }
+                let mut rs = Vec::new();
+                for p in (0..N).filter(|&p| p != r) {
+                    rs.push((p, c.irecv(vec![0u8; 100], p, 9).unwrap()));
+                }
+                for h in hs {
+                    h.wait().unwrap();
+                }
+                for (p, h) in rs {
+                    assert_eq!(h.wait().unwrap(), vec![p as u8; 100]);
+                }
+                assert_eq!(c.connected_peers(), everyone_but(N, r));
+                let send: Vec<u32> = (0..N).map(|q| (r * 10 + q) as u32).collect();
+                let mut got = vec![0u32; N];
+                c.all_to_all(&send, &mut got).unwrap();
+                assert_eq!(got, (0..N).map(|q| (q * 10 + r) as u32).collect::<Vec<_>>());
+                c.barrier().unwrap();
+            });
+        }
+    });
+    assert_eq!(data.load(Ordering::SeqCst), N * (N - 1) / 2, "one per pair");
+    // Requests: one per pair at most, unless a lower rank took over 2 s to connect (asked
+    // again); none where the lower rank's connection came first.
+    println!("dial-back requests: {}", asks.load(Ordering::SeqCst));
+}
+
+#[test]
+fn lazy_connections_over_tcp_complete_the_chain_and_an_all_reduce() {
+    // The real tcp acceptor serves the dial-back requests (ranks are threads, each with its
+    // own listener): the non-blocking chain, then an all-reduce.
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    std::thread::scope(|s| {
+        for r in 0..3 {
+            let addr = addr.clone();
+            s.spawn(move || {
+                let cfg = Config {
+                    coordinator: Some(addr),
+                    world_size: Some(3),
+                    rank: Some(r),
+                    transport: braid::config::TransportKind::Tcp,
+                    timeout: Duration::from_secs(20),
+                    ..Config::default()
+                };
+                let c = Communicator::init_with(cfg).unwrap();
+                assert_eq!(c.connected_peers(), Vec::<usize>::new(), "nothing at init");
+                let big = 4 << 20;
+                match r {
+                    0 => {
+                        let mut b = vec![0u8; 16];
+                        c.recv(&mut b, 2, 1).unwrap();
+                        c.send(&b, 1, 2).unwrap();
+                    }
+                    1 => {
+                        let h1 = c.isend(vec![7u8; big], 2, 3).unwrap();
+                        let h2 = c.irecv(vec![0u8; 16], 0, 2).unwrap();
+                        h1.wait().unwrap();
+                        assert_eq!(h2.wait().unwrap(), vec![7u8; 16]);
+                    }
+                    _ => {
+                        let mut b = vec![0u8; big];
+                        c.recv(&mut b, 1, 3).unwrap();
+                        c.send(&b[..16], 0, 1).unwrap();
+                    }
+                }
+                let mut x = [r as u64 + 1];
+                c.all_reduce_inplace(&mut x, ReduceOp::Sum).unwrap();
+                assert_eq!(x, [6]);
+            });
         }
     });
 }

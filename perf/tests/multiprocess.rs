@@ -83,6 +83,50 @@ fn every_collective_over_shm_with_braid_run() {
     every_collective("shm");
 }
 
+/// Lazy connections (the default) between processes over real tcp and shm listeners: a
+/// sendrecv ring on 6 ranks (each rank sends to r+1 and receives from r-1 in one group, so
+/// both ends of every pair first need it at once: the lower one dials, the higher one asks it
+/// to) completes with exact results, and not every pair is connected (braid-perf also runs
+/// small collectives and barriers of its own, which connect their peers: the barrier's at
+/// distances 1 and 2, never 3); BRAID_LAZY_CONNECT=0 connects every pair at init. `-v` lists
+/// the peers each rank holds a connection to.
+#[test]
+fn lazy_connections_connect_only_the_peers_used_over_tcp_and_shm() {
+    let p = perf();
+    let p = p.to_str().unwrap();
+    for transport in ["tcp", "shm"] {
+        for lazy in ["1", "0"] {
+            let args = [
+                "-n", "6", "--", p, "sendrecv", "-b", "1K", "-e", "256K", "-f", "16", "-n", "2",
+                "-w", "1", "-v",
+            ];
+            let (so, se) = run_ok(
+                &args,
+                &[("BRAID_TRANSPORT", transport), ("BRAID_LAZY_CONNECT", lazy)],
+            );
+            let lines: Vec<&str> = se
+                .lines()
+                .filter(|l| l.contains("bytes per peer"))
+                .collect();
+            assert_eq!(lines.len(), 6, "{transport} lazy={lazy}\n{so}\n{se}");
+            let mut total = 0;
+            for l in lines {
+                let peers = l.matches("[peer ").count();
+                total += peers;
+                assert!(l.contains(&format!("via {transport}")), "{l}");
+                if lazy == "1" {
+                    assert!((2..=5).contains(&peers), "{transport}: {l}\n{se}");
+                } else {
+                    assert_eq!(peers, 5, "{transport} eager: {l}\n{se}");
+                }
+            }
+            if lazy == "1" {
+                assert!(total < 6 * 5, "{transport}: every pair connected\n{se}");
+            }
+        }
+    }
+}
+
 /// `-R 1`: buffers from braid's shared-memory allocator; on one host all_reduce and sendrecv
 /// copy single-copy (counted by `-v` as "single-copy read"), results still exact. `-R 0`
 /// (heap buffers): all_reduce is single-copy through cross-memory attach (BRAID_SHM_CMA=auto),

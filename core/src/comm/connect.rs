@@ -11,13 +11,15 @@ use braid_transport::{Challenge, Conn, ConnectHandle, Listener, Transport};
 
 use crate::config::TransportKind;
 use crate::error::{Error, Result};
-use crate::exec::{Exec, Peer, Tripwire};
-use crate::membership::{auth, Client, View};
+use crate::exec::Peer;
+use crate::membership::{auth, View};
 
 use super::setup::decode_handles;
 use super::{lock, panic_message};
 
 const HELLO_MAGIC: &[u8; 4] = b"BRDA";
+/// Version 2 (the dial-back flag, [`HELLO_DIAL_BACK`], came later: a build without it takes
+/// a request for a data connection from a higher rank, and refuses it with a log line).
 const HELLO_VERSION: u16 = 2;
 
 /// Starts the thread that accepts data connections on every listener and puts them in the
@@ -119,16 +121,28 @@ fn accept_loop(
 const HELLO_FIELDS: usize = 32;
 /// Flag of a data hello: a job-token MAC follows the view MAC.
 const HELLO_HAS_TOKEN: u16 = 1;
+/// Flag of a data hello: not a data connection but a request from a higher rank of a lazily
+/// connected view that the acceptor's rank (a lower one) connect to it ([`lazy`]). The flag is
+/// covered by the MACs; the rank dialed is the one the hello names, at the address the
+/// acceptor's own view gives for it.
+const HELLO_DIAL_BACK: u16 = 2;
 /// Domain label of a data hello's view MAC.
 const HELLO_LABEL: &[u8] = b"braid-data";
 /// Domain label of a data hello's job-token MAC.
 const HELLO_TOKEN_LABEL: &[u8] = b"braid-data-token";
 
-fn hello_fields(epoch: u64, rank: usize, member: u64, token: bool) -> [u8; HELLO_FIELDS] {
+fn hello_fields(
+    epoch: u64,
+    rank: usize,
+    member: u64,
+    token: bool,
+    dial_back: bool,
+) -> [u8; HELLO_FIELDS] {
     let mut f = [0u8; HELLO_FIELDS];
     f[0..4].copy_from_slice(HELLO_MAGIC);
     f[4..6].copy_from_slice(&HELLO_VERSION.to_le_bytes());
-    let flags = if token { HELLO_HAS_TOKEN } else { 0 };
+    let flags =
+        if token { HELLO_HAS_TOKEN } else { 0 } | if dial_back { HELLO_DIAL_BACK } else { 0 };
     f[6..8].copy_from_slice(&flags.to_le_bytes());
     f[8..16].copy_from_slice(&epoch.to_le_bytes());
     f[16..24].copy_from_slice(&(rank as u64).to_le_bytes());
@@ -149,7 +163,20 @@ fn hello_bytes(
     member: u64,
     token: Option<&[u8]>,
 ) -> Vec<u8> {
-    let f = hello_fields(epoch, rank, member, token.is_some());
+    hello_bytes_as(challenge, nonce, epoch, rank, member, token, false)
+}
+
+/// [`hello_bytes`], or with `dial_back` the hello of a dial-back request ([`HELLO_DIAL_BACK`]).
+fn hello_bytes_as(
+    challenge: &Challenge,
+    nonce: u64,
+    epoch: u64,
+    rank: usize,
+    member: u64,
+    token: Option<&[u8]>,
+    dial_back: bool,
+) -> Vec<u8> {
+    let f = hello_fields(epoch, rank, member, token.is_some(), dial_back);
     let key = auth::view_key(token, nonce);
     let mut h = Vec::with_capacity(HELLO_FIELDS + 2 * auth::MAC_LEN);
     h.extend_from_slice(&f);
@@ -166,6 +193,8 @@ pub(crate) struct Hello {
     epoch: u64,
     rank: usize,
     member: u64,
+    /// A dial-back request ([`HELLO_DIAL_BACK`]), not a data connection.
+    dial_back: bool,
     /// The bytes the MACs cover.
     fields: [u8; HELLO_FIELDS],
     /// `HMAC(view_key, "braid-data" | challenge | fields)`.
@@ -186,7 +215,8 @@ pub(crate) fn parse_hello(
     if u16::from_le_bytes([h[4], h[5]]) != HELLO_VERSION {
         return Err("another braid hello version");
     }
-    let has_token = u16::from_le_bytes([h[6], h[7]]) & HELLO_HAS_TOKEN != 0;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    let has_token = flags & HELLO_HAS_TOKEN != 0;
     let want = HELLO_FIELDS + auth::MAC_LEN * if has_token { 2 } else { 1 };
     if h.len() != want {
         return Err("malformed braid hello (length)");
@@ -214,6 +244,7 @@ pub(crate) fn parse_hello(
         epoch: u(8),
         rank: usize::try_from(u(16)).unwrap_or(usize::MAX),
         member: u(24),
+        dial_back: flags & HELLO_DIAL_BACK != 0,
         fields,
         mac,
         token_mac,
@@ -309,6 +340,11 @@ fn claim(
     peers: &mut [Option<Peer>],
     a: Arrived,
 ) -> Option<(usize, &'static str)> {
+    if a.hello.dial_back {
+        // Served by the acceptor (Stash::push, Stash::installed), never a rank's connection.
+        tracing::debug!(target: "braid::net", "dropping a dial-back request of rank {} (view epoch {}): this rank connects eagerly", a.hello.rank, a.hello.epoch);
+        return None;
+    }
     if !a.verified {
         // learn() checked the connections of this view and push() checks later ones: this is
         // only a second line of defence.
@@ -375,6 +411,9 @@ pub(super) struct Stash {
     /// with the reason as they arrive (the peer fails at once, naming this rank, instead of
     /// waiting on a connection nobody claims).
     failed: Mutex<Option<(u64, String)>>,
+    /// The connections of the installed view when it connects lazily: dial-back requests of
+    /// its epoch are handed to it. Lock order: `list` before `links`.
+    links: Mutex<Option<Arc<Dialer>>>,
 }
 
 /// How long an unclaimed connection is kept.
@@ -401,6 +440,7 @@ impl Stash {
             dead: Mutex::new(None),
             lazy: AtomicBool::new(false),
             failed: Mutex::new(None),
+            links: Mutex::new(None),
         }
     }
 
@@ -475,7 +515,16 @@ impl Stash {
             }
             self.remember(&a.hello.mac);
             a.verified = true;
-            if let Some((e, why)) = lock(&self.failed).as_ref() {
+            if a.hello.dial_back {
+                // A higher rank asks this one to connect to it: served at once when its view
+                // is the installed lazy one, else kept until that view is installed.
+                let links = lock(&self.links).clone();
+                if let Some(d) = links.filter(|d| d.epoch() == a.hello.epoch) {
+                    drop(l);
+                    d.asked_by(a.hello.rank);
+                    return;
+                }
+            } else if let Some((e, why)) = lock(&self.failed).as_ref() {
                 if *e == a.hello.epoch {
                     a.conn.abort(why);
                     return;
@@ -494,6 +543,7 @@ impl Stash {
         l.push(a);
         drop(l);
         self.cv.notify_all();
+        self.wake_links();
     }
 
     /// Remembers the view MAC of a hello that verified, so that a copy of it on another
@@ -542,8 +592,29 @@ impl Stash {
                 }
             }
         });
+        let asks = self.take_asks(&mut l);
         drop(l);
         self.cv.notify_all();
+        asks.serve();
+    }
+
+    /// Takes the verified dial-back requests of the installed lazy view out of `l` (to be
+    /// served once the list lock is released).
+    fn take_asks(&self, l: &mut Vec<Arrived>) -> Asks {
+        let Some(d) = lock(&self.links).clone() else {
+            return Asks(None, Vec::new());
+        };
+        let mut ranks = Vec::new();
+        let mut i = 0;
+        while i < l.len() {
+            let h = &l[i].hello;
+            if l[i].verified && h.dial_back && h.epoch == d.epoch() {
+                ranks.push(l.swap_remove(i).hello.rank);
+            } else {
+                i += 1;
+            }
+        }
+        Asks(Some(d), ranks)
     }
 
     /// Marks epochs up to `epoch` installed (their connections are stale now).
@@ -561,14 +632,53 @@ impl Stash {
         });
     }
 
-    /// With `lazy`, the connections of `epoch` itself are kept (and still accepted) for their
-    /// first use.
-    pub(super) fn installed(&self, epoch: u64, lazy: bool) {
+    /// With `links` (the view connects lazily), the connections of `epoch` itself are kept
+    /// (and still accepted) for their first use, and its dial-back requests go to `links`
+    /// (those that arrived before are served now).
+    pub(super) fn installed(&self, epoch: u64, links: Option<Arc<Dialer>>) {
+        let lazy = links.is_some();
         let floor = if lazy { epoch } else { epoch + 1 };
         self.lazy.store(lazy, Ordering::SeqCst);
         self.floor.store(floor, Ordering::SeqCst);
-        lock(&self.list).retain(|x| x.hello.epoch >= floor);
+        let asks = {
+            let mut l = lock(&self.list);
+            l.retain(|x| x.hello.epoch >= floor);
+            *lock(&self.links) = links;
+            self.take_asks(&mut l)
+        };
         lock(&self.views).retain(|e, _| *e >= floor);
+        asks.serve();
+    }
+
+    /// Forgets `d` (its view is replaced, or the communicator dropped): no more dial-back
+    /// requests go to it.
+    pub(super) fn forget(&self, d: &Arc<Dialer>) {
+        let _l = lock(&self.list);
+        let mut g = lock(&self.links);
+        if g.as_ref().is_some_and(|x| Arc::ptr_eq(x, d)) {
+            *g = None;
+        }
+    }
+
+    /// Wakes the waiters for connections of a lazily connected view (see [`Dialer`]).
+    fn wake_links(&self) {
+        let d = lock(&self.links).clone();
+        if let Some(d) = d {
+            d.wake();
+        }
+    }
+}
+
+/// Dial-back requests taken out of the stash, to be served by `.0` without the list lock.
+struct Asks(Option<Arc<Dialer>>, Vec<usize>);
+
+impl Asks {
+    fn serve(self) {
+        if let Some(d) = self.0 {
+            for r in self.1 {
+                d.asked_by(r);
+            }
+        }
     }
 }
 
@@ -810,219 +920,8 @@ pub(super) fn connect_peers(
     Ok((peers, used))
 }
 
-/// Lazy connections (BRAID_LAZY_CONNECT=1): what connecting a peer at its first use needs.
-/// The lower rank of a pair connects; the higher one claims the accepted connection from the
-/// stash.
-pub(super) struct Dialer {
-    /// The transports this rank listens on, in order of preference.
-    pub(super) transports: Vec<Arc<dyn Transport>>,
-    /// Accepted connections (those of the installed view wait here for their first use).
-    pub(super) stash: Arc<Stash>,
-    /// Job token for data-connection hellos.
-    pub(super) token: Option<Vec<u8>>,
-    /// The membership client (shared with the communicator): a newer view or an expulsion
-    /// stops retrying a peer whose listener refuses.
-    pub(super) client: Arc<Mutex<Option<Client>>>,
-    /// The failure of this view's communicator was told ([`Dialer::tell_failure`]).
-    pub(super) told: AtomicBool,
-}
-
-/// Why waiting on `peer` should stop: the membership dropped it for a failure (`PeerLost`),
-/// or this member lost the coordinator.
-fn tripped(trip: &Tripwire, view: &View, peer: usize) -> Option<Error> {
-    if !trip.set.load(Ordering::Relaxed) {
-        return None;
-    }
-    let m = &view.members[peer];
-    let dropped = trip.dropped.lock().map(|d| d.clone()).unwrap_or_default();
-    if let Some((_, why)) = dropped.iter().find(|(id, _)| *id == m.id) {
-        return Some(Error::PeerLost {
-            rank: peer,
-            member: m.id,
-            host: m.hostname.clone(),
-            detail: format!("removed from the group by the coordinator: {why}"),
-        });
-    }
-    let iso = trip.isolated.lock().ok().and_then(|g| g.clone());
-    iso.map(Error::Coordinator)
-}
-
-/// How long telling one peer of a failure may take ([`Dialer::tell_failure`]).
-const TELL_DEADLINE: Duration = Duration::from_secs(2);
-
-impl Dialer {
-    /// The communicator of `view` failed with `reason` (sticky error or abort): tells the peers
-    /// that have no connection with this rank yet, once. Connections that arrive from lower
-    /// ranks are aborted with the reason ([`Stash::fail`]); the higher ranks not connected yet
-    /// (they may be waiting for this rank's connection) are connected to and aborted by a
-    /// short-lived thread, at most [`TELL_DEADLINE`] each, best effort. Never blocks.
-    pub(super) fn tell_failure(
-        &self,
-        view: &View,
-        rank: usize,
-        member: u64,
-        peers: &[Option<Peer>],
-        reason: &str,
-    ) {
-        if self.told.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        self.stash.fail(view.epoch, reason);
-        let higher: Vec<usize> = (rank + 1..peers.len())
-            .filter(|&j| peers[j].is_none())
-            .collect();
-        if higher.is_empty() {
-            return;
-        }
-        let (transports, token) = (self.transports.clone(), self.token.clone());
-        let (view, reason) = (view.clone(), reason.to_string());
-        let spawned = std::thread::Builder::new()
-            .name("braid-tell".into())
-            .spawn(move || {
-                for j in higher {
-                    let deadline = Instant::now() + TELL_DEADLINE;
-                    let t = token.as_deref();
-                    match dial(&transports, &view, rank, member, t, j, deadline, &|| None) {
-                        Ok((mut p, _)) => p.conn.abort(&reason),
-                        Err(e) => {
-                            tracing::debug!(target: "braid::net", "rank {rank}: telling rank {j} of the failure: {e}");
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(target: "braid::net", "rank {rank}: spawning the thread that tells peers of the failure: {e}");
-        }
-    }
-
-    /// Whether a newer view was announced or this member was expelled (without blocking: a
-    /// client lock held elsewhere counts as no news).
-    fn superseded(&self, epoch: u64) -> bool {
-        match self.client.try_lock() {
-            Ok(g) => g
-                .as_ref()
-                .is_some_and(|c| c.announced_epoch() > epoch || c.expelled().is_some()),
-            Err(_) => false,
-        }
-    }
-
-    /// Connects the peers of `need` that are not connected yet: first the higher ranks (this
-    /// rank connects to them), then the lower ones (waits for their connections: they connect
-    /// at their first use of this rank). Every wait ends by `now + exec.timeout`
-    /// (BRAID_TIMEOUT) and watches the abort flag, the accept thread and the membership's
-    /// tripwire. Errors name the peer: `PeerLost` (cannot connect, or dropped by the
-    /// membership), `InvalidArgument` (no transport in common), `Timeout` (no connection from
-    /// a lower rank in time); `Aborted`; `Coordinator` (isolated, or the view superseded while
-    /// a peer refused).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn ensure(
-        &self,
-        view: &View,
-        rank: usize,
-        member: u64,
-        peers: &mut [Option<Peer>],
-        exec: &Exec,
-        need: &mut Vec<usize>,
-    ) -> Result<()> {
-        need.retain(|&p| p != rank && p < peers.len() && peers[p].is_none());
-        if need.is_empty() {
-            return Ok(());
-        }
-        need.sort_unstable();
-        need.dedup();
-        let deadline = Instant::now() + exec.timeout;
-        let abort = &exec.abort;
-        let trip = &exec.trip;
-        for &j in need.iter().filter(|&&j| j > rank) {
-            // A peer that refuses may be dead: stop retrying once this member aborts, the
-            // membership drops the peer, or a newer view is announced.
-            let give_up = || {
-                if abort.load(Ordering::Relaxed) {
-                    Some(Error::Aborted)
-                } else if let Some(e) = tripped(trip, view, j) {
-                    Some(e)
-                } else if self.superseded(view.epoch) {
-                    Some(Error::Coordinator(format!(
-                        "view epoch {} was superseded while connecting to rank {j}",
-                        view.epoch
-                    )))
-                } else {
-                    None
-                }
-            };
-            let token = self.token.as_deref();
-            let (peer, name) = dial(
-                &self.transports,
-                view,
-                rank,
-                member,
-                token,
-                j,
-                deadline,
-                &give_up,
-            )?;
-            tracing::debug!(target: "braid::net", "rank {rank}: connected to rank {j} over {name} at first use");
-            peers[j] = Some(peer);
-        }
-        let mut missing: Vec<usize> = need.iter().copied().filter(|&j| j < rank).collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let stash = &self.stash;
-        let mut list = lock(&stash.list);
-        loop {
-            // Claim the verified connections of this view from the ranks awaited; refuse
-            // those from ranks that do not connect to this one; keep the rest (later uses,
-            // later views).
-            let mut i = 0;
-            while i < list.len() {
-                let h = list[i].hello;
-                if h.epoch != view.epoch || (h.rank < rank && !missing.contains(&h.rank)) {
-                    i += 1;
-                    continue;
-                }
-                let a = list.swap_remove(i);
-                let Some((r, transport)) = claim(stash, view, rank, peers, a) else {
-                    continue;
-                };
-                tracing::debug!(target: "braid::net", "rank {rank}: connection from rank {r} over {transport} claimed at first use");
-                missing.retain(|&x| x != r);
-            }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            if abort.load(Ordering::Relaxed) {
-                return Err(Error::Aborted);
-            }
-            if let Some(why) = lock(&stash.dead).clone() {
-                return Err(Error::Internal(format!("rank {rank}: {why}")));
-            }
-            if let Some(e) = missing.iter().find_map(|&r| tripped(trip, view, r)) {
-                return Err(e);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let who: Vec<String> = missing
-                    .iter()
-                    .map(|&r| format!("rank {r} ({})", view.members[r].hostname))
-                    .collect();
-                return Err(Error::Timeout {
-                    what: format!(
-                        "rank {rank}: waiting for the connection from {} (view epoch {}; the lower rank of a pair connects at its first use of the other, BRAID_LAZY_CONNECT=1)",
-                        who.join(", "),
-                        view.epoch
-                    ),
-                    secs: exec.timeout.as_secs_f64(),
-                });
-            }
-            list = stash
-                .cv
-                .wait_timeout(list, left.min(Duration::from_millis(50)))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-}
+mod lazy;
+pub(super) use lazy::Dialer;
 
 #[cfg(test)]
 mod data_hello_tests;

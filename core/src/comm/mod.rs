@@ -119,9 +119,9 @@ struct Inner {
     cma: bool,
     /// Set when a braid thread of this communicator panicked (shared with its handles).
     poison: Arc<Poison>,
-    /// Lazy connections (BRAID_LAZY_CONNECT=1): how peers are connected at their first use.
-    /// `None`: every peer was connected when the view was installed.
-    dial: Option<Dialer>,
+    /// Lazy connections (BRAID_LAZY_CONNECT=1, the default): how peers are connected at
+    /// their first use. `None`: every peer was connected when the view was installed.
+    dial: Option<Arc<Dialer>>,
 }
 
 /// The state a panic leaves behind, shared by a communicator's [`Inner`] and its handles: a
@@ -441,7 +441,7 @@ impl Communicator {
         // sees the flag within ~50 ms and its error path does it.
         if let Ok(mut st) = self.inner.state.try_lock() {
             fail_state(&mut st, Error::Aborted);
-            tell_unconnected(&self.inner, &st, &Error::Aborted);
+            tell_unconnected(&self.inner, &Error::Aborted);
         }
         self.inner.qcv.notify_all();
     }
@@ -508,6 +508,9 @@ impl Drop for Communicator {
                     p.conn.goodbye();
                 }
             }
+        }
+        if let Some(d) = &self.inner.dial {
+            d.close();
         }
         self.acceptor_stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.acceptor.take() {

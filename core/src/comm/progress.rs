@@ -2,6 +2,7 @@
 //! non-blocking operations, and their completion handles.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -300,22 +301,23 @@ fn note_failure(inner: &Inner, st: &mut State, e: &Error) {
     if e.is_sticky() {
         tracing::error!(target: "braid::coll", "rank {}: {e}", inner.rank);
         fail_state(st, e.clone());
-        tell_unconnected(inner, st, e);
+        tell_unconnected(inner, e);
     }
 }
 
 /// Lazy connections: tells the peers not connected yet that this communicator failed (see
 /// [`super::connect::Dialer::tell_failure`]); `fail_state` tells the connected ones.
-pub(super) fn tell_unconnected(inner: &Inner, st: &State, e: &Error) {
+pub(super) fn tell_unconnected(inner: &Inner, e: &Error) {
     if let Some(d) = &inner.dial {
-        d.tell_failure(
-            &inner.view,
-            inner.rank,
-            inner.member,
-            &st.peers,
-            &e.to_string(),
-        );
+        d.tell_failure(&e.to_string());
     }
+}
+
+/// The peers of `need` (other than this rank) that are not connected.
+fn unconnected(inner: &Inner, st: &State, need: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    need.into_iter()
+        .filter(|&p| p != inner.rank && st.peers.get(p).is_some_and(|x| x.is_none()))
+        .collect()
 }
 
 /// Lazy connections (BRAID_LAZY_CONNECT=1): connects the peers of `need` not connected yet,
@@ -329,22 +331,11 @@ fn connect_first_use(
     let Some(d) = &inner.dial else {
         return Ok(());
     };
-    let mut missing: Vec<usize> = need
-        .into_iter()
-        .filter(|&p| p != inner.rank && st.peers.get(p).is_some_and(|x| x.is_none()))
-        .collect();
+    let mut missing = unconnected(inner, st, need);
     if missing.is_empty() {
         return Ok(());
     }
-    let State { peers, exec, .. } = st;
-    d.ensure(
-        &inner.view,
-        inner.rank,
-        inner.member,
-        peers,
-        exec,
-        &mut missing,
-    )
+    d.ensure(&mut st.peers, &mut missing)
 }
 
 /// The peers a plan sends to or receives from.
@@ -525,6 +516,94 @@ pub(super) fn complete(inner: &Inner, slot: Arc<Slot>, keep: Box<dyn Any + Send>
 
 type InFlight = (P2pBatch, Arc<Slot>, Box<dyn Any + Send>);
 
+/// A non-blocking point-to-point job of the progress thread whose peers are being connected
+/// (lazy connections): it begins once they are, after the earlier waiting jobs that share a
+/// peer with it (per-peer issue order), while the jobs in flight keep progressing.
+struct Waiting {
+    ops: Vec<P2pOp>,
+    slot: Arc<Slot>,
+    keep: Box<dyn Any + Send>,
+    /// BRAID_TIMEOUT after it started waiting.
+    deadline: Instant,
+}
+
+fn shares_peer(a: &[P2pOp], b: &[P2pOp]) -> bool {
+    a.iter().any(|x| b.iter().any(|y| x.peer == y.peer))
+}
+
+/// Begins a point-to-point job on the progress thread (its peers connected): it joins the jobs
+/// in flight, or completes at once with its error.
+fn begin_p2p(
+    inner: &Inner,
+    st: &mut State,
+    inflight: &mut Vec<InFlight>,
+    ops: Vec<P2pOp>,
+    slot: Arc<Slot>,
+    keep: Box<dyn Any + Send>,
+) {
+    let begun = check_usable(inner, st).and_then(|_| {
+        let State { peers, exec, .. } = st;
+        exec.p2p_begin(peers, ops)
+    });
+    match begun {
+        Ok(b) => inflight.push((b, slot, keep)),
+        Err(e) => complete(inner, slot, keep, Err(e)),
+    }
+}
+
+/// Polls the connections of the waiting jobs (without blocking) and begins those whose peers
+/// are connected, in issue order per peer; a job whose connection failed or timed out
+/// completes with the error. Returns the connection change count read before polling (to
+/// wait on with [`super::connect::Dialer::wait`]).
+fn start_waiting(
+    inner: &Inner,
+    waiting: &mut VecDeque<Waiting>,
+    inflight: &mut Vec<InFlight>,
+) -> u64 {
+    let Some(d) = &inner.dial else {
+        return 0;
+    };
+    let gen = d.gen();
+    let mut st = lock(&inner.state);
+    // Peers of earlier jobs still waiting: later jobs with them wait too.
+    let mut held: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < waiting.len() {
+        let need = unconnected(inner, &st, waiting[i].ops.iter().map(|o| o.peer));
+        let polled = check_usable(inner, &mut st).and_then(|()| {
+            if need.is_empty() {
+                Ok(true)
+            } else {
+                d.poll(&mut st.peers, &need)
+            }
+        });
+        let res = match polled {
+            Ok(false) if Instant::now() >= waiting[i].deadline => {
+                Err(d.timed_out(&st.peers, &need))
+            }
+            r => r,
+        };
+        match res {
+            Ok(true) if !waiting[i].ops.iter().any(|o| held.contains(&o.peer)) => {
+                if let Some(w) = waiting.remove(i) {
+                    begin_p2p(inner, &mut st, inflight, w.ops, w.slot, w.keep);
+                }
+            }
+            Ok(_) => {
+                held.extend(waiting[i].ops.iter().map(|o| o.peer));
+                i += 1;
+            }
+            Err(e) => {
+                note_failure(inner, &mut st, &e);
+                if let Some(w) = waiting.remove(i) {
+                    complete(inner, w.slot, w.keep, Err(e));
+                }
+            }
+        }
+    }
+    gen
+}
+
 /// The test hook of [`Communicator::inject_progress_panic`].
 fn injected_panic(inner: &Inner) {
     if inner.poison.inject.swap(false, Ordering::SeqCst) {
@@ -540,6 +619,7 @@ fn injected_panic(inner: &Inner) {
 /// waits until every earlier point-to-point group completed.
 fn progress_loop(inner: Arc<Inner>) {
     let mut inflight: Vec<InFlight> = Vec::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     loop {
         injected_panic(&inner);
         let next = {
@@ -549,11 +629,12 @@ fn progress_loop(inner: Arc<Inner>) {
                     break None;
                 }
                 let front_p2p = q.jobs.front().map(|j| matches!(j.desc, JobDesc::P2p(_)));
+                let busy = !inflight.is_empty() || !waiting.is_empty();
                 match front_p2p {
                     Some(true) => break q.jobs.pop_front(),
-                    Some(false) if inflight.is_empty() => break q.jobs.pop_front(),
+                    Some(false) if !busy => break q.jobs.pop_front(),
                     Some(false) => break None,
-                    None if !inflight.is_empty() => break None,
+                    None if busy => break None,
                     None => {
                         if inner.stop.load(Ordering::Relaxed) {
                             return;
@@ -576,19 +657,22 @@ fn progress_loop(inner: Arc<Inner>) {
                 ..
             }) => {
                 let mut st = lock(&inner.state);
-                let begun = check_usable(&inner, &mut st)
-                    .and_then(|_| {
-                        connect_first_use(&inner, &mut st, ops.iter().map(|o| o.peer))
-                            .inspect_err(|e| note_failure(&inner, &mut st, e))
-                    })
-                    .and_then(|_| {
-                        let State { peers, exec, .. } = &mut *st;
-                        exec.p2p_begin(peers, ops)
+                // Lazy connections: a job whose peers are not all connected (or that follows a
+                // waiting job with a peer in common) waits without holding up the others.
+                let wait = inner.dial.is_some()
+                    && (waiting.iter().any(|w| shares_peer(&w.ops, &ops))
+                        || !unconnected(&inner, &st, ops.iter().map(|o| o.peer)).is_empty());
+                if wait {
+                    drop(st);
+                    waiting.push_back(Waiting {
+                        ops,
+                        slot,
+                        keep,
+                        deadline: Instant::now() + inner.cfg.timeout,
                     });
-                drop(st);
-                match begun {
-                    Ok(b) => inflight.push((b, slot, keep)),
-                    Err(e) => complete(&inner, slot, keep, Err(e)),
+                    start_waiting(&inner, &mut waiting, &mut inflight);
+                } else {
+                    begin_p2p(&inner, &mut st, &mut inflight, ops, slot, keep);
                 }
             }
             Some(job) => {
@@ -598,6 +682,16 @@ fn progress_loop(inner: Arc<Inner>) {
                 complete(&inner, job.slot, job.keep, res);
             }
             None => {
+                if !waiting.is_empty() {
+                    let gen = start_waiting(&inner, &mut waiting, &mut inflight);
+                    if inflight.is_empty() {
+                        // Only connections to wait for (new jobs are looked at within 5 ms).
+                        if let (Some(d), false) = (&inner.dial, waiting.is_empty()) {
+                            d.wait(gen, Duration::from_millis(5));
+                        }
+                        continue;
+                    }
+                }
                 let mut st = lock(&inner.state);
                 let mut failed: Option<Error> = None;
                 let mut progressed = false;

@@ -80,6 +80,14 @@ impl Inner {
     }
 }
 
+/// What lazy connections need besides the view: the stash, the job token and the membership
+/// client.
+type Lazy = (
+    Arc<Stash>,
+    Option<Vec<u8>>,
+    Arc<Mutex<Option<membership::Client>>>,
+);
+
 /// Builds the communicator state of an installed view.
 #[allow(clippy::too_many_arguments)]
 fn assemble(
@@ -94,7 +102,7 @@ fn assemble(
     peer_transports: Vec<(usize, &'static str)>,
     abort: Arc<AtomicBool>,
     regions: Arc<Regions>,
-    dial: Option<Dialer>,
+    lazy: Option<Lazy>,
 ) -> Inner {
     let size = view.members.len();
     let all_shm =
@@ -144,6 +152,20 @@ fn assemble(
         }
     };
     let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
+    let dial = lazy.map(|(stash, token, client)| {
+        Dialer::new(
+            transports.to_vec(),
+            stash,
+            token,
+            client,
+            view.clone(),
+            rank,
+            member,
+            cfg.timeout,
+            abort.clone(),
+            exec.trip.clone(),
+        )
+    });
     Inner {
         rank,
         size,
@@ -574,6 +596,9 @@ impl Communicator {
     pub(super) fn install(&mut self, view: View, deadline: Instant, lazy: bool) -> Result<()> {
         let member = self.inner.member;
         self.attempted = self.attempted.max(view.epoch);
+        if let Some(d) = &self.inner.dial {
+            d.close();
+        }
         let old_peers = std::mem::take(&mut lock(&self.inner.state).peers);
         for mut p in old_peers.into_iter().flatten() {
             p.conn.goodbye();
@@ -584,7 +609,7 @@ impl Communicator {
             if let Some(c) = lock(&self.client).as_ref() {
                 c.installed(view.epoch);
             }
-            self.stash.installed(view.epoch, false);
+            self.stash.installed(view.epoch, None);
             tracing::info!(target: "braid::init", "member {member}: not in view epoch {}; left the group", view.epoch);
             let cfg = self.inner.cfg.clone();
             let policy = self.inner.policy.clone();
@@ -648,19 +673,13 @@ impl Communicator {
             peer_transports,
             abort,
             self.regions.clone(),
-            lazy.then(|| Dialer {
-                transports: self.transports.clone(),
-                stash: self.stash.clone(),
-                token: self.token.clone(),
-                client: self.client.clone(),
-                told: AtomicBool::new(false),
-            }),
+            lazy.then(|| (self.stash.clone(), self.token.clone(), self.client.clone())),
         );
         let epoch = inner.view.epoch;
         let trip = lock(&inner.state).exec.trip.clone();
         let ids: Vec<u64> = inner.view.members.iter().map(|m| m.id).collect();
         self.inner = Arc::new(inner);
-        self.stash.installed(epoch, lazy);
+        self.stash.installed(epoch, self.inner.dial.clone());
         if let Some(c) = lock(&self.client).as_ref() {
             // Views announced from now on are known to the acceptor at once: hellos of faster
             // peers are checked as they arrive.

@@ -168,3 +168,38 @@ fn unverified_connections_are_capped() {
     // The oldest went.
     assert_eq!(l[0].challenge, [5u8; 16]);
 }
+
+#[test]
+fn the_dial_back_flag_is_covered_by_the_macs_and_requests_are_never_claimed() {
+    for token in [None, Some(&b"t0ken"[..])] {
+        let s = Stash::new(token.map(|t| t.to_vec()), 2);
+        let v = view(77);
+        s.learn(&v);
+        let kv = KnownView::of(&v);
+        let c = [7u8; 16];
+        // Rank 1 asks rank 0 to connect: a well-formed request verifies.
+        let ask = hello_bytes_as(&c, 77, 1, 1, 11, token, true);
+        let h = parse_hello(&ask, token).unwrap();
+        assert!(h.dial_back);
+        assert_eq!(s.check(&h, &c, None, &kv), Ok(()));
+        assert_eq!(check_token(&h, &c, token), Ok(()));
+        // The flag flipped on a data hello (or off a request) fails its MACs.
+        for dial_back in [false, true] {
+            let mut b = hello_bytes_as(&c, 77, 1, 1, 11, token, dial_back);
+            b[6] ^= 2;
+            let forged = parse_hello(&b, token).unwrap();
+            assert_eq!(forged.dial_back, !dial_back);
+            assert_eq!(s.check(&forged, &c, None, &kv).unwrap_err(), "wrong MAC");
+            if token.is_some() {
+                assert!(check_token(&forged, &c, token).is_err());
+            }
+        }
+        // A request waiting in the stash (no lazy view installed) is never a rank's
+        // connection: eager set-up drops it.
+        s.push(arrived(&ask, c, None, token));
+        let a = lock(&s.list).pop().unwrap();
+        let mut peers: Vec<Option<Peer>> = vec![None, None];
+        assert!(claim(&s, &v, 0, &mut peers, a).is_none());
+        assert!(peers.iter().all(|p| p.is_none()));
+    }
+}
