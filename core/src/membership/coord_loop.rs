@@ -250,33 +250,6 @@ impl Link {
     }
 }
 
-/// A hasher for maps keyed by ids and connection keys (small integers the service chose, not
-/// the peers): one multiplication instead of SipHash on the per-heartbeat path.
-#[derive(Default, Clone, Copy)]
-pub(super) struct IdHash(u64);
-
-impl std::hash::Hasher for IdHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-/// A map keyed by ids or connection keys.
-pub(super) type IdMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<IdHash>>;
-
-/// A set of ids.
-pub(super) type IdSet = std::collections::HashSet<u64, std::hash::BuildHasherDefault<IdHash>>;
-
 /// Token of the poller's wake-up descriptor.
 const WAKE: u64 = u64::MAX;
 

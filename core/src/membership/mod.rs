@@ -66,6 +66,7 @@ pub(crate) mod auth;
 pub mod bench;
 mod client;
 mod coord_loop;
+mod coord_state;
 mod coordinator;
 pub mod pipeline;
 mod proto;
