@@ -280,6 +280,36 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 impl Group {
+    /// A group of `world_size` with these `entries` and `view` (a new group: none and none;
+    /// a restored or benchmarked one: its members), nothing else yet.
+    fn new(
+        world_size: usize,
+        elastic: bool,
+        policy: GroupPolicy,
+        entries: Vec<Entry>,
+        view: Option<View>,
+        history: Vec<Hist>,
+    ) -> Group {
+        let mut g = Group {
+            world_size,
+            elastic,
+            policy,
+            entries,
+            joiners: Vec::new(),
+            leavers: Vec::new(),
+            view,
+            join_wait: None,
+            reasons: Vec::new(),
+            retired: HashMap::new(),
+            history,
+            pipeline: PipelineMetrics::default(),
+            checkpoint: None,
+            book: Book::default(),
+        };
+        g.reindex();
+        g
+    }
+
     /// Rebuilds the [`Book`] from `entries`, `joiners` and the view (O(members)).
     fn reindex(&mut self) {
         let epoch = self.view.as_ref().map_or(0, |v| v.epoch);
@@ -816,25 +846,16 @@ pub(super) fn register(
         )
     })?;
     let id = alloc_id(st).map_err(|m| (m, None))?;
-    let group = st
-        .groups
-        .entry(group_name.clone())
-        .or_insert_with(|| Group {
-            world_size: reg.world_size,
-            elastic: reg.elastic,
-            policy: reg.policy.clone(),
-            entries: Vec::new(),
-            joiners: Vec::new(),
-            leavers: Vec::new(),
-            view: None,
-            join_wait: None,
-            reasons: Vec::new(),
-            retired: HashMap::new(),
-            history: Vec::new(),
-            pipeline: PipelineMetrics::default(),
-            checkpoint: None,
-            book: Book::default(),
-        });
+    let group = st.groups.entry(group_name.clone()).or_insert_with(|| {
+        Group::new(
+            reg.world_size,
+            reg.elastic,
+            reg.policy.clone(),
+            Vec::new(),
+            None,
+            Vec::new(),
+        )
+    });
     let registered = if joining {
         group.joiners.len() + 1
     } else {

@@ -10,9 +10,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::super::{random_u64, GroupPolicy, Registration, View, LOG};
-use super::views::PipelineMetrics;
 use super::{
-    Book, Entry, Group, Hist, State, MAX_EPOCH, MAX_GROUP, MAX_HANDLE, MAX_ID, MAX_MS, MAX_NAME,
+    Entry, Group, Hist, State, MAX_EPOCH, MAX_GROUP, MAX_HANDLE, MAX_ID, MAX_MS, MAX_NAME,
     MAX_WORLD, SECRET_LEN,
 };
 
@@ -225,23 +224,14 @@ pub(in crate::membership) fn state_from_bytes(
             "coordinator: restored group {} at epoch {} with {} members (waiting for them to reconnect)",
             pg.view.group, pg.view.epoch, pg.view.members.len());
         let name = pg.view.group.clone();
-        let mut group = Group {
-            world_size: pg.world_size,
-            elastic: pg.elastic,
-            policy: pg.policy,
+        let group = Group::new(
+            pg.world_size,
+            pg.elastic,
+            pg.policy,
             entries,
-            joiners: Vec::new(),
-            leavers: Vec::new(),
-            view: Some(pg.view),
-            join_wait: None,
-            reasons: Vec::new(),
-            retired: HashMap::new(),
-            history: pg.history,
-            pipeline: PipelineMetrics::default(),
-            checkpoint: None,
-            book: Book::default(),
-        };
-        group.reindex();
+            Some(pg.view),
+            pg.history,
+        );
         st.groups.insert(name, group);
     }
     Ok(st)

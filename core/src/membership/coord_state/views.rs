@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::super::proto::{self, MsgType};
 use super::super::{random_u64, GroupPolicy, Member, Registration, View, LOG};
 use super::{
-    unix_now, Book, Entry, Group, Hist, IdMap, IdSet, Out, Publish, Slot, State, MAX_WORLD,
+    unix_now, Entry, Group, Hist, IdMap, IdSet, Out, Publish, Slot, State, MAX_WORLD,
     REWEIGH_BUDGET, SECRET_LEN,
 };
 use crate::error::{Error, Result};
@@ -803,27 +803,12 @@ pub(crate) fn state_machine_bench(n: usize) -> Result<String> {
         nonce: 7,
         members: entries.iter().map(Entry::member).collect(),
     };
-    let mut g = Group {
-        world_size: n,
-        elastic: true,
-        policy: GroupPolicy {
-            min_size: 1,
-            max_size: None,
-            join_window_ms: 0,
-        },
-        entries,
-        joiners: Vec::new(),
-        leavers: Vec::new(),
-        view: Some(view),
-        join_wait: None,
-        reasons: Vec::new(),
-        retired: HashMap::new(),
-        history: Vec::new(),
-        pipeline: PipelineMetrics::default(),
-        checkpoint: None,
-        book: Book::default(),
+    let policy = GroupPolicy {
+        min_size: 1,
+        max_size: None,
+        join_window_ms: 0,
     };
-    g.reindex();
+    let g = Group::new(n, true, policy, entries, Some(view), Vec::new());
     st.groups.insert(name.into(), g);
     st.next_id = n as u64 + 1;
     let build = t.elapsed();
