@@ -232,6 +232,25 @@ fn chan_message(out: &mut Vec<u8>, hdr: &[u8], body: &[u8]) {
     }
 }
 
+/// The `ps_chan` records of one segmented channel message (magic `BRPM`: the segment table
+/// before the header, the body as one transport message per segment).
+fn chan_segmented(out: &mut Vec<u8>, hdr: &[u8], segs: &[&[u8]]) {
+    let body: usize = segs.iter().map(|s| s.len()).sum();
+    let mut h = (segs.len() as u32).to_le_bytes().to_vec();
+    for s in segs {
+        h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    }
+    h.extend_from_slice(hdr);
+    let mut p = b"BRPM".to_vec();
+    p.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    p.extend_from_slice(&(body as u64).to_le_bytes());
+    record(out, 1, &p);
+    record(out, 2, &h);
+    for s in segs {
+        record(out, 3, s);
+    }
+}
+
 fn sample_view() -> crate::membership::View {
     use crate::membership::{Member, View};
     let member = |id: u64, role: Role| Member {
@@ -516,6 +535,9 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut one = Vec::new();
     chan_message(&mut one, &msgs[2].1.encode(), &[]);
     out.push(("ps_chan", "seed-pull".into(), one));
+    let mut segs = Vec::new();
+    chan_segmented(&mut segs, &msgs[3].1.encode(), &[&[2u8; 16], &[3u8; 8]]);
+    out.push(("ps_chan", "seed-segmented-values".into(), segs));
 
     // Coordinator frames and sessions.
     let mut reg = crate::membership::Registration::worker(

@@ -120,6 +120,47 @@ fn async_and_sgd_rule() {
     });
 }
 
+/// A pull of large and small parts from one server: answered from the store's buffers (large
+/// parts sent as they are, small ones copied together), the values exact; a reader's snapshot
+/// (a pull at a version) too.
+#[test]
+fn a_pull_of_large_and_small_parts_is_exact() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let server = {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            s.spawn(move || KvServer::start(cfg(&addr, 2), opts).unwrap())
+        };
+        let kv = KvWorker::start(cfg(&addr, 2), opts.clone()).unwrap();
+        let keys = [1u64, 2, 3, 4, 5];
+        let lens = [40_000usize, 3, 20_000, 5, 10];
+        let n: usize = lens.iter().sum();
+        kv.init(&keys, &lens, &vec![0f32; n]).unwrap();
+        let g: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        for round in 1..=3u64 {
+            let p = kv.push_pull(&keys, &lens, &g, 0).unwrap().wait().unwrap();
+            assert_eq!(p.version, round);
+            for (i, v) in p.values.iter().enumerate() {
+                assert_eq!(*v, round as f32 * i as f32, "round {round} element {i}");
+            }
+        }
+        let mut r = KvReader::connect(cfg(&addr, 2), opts.clone()).unwrap();
+        let (v, vals) = r.snapshot::<f32>(&keys, &lens, None).unwrap();
+        assert_eq!(v, 3);
+        for (i, x) in vals.iter().enumerate() {
+            assert_eq!(*x, 3.0 * i as f32, "snapshot element {i}");
+        }
+        drop(r);
+        drop(kv);
+        drop(server.join().unwrap());
+    });
+}
+
 /// Async sum: every acknowledged push must be in the final value, whatever server goes away.
 #[test]
 fn a_server_that_goes_away_loses_no_acknowledged_update() {

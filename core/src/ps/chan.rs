@@ -4,8 +4,13 @@
 //!
 //! On the wire each message is a 16-byte prefix (magic `BRPS`, header length, body length),
 //! then the header bytes, then the body bytes when there are any — three transport messages
-//! with tags 1, 2, 3. Outgoing messages are sent in priority order (higher first, FIFO within a
-//! priority): they are handed to the transport one at a time, and only while less than
+//! with tags 1, 2, 3. A body sent from several buffers ([`Chan::send_segments`], e.g. a pull
+//! answered from the store's buffers of its parts, without copying them into one) has the
+//! magic `BRPM`: its header message starts with the segment table (a u32 count `k`, then `k`
+//! u64 lengths, little-endian; 2 ≤ `k` ≤ [`MAX_SEGMENTS`], every length > 0, adding up to the
+//! body length; the header proper after it is held to the same limit), and the body follows
+//! as `k` transport messages with tag 3. The receiver gets the same contiguous body either
+//! way. Outgoing messages are sent in priority order (higher first, FIFO within a priority): they are handed to the transport one at a time, and only while less than
 //! [`POST_WINDOW`] bytes handed over earlier are still unsent, so a message queued later with a
 //! higher priority overtakes what is still queued. Both lengths are checked against the channel's [`Limits`] (what the protocol
 //! allows the peer: the group's partition size plus a header) BEFORE anything is allocated.
@@ -26,6 +31,12 @@ use braid_transport::{Conn, PollFd, Request};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"BRPS";
+/// The magic of a message whose body is sent in segments (see the module documentation).
+const MAGIC_SEGS: [u8; 4] = *b"BRPM";
+/// Most segments one message's body may be sent in.
+pub(crate) const MAX_SEGMENTS: usize = 4096;
+/// Segments smaller than this are copied together rather than sent one by one.
+const SEGMENT_MIN: usize = 64 << 10;
 const TAG_PREFIX: u64 = 1;
 const TAG_HDR: u64 = 2;
 const TAG_BODY: u64 = 3;
@@ -69,7 +80,22 @@ pub(crate) struct Outgoing {
 struct Queued {
     prio: i32,
     seq: u64,
-    msg: Outgoing,
+    msg: Wire,
+}
+
+/// A queued message: its body is the concatenation of `segs` (none: no body).
+struct Wire {
+    hdr: Vec<u8>,
+    segs: Vec<Arc<Vec<u8>>>,
+}
+
+impl From<Outgoing> for Wire {
+    fn from(m: Outgoing) -> Wire {
+        Wire {
+            hdr: m.hdr,
+            segs: vec![m.body],
+        }
+    }
 }
 
 impl PartialEq for Queued {
@@ -176,6 +202,47 @@ impl Chan {
 
     /// Queues a message. Errors: the channel ended (with its reason).
     pub(crate) fn send(&self, msg: Outgoing) -> Result<()> {
+        let prio = msg.prio;
+        self.queue(prio, msg.into())
+    }
+
+    /// Queues a message whose body is the concatenation of `segs`, sent from those buffers
+    /// (not copied into one); runs of segments under [`SEGMENT_MIN`] bytes are copied into one
+    /// (a transport message per small part costs more than the copy). Errors: as
+    /// [`Chan::send`].
+    pub(crate) fn send_segments(
+        &self,
+        prio: i32,
+        hdr: Vec<u8>,
+        segs: Vec<Arc<Vec<u8>>>,
+    ) -> Result<()> {
+        let mut out: Vec<Arc<Vec<u8>>> = Vec::with_capacity(segs.len());
+        let mut small: Vec<u8> = Vec::new();
+        for s in segs {
+            if s.len() >= SEGMENT_MIN {
+                if !small.is_empty() {
+                    out.push(Arc::new(std::mem::take(&mut small)));
+                }
+                out.push(s);
+            } else {
+                small.extend_from_slice(&s);
+            }
+        }
+        if !small.is_empty() {
+            out.push(Arc::new(small));
+        }
+        if out.len() > MAX_SEGMENTS {
+            // More than a receiver takes: one body.
+            let mut one = Vec::with_capacity(out.iter().map(|s| s.len()).sum());
+            for s in &out {
+                one.extend_from_slice(s);
+            }
+            out = vec![Arc::new(one)];
+        }
+        self.queue(prio, Wire { hdr, segs: out })
+    }
+
+    fn queue(&self, prio: i32, msg: Wire) -> Result<()> {
         if let Some(why) = lock(&self.shared.closed).clone() {
             return Err(Error::PeerLost {
                 rank: 0,
@@ -188,11 +255,7 @@ impl Chan {
             let mut q = lock(&self.shared.queue);
             let seq = q.1;
             q.1 += 1;
-            q.0.push(Queued {
-                prio: msg.prio,
-                seq,
-                msg,
-            });
+            q.0.push(Queued { prio, seq, msg });
         }
         self.poke();
         Ok(())
@@ -251,8 +314,62 @@ impl Drop for Chan {
 enum RState {
     Idle,
     Prefix(Request),
-    Hdr(Request, usize),
-    Body(Request),
+    /// The header; the body length, and whether it comes in segments.
+    Hdr(Request, usize, bool),
+    /// The body: segment `.1` of [`Recv::segs`] is being received; it ends at byte `.2`.
+    Body(Request, usize, usize),
+}
+
+/// A message's body being received, in segments: their lengths (one segment: the body).
+struct Recv {
+    segs: Vec<usize>,
+}
+
+/// Splits the segment table off the front of a `BRPM` header: the segment lengths, checked
+/// against the body length `bl`; the header left must be at most `max_hdr` bytes.
+fn take_segments(
+    hdr: &mut Vec<u8>,
+    bl: usize,
+    max_hdr: usize,
+    segs: &mut Vec<usize>,
+) -> std::result::Result<(), String> {
+    let bad = |what: &str| format!("segmented message: {what}");
+    let k = hdr
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| bad("no segment table"))?;
+    if !(2..=MAX_SEGMENTS).contains(&k) {
+        return Err(bad(&format!("{k} segments (2 to {MAX_SEGMENTS} allowed)")));
+    }
+    let table = 4 + 8 * k;
+    if hdr.len() <= table {
+        return Err(bad("header shorter than its segment table"));
+    }
+    if hdr.len() - table > max_hdr {
+        return Err(bad(&format!(
+            "header of {} bytes (at most {max_hdr})",
+            hdr.len() - table
+        )));
+    }
+    segs.clear();
+    let mut sum = 0usize;
+    for c in hdr[4..table].chunks_exact(8) {
+        let mut b8 = [0u8; 8];
+        b8.copy_from_slice(c);
+        let n = usize::try_from(u64::from_le_bytes(b8))
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| bad("a segment of 0 bytes or too many"))?;
+        sum = sum
+            .checked_add(n)
+            .ok_or_else(|| bad("segment lengths overflow"))?;
+        segs.push(n);
+    }
+    if sum != bl {
+        return Err(bad(&format!("segments of {sum} bytes for a body of {bl}")));
+    }
+    hdr.drain(..table);
+    Ok(())
 }
 
 fn run(
@@ -286,25 +403,37 @@ fn run(
     }
 }
 
-/// Checks a message prefix against `limits`: (header length, body length).
-fn parse_prefix(prefix: &[u8; 16], limits: Limits) -> std::result::Result<(usize, usize), String> {
-    if prefix[..4] != MAGIC {
+/// Checks a message prefix against `limits`: (header length, body length, whether the body
+/// comes in segments). A segmented message's header may be longer by its segment table.
+fn parse_prefix(
+    prefix: &[u8; 16],
+    limits: Limits,
+) -> std::result::Result<(usize, usize, bool), String> {
+    let segmented = prefix[..4] == MAGIC_SEGS;
+    if prefix[..4] != MAGIC && !segmented {
         return Err("not the braid push/pull protocol (bad magic)".into());
     }
+    let max_hdr = if segmented {
+        limits.hdr.saturating_add(4 + 8 * MAX_SEGMENTS)
+    } else {
+        limits.hdr
+    };
     let hl = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
     let mut b8 = [0u8; 8];
     b8.copy_from_slice(&prefix[8..16]);
     let bl = u64::from_le_bytes(b8);
     let hl = usize::try_from(hl)
         .ok()
-        .filter(|h| (1..=limits.hdr).contains(h));
-    let blu = usize::try_from(bl).ok().filter(|b| *b <= limits.body);
+        .filter(|h| (1..=max_hdr).contains(h));
+    let blu = usize::try_from(bl)
+        .ok()
+        .filter(|b| *b <= limits.body && (!segmented || *b > 0));
     match (hl, blu) {
-        (Some(h), Some(b)) => Ok((h, b)),
+        (Some(h), Some(b)) => Ok((h, b, segmented)),
         _ => Err(format!(
             "message lengths over the limits (header {} of at most {}, body {bl} of at most {})",
             u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]),
-            limits.hdr,
+            max_hdr,
             limits.body
         )),
     }
@@ -318,13 +447,12 @@ fn queue_bye(sh: &Shared, why: &str) {
     q.0.push(Queued {
         prio: i32::MAX,
         seq,
-        msg: Outgoing {
-            prio: i32::MAX,
+        msg: Wire {
             hdr: super::wire::Msg::Bye {
                 reason: why.to_string(),
             }
             .encode(),
-            body: Arc::new(Vec::new()),
+            segs: Vec::new(),
         },
     });
 }
@@ -354,6 +482,7 @@ fn drive(
         len: 0,
     };
     let mut rstate = RState::Idle;
+    let mut recv = Recv { segs: Vec::new() };
     let mut fds: Vec<PollFd> = Vec::new();
     let mut scratch = Vec::new();
     let mut stop_since: Option<std::time::Instant> = None;
@@ -370,14 +499,29 @@ fn drive(
                 let next = lock(&sh.queue).0.pop();
                 let Some(q) = next else { break };
                 let m = q.msg;
+                let segs: Vec<Arc<Vec<u8>>> =
+                    m.segs.into_iter().filter(|s| !s.is_empty()).collect();
+                let bl: usize = segs.iter().map(|s| s.len()).sum();
+                let (magic, hdr) = if segs.len() > 1 {
+                    // The segment table goes in front of the header.
+                    let mut h = Vec::with_capacity(4 + 8 * segs.len() + m.hdr.len());
+                    h.extend_from_slice(&(segs.len() as u32).to_le_bytes());
+                    for s in &segs {
+                        h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                    }
+                    h.extend_from_slice(&m.hdr);
+                    (MAGIC_SEGS, h)
+                } else {
+                    (MAGIC, m.hdr)
+                };
                 let mut p = Vec::with_capacity(16);
-                p.extend_from_slice(&MAGIC);
-                p.extend_from_slice(&(m.hdr.len() as u32).to_le_bytes());
-                p.extend_from_slice(&(m.body.len() as u64).to_le_bytes());
+                p.extend_from_slice(&magic);
+                p.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
+                p.extend_from_slice(&(bl as u64).to_le_bytes());
                 posting.push_back((TAG_PREFIX, Arc::new(p)));
-                posting.push_back((TAG_HDR, Arc::new(m.hdr)));
-                if !m.body.is_empty() {
-                    posting.push_back((TAG_BODY, m.body));
+                posting.push_back((TAG_HDR, Arc::new(hdr)));
+                for s in segs {
+                    posting.push_back((TAG_BODY, s));
                 }
             }
             let Some((tag, buf)) = posting.front() else {
@@ -429,7 +573,7 @@ fn drive(
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
                     }
-                    let (hl, bl) = match parse_prefix(&prefix, limits) {
+                    let (hl, bl, segmented) = match parse_prefix(&prefix, limits) {
                         Ok(x) => x,
                         Err(why) => {
                             queue_bye(sh, &why);
@@ -444,13 +588,26 @@ fn drive(
                     match unsafe { conn.irecv(TAG_HDR, msg.hdr.as_mut_ptr(), hl) }
                         .map_err(|e| e.to_string())?
                     {
-                        Some(r) => RState::Hdr(r, bl),
+                        Some(r) => RState::Hdr(r, bl, segmented),
                         None => return Err("transport refused a receive".into()),
                     }
                 }
-                RState::Hdr(r, bl) => {
+                RState::Hdr(r, bl, segmented) => {
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
+                    }
+                    recv.segs.clear();
+                    if *segmented {
+                        if let Err(why) =
+                            take_segments(&mut msg.hdr, *bl, limits.hdr, &mut recv.segs)
+                        {
+                            queue_bye(sh, &why);
+                            *failing = Some((why, std::time::Instant::now()));
+                            rstate = RState::Idle;
+                            break;
+                        }
+                    } else if *bl > 0 {
+                        recv.segs.push(*bl);
                     }
                     if *bl == 0 {
                         msg.len = 0;
@@ -473,27 +630,44 @@ fn drive(
                             msg.buf.resize(bl, 0);
                         }
                         msg.len = bl;
-                        // SAFETY: `msg.buf` (at least `bl` bytes) is not touched until the
-                        // request completed.
-                        match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), bl) }
+                        let first = recv.segs.first().copied().unwrap_or(bl);
+                        // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
+                        // until the request completed.
+                        match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), first) }
                             .map_err(|e| e.to_string())?
                         {
-                            Some(r) => RState::Body(r),
+                            Some(r) => RState::Body(r, 0, first),
                             None => return Err("transport refused a receive".into()),
                         }
                     }
                 }
-                RState::Body(r) => {
+                RState::Body(r, i, end) => {
                     if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                         break;
                     }
-                    if let Err(why) = on_msg(&msg) {
+                    if let Some(&n) = recv.segs.get(*i + 1) {
+                        // The next segment, right after this one.
+                        let (i, at) = (*i + 1, *end);
+                        let Some(buf) = msg.buf.get_mut(at..at + n) else {
+                            return Err("segment outside the receive buffer".into());
+                        };
+                        // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
+                        // change size while the body is received) is not touched until the
+                        // request completed.
+                        match unsafe { conn.irecv(TAG_BODY, buf.as_mut_ptr(), n) }
+                            .map_err(|e| e.to_string())?
+                        {
+                            Some(r) => RState::Body(r, i, at + n),
+                            None => return Err("transport refused a receive".into()),
+                        }
+                    } else if let Err(why) = on_msg(&msg) {
                         queue_bye(sh, &why);
                         *failing = Some((why, std::time::Instant::now()));
                         rstate = RState::Idle;
                         break;
+                    } else {
+                        RState::Idle
                     }
-                    RState::Idle
                 }
             };
             rstate = next;
@@ -541,14 +715,75 @@ mod tests {
             h.push(Queued {
                 prio,
                 seq,
-                msg: Outgoing {
-                    prio,
+                msg: Wire {
                     hdr: Vec::new(),
-                    body: Arc::new(Vec::new()),
+                    segs: Vec::new(),
                 },
             });
         }
         let order: Vec<u64> = std::iter::from_fn(|| h.pop().map(|q| q.seq)).collect();
         assert_eq!(order, vec![5, 1, 3, 0, 2, 4]);
+    }
+
+    fn table(lens: &[u64], json: &[u8]) -> Vec<u8> {
+        let mut h = (lens.len() as u32).to_le_bytes().to_vec();
+        for n in lens {
+            h.extend_from_slice(&n.to_le_bytes());
+        }
+        h.extend_from_slice(json);
+        h
+    }
+
+    #[test]
+    fn a_segment_table_is_split_off_and_checked() {
+        let mut segs = Vec::new();
+        let mut h = table(&[3, 5], b"{}");
+        assert_eq!(take_segments(&mut h, 8, 2, &mut segs), Ok(()));
+        assert_eq!(
+            (h.as_slice(), segs.as_slice()),
+            (&b"{}"[..], &[3usize, 5][..])
+        );
+        // Lengths that do not add up to the body, a zero-length segment, one segment, too
+        // many, a table longer than the header, no header after the table: refused.
+        for (mut h, bl) in [
+            (table(&[3, 5], b"{}"), 9),
+            (table(&[0, 8], b"{}"), 8),
+            (table(&[8], b"{}"), 8),
+            (table(&[u64::MAX, 2], b"{}"), 1),
+            (table(&[1; MAX_SEGMENTS + 1], b"{}"), MAX_SEGMENTS + 1),
+            (table(&[3, 5], b""), 8),
+            (vec![2, 0, 0, 0, 1], 8),
+            (vec![2, 0], 8),
+            (table(&[3, 5], b"{ }"), 8),
+        ] {
+            assert!(
+                take_segments(&mut h, bl, 2, &mut segs).is_err(),
+                "{h:?} {bl}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_segmented_prefix_allows_the_table_and_needs_a_body() {
+        let lim = Limits { hdr: 16, body: 100 };
+        let prefix = |magic: &[u8; 4], hl: u32, bl: u64| {
+            let mut p = [0u8; 16];
+            p[..4].copy_from_slice(magic);
+            p[4..8].copy_from_slice(&hl.to_le_bytes());
+            p[8..].copy_from_slice(&bl.to_le_bytes());
+            p
+        };
+        assert_eq!(
+            parse_prefix(&prefix(b"BRPM", 16 + 20, 10), lim),
+            Ok((36, 10, true))
+        );
+        assert_eq!(
+            parse_prefix(&prefix(b"BRPS", 16, 10), lim),
+            Ok((16, 10, false))
+        );
+        assert!(parse_prefix(&prefix(b"BRPS", 17, 10), lim).is_err());
+        assert!(parse_prefix(&prefix(b"BRPM", 16, 0), lim).is_err());
+        assert!(parse_prefix(&prefix(b"BRPM", 16, 101), lim).is_err());
+        assert!(parse_prefix(&prefix(b"BRPX", 16, 10), lim).is_err());
     }
 }

@@ -20,6 +20,11 @@ use crate::error::{Error, Result};
 use crate::membership::{Role, View};
 use crate::types::DataType;
 
+/// A message to a member (member, priority, message, body): the body is the concatenation of
+/// its segments (none: no body). A pull's answer lists the store's buffers of its parts
+/// ([`Event::Value`]), sent as they are ([`Chan::send_segments`]): no copy.
+type Out = (u64, i32, Msg, Vec<Arc<Vec<u8>>>);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -47,7 +52,8 @@ struct Agg {
     n: usize,
     done: usize,
     versions: Vec<u64>,
-    data: Vec<Vec<u8>>,
+    /// A pull's answer per part (the store's buffers, shared).
+    data: Vec<Arc<Vec<u8>>>,
     /// Replications not yet acknowledged.
     reps: usize,
     failed: Option<(String, bool)>,
@@ -74,8 +80,6 @@ struct SState {
     unknown_pulls: Vec<(u64, u64, u64, Instant)>,
     /// Servers whose connection broke in this view: not reconnected until the view changes.
     lost: std::collections::HashSet<u64>,
-    /// Large pull answers being sent: once sent, their buffers go back to the store.
-    sent: Vec<Arc<Vec<u8>>>,
     /// Every part known to exist in the group (store key → user key, part index): created on
     /// some server and announced to all ([`Msg::Keys`]).
     dir: HashMap<u64, (u64, u32)>,
@@ -149,9 +153,6 @@ fn missing_part(st: &mut SState, skey: u64) -> Option<(String, bool)> {
     st.lost_parts.insert(skey, why.clone());
     Some((why, false))
 }
-
-/// Pull answers followed for reuse at most.
-const SENT_KEEP: usize = 16;
 
 /// How long a pull of a key nobody initialised waits (another worker's init may be on its
 /// way, first writer wins) before it fails with a clear error.
@@ -395,7 +396,6 @@ impl KvServer {
                 extra: Vec::new(),
                 unknown_pulls: Vec::new(),
                 lost: std::collections::HashSet::new(),
-                sent: Vec::new(),
                 dir: directory,
                 lost_parts: HashMap::new(),
                 ckpt: None,
@@ -628,15 +628,11 @@ fn accept_checkpoint(
 /// version is pinned in the store (kept readable while the store goes on), and a thread copies
 /// the parts one at a time, each under the state lock, and writes them. Fails it (answering
 /// the worker) on a view change, a version no longer held, or after the operation timeout.
-fn poll_checkpoint(
-    inner: &Arc<SInner>,
-    st: &mut SState,
-    outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>,
-) {
+fn poll_checkpoint(inner: &Arc<SInner>, st: &mut SState, outbox: &mut Vec<Out>) {
     let Some(job) = &st.ckpt else {
         return;
     };
-    let fail = |job: &CkptJob, msg: String, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>| {
+    let fail = |job: &CkptJob, msg: String, outbox: &mut Vec<Out>| {
         tracing::warn!(target: "braid::ps", "server {}: checkpoint {}: {msg}", inner.me, job.id);
         outbox.push((
             job.worker,
@@ -1046,7 +1042,7 @@ fn handle(
             return Ok(());
         }
     }
-    let mut outbox: Vec<(u64, i32, Msg, Vec<u8>)> = Vec::new();
+    let mut outbox: Vec<Out> = Vec::new();
     let mut reps: Vec<(u64, Msg, Vec<u8>)> = Vec::new();
     // Parts created here, announced to every other server.
     let mut announced: Vec<(u64, u64, u32)> = Vec::new();
@@ -1339,7 +1335,7 @@ fn handle(
                         n: parts.len(),
                         done: 0,
                         versions: vec![0; parts.len()],
-                        data: vec![Vec::new(); parts.len()],
+                        data: vec![Arc::default(); parts.len()],
                         reps: 0,
                         failed: None,
                     },
@@ -1355,12 +1351,12 @@ fn handle(
                             key: p.s,
                             msg: lost.unwrap_or_default(),
                         }],
-                        Some(v) => match st.store.read_at(p.s, v) {
+                        Some(v) => match st.store.read_shared_at(p.s, v) {
                             Some(d) if d.len() == p.n => vec![Event::Value {
                                 req: sreq,
                                 key: p.s,
                                 version: v,
-                                data: d.to_vec(),
+                                data: d,
                             }],
                             Some(d) => vec![Event::Error {
                                 req: sreq,
@@ -1683,6 +1679,11 @@ fn handle(
                     }
                     None => Msg::Values { req, versions },
                 };
+                let body = if body.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Arc::new(body)]
+                };
                 outbox.push((from, prio, answer, body));
             }
             Msg::Bye { reason } => {
@@ -1719,11 +1720,7 @@ fn announce(inner: &Arc<SInner>, add: Vec<(u64, u64, u32)>) {
 }
 
 /// Sends what `handle` produced (outside the state lock).
-fn flush(
-    inner: &Arc<SInner>,
-    outbox: Vec<(u64, i32, Msg, Vec<u8>)>,
-    reps: Vec<(u64, Msg, Vec<u8>)>,
-) {
+fn flush(inner: &Arc<SInner>, outbox: Vec<Out>, reps: Vec<(u64, Msg, Vec<u8>)>) {
     for (r, msg, body) in reps {
         match server_chan(inner, r) {
             Some(c) => send(&c, i32::MAX, &msg, body),
@@ -1764,45 +1761,21 @@ fn flush(
             .filter_map(|(m, ..)| st.chans.get(m).map(|c| (*m, c.clone())))
             .collect()
     };
-    let mut follow = Vec::new();
-    for (m, prio, msg, body) in outbox {
+    for (m, prio, msg, segs) in outbox {
         match chans.get(&m) {
+            // A pull answer of several parts goes out from the store's buffers of its parts.
             Some(c) => {
-                let body = Arc::new(body);
-                if body.capacity() >= 64 << 10 {
-                    follow.push(body.clone());
-                }
-                let _ = c.send(Outgoing {
-                    prio,
-                    hdr: msg.encode(),
-                    body,
-                });
+                let _ = c.send_segments(prio, msg.encode(), segs);
             }
             None => {
                 tracing::debug!(target: "braid::ps", "server {}: no connection to member {m} for {msg:?}", inner.me)
             }
         }
     }
-    if !follow.is_empty() {
-        let mut guard = lock(&inner.st);
-        let st = &mut *guard;
-        // Answers sent by now (only this list holds them) give their buffers back.
-        let mut kept = Vec::with_capacity(st.sent.len() + follow.len());
-        for b in st.sent.drain(..) {
-            match Arc::try_unwrap(b) {
-                Ok(v) => st.store.recycle(v),
-                Err(b) => kept.push(b),
-            }
-        }
-        kept.extend(follow);
-        let over = kept.len().saturating_sub(SENT_KEEP);
-        kept.drain(..over);
-        st.sent = kept;
-    }
 }
 
 /// Records store events into the requests they answer.
-fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>) {
+fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<Out>) {
     for ev in evs {
         let (sreq, skey, res) = match ev {
             Event::PushAck { req, key, version } => (req, key, Ok((version, None))),
@@ -1852,7 +1825,7 @@ fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<(u64, i32, Ms
 }
 
 /// Answers request (w, req) when all its parts are done and replicated.
-fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, Vec<u8>)>) {
+fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<Out>) {
     let ready = st
         .aggs
         .get(&(w, req))
@@ -1878,12 +1851,8 @@ fn complete(st: &mut SState, w: u64, req: u64, outbox: &mut Vec<(u64, i32, Msg, 
             Vec::new(),
         )),
         Kind::Pull => {
-            let mut data = a.data;
-            let body: Vec<u8> = if data.len() == 1 {
-                data.pop().unwrap_or_default()
-            } else {
-                data.concat()
-            };
+            // Sent from the store's buffers (see `Out`).
+            let body = a.data;
             outbox.push((
                 w,
                 a.prio,

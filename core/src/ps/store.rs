@@ -257,8 +257,10 @@ pub enum Event {
         key: u64,
         /// The version of `data`.
         version: u64,
-        /// The value at `version`.
-        data: Vec<u8>,
+        /// The value at `version`: the store's own buffer, shared (never written again while
+        /// it is shared: the store writes a new version elsewhere, or copies it first), so a
+        /// pull is answered without copying the value.
+        data: Arc<Vec<u8>>,
     },
     /// A request failed (wrong length or dtype, key not initialised, worker not in the set,
     /// update rule failed, key moved away, cancelled); the store keeps serving the others.
@@ -364,9 +366,9 @@ struct Entry {
     #[serde(with = "dtype_code")]
     dtype: DataType,
     version: u64,
-    value: Vec<u8>,
+    value: Val,
     /// Older kept versions, oldest first (at most `history - 1`).
-    old: VecDeque<(u64, Vec<u8>)>,
+    old: VecDeque<(u64, Val)>,
     /// Sync: open rounds by number (contiguous from `version + 1`).
     rounds: BTreeMap<u64, Round>,
     /// Sync: the last round each worker pushed into.
@@ -396,14 +398,42 @@ struct Cfg<'a> {
     rule: &'a UpdateRule,
     history: usize,
     workers: &'a BTreeSet<u64>,
-    spare: &'a Spare,
 }
 
-/// Buffers handed back with [`Store::recycle`], reused for the values pulls are answered with.
-type Spare = std::cell::RefCell<Vec<Vec<u8>>>;
+/// A value buffer, shared with the pull answers being sent ([`Event::Value`]): copy on write
+/// (a version is never written while an answer holds it). Serialised as the bytes it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Val(Arc<Vec<u8>>);
 
-/// Buffers kept for reuse at most.
-const SPARE_KEEP: usize = 8;
+impl Val {
+    fn new(v: Vec<u8>) -> Val {
+        Val(Arc::new(v))
+    }
+
+    /// The buffer for reuse when nothing else holds it, else an empty one.
+    fn into_vec(self) -> Vec<u8> {
+        Arc::try_unwrap(self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Val {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl Serialize for Val {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Val {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Val, D::Error> {
+        Vec::<u8>::deserialize(d).map(Val::new)
+    }
+}
 
 fn error(req: ReqId, key: u64, msg: String) -> Event {
     Event::Error { req, key, msg }
@@ -414,7 +444,7 @@ impl Entry {
         Entry {
             dtype,
             version: 0,
-            value,
+            value: Val::new(value),
             old: VecDeque::new(),
             rounds: BTreeMap::new(),
             last_round: BTreeMap::new(),
@@ -458,14 +488,19 @@ impl Entry {
             return Vec::new();
         }
         match self.old.iter().position(|(v, _)| !self.pinned(*v)) {
-            Some(i) => self.old.remove(i).map(|(_, b)| b).unwrap_or_default(),
+            // A version an answer being sent still holds is left to it.
+            Some(i) => self
+                .old
+                .remove(i)
+                .map(|(_, b)| b.into_vec())
+                .unwrap_or_default(),
             None => Vec::new(),
         }
     }
 
     /// Makes `next` the value of version + 1.
     fn commit(&mut self, history: usize, next: Vec<u8>) {
-        let prev = std::mem::replace(&mut self.value, next);
+        let prev = std::mem::replace(&mut self.value, Val::new(next));
         if history > 1 || self.pinned(self.version) {
             self.old.push_back((self.version, prev));
         }
@@ -481,7 +516,8 @@ impl Entry {
         f: impl FnOnce(&mut [u8]) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
         if history <= 1 && !self.pinned(self.version) {
-            f(&mut self.value)?;
+            // Copies first if an answer being sent holds the value.
+            f(Arc::make_mut(&mut self.value.0).as_mut_slice())?;
             self.version += 1;
             let pin = self.pin;
             self.old.retain(|(v, _)| Some(*v) == pin);
@@ -536,7 +572,7 @@ impl Entry {
                 r
             }
             UpdateRule::Custom(f) => {
-                let mut next = self.value.clone();
+                let mut next = self.value.to_vec();
                 f(key, dtype, &mut next, grad).map_err(|e| e.to_string())?;
                 self.commit(cfg.history, next);
                 Ok(())
@@ -546,7 +582,7 @@ impl Entry {
 
     fn read(&self, version: u64) -> Option<&[u8]> {
         if version == self.version {
-            return Some(&self.value);
+            return Some(self.value.as_slice());
         }
         self.old
             .iter()
@@ -570,7 +606,7 @@ impl Entry {
     }
 
     /// Answers the waiting pulls that can be answered now, in arrival order.
-    fn release_pulls(&mut self, key: u64, out: &mut Vec<Event>, spare: &Spare) {
+    fn release_pulls(&mut self, key: u64, out: &mut Vec<Event>) {
         if self.pulls.is_empty() {
             return;
         }
@@ -581,12 +617,7 @@ impl Entry {
                     req: p.req,
                     key,
                     version: self.version,
-                    data: {
-                        let mut b = spare.borrow_mut().pop().unwrap_or_default();
-                        b.clear();
-                        b.extend_from_slice(&self.value);
-                        b
-                    },
+                    data: Arc::clone(&self.value.0),
                 });
             } else {
                 self.pulls.push(p);
@@ -633,7 +664,7 @@ impl Entry {
                 _ => self.apply(key, cfg, &round.acc),
             };
             if let Err(msg) = result {
-                let same = self.value.clone();
+                let same = self.value.to_vec();
                 self.commit(cfg.history, same);
                 out.push(Event::RuleFailed {
                     key,
@@ -641,7 +672,7 @@ impl Entry {
                     msg: format!("key {key}: update rule failed on round {next}: {msg}"),
                 });
             }
-            self.release_pulls(key, out, cfg.spare);
+            self.release_pulls(key, out);
         }
     }
 
@@ -710,7 +741,7 @@ impl Entry {
             Consistency::Bounded(tau) => self.release_held(key, cfg, tau.max(1), out),
             Consistency::Async => {}
         }
-        self.release_pulls(key, out, cfg.spare);
+        self.release_pulls(key, out);
     }
 }
 
@@ -970,20 +1001,9 @@ pub struct Store {
     keys: BTreeMap<u64, Entry>,
     /// Pulls of keys not initialised yet.
     waiting: BTreeMap<u64, Vec<Pull>>,
-    spare: Spare,
 }
 
 impl Store {
-    /// Hands back a buffer a pull was answered with (after it was sent): the next answers
-    /// reuse it instead of allocating (large fresh buffers cost a page fault per 4 KiB).
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
-        let spare = self.spare.get_mut();
-        if spare.len() < SPARE_KEEP && buf.capacity() >= 64 << 10 {
-            buf.clear();
-            spare.push(buf);
-        }
-    }
-
     /// An empty store. `history`: completed versions kept per key for snapshot reads, the
     /// current one included (0 is taken as 1). The worker set starts empty: in sync and
     /// bounded mode call [`Store::set_workers`] before the first push.
@@ -995,7 +1015,6 @@ impl Store {
             workers: BTreeSet::new(),
             keys: BTreeMap::new(),
             waiting: BTreeMap::new(),
-            spare: Spare::default(),
         }
     }
 
@@ -1022,7 +1041,6 @@ impl Store {
             rule: &self.rule,
             history: self.history,
             workers: &self.workers,
-            spare: &self.spare,
         };
         let mut out = Vec::new();
         for (&key, e) in self.keys.iter_mut() {
@@ -1067,7 +1085,7 @@ impl Store {
         let mut e = Entry::new(dtype, value.to_vec());
         e.pulls = self.waiting.remove(&key).unwrap_or_default();
         let mut out = Vec::new();
-        e.release_pulls(key, &mut out, &self.spare);
+        e.release_pulls(key, &mut out);
         self.keys.insert(key, e);
         Ok((true, out))
     }
@@ -1108,7 +1126,6 @@ impl Store {
             rule: rule.unwrap_or(&self.rule),
             history: self.history,
             workers: &self.workers,
-            spare: &self.spare,
         };
         let mut out = Vec::new();
         let Some(e) = self.keys.get_mut(&key) else {
@@ -1212,7 +1229,7 @@ impl Store {
             },
         };
         e.pulls.push(Pull { req, until });
-        e.release_pulls(key, &mut out, &self.spare);
+        e.release_pulls(key, &mut out);
         Ok(out)
     }
 
@@ -1255,6 +1272,18 @@ impl Store {
         self.keys.get(&key)?.read(version)
     }
 
+    /// As [`Store::read_at`], the store's buffer itself (shared, see [`Event::Value`]).
+    pub fn read_shared_at(&self, key: u64, version: u64) -> Option<Arc<Vec<u8>>> {
+        let e = self.keys.get(&key)?;
+        if version == e.version {
+            return Some(Arc::clone(&e.value.0));
+        }
+        e.old
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, b)| Arc::clone(&b.0))
+    }
+
     /// The current value and version of `key`.
     pub fn get(&self, key: u64) -> Option<(u64, &[u8])> {
         self.keys.get(&key).map(|e| (e.version, e.value.as_slice()))
@@ -1294,7 +1323,6 @@ impl Store {
             rule: &self.rule,
             history: self.history,
             workers: &self.workers,
-            spare: &self.spare,
         };
         let mut out = Vec::new();
         for d in dumps {
@@ -1314,7 +1342,7 @@ impl Store {
                 None => {
                     if let Some(e) = self.keys.get_mut(&key) {
                         e.pulls.extend(d.waiting);
-                        e.release_pulls(key, &mut out, &self.spare);
+                        e.release_pulls(key, &mut out);
                     } else {
                         let mut w = d.waiting;
                         w.extend(here);
@@ -1488,7 +1516,7 @@ mod tests {
             req,
             key,
             version,
-            data: b(v),
+            data: Arc::new(b(v)),
         }
     }
 
