@@ -205,34 +205,40 @@ pub(crate) fn reweigh_decision(
 
 /// The frame announcing `view` to `e` (a whole view, or a notice for light members).
 pub(super) fn view_frame(e: &Entry, view: &View, reason: &str) -> Option<Vec<u8>> {
-    let r = if e.reg.light {
-        proto::encode(
-            MsgType::Notice,
-            &proto::Notice {
-                member_id: e.id,
-                group: view.group.clone(),
-                epoch: view.epoch,
-                size: view.members.len(),
-                rank: view.rank_of(e.id),
-            },
-        )
+    if e.reg.light {
+        notice_frame(e.id, view, view.rank_of(e.id))
     } else {
-        proto::encode(
-            MsgType::View,
-            &proto::ViewMsg {
-                member_id: e.id,
-                view: view.clone(),
-                reason: reason.to_string(),
-            },
-        )
-    };
+        Some(splice(MsgType::View, e.id, &whole_rest(view, reason)))
+    }
+}
+
+/// A light member's notice of `view` (its `rank` in it, if any).
+fn notice_frame(id: u64, view: &View, rank: Option<usize>) -> Option<Vec<u8>> {
+    let r = proto::encode(
+        MsgType::Notice,
+        &proto::Notice {
+            member_id: id,
+            group: view.group.clone(),
+            epoch: view.epoch,
+            size: view.members.len(),
+            rank,
+        },
+    );
     match r {
         Ok(b) => Some(b),
         Err(err) => {
-            tracing::error!(target: LOG, "coordinator: cannot encode view: {err}");
+            tracing::error!(target: LOG, "coordinator: cannot encode a view notice: {err}");
             None
         }
     }
+}
+
+/// A [`proto::ViewMsg`] body after its `"member_id":N,` (see [`splice`]): the whole view and
+/// the reason, encoded without copying the view.
+fn whole_rest(view: &View, reason: &str) -> String {
+    let body = serde_json::to_string(view).unwrap_or_default();
+    let reason_json = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
+    format!("\"view\":{body},\"reason\":{reason_json}}}")
 }
 
 /// How the next view differs from the view of epoch `base`: the members of `base` in `left`
@@ -262,14 +268,10 @@ pub(super) fn view_frames(
     delta: Option<Delta<'_>>,
 ) -> Publish {
     let mut out = Vec::new();
-    let reason_json = serde_json::to_string(reason).unwrap_or_else(|_| "\"\"".into());
     // The whole view after `"member_id":N,` (views of thousands of members: encoded once,
     // at first need).
     let mut whole: Option<String> = None;
-    let make_whole = || {
-        let body = serde_json::to_string(view).unwrap_or_default();
-        format!("\"view\":{body},\"reason\":{reason_json}}}")
-    };
+    let make_whole = || whole_rest(view, reason);
     // The delta after `"member_id":0,` (its first field), encoded once.
     let delta_rest: Option<(u64, String)> = delta.and_then(|d| {
         let msg = proto::ViewDeltaMsg {
@@ -296,17 +298,7 @@ pub(super) fn view_frames(
                 .map(|(r, m)| (m.id, r))
                 .collect()
         });
-        proto::encode(
-            MsgType::Notice,
-            &proto::Notice {
-                member_id: id,
-                group: view.group.clone(),
-                epoch: view.epoch,
-                size: view.members.len(),
-                rank: ranks.get(&id).copied(),
-            },
-        )
-        .ok()
+        notice_frame(id, view, ranks.get(&id).copied())
     };
     for e in g.entries.iter_mut() {
         let Some(conn) = e.conn else { continue };
