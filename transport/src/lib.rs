@@ -373,6 +373,28 @@ pub trait Conn: Send {
     fn oversubscribed(&self) -> bool {
         false
     }
+
+    /// Event-driven use: the caller promises to call [`Conn::progress`] after posting, and to
+    /// wait on [`Conn::poll_fds`] (asked afresh each time) whenever a round of calls moved
+    /// nothing. The connection may then hold the writes of [`Conn::isend`] until the next
+    /// `progress` (messages posted back to back go out in one system call), and skip reading a
+    /// socket that came up empty until `poll_fds` is asked again (no read that can only say
+    /// "nothing yet"). Default: ignored.
+    fn set_event_driven(&mut self, _on: bool) {}
+
+    /// Whether [`Conn::isend`] and [`Conn::flush`] never read from the connection, so that a
+    /// thread may post and write a message while the thread that receives waits on
+    /// [`Conn::poll_fds`] (a read there could take data that the waiting thread then never
+    /// hears of). Default: false.
+    fn writes_apart(&self) -> bool {
+        false
+    }
+
+    /// Writes what was posted, as far as the connection takes it now, without reading; whether
+    /// anything moved. Default: nothing (see [`Conn::writes_apart`]).
+    fn flush(&mut self) -> NetResult<bool> {
+        Ok(false)
+    }
 }
 
 /// Waits until one of `fds` is ready (per its `read`/`write` flags; hang-ups and errors always

@@ -807,6 +807,9 @@ struct Sock {
     rs: usize,
     re: usize,
     eof: bool,
+    /// Event-driven mode: the last read came up short, so the socket is (most likely) empty;
+    /// no read until the caller asks for [`Conn::poll_fds`] again.
+    drained: std::cell::Cell<bool>,
 }
 
 /// A TCP connection (one or more sockets).
@@ -822,6 +825,8 @@ pub struct TcpConn {
     bytes_tx: u64,
     bytes_rx: u64,
     iov: Vec<libc::iovec>,
+    /// See [`Conn::set_event_driven`].
+    event_driven: bool,
 }
 
 // SAFETY: the raw pointers inside Tx/Rx point into buffers that the caller of isend/irecv
@@ -937,6 +942,7 @@ impl TcpConn {
                     rs: 0,
                     re: 0,
                     eof: false,
+                    drained: std::cell::Cell::new(false),
                 })
                 .collect(),
             stripe_min,
@@ -949,6 +955,7 @@ impl TcpConn {
             bytes_tx: 0,
             bytes_rx: 0,
             iov: Vec::with_capacity(MAX_IOV),
+            event_driven: false,
         }
     }
 
@@ -1137,7 +1144,7 @@ impl TcpConn {
             sock.re -= sock.rs;
             sock.rs = 0;
         }
-        if sock.re == RXBUF {
+        if sock.re == RXBUF || (self.event_driven && sock.drained.get()) {
             return Ok(0);
         }
         let free = RXBUF - sock.re;
@@ -1146,9 +1153,14 @@ impl TcpConn {
         match sys_read(sock.stream.as_raw_fd(), p, free)? {
             Io::Done(k) => {
                 sock.re += k;
+                // A short read emptied the socket (what arrives later makes it readable).
+                sock.drained.set(self.event_driven && k < free);
                 Ok(k)
             }
-            Io::Again => Ok(0),
+            Io::Again => {
+                sock.drained.set(self.event_driven);
+                Ok(0)
+            }
             Io::Eof => {
                 sock.eof = true;
                 Ok(0)
@@ -1298,15 +1310,22 @@ impl TcpConn {
                     rx.done += k;
                     moved = true;
                 } else if need >= DIRECT_READ {
+                    if self.event_driven && sock.drained.get() {
+                        return Ok(moved);
+                    }
                     // SAFETY: the pointer is inside the posted receive buffer, `need` bytes
                     // remain in it.
                     let p = unsafe { rx.ptr.add(rx.done) };
                     match sys_read(sock.stream.as_raw_fd(), p, need)? {
                         Io::Done(k) => {
                             rx.done += k;
+                            sock.drained.set(self.event_driven && k < need);
                             moved = true;
                         }
-                        Io::Again => return Ok(moved),
+                        Io::Again => {
+                            sock.drained.set(self.event_driven);
+                            return Ok(moved);
+                        }
                         Io::Eof => {
                             sock.eof = true;
                             return Err(self.lost_or_closed("a receive was pending"));
@@ -1437,8 +1456,10 @@ impl Conn for TcpConn {
                 req,
             });
         }
-        // Eager: try to write now (the common small-message case completes here).
-        for p in 0..n {
+        // Eager: try to write now (the common small-message case completes here), unless the
+        // caller drives the connection by events: then the next `progress` writes whatever was
+        // posted until then in one go.
+        for p in 0..if self.event_driven { 0 } else { n } {
             if let Err(e) = self.progress_tx(p) {
                 return Err(self.fail(e));
             }
@@ -1503,6 +1524,8 @@ impl Conn for TcpConn {
 
     fn poll_fds(&self, out: &mut Vec<PollFd>) {
         for s in &self.socks {
+            // The caller waits for readiness next: read again after it.
+            s.drained.set(false);
             if s.eof {
                 continue;
             }
@@ -1511,6 +1534,29 @@ impl Conn for TcpConn {
                 read: !s.rx.is_empty() || s.re - s.rs < RXBUF,
                 write: !s.tx.is_empty(),
             });
+        }
+    }
+
+    fn writes_apart(&self) -> bool {
+        true
+    }
+
+    fn flush(&mut self) -> NetResult<bool> {
+        self.check()?;
+        let mut moved = false;
+        for i in 0..self.socks.len() {
+            match self.progress_tx(i) {
+                Ok(m) => moved |= m,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        Ok(moved)
+    }
+
+    fn set_event_driven(&mut self, on: bool) {
+        self.event_driven = on;
+        for s in &self.socks {
+            s.drained.set(false);
         }
     }
 

@@ -37,6 +37,10 @@ const MAGIC_SEGS: [u8; 4] = *b"BRPM";
 pub(crate) const MAX_SEGMENTS: usize = 4096;
 /// Segments smaller than this are copied together rather than sent one by one.
 const SEGMENT_MIN: usize = 64 << 10;
+/// Messages up to this size (header and body) queued while the channel is idle are written by
+/// the thread that queues them (a small request then leaves without waking the channel
+/// thread first; a larger one is not worth writing under the caller's locks).
+const INLINE_MAX: usize = 64 << 10;
 const TAG_PREFIX: u64 = 1;
 const TAG_HDR: u64 = 2;
 const TAG_BODY: u64 = 3;
@@ -133,11 +137,31 @@ impl Incoming {
     }
 }
 
+/// The connection and its sending state, shared by the channel thread (which holds it while it
+/// works and lets go while it waits) and a thread that queues a small message while the
+/// channel is idle: that one posts and writes it itself (see [`INLINE_MAX`]).
+struct Link {
+    conn: Box<dyn Conn>,
+    /// Parts handed to the transport and not yet sent.
+    sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)>,
+    /// Bytes in `sends`.
+    inflight: usize,
+    /// The message being posted: its parts not yet accepted by the transport.
+    posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)>,
+}
+
 struct Shared {
+    /// None once the channel thread ended (the connection is closed then).
+    link: Mutex<Option<Link>>,
     queue: Mutex<(BinaryHeap<Queued>, u64)>,
     wake: i32,
+    /// The channel's own thread: what it queues itself (an answer, from `on_msg`) needs no
+    /// wake-up, since its loop looks at the queue right after.
+    owner: std::sync::OnceLock<std::thread::ThreadId>,
     stop: AtomicBool,
     closed: Mutex<Option<String>>,
+    /// Bytes of the receive buffer (kept between messages at the largest body's size).
+    rbuf: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Shared {
@@ -175,17 +199,25 @@ impl Chan {
                 std::io::Error::last_os_error()
             )));
         }
+        let peer = conn.peer_desc();
         let shared = Arc::new(Shared {
+            link: Mutex::new(Some(Link {
+                conn,
+                sends: Default::default(),
+                inflight: 0,
+                posting: Default::default(),
+            })),
             queue: Mutex::new((BinaryHeap::new(), 0)),
             wake,
+            owner: std::sync::OnceLock::new(),
             stop: AtomicBool::new(false),
             closed: Mutex::new(None),
+            rbuf: std::sync::atomic::AtomicUsize::new(0),
         });
-        let peer = conn.peer_desc();
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("braid-ps-{name}"))
-            .spawn(move || run(conn, sh, limits, on_msg, on_close))
+            .spawn(move || run(sh, limits, on_msg, on_close))
             .map_err(|e| Error::System(format!("spawning a channel thread: {e}")))?;
         Ok(Chan {
             shared,
@@ -200,10 +232,18 @@ impl Chan {
         lock(&self.shared.queue).0.len()
     }
 
-    /// Queues a message. Errors: the channel ended (with its reason).
+    /// Queues a message and gets it moving ([`Chan::kick`]). Errors: the channel ended (with
+    /// its reason).
     pub(crate) fn send(&self, msg: Outgoing) -> Result<()> {
         let prio = msg.prio;
-        self.queue(prio, msg.into())
+        self.queue(prio, msg.into(), true)
+    }
+
+    /// Queues a message to go with others queued after it: nothing moves until [`Chan::kick`]
+    /// (or the channel thread's next look at its queue). Errors: as [`Chan::send`].
+    pub(crate) fn send_later(&self, msg: Outgoing) -> Result<()> {
+        let prio = msg.prio;
+        self.queue(prio, msg.into(), false)
     }
 
     /// Queues a message whose body is the concatenation of `segs`, sent from those buffers
@@ -239,10 +279,10 @@ impl Chan {
             }
             out = vec![Arc::new(one)];
         }
-        self.queue(prio, Wire { hdr, segs: out })
+        self.queue(prio, Wire { hdr, segs: out }, true)
     }
 
-    fn queue(&self, prio: i32, msg: Wire) -> Result<()> {
+    fn queue(&self, prio: i32, msg: Wire, kick: bool) -> Result<()> {
         if let Some(why) = lock(&self.shared.closed).clone() {
             return Err(Error::PeerLost {
                 rank: 0,
@@ -257,11 +297,72 @@ impl Chan {
             q.1 += 1;
             q.0.push(Queued { prio, seq, msg });
         }
-        self.poke();
+        if kick {
+            self.kick();
+        }
         Ok(())
     }
 
+    /// Gets what is queued moving: written at once by this thread when the channel is idle and
+    /// it is small (see [`Chan::write_queued`]), else by the channel thread, woken for it.
+    pub(crate) fn kick(&self) {
+        if !self.write_queued() {
+            self.poke();
+        }
+    }
+
+    /// Posts and writes the queued messages on the caller's thread when the channel is idle
+    /// (its thread waiting, nothing being posted) and they are small ([`INLINE_MAX`]): a
+    /// request then leaves without waking the channel thread first, and requests queued
+    /// together leave in one system call. Whether everything queued was written (else the
+    /// channel thread must go on). Only for connections whose sends never read
+    /// ([`Conn::writes_apart`]).
+    fn write_queued(&self) -> bool {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        // The channel thread holds the link while it works (and so does this thread inside
+        // its own callbacks): then it sends what is queued itself.
+        let Ok(mut g) = self.shared.link.try_lock() else {
+            return false;
+        };
+        let Some(link) = g.as_mut() else {
+            return false;
+        };
+        if !link.conn.writes_apart() || !link.posting.is_empty() {
+            return false;
+        }
+        let mut posted = 0usize;
+        loop {
+            let next = {
+                let mut q = lock(&self.shared.queue);
+                let small = q.0.peek().is_some_and(|m| {
+                    posted + m.msg.hdr.len() + m.msg.segs.iter().map(|s| s.len()).sum::<usize>()
+                        <= INLINE_MAX
+                });
+                if small && link.inflight < POST_WINDOW {
+                    q.0.pop()
+                } else {
+                    None
+                }
+            };
+            let Some(m) = next else { break };
+            link.posting.extend(frames(m.msg));
+            posted += link.posting.iter().map(|(_, b)| b.len()).sum::<usize>();
+            if post(link).is_err() || !link.posting.is_empty() {
+                return false;
+            }
+        }
+        if posted == 0 || link.conn.flush().is_err() || reap(link).is_err() {
+            return false;
+        }
+        link.sends.is_empty() && lock(&self.shared.queue).0.is_empty()
+    }
+
     fn poke(&self) {
+        if self.shared.owner.get() == Some(&std::thread::current().id()) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: FFI; writes 8 bytes from a live u64 to our eventfd.
         unsafe {
@@ -271,6 +372,11 @@ impl Chan {
                 8,
             );
         }
+    }
+
+    /// Bytes of the channel's receive buffer (it keeps the largest recent body's size).
+    pub(crate) fn receive_buffer(&self) -> usize {
+        self.shared.rbuf.load(Ordering::Relaxed)
     }
 
     /// Whether the channel ended, and why.
@@ -373,16 +479,25 @@ fn take_segments(
 }
 
 fn run(
-    mut conn: Box<dyn Conn>,
     sh: Arc<Shared>,
     limits: Limits,
     mut on_msg: OnMsg,
     on_close: Box<dyn FnOnce(String) + Send>,
 ) {
+    let _ = sh.owner.set(std::thread::current().id());
+    // This thread posts, then progresses, then waits on the connection's descriptors.
+    if let Some(l) = lock(&sh.link).as_mut() {
+        l.conn.set_event_driven(true);
+    }
     let mut failing = None;
-    match drive(&mut *conn, &sh, limits, &mut *on_msg, &mut failing) {
+    let r = drive(&sh, limits, &mut *on_msg, &mut failing);
+    // The connection goes with this thread (closed when dropped below).
+    let Some(mut link) = lock(&sh.link).take() else {
+        return;
+    };
+    match r {
         Ok(()) => {
-            conn.goodbye();
+            link.conn.goodbye();
             *lock(&sh.closed) = Some("closed".into());
         }
         Err(e) => {
@@ -390,12 +505,13 @@ fn run(
             // ended while the goodbye lingered).
             let why = match failing {
                 Some((why, _)) => {
-                    tracing::warn!(target: "braid::ps", "closed the connection with {}: {why}", conn.peer_desc());
+                    tracing::warn!(target: "braid::ps", "closed the connection with {}: {why}", link.conn.peer_desc());
                     why
                 }
                 None => e,
             };
             *lock(&sh.closed) = Some(why.clone());
+            drop(link.conn);
             if !sh.stop.load(Ordering::SeqCst) {
                 on_close(why);
             }
@@ -462,17 +578,11 @@ fn queue_bye(sh: &Shared, why: &str) {
 /// the goodbye goes out and the channel waits for the peer to close, for at most
 /// [`BYE_LINGER`] (closing first could lose the goodbye in flight).
 fn drive(
-    conn: &mut dyn Conn,
     sh: &Shared,
     limits: Limits,
     on_msg: &mut dyn FnMut(&Incoming) -> std::result::Result<(), String>,
     failing: &mut Option<(String, std::time::Instant)>,
 ) -> std::result::Result<(), String> {
-    let mut sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)> = Default::default();
-    // Bytes in `sends` (handed to the transport, not sent yet).
-    let mut inflight = 0usize;
-    // Message being posted: its parts not yet accepted by the transport.
-    let mut posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)> = Default::default();
     let mut prefix = Box::new([0u8; 16]);
     // The last message received; its buffers are reused for the next one (a fresh buffer per
     // message would cost a page fault per 4 KiB of every large body).
@@ -486,62 +596,34 @@ fn drive(
     let mut fds: Vec<PollFd> = Vec::new();
     let mut scratch = Vec::new();
     let mut stop_since: Option<std::time::Instant> = None;
-    let zero = [0u8; braid_transport::META_LEN];
     loop {
+        // The link is held while this thread works; a small message queued meanwhile waits in
+        // the queue (see `Chan::send_inline`).
+        let mut g = lock(&sh.link);
+        let Some(link) = g.as_mut() else {
+            return Err("closed".into());
+        };
         let mut moved = false;
         // 1. Outgoing: one message at a time, in priority order.
         loop {
-            if posting.is_empty() {
-                if inflight >= POST_WINDOW {
+            if link.posting.is_empty() {
+                if link.inflight >= POST_WINDOW {
                     // Enough on its way: the rest waits, in priority order.
                     break;
                 }
                 let next = lock(&sh.queue).0.pop();
                 let Some(q) = next else { break };
-                let m = q.msg;
-                let segs: Vec<Arc<Vec<u8>>> =
-                    m.segs.into_iter().filter(|s| !s.is_empty()).collect();
-                let bl: usize = segs.iter().map(|s| s.len()).sum();
-                let (magic, hdr) = if segs.len() > 1 {
-                    // The segment table goes in front of the header.
-                    let mut h = Vec::with_capacity(4 + 8 * segs.len() + m.hdr.len());
-                    h.extend_from_slice(&(segs.len() as u32).to_le_bytes());
-                    for s in &segs {
-                        h.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                    }
-                    h.extend_from_slice(&m.hdr);
-                    (MAGIC_SEGS, h)
-                } else {
-                    (MAGIC, m.hdr)
-                };
-                let mut p = Vec::with_capacity(16);
-                p.extend_from_slice(&magic);
-                p.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
-                p.extend_from_slice(&(bl as u64).to_le_bytes());
-                posting.push_back((TAG_PREFIX, Arc::new(p)));
-                posting.push_back((TAG_HDR, Arc::new(hdr)));
-                for s in segs {
-                    posting.push_back((TAG_BODY, s));
-                }
+                link.posting.extend(frames(q.msg));
             }
-            let Some((tag, buf)) = posting.front() else {
+            let before = link.posting.len();
+            post(link)?;
+            moved |= link.posting.len() != before;
+            if !link.posting.is_empty() {
+                // The transport takes no more now.
                 break;
-            };
-            // SAFETY: the buffer moves into `sends` right after posting and stays there (heap
-            // memory of a Vec does not move) until the request completed.
-            let r = unsafe { conn.isend(*tag, &zero, buf.as_ptr(), buf.len()) }
-                .map_err(|e| e.to_string())?;
-            match r {
-                Some(req) => {
-                    if let Some((_, buf)) = posting.pop_front() {
-                        inflight += buf.len();
-                        sends.push_back((req, buf));
-                    }
-                    moved = true;
-                }
-                None => break,
             }
         }
+        let conn = &mut link.conn;
         // 2. Incoming (nothing more once the peer broke the protocol).
         if let Some((why, since)) = &*failing {
             if since.elapsed() > BYE_LINGER {
@@ -556,16 +638,8 @@ fn drive(
             }
         }
         moved |= conn.progress().map_err(|e| e.to_string())?;
-        while let Some((r, _)) = sends.front() {
-            if conn.test(*r).map_err(|e| e.to_string())?.is_some() {
-                if let Some((_, buf)) = sends.pop_front() {
-                    inflight = inflight.saturating_sub(buf.len());
-                }
-                moved = true;
-            } else {
-                break;
-            }
-        }
+        moved |= reap(link)?;
+        let conn = &mut link.conn;
         loop {
             let next = match &rstate {
                 RState::Idle => break,
@@ -629,6 +703,7 @@ fn drive(
                             // received into the front of the buffer.
                             msg.buf.resize(bl, 0);
                         }
+                        sh.rbuf.store(msg.buf.capacity(), Ordering::Relaxed);
                         msg.len = bl;
                         let first = recv.segs.first().copied().unwrap_or(bl);
                         // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
@@ -673,13 +748,16 @@ fn drive(
             rstate = next;
             moved = true;
             if matches!(rstate, RState::Idle) {
+                // What the message queued (an answer) goes out before the next one is taken:
+                // that one may take long to handle (a slow update rule).
                 break;
             }
         }
         // 3. Stop when asked, once everything queued went out (bounded).
         if sh.stop.load(Ordering::SeqCst) {
             let since = *stop_since.get_or_insert_with(std::time::Instant::now);
-            let empty = lock(&sh.queue).0.is_empty() && posting.is_empty() && sends.is_empty();
+            let empty =
+                lock(&sh.queue).0.is_empty() && link.posting.is_empty() && link.sends.is_empty();
             if empty || since.elapsed() > Duration::from_secs(2) {
                 return Ok(());
             }
@@ -687,21 +765,87 @@ fn drive(
         if moved {
             continue;
         }
-        // 4. Wait for the connection or a new message.
+        // 4. Wait for the connection or a new message, with the link free.
         fds.clear();
-        conn.poll_fds(&mut fds);
+        link.conn.poll_fds(&mut fds);
+        drop(g);
         fds.push(PollFd {
             fd: sh.wake,
             read: true,
             write: false,
         });
         let _ = braid_transport::wait_fds(&fds, Duration::from_millis(20), &mut scratch);
-        let mut b = [0u8; 8];
-        // SAFETY: FFI; reads at most 8 bytes into a live buffer from our nonblocking eventfd.
-        unsafe {
-            libc::read(sh.wake, b.as_mut_ptr().cast::<libc::c_void>(), 8);
+        // The wake-up descriptor is the last one; read it only when it was poked (a failed
+        // wait reads it anyway).
+        if scratch.last().map_or(true, |p| p.revents != 0) {
+            let mut b = [0u8; 8];
+            // SAFETY: FFI; reads at most 8 bytes into a live buffer from our nonblocking
+            // eventfd.
+            unsafe {
+                libc::read(sh.wake, b.as_mut_ptr().cast::<libc::c_void>(), 8);
+            }
         }
     }
+}
+
+/// A message as transport messages: the prefix, the header (after the segment table when the
+/// body comes in several buffers) and the body's buffers.
+fn frames(m: Wire) -> Vec<(u64, Arc<Vec<u8>>)> {
+    let segs: Vec<Arc<Vec<u8>>> = m.segs.into_iter().filter(|s| !s.is_empty()).collect();
+    let bl: usize = segs.iter().map(|s| s.len()).sum();
+    let (magic, hdr) = if segs.len() > 1 {
+        // The segment table goes in front of the header.
+        let mut h = Vec::with_capacity(4 + 8 * segs.len() + m.hdr.len());
+        h.extend_from_slice(&(segs.len() as u32).to_le_bytes());
+        for s in &segs {
+            h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        }
+        h.extend_from_slice(&m.hdr);
+        (MAGIC_SEGS, h)
+    } else {
+        (MAGIC, m.hdr)
+    };
+    let mut p = Vec::with_capacity(16);
+    p.extend_from_slice(&magic);
+    p.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
+    p.extend_from_slice(&(bl as u64).to_le_bytes());
+    let mut out = Vec::with_capacity(2 + segs.len());
+    out.push((TAG_PREFIX, Arc::new(p)));
+    out.push((TAG_HDR, Arc::new(hdr)));
+    out.extend(segs.into_iter().map(|s| (TAG_BODY, s)));
+    out
+}
+
+/// Hands the parts of the message being posted to the transport while it takes them.
+fn post(link: &mut Link) -> std::result::Result<(), String> {
+    let zero = [0u8; braid_transport::META_LEN];
+    while let Some((tag, buf)) = link.posting.front() {
+        // SAFETY: the buffer moves into `sends` right after posting and stays there (heap
+        // memory of a Vec does not move) until the request completed.
+        let r = unsafe { link.conn.isend(*tag, &zero, buf.as_ptr(), buf.len()) }
+            .map_err(|e| e.to_string())?;
+        let Some(req) = r else { break };
+        if let Some((_, buf)) = link.posting.pop_front() {
+            link.inflight += buf.len();
+            link.sends.push_back((req, buf));
+        }
+    }
+    Ok(())
+}
+
+/// Drops the parts the transport finished sending; whether there were any.
+fn reap(link: &mut Link) -> std::result::Result<bool, String> {
+    let mut moved = false;
+    while let Some((r, _)) = link.sends.front() {
+        if link.conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+            break;
+        }
+        if let Some((_, buf)) = link.sends.pop_front() {
+            link.inflight = link.inflight.saturating_sub(buf.len());
+        }
+        moved = true;
+    }
+    Ok(moved)
 }
 
 #[cfg(test)]

@@ -677,6 +677,9 @@ impl KvWorker {
         prio: i32,
     ) -> Result<PsHandle<u64>> {
         self.inner.round_start();
+        // The push and the pull to each server leave together (one write, one wake-up of the
+        // server), when the batch ends.
+        let _batch = Batch::open();
         let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         // SAFETY: forwarded from the caller.
@@ -717,6 +720,65 @@ impl KvWorker {
         Ok(handle(&self.inner, op, |versions| {
             versions.values().copied().min().unwrap_or(0)
         }))
+    }
+}
+
+thread_local! {
+    /// The channels this thread queued requests on inside an open [`Batch`].
+    static BATCH: std::cell::RefCell<Option<Vec<Arc<Chan>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Requests queued by this thread while a batch is open go out when it closes (dropped),
+/// together per server: a push_pull's push and pull then leave in one write.
+struct Batch {
+    outer: bool,
+}
+
+impl Batch {
+    fn open() -> Batch {
+        let nested = BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            let nested = b.is_some();
+            b.get_or_insert_with(Vec::new);
+            nested
+        });
+        Batch { outer: !nested }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if self.outer {
+            if let Some(chans) = BATCH.with(|b| b.borrow_mut().take()) {
+                for c in chans {
+                    c.kick();
+                }
+            }
+        }
+    }
+}
+
+/// Gets the requests queued on `chans` moving, or leaves that to the open batch.
+fn kick_now_or_with_batch(chans: Vec<Arc<Chan>>) {
+    let later = BATCH.with(|b| {
+        let mut b = b.borrow_mut();
+        match b.as_mut() {
+            Some(list) => {
+                for c in &chans {
+                    if !list.iter().any(|k| Arc::ptr_eq(k, c)) {
+                        list.push(c.clone());
+                    }
+                }
+                true
+            }
+            None => false,
+        }
+    });
+    if !later {
+        for c in chans {
+            c.kick();
+        }
     }
 }
 
@@ -1381,6 +1443,7 @@ impl WInner {
     /// Sends requests (connecting to servers as needed); what cannot be sent goes to the retry
     /// list.
     fn dispatch(self: &Arc<Self>, reqs: Vec<(u64, WReq)>) {
+        let mut kick: Vec<Arc<Chan>> = Vec::new();
         for (id, r) in reqs {
             let chan = self.server_chan(r.server);
             let msg = match r.kind {
@@ -1445,7 +1508,7 @@ impl WInner {
             let prio = r.prio;
             let mut st = lock(&self.st);
             let sent = chan.as_ref().is_some_and(|c| {
-                c.send(Outgoing {
+                c.send_later(Outgoing {
                     prio,
                     hdr: msg.encode(),
                     body,
@@ -1457,7 +1520,14 @@ impl WInner {
             } else {
                 self.retry_or_fail(&mut st, r);
             }
+            drop(st);
+            if let Some(c) = chan {
+                if !kick.iter().any(|k| Arc::ptr_eq(k, &c)) {
+                    kick.push(c);
+                }
+            }
         }
+        kick_now_or_with_batch(kick);
     }
 
     /// A request that cannot be sent now: it waits in the retry list, unless its server's
@@ -1753,6 +1823,7 @@ impl WInner {
                 "protocol error: an answer to request {req}, which was not sent to it"
             ));
         }
+        let op = r.op;
         match msg {
             Msg::Fail {
                 msg, retry: true, ..
@@ -1876,7 +1947,16 @@ impl WInner {
                 }
             }
         }
-        self.cv.notify_all();
+        // Waiters wait for an operation to finish: wake them when this answer finished one
+        // (not for every answer: a push_pull's push acknowledgement alone would wake the
+        // caller for nothing).
+        if st
+            .ops
+            .get(&op)
+            .is_some_and(|o| o.outstanding == 0 || o.error.is_some())
+        {
+            self.cv.notify_all();
+        }
         Ok(())
     }
 
