@@ -131,6 +131,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "Push/pull values larger than this are split into parts spread over servers." },
     VarSpec { name: "BRAID_PS_REPLICAS", ty: "integer", default: "1",
         doc: "Extra copies R of every push/pull part on the next servers of the ring; updates are acknowledged once every copy applied them, so any R servers may die at once without losing an acknowledged update; a part all of whose copies died fails its pulls naming the key (README, \"Replication, exactly\")." },
+    VarSpec { name: "BRAID_PS_HISTORY", ty: "integer", default: "4",
+        doc: "Push/pull servers: completed versions kept per part for readers' snapshot reads, the current one included (1 to 64). Each costs the part's bytes on its server: 1 keeps only the current values (snapshots then retry more often while workers push)." },
     VarSpec { name: "BRAID_PS_PLACEMENT", ty: "equal|bandwidth", default: "equal",
         doc: "bandwidth: each push/pull server measures its reduction bandwidth at start and uses it as its weight on the ring (faster servers own more parts); equal: BRAID_WEIGHT." },
     VarSpec { name: "BRAID_PS_CHECKPOINT_DIR", ty: "path", default: "",

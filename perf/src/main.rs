@@ -56,6 +56,7 @@ use half::{bf16, f16};
 mod check;
 mod device;
 mod pushpull;
+mod wire;
 use check::PerfElem;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +160,7 @@ struct Args {
 
 const USAGE: &str = "usage: braid-perf all_reduce|reduce_scatter|all_gather|broadcast|reduce|all_to_all|gather|scatter|sendrecv \
 [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [-d DTYPE] [-o OP] [-r ROOT] [--ranks N] \
-[--transport tcp|shm|ib|auto] [-R 0|1] [-G 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n\
+[--transport tcp|shm|ib|auto] [-R 0|1] [-G 0|1] [--json FILE] [-v] [--elastic [--duration SECONDS]]\n       braid-perf kernels [-b MIN] [-e MAX]\n       braid-perf topo [--json]\n       braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [--keys K] [--mode sync|async|bounded:TAU]\n       braid-perf wire_ceiling --workers W --servers S [-b MIN] [-e MAX] [-f F] [-n ITERS] [-w WARMUP]\n\
 sizes take K/M/G suffixes; DTYPE: int8 uint8 int16 int32 uint32 int64 uint64 half bfloat16 float double; OP: sum prod min max avg band bor bxor (bitwise: integer DTYPEs)";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -306,6 +307,9 @@ fn main() -> ExitCode {
     }
     if argv.first().map(|s| s.as_str()) == Some("push_pull") {
         return pushpull::main(&argv[1..]);
+    }
+    if argv.first().map(|s| s.as_str()) == Some("wire_ceiling") {
+        return wire::main(&argv[1..]);
     }
     let args = match parse_args(&argv) {
         Ok(a) => a,
@@ -789,11 +793,20 @@ fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args, t_init: Instant) -> Re
 }
 
 pub(crate) fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// This process's resident memory now, KiB.
+pub(crate) fn rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)

@@ -301,16 +301,24 @@ fn run(a: &Args) -> Result<bool, String> {
     let o = opts(a)?;
     let mut cfg = base_cfg(a)?;
     if role_server {
+        // Before any value: the process's own memory (code, libraries, threads).
+        let base_kib = crate::rss_kib();
         let s = KvServer::start(cfg, o).map_err(|e| e.to_string())?;
         // Serve until every worker has left the view (after having seen one).
         let mut seen = false;
         let mut shown = (usize::MAX, u64::MAX);
         // The most value bytes held at once, against this process's peak RSS at the end.
         let mut held_max = 0usize;
+        // The most bytes stored at once (values, kept versions, open rounds, optimizer state)
+        // and the largest receive buffers (in-flight pushes).
+        let (mut stored_max, mut rbuf_max) = (0usize, 0usize);
         loop {
             let (w, _) = s.sizes();
             seen |= w > 0;
-            held_max = held_max.max(s.value_bytes());
+            let b = s.store_bytes();
+            held_max = held_max.max(b.values);
+            stored_max = stored_max.max(b.values + b.kept + b.pending + b.optimizer);
+            rbuf_max = rbuf_max.max(s.receive_buffer_bytes());
             if seen && w == 0 {
                 break;
             }
@@ -331,12 +339,19 @@ fn run(a: &Args) -> Result<bool, String> {
         }
         // Memory of this server against what it stores (issue 17: RSS <= 2x the stored bytes
         // plus what is in flight). On stderr, which push_pull's launcher does not silence.
+        // held: current values; stored: everything the store keeps (the history's older
+        // versions too); rbuf: receive buffers; base: the process before the server started.
+        // rss_over_stored = (peak RSS - base - rbuf) / stored.
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         let rss = crate::peak_rss_kib() as f64 / 1024.0;
-        let held = held_max as f64 / (1024.0 * 1024.0);
+        let base = base_kib as f64 / 1024.0;
+        let (held, stored, rbuf) = (mib(held_max), mib(stored_max), mib(rbuf_max));
+        let over = |x: f64, d: f64| if d > 0.0 { x / d } else { 0.0 };
         eprintln!(
-            "# server [{idx}] member {}: peak_rss_mib={rss:.1} held_mib={held:.1} rss_over_held={:.2}",
+            "# server [{idx}] member {}: peak_rss_mib={rss:.1} held_mib={held:.1} rss_over_held={:.2} stored_mib={stored:.1} rbuf_mib={rbuf:.1} base_mib={base:.1} rss_over_stored={:.2}",
             s.member_id(),
-            if held > 0.0 { rss / held } else { 0.0 }
+            over(rss, held),
+            over(rss - base - rbuf, stored)
         );
         return Ok(true);
     }

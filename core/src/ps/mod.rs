@@ -97,7 +97,7 @@ pub(crate) mod wire;
 pub mod worker;
 
 pub use server::KvServer;
-pub use store::{Consistency, SgdParams, UpdateRule};
+pub use store::{Consistency, SgdParams, StoreBytes, UpdateRule};
 pub use worker::{CheckpointInfo, KvReader, KvWorker, PsHandle, Pulled};
 
 use crate::error::{Error, Result};
@@ -117,7 +117,10 @@ pub struct PsOptions {
     /// Extra copies of every part on the next servers of the ring (`BRAID_PS_REPLICAS`,
     /// default 1).
     pub replicas: usize,
-    /// Completed versions kept per part for snapshot reads (default 4).
+    /// Completed versions kept per part for snapshot reads, the current one included
+    /// (`BRAID_PS_HISTORY`, 1 to [`MAX_HISTORY`]; default 4). Each costs the part's bytes on
+    /// its server: 1 keeps only the current values (readers' snapshots then retry more often
+    /// while workers push).
     pub history: usize,
     /// Servers measure their reduction bandwidth at start and publish it as their ring weight
     /// (`BRAID_PS_PLACEMENT=bandwidth`; default `equal`: the configured `BRAID_WEIGHT`).
@@ -152,6 +155,8 @@ impl Default for PsOptions {
 pub const MAX_PARTITION_BYTES: usize = 1 << 30;
 /// Most extra copies of a part accepted from the environment.
 pub const MAX_REPLICAS: usize = 64;
+/// Most versions per part kept for snapshot reads accepted from the environment.
+pub const MAX_HISTORY: usize = 64;
 
 impl PsOptions {
     /// Settings from the environment (`BRAID_PS_*`).
@@ -215,6 +220,18 @@ impl PsOptions {
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "BRAID_PS_REPLICAS={r}: expected 0, 1, 2, ... up to {MAX_REPLICAS}"
+                    ))
+                })?;
+        }
+        if let Some(h) = get("BRAID_PS_HISTORY") {
+            o.history = h
+                .trim()
+                .parse()
+                .ok()
+                .filter(|x| (1..=MAX_HISTORY).contains(x))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "BRAID_PS_HISTORY={h}: expected 1 to {MAX_HISTORY} versions"
                     ))
                 })?;
         }
@@ -309,6 +326,12 @@ mod tests {
             assert!(e.contains("BRAID_PS_REPLICAS"), "{e}");
         }
         assert!(with("BRAID_PS_PARTITION_BYTES", "1G").is_ok());
+        assert_eq!(with("BRAID_PS_HISTORY", "1").unwrap().history, 1);
+        assert_eq!(PsOptions::default().history, 4);
+        for bad in ["0", "65", "-1", "x"] {
+            let e = with("BRAID_PS_HISTORY", bad).unwrap_err().to_string();
+            assert!(e.contains("BRAID_PS_HISTORY"), "{e}");
+        }
         let both = |d: &'static str, n: &'static str| {
             PsOptions::from_lookup(move |k| match k {
                 "BRAID_PS_CHECKPOINT_DIR" => Some(d.to_string()),

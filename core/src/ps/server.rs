@@ -444,6 +444,23 @@ impl KvServer {
         lock(&self.inner.st).store.value_bytes()
     }
 
+    /// The bytes this server's store holds, by kind (values, kept versions, open rounds,
+    /// optimizer state).
+    pub fn store_bytes(&self) -> super::StoreBytes {
+        lock(&self.inner.st).store.bytes()
+    }
+
+    /// Bytes of the receive buffers of this server's connections (each keeps the size of the
+    /// largest recent message body it received): the in-flight memory of pushes.
+    pub fn receive_buffer_bytes(&self) -> usize {
+        let st = lock(&self.inner.st);
+        st.chans
+            .values()
+            .chain(st.extra.iter().map(|(_, c)| c))
+            .map(|c| c.receive_buffer())
+            .sum()
+    }
+
     /// The epoch of the view this server runs on.
     pub fn epoch(&self) -> u64 {
         lock(&self.inner.st).view.epoch

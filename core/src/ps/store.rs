@@ -360,6 +360,19 @@ struct Held {
     grad: Vec<u8>,
 }
 
+/// The bytes a store holds, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreBytes {
+    /// Current values.
+    pub values: usize,
+    /// Older versions kept for snapshot reads (the history) and checkpoints.
+    pub kept: usize,
+    /// Open sync rounds' sums and bounded-mode pushes held back.
+    pub pending: usize,
+    /// Optimizer state (momentum).
+    pub optimizer: usize,
+}
+
 /// One key's full state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Entry {
@@ -1387,6 +1400,23 @@ impl Store {
     /// versions, open rounds or optimizer state).
     pub fn value_bytes(&self) -> usize {
         self.keys.values().map(|e| e.value.len()).sum()
+    }
+
+    /// The bytes this store holds, by kind (see [`StoreBytes`]).
+    pub fn bytes(&self) -> StoreBytes {
+        let mut b = StoreBytes::default();
+        for e in self.keys.values() {
+            b.values += e.value.len();
+            b.kept += e.old.iter().map(|(_, v)| v.len()).sum::<usize>();
+            b.pending += e.rounds.values().map(|r| r.acc.len()).sum::<usize>()
+                + e.held
+                    .values()
+                    .flat_map(|q| q.iter())
+                    .map(|h| h.grad.len())
+                    .sum::<usize>();
+            b.optimizer += e.mom.as_ref().map_or(0, |m| m.len());
+        }
+        b
     }
 
     /// The initialised keys, ascending.
