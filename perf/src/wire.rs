@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! braid-perf wire_ceiling --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS]
-//!     [-w WARMUP]
+//!     [-w WARMUP] [--sum]
 //! ```
 //!
 //! The traffic of `braid-perf push_pull` with everything else taken away: every worker has one
@@ -11,7 +11,10 @@
 //! pull answer follows its push. No framing, no arithmetic, no copies but the kernel's, a
 //! thread per connection end, preallocated buffers: what is left is the kernel's TCP path
 //! and the scheduler, so no parameter server (braid's or ps-lite's) can move more bytes over
-//! TCP on this machine. Columns as push_pull's: `size round_us agg_GB/s`, where round_us is
+//! TCP on this machine. With `--sum` each server also adds every chunk it reads into an f32
+//! sum (braid's SIMD kernel) and writes the sum back, as a server that aggregates must (and
+//! as `pslite.sh --server-sum` does): the ceiling of an aggregating push/pull over TCP here.
+//! Columns as push_pull's: `size round_us agg_GB/s`, where round_us is
 //! the largest mean round of any connection after the warmup and agg_GB/s = 2 (push + pull)
 //! x SIZE x W / round_us / 1e3.
 
@@ -22,7 +25,7 @@ use std::time::Instant;
 
 use braid::config::parse_bytes;
 
-const USAGE: &str = "usage: braid-perf wire_ceiling --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP]";
+const USAGE: &str = "usage: braid-perf wire_ceiling --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--sum]";
 
 struct Args {
     workers: usize,
@@ -32,6 +35,7 @@ struct Args {
     factor: usize,
     iters: usize,
     warmup: usize,
+    sum: bool,
 }
 
 fn parse(argv: &[String]) -> Result<Args, String> {
@@ -43,6 +47,7 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         factor: 4,
         iters: 10,
         warmup: 2,
+        sum: false,
     };
     let mut it = argv.iter();
     while let Some(k) = it.next() {
@@ -54,6 +59,10 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         let num = |v: String| -> Result<usize, String> {
             parse_bytes(&v).ok_or_else(|| format!("{k} {v}: not a number\n{USAGE}"))
         };
+        if k == "--sum" {
+            a.sum = true;
+            continue;
+        }
         match k.as_str() {
             "--workers" => a.workers = num(val()?)?,
             "--servers" => a.servers = num(val()?)?,
@@ -70,9 +79,9 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "workers, servers and -n must be at least 1, -f at least 2\n{USAGE}"
         ));
     }
-    if a.min < a.servers || a.max < a.min {
+    if a.min < 4 * a.servers || a.max < a.min {
         return Err(format!(
-            "sizes: {} to {} bytes (at least one byte per server)\n{USAGE}",
+            "sizes: {} to {} bytes (at least one f32 per server)\n{USAGE}",
             a.min, a.max
         ));
     }
@@ -81,7 +90,8 @@ fn parse(argv: &[String]) -> Result<Args, String> {
 
 /// One size: the largest mean round (seconds) over the workers' connections.
 fn measure(a: &Args, size: usize) -> Result<f64, String> {
-    let chunk = size / a.servers;
+    let chunk = size / a.servers / 4 * 4;
+    let sum = a.sum;
     let rounds = a.warmup + a.iters;
     let (warmup, iters) = (a.warmup, a.iters);
     let listeners: Vec<TcpListener> = (0..a.servers)
@@ -107,12 +117,24 @@ fn measure(a: &Args, size: usize) -> Result<f64, String> {
         // Servers: a thread per connection reads a whole chunk, then writes it back.
         for mut s in accepted {
             sc.spawn(move || -> Result<(), String> {
-                let mut buf = vec![1u8; chunk];
+                let mut buf = vec![0u8; chunk];
+                let mut acc = vec![0u8; if sum { chunk } else { 0 }];
                 for _ in 0..rounds {
                     s.read_exact(&mut buf)
                         .map_err(|e| format!("server read: {e}"))?;
-                    s.write_all(&buf)
-                        .map_err(|e| format!("server write: {e}"))?;
+                    if sum {
+                        braid::reduce::reduce_inplace(
+                            braid::DataType::F32,
+                            braid::ReduceOp::Sum,
+                            &mut acc,
+                            &buf,
+                        )
+                        .map_err(|e| format!("sum: {e}"))?;
+                        s.write_all(&acc)
+                    } else {
+                        s.write_all(&buf)
+                    }
+                    .map_err(|e| format!("server write: {e}"))?;
                 }
                 Ok(())
             });
@@ -122,7 +144,7 @@ fn measure(a: &Args, size: usize) -> Result<f64, String> {
             .into_iter()
             .map(|mut s| {
                 sc.spawn(move || -> Result<f64, String> {
-                    let src = vec![7u8; chunk];
+                    let src = vec![0u8; chunk];
                     let mut dst = vec![0u8; chunk];
                     let mut t0 = Instant::now();
                     for r in 0..rounds {
@@ -159,8 +181,12 @@ pub fn main(argv: &[String]) -> ExitCode {
         }
     };
     println!(
-        "# braid-perf wire_ceiling: {} workers, {} servers, tcp loopback, a thread per connection end, iters {}, warmup {}",
-        a.workers, a.servers, a.iters, a.warmup
+        "# braid-perf wire_ceiling: {} workers, {} servers, tcp loopback, a thread per connection end, {}, iters {}, warmup {}",
+        a.workers,
+        a.servers,
+        if a.sum { "servers sum (f32)" } else { "no arithmetic" },
+        a.iters,
+        a.warmup
     );
     println!("# {:>10} {:>12} {:>9}", "size(B)", "round_us", "agg_GB/s");
     let mut size = a.min;
