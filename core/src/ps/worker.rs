@@ -465,6 +465,8 @@ impl KvWorker {
         prio: i32,
     ) -> Result<PsHandle<Pulled<T>>> {
         self.inner.round_start();
+        // As in `push_pull_raw`.
+        let _batch = Batch::open();
         let push = self.inner.push_op(keys, lens, vals, prio)?;
         self.inner.chain(push);
         self.inner.pull_op::<T>(keys, lens, None, None, prio)
