@@ -90,6 +90,7 @@
 pub(crate) mod chan;
 pub mod checkpoint;
 pub(crate) mod node;
+mod pool;
 pub mod server;
 pub mod shard;
 pub mod store;

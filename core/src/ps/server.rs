@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
 use super::checkpoint::{self, Manifest, PartMeta};
 use super::node::{connect_to, Cred, Node, Peer, ViewBook};
+use super::pool::BufPool;
 use super::shard::Ring;
 use super::store::{Consistency, Event, KeyDump, Store};
 use super::wire::{parts_len, permitted, Msg, PartRef, CLIENT_HDR, MAX_CKPT_CHUNK};
@@ -249,6 +250,14 @@ impl Dedup {
     }
 }
 
+/// Bytes at an offset of a message body: (offset, length).
+type Span = (usize, usize);
+
+/// Replication bodies kept for reuse: at most this many, and [`REP_POOL_BYTES`] of them.
+const REP_POOL: usize = 8;
+/// See [`REP_POOL`].
+const REP_POOL_BYTES: usize = 256 << 20;
+
 struct SInner {
     me: u64,
     my_host: String,
@@ -260,6 +269,8 @@ struct SInner {
     stop: AtomicBool,
     /// Store key → user key, for user update rules.
     keymap: Arc<Mutex<HashMap<u64, u64>>>,
+    /// Bodies of replication messages, reused once sent.
+    rep_bodies: Mutex<BufPool>,
     /// Views known to this process (the acceptor checks hellos against them).
     book: Arc<ViewBook>,
 }
@@ -405,6 +416,7 @@ impl KvServer {
             }),
             stop: AtomicBool::new(false),
             keymap,
+            rep_bodies: Mutex::new(BufPool::new(REP_POOL, REP_POOL_BYTES)),
             book: node.book.clone(),
         });
         let pending: Vec<Early> = {
@@ -1020,11 +1032,11 @@ fn server_chan_in(inner: &Arc<SInner>, id: u64, view: Option<&View>) -> Option<A
     }
 }
 
-fn send(ch: &Chan, prio: i32, m: &Msg, body: Vec<u8>) {
+fn send(ch: &Chan, prio: i32, m: &Msg, body: Arc<Vec<u8>>) {
     let _ = ch.send(Outgoing {
         prio,
         hdr: m.encode(),
-        body: Arc::new(body),
+        body,
     });
 }
 
@@ -1060,7 +1072,7 @@ fn handle(
         }
     }
     let mut outbox: Vec<Out> = Vec::new();
-    let mut reps: Vec<(u64, Msg, Vec<u8>)> = Vec::new();
+    let mut reps: Vec<(u64, Msg, Arc<Vec<u8>>)> = Vec::new();
     // Parts created here, announced to every other server.
     let mut announced: Vec<(u64, u64, u32)> = Vec::new();
     {
@@ -1155,7 +1167,8 @@ fn handle(
                     }
                 }
                 let mut off = 0;
-                let mut per_replica: BTreeMap<u64, (Vec<PartRef>, Vec<u8>)> = BTreeMap::new();
+                // Per replica: its parts, and where their bytes are in the body.
+                let mut per_replica: BTreeMap<u64, (Vec<PartRef>, Vec<Span>)> = BTreeMap::new();
                 for (i, p) in parts.iter().enumerate() {
                     let data = &body[off..off + p.n];
                     off += p.n;
@@ -1264,11 +1277,19 @@ fn handle(
                         if r != inner.me {
                             let e = per_replica.entry(r).or_default();
                             e.0.push(*p);
-                            e.1.extend_from_slice(data);
+                            e.1.push((off - p.n, p.n));
                         }
                     }
                 }
-                for (r, (ps, data)) in per_replica {
+                for (r, (ps, at)) in per_replica {
+                    // The replica's copy of its parts, in a pooled buffer (a fresh one per
+                    // push cost a page fault per 4 KiB).
+                    let total = at.iter().map(|(_, n)| n).sum();
+                    let data = lock(&inner.rep_bodies).fill(total, |b| {
+                        for (o, n) in &at {
+                            b.extend_from_slice(&body[*o..*o + *n]);
+                        }
+                    });
                     let seq = st.rep_seq;
                     st.rep_seq += 1;
                     st.rep_wait.insert(seq, (from, req, r));
@@ -1731,13 +1752,13 @@ fn announce(inner: &Arc<SInner>, add: Vec<(u64, u64, u32)>) {
     let msg = Msg::Keys { add };
     for id in others {
         if let Some(c) = server_chan(inner, id) {
-            send(&c, i32::MAX, &msg, Vec::new());
+            send(&c, i32::MAX, &msg, Arc::new(Vec::new()));
         }
     }
 }
 
 /// Sends what `handle` produced (outside the state lock).
-fn flush(inner: &Arc<SInner>, outbox: Vec<Out>, reps: Vec<(u64, Msg, Vec<u8>)>) {
+fn flush(inner: &Arc<SInner>, outbox: Vec<Out>, reps: Vec<(u64, Msg, Arc<Vec<u8>>)>) {
     for (r, msg, body) in reps {
         match server_chan(inner, r) {
             Some(c) => send(&c, i32::MAX, &msg, body),
@@ -2073,7 +2094,7 @@ fn apply_view(inner: &Arc<SInner>, view: View) {
         for (h, n, m) in sends {
             match pre.get(&h).or_else(|| st.chans.get(&h)) {
                 Some(c) => {
-                    send(c, i32::MAX, &m, Vec::new());
+                    send(c, i32::MAX, &m, Arc::new(Vec::new()));
                     if n > 0 {
                         tracing::info!(target: "braid::ps", "server {}: handed {n} key part(s) to server {h}", inner.me);
                     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
 use super::checkpoint::{self, FileEntry, Manifest, PartEntry};
 use super::node::{connect_to, Cred, Node};
+use super::pool::BufPool;
 use super::server::{mode_name, ring_of, servers_of, workers_of};
 use super::shard::{split, Ring};
 use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_PARTS};
@@ -219,7 +220,7 @@ pub(crate) struct WInner {
     lost_grace: Duration,
     /// Request bodies, reused once nobody else holds them (sent and answered): a fresh
     /// buffer per push would cost a page fault per 4 KiB of every large push.
-    bodies: Mutex<Vec<Arc<Vec<u8>>>>,
+    bodies: Mutex<BufPool>,
     /// The group (named in checkpoint manifests).
     group: String,
     /// The membership client (workers; readers have none): checkpoints are reported to the
@@ -373,7 +374,7 @@ impl KvWorker {
             reader: None,
             ticket: Mutex::new(None),
             lost_grace,
-            bodies: Mutex::new(Vec::new()),
+            bodies: Mutex::new(BufPool::new(BODY_POOL, BODY_POOL_BYTES)),
             group,
             client: Some(node.client.clone()),
             ckpt: Mutex::new(CkptCtl::default()),
@@ -2088,40 +2089,15 @@ impl WInner {
 
 /// The bytes of `parts` (offsets into `data`) in one buffer; the offsets become positions in
 /// it. The buffer is a pooled one nobody else holds any more when there is one large enough.
-fn compact(
-    data: &[u8],
-    parts: &mut [(PartRef, usize)],
-    pool: &mut Vec<Arc<Vec<u8>>>,
-) -> Arc<Vec<u8>> {
+fn compact(data: &[u8], parts: &mut [(PartRef, usize)], pool: &mut BufPool) -> Arc<Vec<u8>> {
     let total: usize = parts.iter().map(|(p, _)| p.n).sum();
-    let reuse = pool
-        .iter()
-        .position(|b| Arc::strong_count(b) == 1 && b.capacity() >= total);
-    let mut arc = match reuse {
-        Some(i) => pool.swap_remove(i),
-        None => Arc::new(Vec::with_capacity(total)),
-    };
-    if let Some(b) = Arc::get_mut(&mut arc) {
-        b.clear();
+    pool.fill(total, |b| {
         for (p, off) in parts.iter_mut() {
             let at = b.len();
             b.extend_from_slice(&data[*off..*off + p.n]);
             *off = at;
         }
-    }
-    let kept: usize = pool.iter().map(|b| b.capacity()).sum();
-    if total >= 64 << 10 && kept + total <= BODY_POOL_BYTES {
-        if pool.len() >= BODY_POOL {
-            // Drop a buffer nobody uses, else the oldest (it is freed when its user is done).
-            let i = pool
-                .iter()
-                .position(|b| Arc::strong_count(b) == 1)
-                .unwrap_or(0);
-            pool.swap_remove(i);
-        }
-        pool.push(arc.clone());
-    }
-    arc
+    })
 }
 
 /// Groups parts by their owner on the current ring and registers one request per server.
@@ -2321,7 +2297,7 @@ impl KvReader {
             reader: Some((addr, cfg.group.clone())),
             ticket: Mutex::new(Some((me, epoch, grant.ticket))),
             lost_grace: lost_grace(&cfg),
-            bodies: Mutex::new(Vec::new()),
+            bodies: Mutex::new(BufPool::new(BODY_POOL, BODY_POOL_BYTES)),
             group: cfg.group.clone(),
             client: None,
             ckpt: Mutex::new(CkptCtl::default()),

@@ -1,0 +1,96 @@
+//! Message bodies kept for reuse: a large body is filled once, shared with the channel that
+//! sends it (and, on a worker, with the request kept for a retry), and filled again for a later
+//! message once nobody else holds it. A fresh buffer per large message would cost a page fault
+//! per 4 KiB of it.
+
+use std::sync::Arc;
+
+/// Bodies smaller than this are not kept (a fresh small buffer costs little).
+const KEEP_MIN: usize = 64 << 10;
+
+/// A pool of bodies: at most `count` of them, `bytes` in all.
+pub(crate) struct BufPool {
+    bufs: Vec<Arc<Vec<u8>>>,
+    count: usize,
+    bytes: usize,
+}
+
+impl BufPool {
+    /// An empty pool that keeps at most `count` bodies and `bytes` bytes.
+    pub(crate) fn new(count: usize, bytes: usize) -> BufPool {
+        BufPool {
+            bufs: Vec::new(),
+            count,
+            bytes,
+        }
+    }
+
+    /// A body of `len` bytes filled by `fill` (given an empty buffer with room for them): a
+    /// pooled buffer nobody else holds any more when one is large enough, else a new one,
+    /// kept in the pool when large.
+    pub(crate) fn fill(&mut self, len: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Arc<Vec<u8>> {
+        let reuse = self
+            .bufs
+            .iter()
+            .position(|b| Arc::strong_count(b) == 1 && b.capacity() >= len);
+        let mut arc = match reuse {
+            Some(i) => self.bufs.swap_remove(i),
+            None => Arc::new(Vec::with_capacity(len)),
+        };
+        if let Some(b) = Arc::get_mut(&mut arc) {
+            b.clear();
+            fill(b);
+        }
+        let kept: usize = self.bufs.iter().map(|b| b.capacity()).sum();
+        if len >= KEEP_MIN && kept + arc.capacity() <= self.bytes {
+            if self.bufs.len() >= self.count {
+                // Drop a buffer nobody uses, else the oldest (freed when its user is done).
+                let i = self
+                    .bufs
+                    .iter()
+                    .position(|b| Arc::strong_count(b) == 1)
+                    .unwrap_or(0);
+                self.bufs.swap_remove(i);
+            }
+            self.bufs.push(arc.clone());
+        }
+        arc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_reused_once_nobody_holds_it() {
+        let mut p = BufPool::new(2, 1 << 30);
+        let a = p.fill(100 << 10, |b| b.extend_from_slice(&[1u8; 100 << 10]));
+        let a_ptr = a.as_ptr();
+        // Still held: a second body is a new buffer.
+        let b = p.fill(100 << 10, |b| b.extend_from_slice(&[2u8; 100 << 10]));
+        assert_ne!(a_ptr, b.as_ptr());
+        assert!(a.iter().all(|x| *x == 1) && b.iter().all(|x| *x == 2));
+        drop(a);
+        // Released: its buffer is filled again.
+        let c = p.fill(80 << 10, |b| b.extend_from_slice(&[3u8; 80 << 10]));
+        assert_eq!(c.as_ptr(), a_ptr);
+        assert_eq!(c.len(), 80 << 10);
+        assert!(c.iter().all(|x| *x == 3) && b.iter().all(|x| *x == 2));
+        // Small bodies and bodies over the byte budget are not kept.
+        let mut q = BufPool::new(4, 200 << 10);
+        let s = q.fill(10, |b| b.push(9));
+        drop(s);
+        assert!(q.bufs.is_empty());
+        let big = q.fill(300 << 10, |b| b.resize(300 << 10, 0));
+        drop(big);
+        assert!(q.bufs.is_empty());
+        // At most `count` kept: the one nobody uses goes first.
+        let mut r = BufPool::new(1, 1 << 30);
+        let x = r.fill(64 << 10, |b| b.resize(64 << 10, 0));
+        let y = r.fill(64 << 10, |b| b.resize(64 << 10, 0));
+        assert_eq!(r.bufs.len(), 1);
+        assert!(Arc::ptr_eq(&r.bufs[0], &y));
+        drop(x);
+    }
+}
