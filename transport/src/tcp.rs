@@ -1634,6 +1634,74 @@ mod tests {
         conf::death_goodbye_and_abort(&default_pair);
     }
 
+    /// Event-driven mode (the push/pull channel's): a send is written at the next `progress`
+    /// or `flush` (several in one go), not by `isend`; a socket that came up empty is read
+    /// again only after `poll_fds`; `flush` writes without reading.
+    #[test]
+    fn event_driven_writes_at_progress_and_reads_after_poll() {
+        let (mut a, mut b) = default_pair();
+        a.set_event_driven(true);
+        assert!(a.writes_apart());
+        let meta = [0u8; META_LEN];
+        let one = [7u8; 100];
+        let two = [8u8; 200];
+        let mut got = [0u8; 300];
+        // SAFETY: the buffers outlive the requests (the test waits for them below).
+        let (s1, s2) = unsafe {
+            (
+                a.isend(1, &meta, one.as_ptr(), one.len()).unwrap().unwrap(),
+                a.isend(2, &meta, two.as_ptr(), two.len()).unwrap().unwrap(),
+            )
+        };
+        assert_eq!(a.bytes().0, 0, "isend wrote in event-driven mode");
+        // b receives the first message; a's flush writes both and reads nothing.
+        // SAFETY: as above.
+        let r1 = unsafe { b.irecv(1, got.as_mut_ptr(), 100) }
+            .unwrap()
+            .unwrap();
+        assert!(a.flush().unwrap());
+        assert!(a.bytes().0 >= 300);
+        assert!(a.test(s1).unwrap().is_some() && a.test(s2).unwrap().is_some());
+        let end = Instant::now() + Duration::from_secs(5);
+        while b.test(r1).unwrap().is_none() {
+            assert!(Instant::now() < end);
+            b.progress().unwrap();
+        }
+        // a waits for a message: its read comes up empty, then b sends.
+        // SAFETY: as above.
+        let r = unsafe { a.irecv(3, got.as_mut_ptr(), 50) }
+            .unwrap()
+            .unwrap();
+        a.progress().unwrap();
+        // SAFETY: as above.
+        let s3 = unsafe { b.isend(3, &meta, one.as_ptr(), 50) }
+            .unwrap()
+            .unwrap();
+        while b.test(s3).unwrap().is_none() {
+            assert!(Instant::now() < end);
+            b.progress().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // The data is there, but a does not look before it asked for its poll set.
+        a.progress().unwrap();
+        assert!(a.test(r).unwrap().is_none(), "read before poll_fds");
+        let mut fds = Vec::new();
+        a.poll_fds(&mut fds);
+        let mut scratch = Vec::new();
+        assert!(crate::wait_fds(&fds, Duration::from_secs(5), &mut scratch).unwrap());
+        while a.test(r).unwrap().is_none() {
+            assert!(Instant::now() < end);
+            a.progress().unwrap();
+        }
+        assert_eq!(&got[..50], &one[..50]);
+        // The plain mode is unchanged: isend writes at once.
+        // SAFETY: as above.
+        let s4 = unsafe { b.isend(4, &meta, two.as_ptr(), 200) }
+            .unwrap()
+            .unwrap();
+        assert!(b.test(s4).unwrap().is_some());
+    }
+
     /// A socket that speaks the handshake by hand.
     struct RawTcp {
         s: TcpStream,

@@ -1613,6 +1613,43 @@ mod tests {
         assert!(s.rounds_open(7) == 0);
     }
 
+    /// What the store holds, by kind: current values, the history's older versions (at most
+    /// `history - 1` per key), open sync rounds.
+    #[test]
+    fn bytes_by_kind() {
+        let mut s = store(Consistency::Async, UpdateRule::Sum, 3, &[1]);
+        s.init(7, F, &b(&[0.; 4])).unwrap();
+        s.init(8, F, &b(&[0.; 2])).unwrap();
+        let none = StoreBytes::default();
+        assert_eq!(s.bytes(), StoreBytes { values: 24, ..none });
+        for r in 0..5 {
+            s.push(r + 1, 1, 7, F, &b(&[1.; 4])).unwrap();
+        }
+        // Key 7 keeps two older versions of 16 bytes; key 8 none.
+        assert_eq!(
+            s.bytes(),
+            StoreBytes {
+                values: 24,
+                kept: 32,
+                ..none
+            }
+        );
+        let mut y = store(Consistency::Sync, UpdateRule::Sum, 1, &[1, 2]);
+        y.init(7, F, &b(&[0.; 4])).unwrap();
+        y.push(1, 1, 7, F, &b(&[1.; 4])).unwrap();
+        // Round 1 is open (worker 2 has not pushed): its sum is held.
+        assert_eq!(
+            y.bytes(),
+            StoreBytes {
+                values: 16,
+                pending: 16,
+                ..none
+            }
+        );
+        y.push(2, 2, 7, F, &b(&[1.; 4])).unwrap();
+        assert_eq!(y.bytes(), StoreBytes { values: 16, ..none });
+    }
+
     /// A retried push that was already applied is acknowledged again with the round it went
     /// into (still open), not the current version: a worker pulling after that acknowledgement
     /// must get its own round, not the one before.
