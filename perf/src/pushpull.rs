@@ -347,12 +347,15 @@ fn run(a: &Args) -> Result<bool, String> {
         let base = base_kib as f64 / 1024.0;
         let (held, stored, rbuf) = (mib(held_max), mib(stored_max), mib(rbuf_max));
         let over = |x: f64, d: f64| if d > 0.0 { x / d } else { 0.0 };
-        eprintln!(
-            "# server [{idx}] member {}: peak_rss_mib={rss:.1} held_mib={held:.1} rss_over_held={:.2} stored_mib={stored:.1} rbuf_mib={rbuf:.1} base_mib={base:.1} rss_over_stored={:.2}",
+        // One write (stderr is unbuffered: eprintln! may write a line in pieces, and the
+        // servers share the launcher's stderr, so their lines could interleave).
+        let line = format!(
+            "# server [{idx}] member {}: peak_rss_mib={rss:.1} held_mib={held:.1} rss_over_held={:.2} stored_mib={stored:.1} rbuf_mib={rbuf:.1} base_mib={base:.1} rss_over_stored={:.2}\n",
             s.member_id(),
             over(rss, held),
             over(rss - base - rbuf, stored)
         );
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return Ok(true);
     }
     if a.drill.on {
