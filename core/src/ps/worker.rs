@@ -2,7 +2,7 @@
 //! owner on the ring, waits for the answers, and re-routes what failed after a view change
 //! (a server died: its replica took over) until the operation's deadline.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -92,11 +92,13 @@ struct Op {
     versions: BTreeMap<(u64, u32), u64>,
     error: Option<Error>,
     deadline: Instant,
+    /// A push_pull's pull: the push it must see (see [`WInner::stale_pull`]).
+    after: Option<u64>,
 }
 
 struct WState {
     view: View,
-    ring: Ring,
+    ring: Arc<Ring>,
     chans: HashMap<u64, Arc<Chan>>,
     next_req: u64,
     next_op: u64,
@@ -133,6 +135,7 @@ impl WState {
                 versions: BTreeMap::new(),
                 error: None,
                 deadline,
+                after: batch_push(),
             },
         );
         op
@@ -726,14 +729,31 @@ impl KvWorker {
     }
 }
 
+/// What a [`Batch`] collects on its thread.
+#[derive(Default)]
+struct BatchState {
+    /// The channels requests were queued on.
+    chans: Vec<Arc<Chan>>,
+    /// The ring the batch's requests are routed on (the first one's).
+    ring: Option<Arc<Ring>>,
+    /// The push of the push_pull this batch sends (its pull must see it).
+    push: Option<u64>,
+}
+
 thread_local! {
-    /// The channels this thread queued requests on inside an open [`Batch`].
-    static BATCH: std::cell::RefCell<Option<Vec<Arc<Chan>>>> =
+    /// This thread's open [`Batch`], if any.
+    static BATCH: std::cell::RefCell<Option<BatchState>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// Requests queued by this thread while a batch is open go out when it closes (dropped),
-/// together per server: a push_pull's push and pull then leave in one write.
+/// The requests a thread queues while a batch is open (a push_pull's push and pull) are routed
+/// on ONE ring, and go out when it closes (dropped), together per server (one write).
+///
+/// One ring: routed on two rings (a view change between the push and the pull), the pull of
+/// a part could reach its new owner before the push, which still went to the old one (and
+/// is retried there after the view change), and a sync-mode pull would then be answered with
+/// the round before this worker's push. On one ring both go to the same server in order, or
+/// both are retried in order.
 struct Batch {
     outer: bool,
 }
@@ -743,7 +763,7 @@ impl Batch {
         let nested = BATCH.with(|b| {
             let mut b = b.borrow_mut();
             let nested = b.is_some();
-            b.get_or_insert_with(Vec::new);
+            b.get_or_insert_with(BatchState::default);
             nested
         });
         Batch { outer: !nested }
@@ -753,8 +773,8 @@ impl Batch {
 impl Drop for Batch {
     fn drop(&mut self) {
         if self.outer {
-            if let Some(chans) = BATCH.with(|b| b.borrow_mut().take()) {
-                for c in chans {
+            if let Some(b) = BATCH.with(|b| b.borrow_mut().take()) {
+                for c in b.chans {
                     c.kick();
                 }
             }
@@ -762,15 +782,29 @@ impl Drop for Batch {
     }
 }
 
+/// The ring to route on: the open batch's (pinned to `current` at its first request), else
+/// `current`.
+fn batch_ring(current: &Arc<Ring>) -> Arc<Ring> {
+    BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(st) => st.ring.get_or_insert_with(|| current.clone()).clone(),
+        None => current.clone(),
+    })
+}
+
+/// The push of the push_pull this thread is sending, if any.
+fn batch_push() -> Option<u64> {
+    BATCH.with(|b| b.borrow().as_ref().and_then(|st| st.push))
+}
+
 /// Gets the requests queued on `chans` moving, or leaves that to the open batch.
 fn kick_now_or_with_batch(chans: Vec<Arc<Chan>>) {
     let later = BATCH.with(|b| {
         let mut b = b.borrow_mut();
         match b.as_mut() {
-            Some(list) => {
+            Some(st) => {
                 for c in &chans {
-                    if !list.iter().any(|k| Arc::ptr_eq(k, c)) {
-                        list.push(c.clone());
+                    if !st.chans.iter().any(|k| Arc::ptr_eq(k, c)) {
+                        st.chans.push(c.clone());
                     }
                 }
                 true
@@ -817,7 +851,7 @@ impl Drop for KvWorker {
 
 fn new_state(view: View) -> WState {
     WState {
-        ring: ring_of(&view),
+        ring: Arc::new(ring_of(&view)),
         view,
         chans: HashMap::new(),
         next_req: 1,
@@ -857,6 +891,28 @@ impl WInner {
     /// logged; the pull that follows it on the same connections reports the server's view).
     fn chain(&self, push: u64) {
         lock(&self.st).chained.push(push);
+        // The pull submitted next in this batch must see this push.
+        BATCH.with(|b| {
+            if let Some(st) = b.borrow_mut().as_mut() {
+                st.push = Some(push);
+            }
+        });
+    }
+
+    /// Whether the answer to pull request `id` (`r`) may miss its push_pull's push: a request
+    /// of that push for one of the same parts was sent back for a retry (it waits in the retry
+    /// list) or sent again after this pull (a larger request id). The server then answered the
+    /// pull without the push (e.g. the push reached a server that had not installed the new
+    /// view yet and was refused, "moved away", and the pull right behind it found the view
+    /// installed): in sync mode that is the round before this worker's push. Such a pull is
+    /// sent again, after the push.
+    fn stale_pull(st: &WState, id: u64, r: &WReq) -> bool {
+        let Some(push) = st.ops.get(&r.op).and_then(|o| o.after) else {
+            return false;
+        };
+        let mine: HashSet<u64> = r.parts.iter().map(|(p, _)| p.s).collect();
+        let overlaps = |q: &WReq| q.op == push && q.parts.iter().any(|(p, _)| mine.contains(&p.s));
+        st.retry.iter().any(overlaps) || st.reqs.iter().any(|(qid, q)| *qid > id && overlaps(q))
     }
 
     /// Periodic checkpoints (`BRAID_PS_CHECKPOINT_EVERY`), at the start of a push_pull call:
@@ -1728,16 +1784,18 @@ impl WInner {
                 .entry(server)
                 .or_insert_with(|| (why.to_string(), Instant::now()));
         }
-        // In the order they were sent (ids grow): a push_pull's pull must be sent again after
-        // its push, or the new owner answers the pull with the round before the push.
-        let mut ids: Vec<u64> = st
+        // In the order their operations were submitted (operation ids grow): a push_pull's
+        // pull must be sent again after its push, or the new owner answers the pull with the
+        // round before the push. Not by request id: a request routed again (a retry) gets a
+        // new, larger id, so a push sent twice would sort after its pull.
+        let mut ids: Vec<(u64, u64)> = st
             .reqs
             .iter()
             .filter(|(_, r)| r.server == server)
-            .map(|(id, _)| *id)
+            .map(|(id, r)| (r.op, *id))
             .collect();
         ids.sort_unstable();
-        for id in ids {
+        for (_, id) in ids {
             if let Some(r) = st.reqs.remove(&id) {
                 st.retry.push(r);
             }
@@ -1851,6 +1909,11 @@ impl WInner {
                     }
                     o.outstanding = o.outstanding.saturating_sub(1);
                 }
+            }
+            Msg::Values { .. } if Self::stale_pull(st, req, &r) => {
+                tracing::debug!(target: "braid::ps", "member {}: pull request {req} was answered without its push_pull's push (sent again): pulling again after it", self.me);
+                st.retry.push(r);
+                return Ok(());
             }
             Msg::Values { versions, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
@@ -1969,7 +2032,11 @@ impl WInner {
         if st.retry.is_empty() {
             return;
         }
-        let list = std::mem::take(&mut st.retry);
+        let mut list = std::mem::take(&mut st.retry);
+        // In the order their operations were submitted (a stable sort: requests of one
+        // operation keep theirs), whatever order they failed in: a push_pull's pull after its
+        // push (see `on_lost`).
+        list.sort_by_key(|r| r.op);
         let now = Instant::now();
         let mut out = Vec::new();
         for r in list {
@@ -2041,7 +2108,7 @@ impl WInner {
 
     fn apply_view(self: &Arc<Self>, view: View) {
         let mut st = lock(&self.st);
-        st.ring = ring_of(&view);
+        st.ring = Arc::new(ring_of(&view));
         let keep: std::collections::HashSet<u64> = view.members.iter().map(|m| m.id).collect();
         let gone: Vec<u64> = st
             .chans
@@ -2066,15 +2133,15 @@ impl WInner {
             if let Some(c) = st.chans.remove(&id) {
                 dead.push(c);
             }
-            // In the order they were sent (see `on_lost`).
-            let mut ids: Vec<u64> = st
+            // In the order their operations were submitted (see `on_lost`).
+            let mut ids: Vec<(u64, u64)> = st
                 .reqs
                 .iter()
                 .filter(|(_, r)| r.server == id)
-                .map(|(i, _)| *i)
+                .map(|(i, r)| (r.op, *i))
                 .collect();
             ids.sort_unstable();
-            for i in ids {
+            for (_, i) in ids {
                 if let Some(r) = st.reqs.remove(&i) {
                     st.retry.push(r);
                 }
@@ -2115,13 +2182,14 @@ fn route(
     cap: usize,
 ) -> Vec<(u64, WReq)> {
     let mut by: BTreeMap<u64, Vec<(PartRef, usize)>> = BTreeMap::new();
+    let ring = batch_ring(&st.ring);
     if kind == Kind::Snap {
-        for s in st.ring.servers() {
+        for s in ring.servers() {
             by.insert(*s, Vec::new());
         }
     } else {
         for p in parts {
-            match st.ring.owner(p.0.s) {
+            match ring.owner(p.0.s) {
                 Some(o) => by.entry(o).or_default().push(p),
                 None => {
                     // No server at all: keep it for a retry.
