@@ -2444,3 +2444,79 @@ fn host_of(v: &View, id: u64) -> String {
         .map(|m| m.hostname.clone())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(op: u64, kind: Kind, parts: &[u64]) -> WReq {
+        WReq {
+            op,
+            server: 7,
+            kind,
+            dtype: DataType::F32,
+            parts: parts
+                .iter()
+                .map(|s| {
+                    let p = PartRef {
+                        s: *s,
+                        k: *s,
+                        p: 0,
+                        n: 4,
+                        t: 0,
+                    };
+                    (p, 0)
+                })
+                .collect(),
+            body: Arc::new(Vec::new()),
+            min: None,
+            at: None,
+            prio: 0,
+        }
+    }
+
+    /// A push_pull's pull answer is not used when a request of its push for the same parts
+    /// waits for a retry or was sent after the pull (the server answered without the push);
+    /// it is when the push went first, for other parts, or when the pull has no push.
+    #[test]
+    fn a_pull_answered_without_its_push_is_stale() {
+        let view = View {
+            group: "g".into(),
+            epoch: 1,
+            nonce: 0,
+            members: Vec::new(),
+        };
+        let mut st = new_state(view);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let push = st.new_op(OutBuf::NONE, deadline);
+        let pull = st.new_op(OutBuf::NONE, deadline);
+        let plain = st.new_op(OutBuf::NONE, deadline);
+        if let Some(o) = st.ops.get_mut(&pull) {
+            o.after = Some(push);
+        }
+        let r = req(pull, Kind::Pull, &[1, 2]);
+        // The push (request 1) went before the pull (request 2): fresh.
+        st.reqs.insert(1, req(push, Kind::Push, &[1, 2]));
+        assert!(!WInner::stale_pull(&st, 2, &r));
+        // Its part 2 sent again after the pull (request 3): stale.
+        st.reqs.insert(3, req(push, Kind::Push, &[2]));
+        assert!(WInner::stale_pull(&st, 2, &r));
+        // Sent again for a part the pull does not read: fresh.
+        st.reqs.remove(&3);
+        st.reqs.insert(3, req(push, Kind::Push, &[9]));
+        assert!(!WInner::stale_pull(&st, 2, &r));
+        // Waiting for a retry, for part 1: stale; for another part only: fresh.
+        st.retry.push(req(push, Kind::Push, &[1]));
+        assert!(WInner::stale_pull(&st, 2, &r));
+        st.retry.clear();
+        st.retry.push(req(push, Kind::Push, &[5]));
+        assert!(!WInner::stale_pull(&st, 2, &r));
+        // Another operation's requests say nothing about this pull.
+        st.retry.push(req(plain, Kind::Push, &[1, 2]));
+        assert!(!WInner::stale_pull(&st, 2, &r));
+        // A pull that is not a push_pull's is never stale.
+        let lone = req(plain, Kind::Pull, &[1, 2]);
+        st.retry.push(req(push, Kind::Push, &[1, 2]));
+        assert!(!WInner::stale_pull(&st, 2, &lone));
+    }
+}
