@@ -792,6 +792,18 @@ fn elastic<T: PerfElem>(mut comm: Communicator, a: &Args, t_init: Instant) -> Re
     Ok(wrong_total == 0)
 }
 
+/// The sizes a sweep runs: `min`, then each times `factor` (capped at `max`), up to `max`
+/// (`factor` at least 2: every caller checks it).
+pub(crate) fn size_steps(min: usize, max: usize, factor: usize) -> Vec<usize> {
+    let mut out = vec![min];
+    let mut size = min;
+    while size < max {
+        size = size.saturating_mul(factor).min(max);
+        out.push(size);
+    }
+    out
+}
+
 pub(crate) fn peak_rss_kib() -> u64 {
     proc_status_kib("VmHWM:")
 }
@@ -993,8 +1005,7 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
         );
     }
     let mut rows = Vec::new();
-    let mut size = a.min;
-    loop {
+    for size in size_steps(a.min, a.max, a.factor) {
         // Elements per rank-block and total.
         let unit = if a.coll.size_is_total() { es * n } else { es };
         let size_eff = (size / unit) * unit;
@@ -1075,10 +1086,6 @@ fn bench<T: PerfElem>(comm: &Communicator, a: &Args) -> braid::Result<Vec<Row>> 
             let _ = out.flush();
         }
         rows.push(row);
-        if size >= a.max {
-            break;
-        }
-        size = size.saturating_mul(a.factor).min(a.max);
     }
     if a.device && rank == 0 {
         device::footer(comm, &mut std::io::stdout().lock());

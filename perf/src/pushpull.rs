@@ -402,11 +402,13 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
         );
     }
     let mut wrong_total = 0u64;
-    let mut size = a.min;
-    let mut si = 0u64;
     // Worker w pushes (w+1) * (i % 7 + 1): the sum over workers is known exactly.
     let tri = (w * (w + 1) / 2) as f32;
-    loop {
+    for (si, size) in crate::size_steps(a.min, a.max, a.factor)
+        .into_iter()
+        .enumerate()
+    {
+        let si = si as u64;
         let count = (size / 4).max(a.keys);
         let keys: Vec<u64> = (0..a.keys as u64).map(|k| si * 1_000_000 + k).collect();
         let mut lens = vec![count / a.keys; a.keys];
@@ -495,11 +497,6 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
             );
             let _ = std::io::stdout().flush();
         }
-        if size >= a.max {
-            break;
-        }
-        size = size.saturating_mul(a.factor).min(a.max);
-        si += 1;
     }
     if rank == 0 {
         println!(

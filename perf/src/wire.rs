@@ -189,8 +189,7 @@ pub fn main(argv: &[String]) -> ExitCode {
         a.warmup
     );
     println!("# {:>10} {:>12} {:>9}", "size(B)", "round_us", "agg_GB/s");
-    let mut size = a.min;
-    loop {
+    for size in crate::size_steps(a.min, a.max, a.factor) {
         match measure(&a, size) {
             Ok(secs) => {
                 let us = secs * 1e6;
@@ -202,10 +201,6 @@ pub fn main(argv: &[String]) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        if size >= a.max {
-            break;
-        }
-        size = size.saturating_mul(a.factor).min(a.max);
     }
     ExitCode::SUCCESS
 }

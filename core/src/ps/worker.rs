@@ -910,9 +910,19 @@ impl WInner {
         let Some(push) = st.ops.get(&r.op).and_then(|o| o.after) else {
             return false;
         };
+        // The push's requests retried or sent after this pull: almost always none (checked
+        // on every answer of a push_pull, under the state lock, so nothing is built first).
+        let mut later = st
+            .retry
+            .iter()
+            .chain(st.reqs.iter().filter(|(qid, _)| **qid > id).map(|(_, q)| q))
+            .filter(|q| q.op == push)
+            .peekable();
+        if later.peek().is_none() {
+            return false;
+        }
         let mine: HashSet<u64> = r.parts.iter().map(|(p, _)| p.s).collect();
-        let overlaps = |q: &WReq| q.op == push && q.parts.iter().any(|(p, _)| mine.contains(&p.s));
-        st.retry.iter().any(overlaps) || st.reqs.iter().any(|(qid, q)| *qid > id && overlaps(q))
+        later.any(|q| q.parts.iter().any(|(p, _)| mine.contains(&p.s)))
     }
 
     /// Periodic checkpoints (`BRAID_PS_CHECKPOINT_EVERY`), at the start of a push_pull call:
