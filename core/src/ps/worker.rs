@@ -1757,6 +1757,15 @@ impl WInner {
             Ok(c) => {
                 let c = Arc::new(c);
                 let mut st = lock(&self.st);
+                let first = st.chans.get(&id).filter(|e| e.closed().is_none()).cloned();
+                if let Some(first) = first {
+                    // Another thread connected to this server meanwhile: its connection
+                    // stays (requests may be on their way on it; replacing it would close
+                    // it under them), this one goes before carrying anything.
+                    drop(st);
+                    c.close();
+                    return Some(first);
+                }
                 if let Some(rule) = &st.rule {
                     // The rule this worker installed reaches a server before anything else
                     // this worker sends it (a server that joined later, a reconnection).
