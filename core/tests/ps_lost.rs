@@ -138,7 +138,15 @@ fn drill(replicas: usize) -> (KvWorker, Vec<u64>, Vec<u64>, Vec<Server>, Coordin
             kept.push(k);
         }
     }
-    // Both at once.
+    // Both at once: stopped first (a stopped process does nothing, while one killed first
+    // would let the other, told of the death by a new view, seed a replica of the parts it
+    // now owns on the survivor before it dies too), then killed.
+    for s in &servers[..2] {
+        // SAFETY: FFI; sends a signal to a child process of this test.
+        unsafe {
+            libc::kill(s.child.id() as libc::pid_t, libc::SIGSTOP);
+        }
+    }
     let _ = servers[0].child.kill();
     let _ = servers[1].child.kill();
     let _ = servers[0].child.wait();
