@@ -1,6 +1,7 @@
 //! A message channel over one transport connection: variable-length messages (a header and an
 //! optional body) on top of the transport's exact-length tagged messages, driven by a thread
-//! that owns the connection.
+//! that owns the connection, or, while they wait for answers, by the threads that attached to
+//! it ([`Chan::attach`], [`Chan::drive`]: whoever holds the connection sends and receives).
 //!
 //! On the wire each message is a 16-byte prefix (magic `BRPS`, header length, body length),
 //! then the header bytes, then the body bytes when there are any — three transport messages
@@ -21,7 +22,7 @@
 //! has in flight at once. `on_close` is called once with the reason.
 
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -148,6 +149,22 @@ struct Link {
     inflight: usize,
     /// The message being posted: its parts not yet accepted by the transport.
     posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)>,
+    /// The receiving side: whoever holds the link receives (see [`Chan::drive`]).
+    rx: Rx,
+}
+
+/// What the receiving side keeps between messages.
+struct Rx {
+    prefix: Box<[u8; 16]>,
+    /// The last message received; its buffers are reused for the next one (a fresh buffer per
+    /// message would cost a page fault per 4 KiB of every large body).
+    msg: Incoming,
+    rstate: RState,
+    recv: Recv,
+    /// Set on a protocol error: nothing more is read; the goodbye goes out and the channel
+    /// waits for the peer to close, for at most [`BYE_LINGER`].
+    failing: Option<(String, std::time::Instant)>,
+    on_msg: OnMsg,
 }
 
 struct Shared {
@@ -162,6 +179,20 @@ struct Shared {
     closed: Mutex<Option<String>>,
     /// Bytes of the receive buffer (kept between messages at the largest body's size).
     rbuf: std::sync::atomic::AtomicUsize,
+    /// What the peer may send.
+    limits: Limits,
+    /// Whether other threads may drive the link ([`Chan::drive`]): connections whose sends
+    /// never read ([`Conn::writes_apart`]).
+    drivable: bool,
+    /// Threads driving the link while they wait ([`Chan::attach`]): the channel thread then
+    /// waits for its wake-up descriptor only, and they receive.
+    drivers: AtomicUsize,
+    /// Whether the channel thread waits for its wake-up descriptor only (drivers receive):
+    /// [`Chan::unpark`] wakes it when a thread needs it to receive again.
+    parked: AtomicBool,
+    /// Why the connection failed, found by a thread driving it: the channel thread ends the
+    /// channel with it.
+    dead: Mutex<Option<String>>,
 }
 
 impl Drop for Shared {
@@ -171,6 +202,19 @@ impl Drop for Shared {
             libc::close(self.wake);
         }
     }
+}
+
+/// What [`Chan::drive`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drive {
+    /// Something was sent or received.
+    Moved,
+    /// Nothing to do: wait on the descriptors given.
+    Idle,
+    /// Another thread works on the channel now.
+    Busy,
+    /// The channel ended or is ending (or cannot be driven): its thread handles it.
+    Closed,
 }
 
 /// The sending side of a channel; dropping it (all clones) stops the thread with a goodbye.
@@ -200,12 +244,25 @@ impl Chan {
             )));
         }
         let peer = conn.peer_desc();
+        let drivable = conn.writes_apart();
         let shared = Arc::new(Shared {
             link: Mutex::new(Some(Link {
                 conn,
                 sends: Default::default(),
                 inflight: 0,
                 posting: Default::default(),
+                rx: Rx {
+                    prefix: Box::new([0u8; 16]),
+                    msg: Incoming {
+                        hdr: Vec::new(),
+                        buf: Vec::new(),
+                        len: 0,
+                    },
+                    rstate: RState::Idle,
+                    recv: Recv { segs: Vec::new() },
+                    failing: None,
+                    on_msg,
+                },
             })),
             queue: Mutex::new((BinaryHeap::new(), 0)),
             wake,
@@ -213,11 +270,16 @@ impl Chan {
             stop: AtomicBool::new(false),
             closed: Mutex::new(None),
             rbuf: std::sync::atomic::AtomicUsize::new(0),
+            limits,
+            drivable,
+            drivers: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            dead: Mutex::new(None),
         });
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("braid-ps-{name}"))
-            .spawn(move || run(sh, limits, on_msg, on_close))
+            .spawn(move || run(sh, on_close))
             .map_err(|e| Error::System(format!("spawning a channel thread: {e}")))?;
         Ok(Chan {
             shared,
@@ -374,6 +436,95 @@ impl Chan {
         }
     }
 
+    /// Whether a waiting thread may drive this channel ([`Chan::drive`]).
+    pub(crate) fn drivable(&self) -> bool {
+        self.shared.drivable
+    }
+
+    /// Counts the calling thread as driving the channel until [`Chan::detach`]: it calls
+    /// [`Chan::drive`] and waits on the descriptors that gives, so the channel thread leaves
+    /// receiving to it (one wake-up less per answer: the waiting thread gets its answer
+    /// itself instead of being woken by the channel thread that received it).
+    pub(crate) fn attach(&self) {
+        self.shared.drivers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends [`Chan::attach`]. The channel thread is woken when the last driver leaves with a
+    /// message half received or something left to send (else it looks again within 20 ms).
+    pub(crate) fn detach(&self) {
+        if self.shared.drivers.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let pending = match self.shared.link.try_lock() {
+            // A message partly received (a receive posted for the next one's prefix is
+            // the idle state).
+            Ok(g) => g.as_ref().is_some_and(|l| {
+                matches!(l.rx.rstate, RState::Hdr(..) | RState::Body(..))
+                    || !l.posting.is_empty()
+                    || !l.sends.is_empty()
+            }),
+            // Held: by the channel thread (which looks at the drivers before it waits) or by
+            // another thread.
+            Err(std::sync::TryLockError::WouldBlock) => false,
+            Err(std::sync::TryLockError::Poisoned(_)) => true,
+        };
+        if pending || !lock(&self.shared.queue).0.is_empty() {
+            self.poke();
+        }
+    }
+
+    /// Wakes the channel thread when it is parked (waiting for its wake-up descriptor only,
+    /// see [`Chan::attach`]) and no thread drives the channel any more: for a thread that
+    /// waits for an answer on this channel without driving it.
+    pub(crate) fn unpark(&self) {
+        if self.shared.drivers.load(Ordering::SeqCst) == 0
+            && self.shared.parked.load(Ordering::SeqCst)
+        {
+            self.poke();
+        }
+    }
+
+    /// Drives the channel on the calling thread (attached, see [`Chan::attach`]): posts what
+    /// is queued and receives what arrived, running the message handler here, until nothing
+    /// moves; then adds the descriptors to wait on to `fds`.
+    pub(crate) fn drive(&self, fds: &mut Vec<PollFd>) -> Drive {
+        let sh = &self.shared;
+        if !sh.drivable || sh.stop.load(Ordering::SeqCst) {
+            return Drive::Closed;
+        }
+        let mut g = match sh.link.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Drive::Busy,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let Some(link) = g.as_mut() else {
+            return Drive::Closed;
+        };
+        if lock(&sh.dead).is_some() {
+            return Drive::Closed;
+        }
+        let mut moved = false;
+        loop {
+            match step(sh, link) {
+                Ok(true) => moved = true,
+                Ok(false) => break,
+                Err(why) => {
+                    // The channel thread ends the channel (and runs its `on_close`).
+                    *lock(&sh.dead) = Some(why);
+                    drop(g);
+                    self.poke();
+                    return Drive::Closed;
+                }
+            }
+        }
+        link.conn.poll_fds(fds);
+        if moved {
+            Drive::Moved
+        } else {
+            Drive::Idle
+        }
+    }
+
     /// Bytes of the channel's receive buffer (it keeps the largest recent body's size).
     pub(crate) fn receive_buffer(&self) -> usize {
         self.shared.rbuf.load(Ordering::Relaxed)
@@ -478,23 +629,18 @@ fn take_segments(
     Ok(())
 }
 
-fn run(
-    sh: Arc<Shared>,
-    limits: Limits,
-    mut on_msg: OnMsg,
-    on_close: Box<dyn FnOnce(String) + Send>,
-) {
+fn run(sh: Arc<Shared>, on_close: Box<dyn FnOnce(String) + Send>) {
     let _ = sh.owner.set(std::thread::current().id());
     // This thread posts, then progresses, then waits on the connection's descriptors.
     if let Some(l) = lock(&sh.link).as_mut() {
         l.conn.set_event_driven(true);
     }
-    let mut failing = None;
-    let r = drive(&sh, limits, &mut *on_msg, &mut failing);
+    let r = drive(&sh);
     // The connection goes with this thread (closed when dropped below).
     let Some(mut link) = lock(&sh.link).take() else {
         return;
     };
+    let failing = link.rx.failing.take();
     match r {
         Ok(()) => {
             link.conn.goodbye();
@@ -574,185 +720,25 @@ fn queue_bye(sh: &Shared, why: &str) {
 }
 
 /// The channel loop; `Ok` when stopped, `Err(reason)` when the connection failed or the peer
-/// broke the protocol. After a protocol error (recorded in `failing`) nothing more is read;
-/// the goodbye goes out and the channel waits for the peer to close, for at most
-/// [`BYE_LINGER`] (closing first could lose the goodbye in flight).
-fn drive(
-    sh: &Shared,
-    limits: Limits,
-    on_msg: &mut dyn FnMut(&Incoming) -> std::result::Result<(), String>,
-    failing: &mut Option<(String, std::time::Instant)>,
-) -> std::result::Result<(), String> {
-    let mut prefix = Box::new([0u8; 16]);
-    // The last message received; its buffers are reused for the next one (a fresh buffer per
-    // message would cost a page fault per 4 KiB of every large body).
-    let mut msg = Incoming {
-        hdr: Vec::new(),
-        buf: Vec::new(),
-        len: 0,
-    };
-    let mut rstate = RState::Idle;
-    let mut recv = Recv { segs: Vec::new() };
+/// broke the protocol (found by this thread or by one driving the link, [`Chan::drive`]).
+/// After a protocol error (recorded in [`Rx::failing`]) nothing more is read; the goodbye
+/// goes out and the channel waits for the peer to close, for at most [`BYE_LINGER`] (closing
+/// first could lose the goodbye in flight).
+fn drive(sh: &Shared) -> std::result::Result<(), String> {
     let mut fds: Vec<PollFd> = Vec::new();
     let mut scratch = Vec::new();
     let mut stop_since: Option<std::time::Instant> = None;
     loop {
         // The link is held while this thread works; a small message queued meanwhile waits in
-        // the queue (see `Chan::send_inline`).
+        // the queue (see `Chan::write_queued`).
         let mut g = lock(&sh.link);
         let Some(link) = g.as_mut() else {
             return Err("closed".into());
         };
-        let mut moved = false;
-        // 1. Outgoing: one message at a time, in priority order.
-        loop {
-            if link.posting.is_empty() {
-                if link.inflight >= POST_WINDOW {
-                    // Enough on its way: the rest waits, in priority order.
-                    break;
-                }
-                let next = lock(&sh.queue).0.pop();
-                let Some(q) = next else { break };
-                link.posting.extend(frames(q.msg));
-            }
-            let before = link.posting.len();
-            post(link)?;
-            moved |= link.posting.len() != before;
-            if !link.posting.is_empty() {
-                // The transport takes no more now.
-                break;
-            }
+        if let Some(why) = lock(&sh.dead).take() {
+            return Err(why);
         }
-        let conn = &mut link.conn;
-        // 2. Incoming (nothing more once the peer broke the protocol).
-        if let Some((why, since)) = &*failing {
-            if since.elapsed() > BYE_LINGER {
-                return Err(why.clone());
-            }
-        } else if matches!(rstate, RState::Idle) {
-            // SAFETY: `prefix` is a boxed array that lives for the whole loop.
-            if let Some(r) = unsafe { conn.irecv(TAG_PREFIX, prefix.as_mut_ptr(), 16) }
-                .map_err(|e| e.to_string())?
-            {
-                rstate = RState::Prefix(r);
-            }
-        }
-        moved |= conn.progress().map_err(|e| e.to_string())?;
-        moved |= reap(link)?;
-        let conn = &mut link.conn;
-        loop {
-            let next = match &rstate {
-                RState::Idle => break,
-                RState::Prefix(r) => {
-                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
-                        break;
-                    }
-                    let (hl, bl, segmented) = match parse_prefix(&prefix, limits) {
-                        Ok(x) => x,
-                        Err(why) => {
-                            queue_bye(sh, &why);
-                            *failing = Some((why, std::time::Instant::now()));
-                            rstate = RState::Idle;
-                            break;
-                        }
-                    };
-                    msg.hdr.clear();
-                    msg.hdr.resize(hl, 0);
-                    // SAFETY: `msg.hdr` is not touched until the request completed.
-                    match unsafe { conn.irecv(TAG_HDR, msg.hdr.as_mut_ptr(), hl) }
-                        .map_err(|e| e.to_string())?
-                    {
-                        Some(r) => RState::Hdr(r, bl, segmented),
-                        None => return Err("transport refused a receive".into()),
-                    }
-                }
-                RState::Hdr(r, bl, segmented) => {
-                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
-                        break;
-                    }
-                    recv.segs.clear();
-                    if *segmented {
-                        if let Err(why) =
-                            take_segments(&mut msg.hdr, *bl, limits.hdr, &mut recv.segs)
-                        {
-                            queue_bye(sh, &why);
-                            *failing = Some((why, std::time::Instant::now()));
-                            rstate = RState::Idle;
-                            break;
-                        }
-                    } else if *bl > 0 {
-                        recv.segs.push(*bl);
-                    }
-                    if *bl == 0 {
-                        msg.len = 0;
-                        if let Err(why) = on_msg(&msg) {
-                            queue_bye(sh, &why);
-                            *failing = Some((why, std::time::Instant::now()));
-                            rstate = RState::Idle;
-                            break;
-                        }
-                        RState::Idle
-                    } else {
-                        let bl = *bl;
-                        if msg.buf.len() > 4 * bl.max(1 << 20) {
-                            // Do not hold on to a buffer much larger than the traffic now.
-                            msg.buf = Vec::new();
-                        }
-                        if msg.buf.len() < bl {
-                            // Grows only (zeroing only the new part); a smaller body is
-                            // received into the front of the buffer.
-                            msg.buf.resize(bl, 0);
-                        }
-                        sh.rbuf.store(msg.buf.capacity(), Ordering::Relaxed);
-                        msg.len = bl;
-                        let first = recv.segs.first().copied().unwrap_or(bl);
-                        // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
-                        // until the request completed.
-                        match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), first) }
-                            .map_err(|e| e.to_string())?
-                        {
-                            Some(r) => RState::Body(r, 0, first),
-                            None => return Err("transport refused a receive".into()),
-                        }
-                    }
-                }
-                RState::Body(r, i, end) => {
-                    if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
-                        break;
-                    }
-                    if let Some(&n) = recv.segs.get(*i + 1) {
-                        // The next segment, right after this one.
-                        let (i, at) = (*i + 1, *end);
-                        let Some(buf) = msg.buf.get_mut(at..at + n) else {
-                            return Err("segment outside the receive buffer".into());
-                        };
-                        // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
-                        // change size while the body is received) is not touched until the
-                        // request completed.
-                        match unsafe { conn.irecv(TAG_BODY, buf.as_mut_ptr(), n) }
-                            .map_err(|e| e.to_string())?
-                        {
-                            Some(r) => RState::Body(r, i, at + n),
-                            None => return Err("transport refused a receive".into()),
-                        }
-                    } else if let Err(why) = on_msg(&msg) {
-                        queue_bye(sh, &why);
-                        *failing = Some((why, std::time::Instant::now()));
-                        rstate = RState::Idle;
-                        break;
-                    } else {
-                        RState::Idle
-                    }
-                }
-            };
-            rstate = next;
-            moved = true;
-            if matches!(rstate, RState::Idle) {
-                // What the message queued (an answer) goes out before the next one is taken:
-                // that one may take long to handle (a slow update rule).
-                break;
-            }
-        }
+        let moved = step(sh, link)?;
         // 3. Stop when asked, once everything queued went out (bounded).
         if sh.stop.load(Ordering::SeqCst) {
             let since = *stop_since.get_or_insert_with(std::time::Instant::now);
@@ -765,9 +751,22 @@ fn drive(
         if moved {
             continue;
         }
-        // 4. Wait for the connection or a new message, with the link free.
+        // 4. Wait for the connection or a new message, with the link free. While threads
+        // drive the link (waiting for answers, see `Chan::attach`) they receive, and this
+        // thread waits for its wake-up descriptor only (and looks again after at most 20 ms),
+        // unless it has something to send.
         fds.clear();
-        link.conn.poll_fds(&mut fds);
+        // Parked first, drivers read after (a thread that stops driving reads them the other
+        // way round, see `Chan::unpark`): either this thread sees no driver, or that one sees
+        // it parked and wakes it.
+        sh.parked.store(true, Ordering::SeqCst);
+        let parked = sh.drivers.load(Ordering::SeqCst) > 0
+            && link.posting.is_empty()
+            && link.sends.is_empty();
+        if !parked {
+            sh.parked.store(false, Ordering::SeqCst);
+            link.conn.poll_fds(&mut fds);
+        }
         drop(g);
         fds.push(PollFd {
             fd: sh.wake,
@@ -777,6 +776,7 @@ fn drive(
         let _ = braid_transport::wait_fds(&fds, Duration::from_millis(20), &mut scratch);
         // The wake-up descriptor is the last one; read it only when it was poked (a failed
         // wait reads it anyway).
+        sh.parked.store(false, Ordering::SeqCst);
         if scratch.last().map_or(true, |p| p.revents != 0) {
             let mut b = [0u8; 8];
             // SAFETY: FFI; reads at most 8 bytes into a live buffer from our nonblocking
@@ -786,6 +786,167 @@ fn drive(
             }
         }
     }
+}
+
+/// Records a protocol error: the goodbye naming it is queued and nothing more is read.
+fn fail_protocol(sh: &Shared, rx: &mut Rx, why: String) {
+    queue_bye(sh, &why);
+    rx.failing = Some((why, std::time::Instant::now()));
+    rx.rstate = RState::Idle;
+}
+
+/// One look at the link, by the channel thread or a thread driving it: posts what is queued,
+/// progresses the connection, receives what arrived (running `on_msg` for each whole
+/// message). Whether anything moved; `Err` when the connection failed, or the goodbye after a
+/// protocol error lingered long enough.
+fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
+    let limits = sh.limits;
+    let mut moved = false;
+    // 1. Outgoing: one message at a time, in priority order.
+    loop {
+        if link.posting.is_empty() {
+            if link.inflight >= POST_WINDOW {
+                // Enough on its way: the rest waits, in priority order.
+                break;
+            }
+            let next = lock(&sh.queue).0.pop();
+            let Some(q) = next else { break };
+            link.posting.extend(frames(q.msg));
+        }
+        let before = link.posting.len();
+        post(link)?;
+        moved |= link.posting.len() != before;
+        if !link.posting.is_empty() {
+            // The transport takes no more now.
+            break;
+        }
+    }
+    let rx = &mut link.rx;
+    let conn = &mut link.conn;
+    // 2. Incoming (nothing more once the peer broke the protocol).
+    if let Some((why, since)) = &rx.failing {
+        if since.elapsed() > BYE_LINGER {
+            return Err(why.clone());
+        }
+    } else if matches!(rx.rstate, RState::Idle) {
+        // SAFETY: `prefix` is a boxed array that lives as long as the link.
+        if let Some(r) = unsafe { conn.irecv(TAG_PREFIX, rx.prefix.as_mut_ptr(), 16) }
+            .map_err(|e| e.to_string())?
+        {
+            rx.rstate = RState::Prefix(r);
+        }
+    }
+    moved |= conn.progress().map_err(|e| e.to_string())?;
+    moved |= reap(link)?;
+    let rx = &mut link.rx;
+    let conn = &mut link.conn;
+    loop {
+        let next = match &rx.rstate {
+            RState::Idle => break,
+            RState::Prefix(r) => {
+                if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                    break;
+                }
+                let (hl, bl, segmented) = match parse_prefix(&rx.prefix, limits) {
+                    Ok(x) => x,
+                    Err(why) => {
+                        fail_protocol(sh, rx, why);
+                        break;
+                    }
+                };
+                rx.msg.hdr.clear();
+                rx.msg.hdr.resize(hl, 0);
+                // SAFETY: `msg.hdr` is not touched until the request completed.
+                match unsafe { conn.irecv(TAG_HDR, rx.msg.hdr.as_mut_ptr(), hl) }
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(r) => RState::Hdr(r, bl, segmented),
+                    None => return Err("transport refused a receive".into()),
+                }
+            }
+            RState::Hdr(r, bl, segmented) => {
+                if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                    break;
+                }
+                let (bl, segmented) = (*bl, *segmented);
+                rx.recv.segs.clear();
+                if segmented {
+                    if let Err(why) =
+                        take_segments(&mut rx.msg.hdr, bl, limits.hdr, &mut rx.recv.segs)
+                    {
+                        fail_protocol(sh, rx, why);
+                        break;
+                    }
+                } else if bl > 0 {
+                    rx.recv.segs.push(bl);
+                }
+                if bl == 0 {
+                    rx.msg.len = 0;
+                    if let Err(why) = (rx.on_msg)(&rx.msg) {
+                        fail_protocol(sh, rx, why);
+                        break;
+                    }
+                    RState::Idle
+                } else {
+                    let msg = &mut rx.msg;
+                    if msg.buf.len() > 4 * bl.max(1 << 20) {
+                        // Do not hold on to a buffer much larger than the traffic now.
+                        msg.buf = Vec::new();
+                    }
+                    if msg.buf.len() < bl {
+                        // Grows only (zeroing only the new part); a smaller body is
+                        // received into the front of the buffer.
+                        msg.buf.resize(bl, 0);
+                    }
+                    sh.rbuf.store(msg.buf.capacity(), Ordering::Relaxed);
+                    msg.len = bl;
+                    let first = rx.recv.segs.first().copied().unwrap_or(bl);
+                    // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
+                    // until the request completed.
+                    match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), first) }
+                        .map_err(|e| e.to_string())?
+                    {
+                        Some(r) => RState::Body(r, 0, first),
+                        None => return Err("transport refused a receive".into()),
+                    }
+                }
+            }
+            RState::Body(r, i, end) => {
+                if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
+                    break;
+                }
+                if let Some(&n) = rx.recv.segs.get(*i + 1) {
+                    // The next segment, right after this one.
+                    let (i, at) = (*i + 1, *end);
+                    let Some(buf) = rx.msg.buf.get_mut(at..at + n) else {
+                        return Err("segment outside the receive buffer".into());
+                    };
+                    // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
+                    // change size while the body is received) is not touched until the
+                    // request completed.
+                    match unsafe { conn.irecv(TAG_BODY, buf.as_mut_ptr(), n) }
+                        .map_err(|e| e.to_string())?
+                    {
+                        Some(r) => RState::Body(r, i, at + n),
+                        None => return Err("transport refused a receive".into()),
+                    }
+                } else if let Err(why) = (rx.on_msg)(&rx.msg) {
+                    fail_protocol(sh, rx, why);
+                    break;
+                } else {
+                    RState::Idle
+                }
+            }
+        };
+        rx.rstate = next;
+        moved = true;
+        if matches!(rx.rstate, RState::Idle) {
+            // What the message queued (an answer) goes out before the next one is taken:
+            // that one may take long to handle (a slow update rule).
+            break;
+        }
+    }
+    Ok(moved)
 }
 
 /// A message as transport messages: the prefix, the header (after the segment table when the
@@ -851,6 +1012,142 @@ fn reap(link: &mut Link) -> std::result::Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Seen = Arc<Mutex<Vec<(std::thread::ThreadId, Vec<u8>)>>>;
+
+    /// Channel `a` (recording each message's header and the thread that handled it; its
+    /// `on_close` reason in `closed`) and channel `b`, connected over a TCP socket pair.
+    fn chans() -> (Chan, Chan, Seen, Arc<Mutex<Option<String>>>) {
+        let (ca, cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+        let limits = Limits {
+            hdr: 1 << 10,
+            body: 1 << 20,
+        };
+        let seen: Seen = Arc::default();
+        let s2 = seen.clone();
+        let closed: Arc<Mutex<Option<String>>> = Arc::default();
+        let c2 = closed.clone();
+        let a = Chan::start(
+            ca,
+            "a",
+            limits,
+            Box::new(move |m: &Incoming| {
+                lock(&s2).push((std::thread::current().id(), m.hdr.clone()));
+                Ok(())
+            }),
+            Box::new(move |why| *lock(&c2) = Some(why)),
+        )
+        .unwrap();
+        let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
+        (a, b, seen, closed)
+    }
+
+    fn send(c: &Chan, hdr: &[u8]) {
+        c.send(Outgoing {
+            prio: 0,
+            hdr: hdr.to_vec(),
+            body: Arc::new(vec![1u8; 100]),
+        })
+        .unwrap();
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Drives `c` on this thread until `done`, waiting on the descriptors it gives.
+    fn drive_until(c: &Chan, what: &str, mut done: impl FnMut() -> bool) -> Drive {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let (mut fds, mut scratch) = (Vec::new(), Vec::new());
+        loop {
+            fds.clear();
+            let d = c.drive(&mut fds);
+            if done() {
+                return d;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            if d == Drive::Closed {
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                let _ = braid_transport::wait_fds(&fds, Duration::from_millis(5), &mut scratch);
+            }
+        }
+    }
+
+    #[test]
+    fn a_thread_driving_the_channel_receives_and_the_channel_thread_waits_meanwhile() {
+        let (a, b, seen, _) = chans();
+        let me = std::thread::current().id();
+        assert!(a.drivable(), "tcp connections can be driven");
+        a.attach();
+        // Woken, the channel thread sees the driver and leaves receiving to it.
+        a.kick();
+        until("the channel thread to park", || {
+            a.shared.parked.load(Ordering::SeqCst)
+        });
+        send(&b, b"one");
+        drive_until(&a, "the first message", || !lock(&seen).is_empty());
+        assert_eq!(
+            lock(&seen)[0],
+            (me, b"one".to_vec()),
+            "received by the driver"
+        );
+        // No driver: the channel thread receives again (within its 20 ms look), not this one.
+        a.detach();
+        send(&b, b"two");
+        until("the second message", || lock(&seen).len() == 2);
+        let (who, hdr) = lock(&seen)[1].clone();
+        assert_eq!(hdr, b"two".to_vec());
+        assert_ne!(who, me, "received by the channel thread");
+        // Parked again, then woken at once by unpark when its driver left.
+        a.attach();
+        a.kick();
+        until("the channel thread to park again", || {
+            a.shared.parked.load(Ordering::SeqCst)
+        });
+        a.detach();
+        a.unpark();
+        until("the channel thread to wake", || {
+            !a.shared.parked.load(Ordering::SeqCst)
+        });
+        send(&b, b"three");
+        until("the third message", || lock(&seen).len() == 3);
+        assert_ne!(lock(&seen)[2].0, me);
+    }
+
+    #[test]
+    fn a_failure_found_by_a_driver_ends_the_channel_on_its_thread() {
+        let (a, b, seen, closed) = chans();
+        a.attach();
+        a.kick();
+        until("the channel thread to park", || {
+            a.shared.parked.load(Ordering::SeqCst)
+        });
+        send(&b, b"last");
+        // The peer goes (its goodbye follows what it queued), while this thread drives.
+        b.close();
+        let d = drive_until(&a, "the channel to end", || lock(&closed).is_some());
+        assert_eq!(d, Drive::Closed);
+        assert_eq!(
+            lock(&seen).len(),
+            1,
+            "what came before the end was received"
+        );
+        assert!(a.closed().is_some());
+        // A closed channel cannot be driven; detaching it is harmless.
+        assert_eq!(a.drive(&mut Vec::new()), Drive::Closed);
+        a.detach();
+    }
 
     #[test]
     fn higher_priority_first_fifo_within_a_priority() {
