@@ -480,15 +480,19 @@ impl Driving {
         if moved {
             return;
         }
-        // Another thread works on a connection: it finishes what arrives while it holds it
-        // (and wakes this thread when that ends the operation); look again soon for what
-        // arrives after.
-        let most = if busy {
-            Duration::from_millis(1)
-        } else {
-            Duration::from_millis(20)
-        };
-        let wait = deadline.saturating_duration_since(Instant::now()).min(most);
+        if busy {
+            // Another thread works on a connection (it holds it only while it sends and
+            // receives, never while it waits): look again as soon as it lets go. Waiting here
+            // without that connection's descriptors could miss an answer that arrives after
+            // its channel thread went back to waiting for its wake-up descriptor only
+            // (measured: 256 KiB rounds, whose requests the channel threads send, took ~30%
+            // longer with a 1 ms wait here).
+            std::thread::yield_now();
+            return;
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(20));
         self.fds.push(PollFd {
             fd: self.waker,
             read: true,
