@@ -126,6 +126,16 @@ impl Job {
         );
     }
 
+    /// A new worker (registered with the coordinator; keep the client to stay in the view) and
+    /// its own connection to the server, made with a valid hello.
+    fn connect_as_new_worker(&self) -> (membership::Client, Box<dyn Conn>) {
+        let (h, _) = self.server_handle();
+        let (client, me, view) = join_as_worker(&self.addr);
+        let key = view_key(view.nonce);
+        let mk = |ch: &Challenge| hello(MEMBER, me, view.epoch, PART, &key, ch);
+        (client, connect(&h, &mk).expect("connect"))
+    }
+
     /// The server's tcp connect handle and its member id, from the coordinator.
     fn server_handle(&self) -> (ConnectHandle, u64) {
         let v =
@@ -540,11 +550,7 @@ fn a_captured_hello_cannot_be_replayed() {
 #[test]
 fn a_worker_sending_a_replication_is_refused() {
     let mut job = Job::start();
-    let (h, _) = job.server_handle();
-    let (_client, me, view) = join_as_worker(&job.addr);
-    let key = view_key(view.nonce);
-    let mk = |ch: &Challenge| hello(MEMBER, me, view.epoch, PART, &key, ch);
-    let mut c = connect(&h, &mk).expect("connect");
+    let (_client, mut c) = job.connect_as_new_worker();
     // Admitted: its pull is answered.
     assert!(send_frame(&mut *c, &pull_hdr(), 0, &[]));
     match next(&mut *c) {
@@ -620,6 +626,51 @@ fn a_reader_may_not_set_the_rule_or_the_optimizer_state() {
         }
     }
     // The server still sums (no sgd with lr 1000), exactly.
+    job.still_serves();
+}
+
+/// A registered worker's push naming an unknown dtype, or whose body is not what its parts
+/// say, is answered with a failure naming the problem (the connection stays open) and the
+/// server keeps serving (these answers once went out with the server's state lock still held,
+/// which stopped the server for good).
+#[test]
+fn a_push_with_an_unknown_dtype_or_a_short_body_fails_and_the_server_serves_on() {
+    let mut job = Job::start();
+    let (_client, mut c) = job.connect_as_new_worker();
+    let s = braid::ps::shard::split(KEY, LEN * 4, 4, PART)[0].skey;
+    let push = |req: u32, dtype: &str| {
+        format!(
+            r#"{{"t":"Push","req":{req},"op":{req},"prio":0,"dtype":"{dtype}","parts":[{{"s":{s},"k":{KEY},"p":0,"n":{}}}]}}"#,
+            LEN * 4
+        )
+    };
+    let body: Vec<u8> = [1000f32; LEN]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let cases: [(String, &[u8], &str); 2] = [
+        (push(1, "nope"), &body, "unknown dtype nope"),
+        (
+            push(2, "float"),
+            &body[..8],
+            "message body has 8 bytes, its parts say 64",
+        ),
+    ];
+    for (hdr, b, why) in cases {
+        assert!(send_frame(&mut *c, hdr.as_bytes(), b.len() as u64, b));
+        match next(&mut *c) {
+            Outcome::Answer(a) => {
+                assert!(a.contains(r#""t":"Fail""#) && a.contains(why), "{a}")
+            }
+            o => panic!("push with {why}: {o:?}"),
+        }
+    }
+    // The same connection is still served, and nothing was applied.
+    assert!(send_frame(&mut *c, &pull_hdr(), 0, &[]));
+    match next(&mut *c) {
+        Outcome::Answer(a) => assert!(a.contains(r#""t":"Values""#), "{a}"),
+        o => panic!("pull after the failed pushes: {o:?}"),
+    }
     job.still_serves();
 }
 
