@@ -1,6 +1,6 @@
 //! Checkpoints of the push/pull servers' state: the on-disk format, its writer and its checked
-//! reader (no sockets here; the protocol that takes a checkpoint is in `server.rs` and
-//! `worker.rs`).
+//! reader (no sockets here; the protocol that takes a checkpoint is in `server/ckpt.rs`
+//! and `worker.rs`).
 //!
 //! # Layout of a checkpoint directory
 //! * `ckpt-<ID>-s<SERVER>.bin`: one file per server (`SERVER`: its member id): a 64-byte header
