@@ -129,14 +129,35 @@ pub(crate) struct Incoming {
     /// between messages, so a body is received without zeroing the buffer first.
     buf: Vec<u8>,
     len: usize,
+    /// The body's segments (lengths; one segment: the body).
+    segs: Vec<usize>,
+    /// On a channel started with early segments ([`Chan::start_with`]): `Some(n)` while the
+    /// body is still arriving and its first `n` segments are in (an early look, before the
+    /// whole message); `None` for the whole message.
+    partial: Option<usize>,
 }
 
 impl Incoming {
-    /// Body bytes.
+    /// Body bytes (of an early look: only the segments in are valid).
     pub(crate) fn body(&self) -> &[u8] {
         &self.buf[..self.len.min(self.buf.len())]
     }
+
+    /// The lengths of the body's segments, in order (one segment: the body; none: no body).
+    pub(crate) fn segments(&self) -> &[usize] {
+        &self.segs
+    }
+
+    /// `Some(n)`: an early look at a message whose first `n` segments are in (see
+    /// [`Chan::start_with`]); `None`: the whole message.
+    pub(crate) fn partial(&self) -> Option<usize> {
+        self.partial
+    }
 }
+
+/// The smallest segment after which a channel with early segments shows the message so far
+/// ([`Chan::start_with`]): below it an early look costs more than it saves.
+pub(crate) const EARLY_SEGMENT: usize = 64 << 10;
 
 /// The connection and its sending state, shared by the channel thread (which holds it while it
 /// works and lets go while it waits) and a thread that queues a small message while the
@@ -160,11 +181,12 @@ struct Rx {
     /// message would cost a page fault per 4 KiB of every large body).
     msg: Incoming,
     rstate: RState,
-    recv: Recv,
     /// Set on a protocol error: nothing more is read; the goodbye goes out and the channel
     /// waits for the peer to close, for at most [`BYE_LINGER`].
     failing: Option<(String, std::time::Instant)>,
     on_msg: OnMsg,
+    /// Early looks at segmented messages ([`Chan::start_with`]).
+    early: bool,
 }
 
 struct Shared {
@@ -235,6 +257,22 @@ impl Chan {
         on_msg: OnMsg,
         on_close: Box<dyn FnOnce(String) + Send>,
     ) -> Result<Chan> {
+        Chan::start_with(conn, name, limits, on_msg, on_close, false)
+    }
+
+    /// As [`Chan::start`]; with `early`, `on_msg` also gets an early look at a message whose
+    /// body comes in several segments, after each segment of at least [`EARLY_SEGMENT`] bytes
+    /// but the last ([`Incoming::partial`]), so that it can use the segments in (copy them
+    /// out, while they are still in the cache) while the rest arrives. An `Err` from an early
+    /// look is a protocol error, as from the whole message.
+    pub(crate) fn start_with(
+        conn: Box<dyn Conn>,
+        name: &str,
+        limits: Limits,
+        on_msg: OnMsg,
+        on_close: Box<dyn FnOnce(String) + Send>,
+        early: bool,
+    ) -> Result<Chan> {
         // SAFETY: FFI; eventfd(2) with valid flags returns a new descriptor or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if wake < 0 {
@@ -257,11 +295,13 @@ impl Chan {
                         hdr: Vec::new(),
                         buf: Vec::new(),
                         len: 0,
+                        segs: Vec::new(),
+                        partial: None,
                     },
                     rstate: RState::Idle,
-                    recv: Recv { segs: Vec::new() },
                     failing: None,
                     on_msg,
+                    early,
                 },
             })),
             queue: Mutex::new((BinaryHeap::new(), 0)),
@@ -573,13 +613,9 @@ enum RState {
     Prefix(Request),
     /// The header; the body length, and whether it comes in segments.
     Hdr(Request, usize, bool),
-    /// The body: segment `.1` of [`Recv::segs`] is being received; it ends at byte `.2`.
+    /// The body: segment `.1` of [`Incoming::segments`] is being received; it ends at byte
+    /// `.2`.
     Body(Request, usize, usize),
-}
-
-/// A message's body being received, in segments: their lengths (one segment: the body).
-struct Recv {
-    segs: Vec<usize>,
 }
 
 /// Splits the segment table off the front of a `BRPM` header: the segment lengths, checked
@@ -869,16 +905,16 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                     break;
                 }
                 let (bl, segmented) = (*bl, *segmented);
-                rx.recv.segs.clear();
+                rx.msg.segs.clear();
                 if segmented {
                     if let Err(why) =
-                        take_segments(&mut rx.msg.hdr, bl, limits.hdr, &mut rx.recv.segs)
+                        take_segments(&mut rx.msg.hdr, bl, limits.hdr, &mut rx.msg.segs)
                     {
                         fail_protocol(sh, rx, why);
                         break;
                     }
                 } else if bl > 0 {
-                    rx.recv.segs.push(bl);
+                    rx.msg.segs.push(bl);
                 }
                 if bl == 0 {
                     rx.msg.len = 0;
@@ -900,7 +936,7 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                     }
                     sh.rbuf.store(msg.buf.capacity(), Ordering::Relaxed);
                     msg.len = bl;
-                    let first = rx.recv.segs.first().copied().unwrap_or(bl);
+                    let first = msg.segs.first().copied().unwrap_or(bl);
                     // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
                     // until the request completed.
                     match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), first) }
@@ -915,9 +951,20 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                 if conn.test(*r).map_err(|e| e.to_string())?.is_none() {
                     break;
                 }
-                if let Some(&n) = rx.recv.segs.get(*i + 1) {
+                if let Some(&n) = rx.msg.segs.get(*i + 1) {
                     // The next segment, right after this one.
                     let (i, at) = (*i + 1, *end);
+                    if rx.early && rx.msg.segs[i - 1] >= EARLY_SEGMENT {
+                        // An early look at the segments in (before the next receive is
+                        // posted: nothing writes to the buffer meanwhile).
+                        rx.msg.partial = Some(i);
+                        let r = (rx.on_msg)(&rx.msg);
+                        rx.msg.partial = None;
+                        if let Err(why) = r {
+                            fail_protocol(sh, rx, why);
+                            break;
+                        }
+                    }
                     let Some(buf) = rx.msg.buf.get_mut(at..at + n) else {
                         return Err("segment outside the receive buffer".into());
                     };
@@ -1040,6 +1087,84 @@ mod tests {
         .unwrap();
         let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
         (a, b, seen, closed)
+    }
+
+    /// A channel started with early looks shows a segmented message after each large segment
+    /// but the last (the segments in, intact), then the whole message; small segments, a
+    /// one-segment body and a channel without early looks show the whole message only.
+    #[test]
+    fn early_looks_show_large_segments_as_they_arrive() {
+        type Looks = Arc<Mutex<Vec<(Option<usize>, Vec<usize>, Vec<u8>)>>>;
+        let big = EARLY_SEGMENT;
+        for early in [true, false] {
+            let (ca, cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+            let limits = Limits {
+                hdr: 1 << 10,
+                body: 8 << 20,
+            };
+            let looks: Looks = Arc::default();
+            let l2 = looks.clone();
+            let a = Chan::start_with(
+                ca,
+                "a",
+                limits,
+                Box::new(move |m: &Incoming| {
+                    let n = m.partial().unwrap_or(m.segments().len());
+                    let have: usize = m.segments()[..n].iter().sum();
+                    lock(&l2).push((
+                        m.partial(),
+                        m.segments().to_vec(),
+                        m.body()[..have].to_vec(),
+                    ));
+                    Ok(())
+                }),
+                Box::new(|_| {}),
+                early,
+            )
+            .unwrap();
+            let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
+            let seg = |n: usize, v: u8| Arc::new(vec![v; n]);
+            // Three large segments, then two small ones, then a one-segment body.
+            let msgs: Vec<Vec<Arc<Vec<u8>>>> = vec![
+                vec![seg(big, 1), seg(big + 8, 2), seg(big, 3)],
+                vec![seg(100, 4), seg(200, 5)],
+                vec![seg(2 * big, 6)],
+            ];
+            for (i, segs) in msgs.iter().enumerate() {
+                b.send_segments(0, format!("m{i}").into_bytes(), segs.clone())
+                    .unwrap();
+            }
+            until("the three messages", || {
+                lock(&looks).iter().filter(|l| l.0.is_none()).count() == 3
+            });
+            let looks = lock(&looks).clone();
+            let whole = |segs: &[Arc<Vec<u8>>]| {
+                segs.iter()
+                    .flat_map(|s| s.iter().copied())
+                    .collect::<Vec<u8>>()
+            };
+            let lens = |segs: &[Arc<Vec<u8>>]| segs.iter().map(|s| s.len()).collect::<Vec<usize>>();
+            let mut want = Vec::new();
+            if early {
+                for n in 1..3 {
+                    want.push((Some(n), lens(&msgs[0]), whole(&msgs[0][..n])));
+                }
+            }
+            for segs in &msgs {
+                want.push((None, lens(segs), whole(segs)));
+            }
+            assert_eq!(looks.len(), want.len(), "early {early}");
+            for (i, (got, want)) in looks.iter().zip(&want).enumerate() {
+                assert_eq!(got.0, want.0, "early {early}: look {i}");
+                if got.1.iter().all(|n| *n >= big) {
+                    // Small segments may be sent as one.
+                    assert_eq!(got.1, want.1, "early {early}: look {i}");
+                }
+                assert!(got.2 == want.2, "early {early}: bytes of look {i}");
+            }
+            a.close();
+            b.close();
+        }
     }
 
     fn send(c: &Chan, hdr: &[u8]) {

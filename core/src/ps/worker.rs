@@ -65,6 +65,9 @@ struct WReq {
     min: Option<u64>,
     at: Option<u64>,
     prio: i32,
+    /// A pull: how many of its parts were copied to the operation's memory from an early look
+    /// at the answer ([`WInner::early_values`]).
+    early: usize,
 }
 
 /// Where a pull's values go: memory owned by the operation's handle (the caller's result
@@ -1342,6 +1345,7 @@ impl WInner {
                         min: None,
                         at: None,
                         prio: i32::MAX,
+                        early: 0,
                     },
                 );
             }
@@ -1543,6 +1547,7 @@ impl WInner {
                     min: None,
                     at: None,
                     prio: i32::MIN,
+                    early: 0,
                 },
             );
         }
@@ -1989,12 +1994,14 @@ impl WInner {
             hdr: CLIENT_HDR,
             body: self.opts.partition_bytes,
         };
-        match Chan::start(
+        // Early looks at large pull answers: their parts are copied out as they arrive.
+        match Chan::start_with(
             conn,
             &format!("w{}-{id}", self.me),
             limits,
             on_msg,
             on_close,
+            true,
         ) {
             Ok(c) => {
                 let c = Arc::new(c);
@@ -2082,12 +2089,65 @@ impl WInner {
         r
     }
 
+    /// An early look at a pull's answer whose first `n` segments are in
+    /// ([`Chan::start_with`]): the parts among them not copied yet go to the operation's
+    /// memory now, while they are in the cache and the rest arrives. Only when the answer's
+    /// segments are the request's parts, one each (a server sends a pull's answer so), and
+    /// the answer would be used (not a stale pull); the whole message checks and copies the
+    /// rest ([`WInner::on_reply_checked`]). Anything else waits for the whole message.
+    fn early_values(&self, server: u64, m: &Incoming, n: usize) {
+        let Ok(Msg::Values { req, .. }) = Msg::decode(&m.hdr) else {
+            return;
+        };
+        let mut guard = lock(&self.st);
+        let st = &mut *guard;
+        let Some(r) = st.reqs.get(&req) else {
+            return;
+        };
+        let segs = m.segments();
+        let fits = r.server == server
+            && r.kind == Kind::Pull
+            && segs.len() == r.parts.len()
+            && n <= segs.len()
+            && segs.iter().zip(&r.parts).all(|(s, (p, _))| *s == p.n);
+        if !fits || r.early >= n || Self::stale_pull(st, req, r) {
+            return;
+        }
+        let Some(o) = st.ops.get(&r.op) else {
+            return;
+        };
+        let from = r.early;
+        let mut src: usize = r.parts[..from].iter().map(|(p, _)| p.n).sum();
+        for (p, off) in &r.parts[from..n] {
+            let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body().len());
+            let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
+            if !in_body || !in_out {
+                // The whole message reports it.
+                return;
+            }
+            // SAFETY: in bounds (checked above) of the operation's output memory, which stays
+            // allocated while the operation is in `ops` (see `OutBuf`); the state lock is
+            // held, so no other thread writes it. The source segments are in (`n`).
+            unsafe {
+                std::ptr::copy_nonoverlapping(m.body().as_ptr().add(src), o.out.ptr.add(*off), p.n);
+            }
+            src += p.n;
+        }
+        if let Some(r) = st.reqs.get_mut(&req) {
+            r.early = n;
+        }
+    }
+
     fn on_reply_checked(
         &self,
         server: u64,
         my_role: Role,
         m: &Incoming,
     ) -> std::result::Result<(), String> {
+        if let Some(n) = m.partial() {
+            self.early_values(server, m, n);
+            return Ok(());
+        }
         let msg =
             Msg::decode(&m.hdr).map_err(|e| format!("protocol error: undecodable reply: {e}"))?;
         permitted(Role::Server, my_role, &msg).map_err(|e| format!("protocol error: {e}"))?;
@@ -2180,14 +2240,16 @@ impl WInner {
                 if let Some(o) = st.ops.get_mut(&r.op) {
                     let mut src = 0usize;
                     let mut bad = false;
-                    for (p, off) in &r.parts {
+                    for (i, (p, off)) in r.parts.iter().enumerate() {
                         let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body().len());
                         let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
                         if !in_body || !in_out {
                             bad = true;
                             break;
                         }
-                        if p.n == 0 {
+                        if p.n == 0 || i < r.early {
+                            // Nothing to copy, or copied from an early look already.
+                            src += p.n;
                             continue;
                         }
                         // SAFETY: in bounds (checked above) of the operation's output memory,
@@ -2464,6 +2526,7 @@ fn route(
                         min,
                         at,
                         prio,
+                        early: 0,
                     });
                     if let Some(o) = st.ops.get_mut(&op) {
                         o.outstanding += 1;
@@ -2492,6 +2555,7 @@ fn route(
                     min,
                     at,
                     prio,
+                    early: 0,
                 },
             ));
         }
@@ -2735,6 +2799,7 @@ mod tests {
             min: None,
             at: None,
             prio: 0,
+            early: 0,
         }
     }
 
