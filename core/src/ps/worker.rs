@@ -82,6 +82,32 @@ impl OutBuf {
         ptr: std::ptr::null_mut(),
         len: 0,
     };
+
+    /// Copies parts `from..to` of a pull's answer to where they go in this memory: `body`
+    /// holds `parts`' bytes in order, `parts[i].1` is part `i`'s offset here. Every part up to
+    /// `to` is checked to lie inside `body` and this memory; `false` (and nothing more copied)
+    /// at the first that does not. The caller holds the worker state lock, with the operation
+    /// this memory belongs to in `ops` (see the `Send` impl below).
+    fn copy_parts(&self, parts: &[(PartRef, usize)], from: usize, to: usize, body: &[u8]) -> bool {
+        let mut src = 0usize;
+        for (i, (p, off)) in parts.iter().enumerate().take(to) {
+            let in_body = src.checked_add(p.n).is_some_and(|e| e <= body.len());
+            let in_out = off.checked_add(p.n).is_some_and(|e| e <= self.len);
+            if !in_body || !in_out {
+                return false;
+            }
+            if p.n > 0 && i >= from {
+                // SAFETY: in bounds (checked above) of `body` and of the operation's output
+                // memory, which stays allocated while the operation is in `ops`; the state
+                // lock is held, so no other thread writes it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(body.as_ptr().add(src), self.ptr.add(*off), p.n);
+                }
+            }
+            src += p.n;
+        }
+        true
+    }
 }
 
 // SAFETY: an `OutBuf` is only dereferenced under the worker state lock while its operation is
@@ -2116,22 +2142,9 @@ impl WInner {
         let Some(o) = st.ops.get(&r.op) else {
             return;
         };
-        let from = r.early;
-        let mut src: usize = r.parts[..from].iter().map(|(p, _)| p.n).sum();
-        for (p, off) in &r.parts[from..n] {
-            let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body().len());
-            let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
-            if !in_body || !in_out {
-                // The whole message reports it.
-                return;
-            }
-            // SAFETY: in bounds (checked above) of the operation's output memory, which stays
-            // allocated while the operation is in `ops` (see `OutBuf`); the state lock is
-            // held, so no other thread writes it. The source segments are in (`n`).
-            unsafe {
-                std::ptr::copy_nonoverlapping(m.body().as_ptr().add(src), o.out.ptr.add(*off), p.n);
-            }
-            src += p.n;
+        if !o.out.copy_parts(&r.parts, r.early, n, m.body()) {
+            // The whole message reports it.
+            return;
         }
         if let Some(r) = st.reqs.get_mut(&req) {
             r.early = n;
@@ -2238,32 +2251,8 @@ impl WInner {
             }
             Msg::Values { versions, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
-                    let mut src = 0usize;
-                    let mut bad = false;
-                    for (i, (p, off)) in r.parts.iter().enumerate() {
-                        let in_body = src.checked_add(p.n).is_some_and(|e| e <= m.body().len());
-                        let in_out = off.checked_add(p.n).is_some_and(|e| e <= o.out.len);
-                        if !in_body || !in_out {
-                            bad = true;
-                            break;
-                        }
-                        if p.n == 0 || i < r.early {
-                            // Nothing to copy, or copied from an early look already.
-                            src += p.n;
-                            continue;
-                        }
-                        // SAFETY: in bounds (checked above) of the operation's output memory,
-                        // which stays allocated while the operation is in `ops` (see
-                        // `OutBuf`); the state lock is held, so no other thread writes it.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                m.body().as_ptr().add(src),
-                                o.out.ptr.add(*off),
-                                p.n,
-                            );
-                        }
-                        src += p.n;
-                    }
+                    // The parts an early look copied are in already.
+                    let bad = !o.out.copy_parts(&r.parts, r.early, r.parts.len(), m.body());
                     if bad {
                         o.error.get_or_insert(Error::Internal(format!(
                             "server {} answered with a short body",
