@@ -465,6 +465,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         offset: 64,
         len: 16,
         hash: "0123456789abcdef".into(),
+        applied: vec![(3, 17), (4, 9)],
     };
     let file = crate::ps::checkpoint::FileEntry {
         name: crate::ps::checkpoint::file_name("00ab", 2),

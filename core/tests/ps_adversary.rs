@@ -737,3 +737,163 @@ fn a_stale_reader_grant_is_refused_and_the_reader_renews_it() {
     assert!(v >= 1, "version {v}");
     assert_eq!(vals, vec![job.pushes; LEN]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. A retried push that crosses a restore from a checkpoint is not applied twice
+// ---------------------------------------------------------------------------------------------
+
+/// A worker's push is applied and checkpointed, then every server is gone before the worker
+/// heard the acknowledgement (it retries). A server restored from the checkpoint must
+/// acknowledge the retry without applying it again (the checkpoint carries the writes its
+/// values include), and still apply the worker's next push.
+#[test]
+fn a_retried_push_that_crosses_a_restore_is_not_applied_twice() {
+    let job = Job::start();
+    let Job {
+        _coord,
+        addr,
+        server,
+        mut worker,
+        ..
+    } = job;
+    let (client, me, view) = join_as_worker(&addr);
+    let client = std::sync::Arc::new(client);
+    // The raw worker installs every view it is given, as a real member does (a new view waits
+    // for its members' acknowledgements).
+    // The last view it got is kept: its nonce keys the hello.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let latest = std::sync::Arc::new(std::sync::Mutex::new(view.clone()));
+    let installer = {
+        let (client, stop, latest) = (client.clone(), stop.clone(), latest.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let e = client.announced_epoch();
+                if let Some((v, _)) = client.view_of(e) {
+                    *latest.lock().unwrap() = v;
+                    client.installed(e);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let s = braid::ps::shard::split(KEY, LEN * 4, 4, PART)[0].skey;
+    // Operation ids as a worker draws them (large, random); the raw worker's own.
+    const OP: u64 = 0x2bad_cafe_0000_0001;
+    let push = |req: u64, op: u64| {
+        format!(
+            r#"{{"t":"Push","req":{req},"op":{op},"prio":0,"dtype":"float","parts":[{{"s":{s},"k":{KEY},"p":0,"n":{}}}]}}"#,
+            LEN * 4
+        )
+    };
+    let body: Vec<u8> = [10f32; LEN].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let send = |c: &mut Box<dyn Conn>, req: u64, op: u64| {
+        assert!(send_frame(
+            &mut **c,
+            push(req, op).as_bytes(),
+            body.len() as u64,
+            &body
+        ));
+        match next(&mut **c) {
+            Outcome::Answer(a) => {
+                assert!(a.contains(r#""t":"Ack""#), "push op {op:#x}: {a}");
+                a
+            }
+            o => panic!("push op {op:#x}: {o:?}"),
+        }
+    };
+    let total = |w: &mut KvWorker| -> Vec<f32> {
+        w.pull::<f32>(&[KEY], &[LEN], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap()
+            .values
+    };
+    let (h, _) = {
+        let v = membership::fetch_view(&addr, GROUP, None, Duration::from_secs(5)).unwrap();
+        let m = v
+            .members
+            .iter()
+            .find(|m| m.id == server.member_id())
+            .unwrap();
+        (tcp_handle(&m.handle), m.id)
+    };
+    let key = view_key(view.nonce);
+    let mk = |ch: &Challenge| hello(MEMBER, me, view.epoch, PART, &key, ch);
+    let mut c = connect(&h, &mk).expect("connect");
+    // The job's worker pushed 1 (Job::start); the raw worker's push of 10 is applied once.
+    let first = send(&mut c, 1, OP);
+    assert_eq!(total(&mut worker), vec![11f32; LEN]);
+    let dir = std::env::temp_dir().join(format!("braid-adv-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let info = worker.checkpoint(&dir).unwrap();
+    let m = braid::ps::checkpoint::read_manifest(&dir).unwrap();
+    assert!(
+        m.parts.iter().any(|p| p.applied.contains(&(me, OP))),
+        "the checkpoint does not record worker {me}'s op: {:?}",
+        m.parts
+    );
+    // Every server is gone (the only one leaves: its parts are lost with it)...
+    let gone = server.member_id();
+    drop(c);
+    drop(server);
+    // ... and one restored from the checkpoint takes its place in the same job.
+    let restored = KvServer::start(
+        cfg(&addr, 2),
+        PsOptions {
+            restore: Some(dir.clone()),
+            ..opts(PART)
+        },
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let now = loop {
+        let v = latest.lock().unwrap().clone();
+        if v.members.iter().all(|m| m.id != gone)
+            && v.members.iter().any(|m| m.id == restored.member_id())
+            && restored.epoch() >= v.epoch
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < end,
+            "the restored server never installed a view without the old one"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let m = now
+        .members
+        .iter()
+        .find(|m| m.id == restored.member_id())
+        .unwrap();
+    let h = tcp_handle(&m.handle);
+    let key = view_key(now.nonce);
+    let mk = |ch: &Challenge| hello(MEMBER, me, now.epoch, PART, &key, ch);
+    let mut c = connect(&h, &mk).expect("connect to the restored server");
+    // The retry: acknowledged with the version it led to, not applied again.
+    let again = send(&mut c, 2, OP);
+    let version = |a: &str| {
+        a.split(r#""versions":["#)
+            .nth(1)
+            .map(|v| v.split(']').next().unwrap_or("").to_string())
+    };
+    assert_eq!(version(&again), version(&first), "{first} / {again}");
+    assert_eq!(
+        total(&mut worker),
+        vec![11f32; LEN],
+        "the retried push was applied twice"
+    );
+    // A new operation is applied.
+    send(&mut c, 3, OP + 1);
+    assert_eq!(total(&mut worker), vec![21f32; LEN]);
+    eprintln!(
+        "checkpoint {} at version {}; retry answered {again}",
+        info.id, info.version
+    );
+    drop(c);
+    drop(worker);
+    drop(restored);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    installer.join().unwrap();
+    drop(client);
+    let _ = std::fs::remove_dir_all(&dir);
+}

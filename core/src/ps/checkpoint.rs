@@ -10,8 +10,9 @@
 //!   exactly one part.
 //! * `manifest.json`: [`Manifest`]: the checkpoint id, group, consistency mode, partition size,
 //!   view epoch, versions, the files (name, server, byte length, checksum) and every part (store
-//!   key, user key, part index, dtype, version, file, offset, byte length, checksum), and a
-//!   checksum of the manifest itself.
+//!   key, user key, part index, dtype, version, file, offset, byte length, checksum, and the
+//!   latest (worker, op) writes its value includes, so a restored server does not apply a
+//!   retried one twice), and a checksum of the manifest itself.
 //!
 //! Checksums are XXH64 (seed 0) as 16 lowercase hex digits: of a part's bytes; of a file, over
 //! its header followed by the checksums of its parts in file order (little-endian u64), so one
@@ -231,7 +232,16 @@ pub struct PartEntry {
     pub len: u64,
     /// XXH64 of its bytes (16 hex digits).
     pub hash: String,
+    /// The latest (worker, op) writes its value includes, as its server recorded them (at most
+    /// [`MAX_APPLIED`]): a server restored from the checkpoint acknowledges a retry of one of
+    /// them (its first acknowledgement lost when every server died) without applying it
+    /// again. Absent in checkpoints of earlier builds (nothing is deduplicated then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<(u64, u64)>,
 }
+
+/// Most [`PartEntry::applied`] records of one part.
+pub const MAX_APPLIED: usize = 4096;
 
 /// The manifest of a checkpoint (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +285,8 @@ pub(crate) struct PartMeta {
     pub dtype: DataType,
     pub version: u64,
     pub len: u64,
+    /// See [`PartEntry::applied`].
+    pub applied: Vec<(u64, u64)>,
 }
 
 /// Whether `id` is a valid checkpoint id.
@@ -399,6 +411,7 @@ pub(crate) fn write_server_file(
             offset: off,
             len,
             hash: hex(h),
+            applied: s.applied.clone(),
         });
         off = off.saturating_add(len);
     }
@@ -524,6 +537,13 @@ impl Manifest {
             }
             if !valid_hash(&p.hash) {
                 return Err(format!("{}: bad checksum {:?}", what(), p.hash));
+            }
+            if p.applied.len() > MAX_APPLIED {
+                return Err(format!(
+                    "{}: {} applied-write records (at most {MAX_APPLIED})",
+                    what(),
+                    p.applied.len()
+                ));
             }
             if p.version < self.version || p.version > self.max_version {
                 return Err(format!(
@@ -844,6 +864,7 @@ mod tests {
                 dtype,
                 version,
                 len: data.len() as u64,
+                applied: Vec::new(),
             },
             data,
         )
@@ -864,11 +885,13 @@ mod tests {
 
     /// A checkpoint of two servers in a fresh directory.
     fn write_two(dir: &Path, id: &str) -> Manifest {
-        let a = vec![
+        let mut a = vec![
             snap(1, 0, DataType::F32, 7, (0..40u8).collect()),
             snap(1, 1, DataType::F32, 7, vec![9; 12]),
             snap(5, 0, DataType::F64, 7, Vec::new()),
         ];
+        // The writes one part's value includes travel with it.
+        a[1].0.applied = vec![(3, 1 << 60), (4, 7)];
         let b = vec![snap(2, 0, DataType::I64, 7, (0..64u8).rev().collect())];
         let mut files = Vec::new();
         let mut parts = Vec::new();
@@ -917,6 +940,8 @@ mod tests {
         let got = load_parts(&dir, &back, |s| s == part_key(1, 1) || s == part_key(2, 0)).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].1, vec![9; 12]);
+        assert_eq!(got[0].0.applied, vec![(3, 1 << 60), (4, 7)]);
+        assert!(got[1].0.applied.is_empty());
         assert_eq!(got[1].1, (0..64u8).rev().collect::<Vec<_>>());
         // A second checkpoint replaces the first; the first's files go once it is in place.
         let m2 = write_two(&dir, "0002");
@@ -1042,6 +1067,10 @@ mod tests {
         check(&|x| x.files[1].bytes += 4, "end at byte");
         check(&|x| x.format_version = 2, "format version 2");
         check(&|x| x.format = "zip".into(), "not a");
+        check(
+            &|x| x.parts[0].applied = vec![(1, 1); MAX_APPLIED + 1],
+            "applied-write records",
+        );
         // Sealed and valid: decodes.
         let mut ok = m.clone();
         ok.seal();

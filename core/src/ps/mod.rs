@@ -86,6 +86,14 @@
 //!   the ring of its first view. Start every server of the group with it, in a fresh job or
 //!   once the old servers have left the view. Parts restart at their checkpoint versions with
 //!   no open round; workers continue from there (sync: their next push is round `version + 1`).
+//! * Retries across a restore: servers record, for every (worker, operation, part) write they
+//!   apply, the version its acknowledgement gives (sync: its round; async: the version after
+//!   it; a held bounded push: once applied). A checkpoint at version `T` carries, per part, the
+//!   latest records with versions at most `T` (the writes its value includes), and a restored
+//!   server loads them: a retried push whose acknowledgement was lost when every server died
+//!   is acknowledged, not applied twice, while one applied only after the checkpoint (its
+//!   effect lost) is applied again. Operation ids start at a random value per worker, so a
+//!   fresh job's workers (member ids count from 1 again) never match an old job's records.
 
 pub(crate) mod chan;
 pub mod checkpoint;

@@ -17,6 +17,10 @@ pub(crate) const CLIENT_HDR: usize = 1 << 20;
 /// Most part entries in one [`Msg::CkptParts`] (well inside [`CLIENT_HDR`]).
 pub(crate) const MAX_CKPT_CHUNK: usize = 2048;
 
+/// Header bytes a [`Msg::CkptParts`] is held to, about (well inside [`CLIENT_HDR`]; one entry
+/// with its most applied-write records fits).
+pub(crate) const CKPT_CHUNK_BYTES: usize = 256 << 10;
+
 /// One part of a key in a request: its store key, user key, part index, byte length, and the
 /// byte length of the whole key (so that every server holding a part can refuse a request for
 /// another length, even where its own part happens to have the same size).
@@ -149,10 +153,11 @@ pub(crate) enum Msg {
     /// Server → server: full state of keys (migration, seeding a new replica).
     Transfer {
         dumps: serde_json::Value,
-        /// The (worker, op, part) applications the moved parts have seen, so a retry that
-        /// crosses the hand-over is not applied twice.
+        /// The (worker, op, part, version) applications the moved parts have seen, so a
+        /// retry that crosses the hand-over is not applied twice (version: of the write's
+        /// acknowledgement, `u64::MAX` while held).
         #[serde(default)]
-        seen: Vec<(u64, u64, u64)>,
+        seen: Vec<(u64, u64, u64, u64)>,
         /// The moved parts' entries of the key directory (see [`Msg::Keys`]).
         #[serde(default)]
         keys: Vec<(u64, u64, u32)>,

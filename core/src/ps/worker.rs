@@ -1098,13 +1098,20 @@ impl Drop for KvWorker {
     }
 }
 
+/// The first operation id of a worker: random (below 2^62, never 0), so that no two workers'
+/// operations share an id even where member ids repeat (a fresh job restoring a checkpoint
+/// whose parts carry the (worker, op) writes they include, see [`super::checkpoint`]).
+fn first_op() -> u64 {
+    (crate::membership::random_u64(0x6f70) >> 2).max(1)
+}
+
 fn new_state(view: View) -> WState {
     WState {
         ring: Arc::new(ring_of(&view)),
         view,
         chans: HashMap::new(),
         next_req: 1,
-        next_op: 1,
+        next_op: first_op(),
         reqs: HashMap::new(),
         ops: HashMap::new(),
         retry: Vec::new(),

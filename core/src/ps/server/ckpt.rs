@@ -30,7 +30,8 @@ pub(super) fn open_restore(dir: &std::path::Path, opts: &PsOptions) -> Result<Ma
 }
 
 /// Loads the parts of a checked checkpoint that server `me` holds on the ring of `view` (owner
-/// or replica) into `store`; returns the key directory of every part of the checkpoint.
+/// or replica) into `store`, and their applied-write records into `dedup`; returns the key
+/// directory of every part of the checkpoint.
 pub(super) fn load_restore(
     me: u64,
     view: &View,
@@ -38,6 +39,7 @@ pub(super) fn load_restore(
     dir: &std::path::Path,
     m: &Manifest,
     store: &mut Store,
+    dedup: &mut Dedup,
 ) -> Result<HashMap<u64, (u64, u32)>> {
     let ring = ring_of(view);
     let what = |e: String| {
@@ -50,6 +52,9 @@ pub(super) fn load_restore(
         .map_err(what)?;
     let mut dumps = Vec::with_capacity(loaded.len());
     for (e, data) in loaded {
+        for &(w, op) in &e.applied {
+            dedup.first(w, op, e.s, e.version);
+        }
         let dt = DataType::parse(&e.dtype)
             .ok_or_else(|| what(format!("key {} part {}: dtype {}", e.k, e.p, e.dtype)))?;
         dumps.push(KeyDump::restored(e.s, dt, e.version, data)?);
@@ -181,6 +186,11 @@ pub(super) fn poll_checkpoint(inner: &Arc<SInner>, st: &mut SState, outbox: &mut
     };
     let mut metas = Vec::with_capacity(job.targets.len());
     let mut missing = None;
+    // The writes each part's value at its version includes: a retry of one of them reaching a
+    // server restored from this checkpoint is acknowledged, not applied again.
+    let mut applied = st
+        .dedup
+        .applied_upto(&job.targets.iter().copied().collect());
     for &(s, t) in &job.targets {
         let Some(&(k, p)) = st.dir.get(&s) else {
             missing = Some(format!(
@@ -209,6 +219,7 @@ pub(super) fn poll_checkpoint(inner: &Arc<SInner>, st: &mut SState, outbox: &mut
             dtype,
             version: t,
             len,
+            applied: applied.remove(&s).unwrap_or_default(),
         });
     }
     if let Some(msg) = missing {
@@ -285,13 +296,13 @@ pub(super) fn write_checkpoint(
     match res {
         Ok((file, parts)) => {
             tracing::info!(target: "braid::ps", "server {}: checkpoint {}: {} part(s), {bytes} bytes written to {} in {:.3} s (longest copy under the state lock {:.6} s)", inner.me, job.id, parts.len(), job.dir.join(&file.name).display(), write.as_secs_f64(), longest.as_secs_f64());
-            for c in parts.chunks(MAX_CKPT_CHUNK) {
+            for c in ckpt_chunks(parts) {
                 out.push((
                     job.worker,
                     i32::MAX,
                     Msg::CkptParts {
                         req: job.req,
-                        parts: c.to_vec(),
+                        parts: c,
                     },
                     Vec::new(),
                 ));
@@ -332,6 +343,28 @@ pub(super) fn write_checkpoint(
         st.ckpt_writing = None;
     }
     flush(&inner, out, Vec::new());
+}
+
+/// The part entries of a checkpoint answer in messages of at most [`MAX_CKPT_CHUNK`] entries
+/// and about [`CKPT_CHUNK_BYTES`] of header each (an entry with its applied-write records
+/// counted at their largest encoding), well inside what a worker reads.
+fn ckpt_chunks(parts: Vec<PartEntry>) -> Vec<Vec<PartEntry>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<PartEntry> = Vec::new();
+    let mut bytes = 0;
+    for p in parts {
+        let b = 256 + 48 * p.applied.len();
+        if !cur.is_empty() && (cur.len() >= MAX_CKPT_CHUNK || bytes + b > CKPT_CHUNK_BYTES) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += b;
+        cur.push(p);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 /// Fails a pending checkpoint whose deadline passed (called by the watcher).

@@ -356,18 +356,38 @@ fn apply_part(
     let refused = evs
         .iter()
         .any(|e| matches!(e, Event::Error { req, .. } if *req == sreq));
+    if !refused && !dup {
+        record(st, sreq, from, w.op, p.s, &evs);
+    }
     apply_events(st, evs, &mut fx.outbox);
-    if refused {
-        // Nothing applied here: nothing to replicate.
-        return false;
+    // Refused: nothing applied here, nothing to replicate. A retry of a part applied before is
+    // replicated again (replicas skip what they hold): the first copy may have reached this
+    // server only as a replica, after it had seeded a new replica of its own.
+    !refused
+}
+
+/// Most held writes awaiting their acknowledgement's version (see [`record`]).
+const HELD_KEEP: usize = 1 << 16;
+
+/// Records the write (worker, op) to part `skey`, request `sreq`, as applied, with the version
+/// of its acknowledgement among `evs`; without one (a held bounded push) the version is
+/// recorded when the acknowledgement comes ([`apply_events`]).
+pub(super) fn record(st: &mut SState, sreq: u64, worker: u64, op: u64, skey: u64, evs: &[Event]) {
+    let ack = evs.iter().find_map(|e| match e {
+        Event::PushAck { req, version, .. } if *req == sreq => Some(*version),
+        _ => None,
+    });
+    st.dedup
+        .first(worker, op, skey, ack.unwrap_or(super::NO_VERSION));
+    if ack.is_none() && op != 0 {
+        // Bounded: a held push whose part moves away is never acknowledged here. Forgetting
+        // such entries only leaves their records out of checkpoints (a retry across a restore
+        // would then be applied again, as before these records existed).
+        if st.held.len() >= HELD_KEEP {
+            st.held.clear();
+        }
+        st.held.insert(sreq, (worker, op));
     }
-    // A retry of a part applied before is replicated again (replicas skip what they hold):
-    // the first copy may have reached this server only as a replica, after it had seeded a
-    // new replica of its own.
-    if !dup {
-        st.dedup.first(from, w.op, p.s);
-    }
-    true
 }
 
 /// A pull (request `req`, priority, parts, wait for at least version `min`, or read exactly

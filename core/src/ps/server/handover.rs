@@ -237,7 +237,7 @@ pub(super) fn on_transfer(
     st: &mut SState,
     from: u64,
     dumps: serde_json::Value,
-    seen: Vec<(u64, u64, u64)>,
+    seen: Vec<(u64, u64, u64, u64)>,
     keys: Vec<(u64, u64, u32)>,
     fx: &mut Effects,
 ) -> std::result::Result<(), String> {
@@ -247,8 +247,8 @@ pub(super) fn on_transfer(
             for (s, k, p) in keys {
                 st.dir.insert(s, (k, p));
             }
-            for (w, op, skey) in seen {
-                st.dedup.first(w, op, skey);
+            for (w, op, skey, v) in seen {
+                st.dedup.first(w, op, skey, v);
             }
             let evs = st.store.import(d);
             apply_events(st, evs, &mut fx.outbox);

@@ -20,12 +20,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
-use super::checkpoint::{self, Manifest, PartMeta};
+use super::checkpoint::{self, Manifest, PartEntry, PartMeta};
 use super::node::{connect_to, Cred, Node, Peer, ViewBook};
 use super::pool::BufPool;
 use super::shard::Ring;
 use super::store::{Consistency, Event, KeyDump, Store};
-use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_CKPT_CHUNK};
+use super::wire::{permitted, Msg, PartRef, CKPT_CHUNK_BYTES, CLIENT_HDR, MAX_CKPT_CHUNK};
 use super::PsOptions;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -85,6 +85,9 @@ struct SState {
     rep_wait: HashMap<u64, (u64, u64, u64)>,
     changed_at: Instant,
     dedup: Dedup,
+    /// Writes recorded in `dedup` whose acknowledgement is still to come (held bounded
+    /// pushes): store request → (worker, op); the acknowledgement's version is recorded.
+    held: HashMap<u64, (u64, u64)>,
     /// Further live channels with members that also have one in `chans`.
     extra: Vec<(u64, Arc<Chan>)>,
     /// Pulls of keys that did not exist when they arrived: (store request, user key, store
@@ -200,22 +203,33 @@ fn expire_unknown_pulls(inner: &Arc<SInner>) {
 
 /// Parts of worker operations already applied (so a retry after a lost acknowledgement is
 /// not applied twice); the most recent [`DEDUP_KEEP`] per worker. Replicas record the same.
+/// Each record keeps the version its write leads to (the version of its acknowledgement: sync,
+/// the round it went into; async, the version after it; [`NO_VERSION`] while a bounded push is
+/// held), so a checkpoint at version `T` carries the records of exactly the writes its values
+/// include ([`Dedup::applied_upto`]), and a server restored from it does not apply them again.
 #[derive(Default)]
 struct Dedup {
     seen: HashMap<u64, Recent>,
 }
 
-/// An applied part of a worker's operation: (worker, op, part).
-type Applied = (u64, u64, u64);
+/// An applied part of a worker's operation: (worker, op, part, version).
+type Applied = (u64, u64, u64, u64);
 
-/// The (op, part) pairs of one worker, as a set and in arrival order.
+/// The version of a record whose write is not applied yet (a held bounded push).
+const NO_VERSION: u64 = u64::MAX;
+
+/// The (op, part) pairs of one worker with their versions, and in arrival order.
 type Recent = (
-    std::collections::HashSet<(u64, u64)>,
+    HashMap<(u64, u64), u64>,
     std::collections::VecDeque<(u64, u64)>,
 );
 
 /// Applied parts remembered per worker.
 const DEDUP_KEEP: usize = 1 << 16;
+
+/// Most records a checkpoint carries per part (the latest by version): the writes a worker
+/// may still retry after every server died are the few it had in flight.
+const CKPT_APPLIED_KEEP: usize = 256;
 
 impl Dedup {
     /// Whether (worker, op, part) was applied before. Op 0 is never deduplicated.
@@ -224,33 +238,57 @@ impl Dedup {
             && self
                 .seen
                 .get(&worker)
-                .is_some_and(|(set, _)| set.contains(&(op, skey)))
+                .is_some_and(|(set, _)| set.contains_key(&(op, skey)))
     }
 
-    /// The records of the parts `pick` selects, as (worker, op, part).
+    /// The records of the parts `pick` selects, as (worker, op, part, version).
     fn export(&self, pick: impl Fn(u64) -> bool) -> Vec<Applied> {
         let mut out = Vec::new();
-        for (w, (_, order)) in &self.seen {
-            out.extend(
-                order
-                    .iter()
-                    .filter(|(_, s)| pick(*s))
-                    .map(|(op, s)| (*w, *op, *s)),
-            );
+        for (w, (set, order)) in &self.seen {
+            out.extend(order.iter().filter(|(_, s)| pick(*s)).map(|(op, s)| {
+                (
+                    *w,
+                    *op,
+                    *s,
+                    set.get(&(*op, *s)).copied().unwrap_or(NO_VERSION),
+                )
+            }));
         }
         out
     }
 
-    /// Records (worker, op, part) as applied; false if it was recorded before. Op 0 is never
-    /// deduplicated.
-    fn first(&mut self, worker: u64, op: u64, skey: u64) -> bool {
+    /// For each part of `upto` (part → version `T`): the (worker, op) records of the writes
+    /// its value at `T` includes (version at most `T`), the latest [`CKPT_APPLIED_KEEP`] by
+    /// version, ascending.
+    fn applied_upto(&self, upto: &HashMap<u64, u64>) -> HashMap<u64, Vec<(u64, u64)>> {
+        let mut by: HashMap<u64, Vec<(u64, u64, u64)>> = HashMap::new();
+        for (w, (set, _)) in &self.seen {
+            for (&(op, s), &v) in set {
+                if upto.get(&s).is_some_and(|t| v <= *t) {
+                    by.entry(s).or_default().push((v, *w, op));
+                }
+            }
+        }
+        by.into_iter()
+            .map(|(s, mut r)| {
+                r.sort_unstable();
+                let from = r.len().saturating_sub(CKPT_APPLIED_KEEP);
+                (s, r[from..].iter().map(|&(_, w, op)| (w, op)).collect())
+            })
+            .collect()
+    }
+
+    /// Records (worker, op, part) as applied, leading to `version`; false if it was recorded
+    /// before. Op 0 is never deduplicated.
+    fn first(&mut self, worker: u64, op: u64, skey: u64, version: u64) -> bool {
         if op == 0 {
             return true;
         }
         let (set, order) = self.seen.entry(worker).or_default();
-        if !set.insert((op, skey)) {
+        if set.contains_key(&(op, skey)) {
             return false;
         }
+        set.insert((op, skey), version);
         order.push_back((op, skey));
         if order.len() > DEDUP_KEEP {
             if let Some(old) = order.pop_front() {
@@ -258,6 +296,19 @@ impl Dedup {
             }
         }
         true
+    }
+
+    /// The held write (worker, op, part) was applied, leading to `version`.
+    fn applied(&mut self, worker: u64, op: u64, skey: u64, version: u64) {
+        if let Some(v) = self
+            .seen
+            .get_mut(&worker)
+            .and_then(|(set, _)| set.get_mut(&(op, skey)))
+        {
+            if *v == NO_VERSION {
+                *v = version;
+            }
+        }
     }
 }
 
@@ -375,8 +426,9 @@ impl KvServer {
         let mut store = Store::new(opts.consistency, rule, opts.history.max(1));
         let _ = store.set_workers(&workers_of(&view));
         let mut directory = HashMap::new();
+        let mut dedup = Dedup::default();
         if let Some((dir, m)) = &restore {
-            directory = ckpt::load_restore(node.me, &view, &opts, dir, m, &mut store)?;
+            directory = ckpt::load_restore(node.me, &view, &opts, dir, m, &mut store, &mut dedup)?;
             if matches!(opts.rule, super::UpdateRule::Custom(_)) {
                 let mut km = lock(&keymap);
                 for (s, (k, _)) in &directory {
@@ -411,7 +463,8 @@ impl KvServer {
                         .checked_sub(Duration::from_secs(3600))
                         .unwrap_or_else(Instant::now)
                 },
-                dedup: Dedup::default(),
+                dedup,
+                held: HashMap::new(),
                 extra: Vec::new(),
                 unknown_pulls: Vec::new(),
                 lost: std::collections::HashSet::new(),
@@ -769,6 +822,17 @@ fn flush(inner: &Arc<SInner>, outbox: Vec<Out>, reps: Vec<replication::Rep>) {
 /// Records store events into the requests they answer.
 fn apply_events(st: &mut SState, evs: Vec<Event>, outbox: &mut Vec<Out>) {
     for ev in evs {
+        match &ev {
+            Event::PushAck { req, key, version } => {
+                if let Some((w, op)) = st.held.remove(req) {
+                    st.dedup.applied(w, op, *key, *version);
+                }
+            }
+            Event::Error { req, .. } => {
+                st.held.remove(req);
+            }
+            _ => {}
+        }
         let (sreq, skey, res) = match ev {
             Event::PushAck { req, key, version } => (req, key, Ok((version, None))),
             Event::Value {
@@ -890,4 +954,61 @@ fn spawn_watcher(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The records a checkpoint at version T carries are those of the writes its values
+    /// include: versions at most T, held pushes once applied, the latest per part.
+    #[test]
+    fn dedup_records_carry_the_version_their_write_leads_to() {
+        let mut d = Dedup::default();
+        // Worker 1: ops 10, 11 on part 5 (versions 3, 4); op 12 held (bounded), later applied
+        // at version 6. Worker 2: op 10 on part 5 (version 5) and on part 9 (version 1).
+        assert!(d.first(1, 10, 5, 3));
+        assert!(d.first(1, 11, 5, 4));
+        assert!(d.first(1, 12, 5, NO_VERSION));
+        assert!(d.first(2, 10, 5, 5));
+        assert!(d.first(2, 10, 9, 1));
+        assert!(!d.first(1, 10, 5, 7), "recorded twice");
+        assert!(
+            d.first(1, 0, 5, 1) && !d.seen(1, 0, 5),
+            "op 0 is never recorded"
+        );
+        assert!(d.seen(1, 12, 5) && !d.seen(3, 10, 5));
+        let at = |d: &Dedup, t5: u64, t9: u64| {
+            let mut m = d.applied_upto(&HashMap::from([(5, t5), (9, t9)]));
+            (
+                m.remove(&5).unwrap_or_default(),
+                m.remove(&9).unwrap_or_default(),
+            )
+        };
+        assert_eq!(at(&d, 4, 0), (vec![(1, 10), (1, 11)], vec![]));
+        assert_eq!(
+            at(&d, 6, 1),
+            (vec![(1, 10), (1, 11), (2, 10)], vec![(2, 10)])
+        );
+        // The held push is applied: from then on a checkpoint at its version carries it.
+        d.applied(1, 12, 5, 6);
+        d.applied(1, 10, 5, 9);
+        assert_eq!(at(&d, 6, 1).0, vec![(1, 10), (1, 11), (2, 10), (1, 12)]);
+        // Hand-over keeps the versions.
+        let mut moved: Vec<Applied> = d.export(|s| s == 5);
+        moved.sort_unstable();
+        assert_eq!(
+            moved,
+            vec![(1, 10, 5, 3), (1, 11, 5, 4), (1, 12, 5, 6), (2, 10, 5, 5)]
+        );
+        // At most CKPT_APPLIED_KEEP per part, the latest by version.
+        let mut d = Dedup::default();
+        for op in 1..=(CKPT_APPLIED_KEEP as u64 + 10) {
+            d.first(3, op, 5, op);
+        }
+        let kept = at(&d, u64::MAX - 1, 0).0;
+        assert_eq!(kept.len(), CKPT_APPLIED_KEEP);
+        assert_eq!(kept.first(), Some(&(3, 11)));
+        assert_eq!(kept.last(), Some(&(3, CKPT_APPLIED_KEEP as u64 + 10)));
+    }
 }

@@ -164,9 +164,13 @@ pub(super) fn on_replicate(
             if write == Write::Init {
                 st.dir.insert(p.s, (p.k, p.p));
             }
-            if !st.dedup.first(worker, wop, p.s) {
+            if st.dedup.seen(worker, wop, p.s) {
                 continue;
             }
+            // A request id of its own, so the version its acknowledgement gives is recorded
+            // with the write (nobody is answered for it).
+            let sreq = st.next_sreq;
+            st.next_sreq += 1;
             let r = match write {
                 Write::Init => {
                     let r = st.store.init(p.s, dt, data).map(|x| x.1);
@@ -175,7 +179,7 @@ pub(super) fn on_replicate(
                 }
                 Write::Push => st
                     .store
-                    .push_with(0, worker, p.s, dt, data, owner_rule.as_ref()),
+                    .push_with(sreq, worker, p.s, dt, data, owner_rule.as_ref()),
                 Write::State => st.store.set_state(p.s, dt, data).map(|()| Vec::new()),
             };
             let evs = r.unwrap_or_else(|e| {
@@ -184,6 +188,12 @@ pub(super) fn on_replicate(
                 tracing::warn!(target: "braid::ps", "server {}: replica of key {} part {} from server {from} not applied: {e}", inner.me, p.k, p.p);
                 Vec::new()
             });
+            if write == Write::Push {
+                super::dispatch::record(st, sreq, worker, wop, p.s, &evs);
+            } else {
+                let v = st.store.version(p.s).unwrap_or(super::NO_VERSION);
+                st.dedup.first(worker, wop, p.s, v);
+            }
             apply_events(st, evs, &mut fx.outbox);
         }
     }
