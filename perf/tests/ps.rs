@@ -352,6 +352,9 @@ fn worker_killed_with_sigkill_in_sync_mode_rounds_close_with_the_survivors() {
 #[test]
 fn servers_join_mid_run_keys_move_and_values_are_kept() {
     // Servers [0] [1], workers [2] [3]; joiners [4] (at 2 s) and [5] (at 4 s) are servers.
+    // The workers run 10 s: a joiner must be up while they run (a server that never sees a
+    // worker serves on), and on a loaded machine (CPU hogs in the test loops) a process has
+    // taken 3 s to come up.
     let run = drill(
         &["-n", "4", "--join", "1@2", "--join", "1@4"],
         &[
@@ -364,7 +367,7 @@ fn servers_join_mid_run_keys_move_and_values_are_kept() {
             "--mode",
             "async",
             "--duration",
-            "7",
+            "10",
             "--keys",
             "8",
             "--len",

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{close_all, Chan, Drive, Incoming, Limits, Outgoing};
+use super::chan::{close_all, Chan, ChanOpts, Drive, Incoming, Limits, Outgoing};
 use super::checkpoint::{self, FileEntry, Manifest, PartEntry};
 use super::node::{connect_to, Cred, Node};
 use super::pool::BufPool;
@@ -2034,7 +2034,10 @@ impl WInner {
             limits,
             on_msg,
             on_close,
-            true,
+            ChanOpts {
+                early: true,
+                coalesce: false,
+            },
         ) {
             Ok(c) => {
                 let c = Arc::new(c);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{close_all, Chan, Incoming, Limits, Outgoing};
+use super::chan::{close_all, Chan, ChanOpts, Incoming, Limits, Outgoing};
 use super::checkpoint::{self, Manifest, PartEntry, PartMeta};
 use super::node::{connect_to, Cred, Node, Peer, ViewBook};
 use super::pool::BufPool;
@@ -685,12 +685,19 @@ fn make_chan(
             }
         }
     });
-    let c = Arc::new(Chan::start(
+    // A worker's push and pull that arrive together are answered in one write (one wake-up
+    // of the worker), unless a callback rule may make handling a push slow.
+    let opts = ChanOpts {
+        early: false,
+        coalesce: !matches!(inner.opts.rule, crate::ps::UpdateRule::Custom(_)),
+    };
+    let c = Arc::new(Chan::start_with(
         conn,
         &format!("s{me}-{from}"),
         limits,
         on_msg,
         on_close,
+        opts,
     )?);
     let out = register_chan(&mut lock(&inner.st), from, c);
     *lock(&gate.0) = true;
