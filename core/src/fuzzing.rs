@@ -51,7 +51,8 @@ pub fn ps_hello(data: &[u8]) {
 
 /// Push/pull message headers ([`Msg::decode`]), then what a receiver checks before acting on
 /// one: the role rule for every sender/receiver pair and the checked length of its parts. A
-/// decoded header must encode and decode again. The input also goes to [`ps_checkpoint`].
+/// decoded header must encode and decode again (to the same message, and its JSON form too,
+/// where it has a binary form). The input also goes to [`ps_checkpoint`].
 pub fn ps_wire(data: &[u8]) {
     ps_checkpoint(data);
     let Ok(m) = Msg::decode(data) else {
@@ -71,6 +72,15 @@ pub fn ps_wire(data: &[u8]) {
     }
     let again = Msg::decode(&m.encode());
     assert!(again.is_ok(), "re-encoded push/pull header does not decode");
+    if m.encode().first() == Some(&crate::ps::wire::BINARY_MARK) {
+        assert_eq!(again.as_ref(), Ok(&m), "binary header does not round-trip");
+        let json = Msg::decode(&m.encode_json());
+        assert_eq!(
+            json.as_ref(),
+            Ok(&m),
+            "JSON form of a binary header differs"
+        );
+    }
 }
 
 /// A push/pull checkpoint manifest (`ps::checkpoint::Manifest::decode`: checksum and every
@@ -453,6 +463,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ];
     for (name, m) in &msgs {
         out.push(("ps_wire", format!("seed-{name}"), m.encode()));
+        // Binary where the message has that form; its JSON form decodes too.
+        let json = m.encode_json();
+        if json != m.encode() {
+            out.push(("ps_wire", format!("seed-json-{name}"), json));
+        }
     }
     // Checkpoints: the request, the answers, and a manifest.
     let entry = crate::ps::checkpoint::PartEntry {

@@ -185,9 +185,24 @@ fn view_key(nonce: u64) -> [u8; 32] {
 const MEMBER: u8 = 1;
 const READER: u8 = 2;
 
+/// The push/pull hello version this build speaks (3: binary message headers).
+const HELLO_VERSION: u8 = 3;
+
 fn hello(claim: u8, id: u64, epoch: u64, part: usize, key: &[u8], ch: &Challenge) -> Vec<u8> {
+    hello_v(HELLO_VERSION, claim, id, epoch, part, key, ch)
+}
+
+fn hello_v(
+    version: u8,
+    claim: u8,
+    id: u64,
+    epoch: u64,
+    part: usize,
+    key: &[u8],
+    ch: &Challenge,
+) -> Vec<u8> {
     let mut h = b"BRPH".to_vec();
-    h.push(2);
+    h.push(version);
     h.push(claim);
     h.extend_from_slice(&id.to_le_bytes());
     h.extend_from_slice(&epoch.to_le_bytes());
@@ -260,7 +275,7 @@ fn send_frame(c: &mut dyn Conn, hdr: &[u8], body_len: u64, body: &[u8]) -> bool 
 /// What came back on a connection.
 #[derive(Debug)]
 enum Outcome {
-    /// A message header (JSON).
+    /// A message header (in its JSON form; a header that does not decode, as it came).
     Answer(String),
     /// The connection ended.
     Closed,
@@ -301,7 +316,12 @@ fn next(c: &mut dyn Conn) -> Outcome {
     };
     loop {
         match c.test(r) {
-            Ok(Some(_)) => return Outcome::Answer(String::from_utf8_lossy(&hdr).into_owned()),
+            Ok(Some(_)) => {
+                return Outcome::Answer(
+                    braid::ps::header_json(&hdr)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&hdr).into_owned()),
+                )
+            }
             Ok(None) => {}
             Err(_) => return Outcome::Closed,
         }
@@ -473,6 +493,17 @@ fn strangers_refused(token: Option<&'static [u8]>) {
             ch
         )));
     }
+    // The real grant in a hello of the previous version (a build that reads JSON headers
+    // only) is refused at the hello, before any message.
+    assert!(!served(&h, &|ch| hello_v(
+        HELLO_VERSION - 1,
+        READER,
+        g.id,
+        g.view.epoch,
+        PART,
+        &g.ticket,
+        ch
+    )));
     // The real reader grant with its ticket is served (the checks above refuse, not all).
     assert!(served(&h, &|ch| hello(
         READER,

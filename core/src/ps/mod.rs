@@ -109,6 +109,13 @@ pub use server::KvServer;
 pub use store::{Consistency, SgdParams, StoreBytes, UpdateRule};
 pub use worker::{CheckpointInfo, KvReader, KvWorker, PsHandle, Pulled};
 
+/// The JSON form of a push/pull message header as it travels (binary or JSON), or why it does
+/// not decode: for tests and tools that look at raw connections.
+#[doc(hidden)]
+pub fn header_json(hdr: &[u8]) -> std::result::Result<String, String> {
+    wire::Msg::decode(hdr).map(|m| String::from_utf8_lossy(&m.encode_json()).into_owned())
+}
+
 use crate::error::{Error, Result};
 
 /// Push/pull settings (the same on every member of a group).

@@ -21,8 +21,9 @@ use crate::error::{Error, Result};
 use crate::membership::{self, auth, Client, ClientOptions, Member, Registration, Role, View};
 
 const HELLO_MAGIC: &[u8; 4] = b"BRPH";
-/// Hello format version (2: challenged, bound to a view).
-const HELLO_VERSION: u8 = 2;
+/// Hello format version (2: challenged, bound to a view; 3: the messages that follow may have
+/// binary headers, see `wire`, so a build that reads JSON only is refused at the hello).
+const HELLO_VERSION: u8 = 3;
 /// The hello claims membership of the view (its role is the one the view gives the id).
 const CLAIM_MEMBER: u8 = 1;
 /// The hello claims a reader grant from the coordinator.

@@ -1,7 +1,13 @@
-//! Push/pull messages (JSON headers; values travel in the message body, concatenated in the
-//! order of the header's parts).
+//! Push/pull messages. Values travel in the message body, concatenated in the order of the
+//! header's parts. Headers: the frequent messages (requests, answers, replications) in a fixed
+//! binary form ([`binary`]), the rest as JSON; both forms decode everywhere.
 
 use serde::{Deserialize, Serialize};
+
+mod binary;
+
+/// First byte of a binary header (a JSON header starts with `{`).
+pub(crate) const BINARY_MARK: u8 = binary::MARK;
 
 use super::checkpoint::{FileEntry, PartEntry};
 use crate::membership::Role;
@@ -249,14 +255,23 @@ impl Msg {
         }
     }
 
-    /// Encodes the header.
+    /// Encodes the header: binary where the message has a binary form, else JSON.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        binary::encode(self).unwrap_or_else(|| self.encode_json())
+    }
+
+    /// Encodes the header as JSON (every message has this form).
+    pub(crate) fn encode_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Decodes a header.
+    /// Decodes a header, binary or JSON.
     pub(crate) fn decode(b: &[u8]) -> std::result::Result<Msg, String> {
-        serde_json::from_slice(b).map_err(|e| e.to_string())
+        if b.first() == Some(&binary::MARK) {
+            binary::decode(b)
+        } else {
+            serde_json::from_slice(b).map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -339,6 +354,185 @@ mod tests {
             Msg::decode(old),
             Ok(Msg::Replicate { rule: None, .. })
         ));
+    }
+
+    fn hot() -> Vec<Msg> {
+        let parts = vec![
+            PartRef {
+                s: u64::MAX,
+                k: 7,
+                p: 3,
+                n: 4096,
+                t: 1 << 40,
+            },
+            PartRef {
+                s: 1,
+                k: 0,
+                p: 0,
+                n: 0,
+                t: 0,
+            },
+        ];
+        let w = |ty: u8, parts: Vec<PartRef>| {
+            binary::write(ty, 9, 1 << 62, -5, "float16".into(), parts)
+        };
+        let mut v = vec![
+            w(binary::INIT, parts.clone()),
+            w(binary::PUSH, parts.clone()),
+            w(binary::PUSH_STATE, Vec::new()),
+            Msg::Pull {
+                req: 1,
+                epoch: 2,
+                prio: i32::MAX,
+                parts: parts.clone(),
+                min: Some(0),
+                at: None,
+            },
+            Msg::Pull {
+                req: 1,
+                epoch: 2,
+                prio: i32::MIN,
+                parts: parts.clone(),
+                min: None,
+                at: Some(u64::MAX),
+            },
+            Msg::PullState {
+                req: 3,
+                prio: 1,
+                parts: parts.clone(),
+            },
+            Msg::SnapVer { req: 4 },
+            Msg::Ack {
+                req: 5,
+                versions: vec![1, u64::MAX],
+            },
+            Msg::Values {
+                req: 6,
+                versions: Vec::new(),
+            },
+            Msg::Snap {
+                req: 7,
+                version: None,
+            },
+            Msg::Snap {
+                req: 7,
+                version: Some(3),
+            },
+            Msg::Fail {
+                req: 8,
+                msg: "part 3 of key 7: «no»".into(),
+                retry: true,
+            },
+            Msg::Fail {
+                req: 8,
+                msg: String::new(),
+                retry: false,
+            },
+            Msg::RepAck { seq: 10 },
+        ];
+        for rule in [None, Some("sgd:lr=0.1".to_string())] {
+            v.push(Msg::Replicate {
+                seq: 11,
+                worker: 12,
+                op: Box::new(w(binary::PUSH, parts.clone())),
+                rule,
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn frequent_messages_travel_in_binary_and_round_trip() {
+        for m in hot() {
+            let b = m.encode();
+            assert_eq!(b[0], binary::MARK, "{m:?}");
+            assert_eq!(Msg::decode(&b).as_ref(), Ok(&m));
+            // The JSON form of the same message still decodes (both forms are read).
+            let j = m.encode_json();
+            assert_eq!(j[0], b'{');
+            assert_eq!(Msg::decode(&j).as_ref(), Ok(&m));
+            // Cut anywhere, or with a byte after it: refused, never a panic.
+            for n in 0..b.len() {
+                assert!(Msg::decode(&b[..n]).is_err(), "{m:?} cut at {n}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            let e = Msg::decode(&long).unwrap_err();
+            assert!(e.contains("1 bytes after the"), "{e}");
+        }
+        // Rare messages, and a replication of one, travel as JSON.
+        for m in [
+            Msg::Bye { reason: "x".into() },
+            Msg::Keys {
+                add: vec![(1, 2, 3)],
+            },
+            Msg::Replicate {
+                seq: 1,
+                worker: 2,
+                op: Box::new(Msg::SnapVer { req: 1 }),
+                rule: None,
+            },
+        ] {
+            let b = m.encode();
+            if let Msg::Replicate { .. } = m {
+                // A replication of a binary message is binary too.
+                assert_eq!(b[0], binary::MARK);
+            } else {
+                assert_eq!(b[0], b'{', "{m:?}");
+            }
+            assert_eq!(Msg::decode(&b).as_ref(), Ok(&m));
+        }
+        let nested = Msg::Replicate {
+            seq: 1,
+            worker: 2,
+            op: Box::new(Msg::Replicate {
+                seq: 3,
+                worker: 4,
+                op: Box::new(push()),
+                rule: None,
+            }),
+            rule: None,
+        };
+        assert_eq!(nested.encode()[0], b'{');
+        assert_eq!(Msg::decode(&nested.encode()).as_ref(), Ok(&nested));
+    }
+
+    #[test]
+    fn malformed_binary_headers_are_refused() {
+        let mark = binary::MARK;
+        let bad: Vec<(Vec<u8>, &str)> = vec![
+            (vec![mark], "ends inside"),
+            (vec![mark, 99], "unknown binary message type 99"),
+            (vec![mark, 0], "unknown binary message type 0"),
+            // A replication holding a replication.
+            (
+                [&[mark, 9][..], &[0; 16], &[0], &[9]].concat(),
+                "replication inside a replication",
+            ),
+            // Snap with a flag byte of 2.
+            ([&[mark, 7][..], &[0; 8], &[2]].concat(), "flag byte 2"),
+            // Ack claiming 2^32-1 versions in 4 bytes: refused before anything is allocated.
+            (
+                [&[mark, 5][..], &[0; 8], &u32::MAX.to_le_bytes()].concat(),
+                "a list of 4294967295 items",
+            ),
+            // Fail with a message that is not UTF-8.
+            (
+                [
+                    &[mark, 8][..],
+                    &[0; 8],
+                    &2u32.to_le_bytes(),
+                    &[0xff, 0xfe],
+                    &[0],
+                ]
+                .concat(),
+                "not UTF-8",
+            ),
+        ];
+        for (b, want) in bad {
+            let e = Msg::decode(&b).unwrap_err();
+            assert!(e.contains(want), "{b:?}: {e} (want {want})");
+        }
     }
 
     #[test]
