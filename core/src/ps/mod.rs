@@ -109,6 +109,11 @@ pub use server::KvServer;
 pub use store::{Consistency, SgdParams, StoreBytes, UpdateRule};
 pub use worker::{CheckpointInfo, KvReader, KvWorker, PsHandle, Pulled};
 
+/// The hash maps of the push/pull hot paths (requests, aggregations, channels, applied
+/// writes): foldhash, seeded per process, so lookups cost a few multiplications instead of
+/// SipHash rounds while keys chosen by a peer still cannot be made to collide at will.
+pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The JSON form of a push/pull message header as it travels (binary or JSON), or why it does
 /// not decode: for tests and tools that look at raw connections.
 #[doc(hidden)]

@@ -16,6 +16,7 @@ use super::pool::BufPool;
 use super::server::{mode_name, ring_of, servers_of, workers_of};
 use super::shard::{split, Ring};
 use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_PARTS};
+use super::Map;
 use super::PsOptions;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -129,22 +130,22 @@ struct Op {
 struct WState {
     view: View,
     ring: Arc<Ring>,
-    chans: HashMap<u64, Arc<Chan>>,
+    chans: Map<u64, Arc<Chan>>,
     next_req: u64,
     next_op: u64,
-    reqs: HashMap<u64, WReq>,
-    ops: HashMap<u64, Op>,
+    reqs: Map<u64, WReq>,
+    ops: Map<u64, Op>,
     retry: Vec<WReq>,
     /// Bytes and dtype of every key this worker has seen, to check later calls locally.
-    keys: HashMap<u64, (DataType, usize)>,
+    keys: Map<u64, (DataType, usize)>,
     /// Pushes of push_pull calls (nobody waits on them; dropped when done).
     chained: Vec<u64>,
     /// Servers whose connection broke (or could not be made) in this view, with why and
     /// since when: not reconnected until the view changes (their requests wait in the retry
     /// list); requests for them fail once no new view came within [`WInner::lost_grace`].
-    lost: HashMap<u64, (String, Instant)>,
+    lost: Map<u64, (String, Instant)>,
     /// Checkpoint operations: what the servers answered so far.
-    ckpts: HashMap<u64, CkptAcc>,
+    ckpts: Map<u64, CkptAcc>,
     /// The update rule this worker installed on the servers ([`KvWorker::set_rule`]), as
     /// [`super::UpdateRule::spec`] writes it: sent first on every connection made afterwards
     /// (servers that join later, reconnections).
@@ -1109,16 +1110,16 @@ fn new_state(view: View) -> WState {
     WState {
         ring: Arc::new(ring_of(&view)),
         view,
-        chans: HashMap::new(),
+        chans: Map::default(),
         next_req: 1,
         next_op: first_op(),
-        reqs: HashMap::new(),
-        ops: HashMap::new(),
+        reqs: Map::default(),
+        ops: Map::default(),
         retry: Vec::new(),
-        keys: HashMap::new(),
+        keys: Map::default(),
         chained: Vec::new(),
-        lost: HashMap::new(),
-        ckpts: HashMap::new(),
+        lost: Map::default(),
+        ckpts: Map::default(),
         rule: None,
     }
 }

@@ -40,7 +40,7 @@ pub(super) fn load_restore(
     m: &Manifest,
     store: &mut Store,
     dedup: &mut Dedup,
-) -> Result<HashMap<u64, (u64, u32)>> {
+) -> Result<Map<u64, (u64, u32)>> {
     let ring = ring_of(view);
     let what = |e: String| {
         Error::InvalidArgument(format!(

@@ -26,7 +26,7 @@ use super::pool::BufPool;
 use super::shard::Ring;
 use super::store::{Consistency, Event, KeyDump, Store};
 use super::wire::{permitted, Msg, PartRef, CKPT_CHUNK_BYTES, CLIENT_HDR, MAX_CKPT_CHUNK};
-use super::PsOptions;
+use super::{Map, PsOptions};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::membership::{Role, View};
@@ -75,19 +75,19 @@ struct SState {
     view: View,
     ring: Ring,
     store: Store,
-    chans: HashMap<u64, Arc<Chan>>,
+    chans: Map<u64, Arc<Chan>>,
     /// store request id → (member, client request, part index, user key)
-    reqs: HashMap<u64, (u64, u64, usize, u64)>,
-    aggs: HashMap<(u64, u64), Agg>,
+    reqs: Map<u64, (u64, u64, usize, u64)>,
+    aggs: Map<(u64, u64), Agg>,
     next_sreq: u64,
     rep_seq: u64,
     /// Replication sequence → (worker, request, replica server).
-    rep_wait: HashMap<u64, (u64, u64, u64)>,
+    rep_wait: Map<u64, (u64, u64, u64)>,
     changed_at: Instant,
     dedup: Dedup,
     /// Writes recorded in `dedup` whose acknowledgement is still to come (held bounded
     /// pushes): store request → (worker, op); the acknowledgement's version is recorded.
-    held: HashMap<u64, (u64, u64)>,
+    held: Map<u64, (u64, u64)>,
     /// Further live channels with members that also have one in `chans`.
     extra: Vec<(u64, Arc<Chan>)>,
     /// Pulls of keys that did not exist when they arrived: (store request, user key, store
@@ -97,10 +97,10 @@ struct SState {
     lost: std::collections::HashSet<u64>,
     /// Every part known to exist in the group (store key → user key, part index): created on
     /// some server and announced to all ([`Msg::Keys`]).
-    dir: HashMap<u64, (u64, u32)>,
+    dir: Map<u64, (u64, u32)>,
     /// Parts every copy of which was lost (store key → why): their pulls, pushes and inits fail
     /// for the rest of the job.
-    lost_parts: HashMap<u64, String>,
+    lost_parts: Map<u64, String>,
     /// A checkpoint request waiting for the sync rounds it covers to close.
     ckpt: Option<CkptJob>,
     /// The id of the checkpoint whose file is being written (its copy of the state is held
@@ -209,7 +209,7 @@ fn expire_unknown_pulls(inner: &Arc<SInner>) {
 /// include ([`Dedup::applied_upto`]), and a server restored from it does not apply them again.
 #[derive(Default)]
 struct Dedup {
-    seen: HashMap<u64, Recent>,
+    seen: Map<u64, Recent>,
 }
 
 /// An applied part of a worker's operation: (worker, op, part, version).
@@ -219,10 +219,7 @@ type Applied = (u64, u64, u64, u64);
 const NO_VERSION: u64 = u64::MAX;
 
 /// The (op, part) pairs of one worker with their versions, and in arrival order.
-type Recent = (
-    HashMap<(u64, u64), u64>,
-    std::collections::VecDeque<(u64, u64)>,
-);
+type Recent = (Map<(u64, u64), u64>, std::collections::VecDeque<(u64, u64)>);
 
 /// Applied parts remembered per worker.
 const DEDUP_KEEP: usize = 1 << 16;
@@ -425,7 +422,7 @@ impl KvServer {
         let rule_spec = rule.spec();
         let mut store = Store::new(opts.consistency, rule, opts.history.max(1));
         let _ = store.set_workers(&workers_of(&view));
-        let mut directory = HashMap::new();
+        let mut directory = Map::default();
         let mut dedup = Dedup::default();
         if let Some((dir, m)) = &restore {
             directory = ckpt::load_restore(node.me, &view, &opts, dir, m, &mut store, &mut dedup)?;
@@ -448,12 +445,12 @@ impl KvServer {
                 view: view.clone(),
                 ring,
                 store,
-                chans: HashMap::new(),
-                reqs: HashMap::new(),
-                aggs: HashMap::new(),
+                chans: Map::default(),
+                reqs: Map::default(),
+                aggs: Map::default(),
                 next_sreq: 1,
                 rep_seq: 1,
-                rep_wait: HashMap::new(),
+                rep_wait: Map::default(),
                 // The first view of a group hands nothing over; joining a running group
                 // (epoch > 1) is a change: parts are on their way to this server.
                 changed_at: if view.epoch > 1 {
@@ -464,12 +461,12 @@ impl KvServer {
                         .unwrap_or_else(Instant::now)
                 },
                 dedup,
-                held: HashMap::new(),
+                held: Map::default(),
                 extra: Vec::new(),
                 unknown_pulls: Vec::new(),
                 lost: std::collections::HashSet::new(),
                 dir: directory,
-                lost_parts: HashMap::new(),
+                lost_parts: Map::default(),
                 ckpt: None,
                 ckpt_writing: None,
                 rule_spec,
