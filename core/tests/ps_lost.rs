@@ -26,6 +26,8 @@ use braid::Config;
 const GROUP: &str = "ps-lost";
 const CHILD: &str = "PS_LOST_TEST_COORDINATOR";
 const REPLICAS: &str = "PS_LOST_TEST_REPLICAS";
+/// Set for the server of [`a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back`].
+const STALL: &str = "PS_LOST_TEST_STALL";
 const LEN: usize = 16;
 const KEYS: u64 = 48;
 
@@ -54,6 +56,24 @@ fn opts(replicas: usize) -> PsOptions {
     }
 }
 
+/// One server and one worker, whose heartbeats may stop for a minute without a view change
+/// (a stopped server stays in the view).
+fn stall_cfg(addr: &str) -> Config {
+    Config {
+        group: "ps-lost-stall".into(),
+        world_size: Some(2),
+        heartbeat_timeout: Duration::from_secs(60),
+        ..cfg(addr)
+    }
+}
+
+fn stall_opts() -> PsOptions {
+    PsOptions {
+        consistency: Consistency::Async,
+        ..PsOptions::default()
+    }
+}
+
 /// The server process: serves until its stdin closes (the test ended) or it is killed.
 #[test]
 fn child_server() {
@@ -61,10 +81,19 @@ fn child_server() {
         return;
     };
     let replicas = std::env::var(REPLICAS).unwrap().parse().unwrap();
-    let s = KvServer::start(cfg(&addr), opts(replicas)).unwrap();
+    let s = if std::env::var(STALL).is_ok() {
+        KvServer::start(stall_cfg(&addr), stall_opts()).unwrap()
+    } else {
+        KvServer::start(cfg(&addr), opts(replicas)).unwrap()
+    };
     println!("SERVER {}", s.member_id());
     let mut b = [0u8; 1];
-    let _ = std::io::stdin().read(&mut b);
+    // A stop and continue (SIGSTOP, SIGCONT) may interrupt the read.
+    while let Err(e) = std::io::stdin().read(&mut b) {
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            break;
+        }
+    }
     drop(s);
 }
 
@@ -81,15 +110,21 @@ impl Drop for Server {
 }
 
 fn spawn_server(addr: &str, replicas: usize) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
+    server_command(addr, replicas).spawn().unwrap()
+}
+
+fn server_command(addr: &str, replicas: usize) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, addr)
         .env(REPLICAS, replicas.to_string())
-        .env("BRAID_LOG", "warn")
+        .env(
+            "BRAID_LOG",
+            std::env::var("BRAID_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stdout(Stdio::piped());
+    c
 }
 
 /// Starts the group, kills two of the three servers with -9, and returns the worker, the keys
@@ -243,4 +278,74 @@ fn with_two_replicas_two_deaths_lose_nothing() {
         .wait()
         .unwrap();
     assert_eq!(p.values, vec![2f32; LEN * kept.len()]);
+}
+
+/// A blocking `push_pull_into` of large values sends them from the caller's memory. When it
+/// fails on a server that stopped reading (stopped, not dead: the heartbeat timeout here is a
+/// minute, so it stays in the view), it returns the error within its timeout plus a grace, and
+/// nothing holds the caller's values any more: the connection that still held what it could
+/// not send was closed. Once the server resumes, the worker goes on over a new connection;
+/// of the push that failed, only requests the server had received whole are applied.
+#[test]
+fn a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back() {
+    // 64 MiB of f32: more than the socket buffers take (here up to 32 MiB received and 4 MiB
+    // sent are buffered), so the connection still holds some of the values when it fails.
+    const N: usize = 16 << 20;
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let child = server_command(&addr, 0).env(STALL, "1").spawn().unwrap();
+    let mut wc = stall_cfg(&addr);
+    wc.timeout = Duration::from_secs(3);
+    let worker = KvWorker::start(wc, stall_opts()).unwrap();
+    let mut server = Server { child, id: 0 };
+    server.id = common::server_id(&mut server.child);
+    worker.init(&[7], &[N], &vec![0f32; N]).unwrap();
+    let mut out = vec![0f32; N];
+    worker
+        .push_pull_into(&[7], &[N], &vec![1f32; N], &mut out, 0)
+        .unwrap();
+    assert!(out.iter().all(|v| *v == 1.0), "first push_pull");
+
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: FFI; sends a signal to a child process of this test.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") T ")
+    {
+        assert!(Instant::now() < stopped, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let vals = vec![2f32; N];
+    let t0 = Instant::now();
+    let e = worker
+        .push_pull_into(&[7], &[N], &vals, &mut out, 0)
+        .expect_err("a push_pull to a stopped server answered");
+    let took = t0.elapsed();
+    // The values are free again: overwritten and freed while the server is still stopped.
+    drop(vals);
+    let scribble = vec![9f32; N];
+    eprintln!("failed after {took:?}: {e}");
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?} (timeout 3 s, grace 1 s): {e}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    worker
+        .push_pull_into(&[7], &[N], &vec![4f32; N], &mut out, 0)
+        .unwrap();
+    // The failed push's requests (one per 4 MiB part) that were whole in the socket buffers
+    // when the server stopped were applied when it resumed; the others not at all; never the
+    // values written after the call returned.
+    for (i, part) in out.chunks(1 << 20).enumerate() {
+        assert!(
+            (part[0] == 5.0 || part[0] == 7.0) && part.iter().all(|v| *v == part[0]),
+            "part {i} after the resume: {:?}..{:?}",
+            &part[..4],
+            &part[part.len() - 4..]
+        );
+    }
+    drop(scribble);
 }

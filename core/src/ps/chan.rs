@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use braid_transport::{Conn, PollFd, Request};
 
+use super::pool::{Loan, Seg};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"BRPS";
@@ -91,14 +92,14 @@ struct Queued {
 /// A queued message: its body is the concatenation of `segs` (none: no body).
 struct Wire {
     hdr: Vec<u8>,
-    segs: Vec<Arc<Vec<u8>>>,
+    segs: Vec<Seg>,
 }
 
 impl From<Outgoing> for Wire {
     fn from(m: Outgoing) -> Wire {
         Wire {
             hdr: m.hdr,
-            segs: vec![m.body],
+            segs: vec![Seg::Owned(m.body)],
         }
     }
 }
@@ -183,11 +184,11 @@ pub(crate) const EARLY_SEGMENT: usize = 64 << 10;
 struct Link {
     conn: Box<dyn Conn>,
     /// Parts handed to the transport and not yet sent.
-    sends: std::collections::VecDeque<(Request, Arc<Vec<u8>>)>,
+    sends: std::collections::VecDeque<(Request, Seg)>,
     /// Bytes in `sends`.
     inflight: usize,
     /// The message being posted: its parts not yet accepted by the transport.
-    posting: std::collections::VecDeque<(u64, Arc<Vec<u8>>)>,
+    posting: std::collections::VecDeque<(u64, Seg)>,
     /// The receiving side: whoever holds the link receives (see [`Chan::drive`]).
     rx: Rx,
 }
@@ -364,6 +365,7 @@ impl Chan {
 
     /// Queues a message to go with others queued after it: nothing moves until [`Chan::kick`]
     /// (or the channel thread's next look at its queue). Errors: as [`Chan::send`].
+    #[cfg(test)]
     pub(crate) fn send_later(&self, msg: Outgoing) -> Result<()> {
         let prio = msg.prio;
         self.queue(prio, msg.into(), false)
@@ -379,43 +381,84 @@ impl Chan {
         hdr: Vec<u8>,
         segs: Vec<Arc<Vec<u8>>>,
     ) -> Result<()> {
-        let mut out: Vec<Arc<Vec<u8>>> = Vec::with_capacity(segs.len());
+        self.queue_segs(prio, hdr, segs.into_iter().map(Seg::Owned), true)
+    }
+
+    /// As [`Chan::send_segments`], with segments that may be lent memory, to go with others
+    /// queued after it: nothing moves until [`Chan::kick`] (or the channel thread's next look
+    /// at its queue). A lender waits until the channel let go of them ([`Chan::holds`]).
+    pub(crate) fn send_segs_later(
+        &self,
+        prio: i32,
+        hdr: Vec<u8>,
+        segs: impl IntoIterator<Item = Seg>,
+    ) -> Result<()> {
+        self.queue_segs(prio, hdr, segs, false)
+    }
+
+    fn queue_segs(
+        &self,
+        prio: i32,
+        hdr: Vec<u8>,
+        segs: impl IntoIterator<Item = Seg>,
+        kick: bool,
+    ) -> Result<()> {
+        let segs: Vec<Seg> = segs.into_iter().collect();
+        if segs.len() <= 1 {
+            return self.queue(prio, Wire { hdr, segs }, kick);
+        }
+        let mut out: Vec<Seg> = Vec::new();
         let mut small: Vec<u8> = Vec::new();
         for s in segs {
             if s.len() >= SEGMENT_MIN {
                 if !small.is_empty() {
-                    out.push(Arc::new(std::mem::take(&mut small)));
+                    out.push(Seg::Owned(Arc::new(std::mem::take(&mut small))));
                 }
                 out.push(s);
             } else {
-                small.extend_from_slice(&s);
+                small.extend_from_slice(s.bytes());
             }
         }
         if !small.is_empty() {
-            out.push(Arc::new(small));
+            out.push(Seg::Owned(Arc::new(small)));
         }
         if out.len() > MAX_SEGMENTS {
             // More than a receiver takes: one body.
             let mut one = Vec::with_capacity(out.iter().map(|s| s.len()).sum());
             for s in &out {
-                one.extend_from_slice(s);
+                one.extend_from_slice(s.bytes());
             }
-            out = vec![Arc::new(one)];
+            out = vec![Seg::Owned(Arc::new(one))];
         }
-        self.queue(prio, Wire { hdr, segs: out }, true)
+        self.queue(prio, Wire { hdr, segs: out }, kick)
+    }
+
+    /// Whether anything queued or being sent here is a range of `loan`.
+    pub(crate) fn holds(&self, loan: &Arc<Loan>) -> bool {
+        let queued = lock(&self.shared.queue)
+            .0
+            .iter()
+            .any(|q| q.msg.segs.iter().any(|s| s.lends(loan)));
+        queued
+            || lock(&self.shared.link).as_ref().is_some_and(|l| {
+                l.posting.iter().any(|(_, s)| s.lends(loan))
+                    || l.sends.iter().any(|(_, s)| s.lends(loan))
+            })
     }
 
     fn queue(&self, prio: i32, msg: Wire, kick: bool) -> Result<()> {
-        if let Some(why) = lock(&self.shared.closed).clone() {
-            return Err(Error::PeerLost {
-                rank: 0,
-                member: 0,
-                host: self.peer.clone(),
-                detail: why,
-            });
-        }
         {
             let mut q = lock(&self.shared.queue);
+            // Looked at under the queue's lock: a channel that ended empties its queue after
+            // it set `closed` (nothing queued stays behind, lent memory included).
+            if let Some(why) = lock(&self.shared.closed).clone() {
+                return Err(Error::PeerLost {
+                    rank: 0,
+                    member: 0,
+                    host: self.peer.clone(),
+                    detail: why,
+                });
+            }
             let seq = q.1;
             q.1 += 1;
             q.0.push(Queued { prio, seq, msg });
@@ -702,6 +745,7 @@ fn run(sh: Arc<Shared>, on_close: Box<dyn FnOnce(String) + Send>) {
         Ok(()) => {
             link.conn.goodbye();
             *lock(&sh.closed) = Some("closed".into());
+            lock(&sh.queue).0.clear();
         }
         Err(e) => {
             // After a protocol error, the reason is that error (not how the connection
@@ -714,6 +758,7 @@ fn run(sh: Arc<Shared>, on_close: Box<dyn FnOnce(String) + Send>) {
                 None => e,
             };
             *lock(&sh.closed) = Some(why.clone());
+            lock(&sh.queue).0.clear();
             drop(link.conn);
             if !sh.stop.load(Ordering::SeqCst) {
                 on_close(why);
@@ -1037,8 +1082,8 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
 
 /// A message as transport messages: the prefix, the header (after the segment table when the
 /// body comes in several buffers) and the body's buffers.
-fn frames(m: Wire) -> Vec<(u64, Arc<Vec<u8>>)> {
-    let segs: Vec<Arc<Vec<u8>>> = m.segs.into_iter().filter(|s| !s.is_empty()).collect();
+fn frames(m: Wire) -> Vec<(u64, Seg)> {
+    let segs: Vec<Seg> = m.segs.into_iter().filter(|s| !s.is_empty()).collect();
     let bl: usize = segs.iter().map(|s| s.len()).sum();
     let (magic, hdr) = if segs.len() > 1 {
         // The segment table goes in front of the header.
@@ -1057,8 +1102,8 @@ fn frames(m: Wire) -> Vec<(u64, Arc<Vec<u8>>)> {
     p.extend_from_slice(&(hdr.len() as u32).to_le_bytes());
     p.extend_from_slice(&(bl as u64).to_le_bytes());
     let mut out = Vec::with_capacity(2 + segs.len());
-    out.push((TAG_PREFIX, Arc::new(p)));
-    out.push((TAG_HDR, Arc::new(hdr)));
+    out.push((TAG_PREFIX, Seg::Owned(Arc::new(p))));
+    out.push((TAG_HDR, Seg::Owned(Arc::new(hdr))));
     out.extend(segs.into_iter().map(|s| (TAG_BODY, s)));
     out
 }
@@ -1067,9 +1112,12 @@ fn frames(m: Wire) -> Vec<(u64, Arc<Vec<u8>>)> {
 fn post(link: &mut Link) -> std::result::Result<(), String> {
     let zero = [0u8; braid_transport::META_LEN];
     while let Some((tag, buf)) = link.posting.front() {
-        // SAFETY: the buffer moves into `sends` right after posting and stays there (heap
-        // memory of a Vec does not move) until the request completed.
-        let r = unsafe { link.conn.isend(*tag, &zero, buf.as_ptr(), buf.len()) }
+        let b = buf.bytes();
+        // SAFETY: the segment moves into `sends` right after posting and stays there until
+        // the request completed (heap memory of a Vec does not move; lent memory stays valid
+        // while a segment of it exists), or until the connection is dropped (before `sends`:
+        // a `Link`'s fields drop in order).
+        let r = unsafe { link.conn.isend(*tag, &zero, b.as_ptr(), b.len()) }
             .map_err(|e| e.to_string())?;
         let Some(req) = r else { break };
         if let Some((_, buf)) = link.posting.pop_front() {
@@ -1207,6 +1255,84 @@ mod tests {
             a.close();
             b.close();
         }
+    }
+
+    /// Lent memory is sent from where it is (ranges of it, among owned segments; a small
+    /// range goes with its small neighbours), and let go of once sent. A channel whose peer
+    /// reads nothing holds what it could not send until it is closed; then nothing of the
+    /// loan is held any more.
+    #[test]
+    fn lent_segments_are_sent_from_where_they_are_and_let_go() {
+        let limits = Limits {
+            hdr: 1 << 10,
+            body: 64 << 20,
+        };
+        let vals: Vec<u8> = (0..3usize << 20)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        // SAFETY: `vals` outlives the loan: the test waits for every reference to go below.
+        let loan = unsafe { Loan::new(&vals) };
+        assert!(Seg::lent(&loan, (3 << 20) - 1, 2).is_none());
+        assert!(Seg::lent(&loan, usize::MAX, 2).is_none());
+        let (ca, cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+        let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let b2 = bodies.clone();
+        let a = Chan::start(
+            ca,
+            "a",
+            limits,
+            Box::new(move |m: &Incoming| {
+                lock(&b2).push(m.body().to_vec());
+                Ok(())
+            }),
+            Box::new(|_| {}),
+        )
+        .unwrap();
+        let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
+        let lent = |off: usize, n: usize| Seg::lent(&loan, off, n).unwrap();
+        let segs = vec![
+            lent(1 << 20, 1 << 20),
+            Seg::Owned(Arc::new(vec![9u8; 100 << 10])),
+            lent(0, 512 << 10),
+            lent((3 << 20) - 10, 10),
+            Seg::Owned(Arc::new(vec![8u8; 20])),
+        ];
+        let want: Vec<u8> = segs.iter().flat_map(|s| s.bytes().to_vec()).collect();
+        b.send_segs_later(0, b"m".to_vec(), segs).unwrap();
+        b.kick();
+        until("the lent message", || lock(&bodies).len() == 1);
+        assert!(lock(&bodies)[0] == want, "the bytes received");
+        until("the loan let go", || Arc::strong_count(&loan) == 1);
+        assert!(!b.holds(&loan));
+        a.close();
+        b.close();
+
+        // A peer that reads nothing: what does not fit in the socket's buffers stays held.
+        let big: Vec<u8> = vec![5u8; 48 << 20];
+        // SAFETY: as above.
+        let loan = unsafe { Loan::new(&big) };
+        let (ca, cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+        let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
+        let segs: Vec<Seg> = (0..3)
+            .map(|i| Seg::lent(&loan, i << 24, 1 << 24).unwrap())
+            .collect();
+        b.send_segs_later(0, b"m".to_vec(), segs).unwrap();
+        b.kick();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            b.holds(&loan),
+            "a channel whose peer reads nothing still holds the loan"
+        );
+        assert!(Arc::strong_count(&loan) > 1);
+        b.close();
+        assert!(!b.holds(&loan));
+        assert_eq!(
+            Arc::strong_count(&loan),
+            1,
+            "closed: nothing of the loan is held"
+        );
+        assert!(b.send_segs_later(0, b"m".to_vec(), Vec::new()).is_err());
+        drop(ca);
     }
 
     fn send(c: &Chan, hdr: &[u8]) {

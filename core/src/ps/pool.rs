@@ -58,6 +58,83 @@ impl BufPool {
     }
 }
 
+/// Caller memory lent for sending, without a copy: the bytes a message body is sent from
+/// while the caller waits for its call (see `worker::Lending`). Whoever holds a reference may
+/// read the memory; the lender does not return before it holds the only one.
+pub(crate) struct Loan {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a loan is read-only memory that the lender keeps valid and unmodified while any
+// reference exists (the contract of `Loan::new`); reading it from any thread is sound.
+unsafe impl Send for Loan {}
+// SAFETY: as above.
+unsafe impl Sync for Loan {}
+
+impl Loan {
+    /// Lends `bytes`.
+    ///
+    /// # Safety
+    /// The memory must stay valid and unmodified until every clone of the returned `Arc` was
+    /// dropped.
+    pub(crate) unsafe fn new(bytes: &[u8]) -> Arc<Loan> {
+        Arc::new(Loan {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        })
+    }
+
+    /// The lent bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: valid and unmodified while this reference exists (`Loan::new`).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The bytes one piece of a message body is sent from: a shared buffer, or a range of lent
+/// memory.
+#[derive(Clone)]
+pub(crate) enum Seg {
+    /// A whole buffer.
+    Owned(Arc<Vec<u8>>),
+    /// `.2` bytes at offset `.1` of a loan (in bounds: see [`Seg::lent`]).
+    Lent(Arc<Loan>, usize, usize),
+}
+
+impl Seg {
+    /// `len` bytes at `off` of `loan`; `None` when out of bounds.
+    pub(crate) fn lent(loan: &Arc<Loan>, off: usize, len: usize) -> Option<Seg> {
+        (off.checked_add(len)? <= loan.len).then(|| Seg::Lent(loan.clone(), off, len))
+    }
+
+    /// The bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Seg::Owned(b) => b,
+            Seg::Lent(l, off, len) => &l.bytes()[*off..*off + *len],
+        }
+    }
+
+    /// How many bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Seg::Owned(b) => b.len(),
+            Seg::Lent(_, _, len) => *len,
+        }
+    }
+
+    /// Whether it is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it is a range of `loan`.
+    pub(crate) fn lends(&self, loan: &Arc<Loan>) -> bool {
+        matches!(self, Seg::Lent(l, ..) if Arc::ptr_eq(l, loan))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

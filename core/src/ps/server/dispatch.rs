@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::replication;
 use super::{
     announce, apply_events, ckpt, complete, dtype_of, flush, handover, lock, missing_part,
-    total_mismatch, Agg, Kind, Out, SInner, SState, Write,
+    total_mismatch, use_for_replies, Agg, Kind, Out, SInner, SState, Write,
 };
 use crate::ps::store::Event;
 use crate::ps::wire::{parts_len, Msg, PartRef};
@@ -76,11 +76,13 @@ impl WriteReq {
 }
 
 /// Handles one message from member (or reader) `from`, whose role
-/// [`permitted`](super::permitted) it. `Err(reason)`: a protocol error (a part list that does
+/// [`permitted`](super::permitted) it; `via`: the channel it came in on, for a worker's or
+/// reader's (see [`use_for_replies`]). `Err(reason)`: a protocol error (a part list that does
 /// not add up); the caller closes the connection with that reason.
 pub(super) fn handle(
     inner: &Arc<SInner>,
     from: u64,
+    via: Option<&Arc<crate::ps::chan::Chan>>,
     msg: Msg,
     body: &[u8],
 ) -> std::result::Result<(), String> {
@@ -106,6 +108,9 @@ pub(super) fn handle(
     let r = {
         let mut guard = lock(&inner.st);
         let st = &mut *guard;
+        if let Some(c) = via {
+            use_for_replies(st, from, c);
+        }
         match WriteReq::of(msg) {
             Ok(w) => on_write(inner, st, from, w, body, &mut fx),
             Err(msg) => match msg {

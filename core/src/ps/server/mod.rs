@@ -620,6 +620,23 @@ fn register_chan(st: &mut SState, id: u64, c: Arc<Chan>) -> Arc<Chan> {
     }
 }
 
+/// A worker or reader sends on one connection at a time (it opens another only once it gave
+/// up the first, which this server may not have noticed yet, e.g. after being stopped): the
+/// one that carries its requests now is the one it reads answers on, so it becomes the one
+/// replies go out on (`via`: the channel a message from `from` came in on).
+fn use_for_replies(st: &mut SState, from: u64, via: &Arc<Chan>) {
+    if st.chans.get(&from).is_some_and(|c| Arc::ptr_eq(c, via)) {
+        return;
+    }
+    st.extra
+        .retain(|(_, x)| !Arc::ptr_eq(x, via) && x.closed().is_none());
+    if let Some(old) = st.chans.insert(from, via.clone()) {
+        if old.closed().is_none() {
+            st.extra.push((from, old));
+        }
+    }
+}
+
 /// Starts a channel with member `from` and registers it before any of its messages is handled
 /// (so replies always find a channel); returns the channel replies to `from` go out on.
 fn make_chan(
@@ -642,6 +659,9 @@ fn make_chan(
     let weak = Arc::downgrade(inner);
     let gate: Arc<(Mutex<bool>, std::sync::Condvar)> = Arc::default();
     let g2 = gate.clone();
+    // This channel, for a worker's or reader's messages: see `use_for_replies`.
+    let this: Arc<std::sync::OnceLock<std::sync::Weak<Chan>>> = Arc::default();
+    let this2 = this.clone();
     let on_msg = Box::new(move |m: &Incoming| {
         {
             let mut open = lock(&g2.0);
@@ -661,8 +681,9 @@ fn make_chan(
         }
         let msg = Msg::decode(&m.hdr).map_err(|e| format!("undecodable header: {e}"))?;
         permitted(peer.role, Role::Server, &msg)?;
+        let via = this2.get().and_then(std::sync::Weak::upgrade);
         match weak.upgrade() {
-            Some(inner) => dispatch::handle(&inner, from, msg, m.body()),
+            Some(inner) => dispatch::handle(&inner, from, via.as_ref(), msg, m.body()),
             None => Ok(()),
         }
     });
@@ -696,6 +717,9 @@ fn make_chan(
         on_close,
         opts,
     )?);
+    if peer.role != Role::Server {
+        let _ = this.set(Arc::downgrade(&c));
+    }
     let out = register_chan(&mut lock(&inner.st), from, c);
     *lock(&gate.0) = true;
     gate.1.notify_all();
