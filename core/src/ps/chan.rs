@@ -219,6 +219,8 @@ struct Shared {
     /// wake-up, since its loop looks at the queue right after.
     owner: std::sync::OnceLock<std::thread::ThreadId>,
     stop: AtomicBool,
+    /// Stop without sending what is queued ([`Chan::abort`]).
+    abort: AtomicBool,
     closed: Mutex<Option<String>>,
     /// Bytes of the receive buffer (kept between messages at the largest body's size).
     rbuf: std::sync::atomic::AtomicUsize,
@@ -330,6 +332,7 @@ impl Chan {
             wake,
             owner: std::sync::OnceLock::new(),
             stop: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
             closed: Mutex::new(None),
             rbuf: std::sync::atomic::AtomicUsize::new(0),
             limits,
@@ -654,6 +657,15 @@ impl Chan {
     }
 }
 
+impl Chan {
+    /// As [`Chan::close`], without sending what is still queued or being sent first: for a
+    /// connection whose peer stopped reading.
+    pub(crate) fn abort(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
+        self.close();
+    }
+}
+
 /// Closes channels one after the other (each sends what it has queued first, see
 /// [`Chan::close`]).
 pub(crate) fn close_all(chans: impl IntoIterator<Item = Arc<Chan>>) {
@@ -846,7 +858,8 @@ fn drive(sh: &Shared) -> std::result::Result<(), String> {
             let since = *stop_since.get_or_insert_with(std::time::Instant::now);
             let empty =
                 lock(&sh.queue).0.is_empty() && link.posting.is_empty() && link.sends.is_empty();
-            if empty || since.elapsed() > Duration::from_secs(2) {
+            if empty || sh.abort.load(Ordering::SeqCst) || since.elapsed() > Duration::from_secs(2)
+            {
                 return Ok(());
             }
         }
@@ -1259,8 +1272,8 @@ mod tests {
 
     /// Lent memory is sent from where it is (ranges of it, among owned segments; a small
     /// range goes with its small neighbours), and let go of once sent. A channel whose peer
-    /// reads nothing holds what it could not send until it is closed; then nothing of the
-    /// loan is held any more.
+    /// reads nothing holds what it could not send until it is closed (aborted: at once); then
+    /// nothing of the loan is held any more.
     #[test]
     fn lent_segments_are_sent_from_where_they_are_and_let_go() {
         let limits = Limits {

@@ -1063,7 +1063,8 @@ const LOAN_GRACE: Duration = Duration::from_secs(1);
 /// - requests still kept for their answer or a retry (a replicated push is acknowledged after
 ///   its pull; a push retried after a view change) get a copy of their parts;
 /// - what the connections still queue or send of it is waited for; a connection that holds it
-///   for more than [`LOAN_GRACE`] (a server that stopped reading) is closed.
+///   for more than [`LOAN_GRACE`] (a server that stopped reading) is closed at once
+///   ([`Chan::abort`]).
 struct Lending<'a> {
     inner: &'a Arc<WInner>,
     loan: Arc<Loan>,
@@ -2004,8 +2005,11 @@ impl WInner {
                     }
                 }
             }
-            // Closed outside the state lock (its thread may need it to end).
-            close_all(closing);
+            // Closed outside the state lock (its thread may need it to end), without trying
+            // to send what it holds.
+            for c in closing {
+                c.abort();
+            }
             looks += 1;
             if looks < 64 {
                 std::thread::yield_now();
