@@ -169,6 +169,22 @@ struct WState {
 }
 
 impl WState {
+    /// Whether operation `o` finished: it failed, or every request of it was answered and,
+    /// for a push_pull's pull, its push was acknowledged too (or failed). A push is
+    /// acknowledged once every copy of its parts applied it, and the values a push_pull
+    /// returns include that push: returned earlier, a server dying right after could lose
+    /// what the caller already saw (with replicas, a sync round's pull is answered when the
+    /// round closes, before its pushes are replicated).
+    fn done(&self, o: &Op) -> bool {
+        o.error.is_some()
+            || (o.outstanding == 0
+                && o.after.map_or(true, |p| {
+                    self.ops
+                        .get(&p)
+                        .map_or(true, |q| q.outstanding == 0 || q.error.is_some())
+                }))
+    }
+
     /// Registers a new operation (no request sent yet) writing to `out`, failing at
     /// `deadline`; returns its id.
     fn new_op(&mut self, out: OutBuf, deadline: Instant) -> u64 {
@@ -312,10 +328,7 @@ impl<R> PsHandle<R> {
     /// Whether the operation finished (successfully or not); never blocks.
     pub fn test(&self) -> bool {
         let st = lock(&self.inner.st);
-        let done = st
-            .ops
-            .get(&self.op)
-            .map_or(true, |o| o.outstanding == 0 || o.error.is_some());
+        let done = st.ops.get(&self.op).map_or(true, |o| st.done(o));
         if !done {
             // Its answers may arrive on a connection whose channel thread left receiving to
             // a thread that drove it (see `Chan::attach`).
@@ -333,7 +346,7 @@ impl<R> PsHandle<R> {
         let mut driving: Option<Option<Driving>> = None;
         let outcome = loop {
             let (done, deadline) = match st.ops.get(&self.op) {
-                Some(o) => (o.outstanding == 0 || o.error.is_some(), o.deadline),
+                Some(o) => (st.done(o), o.deadline),
                 None => break Err(Error::Internal("operation vanished".into())),
             };
             if done {
@@ -2502,13 +2515,14 @@ impl WInner {
             }
         }
         // Waiters wait for an operation to finish: wake them when this answer finished one
-        // (not for every answer: a push_pull's push acknowledgement alone would wake the
-        // caller for nothing).
-        if st
-            .ops
-            .get(&op)
-            .is_some_and(|o| o.outstanding == 0 || o.error.is_some())
-        {
+        // (not for every answer: a push_pull's push acknowledgement that comes before its
+        // pull's answer would wake the caller for nothing). A push_pull's push, once done, was
+        // dropped above: its pull may be finished now.
+        let finished = match st.ops.get(&op) {
+            Some(o) => st.done(o),
+            None => st.ops.values().any(|o| o.after == Some(op) && st.done(o)),
+        };
+        if finished {
             self.wake();
         }
         Ok(())
@@ -3050,5 +3064,59 @@ mod tests {
         let lone = req(plain, Kind::Pull, &[1, 2]);
         st.retry.push(req(push, Kind::Push, &[1, 2]));
         assert!(!WInner::stale_pull(&st, 2, &lone));
+    }
+
+    /// A push_pull's pull is done once answered AND its push acknowledged (or failed, or
+    /// dropped once done); a failed pull is done at once; a lone pull needs only its answers.
+    #[test]
+    fn a_push_pull_is_done_once_its_push_is_acknowledged_too() {
+        let view = View {
+            group: "g".into(),
+            epoch: 1,
+            nonce: 0,
+            members: Vec::new(),
+        };
+        let mut st = new_state(view);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let push = st.new_op(OutBuf::NONE, deadline);
+        let pull = st.new_op(OutBuf::NONE, deadline);
+        let lone = st.new_op(OutBuf::NONE, deadline);
+        let set = |st: &mut WState, op: u64, n: usize| {
+            if let Some(o) = st.ops.get_mut(&op) {
+                o.outstanding = n;
+            }
+        };
+        if let Some(o) = st.ops.get_mut(&pull) {
+            o.after = Some(push);
+        }
+        set(&mut st, push, 2);
+        set(&mut st, pull, 1);
+        set(&mut st, lone, 0);
+        let done = |st: &WState, op: u64| st.done(&st.ops[&op]);
+        assert!(done(&st, lone));
+        assert!(!done(&st, pull));
+        // The pull answered, its push not yet acknowledged by every server: not done.
+        set(&mut st, pull, 0);
+        assert!(!done(&st, pull));
+        set(&mut st, push, 0);
+        assert!(done(&st, pull));
+        // The push dropped once done (a push_pull's push nobody waits on), or failed: done.
+        set(&mut st, push, 1);
+        assert!(!done(&st, pull));
+        if let Some(o) = st.ops.get_mut(&push) {
+            o.error = Some(Error::Aborted);
+        }
+        assert!(done(&st, pull));
+        st.ops.remove(&push);
+        assert!(done(&st, pull));
+        // A failed pull is done whatever its push does.
+        let push2 = st.new_op(OutBuf::NONE, deadline);
+        set(&mut st, push2, 3);
+        if let Some(o) = st.ops.get_mut(&pull) {
+            o.after = Some(push2);
+            o.outstanding = 2;
+            o.error = Some(Error::Aborted);
+        }
+        assert!(done(&st, pull));
     }
 }
