@@ -3021,11 +3021,9 @@ mod tests {
         }
     }
 
-    /// A push_pull's pull answer is not used when a request of its push for the same parts
-    /// waits for a retry or was sent after the pull (the server answered without the push);
-    /// it is when the push went first, for other parts, or when the pull has no push.
-    #[test]
-    fn a_pull_answered_without_its_push_is_stale() {
+    /// A state with a push_pull's push and pull (the pull `after` the push) and a third,
+    /// unrelated operation: (state, push, pull, third).
+    fn push_pull_ops() -> (WState, u64, u64, u64) {
         let view = View {
             group: "g".into(),
             epoch: 1,
@@ -3036,10 +3034,19 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(60);
         let push = st.new_op(OutBuf::NONE, deadline);
         let pull = st.new_op(OutBuf::NONE, deadline);
-        let plain = st.new_op(OutBuf::NONE, deadline);
+        let third = st.new_op(OutBuf::NONE, deadline);
         if let Some(o) = st.ops.get_mut(&pull) {
             o.after = Some(push);
         }
+        (st, push, pull, third)
+    }
+
+    /// A push_pull's pull answer is not used when a request of its push for the same parts
+    /// waits for a retry or was sent after the pull (the server answered without the push);
+    /// it is when the push went first, for other parts, or when the pull has no push.
+    #[test]
+    fn a_pull_answered_without_its_push_is_stale() {
+        let (mut st, push, pull, plain) = push_pull_ops();
         let r = req(pull, Kind::Pull, &[1, 2]);
         // The push (request 1) went before the pull (request 2): fresh.
         st.reqs.insert(1, req(push, Kind::Push, &[1, 2]));
@@ -3070,25 +3077,13 @@ mod tests {
     /// dropped once done); a failed pull is done at once; a lone pull needs only its answers.
     #[test]
     fn a_push_pull_is_done_once_its_push_is_acknowledged_too() {
-        let view = View {
-            group: "g".into(),
-            epoch: 1,
-            nonce: 0,
-            members: Vec::new(),
-        };
-        let mut st = new_state(view);
+        let (mut st, push, pull, lone) = push_pull_ops();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let push = st.new_op(OutBuf::NONE, deadline);
-        let pull = st.new_op(OutBuf::NONE, deadline);
-        let lone = st.new_op(OutBuf::NONE, deadline);
         let set = |st: &mut WState, op: u64, n: usize| {
             if let Some(o) = st.ops.get_mut(&op) {
                 o.outstanding = n;
             }
         };
-        if let Some(o) = st.ops.get_mut(&pull) {
-            o.after = Some(push);
-        }
         set(&mut st, push, 2);
         set(&mut st, pull, 1);
         set(&mut st, lone, 0);
