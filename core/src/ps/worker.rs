@@ -1983,6 +1983,11 @@ impl WInner {
     }
 
     /// Takes lent values back (see [`Lending`]): returns once `loan` is the only reference.
+    /// It has no deadline of its own (returning while anything still reads the caller's memory
+    /// would be unsound), but every holder lets go in bounded time: a connection in `chans` is
+    /// aborted after [`LOAN_GRACE`]; one already dropped from `chans` ends within about 2 s
+    /// ([`Chan::close`]); a request being re-sent outside the state lock is back in it within
+    /// the connect deadline (5 s) and copied at the next look.
     fn take_back(&self, loan: &Arc<Loan>) {
         let since = Instant::now();
         let mut looks = 0u32;
