@@ -332,7 +332,7 @@ struct SInner {
 }
 
 /// The largest header a server accepts from another server (hand-overs carry key state in
-/// the header, in chunks of at most half this; see [`apply_view`]).
+/// the header, in chunks of at most half this; see [`handover::apply_view`]).
 fn server_hdr(opts: &PsOptions) -> usize {
     let per_part = opts
         .history
