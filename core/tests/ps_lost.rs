@@ -28,6 +28,8 @@ const CHILD: &str = "PS_LOST_TEST_COORDINATOR";
 const REPLICAS: &str = "PS_LOST_TEST_REPLICAS";
 /// Set for the server of [`a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back`].
 const STALL: &str = "PS_LOST_TEST_STALL";
+/// With [`STALL`]: the partition size of the server's options (else the default).
+const PARTS: &str = "PS_LOST_TEST_PARTS";
 const LEN: usize = 16;
 const KEYS: u64 = 48;
 
@@ -74,6 +76,14 @@ fn stall_opts() -> PsOptions {
     }
 }
 
+/// [`stall_opts`] with parts of `bytes` (a whole value in one part, one answer).
+fn stall_opts_parts(bytes: usize) -> PsOptions {
+    PsOptions {
+        partition_bytes: bytes,
+        ..stall_opts()
+    }
+}
+
 /// The server process: serves until its stdin closes (the test ended) or it is killed.
 #[test]
 fn child_server() {
@@ -82,7 +92,11 @@ fn child_server() {
     };
     let replicas = std::env::var(REPLICAS).unwrap().parse().unwrap();
     let s = if std::env::var(STALL).is_ok() {
-        KvServer::start(stall_cfg(&addr), stall_opts()).unwrap()
+        let o = match std::env::var(PARTS) {
+            Ok(b) => stall_opts_parts(b.parse().unwrap()),
+            Err(_) => stall_opts(),
+        };
+        KvServer::start(stall_cfg(&addr), o).unwrap()
     } else {
         KvServer::start(cfg(&addr), opts(replicas)).unwrap()
     };
@@ -280,6 +294,20 @@ fn with_two_replicas_two_deaths_lose_nothing() {
     assert_eq!(p.values, vec![2f32; LEN * kept.len()]);
 }
 
+/// Stops process `pid` (SIGSTOP) and waits until it is stopped.
+fn stop(pid: libc::pid_t) {
+    // SAFETY: FFI; sends a signal to a child process of this test.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") T ")
+    {
+        assert!(Instant::now() < stopped, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A blocking `push_pull_into` of large values sends them from the caller's memory. When it
 /// fails on a server that stopped reading (stopped, not dead: the heartbeat timeout here is a
 /// minute, so it stays in the view), it returns the error within its timeout plus a grace, and
@@ -307,16 +335,7 @@ fn a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back() {
     assert!(out.iter().all(|v| *v == 1.0), "first push_pull");
 
     let pid = server.child.id() as libc::pid_t;
-    // SAFETY: FFI; sends a signal to a child process of this test.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let stopped = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap()
-        .contains(") T ")
-    {
-        assert!(Instant::now() < stopped, "the server did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stop(pid);
     let vals = vec![2f32; N];
     let t0 = Instant::now();
     let e = worker
@@ -348,4 +367,82 @@ fn a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back() {
         );
     }
     drop(scribble);
+}
+
+/// A blocking `pull_into` of large values receives the answers straight into the caller's
+/// memory. A server stopped while it sends them (stopped, not dead: it stays in the view)
+/// leaves an answer half received: the pull fails within its timeout plus a grace, the
+/// connection that was receiving into the caller's memory is closed, and nothing is written
+/// there after the call returned, not even once the server resumes. The worker then goes on
+/// over a new connection.
+#[test]
+fn a_pull_into_from_a_server_stopped_mid_answer_fails_and_writes_nothing_after() {
+    // 64 MiB of f32 in one part: one answer, much more than the socket buffers hold, so the
+    // server is stopped while it sends it unless the stop falls between two pulls.
+    const N: usize = 16 << 20;
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let child = server_command(&addr, 0)
+        .env(STALL, "1")
+        .env(PARTS, (N * 4).to_string())
+        .spawn()
+        .unwrap();
+    let mut wc = stall_cfg(&addr);
+    wc.timeout = Duration::from_secs(3);
+    let worker = KvWorker::start(wc, stall_opts_parts(N * 4)).unwrap();
+    let mut server = Server { child, id: 0 };
+    server.id = common::server_id(&mut server.child);
+    worker.init(&[7], &[N], &vec![1f32; N]).unwrap();
+    let pid = server.child.id() as libc::pid_t;
+    // A stop between two pulls finds no answer half received (the call then fails at its
+    // timeout, with nothing to take back): tried again, a few times at most.
+    for attempt in 0..4 {
+        let mut out = vec![0f32; N];
+        worker.pull_into(&[7], &[N], &mut out, None, 0).unwrap();
+        assert!(
+            out.iter().all(|v| *v == 1.0),
+            "attempt {attempt}: first pull"
+        );
+        // Pulls one right after the other; the server is stopped while they run.
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            stop(pid);
+        });
+        let mut pulls = 0;
+        let (e, took) = loop {
+            let t0 = Instant::now();
+            if let Err(e) = worker.pull_into(&[7], &[N], &mut out, None, 0) {
+                break (e, t0.elapsed());
+            }
+            pulls += 1;
+            assert!(pulls < 10_000, "the pulls never failed");
+        };
+        stopper.join().unwrap();
+        // The caller's memory is its own again: written now, it must stay as written.
+        out.fill(9.0);
+        eprintln!("attempt {attempt}: pull {pulls} failed after {took:?}: {e}");
+        assert!(
+            took < Duration::from_secs(12),
+            "took {took:?} (timeout 3 s, grace 1 s): {e}"
+        );
+        // SAFETY: FFI; sends a signal to a child process of this test.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let mut again = vec![0f32; N];
+        worker.pull_into(&[7], &[N], &mut again, None, 0).unwrap();
+        assert!(again.iter().all(|v| *v == 1.0), "the pull after the resume");
+        // What the server still sent of the failed pull's answers once it resumed went
+        // nowhere near `out`.
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(i) = out.iter().position(|v| *v != 9.0) {
+            panic!(
+                "the failed pull wrote element {i} after it returned: {}",
+                out[i]
+            );
+        }
+        // Past the timeout: the grace ran, a connection held the memory (was receiving).
+        if took >= Duration::from_millis(3900) {
+            return;
+        }
+    }
+    eprintln!("no attempt stopped the server inside an answer; checked without that");
 }

@@ -69,6 +69,48 @@ pub(crate) struct Limits {
 /// What handles a received message: `Err(reason)` is a protocol error that ends the channel.
 pub(crate) type OnMsg = Box<dyn FnMut(&Incoming) -> std::result::Result<(), String> + Send>;
 
+/// Where a message's body goes, asked once its header is in (see [`Chan::start_with`]):
+/// given the header and the body's segment lengths, `Some` receives the body straight into
+/// lent memory instead of the receive buffer.
+pub(crate) type OnPlace = Box<dyn FnMut(&[u8], &[usize]) -> Option<Placement> + Send>;
+
+/// Bodies smaller than this are not placed ([`OnPlace`]): received into the receive buffer
+/// and copied, which costs less than a receive per segment.
+pub(crate) const PLACE_MIN: usize = 64 << 10;
+
+/// A body received straight into lent memory ([`OnPlace`]): segment `i` goes to byte
+/// `offs[i]` of `loan` (checked against the loan's bounds before anything is received). The
+/// channel holds it from the header until the body is in and `on_msg` saw the message
+/// ([`Incoming::placed`]), or until the connection is dropped; `guard` is dropped then.
+pub(crate) struct Placement {
+    /// The memory (a receive loan, [`Loan::new_mut`]).
+    pub loan: Arc<Loan>,
+    /// Where each segment goes in it.
+    pub offs: Vec<usize>,
+    /// Dropped when the channel lets go of the placement (the body arrived whole, or never
+    /// will on this connection).
+    #[allow(dead_code)] // held for its drop
+    pub guard: Box<dyn Send>,
+}
+
+impl Placement {
+    /// Whether every segment fits in the loan, without overlapping another.
+    fn fits(&self, segs: &[usize]) -> bool {
+        if self.offs.len() != segs.len() {
+            return false;
+        }
+        let mut spans: Vec<(usize, usize)> = self
+            .offs
+            .iter()
+            .copied()
+            .zip(segs.iter().copied())
+            .collect();
+        spans.sort_unstable();
+        spans.iter().all(|(o, n)| self.loan.dest(*o, *n).is_some())
+            && spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -136,12 +178,24 @@ pub(crate) struct Incoming {
     /// body is still arriving and its first `n` segments are in (an early look, before the
     /// whole message); `None` for the whole message.
     partial: Option<usize>,
+    /// The body was received into the memory an [`OnPlace`] gave, not into this message.
+    placed: bool,
 }
 
 impl Incoming {
-    /// Body bytes (of an early look: only the segments in are valid).
+    /// Body bytes (of an early look: only the segments in are valid; none when the body was
+    /// placed, [`Incoming::placed`]).
     pub(crate) fn body(&self) -> &[u8] {
+        if self.placed {
+            return &[];
+        }
         &self.buf[..self.len.min(self.buf.len())]
+    }
+
+    /// Whether the body was received straight into the memory the channel's [`OnPlace`]
+    /// gave for it (it is there, whole; [`Incoming::body`] is empty).
+    pub(crate) fn placed(&self) -> bool {
+        self.placed
     }
 
     /// The lengths of the body's segments, in order (one segment: the body; none: no body).
@@ -204,6 +258,10 @@ struct Rx {
     /// waits for the peer to close, for at most [`BYE_LINGER`].
     failing: Option<(String, std::time::Instant)>,
     on_msg: OnMsg,
+    /// Where bodies go instead of `msg.buf` ([`OnPlace`]).
+    on_place: Option<OnPlace>,
+    /// The placement of the body being received, if it is placed.
+    placing: Option<Placement>,
     /// Early looks at segmented messages ([`ChanOpts::early`]).
     early: bool,
     /// See [`ChanOpts::coalesce`].
@@ -280,7 +338,15 @@ impl Chan {
         on_msg: OnMsg,
         on_close: Box<dyn FnOnce(String) + Send>,
     ) -> Result<Chan> {
-        Chan::start_with(conn, name, limits, on_msg, on_close, ChanOpts::default())
+        Chan::start_with(
+            conn,
+            name,
+            limits,
+            on_msg,
+            on_close,
+            ChanOpts::default(),
+            None,
+        )
     }
 
     /// As [`Chan::start`], with `opts`. With [`ChanOpts::early`], `on_msg` also gets an early
@@ -288,6 +354,10 @@ impl Chan {
     /// [`EARLY_SEGMENT`] bytes but the last ([`Incoming::partial`]), so that it can use the
     /// segments in (copy them out, while they are still in the cache) while the rest arrives.
     /// An `Err` from an early look is a protocol error, as from the whole message.
+    ///
+    /// With `on_place`, the body of a message of at least [`PLACE_MIN`] bytes goes where it
+    /// says, once the header is in (see [`Placement`]); `on_msg` then sees it with
+    /// [`Incoming::placed`] (and no early looks).
     pub(crate) fn start_with(
         conn: Box<dyn Conn>,
         name: &str,
@@ -295,6 +365,7 @@ impl Chan {
         on_msg: OnMsg,
         on_close: Box<dyn FnOnce(String) + Send>,
         opts: ChanOpts,
+        on_place: Option<OnPlace>,
     ) -> Result<Chan> {
         // SAFETY: FFI; eventfd(2) with valid flags returns a new descriptor or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -320,10 +391,13 @@ impl Chan {
                         len: 0,
                         segs: Vec::new(),
                         partial: None,
+                        placed: false,
                     },
                     rstate: RState::Idle,
                     failing: None,
                     on_msg,
+                    on_place,
+                    placing: None,
                     early: opts.early,
                     coalesce: opts.coalesce,
                 },
@@ -436,7 +510,9 @@ impl Chan {
         self.queue(prio, Wire { hdr, segs: out }, kick)
     }
 
-    /// Whether anything queued or being sent here is a range of `loan`.
+    /// Whether anything queued or being sent here is a range of `loan`, or a body is being
+    /// received into it. Waits for the connection while a thread works on it (`on_msg`
+    /// runs meanwhile): not to be called with a lock `on_msg` takes.
     pub(crate) fn holds(&self, loan: &Arc<Loan>) -> bool {
         let queued = lock(&self.shared.queue)
             .0
@@ -446,6 +522,10 @@ impl Chan {
             || lock(&self.shared.link).as_ref().is_some_and(|l| {
                 l.posting.iter().any(|(_, s)| s.lends(loan))
                     || l.sends.iter().any(|(_, s)| s.lends(loan))
+                    || l.rx
+                        .placing
+                        .as_ref()
+                        .is_some_and(|p| Arc::ptr_eq(&p.loan, loan))
             })
     }
 
@@ -908,6 +988,9 @@ fn fail_protocol(sh: &Shared, rx: &mut Rx, why: String) {
     queue_bye(sh, &why);
     rx.failing = Some((why, std::time::Instant::now()));
     rx.rstate = RState::Idle;
+    // Nothing is being received into it (the failing step's receive completed).
+    rx.placing = None;
+    rx.msg.placed = false;
 }
 
 /// One look at the link, by the channel thread or a thread driving it: posts what is queued,
@@ -1004,6 +1087,23 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                         break;
                     }
                     RState::Idle
+                } else if let Some(p) = place(rx, bl) {
+                    rx.msg.len = bl;
+                    rx.msg.placed = true;
+                    let first = rx.msg.segs.first().copied().unwrap_or(bl);
+                    let dest = p.loan.dest(p.offs[0], first);
+                    rx.placing = Some(p);
+                    let Some(dest) = dest else {
+                        return Err("placement outside its memory".into());
+                    };
+                    // SAFETY: `dest` is `first` bytes of lent memory (checked by `dest`),
+                    // valid while `rx.placing` holds the loan, which it does until the
+                    // request completed or the connection (with its requests) was dropped;
+                    // nothing else writes that range (`Placement::fits`).
+                    match unsafe { conn.irecv(TAG_BODY, dest, first) }.map_err(|e| e.to_string())? {
+                        Some(r) => RState::Body(r, 0, first),
+                        None => return Err("transport refused a receive".into()),
+                    }
                 } else {
                     let msg = &mut rx.msg;
                     if msg.buf.len() > 4 * bl.max(1 << 20) {
@@ -1035,33 +1135,49 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                 if let Some(&n) = rx.msg.segs.get(*i + 1) {
                     // The next segment, right after this one.
                     let (i, at) = (*i + 1, *end);
-                    if rx.early && rx.msg.segs[i - 1] >= EARLY_SEGMENT {
-                        // An early look at the segments in (before the next receive is
-                        // posted: nothing writes to the buffer meanwhile).
-                        rx.msg.partial = Some(i);
-                        let r = (rx.on_msg)(&rx.msg);
-                        rx.msg.partial = None;
-                        if let Err(why) = r {
-                            fail_protocol(sh, rx, why);
-                            break;
+                    if let Some(p) = &rx.placing {
+                        let Some(dest) = p.offs.get(i).and_then(|o| p.loan.dest(*o, n)) else {
+                            return Err("placement outside its memory".into());
+                        };
+                        // SAFETY: as for the first segment (the header's branch).
+                        match unsafe { conn.irecv(TAG_BODY, dest, n) }.map_err(|e| e.to_string())? {
+                            Some(r) => RState::Body(r, i, at + n),
+                            None => return Err("transport refused a receive".into()),
+                        }
+                    } else {
+                        if rx.early && rx.msg.segs[i - 1] >= EARLY_SEGMENT {
+                            // An early look at the segments in (before the next receive is
+                            // posted: nothing writes to the buffer meanwhile).
+                            rx.msg.partial = Some(i);
+                            let r = (rx.on_msg)(&rx.msg);
+                            rx.msg.partial = None;
+                            if let Err(why) = r {
+                                fail_protocol(sh, rx, why);
+                                break;
+                            }
+                        }
+                        let Some(buf) = rx.msg.buf.get_mut(at..at + n) else {
+                            return Err("segment outside the receive buffer".into());
+                        };
+                        // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
+                        // change size while the body is received) is not touched until the
+                        // request completed.
+                        match unsafe { conn.irecv(TAG_BODY, buf.as_mut_ptr(), n) }
+                            .map_err(|e| e.to_string())?
+                        {
+                            Some(r) => RState::Body(r, i, at + n),
+                            None => return Err("transport refused a receive".into()),
                         }
                     }
-                    let Some(buf) = rx.msg.buf.get_mut(at..at + n) else {
-                        return Err("segment outside the receive buffer".into());
-                    };
-                    // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
-                    // change size while the body is received) is not touched until the
-                    // request completed.
-                    match unsafe { conn.irecv(TAG_BODY, buf.as_mut_ptr(), n) }
-                        .map_err(|e| e.to_string())?
-                    {
-                        Some(r) => RState::Body(r, i, at + n),
-                        None => return Err("transport refused a receive".into()),
-                    }
-                } else if let Err(why) = (rx.on_msg)(&rx.msg) {
-                    fail_protocol(sh, rx, why);
-                    break;
                 } else {
+                    let r = (rx.on_msg)(&rx.msg);
+                    // The placed body is in and handled: the placement ends.
+                    rx.msg.placed = false;
+                    rx.placing = None;
+                    if let Err(why) = r {
+                        fail_protocol(sh, rx, why);
+                        break;
+                    }
                     RState::Idle
                 }
             }
@@ -1091,6 +1207,22 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
         }
     }
     Ok(moved)
+}
+
+/// The placement of a body of `bl` bytes whose header and segment lengths are in `rx.msg`,
+/// if the channel places bodies and this one fits where it is to go; `None`: into the
+/// receive buffer.
+fn place(rx: &mut Rx, bl: usize) -> Option<Placement> {
+    if bl < PLACE_MIN || rx.msg.segs.is_empty() {
+        return None;
+    }
+    let f = rx.on_place.as_mut()?;
+    let p = f(&rx.msg.hdr, &rx.msg.segs)?;
+    if !p.fits(&rx.msg.segs) {
+        tracing::warn!(target: "braid::ps", "a placement that does not fit its memory was ignored");
+        return None;
+    }
+    Some(p)
 }
 
 /// A message as transport messages: the prefix, the header (after the segment table when the
@@ -1223,6 +1355,7 @@ mod tests {
                     early,
                     coalesce: false,
                 },
+                None,
             )
             .unwrap();
             let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
@@ -1348,6 +1481,155 @@ mod tests {
         drop(ca);
     }
 
+    /// Sets its flag when dropped (a placement's guard).
+    struct Flag(Arc<AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn placed_bodies_go_straight_to_lent_memory_and_let_go() {
+        let limits = Limits {
+            hdr: 1 << 10,
+            body: 8 << 20,
+        };
+        let n = PLACE_MIN;
+        let mut mem = vec![0u8; 4 * n];
+        // SAFETY: `mem` outlives the loan and is not touched until nothing else holds it.
+        let loan = unsafe { Loan::new_mut(mem.as_mut_ptr(), mem.len()) };
+        assert!(loan.dest(3 * n, n + 1).is_none() && loan.dest(usize::MAX, 2).is_none());
+        assert!(
+            Seg::lent(&loan, 0, 1).is_none(),
+            "a receive loan is not sent from"
+        );
+        let dropped = Arc::new(AtomicBool::new(false));
+        // Headers "place" and "small": placed, the second segment first; "bad": a
+        // placement out of the memory (ignored); anything else: not placed.
+        let (l2, d2) = (loan.clone(), dropped.clone());
+        let on_place: OnPlace = Box::new(move |hdr: &[u8], segs: &[usize]| {
+            let offs = match hdr {
+                b"place" | b"small" => vec![segs[1], 0],
+                b"bad" => vec![0, 4 * n],
+                _ => return None,
+            };
+            Some(Placement {
+                loan: l2.clone(),
+                offs,
+                guard: Box::new(Flag(d2.clone())),
+            })
+        });
+        type Seen = Arc<Mutex<Vec<(Vec<u8>, bool, Vec<u8>, bool)>>>;
+        let seen: Seen = Arc::default();
+        let (s2, d3) = (seen.clone(), dropped.clone());
+        let (ca, mut cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+        let a = Chan::start_with(
+            ca,
+            "a",
+            limits,
+            Box::new(move |m: &Incoming| {
+                let guard_gone = d3.load(Ordering::SeqCst);
+                lock(&s2).push((m.hdr.clone(), m.placed(), m.body().to_vec(), guard_gone));
+                Ok(())
+            }),
+            Box::new(|_| {}),
+            ChanOpts {
+                early: true,
+                coalesce: false,
+            },
+            Some(on_place),
+        )
+        .unwrap();
+        // Sends a message's transport frames from this thread, all of them or all but the
+        // last (the body's last segment).
+        let mut send = |hdr: &[u8], segs: Vec<Vec<u8>>, all: bool| {
+            let mut fr = frames(Wire {
+                hdr: hdr.to_vec(),
+                segs: segs.into_iter().map(|v| Seg::Owned(Arc::new(v))).collect(),
+            });
+            if !all {
+                fr.pop();
+            }
+            for (tag, seg) in &fr {
+                let b = seg.bytes();
+                // SAFETY: `seg` lives until the send completed (waited for right here).
+                let r = unsafe {
+                    cb.isend(*tag, &[0u8; braid_transport::META_LEN], b.as_ptr(), b.len())
+                }
+                .unwrap()
+                .unwrap();
+                until("a frame sent", || {
+                    cb.progress().unwrap();
+                    cb.test(r).unwrap().is_some()
+                });
+            }
+        };
+        let (x, y) = (vec![1u8; n], vec![2u8; n + 8]);
+        send(b"place", vec![x.clone(), y.clone()], true);
+        until("the placed message", || lock(&seen).len() == 1);
+        {
+            let s = lock(&seen);
+            assert_eq!(s[0].0, b"place");
+            assert!(
+                s[0].1 && s[0].2.is_empty(),
+                "placed: the body is not in the message"
+            );
+            assert!(!s[0].3, "the guard is held while the message is handled");
+        }
+        until("the placement let go", || {
+            dropped.load(Ordering::SeqCst) && Arc::strong_count(&loan) == 2
+        });
+        // Out of its memory: received as usual.
+        dropped.store(false, Ordering::SeqCst);
+        send(b"bad", vec![vec![3u8; n], vec![4u8; n]], true);
+        // Too small to place: asked for nothing.
+        send(b"small", vec![vec![5u8; 10], vec![6u8; 20]], true);
+        // (With an early look at "bad", as at any large segmented message not placed; none
+        // at the placed one.)
+        until("two more", || lock(&seen).len() == 4);
+        {
+            let s = lock(&seen);
+            assert!(!s[1].1 && s[1].0 == b"bad", "bad: an early look");
+            assert!(
+                !s[2].1 && s[2].2.len() == 2 * n && s[2].2[n] == 4,
+                "bad: as usual"
+            );
+            assert!(!s[3].1 && s[3].2.len() == 30, "small: as usual");
+            assert!(
+                dropped.load(Ordering::SeqCst),
+                "the ignored placement let go"
+            );
+        }
+        assert!(!a.holds(&loan));
+        // Half a placed body: held until the connection is aborted.
+        dropped.store(false, Ordering::SeqCst);
+        send(b"place", vec![vec![7u8; n], vec![8u8; n]], false);
+        until("the first segment in", || {
+            // SAFETY: not read while written: the first segment went to `n..2n`, whose
+            // receive completed once the byte at its end is in (written in order); polled
+            // through a volatile read of the last byte only.
+            unsafe { std::ptr::read_volatile(loan.dest(2 * n - 1, 1).unwrap()) == 7 }
+        });
+        assert!(a.holds(&loan), "a channel receiving into the loan holds it");
+        assert!(!dropped.load(Ordering::SeqCst));
+        a.abort();
+        assert!(dropped.load(Ordering::SeqCst) && !a.holds(&loan));
+        assert_eq!(
+            Arc::strong_count(&loan),
+            1,
+            "aborted: nothing of the loan is held (the connection went with its thread)"
+        );
+        drop(a);
+        drop(cb);
+        drop(loan);
+        assert_eq!(lock(&seen).len(), 4, "the half message was never handled");
+        // The first message's segments, each where its placement said (`y` at 0, `x` after
+        // it), under the half message's first segment (at `n`).
+        assert!(mem[..n] == y[..n] && mem[n..2 * n].iter().all(|b| *b == 7));
+        assert!(mem[2 * n..2 * n + 8] == x[n - 8..] && mem[2 * n + 8..].iter().all(|b| *b == 0));
+    }
+
     fn send(c: &Chan, hdr: &[u8]) {
         c.send(Outgoing {
             prio: 0,
@@ -1422,6 +1704,7 @@ mod tests {
                     early: false,
                     coalesce: true,
                 },
+                None,
             )
             .unwrap(),
         );

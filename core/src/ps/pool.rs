@@ -58,37 +58,74 @@ impl BufPool {
     }
 }
 
-/// Caller memory lent for sending, without a copy: the bytes a message body is sent from
-/// while the caller waits for its call (see `worker::Lending`). Whoever holds a reference may
-/// read the memory; the lender does not return before it holds the only one.
+/// Caller memory lent while the caller waits for its call, without a copy: the bytes a
+/// message body is sent from (see `worker::Lending`), or the memory a pull's answer is
+/// received into ([`Loan::new_mut`], see `chan::Placement`). The lender does not return
+/// before it holds the only reference.
 pub(crate) struct Loan {
-    ptr: *const u8,
+    ptr: *mut u8,
     len: usize,
+    /// Lent for receiving: written by whoever received into it ([`Loan::dest`]).
+    writable: bool,
 }
 
-// SAFETY: a loan is read-only memory that the lender keeps valid and unmodified while any
-// reference exists (the contract of `Loan::new`); reading it from any thread is sound.
+// SAFETY: the lender keeps the memory valid while any reference exists and does not touch it
+// meanwhile (the contracts of `Loan::new` and `Loan::new_mut`): a send loan is only read, and
+// a receive loan is written only through `dest`, whose users write disjoint ranges.
 unsafe impl Send for Loan {}
 // SAFETY: as above.
 unsafe impl Sync for Loan {}
 
 impl Loan {
-    /// Lends `bytes`.
+    /// Lends `bytes` for sending.
     ///
     /// # Safety
     /// The memory must stay valid and unmodified until every clone of the returned `Arc` was
     /// dropped.
     pub(crate) unsafe fn new(bytes: &[u8]) -> Arc<Loan> {
         Arc::new(Loan {
-            ptr: bytes.as_ptr(),
+            ptr: bytes.as_ptr().cast_mut(),
             len: bytes.len(),
+            writable: false,
         })
     }
 
-    /// The lent bytes.
+    /// Lends the `len` bytes at `ptr` for receiving into ([`Loan::dest`]).
+    ///
+    /// # Safety
+    /// The memory must be valid for writes and stay so, neither read nor written by the
+    /// lender, until every clone of the returned `Arc` was dropped.
+    pub(crate) unsafe fn new_mut(ptr: *mut u8, len: usize) -> Arc<Loan> {
+        Arc::new(Loan {
+            ptr,
+            len,
+            writable: true,
+        })
+    }
+
+    /// The lent bytes (of a send loan; empty for a receive loan, whose bytes are being
+    /// written).
     pub(crate) fn bytes(&self) -> &[u8] {
+        if self.writable {
+            return &[];
+        }
         // SAFETY: valid and unmodified while this reference exists (`Loan::new`).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Where to write `len` bytes at `off` of a receive loan; `None` when out of bounds or
+    /// for a send loan. The writer must write only there, and no two writers the same range.
+    pub(crate) fn dest(&self, off: usize, len: usize) -> Option<*mut u8> {
+        if !self.writable || off.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: `off` is within the lent memory (checked above).
+        Some(unsafe { self.ptr.add(off) })
+    }
+
+    /// How many bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -105,7 +142,8 @@ pub(crate) enum Seg {
 impl Seg {
     /// `len` bytes at `off` of `loan`; `None` when out of bounds.
     pub(crate) fn lent(loan: &Arc<Loan>, off: usize, len: usize) -> Option<Seg> {
-        (off.checked_add(len)? <= loan.len).then(|| Seg::Lent(loan.clone(), off, len))
+        (!loan.writable && off.checked_add(len)? <= loan.len)
+            .then(|| Seg::Lent(loan.clone(), off, len))
     }
 
     /// The bytes.

@@ -5,11 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::chan::{close_all, Chan, ChanOpts, Drive, Incoming, Limits, Outgoing};
+use super::chan::{
+    close_all, Chan, ChanOpts, Drive, Incoming, Limits, OnPlace, Outgoing, Placement,
+};
 use super::checkpoint::{self, FileEntry, Manifest, PartEntry};
 use super::node::{connect_to, Cred, Node};
 use super::pool::{BufPool, Loan, Seg};
@@ -69,6 +71,9 @@ struct WReq {
     /// A pull: how many of its parts were copied to the operation's memory from an early look
     /// at the answer ([`WInner::early_values`]).
     early: usize,
+    /// A pull whose answer is being received straight into the operation's memory
+    /// ([`WInner::place`]): it stays where it is until that ends (see [`PlaceGuard`]).
+    placing: bool,
 }
 
 /// Where a write request's bytes are: its parts' offsets (`WReq::parts`) are into these.
@@ -92,12 +97,16 @@ impl Src {
 struct OutBuf {
     ptr: *mut u8,
     len: usize,
+    /// The same memory lent for receiving answers straight into it ([`WInner::place`]),
+    /// by a blocking call that takes it back before it returns.
+    loan: Option<Arc<Loan>>,
 }
 
 impl OutBuf {
     const NONE: OutBuf = OutBuf {
         ptr: std::ptr::null_mut(),
         len: 0,
+        loan: None,
     };
 
     /// Copies parts `from..to` of a pull's answer to where they go in this memory: `body`
@@ -873,6 +882,7 @@ impl KvWorker {
         let buf = OutBuf {
             ptr: bytes.as_mut_ptr(),
             len: bytes.len(),
+            loan: None,
         };
         let op = self.inner.submit_to(
             Kind::PullState,
@@ -911,7 +921,9 @@ impl KvWorker {
 
     /// As [`KvWorker::pull`], blocking, with the values written straight into `out` (no
     /// result vector to allocate and fill); returns the version (the smallest over the
-    /// parts).
+    /// parts). When `out` is at least 1 MiB, large answers are received into it without a
+    /// copy; the call returns once nothing receives into it any more (a connection still
+    /// receiving into it a second after the call failed, its server not sending, is closed).
     ///
     /// Errors: as [`KvWorker::pull`]; `InvalidArgument` when `out` does not hold the lengths'
     /// elements.
@@ -924,18 +936,36 @@ impl KvWorker {
         prio: i32,
     ) -> Result<u64> {
         check_out(lens, out.len())?;
+        let p = out.as_mut_ptr();
+        // Large answers are received straight into `out` (taken back before this returns).
+        let receiving = self.receiving(p, out.len());
         // SAFETY: `out` is valid for writes of its length and borrowed mutably until `wait`
-        // returned; the handle is waited for (or dropped, which forgets the operation under
-        // the state lock) before this function returns.
-        let h = unsafe { self.pull_raw::<T>(keys, lens, out.as_mut_ptr(), min_version, prio)? };
-        h.wait()
+        // returned and `receiving` took its loan back; the handle is waited for (or dropped,
+        // which forgets the operation under the state lock) before.
+        let h = unsafe { self.pull_from::<T>(keys, lens, p, receiving.loan(), min_version, prio) };
+        let r = h.and_then(|h| h.wait());
+        drop(receiving);
+        r
+    }
+
+    /// A receive loan of `out` (`n` elements) when it is large enough to receive answers
+    /// straight into ([`LEND_MIN`]), given back when the returned guard is dropped.
+    fn receiving<T: Element>(&self, out: *mut T, n: usize) -> Lending<'_> {
+        let bytes = n * std::mem::size_of::<T>();
+        Lending {
+            inner: &self.inner,
+            // SAFETY: the caller's `out` is borrowed mutably (and not touched) until the
+            // guard was dropped, which takes the loan back.
+            loan: (bytes >= LEND_MIN).then(|| unsafe { Loan::new_mut(out.cast::<u8>(), bytes) }),
+        }
     }
 
     /// As [`KvWorker::push_pull`], blocking, with the pulled values written straight into
     /// `out`; returns the version. Values of at least 1 MiB are sent from `vals` itself, not
     /// from a copy: the call returns once nothing holds them any more (requests still waiting
     /// for an answer or a retry then get a copy; a connection that has not sent its part of
-    /// them a second after the call failed, its server not reading, is closed).
+    /// them a second after the call failed, its server not reading, is closed). The answers
+    /// are received into `out` as in [`KvWorker::pull_into`].
     ///
     /// Errors: as [`KvWorker::pull_into`].
     pub fn push_pull_into<T: Element>(
@@ -948,24 +978,22 @@ impl KvWorker {
     ) -> Result<u64> {
         check_out(lens, out.len())?;
         let bytes: &[u8] = bytemuck::cast_slice(vals);
-        if bytes.len() < LEND_MIN {
-            // SAFETY: as in `pull_into`.
-            let h = unsafe { self.push_pull_raw::<T>(keys, lens, vals, out.as_mut_ptr(), prio)? };
-            return h.wait();
-        }
         // The values are sent from `vals` itself, which stays borrowed until `lending` took
         // the loan back (dropped at the end of this call, after the wait or on an error).
-        // SAFETY: `vals` is borrowed (immutably) for this whole call.
-        let loan = unsafe { Loan::new(bytes) };
         let lending = Lending {
             inner: &self.inner,
-            loan: loan.clone(),
+            // SAFETY: `vals` is borrowed (immutably) for this whole call.
+            loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
         };
+        let p = out.as_mut_ptr();
+        // The answers go straight into `out`, as in `pull_into`.
+        let receiving = self.receiving(p, out.len());
         // SAFETY: as in `pull_into`.
         let h = unsafe {
-            self.push_pull_from::<T>(keys, lens, vals, Some(loan), out.as_mut_ptr(), prio)
+            self.push_pull_from::<T>(keys, lens, vals, lending.loan(), p, receiving.loan(), prio)
         };
         let r = h.and_then(|h| h.wait());
+        drop(receiving);
         drop(lending);
         r
     }
@@ -984,13 +1012,15 @@ impl KvWorker {
         prio: i32,
     ) -> Result<PsHandle<u64>> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.push_pull_from(keys, lens, vals, None, out, prio) }
+        unsafe { self.push_pull_from(keys, lens, vals, None, out, None, prio) }
     }
 
-    /// [`KvWorker::push_pull_raw`], the push sent from `lent` (`vals`' bytes) when given.
+    /// [`KvWorker::push_pull_raw`], the push sent from `lent` (`vals`' bytes) when given, the
+    /// answers received into `dest` (a receive loan of `out`) when given.
     ///
     /// # Safety
     /// As [`KvWorker::pull_raw`].
+    #[allow(clippy::too_many_arguments)]
     unsafe fn push_pull_from<T: Element>(
         &self,
         keys: &[u64],
@@ -998,6 +1028,7 @@ impl KvWorker {
         vals: &[T],
         lent: Option<Arc<Loan>>,
         out: *mut T,
+        dest: Option<Arc<Loan>>,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
         self.inner.round_start();
@@ -1018,7 +1049,7 @@ impl KvWorker {
         )?;
         self.inner.chain(push);
         // SAFETY: forwarded from the caller.
-        unsafe { self.pull_raw::<T>(keys, lens, out, None, prio) }
+        unsafe { self.pull_from::<T>(keys, lens, out, dest, None, prio) }
     }
 
     /// A non-blocking pull into caller memory (the C ABI's shape): the values of `keys`
@@ -1036,10 +1067,30 @@ impl KvWorker {
         min_version: Option<u64>,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.pull_from(keys, lens, out, None, min_version, prio) }
+    }
+
+    /// [`KvWorker::pull_raw`], the answers received straight into `dest` (a receive loan of
+    /// `out`, [`WInner::place`]) when given.
+    ///
+    /// # Safety
+    /// As [`KvWorker::pull_raw`]; `dest`, when given, lends exactly `out`'s memory.
+    unsafe fn pull_from<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        out: *mut T,
+        dest: Option<Arc<Loan>>,
+        min_version: Option<u64>,
+        prio: i32,
+    ) -> Result<PsHandle<u64>> {
         let n: usize = lens.iter().sum();
+        let len = n * std::mem::size_of::<T>();
         let buf = OutBuf {
             ptr: out.cast::<u8>(),
-            len: n * std::mem::size_of::<T>(),
+            len,
+            loan: dest.filter(|l| l.len() == len),
         };
         let op = self.inner.submit_to(
             Kind::Pull,
@@ -1080,14 +1131,53 @@ const LOAN_GRACE: Duration = Duration::from_secs(1);
 ///   ([`Chan::abort`]).
 struct Lending<'a> {
     inner: &'a Arc<WInner>,
-    loan: Arc<Loan>,
+    /// None: nothing lent (values too small to lend).
+    loan: Option<Arc<Loan>>,
+}
+
+impl Lending<'_> {
+    /// The loan, to hand out.
+    fn loan(&self) -> Option<Arc<Loan>> {
+        self.loan.clone()
+    }
 }
 
 impl Drop for Lending<'_> {
     fn drop(&mut self) {
-        if Arc::strong_count(&self.loan) > 1 {
-            self.inner.take_back(&self.loan);
+        if let Some(loan) = &self.loan {
+            if Arc::strong_count(loan) > 1 {
+                self.inner.take_back(loan);
+            }
         }
+    }
+}
+
+/// A pull's answer being received into the operation's memory ([`WInner::place`]), held by
+/// the channel until it lets go: after the whole answer was handled (the request is gone
+/// then), or when the connection was dropped first. Then nothing writes to that memory for
+/// this request any more, and a request still waiting for its answer is sent again (it was
+/// left where it was meanwhile, so that no other answer to it could be written to the same
+/// memory at the same time).
+struct PlaceGuard {
+    inner: Weak<WInner>,
+    req: u64,
+}
+
+impl Drop for PlaceGuard {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut st = lock(&inner.st);
+        if !st.reqs.get(&self.req).is_some_and(|r| r.placing) {
+            return;
+        }
+        if let Some(mut r) = st.reqs.remove(&self.req) {
+            r.placing = false;
+            inner.retry_or_fail(&mut st, r);
+        }
+        drop(st);
+        inner.wake();
     }
 }
 
@@ -1492,6 +1582,7 @@ impl WInner {
                         at: None,
                         prio: i32::MAX,
                         early: 0,
+                        placing: false,
                     },
                 );
             }
@@ -1694,6 +1785,7 @@ impl WInner {
                     at: None,
                     prio: i32::MIN,
                     early: 0,
+                    placing: false,
                 },
             );
         }
@@ -1747,6 +1839,7 @@ impl WInner {
         let out = OutBuf {
             ptr: bytes.as_mut_ptr(),
             len: bytes.len(),
+            loan: None,
         };
         // The vector moves into the handle's closure; its heap buffer (what `out` points to)
         // does not move.
@@ -2009,23 +2102,24 @@ impl WInner {
                     return;
                 }
                 if since.elapsed() >= LOAN_GRACE {
-                    let stuck: Vec<u64> = st
-                        .chans
-                        .iter()
-                        .filter(|(_, c)| c.holds(loan))
-                        .map(|(s, _)| *s)
-                        .collect();
-                    for s in stuck {
-                        if let Some(c) = st.chans.remove(&s) {
-                            tracing::warn!(target: "braid::ps", "member {}: the connection to push/pull server {s} did not send a push in {LOAN_GRACE:?}: closed", self.me);
-                            closing.push(c);
-                        }
+                    closing = st.chans.iter().map(|(s, c)| (*s, c.clone())).collect();
+                }
+            }
+            // Asked outside the state lock: `holds` waits for a thread working on the
+            // connection, which may need the state lock (in `on_msg`).
+            closing.retain(|(_, c)| c.holds(loan));
+            if !closing.is_empty() {
+                let mut st = lock(&self.st);
+                for (s, c) in &closing {
+                    if st.chans.get(s).is_some_and(|x| Arc::ptr_eq(x, c)) {
+                        st.chans.remove(s);
                     }
+                    tracing::warn!(target: "braid::ps", "member {}: the connection to push/pull server {s} held a call's values {LOAN_GRACE:?} after the call ended (a push not sent, or an answer not received): closed", self.me);
                 }
             }
             // Closed outside the state lock (its thread may need it to end), without trying
             // to send what it holds.
-            for c in closing {
+            for (_, c) in closing {
                 c.abort();
             }
             looks += 1;
@@ -2206,6 +2300,10 @@ impl WInner {
                 inner.on_lost(id, &why);
             }
         });
+        let weak = Arc::downgrade(self);
+        let on_place: OnPlace = Box::new(move |hdr: &[u8], segs: &[usize]| {
+            weak.upgrade().and_then(|inner| inner.place(id, hdr, segs))
+        });
         // Answers carry at most one partition of values (requests are split to fit).
         let limits = Limits {
             hdr: CLIENT_HDR,
@@ -2222,6 +2320,7 @@ impl WInner {
                 early: true,
                 coalesce: false,
             },
+            Some(on_place),
         ) {
             Ok(c) => {
                 let c = Arc::new(c);
@@ -2276,10 +2375,12 @@ impl WInner {
         // pull must be sent again after its push, or the new owner answers the pull with the
         // round before the push. Not by request id: a request routed again (a retry) gets a
         // new, larger id, so a push sent twice would sort after its pull.
+        // A request whose answer is being received into its operation's memory stays until
+        // that ends (`PlaceGuard`).
         let mut ids: Vec<(u64, u64)> = st
             .reqs
             .iter()
-            .filter(|(_, r)| r.server == server)
+            .filter(|(_, r)| r.server == server && !r.placing)
             .map(|(id, r)| (r.op, *id))
             .collect();
         ids.sort_unstable();
@@ -2307,6 +2408,44 @@ impl WInner {
             Ok(()) => {}
         }
         r
+    }
+
+    /// Where the body of an answer from `server` goes, asked by its channel once the header is
+    /// in: a pull's answer whose segments are the request's parts, one each, for an operation
+    /// that lent its memory (a blocking call, [`OutBuf::loan`]), is received straight into
+    /// it. Not for a pull that may be stale (its answer would be thrown away), nor one whose
+    /// parts were partly copied already. The request stays put until the channel lets go of
+    /// the placement ([`PlaceGuard`]).
+    fn place(self: &Arc<Self>, server: u64, hdr: &[u8], segs: &[usize]) -> Option<Placement> {
+        let Ok(Msg::Values { req, .. }) = Msg::decode(hdr) else {
+            return None;
+        };
+        let mut guard = lock(&self.st);
+        let st = &mut *guard;
+        let r = st.reqs.get(&req)?;
+        let fits = r.server == server
+            && r.kind == Kind::Pull
+            && !r.placing
+            && r.early == 0
+            && segs.len() == r.parts.len()
+            && segs.iter().zip(&r.parts).all(|(s, (p, _))| *s == p.n);
+        if !fits || Self::stale_pull(st, req, r) {
+            return None;
+        }
+        let o = st.ops.get(&r.op).filter(|o| o.error.is_none())?;
+        let loan = o.out.loan.clone()?;
+        let offs = r.parts.iter().map(|(_, off)| *off).collect();
+        if let Some(r) = st.reqs.get_mut(&req) {
+            r.placing = true;
+        }
+        Some(Placement {
+            loan,
+            offs,
+            guard: Box::new(PlaceGuard {
+                inner: Arc::downgrade(self),
+                req,
+            }),
+        })
     }
 
     /// An early look at a pull's answer whose first `n` segments are in
@@ -2402,9 +2541,11 @@ impl WInner {
             }
             _ => return Ok(()),
         };
-        let Some(r) = st.reqs.remove(&req) else {
+        let Some(mut r) = st.reqs.remove(&req) else {
             return Ok(());
         };
+        // Answered: whatever was received for it is in (see `PlaceGuard`).
+        let placed = std::mem::take(&mut r.placing);
         if r.server != server {
             // Request ids are per worker: an answer names one sent on this connection.
             st.reqs.insert(req, r);
@@ -2445,8 +2586,13 @@ impl WInner {
             }
             Msg::Values { versions, .. } => {
                 if let Some(o) = st.ops.get_mut(&r.op) {
-                    // The parts an early look copied are in already.
-                    let bad = !o.out.copy_parts(&r.parts, r.early, r.parts.len(), m.body());
+                    // The parts an early look copied are in already; a placed answer is in
+                    // whole.
+                    let bad = if m.placed() {
+                        !placed
+                    } else {
+                        !o.out.copy_parts(&r.parts, r.early, r.parts.len(), m.body())
+                    };
                     if bad {
                         o.error.get_or_insert(Error::Internal(format!(
                             "server {} answered with a short body",
@@ -2641,10 +2787,11 @@ impl WInner {
                 dead.push(c);
             }
             // In the order their operations were submitted (see `on_lost`).
+            // Except those being received into their operation's memory (`PlaceGuard`).
             let mut ids: Vec<(u64, u64)> = st
                 .reqs
                 .iter()
-                .filter(|(_, r)| r.server == id)
+                .filter(|(_, r)| r.server == id && !r.placing)
                 .map(|(i, r)| (r.op, *i))
                 .collect();
             ids.sort_unstable();
@@ -2750,6 +2897,7 @@ fn route(
                         at,
                         prio,
                         early: 0,
+                        placing: false,
                     });
                     if let Some(o) = st.ops.get_mut(&op) {
                         o.outstanding += 1;
@@ -2779,6 +2927,7 @@ fn route(
                     at,
                     prio,
                     early: 0,
+                    placing: false,
                 },
             ));
         }
@@ -3023,6 +3172,7 @@ mod tests {
             at: None,
             prio: 0,
             early: 0,
+            placing: false,
         }
     }
 

@@ -716,6 +716,7 @@ fn make_chan(
         on_msg,
         on_close,
         opts,
+        None,
     )?);
     if peer.role != Role::Server {
         let _ = this.set(Arc::downgrade(&c));
