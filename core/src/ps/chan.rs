@@ -169,8 +169,9 @@ pub(crate) struct Incoming {
     /// Header bytes.
     pub hdr: Vec<u8>,
     /// The receive buffer: the body is its first `len` bytes. It keeps its high-water length
-    /// between messages, so a body is received without zeroing the buffer first.
-    buf: Vec<u8>,
+    /// between messages, so a body is received without zeroing the buffer first. Shared with
+    /// whoever took the body as it is ([`Incoming::body_buf`]) until they let go.
+    buf: Arc<Vec<u8>>,
     len: usize,
     /// The body's segments (lengths; one segment: the body).
     segs: Vec<usize>,
@@ -190,6 +191,14 @@ impl Incoming {
             return &[];
         }
         &self.buf[..self.len.min(self.buf.len())]
+    }
+
+    /// The buffer whose first [`Incoming::body`]`.len()` bytes are the body of this whole
+    /// message, for a handler that keeps (a range of) the body as it is, e.g. to forward it:
+    /// while a clone is held the channel receives into another buffer. `None` for an early
+    /// look, a placed body or none.
+    pub(crate) fn body_buf(&self) -> Option<&Arc<Vec<u8>>> {
+        (self.partial.is_none() && !self.placed && self.len > 0).then_some(&self.buf)
     }
 
     /// Whether the body was received straight into the memory the channel's [`OnPlace`]
@@ -262,6 +271,9 @@ struct Rx {
     on_place: Option<OnPlace>,
     /// The placement of the body being received, if it is placed.
     placing: Option<Placement>,
+    /// Receive buffers handlers still hold ([`Incoming::body_buf`]), reused once let go (a
+    /// fresh buffer per message would cost a page fault per 4 KiB); at most [`SPARE_MAX`].
+    spare: Vec<Arc<Vec<u8>>>,
     /// Early looks at segmented messages ([`ChanOpts::early`]).
     early: bool,
     /// See [`ChanOpts::coalesce`].
@@ -387,7 +399,7 @@ impl Chan {
                     prefix: Box::new([0u8; 16]),
                     msg: Incoming {
                         hdr: Vec::new(),
-                        buf: Vec::new(),
+                        buf: Arc::default(),
                         len: 0,
                         segs: Vec::new(),
                         partial: None,
@@ -398,6 +410,7 @@ impl Chan {
                     on_msg,
                     on_place,
                     placing: None,
+                    spare: Vec::new(),
                     early: opts.early,
                     coalesce: opts.coalesce,
                 },
@@ -459,6 +472,16 @@ impl Chan {
         segs: Vec<Arc<Vec<u8>>>,
     ) -> Result<()> {
         self.queue_segs(prio, hdr, segs.into_iter().map(Seg::Owned), true)
+    }
+
+    /// As [`Chan::send_segments`], with segments of any kind ([`Seg`]).
+    pub(crate) fn send_segs(
+        &self,
+        prio: i32,
+        hdr: Vec<u8>,
+        segs: impl IntoIterator<Item = Seg>,
+    ) -> Result<()> {
+        self.queue_segs(prio, hdr, segs, true)
     }
 
     /// As [`Chan::send_segments`], with segments that may be lent memory, to go with others
@@ -1105,24 +1128,20 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                         None => return Err("transport refused a receive".into()),
                     }
                 } else {
-                    let msg = &mut rx.msg;
-                    if msg.buf.len() > 4 * bl.max(1 << 20) {
-                        // Do not hold on to a buffer much larger than the traffic now.
-                        msg.buf = Vec::new();
-                    }
-                    if msg.buf.len() < bl {
-                        // Grows only (zeroing only the new part); a smaller body is
-                        // received into the front of the buffer.
-                        msg.buf.resize(bl, 0);
-                    }
-                    sh.rbuf.store(msg.buf.capacity(), Ordering::Relaxed);
-                    msg.len = bl;
-                    let first = msg.segs.first().copied().unwrap_or(bl);
-                    // SAFETY: `msg.buf` (at least `bl` >= `first` bytes) is not touched
-                    // until the request completed.
-                    match unsafe { conn.irecv(TAG_BODY, msg.buf.as_mut_ptr(), first) }
-                        .map_err(|e| e.to_string())?
-                    {
+                    let Some(buf) = receive_buffer(rx, bl) else {
+                        return Err("no receive buffer to itself".into());
+                    };
+                    sh.rbuf.store(
+                        rx.msg.buf.capacity()
+                            + rx.spare.iter().map(|b| b.capacity()).sum::<usize>(),
+                        Ordering::Relaxed,
+                    );
+                    rx.msg.len = bl;
+                    let first = rx.msg.segs.first().copied().unwrap_or(bl);
+                    // SAFETY: the receive buffer (at least `bl` >= `first` bytes, held by
+                    // this channel only: see `receive_buffer`) is not touched until the
+                    // request completed.
+                    match unsafe { conn.irecv(TAG_BODY, buf, first) }.map_err(|e| e.to_string())? {
                         Some(r) => RState::Body(r, 0, first),
                         None => return Err("transport refused a receive".into()),
                     }
@@ -1156,7 +1175,11 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
                                 break;
                             }
                         }
-                        let Some(buf) = rx.msg.buf.get_mut(at..at + n) else {
+                        // Nobody else holds the buffer while a body is received into it (see
+                        // `Incoming::body_buf`).
+                        let Some(buf) =
+                            Arc::get_mut(&mut rx.msg.buf).and_then(|b| b.get_mut(at..at + n))
+                        else {
                             return Err("segment outside the receive buffer".into());
                         };
                         // SAFETY: `buf` (`n` bytes inside `msg.buf`, which does not move or
@@ -1207,6 +1230,39 @@ fn step(sh: &Shared, link: &mut Link) -> std::result::Result<bool, String> {
         }
     }
     Ok(moved)
+}
+
+/// Most receive buffers a channel keeps while handlers hold them ([`Rx::spare`]); one held
+/// when there are more already is let go (it is freed when its holder drops it).
+const SPARE_MAX: usize = 2;
+
+/// A receive buffer of at least `bl` bytes that nobody else holds: the message's own, or, while
+/// a handler holds that one ([`Incoming::body_buf`]), a spare one nobody holds any more (or a
+/// new one). Where to receive into; `None` only if the buffer is shared after all.
+fn receive_buffer(rx: &mut Rx, bl: usize) -> Option<*mut u8> {
+    let msg = &mut rx.msg;
+    if Arc::get_mut(&mut msg.buf).is_none() {
+        let next = match rx.spare.iter().position(|b| Arc::strong_count(b) == 1) {
+            Some(i) => rx.spare.swap_remove(i),
+            None => Arc::default(),
+        };
+        let held = std::mem::replace(&mut msg.buf, next);
+        rx.spare.push(held);
+        if rx.spare.len() > SPARE_MAX {
+            rx.spare.remove(0);
+        }
+    }
+    let buf = Arc::get_mut(&mut msg.buf)?;
+    if buf.len() > 4 * bl.max(1 << 20) {
+        // Do not hold on to a buffer much larger than the traffic now.
+        *buf = Vec::new();
+    }
+    if buf.len() < bl {
+        // Grows only (zeroing only the new part); a smaller body is received into the front
+        // of the buffer.
+        buf.resize(bl, 0);
+    }
+    Some(buf.as_mut_ptr())
 }
 
 /// The placement of a body of `bl` bytes whose header and segment lengths are in `rx.msg`,
@@ -1479,6 +1535,97 @@ mod tests {
         );
         assert!(b.send_segs_later(0, b"m".to_vec(), Vec::new()).is_err());
         drop(ca);
+    }
+
+    #[test]
+    fn a_receive_buffer_kept_by_a_handler_is_left_alone() {
+        let limits = Limits {
+            hdr: 1 << 10,
+            body: 1 << 20,
+        };
+        let (ca, cb) = braid_transport::fuzzing::tcp_pair().expect("a socket pair");
+        type Kept = Arc<Mutex<Vec<(Option<Arc<Vec<u8>>>, Vec<u8>)>>>;
+        let kept: Kept = Arc::default();
+        let k2 = kept.clone();
+        // Keeps the buffers of the messages whose header is "keep" (as a server forwarding a
+        // push does), records every body.
+        let a = Chan::start(
+            ca,
+            "a",
+            limits,
+            Box::new(move |m: &Incoming| {
+                let keep = if m.hdr == b"keep" {
+                    m.body_buf().cloned()
+                } else {
+                    None
+                };
+                if m.hdr == b"none" {
+                    assert!(m.body_buf().is_none(), "a message without a body");
+                }
+                lock(&k2).push((keep, m.body().to_vec()));
+                Ok(())
+            }),
+            Box::new(|_| {}),
+        )
+        .unwrap();
+        let b = Chan::start(cb, "b", limits, Box::new(|_| Ok(())), Box::new(|_| {})).unwrap();
+        let body = |v: u8, n: usize| -> Vec<u8> { (0..n).map(|i| v ^ (i as u8)).collect() };
+        let msgs: Vec<(&[u8], Vec<u8>)> = vec![
+            (b"keep", body(1, 300 << 10)),
+            (b"keep", body(2, 200 << 10)),
+            (b"other", body(3, 500 << 10)),
+            (b"none", Vec::new()),
+            (b"keep", body(4, 100 << 10)),
+            (b"other", body(5, 300 << 10)),
+        ];
+        for (h, m) in &msgs {
+            b.send(Outgoing {
+                prio: 0,
+                hdr: h.to_vec(),
+                body: Arc::new(m.clone()),
+            })
+            .unwrap();
+        }
+        until("every message", || lock(&kept).len() == msgs.len());
+        let got = lock(&kept).clone();
+        for (i, ((_, want), (keep, seen))) in msgs.iter().zip(&got).enumerate() {
+            assert!(seen == want, "message {i} as received");
+            if let Some(k) = keep {
+                // Still what it was, though later messages came in meanwhile.
+                assert!(k[..want.len()] == want[..], "message {i}: its kept buffer");
+            }
+        }
+        let held: Vec<&Arc<Vec<u8>>> = got.iter().filter_map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(held.len(), 3);
+        assert!(
+            !Arc::ptr_eq(held[0], held[1]) && !Arc::ptr_eq(held[1], held[2]),
+            "each kept body in a buffer of its own"
+        );
+        // Let go: the channel receives into them again (at most two kept aside; no new
+        // buffer once one is free).
+        drop(got);
+        lock(&kept).clear();
+        let before = a.receive_buffer();
+        for v in 6..10u8 {
+            b.send(Outgoing {
+                prio: 0,
+                hdr: b"other".to_vec(),
+                body: Arc::new(body(v, 300 << 10)),
+            })
+            .unwrap();
+        }
+        until("four more", || lock(&kept).len() == 4);
+        assert!(
+            a.receive_buffer() <= before,
+            "{} > {before}",
+            a.receive_buffer()
+        );
+        assert!(lock(&kept)
+            .iter()
+            .zip(6..10u8)
+            .all(|((_, seen), v)| *seen == body(v, 300 << 10)));
+        a.close();
+        b.close();
     }
 
     /// Sets its flag when dropped (a placement's guard).

@@ -129,12 +129,15 @@ impl Loan {
     }
 }
 
-/// The bytes one piece of a message body is sent from: a shared buffer, or a range of lent
-/// memory.
+/// The bytes one piece of a message body is sent from: a shared buffer, a range of one, or a
+/// range of lent memory.
 #[derive(Clone)]
 pub(crate) enum Seg {
     /// A whole buffer.
     Owned(Arc<Vec<u8>>),
+    /// `.2` bytes at offset `.1` of a shared buffer (in bounds: see [`Seg::part`]), e.g. of
+    /// a body received and forwarded as it is.
+    Part(Arc<Vec<u8>>, usize, usize),
     /// `.2` bytes at offset `.1` of a loan (in bounds: see [`Seg::lent`]).
     Lent(Arc<Loan>, usize, usize),
 }
@@ -146,10 +149,16 @@ impl Seg {
             .then(|| Seg::Lent(loan.clone(), off, len))
     }
 
+    /// `len` bytes at `off` of `buf`; `None` when out of bounds.
+    pub(crate) fn part(buf: &Arc<Vec<u8>>, off: usize, len: usize) -> Option<Seg> {
+        (off.checked_add(len)? <= buf.len()).then(|| Seg::Part(buf.clone(), off, len))
+    }
+
     /// The bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Seg::Owned(b) => b,
+            Seg::Part(b, off, len) => &b[*off..*off + *len],
             Seg::Lent(l, off, len) => &l.bytes()[*off..*off + *len],
         }
     }
@@ -158,7 +167,7 @@ impl Seg {
     pub(crate) fn len(&self) -> usize {
         match self {
             Seg::Owned(b) => b.len(),
-            Seg::Lent(_, _, len) => *len,
+            Seg::Part(_, _, len) | Seg::Lent(_, _, len) => *len,
         }
     }
 

@@ -77,14 +77,17 @@ impl WriteReq {
 
 /// Handles one message from member (or reader) `from`, whose role
 /// [`permitted`](super::permitted) it; `via`: the channel it came in on, for a worker's or
-/// reader's (see [`use_for_replies`]). `Err(reason)`: a protocol error (a part list that does
-/// not add up); the caller closes the connection with that reason.
+/// reader's (see [`use_for_replies`]). `shared`: the receive buffer `body` is the front of,
+/// when the message's handling may keep ranges of it (a push forwarded to the replicas as it
+/// is). `Err(reason)`: a protocol error (a part list that does not add up); the caller closes
+/// the connection with that reason.
 pub(super) fn handle(
     inner: &Arc<SInner>,
     from: u64,
     via: Option<&Arc<crate::ps::chan::Chan>>,
     msg: Msg,
     body: &[u8],
+    shared: Option<&Arc<Vec<u8>>>,
 ) -> std::result::Result<(), String> {
     if inner.stop.load(Ordering::SeqCst) {
         // Leaving: the replicas take these parts over; the worker retries there after the
@@ -112,7 +115,7 @@ pub(super) fn handle(
             use_for_replies(st, from, c);
         }
         match WriteReq::of(msg) {
-            Ok(w) => on_write(inner, st, from, w, body, &mut fx),
+            Ok(w) => on_write(inner, st, from, w, body, shared, &mut fx),
             Err(msg) => match msg {
                 Msg::Pull {
                     req,
@@ -200,6 +203,7 @@ fn on_write(
     from: u64,
     w: WriteReq,
     body: &[u8],
+    shared: Option<&Arc<Vec<u8>>>,
     fx: &mut Effects,
 ) -> std::result::Result<(), String> {
     let req = w.req;
@@ -257,7 +261,7 @@ fn on_write(
         }
         off += p.n;
     }
-    fan.send(inner, st, from, &w, body, fx);
+    fan.send(inner, st, from, &w, body, shared, fx);
     if let Some(a) = st.aggs.get_mut(&(from, req)) {
         a.reps = a.reps.saturating_sub(1);
     }

@@ -683,7 +683,9 @@ fn make_chan(
         permitted(peer.role, Role::Server, &msg)?;
         let via = this2.get().and_then(std::sync::Weak::upgrade);
         match weak.upgrade() {
-            Some(inner) => dispatch::handle(&inner, from, via.as_ref(), msg, m.body()),
+            Some(inner) => {
+                dispatch::handle(&inner, from, via.as_ref(), msg, m.body(), m.body_buf())
+            }
             None => Ok(()),
         }
     });
@@ -817,7 +819,9 @@ fn announce(inner: &Arc<SInner>, add: Vec<(u64, u64, u32)>) {
 fn flush(inner: &Arc<SInner>, outbox: Vec<Out>, reps: Vec<replication::Rep>) {
     for (r, msg, body) in reps {
         match server_chan(inner, r) {
-            Some(c) => send(&c, i32::MAX, &msg, body),
+            Some(c) => {
+                let _ = c.send_segs(i32::MAX, msg.encode(), body);
+            }
             None => {
                 if let Msg::Replicate { seq, .. } = msg {
                     replication::unreachable(inner, seq);

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use super::dispatch::{Effects, WriteReq};
 use super::{apply_events, complete, dtype_of, flush, lock, Out, SInner, SState, Write};
+use crate::ps::pool::Seg;
 use crate::ps::wire::{parts_len, Msg, PartRef};
 
-/// A replication to send: (replica server, message, body).
-pub(super) type Rep = (u64, Msg, Arc<Vec<u8>>);
+/// A replication to send: (replica server, message, the body's segments).
+pub(super) type Rep = (u64, Msg, Vec<Seg>);
 
 /// A byte range of a message body: (offset, length).
 type Span = (usize, usize);
@@ -36,7 +37,10 @@ impl FanOut {
     }
 
     /// One replication message per replica server (sent after the state lock is released);
-    /// the request's answer now also waits for each one's acknowledgement.
+    /// the request's answer now also waits for each one's acknowledgement. With `shared` (the
+    /// receive buffer `body` is the front of) the replicas' parts are sent from it as they
+    /// are, one segment per run of adjacent parts; else copied.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn send(
         self,
         inner: &SInner,
@@ -44,16 +48,24 @@ impl FanOut {
         from: u64,
         w: &WriteReq,
         body: &[u8],
+        shared: Option<&Arc<Vec<u8>>>,
         fx: &mut Effects,
     ) {
+        let shared = shared.filter(|b| b.as_ptr() == body.as_ptr());
         for (r, (ps, at)) in self.per_replica {
-            // The replica's copy of its parts, in a pooled buffer (a fresh one per push cost
-            // a page fault per 4 KiB).
-            let total = at.iter().map(|(_, n)| n).sum();
-            let data = lock(&inner.rep_bodies).fill(total, |b| {
-                for (o, n) in &at {
-                    b.extend_from_slice(&body[*o..*o + *n]);
-                }
+            let data = match shared {
+                Some(buf) => spans_of(buf, &at),
+                None => None,
+            };
+            let data = data.unwrap_or_else(|| {
+                // A copy of the replica's parts, in a pooled buffer (a fresh one per push
+                // cost a page fault per 4 KiB).
+                let total = at.iter().map(|(_, n)| n).sum();
+                vec![Seg::Owned(lock(&inner.rep_bodies).fill(total, |b| {
+                    for (o, n) in &at {
+                        b.extend_from_slice(&body[*o..*o + *n]);
+                    }
+                }))]
             });
             let seq = st.rep_seq;
             st.rep_seq += 1;
@@ -101,6 +113,21 @@ impl FanOut {
             ));
         }
     }
+}
+
+/// The segments of `buf` that hold `spans` in order, adjacent spans joined; `None` if one is
+/// out of bounds.
+fn spans_of(buf: &Arc<Vec<u8>>, spans: &[Span]) -> Option<Vec<Seg>> {
+    let mut runs: Vec<Span> = Vec::new();
+    for &(o, n) in spans {
+        match runs.last_mut() {
+            Some((ro, rn)) if *ro + *rn == o => *rn += n,
+            _ => runs.push((o, n)),
+        }
+    }
+    runs.into_iter()
+        .map(|(o, n)| Seg::part(buf, o, n))
+        .collect()
 }
 
 /// A replication as received: (sequence, the worker whose write it is, the write, the
