@@ -129,6 +129,19 @@ impl Loan {
     }
 }
 
+/// Byte ranges `(offset, length)`, in order, with each range that starts where the one before
+/// ends joined to it: the segments a message body is sent in (one per run of adjacent parts).
+pub(crate) fn runs(spans: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (off, n) in spans {
+        match out.last_mut() {
+            Some((at, len)) if *at + *len == off => *len += n,
+            _ => out.push((off, n)),
+        }
+    }
+    out
+}
+
 /// The bytes one piece of a message body is sent from: a shared buffer, a range of one, or a
 /// range of lent memory.
 #[derive(Clone)]
@@ -185,6 +198,15 @@ impl Seg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adjacent_ranges_join_into_runs() {
+        assert_eq!(
+            runs([(0, 4), (4, 2), (8, 1), (9, 3), (20, 5)]),
+            vec![(0, 6), (8, 4), (20, 5)]
+        );
+        assert!(runs([]).is_empty());
+    }
 
     #[test]
     fn a_body_is_reused_once_nobody_holds_it() {

@@ -14,7 +14,7 @@ use super::chan::{
 };
 use super::checkpoint::{self, FileEntry, Manifest, PartEntry};
 use super::node::{connect_to, Cred, Node};
-use super::pool::{BufPool, Loan, Seg};
+use super::pool::{runs, BufPool, Loan, Seg};
 use super::server::{mode_name, ring_of, servers_of, workers_of};
 use super::shard::{split, Ring};
 use super::wire::{permitted, Msg, PartRef, CLIENT_HDR, MAX_PARTS};
@@ -2828,15 +2828,9 @@ fn body_of(r: &WReq) -> Vec<Seg> {
     let total: usize = r.parts.iter().map(|(p, _)| p.n).sum();
     match &r.body {
         Src::Lent(l) => {
-            let mut runs: Vec<(usize, usize)> = Vec::new();
-            for (p, off) in &r.parts {
-                match runs.last_mut() {
-                    Some((at, n)) if *at + *n == *off => *n += p.n,
-                    _ => runs.push((*off, p.n)),
-                }
-            }
             // In bounds: the parts were cut from the lent values (`submit_to`).
-            runs.into_iter()
+            runs(r.parts.iter().map(|(p, off)| (*off, p.n)))
+                .into_iter()
                 .filter_map(|(off, n)| Seg::lent(l, off, n))
                 .collect()
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::dispatch::{Effects, WriteReq};
 use super::{apply_events, complete, dtype_of, flush, lock, Out, SInner, SState, Write};
-use crate::ps::pool::Seg;
+use crate::ps::pool::{runs, Seg};
 use crate::ps::wire::{parts_len, Msg, PartRef};
 
 /// A replication to send: (replica server, message, the body's segments).
@@ -118,14 +118,8 @@ impl FanOut {
 /// The segments of `buf` that hold `spans` in order, adjacent spans joined; `None` if one is
 /// out of bounds.
 fn spans_of(buf: &Arc<Vec<u8>>, spans: &[Span]) -> Option<Vec<Seg>> {
-    let mut runs: Vec<Span> = Vec::new();
-    for &(o, n) in spans {
-        match runs.last_mut() {
-            Some((ro, rn)) if *ro + *rn == o => *rn += n,
-            _ => runs.push((o, n)),
-        }
-    }
-    runs.into_iter()
+    runs(spans.iter().copied())
+        .into_iter()
         .map(|(o, n)| Seg::part(buf, o, n))
         .collect()
 }
