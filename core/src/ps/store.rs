@@ -367,7 +367,8 @@ pub struct StoreBytes {
     pub values: usize,
     /// Older versions kept for snapshot reads (the history) and checkpoints.
     pub kept: usize,
-    /// Open sync rounds' sums and bounded-mode pushes held back.
+    /// Open sync rounds' sums (and the buffer kept for the next one's) and bounded-mode
+    /// pushes held back.
     pub pending: usize,
     /// Optimizer state (momentum).
     pub optimizer: usize,
@@ -403,6 +404,27 @@ struct Entry {
     /// checkpoint before any init re-stated it).
     #[serde(default)]
     total: u64,
+    /// Sync: the buffer of the last version dropped from the history, kept for the next
+    /// round's sum (not part of the key's state).
+    #[serde(skip)]
+    spare: Spare,
+}
+
+/// A buffer kept for reuse ([`Entry::spare`]): not state, so it is neither compared nor
+/// cloned, and it does not travel.
+#[derive(Debug, Default)]
+struct Spare(Option<Vec<u8>>);
+
+impl Clone for Spare {
+    fn clone(&self) -> Spare {
+        Spare(None)
+    }
+}
+
+impl PartialEq for Spare {
+    fn eq(&self, _: &Spare) -> bool {
+        true
+    }
 }
 
 /// What the per-key logic needs from the store.
@@ -465,6 +487,7 @@ impl Entry {
             held: BTreeMap::new(),
             pulls: Vec::new(),
             pin: None,
+            spare: Spare::default(),
             mom: None,
             total: 0,
         }
@@ -490,7 +513,22 @@ impl Entry {
                 .iter()
                 .position(|(v, _)| !self.pinned(*v))
                 .unwrap_or(0);
-            self.old.remove(i);
+            if let Some((_, v)) = self.old.remove(i) {
+                self.recycle(v);
+            }
+        }
+    }
+
+    /// Keeps the buffer of a version no longer kept for the next sync round's sum, when no
+    /// answer holds it any more (a new round's sum then needs no fresh memory: for large
+    /// parts, fresh memory costs a page fault per page every round).
+    fn recycle(&mut self, v: Val) {
+        // Sync mode only (where workers pushed rounds): nothing else takes it.
+        if !self.last_round.is_empty() && self.spare.0.is_none() && v.len() == self.value.len() {
+            let b = v.into_vec();
+            if !b.is_empty() {
+                self.spare.0 = Some(b);
+            }
         }
     }
 
@@ -516,6 +554,8 @@ impl Entry {
         let prev = std::mem::replace(&mut self.value, Val::new(next));
         if history > 1 || self.pinned(self.version) {
             self.old.push_back((self.version, prev));
+        } else {
+            self.recycle(prev);
         }
         self.version += 1;
         self.trim(history);
@@ -674,7 +714,14 @@ impl Entry {
                     self.commit(cfg.history, round.acc);
                     Ok(())
                 }
-                _ => self.apply(key, cfg, &round.acc),
+                _ => {
+                    let r = self.apply(key, cfg, &round.acc);
+                    // The sum's buffer serves the next round.
+                    if self.spare.0.is_none() {
+                        self.spare.0 = Some(round.acc);
+                    }
+                    r
+                }
             };
             if let Err(msg) = result {
                 let same = self.value.to_vec();
@@ -1176,12 +1223,17 @@ impl Store {
             Consistency::Sync => {
                 let last = e.last_round.get(&worker).copied().unwrap_or(0);
                 let r = last.max(e.version) + 1;
+                let spare = &mut e.spare;
                 let round = e.rounds.entry(r).or_insert_with(|| Round {
                     acc: Vec::new(),
                     pushers: BTreeSet::new(),
                 });
                 if round.pushers.is_empty() {
-                    round.acc = grad.to_vec();
+                    // The buffer of a version the history dropped, when there is one.
+                    let mut acc = spare.0.take().unwrap_or_default();
+                    acc.clear();
+                    acc.extend_from_slice(grad);
+                    round.acc = acc;
                 } else {
                     reduce_inplace(dtype, ReduceOp::Sum, &mut round.acc, grad)?;
                 }
@@ -1409,6 +1461,7 @@ impl Store {
             b.values += e.value.len();
             b.kept += e.old.iter().map(|(_, v)| v.len()).sum::<usize>();
             b.pending += e.rounds.values().map(|r| r.acc.len()).sum::<usize>()
+                + e.spare.0.as_ref().map_or(0, |s| s.len())
                 + e.held
                     .values()
                     .flat_map(|q| q.iter())
@@ -1563,6 +1616,48 @@ mod tests {
         }
     }
 
+    /// A sync round's sum goes into the buffer of a version the store no longer keeps (no
+    /// fresh memory each round), never into one an answer still holds.
+    #[test]
+    fn sync_rounds_reuse_dropped_buffers_but_not_held_ones() {
+        for history in [1, 3] {
+            let mut s = store(Consistency::Sync, UpdateRule::Sum, history, &[1, 2]);
+            s.init(7, F, &b(&[0., 0.])).unwrap();
+            let mut held = None;
+            for r in 1..=6u64 {
+                let x = r as f32;
+                s.push(10 * r, 1, 7, F, &b(&[x, 1.])).unwrap();
+                let ev = s.push(10 * r + 1, 2, 7, F, &b(&[x, 2.])).unwrap();
+                assert_eq!(ev, [ack(10 * r + 1, 7, r)], "history {history}");
+                let ans = s.pull(10 * r + 2, 1, 7, None).unwrap();
+                assert_eq!(ans, [val(10 * r + 2, 7, r, &[2. * x, 3.])]);
+                if r == 2 {
+                    // An answer being sent holds round 2's buffer from here on.
+                    if let [Event::Value { data, .. }] = &ans[..] {
+                        held = Some(data.clone());
+                    }
+                }
+                // The value and the older versions kept, plus at most one buffer for the
+                // next round's sum.
+                let bytes = s.bytes();
+                assert_eq!(bytes.values, 8);
+                assert!(bytes.pending <= 8, "history {history}: {bytes:?}");
+            }
+            assert_eq!(f(held.as_deref().unwrap()), [4., 3.], "history {history}");
+        }
+        // With a rule other than the sum, the sum's buffer serves the next round.
+        let sgd = UpdateRule::Sgd(SgdParams::lr(1.0));
+        let mut s = store(Consistency::Sync, sgd, 2, &[1, 2]);
+        s.init(7, F, &b(&[0., 0.])).unwrap();
+        for r in 1..=3u64 {
+            s.push(10 * r, 1, 7, F, &b(&[1., 1.])).unwrap();
+            s.push(10 * r + 1, 2, 7, F, &b(&[1., 1.])).unwrap();
+            assert_eq!(s.bytes().pending, 8);
+        }
+        let ans = s.pull(99, 1, 7, None).unwrap();
+        assert_eq!(ans, [val(99, 7, 3, &[-6., -6.])]);
+    }
+
     #[test]
     fn sync_two_workers() {
         let mut s = store(Consistency::Sync, UpdateRule::Sum, 1, &[1, 2]);
@@ -1647,7 +1742,25 @@ mod tests {
             }
         );
         y.push(2, 2, 7, F, &b(&[1.; 4])).unwrap();
-        assert_eq!(y.bytes(), StoreBytes { values: 16, ..none });
+        // Closed: the version it replaced is kept for the next round's sum.
+        assert_eq!(
+            y.bytes(),
+            StoreBytes {
+                values: 16,
+                pending: 16,
+                ..none
+            }
+        );
+        y.push(3, 1, 7, F, &b(&[1.; 4])).unwrap();
+        // ... which holds it now: no more memory than before.
+        assert_eq!(
+            y.bytes(),
+            StoreBytes {
+                values: 16,
+                pending: 16,
+                ..none
+            }
+        );
     }
 
     /// A retried push that was already applied is acknowledged again with the round it went
