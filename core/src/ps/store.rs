@@ -1624,9 +1624,18 @@ mod tests {
             let mut s = store(Consistency::Sync, UpdateRule::Sum, history, &[1, 2]);
             s.init(7, F, &b(&[0., 0.])).unwrap();
             let mut held = None;
+            // With a history of 1: the buffer of the version the last round's close dropped,
+            // when no answer held it.
+            let mut dropped: Option<*const u8> = None;
             for r in 1..=6u64 {
                 let x = r as f32;
+                let before = s.keys.get(&7).unwrap().value.as_ptr();
                 s.push(10 * r, 1, 7, F, &b(&[x, 1.])).unwrap();
+                if let Some(p) = dropped {
+                    let e = s.keys.get(&7).unwrap();
+                    let acc = e.rounds.values().next().unwrap().acc.as_ptr();
+                    assert_eq!(acc, p, "round {r} sums into the dropped version's buffer");
+                }
                 let ev = s.push(10 * r + 1, 2, 7, F, &b(&[x, 2.])).unwrap();
                 assert_eq!(ev, [ack(10 * r + 1, 7, r)], "history {history}");
                 let ans = s.pull(10 * r + 2, 1, 7, None).unwrap();
@@ -1642,6 +1651,8 @@ mod tests {
                 let bytes = s.bytes();
                 assert_eq!(bytes.values, 8);
                 assert!(bytes.pending <= 8, "history {history}: {bytes:?}");
+                // This close dropped version r - 1 (round 2's is held by an answer).
+                dropped = (history == 1 && r - 1 != 2).then_some(before);
             }
             assert_eq!(f(held.as_deref().unwrap()), [4., 3.], "history {history}");
         }
@@ -1733,34 +1744,18 @@ mod tests {
         y.init(7, F, &b(&[0.; 4])).unwrap();
         y.push(1, 1, 7, F, &b(&[1.; 4])).unwrap();
         // Round 1 is open (worker 2 has not pushed): its sum is held.
-        assert_eq!(
-            y.bytes(),
-            StoreBytes {
-                values: 16,
-                pending: 16,
-                ..none
-            }
-        );
+        let one_sum = StoreBytes {
+            values: 16,
+            pending: 16,
+            ..none
+        };
+        assert_eq!(y.bytes(), one_sum);
         y.push(2, 2, 7, F, &b(&[1.; 4])).unwrap();
         // Closed: the version it replaced is kept for the next round's sum.
-        assert_eq!(
-            y.bytes(),
-            StoreBytes {
-                values: 16,
-                pending: 16,
-                ..none
-            }
-        );
+        assert_eq!(y.bytes(), one_sum);
         y.push(3, 1, 7, F, &b(&[1.; 4])).unwrap();
         // ... which holds it now: no more memory than before.
-        assert_eq!(
-            y.bytes(),
-            StoreBytes {
-                values: 16,
-                pending: 16,
-                ..none
-            }
-        );
+        assert_eq!(y.bytes(), one_sum);
     }
 
     /// A retried push that was already applied is acknowledged again with the round it went
