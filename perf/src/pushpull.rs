@@ -4,7 +4,7 @@
 //! ```text
 //! braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS]
 //!     [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto]
-//!     [--replicas R] [--partition BYTES]
+//!     [--replicas R] [--partition BYTES] [--api blocking|raw]
 //! braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS]
 //!     [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input]
 //!     [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
@@ -31,7 +31,10 @@
 //! Columns: `size count keys` then push/pull `round_us` (max over workers of the mean),
 //! `pp_GB/s` (bytes pushed + pulled per worker per second), `agg_GB/s` (× workers), `#wrong`
 //! (sync: every round's aggregate is checked exactly; async/bounded: the final value after all
-//! rounds), then all_reduce of SIZE bytes over the W workers: `ar_us`, `ar_busbw`.
+//! rounds), then all_reduce of SIZE bytes over the W workers: `ar_us`, `ar_busbw`. `--api raw`
+//! runs the rounds through the non-blocking `push_pull_raw` and its handle's `wait` (the path
+//! of the C ABI's braid_kv_push_pull + braid_kv_wait) instead of the blocking
+//! `push_pull_into`; the header line then ends with `, api raw`.
 
 use std::io::Write;
 use std::process::{Command, ExitCode, Stdio};
@@ -62,6 +65,10 @@ struct Args {
     state: usize,
     /// `--ckpt-every N` (checkpoint bench).
     ckpt_every: u64,
+    /// `--api raw`: rounds through the non-blocking `push_pull_raw` + `wait` (the C ABI's
+    /// braid_kv_push_pull + braid_kv_wait, which braid.kv and the MXNet kvstores use) instead
+    /// of the blocking `push_pull_into`.
+    raw: bool,
 }
 
 /// Settings of the `--drill` loop mode (fault drills; see [`drill`]).
@@ -80,7 +87,7 @@ struct Drill {
     op_timeout: Option<f64>,
 }
 
-const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES]
+const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES] [--api blocking|raw]
        braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--slow MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
        braid-perf push_pull --ckpt-bench DIR --workers W --servers S [--state BYTES] [-b BYTES] [--rounds N] [--ckpt-every N] [--mode ...] [--replicas R] [--partition BYTES]";
 
@@ -113,6 +120,7 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         ckpt_dir: None,
         state: 1 << 30,
         ckpt_every: 20,
+        raw: false,
     };
     let mut it = argv.iter();
     let mut max_set = false;
@@ -168,6 +176,13 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "--ckpt-bench" => a.ckpt_dir = Some(val()?),
             "--state" => a.state = size(val()?)?,
             "--ckpt-every" => a.ckpt_every = num(val()?)?.max(1) as u64,
+            "--api" => {
+                a.raw = match val()?.as_str() {
+                    "raw" => true,
+                    "blocking" => false,
+                    r => return Err(format!("--api {r}: expected blocking or raw")),
+                }
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -385,8 +400,9 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
     let (ns, _) = kv.sizes();
     if rank == 0 {
         println!(
-            "# braid-perf push_pull: {w} workers, {ns} servers, mode {:?}, replicas {}, partition {} B, iters {}, warmup {}",
-            mode, o.replicas, o.partition_bytes, a.iters, a.warmup
+            "# braid-perf push_pull: {w} workers, {ns} servers, mode {:?}, replicas {}, partition {} B, iters {}, warmup {}{}",
+            mode, o.replicas, o.partition_bytes, a.iters, a.warmup,
+            if a.raw { ", api raw" } else { "" }
         );
         println!(
             "# {:>10} {:>10} {:>5} {:>11} {:>9} {:>9} {:>7}   {:>10} {:>9}",
@@ -427,8 +443,15 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
         let mut out = vec![0f32; count];
         for r in 0..rounds {
             let t0 = Instant::now();
-            kv.push_pull_into(&keys, &lens, &grad, &mut out, 0)
-                .map_err(|e| format!("round {r}: {e}"))?;
+            let done = if a.raw {
+                // SAFETY: `out` holds `count` elements (the sum of `lens`) and is neither read
+                // nor written until the handle was waited for (here, at once).
+                unsafe { kv.push_pull_raw(&keys, &lens, &grad, out.as_mut_ptr(), 0) }
+                    .and_then(|h| h.wait())
+            } else {
+                kv.push_pull_into(&keys, &lens, &grad, &mut out, 0)
+            };
+            done.map_err(|e| format!("round {r}: {e}"))?;
             if r >= a.warmup {
                 t_timed += t0.elapsed().as_secs_f64();
             }
