@@ -1130,9 +1130,11 @@ braid_status_t braid_kv_push(braid_kv_worker_t worker,
 // `datatype`, concatenated in key order) and writes a request to `*req` (NULL on failure).
 // `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:
 // sync and bounded mode: the round this worker last pushed to (a push followed by a pull
-// returns that round's aggregate); async mode: the latest. The values are written to `out`
-// when braid_kv_wait returns (or braid_kv_test reports done; `out` may be CUDA device memory:
-// braid pulls into host memory and copies to the device then); braid_kv_wait reports the
+// returns that round's aggregate); async mode: the latest. The values are in `out` when
+// braid_kv_wait returns (or braid_kv_test reports done; host memory is written as the servers
+// answer, 1 MiB or more straight from the socket with no intermediate copy, and nothing
+// writes to it any more then; `out` may be CUDA device memory: braid pulls into host memory
+// and copies to the device then); braid_kv_wait reports the
 // smallest version over the parts read. Pulling a key nobody initialised waits for it until
 // BRAID_TIMEOUT.
 //

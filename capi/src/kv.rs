@@ -91,8 +91,9 @@ impl KvPending for PushPending {
     }
 }
 
-/// A pull (or push-pull): braid writes its values straight to the caller's `out` as the
-/// servers answer (no intermediate copy); dropping it (braid_kv_request_free) stops that.
+/// A pull (or push-pull): braid writes its values to the caller's `out` as the servers answer
+/// (answers of 1 MiB or more received straight into it, no intermediate copy); it is ready,
+/// and dropping it (braid_kv_request_free) returns, only once nothing writes there any more.
 struct PullPending(PsHandle<u64>);
 
 impl KvPending for PullPending {
@@ -761,9 +762,11 @@ pub unsafe extern "C" fn braid_kv_push(
 /// `datatype`, concatenated in key order) and writes a request to `*req` (NULL on failure).
 /// `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:
 /// sync and bounded mode: the round this worker last pushed to (a push followed by a pull
-/// returns that round's aggregate); async mode: the latest. The values are written to `out`
-/// when braid_kv_wait returns (or braid_kv_test reports done; `out` may be CUDA device memory:
-/// braid pulls into host memory and copies to the device then); braid_kv_wait reports the
+/// returns that round's aggregate); async mode: the latest. The values are in `out` when
+/// braid_kv_wait returns (or braid_kv_test reports done; host memory is written as the servers
+/// answer, 1 MiB or more straight from the socket with no intermediate copy, and nothing
+/// writes to it any more then; `out` may be CUDA device memory: braid pulls into host memory
+/// and copies to the device then); braid_kv_wait reports the
 /// smallest version over the parts read. Pulling a key nobody initialised waits for it until
 /// BRAID_TIMEOUT.
 ///

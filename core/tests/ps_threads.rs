@@ -626,6 +626,72 @@ fn pulls_into_caller_memory() {
     });
 }
 
+/// Non-blocking pulls of large values (the C ABI's path, `pull_raw` / `push_pull_raw`) receive
+/// the answers straight into the caller's memory: the values are right, `test` says done only
+/// when they are all in, and a handle dropped while answers are being received into that
+/// memory waits for them, so nothing is written to it after the drop (a sentinel written
+/// right after each drop is intact a moment later).
+#[test]
+fn raw_pulls_receive_into_caller_memory_and_stop_at_drop() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        partition_bytes: 1 << 20,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let servers = start_servers(s, 2, &addr, 3, &opts);
+        let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
+        // 6 MiB in two keys, parts of 1 MiB over both servers.
+        let (keys, lens) = ([40u64, 41], [1usize << 20, 1 << 19]);
+        let n = lens.iter().sum::<usize>();
+        let init: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+        kv.init(&keys, &lens, &init).unwrap();
+        let mut out = vec![-1f32; n];
+        // SAFETY: `out` is not touched until `test` said done (nothing writes to it then).
+        let h = unsafe { kv.pull_raw(&keys, &lens, out.as_mut_ptr(), None, 0) }.unwrap();
+        let t0 = std::time::Instant::now();
+        while !h.test() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "pull never done");
+            std::thread::yield_now();
+        }
+        // Done: every answer is in `out` already (read before the wait).
+        assert!(out == init, "pulled values differ");
+        let v = h.wait().unwrap();
+        let ones = vec![1f32; n];
+        // SAFETY: as above.
+        let h = unsafe { kv.push_pull_raw(&keys, &lens, &ones, out.as_mut_ptr(), 0) }.unwrap();
+        assert!(h.wait().unwrap() > v);
+        let want: Vec<f32> = init.iter().map(|x| x + 1.0).collect();
+        assert!(out == want, "push_pull values differ");
+        let mut tmp = vec![0f32; n];
+        for i in 0..30 {
+            // SAFETY: `tmp` outlives the handle, dropped unwaited after a while (answers
+            // arriving then), before `tmp` is written again.
+            let h = unsafe { kv.pull_raw(&keys, &lens, tmp.as_mut_ptr(), None, 0) }.unwrap();
+            std::thread::sleep(Duration::from_micros(200 * (i % 10)));
+            drop(h);
+            tmp.fill(7.0);
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(
+                tmp.iter().all(|x| *x == 7.0),
+                "drop {i}: answers written after the handle was dropped"
+            );
+        }
+        let p = kv
+            .pull::<f32>(&keys, &lens, None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(p.values == want, "values changed");
+        drop(kv);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}
+
 /// A key of three parts pushed with another total length whose first parts happen to have the
 /// same sizes (2 parts of 64 bytes against 3): refused by every server holding a part, and the
 /// key is unchanged (before, the matching parts were applied: a partial update).

@@ -325,6 +325,10 @@ pub struct PsHandle<R> {
     inner: Arc<WInner>,
     op: u64,
     finish: Option<Finish<R>>,
+    /// Caller memory a non-blocking pull receives its answers into ([`KvWorker::pull_raw`]),
+    /// taken back when the handle is dropped (after [`PsHandle::drop`] forgot the operation):
+    /// nothing writes to it afterwards.
+    recv: Option<Lending>,
 }
 
 impl<R> std::fmt::Debug for PsHandle<R> {
@@ -334,10 +338,28 @@ impl<R> std::fmt::Debug for PsHandle<R> {
 }
 
 impl<R> PsHandle<R> {
+    /// The handle, holding `recv` (the caller memory its answers are received into) until it
+    /// is dropped.
+    fn receiving(mut self, recv: Lending) -> Self {
+        self.recv = Some(recv);
+        self
+    }
+
     /// Whether the operation finished (successfully or not); never blocks.
     pub fn test(&self) -> bool {
         let st = lock(&self.inner.st);
-        let done = st.ops.get(&self.op).map_or(true, |o| st.done(o));
+        let known = st.ops.get(&self.op);
+        // A pull that receives into the caller's memory is done once no connection writes to
+        // it either: the loan is held by this handle and the operation only (an answer's
+        // placement lets go just after the answer completed the operation).
+        let done = known.map_or(true, |o| st.done(o))
+            && self
+                .recv
+                .as_ref()
+                .and_then(|r| r.loan.as_ref())
+                .map_or(true, |l| {
+                    Arc::strong_count(l) <= 1 + usize::from(known.is_some())
+                });
         if !done {
             // Its answers may arrive on a connection whose channel thread left receiving to
             // a thread that drove it (see `Chan::attach`).
@@ -410,6 +432,8 @@ impl<R> Drop for PsHandle<R> {
             // memory its answers would be written to goes away.
             lock(&self.inner.st).ops.remove(&self.op);
         }
+        // Then `recv` (a field, dropped after this) takes the caller's memory back: it waits
+        // for an answer still being received into it.
     }
 }
 
@@ -950,10 +974,10 @@ impl KvWorker {
 
     /// A receive loan of `out` (`n` elements) when it is large enough to receive answers
     /// straight into ([`LEND_MIN`]), given back when the returned guard is dropped.
-    fn receiving<T: Element>(&self, out: *mut T, n: usize) -> Lending<'_> {
+    fn receiving<T: Element>(&self, out: *mut T, n: usize) -> Lending {
         let bytes = n * std::mem::size_of::<T>();
         Lending {
-            inner: &self.inner,
+            inner: self.inner.clone(),
             // SAFETY: the caller's `out` is borrowed mutably (and not touched) until the
             // guard was dropped, which takes the loan back.
             loan: (bytes >= LEND_MIN).then(|| unsafe { Loan::new_mut(out.cast::<u8>(), bytes) }),
@@ -981,7 +1005,7 @@ impl KvWorker {
         // The values are sent from `vals` itself, which stays borrowed until `lending` took
         // the loan back (dropped at the end of this call, after the wait or on an error).
         let lending = Lending {
-            inner: &self.inner,
+            inner: self.inner.clone(),
             // SAFETY: `vals` is borrowed (immutably) for this whole call.
             loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
         };
@@ -1011,8 +1035,14 @@ impl KvWorker {
         out: *mut T,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.push_pull_from(keys, lens, vals, None, out, None, prio) }
+        // Large answers are received straight into `out`, taken back when the handle is
+        // dropped (or here, on an error).
+        let receiving = self.receiving(out, lens.iter().sum());
+        // SAFETY: forwarded from the caller: `out` is neither read nor written by anyone else
+        // until the handle was dropped, which takes the loan back.
+        let h =
+            unsafe { self.push_pull_from(keys, lens, vals, None, out, receiving.loan(), prio) }?;
+        Ok(h.receiving(receiving))
     }
 
     /// [`KvWorker::push_pull_raw`], the push sent from `lent` (`vals`' bytes) when given, the
@@ -1054,7 +1084,11 @@ impl KvWorker {
 
     /// A non-blocking pull into caller memory (the C ABI's shape): the values of `keys`
     /// (`lens[i]` elements each) are written to `out` as the servers answer; the handle
-    /// returns the version.
+    /// returns the version. Answers of at least 1 MiB in all are received straight into `out`
+    /// (no copy), as in [`KvWorker::pull_into`]: the handle's [`PsHandle::test`] says done,
+    /// and its wait or drop returns, only once nothing writes to `out` any more (a drop
+    /// before the end waits for an answer being received into it; a connection still
+    /// receiving into it a second later, its server not sending, is closed).
     ///
     /// # Safety
     /// `out` must be valid for writes of `lens.iter().sum()` elements of `T` and not be read
@@ -1067,8 +1101,11 @@ impl KvWorker {
         min_version: Option<u64>,
         prio: i32,
     ) -> Result<PsHandle<u64>> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.pull_from(keys, lens, out, None, min_version, prio) }
+        // Large answers are received straight into `out`, as in `push_pull_raw`.
+        let receiving = self.receiving(out, lens.iter().sum());
+        // SAFETY: as in `push_pull_raw`.
+        let h = unsafe { self.pull_from(keys, lens, out, receiving.loan(), min_version, prio) }?;
+        Ok(h.receiving(receiving))
     }
 
     /// [`KvWorker::pull_raw`], the answers received straight into `dest` (a receive loan of
@@ -1116,6 +1153,11 @@ impl KvWorker {
 /// and 1 MiB, 18% faster at 4 MiB).
 const LEND_MIN: usize = 1 << 20;
 
+/// A copied push body of at least this many bytes is set moving as soon as it is queued,
+/// ahead of an open batch: its connection sends it while the caller copies the next server's
+/// body ([`WInner::submit_to`]). Smaller ones leave with the batch (one write per server).
+const SEND_EARLY: usize = 256 << 10;
+
 /// How long [`Lending`] waits for a connection to send what it still holds of the caller's
 /// values before it closes the connection (on a live one they leave within moments: the
 /// server read the push before it answered the pull behind it).
@@ -1129,20 +1171,20 @@ const LOAN_GRACE: Duration = Duration::from_secs(1);
 /// - what the connections still queue or send of it is waited for; a connection that holds it
 ///   for more than [`LOAN_GRACE`] (a server that stopped reading) is closed at once
 ///   ([`Chan::abort`]).
-struct Lending<'a> {
-    inner: &'a Arc<WInner>,
+struct Lending {
+    inner: Arc<WInner>,
     /// None: nothing lent (values too small to lend).
     loan: Option<Arc<Loan>>,
 }
 
-impl Lending<'_> {
+impl Lending {
     /// The loan, to hand out.
     fn loan(&self) -> Option<Arc<Loan>> {
         self.loan.clone()
     }
 }
 
-impl Drop for Lending<'_> {
+impl Drop for Lending {
     fn drop(&mut self) {
         if let Some(loan) = &self.loan {
             if Arc::strong_count(loan) > 1 {
@@ -1291,6 +1333,7 @@ fn handle<R>(
         inner: inner.clone(),
         op,
         finish: Some(Box::new(f)),
+        recv: None,
     }
 }
 
@@ -1989,14 +2032,25 @@ impl WInner {
             }
             _ if kind.writes() => {
                 // One copy of the caller's values: each server's request gets its own parts,
-                // contiguous, sent as they are.
+                // contiguous, sent as they are. Those kept for a retry (in the state) get
+                // theirs here; the others below.
                 let mut pool = lock(&self.bodies);
-                for (_, r) in &mut reqs {
-                    r.body = Src::Copy(compact(data, &mut r.parts, &mut pool));
-                }
                 for r in st.retry.iter_mut().filter(|r| r.op == op) {
                     r.body = Src::Copy(compact(data, &mut r.parts, &mut pool));
                 }
+                drop(pool);
+                drop(st);
+                // Copied outside the state lock (answers to other operations are handled
+                // meanwhile), one request at a time, each queued before the next is copied;
+                // a large one is set moving at once (not with the batch), so its connection
+                // sends it while this thread copies the next.
+                for (id, mut r) in reqs {
+                    let body = compact(data, &mut r.parts, &mut lock(&self.bodies));
+                    let now = body.len() >= SEND_EARLY;
+                    r.body = Src::Copy(body);
+                    self.dispatch_kick(vec![(id, r)], now);
+                }
+                return Ok(op);
             }
             _ => {}
         }
@@ -2008,6 +2062,12 @@ impl WInner {
     /// Sends requests (connecting to servers as needed); what cannot be sent goes to the retry
     /// list.
     fn dispatch(self: &Arc<Self>, reqs: Vec<(u64, WReq)>) {
+        self.dispatch_kick(reqs, false);
+    }
+
+    /// [`WInner::dispatch`], the connections set moving at once when `now`, even in an open
+    /// batch (else with the batch, if one is open).
+    fn dispatch_kick(self: &Arc<Self>, reqs: Vec<(u64, WReq)>, now: bool) {
         let mut kick: Vec<Arc<Chan>> = Vec::new();
         for (id, r) in reqs {
             let chan = self.server_chan(r.server);
@@ -2072,7 +2132,13 @@ impl WInner {
                 }
             }
         }
-        kick_now_or_with_batch(kick);
+        if now {
+            for c in kick {
+                c.kick();
+            }
+        } else {
+            kick_now_or_with_batch(kick);
+        }
     }
 
     /// Takes lent values back (see [`Lending`]): returns once `loan` is the only reference.
