@@ -1175,6 +1175,31 @@ braid_status_t braid_kv_push_pull(braid_kv_worker_t worker,
                                   int prio,
                                   braid_kv_request_t *req);
 
+// Pushes `vals` and pulls the same keys into `out` (arrays as braid_kv_init) and waits for
+// the answer: braid_kv_push_pull, braid_kv_wait and braid_kv_request_free in one call, which
+// copies neither buffer: the values are sent from `vals` itself and the answers received
+// straight into `out` (1 MiB or more; braid_kv_push_pull copies `vals` before it returns).
+// Both are used only during the call, whatever its outcome. `*version` (when `version` is not
+// NULL) receives the version pulled. `out` may be `vals` or overlap it (in place), or either
+// may be CUDA device memory: then it runs as braid_kv_push_pull and braid_kv_wait do
+// (`vals` copied or staged first).
+//
+// Errors: as braid_kv_push_pull and braid_kv_wait.
+//
+// # Safety
+// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements, `vals` valid for
+// reading and `out` for writing the sum of `lens` elements of `datatype` for the call, and
+// `out` not used by anyone else meanwhile; `version` is NULL or valid for a write.
+braid_status_t braid_kv_push_pull_wait(braid_kv_worker_t worker,
+                                       const uint64_t *keys,
+                                       const size_t *lens,
+                                       size_t nkeys,
+                                       const void *vals,
+                                       void *out,
+                                       braid_datatype_t datatype,
+                                       int prio,
+                                       uint64_t *version);
+
 // Blocks until a push/pull request completes (bounded by BRAID_TIMEOUT) and returns its
 // status; a pull's values are in its `out` buffer afterwards. `*version` (when `version` is
 // not NULL) receives the version pulled (the smallest over the parts read; 0 for a push). May

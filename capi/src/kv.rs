@@ -849,6 +849,88 @@ pub unsafe extern "C" fn braid_kv_push_pull(
     })
 }
 
+/// A push_pull waited for in the call ([`braid_kv_push_pull_wait`]): sent from `vals` and
+/// received into `out` without copies when both are host memory that does not overlap; else
+/// as braid_kv_push_pull (vals copied first, device memory staged) followed by its wait.
+fn kv_push_pull_wait<T: Element>(
+    w: &KvWorker,
+    k: &KvKeys<'_>,
+    vals: *const c_void,
+    out: *mut c_void,
+    prio: c_int,
+) -> CResult<u64> {
+    let bytes = k
+        .total
+        .checked_mul(size_of::<T>())
+        .filter(|b| *b <= isize::MAX as usize)
+        .ok_or_else(|| Fail::arg("the lengths are too large"))?;
+    let (v0, o0) = (vals as usize, out as usize);
+    let apart = v0.saturating_add(bytes) <= o0 || o0.saturating_add(bytes) <= v0;
+    let host = |p: *const c_void| {
+        !matches!(
+            braid_core::cuda::pointer_kind(p),
+            braid_core::cuda::PtrKind::Device(_)
+        )
+    };
+    if bytes == 0 || !apart || !host(vals) || !host(out.cast_const()) {
+        return kv_pull::<T>(w, k, Some(vals), out, None, prio)?.complete();
+    }
+    // SAFETY: `vals` is valid for `total` elements for the call (contract).
+    let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
+    if out.is_null() {
+        return Err(Fail::arg("out is NULL"));
+    }
+    if !out.cast::<T>().is_aligned() {
+        return Err(Fail::arg("out is not aligned for its element type"));
+    }
+    // SAFETY: non-NULL, aligned, `bytes` checked above, valid for writes of `total` elements
+    // and used by nobody else for the call (contract); it does not overlap `vals` (checked).
+    let o = unsafe { std::slice::from_raw_parts_mut(out.cast::<T>(), k.total) };
+    Ok(w.push_pull_into(k.keys, k.lens, v, o, prio)?)
+}
+
+/// Pushes `vals` and pulls the same keys into `out` (arrays as braid_kv_init) and waits for
+/// the answer: braid_kv_push_pull, braid_kv_wait and braid_kv_request_free in one call, which
+/// copies neither buffer: the values are sent from `vals` itself and the answers received
+/// straight into `out` (1 MiB or more; braid_kv_push_pull copies `vals` before it returns).
+/// Both are used only during the call, whatever its outcome. `*version` (when `version` is not
+/// NULL) receives the version pulled. `out` may be `vals` or overlap it (in place), or either
+/// may be CUDA device memory: then it runs as braid_kv_push_pull and braid_kv_wait do
+/// (`vals` copied or staged first).
+///
+/// Errors: as braid_kv_push_pull and braid_kv_wait.
+///
+/// # Safety
+/// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements, `vals` valid for
+/// reading and `out` for writing the sum of `lens` elements of `datatype` for the call, and
+/// `out` not used by anyone else meanwhile; `version` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_push_pull_wait(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const c_void,
+    out: *mut c_void,
+    datatype: DatatypeArg,
+    prio: c_int,
+    version: *mut u64,
+) -> braid_status_t {
+    boundary("braid_kv_push_pull_wait", || {
+        // SAFETY: caller contract.
+        let w = unsafe { kv_worker_ref(worker) }?;
+        let dtype = dtype_of(datatype)?;
+        // SAFETY: caller contract.
+        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+        let v = with_element!(dtype, kv_push_pull_wait(&w.worker, &k, vals, out, prio))?;
+        if !version.is_null() {
+            // SAFETY: non-NULL; caller contract.
+            unsafe { version.write(v) };
+        }
+        Ok(())
+    })
+}
+
 /// Waits for a push/pull request (if not yet done; not blocking when `block` is false) and
 /// returns its outcome.
 fn kv_finish(r: &mut braid_kv_request, block: bool) -> Option<CResult<u64>> {

@@ -5,6 +5,7 @@
  *
  * Workers: init 3 float keys of different lengths and one int64 key; rounds of push_pull with
  * exact expected values; a pull with min_version (non-blocking, completed by the next round);
+ * braid_kv_push_pull_wait on a key of 1.2 MB (apart and in place);
  * argument errors (wrong length for a known key names the key, wrong datatype, bad
  * min_version, NULL pointers); a float16 key summed in a sync round; braid_kv_set_rule at run
  * time (sgd with momentum: exact weights, braid_kv_pull_state / braid_kv_push_state of the
@@ -180,6 +181,40 @@ static void worker(int index, int cb) {
     EXPECT(v == ROUNDS + 1, "pending pull: version %llu", (unsigned long long)v);
     for (size_t i = 0; i < TOTAL; i++) {
         EXPECT(next[i] == expect_f(cb, i, ROUNDS + 1), "pending pull element %zu", i);
+    }
+
+    /* braid_kv_push_pull_wait: a round waited for in the call on a key of 1.2 MB (sent from
+     * `big` and received straight into `bigout`, no copies), then one in place (out == vals,
+     * copied first), each with the exact sum (or the C rule's value). */
+    {
+        enum { BIG = 300000 };
+        static float big[BIG], bigout[BIG];
+        const uint64_t bkey = 30;
+        const size_t blen = BIG;
+        memset(big, 0, sizeof big);
+        CHECK(braid_kv_init(kv, &bkey, &blen, 1, big, braid_float32));
+        for (size_t i = 0; i < BIG; i++) big[i] = (float)(w + 1) * (float)(i % 7 + 1);
+        v = 99;
+        CHECK(braid_kv_push_pull_wait(kv, &bkey, &blen, 1, big, bigout, braid_float32, 0, &v));
+        EXPECT(v == 1, "push_pull_wait: version %llu", (unsigned long long)v);
+        for (size_t i = 0; i < BIG; i++) {
+            float want = (cb ? 6.0f : 3.0f) * (float)(i % 7 + 1);
+            EXPECT(bigout[i] == want, "push_pull_wait element %zu: %g, want %g", i,
+                   (double)bigout[i], (double)want);
+            EXPECT(big[i] == (float)(w + 1) * (float)(i % 7 + 1), "vals unchanged at %zu", i);
+        }
+        CHECK(braid_kv_push_pull_wait(kv, &bkey, &blen, 1, big, big, braid_float32, 0, NULL));
+        for (size_t i = 0; i < BIG; i++) {
+            float want = (cb ? 12.0f : 3.0f) * (float)(i % 7 + 1);
+            EXPECT(big[i] == want, "in-place push_pull_wait element %zu: %g, want %g", i,
+                   (double)big[i], (double)want);
+        }
+        expect_error(
+            braid_kv_push_pull_wait(NULL, &bkey, &blen, 1, big, bigout, braid_float32, 0, &v),
+            braid_invalid_argument, "NULL worker", "braid_kv_push_pull_wait", "worker is NULL");
+        expect_error(
+            braid_kv_push_pull_wait(kv, &bkey, &blen, 1, NULL, bigout, braid_float32, 0, &v),
+            braid_invalid_argument, "NULL vals", "braid_kv_push_pull_wait", "vals is NULL");
     }
 
     /* Argument errors: reported before anything is sent; *req is NULL afterwards. */

@@ -717,7 +717,7 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
         self._c_init = L.braid_kv_init
         self._c_push = L.braid_kv_push
         self._c_pull = L.braid_kv_pull
-        self._c_push_pull = L.braid_kv_push_pull
+        self._c_push_pull_wait = L.braid_kv_push_pull_wait
         self._c_wait = L.braid_kv_wait
         self._c_test = L.braid_kv_test
         self._c_free = L.braid_kv_request_free
@@ -933,10 +933,12 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
             dp = _ptr_write(targets[0])
             self._k.value = u
             self._n.value = n
-            self._check(self._c_push_pull(self._w.handle, byref(self._k), byref(self._n), 1,
-                                          src, dp, code, int(priority), byref(self._req)),
-                        "braid_kv_push_pull")
-            self._wait_free(self._req.value)
+            # one call, waited for: no copy of `src` (unless it is `dp`, in place), the
+            # answer received straight into `dp`
+            self._check(self._c_push_pull_wait(self._w.handle, byref(self._k), byref(self._n),
+                                               1, src, dp, code, int(priority),
+                                               byref(self._ver)),
+                        "braid_kv_push_pull_wait")
             _copy_out(dp, n * size, targets[1:])
 
     @_errors
