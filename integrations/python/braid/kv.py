@@ -231,6 +231,21 @@ def _key(k):
     return k
 
 
+def _pairs(keys, arrays, outs):
+    """(key, source address, output address, elements, datatype code) per key of a push-pull;
+    an output that differs from its input in length or dtype is refused before anything is
+    sent."""
+    out = []
+    for k, a, o in zip(keys, arrays, outs):
+        sp, n, code, _own = _as_buf(a)
+        dp, m, code2, _own2 = _as_buf(o)
+        if (m, code2) != (n, code):
+            raise InvalidArgument(f"key {k}: the output differs from the input in length or "
+                                  f"dtype", _lib.INVALID_ARGUMENT, "")
+        out.append((k, sp, dp, n, code))
+    return out
+
+
 class KvRequest:
     """Pending push, pull or push-pull operations (one per key). Holds the arrays it uses
     until it is freed; :meth:`wait` returns the version (the smallest over its keys; 0 for a
@@ -340,6 +355,17 @@ class KvWorker:
                       "braid_kv_push_pull")
         return r.value
 
+    def push_pull_wait_raw(self, key, src, dst, count, dtype, priority=0):
+        """braid_kv_push_pull_wait of one key: pushes `src` and pulls into `dst`, waiting for
+        the answer (neither copied unless they overlap); returns the version."""
+        k = c_uint64(key)
+        n = c_size_t(count)
+        v = c_uint64()
+        self._L.check(self._L.braid_kv_push_pull_wait(self.handle, byref(k), byref(n), 1, src,
+                                                      dst, dtype, int(priority), byref(v)),
+                      "braid_kv_push_pull_wait")
+        return v.value
+
     def wait_raw(self, req):
         """braid_kv_wait on a raw request handle; returns the version."""
         v = c_uint64()
@@ -389,14 +415,22 @@ class KvWorker:
         ks, arrs = _keys_arrays(keys, arrays)
         _, outs = _keys_arrays(keys, outs)
         req = KvRequest(self._L, [], outs)
-        for k, a, o in zip(ks, arrs, outs):
-            sp, n, code, _own = _as_buf(a)
-            dp, m, code2, _own2 = _as_buf(o)
-            if (m, code2) != (n, code):
-                raise InvalidArgument(f"key {k}: the output differs from the input in length or "
-                                      f"dtype", _lib.INVALID_ARGUMENT, "")
+        for k, sp, dp, n, code in _pairs(ks, arrs, outs):
             req._hs.append(self.push_pull_raw(_key(k), sp, dp, n, code, priority))
         return req
+
+    def push_pull_wait(self, keys, arrays, outs, priority=0):
+        """As :meth:`push_pull`, waited for (key by key): returns the version (the smallest
+        over the keys). Neither side is copied: the arrays are sent as they are and the
+        answers received straight into `outs` (outs may be the arrays themselves, which costs
+        one copy of each). Faster than push_pull + wait for large arrays."""
+        ks, arrs = _keys_arrays(keys, arrays)
+        _, outs = _keys_arrays(keys, outs)
+        ver = None
+        for k, sp, dp, n, code in _pairs(ks, arrs, outs):
+            v = self.push_pull_wait_raw(_key(k), sp, dp, n, code, priority)
+            ver = v if ver is None else min(ver, v)
+        return 0 if ver is None else ver
 
     def set_rule(self, rule):
         """Installs update rule `rule` on every server ("sum", "sgd:LR" or

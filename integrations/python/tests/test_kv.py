@@ -1,0 +1,97 @@
+"""braid.kv from Python: 2 servers and 2 workers of one group as threads of this process (every
+blocking braid call releases the GIL), in sync mode, with exact expected values."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import braid
+import braid.kv as kv
+
+WORKERS, SERVERS = 2, 2
+BIG = 400_000  # float32: 1.6 MB, split into parts over both servers (lent, not copied)
+
+
+def _group(monkeypatch, body):
+    """Runs body(w, worker) on WORKERS worker threads next to SERVERS server threads; raises the
+    first failure. Every thread has a deadline: a hang fails the test."""
+    monkeypatch.setenv("BRAID_PS_MODE", "sync")
+    monkeypatch.setenv("BRAID_PS_PARTITION_BYTES", str(1 << 20))
+    monkeypatch.setenv("BRAID_GROUP", "kv-py")
+    monkeypatch.setenv("BRAID_TIMEOUT", "60")
+    token = os.urandom(16).hex()
+    coord = braid.Coordinator("127.0.0.1:0", job_token=token)
+    addr = f"127.0.0.1:{coord.port}"
+    n = WORKERS + SERVERS
+    errors, servers, done = [], [], threading.Event()
+
+    def serve():
+        try:
+            s = kv.KvServer(coordinator=addr, world_size=n, job_token=token)
+            servers.append(s)
+            done.wait(120)
+        except Exception as e:  # reported by the test below
+            errors.append(e)
+
+    def work(w):
+        try:
+            wk = kv.KvWorker(coordinator=addr, world_size=n, job_token=token)
+            try:
+                body(w, wk)
+            finally:
+                wk.close()
+        except Exception as e:  # reported by the test below
+            errors.append(e)
+
+    ts = [threading.Thread(target=serve) for _ in range(SERVERS)]
+    ws = [threading.Thread(target=work, args=(w,)) for w in range(WORKERS)]
+    for t in ts + ws:
+        t.start()
+    for t in ws:
+        t.join(180)
+    hung = [t for t in ws if t.is_alive()]
+    done.set()
+    for t in ts:
+        t.join(60)
+    for s in servers:
+        s.close()
+    coord.close()
+    assert not hung, "a worker hung"
+    if errors:
+        raise errors[0]
+
+
+def test_push_pull_wait_sums_without_copies_and_in_place(monkeypatch):
+    pattern = (np.arange(BIG) % 7 + 1).astype(np.float32)
+    small = np.arange(10, dtype=np.int64)
+    tri = WORKERS * (WORKERS + 1) // 2
+
+    def body(w, wk):
+        wk.init([1, 2], [np.zeros(BIG, np.float32), np.zeros(10, np.int64)])
+        g = (w + 1) * pattern
+        gs = (w + 1) * small
+        out, outs = np.zeros(BIG, np.float32), np.zeros(10, np.int64)
+        # round 1: apart (sent from g, received into out)
+        v = wk.push_pull_wait([1, 2], [g, gs], [out, outs])
+        assert v == 1, v
+        assert np.array_equal(out, tri * pattern), "round 1 sum"
+        assert np.array_equal(outs, tri * small), "round 1 int sum"
+        assert np.array_equal(g, (w + 1) * pattern), "the pushed array is unchanged"
+        # round 2: in place
+        assert wk.push_pull_wait(1, g, g) == 2
+        assert np.array_equal(g, tri * pattern), "round 2 sum, in place"
+        # round 3: the non-blocking push_pull gives the same
+        out2 = np.zeros(BIG, np.float32)
+        req = wk.push_pull(1, (w + 1) * pattern, out2)
+        assert req.wait() == 3
+        req.free()
+        assert np.array_equal(out2, tri * pattern), "round 3 sum"
+        # refused before anything is sent: an output of another length or dtype
+        with pytest.raises(braid.BraidError, match="differs"):
+            wk.push_pull_wait([1, 2], [g, gs], [out, np.zeros(9, np.int64)])
+        with pytest.raises(braid.BraidError, match="differs"):
+            wk.push_pull_wait(2, gs, np.zeros(10, np.float64))
+
+    _group(monkeypatch, body)
