@@ -420,10 +420,13 @@ class KvWorker:
         return req
 
     def push_pull_wait(self, keys, arrays, outs, priority=0):
-        """As :meth:`push_pull`, waited for (key by key): returns the version (the smallest
-        over the keys). Neither side is copied: the arrays are sent as they are and the
-        answers received straight into `outs` (outs may be the arrays themselves, which costs
-        one copy of each). Faster than push_pull + wait for large arrays."""
+        """As :meth:`push_pull`, waited for: returns the version (the smallest over the keys).
+        Neither side is copied: the arrays are sent as they are and the answers received
+        straight into `outs` (outs may be the arrays themselves, which costs one copy of each).
+        Each key is one round trip waited for before the next key's starts (push_pull + wait
+        overlaps them): for one large array per call it is the faster one (measured, 2x2,
+        one key: 16 MiB rounds 17% and 64 MiB 12% shorter than push_pull + wait), for several
+        arrays a call the overlap wins back most of that."""
         ks, arrs = _keys_arrays(keys, arrays)
         _, outs = _keys_arrays(keys, outs)
         ver = None
