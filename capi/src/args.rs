@@ -170,6 +170,30 @@ pub(crate) unsafe fn c_slice<'a, T>(p: *const T, n: usize, what: &str) -> CResul
     if n == 0 {
         return Ok(&[]);
     }
+    c_array_ok(p, n, what)?;
+    // SAFETY: non-NULL, aligned, not too large (checked above), and valid for `n` elements
+    // (contract).
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// A mutable slice over a C array of `n` elements (NULL allowed when `n` is 0).
+///
+/// # Safety
+/// `p` is NULL or valid for writing `n` elements of `T` for `'a`, and nobody else uses them
+/// meanwhile.
+pub(crate) unsafe fn c_slice_mut<'a, T>(p: *mut T, n: usize, what: &str) -> CResult<&'a mut [T]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    c_array_ok(p.cast_const(), n, what)?;
+    // SAFETY: non-NULL, aligned, not too large (checked above), valid for writing `n` elements
+    // and not used by anyone else (contract).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+}
+
+/// What `c_slice` and `c_slice_mut` check of a C array of `n` (> 0) elements: non-NULL,
+/// aligned for `T`, at most `isize::MAX` bytes.
+fn c_array_ok<T>(p: *const T, n: usize, what: &str) -> CResult {
     if p.is_null() {
         return Err(Fail::arg(format!("{what} is NULL")));
     }
@@ -183,8 +207,7 @@ pub(crate) unsafe fn c_slice<'a, T>(p: *const T, n: usize, what: &str) -> CResul
     {
         return Err(Fail::arg(format!("{what}: {n} elements is too large")));
     }
-    // SAFETY: non-NULL, aligned, not too large, and valid for `n` elements (contract).
-    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+    Ok(())
 }
 
 #[cfg(test)]

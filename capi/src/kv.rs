@@ -13,7 +13,7 @@ use std::sync::Arc;
 use braid_core::ps::{KvServer, KvWorker, PsHandle, PsOptions, UpdateRule};
 use braid_core::{DataType, Element, Error};
 
-use crate::args::{c_slice, dtype_code, dtype_of, opt_str, put, DatatypeArg};
+use crate::args::{c_slice, c_slice_mut, dtype_code, dtype_of, opt_str, put, DatatypeArg};
 use crate::config::{braid_config_t, config_of};
 use crate::error::{boundary, braid_status_t, CResult, Fail};
 
@@ -481,24 +481,16 @@ pub unsafe extern "C" fn braid_kv_set_rule(
 }
 
 fn kv_pull_state<T: Element>(w: &KvWorker, k: &KvKeys<'_>, out: *mut c_void) -> CResult {
-    let bytes = k
-        .total
+    // Lengths too large for memory are named as such, before `out` is looked at.
+    if k.total
         .checked_mul(size_of::<T>())
-        .filter(|b| *b <= isize::MAX as usize)
-        .ok_or_else(|| Fail::arg("the lengths are too large"))?;
-    if bytes == 0 {
-        w.pull_state_into::<T>(k.keys, k.lens, &mut [])?;
-        return Ok(());
+        .map_or(true, |b| b > isize::MAX as usize)
+    {
+        return Err(Fail::arg("the lengths are too large"));
     }
-    if out.is_null() {
-        return Err(Fail::arg("out is NULL"));
-    }
-    if !out.cast::<T>().is_aligned() {
-        return Err(Fail::arg("out is not aligned for its element type"));
-    }
-    // SAFETY: non-NULL, aligned, not too large, and valid for writing `total` elements for the
-    // call (contract of braid_kv_pull_state); nobody else uses it meanwhile.
-    let o = unsafe { std::slice::from_raw_parts_mut(out.cast::<T>(), k.total) };
+    // SAFETY: valid for writing `total` elements for the call (contract of
+    // braid_kv_pull_state); nobody else uses it meanwhile.
+    let o = unsafe { c_slice_mut(out.cast::<T>(), k.total, "out") }?;
     w.pull_state_into(k.keys, k.lens, o)?;
     Ok(())
 }
@@ -877,15 +869,9 @@ fn kv_push_pull_wait<T: Element>(
     }
     // SAFETY: `vals` is valid for `total` elements for the call (contract).
     let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
-    if out.is_null() {
-        return Err(Fail::arg("out is NULL"));
-    }
-    if !out.cast::<T>().is_aligned() {
-        return Err(Fail::arg("out is not aligned for its element type"));
-    }
-    // SAFETY: non-NULL, aligned, `bytes` checked above, valid for writes of `total` elements
-    // and used by nobody else for the call (contract); it does not overlap `vals` (checked).
-    let o = unsafe { std::slice::from_raw_parts_mut(out.cast::<T>(), k.total) };
+    // SAFETY: valid for writes of `total` elements and used by nobody else for the call
+    // (contract); it does not overlap `vals` (checked above).
+    let o = unsafe { c_slice_mut(out.cast::<T>(), k.total, "out") }?;
     Ok(w.push_pull_into(k.keys, k.lens, v, o, prio)?)
 }
 

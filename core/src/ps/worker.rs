@@ -960,16 +960,12 @@ impl KvWorker {
         prio: i32,
     ) -> Result<u64> {
         check_out(lens, out.len())?;
-        let p = out.as_mut_ptr();
-        // Large answers are received straight into `out` (taken back before this returns).
-        let receiving = self.receiving(p, out.len());
-        // SAFETY: `out` is valid for writes of its length and borrowed mutably until `wait`
-        // returned and `receiving` took its loan back; the handle is waited for (or dropped,
-        // which forgets the operation under the state lock) before.
-        let h = unsafe { self.pull_from::<T>(keys, lens, p, receiving.loan(), min_version, prio) };
-        let r = h.and_then(|h| h.wait());
-        drop(receiving);
-        r
+        // Large answers are received straight into `out`, taken back when the handle is
+        // dropped (at the end of its wait, or on an error), before this returns.
+        // SAFETY: `out` holds the lengths' elements (checked) and is borrowed mutably until
+        // the handle was dropped.
+        unsafe { self.pull_raw::<T>(keys, lens, out.as_mut_ptr(), min_version, prio) }
+            .and_then(|h| h.wait())
     }
 
     /// A receive loan of `out` (`n` elements) when it is large enough to receive answers
