@@ -1200,6 +1200,36 @@ braid_status_t braid_kv_push_pull_wait(braid_kv_worker_t worker,
                                        int prio,
                                        uint64_t *version);
 
+// braid_kv_push_pull_wait of `nkeys` keys, each with its own arrays: `vals[i]` (`lens[i]`
+// elements of `datatype`) is pushed to `keys[i]` and the key's value pulled into `outs[i]`.
+// Every key's push and pull are sent before the call waits for any answer (the keys are in
+// flight together), and nothing is copied for a key whose `vals[i]` and `outs[i]` are host
+// memory that does not overlap (as braid_kv_push_pull_wait; `outs[i]` may be `vals[i]`,
+// in place, which copies `vals[i]` first). `*version` (when `version` is not NULL) receives
+// the smallest version pulled over the keys. The arrays are used only during the call,
+// whatever its outcome.
+//
+// Errors: as braid_kv_push_pull_wait. When a key's request cannot be sent (e.g. its length
+// differs from the key's), the keys before it were sent and are waited for (their values
+// are in their outputs), the rest are not sent, and that error is returned; else the first
+// failed key's error, once every key's operation ended. `vals` or `outs` NULL (with
+// `nkeys` > 0) is braid_invalid_argument before anything is sent.
+//
+// # Safety
+// `worker` is NULL or live; `keys`, `lens`, `vals` and `outs` valid for `nkeys` elements;
+// `vals[i]` valid for reading and `outs[i]` for writing `lens[i]` elements of `datatype`
+// for the call, and the outputs not used by anyone else meanwhile nor overlapping each
+// other; `version` is NULL or valid for a write.
+braid_status_t braid_kv_push_pull_waitv(braid_kv_worker_t worker,
+                                        const uint64_t *keys,
+                                        const size_t *lens,
+                                        size_t nkeys,
+                                        const void *const *vals,
+                                        void *const *outs,
+                                        braid_datatype_t datatype,
+                                        int prio,
+                                        uint64_t *version);
+
 // Blocks until a push/pull request completes (bounded by BRAID_TIMEOUT) and returns its
 // status; a pull's values are in its `out` buffer afterwards. `*version` (when `version` is
 // not NULL) receives the version pulled (the smallest over the parts read; 0 for a push). May

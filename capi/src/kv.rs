@@ -841,16 +841,17 @@ pub unsafe extern "C" fn braid_kv_push_pull(
     })
 }
 
-/// A push_pull waited for in the call ([`braid_kv_push_pull_wait`]): sent from `vals` and
-/// received into `out` without copies when both are host memory that does not overlap; else
-/// as braid_kv_push_pull (vals copied first, device memory staged) followed by its wait.
-fn kv_push_pull_wait<T: Element>(
+/// A push_pull about to be waited for ([`braid_kv_push_pull_wait`], one key of
+/// [`braid_kv_push_pull_waitv`]), started: sent from `vals` and received into `out` without
+/// copies when both are host memory that does not overlap; else as braid_kv_push_pull (vals
+/// copied first, device memory staged).
+fn kv_push_pull_lent<T: Element>(
     w: &KvWorker,
     k: &KvKeys<'_>,
     vals: *const c_void,
     out: *mut c_void,
     prio: c_int,
-) -> CResult<u64> {
+) -> CResult<Box<dyn KvPending>> {
     let bytes = k
         .total
         .checked_mul(size_of::<T>())
@@ -865,14 +866,37 @@ fn kv_push_pull_wait<T: Element>(
         )
     };
     if bytes == 0 || !apart || !host(vals) || !host(out.cast_const()) {
-        return kv_pull::<T>(w, k, Some(vals), out, None, prio)?.complete();
+        return kv_pull::<T>(w, k, Some(vals), out, None, prio);
     }
-    // SAFETY: `vals` is valid for `total` elements for the call (contract).
+    // SAFETY: `vals` is valid for `total` elements for the call (contract), which waits for
+    // the handle (or drops it) before it returns.
     let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
-    // SAFETY: valid for writes of `total` elements and used by nobody else for the call
-    // (contract); it does not overlap `vals` (checked above).
+    // Checked as the plain pull checks it (not NULL, size).
+    // SAFETY: valid for writes of `total` elements for the call (contract).
     let o = unsafe { c_slice_mut(out.cast::<T>(), k.total, "out") }?;
-    Ok(w.push_pull_into(k.keys, k.lens, v, o, prio)?)
+    // SAFETY: both are used by nobody else until the handle was waited for or dropped, within
+    // the call (contract); they do not overlap (checked above).
+    let h = unsafe { w.push_pull_lent(k.keys, k.lens, v, o.as_mut_ptr(), prio) }?;
+    Ok(Box::new(PullPending(h)))
+}
+
+/// Waits for every started operation (all in flight), then returns `refused` if given, else
+/// the first error, else the smallest version.
+fn complete_each(started: Vec<Box<dyn KvPending>>, refused: Option<Fail>) -> CResult<u64> {
+    let mut first = refused;
+    let mut version: Option<u64> = None;
+    for p in started {
+        match p.complete() {
+            Ok(v) => version = Some(version.map_or(v, |m| m.min(v))),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(version.unwrap_or(0)),
+    }
 }
 
 /// Pushes `vals` and pulls the same keys into `out` (arrays as braid_kv_init) and waits for
@@ -908,7 +932,79 @@ pub unsafe extern "C" fn braid_kv_push_pull_wait(
         let dtype = dtype_of(datatype)?;
         // SAFETY: caller contract.
         let k = unsafe { kv_keys(keys, lens, nkeys) }?;
-        let v = with_element!(dtype, kv_push_pull_wait(&w.worker, &k, vals, out, prio))?;
+        let v =
+            with_element!(dtype, kv_push_pull_lent(&w.worker, &k, vals, out, prio))?.complete()?;
+        if !version.is_null() {
+            // SAFETY: non-NULL; caller contract.
+            unsafe { version.write(v) };
+        }
+        Ok(())
+    })
+}
+
+/// braid_kv_push_pull_wait of `nkeys` keys, each with its own arrays: `vals[i]` (`lens[i]`
+/// elements of `datatype`) is pushed to `keys[i]` and the key's value pulled into `outs[i]`.
+/// Every key's push and pull are sent before the call waits for any answer (the keys are in
+/// flight together), and nothing is copied for a key whose `vals[i]` and `outs[i]` are host
+/// memory that does not overlap (as braid_kv_push_pull_wait; `outs[i]` may be `vals[i]`,
+/// in place, which copies `vals[i]` first). `*version` (when `version` is not NULL) receives
+/// the smallest version pulled over the keys. The arrays are used only during the call,
+/// whatever its outcome.
+///
+/// Errors: as braid_kv_push_pull_wait. When a key's request cannot be sent (e.g. its length
+/// differs from the key's), the keys before it were sent and are waited for (their values
+/// are in their outputs), the rest are not sent, and that error is returned; else the first
+/// failed key's error, once every key's operation ended. `vals` or `outs` NULL (with
+/// `nkeys` > 0) is braid_invalid_argument before anything is sent.
+///
+/// # Safety
+/// `worker` is NULL or live; `keys`, `lens`, `vals` and `outs` valid for `nkeys` elements;
+/// `vals[i]` valid for reading and `outs[i]` for writing `lens[i]` elements of `datatype`
+/// for the call, and the outputs not used by anyone else meanwhile nor overlapping each
+/// other; `version` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_push_pull_waitv(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const *const c_void,
+    outs: *const *mut c_void,
+    datatype: DatatypeArg,
+    prio: c_int,
+    version: *mut u64,
+) -> braid_status_t {
+    boundary("braid_kv_push_pull_waitv", || {
+        // SAFETY: caller contract.
+        let w = unsafe { kv_worker_ref(worker) }?;
+        let dtype = dtype_of(datatype)?;
+        // SAFETY: caller contract.
+        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+        // SAFETY: caller contract.
+        let vals = unsafe { c_slice(vals, nkeys, "vals") }?;
+        // SAFETY: caller contract.
+        let outs = unsafe { c_slice(outs, nkeys, "outs") }?;
+        let mut started = Vec::with_capacity(nkeys);
+        let mut refused = None;
+        for i in 0..nkeys {
+            let one = KvKeys {
+                keys: &k.keys[i..=i],
+                lens: &k.lens[i..=i],
+                total: k.lens[i],
+            };
+            let p = with_element!(
+                dtype,
+                kv_push_pull_lent(&w.worker, &one, vals[i], outs[i], prio)
+            );
+            match p {
+                Ok(p) => started.push(p),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let v = complete_each(started, refused)?;
         if !version.is_null() {
             // SAFETY: non-NULL; caller contract.
             unsafe { version.write(v) };

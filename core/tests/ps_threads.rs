@@ -692,6 +692,80 @@ fn raw_pulls_receive_into_caller_memory_and_stop_at_drop() {
     });
 }
 
+/// `push_pull_into_each`: several keys, each with its own arrays, in flight together (one lent
+/// key of 2 MiB over both servers, a small one), exact async values; refused before sending
+/// when the slices disagree; a key refused mid-call (a wrong length) leaves the keys before it
+/// sent and waited for, the rest unsent.
+#[test]
+fn push_pull_into_each_keys_in_flight_together() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let opts = PsOptions {
+        consistency: Consistency::Async,
+        partition_bytes: 1 << 20,
+        ..PsOptions::default()
+    };
+    std::thread::scope(|s| {
+        let servers = start_servers(s, 2, &addr, 3, &opts);
+        let kv = KvWorker::start(cfg(&addr, 3), opts.clone()).unwrap();
+        let (big, small) = (1usize << 19, 3usize);
+        kv.init(&[50, 51], &[big, small], &vec![1f32; big + small])
+            .unwrap();
+        let g50: Vec<f32> = (0..big).map(|i| (i % 9) as f32).collect();
+        let g51 = vec![2f32; small];
+        let (mut o50, mut o51) = (vec![0f32; big], vec![0f32; small]);
+        let v = kv
+            .push_pull_into_each(&[50, 51], &[&g50, &g51], &mut [&mut o50, &mut o51], 0)
+            .unwrap();
+        assert!(v >= 1, "version {v}");
+        assert!(
+            o50.iter()
+                .enumerate()
+                .all(|(i, x)| *x == 1.0 + (i % 9) as f32),
+            "key 50 values"
+        );
+        assert_eq!(o51, vec![3f32; small], "key 51 values");
+        // Refused before anything is sent.
+        let e = kv
+            .push_pull_into_each(&[50], &[&g50, &g51], &mut [&mut o50], 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("1 keys, 2 value arrays"), "{e}");
+        let e = kv
+            .push_pull_into_each(&[51], &[&g51], &mut [&mut o50], 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("key 51"), "{e}");
+        // Key 51 sent, key 50 refused (a wrong length), key 52 never sent.
+        let short = vec![1f32; 4];
+        let mut o_short = vec![0f32; 4];
+        let mut o52 = vec![0f32; 2];
+        let e = kv
+            .push_pull_into_each(
+                &[51, 50, 52],
+                &[&g51, &short, &[5.0, 5.0]],
+                &mut [&mut o51, &mut o_short, &mut o52],
+                0,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("key 50"), "{e}");
+        assert_eq!(
+            o51,
+            vec![5f32; small],
+            "key 51 pushed again before the refusal"
+        );
+        assert_eq!(o52, vec![0f32; 2], "key 52 was not sent");
+        let p = kv
+            .pull::<f32>(&[50], &[big], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(p.values == o50, "key 50 unchanged by the refused call");
+        drop(kv);
+        for h in servers {
+            drop(h.join().unwrap());
+        }
+    });
+}
+
 /// A key of three parts pushed with another total length whose first parts happen to have the
 /// same sizes (2 parts of 64 bytes against 3): refused by every server holding a part, and the
 /// key is unchanged (before, the matching parts were applied: a partial update).

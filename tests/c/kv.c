@@ -5,7 +5,8 @@
  *
  * Workers: init 3 float keys of different lengths and one int64 key; rounds of push_pull with
  * exact expected values; a pull with min_version (non-blocking, completed by the next round);
- * braid_kv_push_pull_wait on a key of 1.2 MB (apart and in place);
+ * braid_kv_push_pull_wait on a key of 1.2 MB (apart and in place); braid_kv_push_pull_waitv
+ * of three keys in flight together (lent, apart, in place) and refused mid-call;
  * argument errors (wrong length for a known key names the key, wrong datatype, bad
  * min_version, NULL pointers); a float16 key summed in a sync round; braid_kv_set_rule at run
  * time (sgd with momentum: exact weights, braid_kv_pull_state / braid_kv_push_state of the
@@ -215,6 +216,66 @@ static void worker(int index, int cb) {
         expect_error(
             braid_kv_push_pull_wait(kv, &bkey, &blen, 1, NULL, bigout, braid_float32, 0, &v),
             braid_invalid_argument, "NULL vals", "braid_kv_push_pull_wait", "vals is NULL");
+    }
+
+    /* braid_kv_push_pull_waitv: three keys in flight together, each with its own arrays: key
+     * 31 (1.2 MB, sent from `b31` and received into `o31`, no copies), key 32 (5 floats, apart)
+     * and key 33 (4 floats, in place); exact values. Then a call whose second key has a wrong
+     * length: the first key was sent and waited for (its round's value in its output), the
+     * error names the refused key. NULL arrays are refused before anything is sent. */
+    {
+        enum { B31 = 300000 };
+        static float b31[B31], o31[B31];
+        float b32[5], o32[5], b33[4];
+        const uint64_t vk[3] = {31, 32, 33};
+        const size_t vl[3] = {B31, 5, 4};
+        memset(b31, 0, sizeof b31);
+        memset(b32, 0, sizeof b32);
+        memset(b33, 0, sizeof b33);
+        for (int i = 0; i < 3; i++) {
+            const float *zero = i == 0 ? b31 : i == 1 ? b32 : b33;
+            CHECK(braid_kv_init(kv, &vk[i], &vl[i], 1, zero, braid_float32));
+        }
+        for (size_t i = 0; i < B31; i++) b31[i] = (float)(w + 1) * (float)(i % 5 + 1);
+        for (size_t i = 0; i < 5; i++) b32[i] = (float)(w + 1) * (float)(i + 1);
+        for (size_t i = 0; i < 4; i++) b33[i] = (float)(w + 1) * (float)(i + 2);
+        const void *vv[3] = {b31, b32, b33};
+        void *vo[3] = {o31, o32, b33};
+        float f = cb ? 6.0f : 3.0f; /* 0 + 2*1 + 2*2 with the C rule; 1 + 2 summed */
+        v = 99;
+        CHECK(braid_kv_push_pull_waitv(kv, vk, vl, 3, vv, vo, braid_float32, 0, &v));
+        EXPECT(v == 1, "push_pull_waitv: version %llu", (unsigned long long)v);
+        for (size_t i = 0; i < B31; i++) {
+            EXPECT(o31[i] == f * (float)(i % 5 + 1), "waitv key 31 element %zu: %g", i,
+                   (double)o31[i]);
+            EXPECT(b31[i] == (float)(w + 1) * (float)(i % 5 + 1), "waitv vals unchanged at %zu",
+                   i);
+        }
+        for (size_t i = 0; i < 5; i++)
+            EXPECT(o32[i] == f * (float)(i + 1), "waitv key 32 element %zu: %g", i,
+                   (double)o32[i]);
+        for (size_t i = 0; i < 4; i++)
+            EXPECT(b33[i] == f * (float)(i + 2), "waitv key 33 (in place) element %zu: %g", i,
+                   (double)b33[i]);
+        /* keys 32 (sent), 33 (wrong length: refused), 31 (not sent) */
+        const uint64_t rk[3] = {32, 33, 31};
+        const size_t rl[3] = {5, 3, B31};
+        const void *rv[3] = {b32, b33, b31};
+        void *ro[3] = {o32, o32, o31};
+        memset(o32, 0, sizeof o32);
+        expect_error(braid_kv_push_pull_waitv(kv, rk, rl, 3, rv, ro, braid_float32, 0, &v),
+                     braid_invalid_argument, "waitv wrong length", "braid_kv_push_pull_waitv",
+                     "key 33");
+        /* key 32's second round: 1 + 2 summed; 6 + 2*1 + 2*2 with the C rule */
+        for (size_t i = 0; i < 5; i++)
+            EXPECT(o32[i] == (cb ? 12.0f : 3.0f) * (float)(i + 1),
+                   "waitv key 32 after the refusal, element %zu: %g", i, (double)o32[i]);
+        expect_error(braid_kv_push_pull_waitv(kv, vk, vl, 3, NULL, vo, braid_float32, 0, &v),
+                     braid_invalid_argument, "waitv NULL vals", "braid_kv_push_pull_waitv",
+                     "vals is NULL");
+        expect_error(braid_kv_push_pull_waitv(kv, vk, vl, 3, vv, NULL, braid_float32, 0, &v),
+                     braid_invalid_argument, "waitv NULL outs", "braid_kv_push_pull_waitv",
+                     "outs is NULL");
     }
 
     /* Argument errors: reported before anything is sent; *req is NULL afterwards. */

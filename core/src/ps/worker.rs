@@ -329,6 +329,9 @@ pub struct PsHandle<R> {
     /// taken back when the handle is dropped (after [`PsHandle::drop`] forgot the operation):
     /// nothing writes to it afterwards.
     recv: Option<Lending>,
+    /// Caller memory a push is sent from ([`KvWorker::push_pull_lent`]), taken back after
+    /// `recv`: nothing reads it afterwards.
+    sent: Option<Lending>,
 }
 
 impl<R> std::fmt::Debug for PsHandle<R> {
@@ -342,6 +345,13 @@ impl<R> PsHandle<R> {
     /// is dropped.
     fn receiving(mut self, recv: Lending) -> Self {
         self.recv = Some(recv);
+        self
+    }
+
+    /// The handle, holding `sent` (the caller memory its push is sent from) until it is
+    /// dropped.
+    fn sending(mut self, sent: Lending) -> Self {
+        self.sent = Some(sent);
         self
     }
 
@@ -997,25 +1007,109 @@ impl KvWorker {
         prio: i32,
     ) -> Result<u64> {
         check_out(lens, out.len())?;
+        // SAFETY: `vals` is borrowed and `out` borrowed mutably for this whole call, which
+        // drops the handle (taking both back) before it returns.
+        unsafe { self.push_pull_lent(keys, lens, vals, out.as_mut_ptr(), prio) }
+            .and_then(|h| h.wait())
+    }
+
+    /// [`KvWorker::push_pull_into`] of several arrays, one key each, all in flight together
+    /// (each key's push and pull leave at once; the call then waits for every answer):
+    /// `vals[i]` is pushed to `keys[i]` and its value pulled into `outs[i]`, neither copied
+    /// (as in [`KvWorker::push_pull_into`]). Returns the smallest version over the keys.
+    ///
+    /// When a key's request cannot be sent (e.g. a length that differs from the key's), the
+    /// keys before it were sent and are waited for (their values are in `outs`), the rest
+    /// are not sent, and the call returns that error. Otherwise the first
+    /// failed key's error, once every key's operation ended.
+    ///
+    /// Errors: as [`KvWorker::push_pull_into`]; `InvalidArgument` when the three slices'
+    /// lengths differ, or `vals[i]` and `outs[i]` do.
+    pub fn push_pull_into_each<T: Element>(
+        &self,
+        keys: &[u64],
+        vals: &[&[T]],
+        outs: &mut [&mut [T]],
+        prio: i32,
+    ) -> Result<u64> {
+        if keys.len() != vals.len() || keys.len() != outs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys, {} value arrays and {} output arrays",
+                keys.len(),
+                vals.len(),
+                outs.len()
+            )));
+        }
+        if let Some(i) = (0..keys.len()).find(|&i| vals[i].len() != outs[i].len()) {
+            return Err(Error::InvalidArgument(format!(
+                "key {}: {} values but an output of {} elements",
+                keys[i],
+                vals[i].len(),
+                outs[i].len()
+            )));
+        }
+        let mut started = Vec::with_capacity(keys.len());
+        let mut refused = None;
+        // Each key's requests leave as soon as they are queued (one batch per key, as in
+        // `push_pull_into`): measured against one batch for every key (one write per server),
+        // 2x2 async, 8 keys: 6.8% faster at 1 MiB per round, 10.5% at 256 KiB, 1.5% slower
+        // at 16 MiB (medians of 8, 8 and 6 alternating runs).
+        for ((k, v), o) in keys.iter().zip(vals).zip(outs.iter_mut()) {
+            // SAFETY: `vals` and `outs` are borrowed for this whole call, which drops every
+            // handle (taking the memory back) before it returns.
+            match unsafe {
+                self.push_pull_lent(std::slice::from_ref(k), &[v.len()], v, o.as_mut_ptr(), prio)
+            } {
+                Ok(h) => started.push(h),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        wait_each(started, refused)
+    }
+
+    /// A non-blocking [`KvWorker::push_pull_into`]: `vals` is sent from the caller's memory
+    /// when it is at least 1 MiB (smaller values are copied into the requests), and the
+    /// answers are received into `out` as in [`KvWorker::pull_raw`]. Waiting for the handle,
+    /// or dropping it, takes both back (see [`KvWorker::push_pull_into`] for when a connection
+    /// that still holds them is closed).
+    ///
+    /// # Safety
+    /// As [`KvWorker::pull_raw`], and `vals` must stay valid and unmodified until the handle
+    /// was waited for or dropped; `out` must not overlap `vals`.
+    pub unsafe fn push_pull_lent<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        out: *mut T,
+        prio: i32,
+    ) -> Result<PsHandle<u64>> {
         let bytes: &[u8] = bytemuck::cast_slice(vals);
-        // The values are sent from `vals` itself, which stays borrowed until `lending` took
-        // the loan back (dropped at the end of this call, after the wait or on an error).
+        // The values are sent from `vals` itself; the handle holds the loan until it is
+        // dropped (here, on an error).
         let lending = Lending {
             inner: self.inner.clone(),
-            // SAFETY: `vals` is borrowed (immutably) for this whole call.
+            // SAFETY: the caller keeps `vals` valid and unmodified until then.
             loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
         };
-        let p = out.as_mut_ptr();
-        // The answers go straight into `out`, as in `pull_into`.
-        let receiving = self.receiving(p, out.len());
-        // SAFETY: as in `pull_into`.
+        // The answers go straight into `out`, as in `pull_raw`.
+        let receiving = self.receiving(out, lens.iter().sum());
+        // SAFETY: forwarded from the caller.
         let h = unsafe {
-            self.push_pull_from::<T>(keys, lens, vals, lending.loan(), p, receiving.loan(), prio)
-        };
-        let r = h.and_then(|h| h.wait());
-        drop(receiving);
-        drop(lending);
-        r
+            self.push_pull_from::<T>(
+                keys,
+                lens,
+                vals,
+                lending.loan(),
+                out,
+                receiving.loan(),
+                prio,
+            )
+        }?;
+        Ok(h.receiving(receiving).sending(lending))
     }
 
     /// As [`KvWorker::push_pull`], the pulled values written to caller memory (see
@@ -1309,6 +1403,25 @@ fn kick_now_or_with_batch(chans: Vec<Arc<Chan>>) {
     }
 }
 
+/// Waits for every handle of `started` (in order; they are all in flight), then returns
+/// `refused` if given, else the first error, else the smallest version.
+fn wait_each(started: Vec<PsHandle<u64>>, refused: Option<Error>) -> Result<u64> {
+    let mut first = refused;
+    let mut version: Option<u64> = None;
+    for h in started {
+        match h.wait() {
+            Ok(v) => version = Some(version.map_or(v, |m| m.min(v))),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(version.unwrap_or(0)),
+    }
+}
+
 /// `InvalidArgument` unless an output of `have` elements holds the lengths' elements.
 fn check_out(lens: &[usize], have: usize) -> Result<()> {
     let want: usize = lens.iter().sum();
@@ -1330,6 +1443,7 @@ fn handle<R>(
         op,
         finish: Some(Box::new(f)),
         recv: None,
+        sent: None,
     }
 }
 
