@@ -419,19 +419,37 @@ class KvWorker:
             req._hs.append(self.push_pull_raw(_key(k), sp, dp, n, code, priority))
         return req
 
+    def push_pull_waitv_raw(self, keys, srcs, dsts, counts, dtype, priority=0):
+        """braid_kv_push_pull_waitv: pushes `srcs[i]` (an address, `counts[i]` elements of
+        `dtype`) to `keys[i]` and pulls into `dsts[i]`, every key in flight together, waiting
+        for all (neither side copied unless they overlap); returns the smallest version."""
+        n = len(keys)
+        k = (c_uint64 * n)(*keys)
+        c = (c_size_t * n)(*counts)
+        s = (ctypes.c_void_p * n)(*srcs)
+        d = (ctypes.c_void_p * n)(*dsts)
+        v = c_uint64()
+        self._L.check(self._L.braid_kv_push_pull_waitv(self.handle, k, c, n, s, d, dtype,
+                                                       int(priority), byref(v)),
+                      "braid_kv_push_pull_waitv")
+        return v.value
+
     def push_pull_wait(self, keys, arrays, outs, priority=0):
         """As :meth:`push_pull`, waited for: returns the version (the smallest over the keys).
         Neither side is copied: the arrays are sent as they are and the answers received
         straight into `outs` (outs may be the arrays themselves, which costs one copy of each).
-        Each key is one round trip waited for before the next key's starts (push_pull + wait
-        overlaps them): for one large array per call it is the faster one (measured, 2x2,
-        one key: 16 MiB rounds 17% and 64 MiB 12% shorter than push_pull + wait), for several
-        arrays a call the overlap wins back most of that."""
+        Every key is in flight together (braid_kv_push_pull_waitv; one call per dtype, in the
+        order the dtypes first appear)."""
         ks, arrs = _keys_arrays(keys, arrays)
         _, outs = _keys_arrays(keys, outs)
-        ver = None
+        by_code = {}
         for k, sp, dp, n, code in _pairs(ks, arrs, outs):
-            v = self.push_pull_wait_raw(_key(k), sp, dp, n, code, priority)
+            g = by_code.setdefault(code, ([], [], [], []))
+            for col, x in zip(g, (_key(k), sp, dp, n)):
+                col.append(x)
+        ver = None
+        for code, (kk, ss, dd, nn) in by_code.items():
+            v = self.push_pull_waitv_raw(kk, ss, dd, nn, code, priority)
             ver = v if ver is None else min(ver, v)
         return 0 if ver is None else ver
 

@@ -95,3 +95,32 @@ def test_push_pull_wait_sums_without_copies_and_in_place(monkeypatch):
             wk.push_pull_wait(2, gs, np.zeros(10, np.float64))
 
     _group(monkeypatch, body)
+
+
+def test_push_pull_wait_keys_in_flight_together_and_refused_mid_call(monkeypatch):
+    """push_pull_wait of several keys of one dtype: one braid_kv_push_pull_waitv call (a lent
+    1.6 MB key, a small one, one in place); then a call whose second key has a wrong length:
+    the first key was sent and waited for, the error names the refused key."""
+    tri = WORKERS * (WORKERS + 1) // 2
+    keys = [21, 22, 23]
+    sizes = [BIG, 5, 4]
+
+    def body(w, wk):
+        wk.init(keys, [np.zeros(n, np.float32) for n in sizes])
+        gs = [np.full(n, (w + 1) * (i + 1), np.float32) for i, n in enumerate(sizes)]
+        outs = [np.zeros(sizes[0], np.float32), np.zeros(sizes[1], np.float32), gs[2]]
+        assert wk.push_pull_wait(keys, gs, outs) == 1
+        for i, n in enumerate(sizes):
+            assert np.array_equal(outs[i], np.full(n, tri * (i + 1), np.float32)), f"key {i}"
+        assert np.array_equal(gs[0], np.full(BIG, w + 1, np.float32)), "pushed array unchanged"
+        # keys 22 (sent), 23 with 3 elements (refused), 21 (not sent)
+        o22 = np.zeros(5, np.float32)
+        with pytest.raises(braid.BraidError, match="key 23"):
+            wk.push_pull_wait([22, 23, 21],
+                              [np.full(5, w + 1, np.float32), np.ones(3, np.float32), gs[0]],
+                              [o22, np.zeros(3, np.float32), outs[0]])
+        assert np.array_equal(o22, np.full(5, tri, np.float32)), "key 22's round 2"
+        # every key again: 21 and 23 at round 2, 22 at round 3
+        assert wk.push_pull_wait(keys, gs, [np.zeros(n, np.float32) for n in sizes]) == 2
+
+    _group(monkeypatch, body)

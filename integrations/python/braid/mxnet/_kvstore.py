@@ -718,6 +718,7 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
         self._c_push = L.braid_kv_push
         self._c_pull = L.braid_kv_pull
         self._c_push_pull_wait = L.braid_kv_push_pull_wait
+        self._c_push_pull_waitv = L.braid_kv_push_pull_waitv
         self._c_wait = L.braid_kv_wait
         self._c_test = L.braid_kv_test
         self._c_free = L.braid_kv_request_free
@@ -920,6 +921,8 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
     def pushpull(self, key, value, out=None, priority=0):
         self._live()
         self._sync_rule()
+        calls = {}  # braid dtype -> ([u64 key], [source], [output], [elements])
+        copies = []  # (output, bytes, further targets) per key
         for k, vals, outs in _items(key, value, out):
             n, code, size = _infos(vals, k, "value")
             if outs and _infos(outs, k, "out") != (n, code, size):
@@ -931,15 +934,29 @@ class braid_dist_async(_Base):  # noqa: N801 - MXNet names kvstores by lower-cas
             src = self._source(k, vals, n, size)
             targets = outs if outs else vals
             dp = _ptr_write(targets[0])
-            self._k.value = u
-            self._n.value = n
-            # one call, waited for: no copy of `src` (unless it is `dp`, in place), the
-            # answer received straight into `dp`
-            self._check(self._c_push_pull_wait(self._w.handle, byref(self._k), byref(self._n),
-                                               1, src, dp, code, int(priority),
-                                               byref(self._ver)),
-                        "braid_kv_push_pull_wait")
-            _copy_out(dp, n * size, targets[1:])
+            for col, x in zip(calls.setdefault(code, ([], [], [], [])), (u, src, dp, n)):
+                col.append(x)
+            copies.append((dp, n * size, targets[1:]))
+        # every key checked before anything is sent; then one call per dtype, waited for: no
+        # copy of a source (unless it is its output, in place), the answers received straight
+        # into the outputs, the keys of a list in flight together
+        for code, (us, ss, ds, ns) in calls.items():
+            if len(us) == 1:
+                self._k.value = us[0]
+                self._n.value = ns[0]
+                self._check(self._c_push_pull_wait(self._w.handle, byref(self._k),
+                                                   byref(self._n), 1, ss[0], ds[0], code,
+                                                   int(priority), byref(self._ver)),
+                            "braid_kv_push_pull_wait")
+                continue
+            m = len(us)
+            self._check(self._c_push_pull_waitv(self._w.handle, (c_uint64 * m)(*us),
+                                                (c_size_t * m)(*ns), m, (c_void_p * m)(*ss),
+                                                (c_void_p * m)(*ds), code, int(priority),
+                                                byref(self._ver)),
+                        "braid_kv_push_pull_waitv")
+        for dp, nbytes, rest in copies:
+            _copy_out(dp, nbytes, rest)
 
     @_errors
     def set_optimizer(self, optimizer):
