@@ -4,7 +4,7 @@
 //! ```text
 //! braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS]
 //!     [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto]
-//!     [--replicas R] [--partition BYTES] [--api blocking|raw]
+//!     [--replicas R] [--partition BYTES] [--api blocking|raw|each]
 //! braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS]
 //!     [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input]
 //!     [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
@@ -34,7 +34,10 @@
 //! rounds), then all_reduce of SIZE bytes over the W workers: `ar_us`, `ar_busbw`. `--api raw`
 //! runs the rounds through the non-blocking `push_pull_raw` and its handle's `wait` (the path
 //! of the C ABI's braid_kv_push_pull + braid_kv_wait) instead of the blocking
-//! `push_pull_into`; the header line then ends with `, api raw`.
+//! `push_pull_into`; the header line then ends with `, api raw`. `--api each` runs them
+//! through `push_pull_into_each`, every key its own slice of the buffers (the path of the C
+//! ABI's braid_kv_push_pull_waitv, which `braid.kv`'s `push_pull_wait` of a key list takes);
+//! the header line then ends with `, api each`.
 
 use std::io::Write;
 use std::process::{Command, ExitCode, Stdio};
@@ -65,10 +68,20 @@ struct Args {
     state: usize,
     /// `--ckpt-every N` (checkpoint bench).
     ckpt_every: u64,
-    /// `--api raw`: rounds through the non-blocking `push_pull_raw` + `wait` (the C ABI's
-    /// braid_kv_push_pull + braid_kv_wait, which braid.kv and the MXNet kvstores use) instead
-    /// of the blocking `push_pull_into`.
-    raw: bool,
+    /// `--api`: which worker call runs the rounds.
+    api: Api,
+}
+
+/// The worker call a round goes through (`--api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// The blocking `push_pull_into` of every key at once (one buffer).
+    Blocking,
+    /// The non-blocking `push_pull_raw` + `wait` (the C ABI's braid_kv_push_pull +
+    /// braid_kv_wait, which braid.kv and the MXNet kvstores use).
+    Raw,
+    /// `push_pull_into_each`, one slice per key (the C ABI's braid_kv_push_pull_waitv).
+    Each,
 }
 
 /// Settings of the `--drill` loop mode (fault drills; see [`drill`]).
@@ -87,7 +100,7 @@ struct Drill {
     op_timeout: Option<f64>,
 }
 
-const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES] [--api blocking|raw]
+const USAGE: &str = "usage: braid-perf push_pull --workers W --servers S [-b MIN] [-e MAX] [-f FACTOR] [-n ITERS] [-w WARMUP] [--keys K] [--mode sync|async|bounded:TAU] [--transport tcp|shm|auto] [--replicas R] [--partition BYTES] [--api blocking|raw|each]
        braid-perf push_pull --drill --workers W --servers S [--rounds N] [--duration S] [--pace MS] [--slow MS] [--len ELEMS] [--keys K] [--report N] [--join-role server|worker] [--bad-input] [--op-timeout S] [--mode ...] [--replicas R] [--partition BYTES]
        braid-perf push_pull --ckpt-bench DIR --workers W --servers S [--state BYTES] [-b BYTES] [--rounds N] [--ckpt-every N] [--mode ...] [--replicas R] [--partition BYTES]";
 
@@ -120,7 +133,7 @@ fn parse(argv: &[String]) -> Result<Args, String> {
         ckpt_dir: None,
         state: 1 << 30,
         ckpt_every: 20,
-        raw: false,
+        api: Api::Blocking,
     };
     let mut it = argv.iter();
     let mut max_set = false;
@@ -177,10 +190,11 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "--state" => a.state = size(val()?)?,
             "--ckpt-every" => a.ckpt_every = num(val()?)?.max(1) as u64,
             "--api" => {
-                a.raw = match val()?.as_str() {
-                    "raw" => true,
-                    "blocking" => false,
-                    r => return Err(format!("--api {r}: expected blocking or raw")),
+                a.api = match val()?.as_str() {
+                    "raw" => Api::Raw,
+                    "each" => Api::Each,
+                    "blocking" => Api::Blocking,
+                    r => return Err(format!("--api {r}: expected blocking, raw or each")),
                 }
             }
             "-h" | "--help" => return Err(USAGE.into()),
@@ -402,7 +416,11 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
         println!(
             "# braid-perf push_pull: {w} workers, {ns} servers, mode {:?}, replicas {}, partition {} B, iters {}, warmup {}{}",
             mode, o.replicas, o.partition_bytes, a.iters, a.warmup,
-            if a.raw { ", api raw" } else { "" }
+            match a.api {
+                Api::Blocking => "",
+                Api::Raw => ", api raw",
+                Api::Each => ", api each",
+            }
         );
         println!(
             "# {:>10} {:>10} {:>5} {:>11} {:>9} {:>9} {:>7}   {:>10} {:>9}",
@@ -443,13 +461,17 @@ fn worker(a: &Args, cfg: Config, o: PsOptions, widx: usize) -> Result<bool, Stri
         let mut out = vec![0f32; count];
         for r in 0..rounds {
             let t0 = Instant::now();
-            let done = if a.raw {
+            let done = match a.api {
                 // SAFETY: `out` holds `count` elements (the sum of `lens`) and is neither read
                 // nor written until the handle was waited for (here, at once).
-                unsafe { kv.push_pull_raw(&keys, &lens, &grad, out.as_mut_ptr(), 0) }
-                    .and_then(|h| h.wait())
-            } else {
-                kv.push_pull_into(&keys, &lens, &grad, &mut out, 0)
+                Api::Raw => unsafe { kv.push_pull_raw(&keys, &lens, &grad, out.as_mut_ptr(), 0) }
+                    .and_then(|h| h.wait()),
+                Api::Each => {
+                    let vals = split_at_lens(&grad, &lens);
+                    let mut outs = split_at_lens_mut(&mut out, &lens);
+                    kv.push_pull_into_each(&keys, &vals, &mut outs, 0)
+                }
+                Api::Blocking => kv.push_pull_into(&keys, &lens, &grad, &mut out, 0),
             };
             done.map_err(|e| format!("round {r}: {e}"))?;
             if r >= a.warmup {
@@ -1186,4 +1208,26 @@ fn wait_for_view(kv: &KvWorker, a: &Args, prefix: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `buf` cut into consecutive slices of `lens` elements (their sum is `buf.len()`).
+fn split_at_lens<'a>(mut buf: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
+    lens.iter()
+        .map(|&n| {
+            let (head, rest) = buf.split_at(n);
+            buf = rest;
+            head
+        })
+        .collect()
+}
+
+/// [`split_at_lens`], mutable.
+fn split_at_lens_mut<'a>(mut buf: &'a mut [f32], lens: &[usize]) -> Vec<&'a mut [f32]> {
+    lens.iter()
+        .map(|&n| {
+            let (head, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            buf = rest;
+            head
+        })
+        .collect()
 }
