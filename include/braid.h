@@ -1212,14 +1212,16 @@ braid_status_t braid_kv_push_pull_wait(braid_kv_worker_t worker,
 // Errors: as braid_kv_push_pull_wait. When a key's request cannot be sent (e.g. its length
 // differs from the key's), the keys before it were sent and are waited for (their values
 // are in their outputs), the rest are not sent, and that error is returned; else the first
-// failed key's error, once every key's operation ended. `vals` or `outs` NULL (with
-// `nkeys` > 0) is braid_invalid_argument before anything is sent.
+// failed key's error, once every key's operation ended. Before anything is sent:
+// braid_invalid_argument for `vals` or `outs` NULL (with `nkeys` > 0), and for an output
+// that overlaps another key's output or values (naming both; a key's output may overlap its
+// own values).
 //
 // # Safety
 // `worker` is NULL or live; `keys`, `lens`, `vals` and `outs` valid for `nkeys` elements;
 // `vals[i]` valid for reading and `outs[i]` for writing `lens[i]` elements of `datatype`
-// for the call, and the outputs not used by anyone else meanwhile nor overlapping each
-// other; `version` is NULL or valid for a write.
+// for the call, and the outputs not used by anyone else meanwhile; `version` is NULL or
+// valid for a write.
 braid_status_t braid_kv_push_pull_waitv(braid_kv_worker_t worker,
                                         const uint64_t *keys,
                                         const size_t *lens,

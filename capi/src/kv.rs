@@ -880,6 +880,52 @@ fn kv_push_pull_lent<T: Element>(
     Ok(Box::new(PullPending(h)))
 }
 
+/// Refuses a braid_kv_push_pull_waitv whose keys' memory is shared between keys: an output
+/// that overlaps another key's output or values (the keys are in flight together, so one
+/// key's answer would be written where another key's is, or where its values are still being
+/// sent from). A key's output may overlap its own values (in place). `bytes[i]` is key i's
+/// size; empty keys take no memory.
+fn check_keys_apart(vals: &[*const c_void], outs: &[*mut c_void], bytes: &[usize]) -> CResult<()> {
+    let span = |p: usize, i: usize| (p, p.saturating_add(bytes[i]));
+    // Outputs by address; each must end before the next starts.
+    let mut by_addr: Vec<(usize, usize, usize)> = (0..outs.len())
+        .filter(|&i| bytes[i] > 0)
+        .map(|i| {
+            let (a, b) = span(outs[i] as usize, i);
+            (a, b, i)
+        })
+        .collect();
+    by_addr.sort_unstable();
+    for w in by_addr.windows(2) {
+        if w[1].0 < w[0].1 {
+            let (i, j) = (w[0].2.min(w[1].2), w[0].2.max(w[1].2));
+            return Err(Fail::arg(format!(
+                "outs[{j}] overlaps outs[{i}]: every key needs an output of its own"
+            )));
+        }
+    }
+    // Values: the outputs they meet (the outputs do not overlap each other, so at most the
+    // ones from the first that ends after the values start) must be their own key's.
+    for (i, &v) in vals.iter().enumerate() {
+        if bytes[i] == 0 {
+            continue;
+        }
+        let (a, b) = span(v as usize, i);
+        let first = by_addr.partition_point(|o| o.1 <= a);
+        if let Some(o) = by_addr[first..]
+            .iter()
+            .take_while(|o| o.0 < b)
+            .find(|o| o.2 != i)
+        {
+            return Err(Fail::arg(format!(
+                "outs[{}] overlaps vals[{i}]: a key's output may overlap only its own values",
+                o.2
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Waits for every started operation (all in flight), then returns `refused` if given, else
 /// the first error, else the smallest version.
 fn complete_each(started: Vec<Box<dyn KvPending>>, refused: Option<Fail>) -> CResult<u64> {
@@ -954,14 +1000,16 @@ pub unsafe extern "C" fn braid_kv_push_pull_wait(
 /// Errors: as braid_kv_push_pull_wait. When a key's request cannot be sent (e.g. its length
 /// differs from the key's), the keys before it were sent and are waited for (their values
 /// are in their outputs), the rest are not sent, and that error is returned; else the first
-/// failed key's error, once every key's operation ended. `vals` or `outs` NULL (with
-/// `nkeys` > 0) is braid_invalid_argument before anything is sent.
+/// failed key's error, once every key's operation ended. Before anything is sent:
+/// braid_invalid_argument for `vals` or `outs` NULL (with `nkeys` > 0), and for an output
+/// that overlaps another key's output or values (naming both; a key's output may overlap its
+/// own values).
 ///
 /// # Safety
 /// `worker` is NULL or live; `keys`, `lens`, `vals` and `outs` valid for `nkeys` elements;
 /// `vals[i]` valid for reading and `outs[i]` for writing `lens[i]` elements of `datatype`
-/// for the call, and the outputs not used by anyone else meanwhile nor overlapping each
-/// other; `version` is NULL or valid for a write.
+/// for the call, and the outputs not used by anyone else meanwhile; `version` is NULL or
+/// valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn braid_kv_push_pull_waitv(
     worker: braid_kv_worker_t,
@@ -984,6 +1032,14 @@ pub unsafe extern "C" fn braid_kv_push_pull_waitv(
         let vals = unsafe { c_slice(vals, nkeys, "vals") }?;
         // SAFETY: caller contract.
         let outs = unsafe { c_slice(outs, nkeys, "outs") }?;
+        let size = dtype.size();
+        let bytes = k
+            .lens
+            .iter()
+            .map(|n| n.checked_mul(size).filter(|b| *b <= isize::MAX as usize))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| Fail::arg("the lengths are too large"))?;
+        check_keys_apart(vals, outs, &bytes)?;
         let mut started = Vec::with_capacity(nkeys);
         let mut refused = None;
         for i in 0..nkeys {

@@ -261,7 +261,8 @@ static void worker(int index, int cb) {
         const uint64_t rk[3] = {32, 33, 31};
         const size_t rl[3] = {5, 3, B31};
         const void *rv[3] = {b32, b33, b31};
-        void *ro[3] = {o32, o32, o31};
+        float o33[3];
+        void *ro[3] = {o32, o33, o31};
         memset(o32, 0, sizeof o32);
         expect_error(braid_kv_push_pull_waitv(kv, rk, rl, 3, rv, ro, braid_float32, 0, &v),
                      braid_invalid_argument, "waitv wrong length", "braid_kv_push_pull_waitv",
@@ -276,6 +277,20 @@ static void worker(int index, int cb) {
         expect_error(braid_kv_push_pull_waitv(kv, vk, vl, 3, vv, NULL, braid_float32, 0, &v),
                      braid_invalid_argument, "waitv NULL outs", "braid_kv_push_pull_waitv",
                      "outs is NULL");
+        /* keys sharing memory: refused before anything is sent (o32 stays zero) */
+        memset(o32, 0, sizeof o32);
+        void *shared_out[3] = {o31, o32, o31 + 10};
+        expect_error(braid_kv_push_pull_waitv(kv, vk, vl, 3, vv, shared_out, braid_float32, 0,
+                                              &v),
+                     braid_invalid_argument, "waitv outputs overlap", "outs[2] overlaps outs[0]",
+                     "its own");
+        const void *shared_val[3] = {b31, o31 + 5, b33};
+        expect_error(braid_kv_push_pull_waitv(kv, vk, vl, 3, shared_val, vo, braid_float32, 0,
+                                              &v),
+                     braid_invalid_argument, "waitv output over values",
+                     "outs[0] overlaps vals[1]", "only its own");
+        for (size_t i = 0; i < 5; i++)
+            EXPECT(o32[i] == 0.0f, "refused waitv wrote key 32 element %zu", i);
     }
 
     /* Argument errors: reported before anything is sent; *req is NULL afterwards. */

@@ -100,7 +100,8 @@ def test_push_pull_wait_sums_without_copies_and_in_place(monkeypatch):
 def test_push_pull_wait_keys_in_flight_together_and_refused_mid_call(monkeypatch):
     """push_pull_wait of several keys of one dtype: one braid_kv_push_pull_waitv call (a lent
     1.6 MB key, a small one, one in place); then a call whose second key has a wrong length:
-    the first key was sent and waited for, the error names the refused key."""
+    the first key was sent and waited for, the error names the refused key; outputs sharing
+    memory are refused before anything is sent."""
     tri = WORKERS * (WORKERS + 1) // 2
     keys = [21, 22, 23]
     sizes = [BIG, 5, 4]
@@ -120,6 +121,12 @@ def test_push_pull_wait_keys_in_flight_together_and_refused_mid_call(monkeypatch
                               [np.full(5, w + 1, np.float32), np.ones(3, np.float32), gs[0]],
                               [o22, np.zeros(3, np.float32), outs[0]])
         assert np.array_equal(o22, np.full(5, tri, np.float32)), "key 22's round 2"
+        # outputs that share memory: refused before anything is sent
+        shared = np.zeros(9, np.float32)
+        with pytest.raises(braid.BraidError, match="outs.1. overlaps outs.0."):
+            wk.push_pull_wait([22, 23], [np.ones(5, np.float32), np.ones(4, np.float32)],
+                              [shared[:5], shared[4:8]])
+        assert not shared.any(), "a refused call wrote"
         # every key again: 21 and 23 at round 2, 22 at round 3
         assert wk.push_pull_wait(keys, gs, [np.zeros(n, np.float32) for n in sizes]) == 2
 
