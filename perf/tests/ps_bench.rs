@@ -159,3 +159,71 @@ fn wire_ceiling_prints_a_row_per_size_with_and_without_sums() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1"));
 }
+
+/// `--api raw` (push_pull_raw + wait, the C ABI's braid_kv_push_pull path) and `--api each`
+/// (push_pull_into_each, one slice per key, the C ABI's braid_kv_push_pull_waitv path) run
+/// exact sync rounds (every round's aggregate checked) with keys of 2 MiB (lent, not copied)
+/// and say so in the header; an unknown `--api` is refused.
+#[test]
+fn push_pull_api_raw_and_each_run_exact_sync_rounds() {
+    for api in ["raw", "each"] {
+        let out = Command::new(perf())
+            .args([
+                "push_pull",
+                "--workers",
+                "2",
+                "--servers",
+                "2",
+                "--keys",
+                "4",
+                "--mode",
+                "sync",
+                "--replicas",
+                "0",
+                "--transport",
+                "tcp",
+                "-b",
+                "8M",
+                "-e",
+                "8M",
+                "-n",
+                "4",
+                "-w",
+                "1",
+                "--api",
+                api,
+            ])
+            .output()
+            .unwrap();
+        let (so, se) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "--api {api} failed\n{so}\n{se}");
+        assert!(
+            so.lines().any(|l| l.starts_with("# braid-perf push_pull:")
+                && l.ends_with(&format!(", api {api}"))),
+            "--api {api}: header\n{so}"
+        );
+        let row = so
+            .lines()
+            .find(|l| l.trim_start().starts_with("8388608"))
+            .unwrap_or_else(|| panic!("--api {api}: no 8 MiB row\n{so}"));
+        assert_eq!(row.split_whitespace().nth(6), Some("0"), "#wrong: {row}");
+    }
+    let out = Command::new(perf())
+        .args([
+            "push_pull",
+            "--workers",
+            "1",
+            "--servers",
+            "1",
+            "--api",
+            "copy",
+        ])
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--api copy accepted");
+    assert!(se.contains("expected blocking, raw or each"), "{se}");
+}
