@@ -1132,7 +1132,7 @@ braid_status_t braid_kv_push(braid_kv_worker_t worker,
 // sync and bounded mode: the round this worker last pushed to (a push followed by a pull
 // returns that round's aggregate); async mode: the latest. The values are in `out` when
 // braid_kv_wait returns (or braid_kv_test reports done; host memory is written as the servers
-// answer, 1 MiB or more straight from the socket with no intermediate copy, and nothing
+// answer, 64 KiB or more straight from the socket with no intermediate copy, and nothing
 // writes to it any more then; `out` may be CUDA device memory: braid pulls into host memory
 // and copies to the device then); braid_kv_wait reports the
 // smallest version over the parts read. Pulling a key nobody initialised waits for it until
@@ -1178,7 +1178,7 @@ braid_status_t braid_kv_push_pull(braid_kv_worker_t worker,
 // Pushes `vals` and pulls the same keys into `out` (arrays as braid_kv_init) and waits for
 // the answer: braid_kv_push_pull, braid_kv_wait and braid_kv_request_free in one call, which
 // copies neither buffer: the values are sent from `vals` itself and the answers received
-// straight into `out` (1 MiB or more; braid_kv_push_pull copies `vals` before it returns).
+// straight into `out` (64 KiB or more; braid_kv_push_pull copies `vals` before it returns).
 // Both are used only during the call, whatever its outcome. `*version` (when `version` is not
 // NULL) receives the version pulled. `out` may be `vals` or overlap it (in place), or either
 // may be CUDA device memory: then it runs as braid_kv_push_pull and braid_kv_wait do

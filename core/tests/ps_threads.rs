@@ -759,6 +759,44 @@ fn push_pull_into_each_keys_in_flight_together() {
             .wait()
             .unwrap();
         assert!(p.values == o50, "key 50 unchanged by the refused call");
+        // Keys at the lending threshold (64 KiB: lent) and just under it (copied), in flight
+        // with the 2 MiB key, three rounds.
+        let (at, under) = (1usize << 14, (1usize << 14) - 1);
+        kv.init(&[54, 55], &[at, under], &vec![0f32; at + under])
+            .unwrap();
+        let g54: Vec<f32> = (0..at).map(|i| (i % 5) as f32).collect();
+        let g55: Vec<f32> = (0..under).map(|i| (i % 3) as f32).collect();
+        let (mut o54, mut o55) = (vec![0f32; at], vec![0f32; under]);
+        let before = o50.clone();
+        for round in 1..=3 {
+            kv.push_pull_into_each(
+                &[54, 50, 55],
+                &[&g54, &g50, &g55],
+                &mut [&mut o54, &mut o50, &mut o55],
+                0,
+            )
+            .unwrap();
+            let r = round as f32;
+            assert!(
+                o54.iter()
+                    .enumerate()
+                    .all(|(i, x)| *x == r * (i % 5) as f32),
+                "key 54 after round {round}"
+            );
+            assert!(
+                o55.iter()
+                    .enumerate()
+                    .all(|(i, x)| *x == r * (i % 3) as f32),
+                "key 55 after round {round}"
+            );
+            assert!(
+                o50.iter()
+                    .zip(&before)
+                    .enumerate()
+                    .all(|(i, (x, b))| *x == b + r * (i % 9) as f32),
+                "key 50 after round {round}"
+            );
+        }
         drop(kv);
         for h in servers {
             drop(h.join().unwrap());
