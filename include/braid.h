@@ -1175,6 +1175,31 @@ braid_status_t braid_kv_push_pull(braid_kv_worker_t worker,
                                   int prio,
                                   braid_kv_request_t *req);
 
+// As braid_kv_push_pull, without copying `vals`: the values are sent from `vals` itself (64
+// KiB or more; smaller ones are copied into the requests) and the answers received into
+// `out` as braid_kv_pull receives them, so the call returns at once for any size (as
+// MPI_Isend, the caller keeps the buffer). Where `vals` and `out` overlap (in place), or
+// either is CUDA device memory, the call copies `vals` first, as braid_kv_push_pull does.
+// braid_kv_wait, braid_kv_test reporting done, and braid_kv_request_free return only once
+// nothing reads `vals` or writes `out` any more (a connection that still holds them a second
+// after the operation failed, its server not reading or sending, is closed).
+//
+// Errors: as braid_kv_push_pull.
+//
+// # Safety
+// As braid_kv_push_pull, and `vals` stays valid and UNMODIFIED until the request completes
+// (braid_kv_wait, braid_kv_test reporting done, or braid_kv_request_free): changing it before
+// then changes what the servers receive.
+braid_status_t braid_kv_push_pull_nocopy(braid_kv_worker_t worker,
+                                         const uint64_t *keys,
+                                         const size_t *lens,
+                                         size_t nkeys,
+                                         const void *vals,
+                                         void *out,
+                                         braid_datatype_t datatype,
+                                         int prio,
+                                         braid_kv_request_t *req);
+
 // Pushes `vals` and pulls the same keys into `out` (arrays as braid_kv_init) and waits for
 // the answer: braid_kv_push_pull, braid_kv_wait and braid_kv_request_free in one call, which
 // copies neither buffer: the values are sent from `vals` itself and the answers received

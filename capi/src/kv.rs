@@ -828,23 +828,90 @@ pub unsafe extern "C" fn braid_kv_push_pull(
 ) -> braid_status_t {
     boundary("braid_kv_push_pull", || {
         // SAFETY: caller contract.
-        unsafe { put(req, "req", std::ptr::null_mut()) }?;
-        // SAFETY: caller contract.
-        let w = unsafe { kv_worker_ref(worker) }?;
-        let dtype = dtype_of(datatype)?;
-        // SAFETY: caller contract.
-        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
-        let p = with_element!(dtype, kv_pull(&w.worker, &k, Some(vals), out, None, prio))?;
-        // SAFETY: `req` checked non-NULL above; caller contract.
-        unsafe { store_kv_request(req, p) };
-        Ok(())
+        unsafe {
+            kv_push_pull_request(
+                worker, keys, lens, nkeys, vals, out, datatype, prio, req, true,
+            )
+        }
     })
 }
 
-/// A push_pull about to be waited for ([`braid_kv_push_pull_wait`], one key of
-/// [`braid_kv_push_pull_waitv`]), started: sent from `vals` and received into `out` without
-/// copies when both are host memory that does not overlap; else as braid_kv_push_pull (vals
-/// copied first, device memory staged).
+/// As braid_kv_push_pull, without copying `vals`: the values are sent from `vals` itself (64
+/// KiB or more; smaller ones are copied into the requests) and the answers received into
+/// `out` as braid_kv_pull receives them, so the call returns at once for any size (as
+/// MPI_Isend, the caller keeps the buffer). Where `vals` and `out` overlap (in place), or
+/// either is CUDA device memory, the call copies `vals` first, as braid_kv_push_pull does.
+/// braid_kv_wait, braid_kv_test reporting done, and braid_kv_request_free return only once
+/// nothing reads `vals` or writes `out` any more (a connection that still holds them a second
+/// after the operation failed, its server not reading or sending, is closed).
+///
+/// Errors: as braid_kv_push_pull.
+///
+/// # Safety
+/// As braid_kv_push_pull, and `vals` stays valid and UNMODIFIED until the request completes
+/// (braid_kv_wait, braid_kv_test reporting done, or braid_kv_request_free): changing it before
+/// then changes what the servers receive.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_push_pull_nocopy(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const c_void,
+    out: *mut c_void,
+    datatype: DatatypeArg,
+    prio: c_int,
+    req: *mut braid_kv_request_t,
+) -> braid_status_t {
+    boundary("braid_kv_push_pull_nocopy", || {
+        // SAFETY: caller contract.
+        unsafe {
+            kv_push_pull_request(
+                worker, keys, lens, nkeys, vals, out, datatype, prio, req, false,
+            )
+        }
+    })
+}
+
+/// braid_kv_push_pull (`copy`: `vals` copied before this returns) and
+/// braid_kv_push_pull_nocopy: the request written to `*req` (NULL on failure).
+///
+/// # Safety
+/// As braid_kv_push_pull, and for `copy` false as braid_kv_push_pull_nocopy.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kv_push_pull_request(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const c_void,
+    out: *mut c_void,
+    datatype: DatatypeArg,
+    prio: c_int,
+    req: *mut braid_kv_request_t,
+    copy: bool,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    unsafe { put(req, "req", std::ptr::null_mut()) }?;
+    // SAFETY: caller contract.
+    let w = unsafe { kv_worker_ref(worker) }?;
+    let dtype = dtype_of(datatype)?;
+    // SAFETY: caller contract.
+    let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+    let p = if copy {
+        with_element!(dtype, kv_pull(&w.worker, &k, Some(vals), out, None, prio))
+    } else {
+        with_element!(dtype, kv_push_pull_lent(&w.worker, &k, vals, out, prio))
+    }?;
+    // SAFETY: `req` checked non-NULL above; caller contract.
+    unsafe { store_kv_request(req, p) };
+    Ok(())
+}
+
+/// A push_pull started without copies ([`braid_kv_push_pull_wait`], one key of
+/// [`braid_kv_push_pull_waitv`], [`braid_kv_push_pull_nocopy`]): sent from `vals` and
+/// received into `out` when both are host memory that does not overlap; else as
+/// braid_kv_push_pull (vals copied first, device memory staged).
 fn kv_push_pull_lent<T: Element>(
     w: &KvWorker,
     k: &KvKeys<'_>,
@@ -868,14 +935,15 @@ fn kv_push_pull_lent<T: Element>(
     if bytes == 0 || !apart || !host(vals) || !host(out.cast_const()) {
         return kv_pull::<T>(w, k, Some(vals), out, None, prio);
     }
-    // SAFETY: `vals` is valid for `total` elements for the call (contract), which waits for
-    // the handle (or drops it) before it returns.
+    // SAFETY: `vals` is valid for `total` elements until the handle was waited for or dropped
+    // (contract: within the call for the waiting forms, until the request completes for
+    // braid_kv_push_pull_nocopy).
     let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
     // Checked as the plain pull checks it (not NULL, size).
-    // SAFETY: valid for writes of `total` elements for the call (contract).
+    // SAFETY: valid for writes of `total` elements as long (contract).
     let o = unsafe { c_slice_mut(out.cast::<T>(), k.total, "out") }?;
-    // SAFETY: both are used by nobody else until the handle was waited for or dropped, within
-    // the call (contract); they do not overlap (checked above).
+    // SAFETY: both are used by nobody else until the handle was waited for or dropped
+    // (contract, as above); they do not overlap (checked above).
     let h = unsafe { w.push_pull_lent(k.keys, k.lens, v, o.as_mut_ptr(), prio) }?;
     Ok(Box::new(PullPending(h)))
 }

@@ -7,6 +7,7 @@
  * exact expected values; a pull with min_version (non-blocking, completed by the next round);
  * braid_kv_push_pull_wait on a key of 1.2 MB (apart and in place); braid_kv_push_pull_waitv
  * of three keys in flight together (lent, apart, in place) and refused mid-call;
+ * braid_kv_push_pull_nocopy of two keys in flight (lent and copied), then in place;
  * argument errors (wrong length for a known key names the key, wrong datatype, bad
  * min_version, NULL pointers); a float16 key summed in a sync round; braid_kv_set_rule at run
  * time (sgd with momentum: exact weights, braid_kv_pull_state / braid_kv_push_state of the
@@ -291,6 +292,63 @@ static void worker(int index, int cb) {
                      "outs[0] overlaps vals[1]", "only its own");
         for (size_t i = 0; i < 5; i++)
             EXPECT(o32[i] == 0.0f, "refused waitv wrote key 32 element %zu", i);
+    }
+
+    /* braid_kv_push_pull_nocopy: two keys started without waiting, in flight together: key 34
+     * (400 KB, sent from `b34` itself and received into `o34`) and key 35 (3 floats: copied,
+     * as small values are); braid_kv_test until done for one, braid_kv_wait for the other;
+     * exact values, `b34` untouched. Then key 35 in place (out == vals: copied first), and a
+     * NULL req refused. */
+    {
+        enum { B34 = 100000 };
+        static float b34[B34], o34[B34];
+        float b35[3], o35[3];
+        const uint64_t k34 = 34, k35 = 35;
+        const size_t l34 = B34, l35 = 3;
+        memset(b34, 0, sizeof b34);
+        memset(b35, 0, sizeof b35);
+        CHECK(braid_kv_init(kv, &k34, &l34, 1, b34, braid_float32));
+        CHECK(braid_kv_init(kv, &k35, &l35, 1, b35, braid_float32));
+        for (size_t i = 0; i < B34; i++) b34[i] = (float)(w + 1) * (float)(i % 7 + 1);
+        for (size_t i = 0; i < 3; i++) b35[i] = (float)(w + 1) * (float)(i + 1);
+        braid_kv_request_t r34 = NULL, r35 = NULL;
+        CHECK(braid_kv_push_pull_nocopy(kv, &k34, &l34, 1, b34, o34, braid_float32, 0, &r34));
+        CHECK(braid_kv_push_pull_nocopy(kv, &k35, &l35, 1, b35, o35, braid_float32, 0, &r35));
+        EXPECT(r34 != NULL && r35 != NULL, "push_pull_nocopy requests");
+        int d34 = 0;
+        for (int i = 0; i < 6000 && d34 == 0; i++) {
+            CHECK(braid_kv_test(r34, &d34));
+            if (!d34) sleep_ms(5);
+        }
+        EXPECT(d34 == 1, "push_pull_nocopy of key 34 completes");
+        uint64_t v34 = 0, v35 = 0;
+        CHECK(braid_kv_wait(r34, &v34));
+        CHECK(braid_kv_wait(r35, &v35));
+        CHECK(braid_kv_request_free(r34));
+        CHECK(braid_kv_request_free(r35));
+        EXPECT(v34 == 1 && v35 == 1, "push_pull_nocopy versions %llu %llu",
+               (unsigned long long)v34, (unsigned long long)v35);
+        float f = cb ? 6.0f : 3.0f; /* 0 + 2*1 + 2*2 with the C rule; 1 + 2 summed */
+        for (size_t i = 0; i < B34; i++) {
+            EXPECT(o34[i] == f * (float)(i % 7 + 1), "nocopy key 34 element %zu: %g", i,
+                   (double)o34[i]);
+            EXPECT(b34[i] == (float)(w + 1) * (float)(i % 7 + 1),
+                   "nocopy vals unchanged at %zu", i);
+        }
+        for (size_t i = 0; i < 3; i++)
+            EXPECT(o35[i] == f * (float)(i + 1), "nocopy key 35 element %zu: %g", i,
+                   (double)o35[i]);
+        CHECK(braid_kv_push_pull_nocopy(kv, &k35, &l35, 1, b35, b35, braid_float32, 0, &r35));
+        CHECK(braid_kv_wait(r35, &v35));
+        CHECK(braid_kv_request_free(r35));
+        /* round 2: 1 + 2 summed; 6 + 2*1 + 2*2 with the C rule */
+        for (size_t i = 0; i < 3; i++)
+            EXPECT(b35[i] == (cb ? 12.0f : 3.0f) * (float)(i + 1),
+                   "nocopy key 35 in place, element %zu: %g", i, (double)b35[i]);
+        expect_error(
+            braid_kv_push_pull_nocopy(kv, &k35, &l35, 1, b35, o35, braid_float32, 0, NULL),
+            braid_invalid_argument, "nocopy NULL req", "braid_kv_push_pull_nocopy",
+            "req is NULL");
     }
 
     /* Argument errors: reported before anything is sent; *req is NULL afterwards. */

@@ -252,6 +252,8 @@ _PROTOS = {
                       c_int, POINTER(kv_request_t)],
     "braid_kv_push_pull": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p,
                            c_int, c_int, POINTER(kv_request_t)],
+    "braid_kv_push_pull_nocopy": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p,
+                                  c_void_p, c_int, c_int, POINTER(kv_request_t)],
     "braid_kv_push_pull_wait": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p,
                                 c_void_p, c_int, c_int, POINTER(c_uint64)],
     "braid_kv_push_pull_waitv": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p,

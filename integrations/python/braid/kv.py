@@ -355,6 +355,18 @@ class KvWorker:
                       "braid_kv_push_pull")
         return r.value
 
+    def push_pull_nocopy_raw(self, key, src, dst, count, dtype, priority=0):
+        """braid_kv_push_pull_nocopy of one key: as :meth:`push_pull_raw`, but `src` is sent
+        from where it is (not copied; it must stay unmodified until the request completed);
+        returns the request handle."""
+        k = c_uint64(key)
+        n = c_size_t(count)
+        r = ctypes.c_void_p()
+        self._L.check(self._L.braid_kv_push_pull_nocopy(self.handle, byref(k), byref(n), 1, src,
+                                                        dst, dtype, int(priority), byref(r)),
+                      "braid_kv_push_pull_nocopy")
+        return r.value
+
     def push_pull_wait_raw(self, key, src, dst, count, dtype, priority=0):
         """braid_kv_push_pull_wait of one key: pushes `src` and pulls into `dst`, waiting for
         the answer (neither copied unless they overlap); returns the version."""
@@ -409,14 +421,21 @@ class KvWorker:
             req._hs.append(self.pull_raw(_key(k), ptr, n, code, priority, min_version))
         return req
 
-    def push_pull(self, keys, arrays, outs, priority=0):
+    def push_pull(self, keys, arrays, outs, priority=0, copy=True):
         """Pushes `arrays` and pulls the keys' values into `outs` in one round trip (outs may
-        be the arrays themselves); returns a :class:`KvRequest`."""
+        be the arrays themselves); returns a :class:`KvRequest`. With ``copy=True`` the arrays
+        are copied before this returns (braid_kv_push_pull); with ``copy=False`` they are sent
+        from where they are (braid_kv_push_pull_nocopy: nothing copied, the call returns at
+        once) and must not be modified until the request completed (its wait, a test that
+        says True, or free); an array that is its own output is copied either way."""
         ks, arrs = _keys_arrays(keys, arrays)
         _, outs = _keys_arrays(keys, outs)
-        req = KvRequest(self._L, [], outs)
-        for k, sp, dp, n, code in _pairs(ks, arrs, outs):
-            req._hs.append(self.push_pull_raw(_key(k), sp, dp, n, code, priority))
+        pairs = _pairs(ks, arrs, outs)
+        start = self.push_pull_raw if copy else self.push_pull_nocopy_raw
+        # The request keeps the outputs alive, and the arrays too when they are not copied.
+        req = KvRequest(self._L, [], outs if copy else (arrs, outs))
+        for k, sp, dp, n, code in pairs:
+            req._hs.append(start(_key(k), sp, dp, n, code, priority))
         return req
 
     def push_pull_waitv_raw(self, keys, srcs, dsts, counts, dtype, priority=0):

@@ -131,3 +131,37 @@ def test_push_pull_wait_keys_in_flight_together_and_refused_mid_call(monkeypatch
         assert wk.push_pull_wait(keys, gs, [np.zeros(n, np.float32) for n in sizes]) == 2
 
     _group(monkeypatch, body)
+
+
+def test_push_pull_without_copy_keys_in_flight(monkeypatch):
+    """push_pull(copy=False): braid_kv_push_pull_nocopy per key, the call returns before the
+    answers; a lent 1.6 MB key, a 64 KiB one and a small one in flight together, another key
+    in place; exact values, the pushed arrays untouched; the request keeps the arrays alive
+    (they are dropped by the caller before the wait)."""
+    tri = WORKERS * (WORKERS + 1) // 2
+    keys = [41, 42, 43, 44]
+    sizes = [BIG, 1 << 14, 3, 7]
+
+    def body(w, wk):
+        wk.init(keys, [np.zeros(n, np.float32) for n in sizes])
+        gs = [np.arange(n, dtype=np.float32) % 5 * (w + 1) for n in sizes]
+        outs = [np.zeros(n, np.float32) for n in sizes[:3]] + [gs[3]]
+        want = [np.arange(n, dtype=np.float32) % 5 * tri for n in sizes]
+        req = wk.push_pull(keys, gs, outs, copy=False)
+        mid = gs[1]
+        del gs[:2]  # the request holds the arrays until it completes
+        assert req.wait() == 1
+        req.free()
+        for i in range(4):
+            assert np.array_equal(outs[i], want[i]), f"key {keys[i]}"
+        assert np.array_equal(mid, np.arange(sizes[1], dtype=np.float32) % 5 * (w + 1)), \
+            "pushed array unchanged"
+        # a second round through the copying path gives the next round's values
+        again = [np.arange(n, dtype=np.float32) % 5 * (w + 1) for n in sizes]
+        outs2 = [np.zeros(n, np.float32) for n in sizes]
+        r2 = wk.push_pull(keys, again, outs2)
+        assert r2.wait() == 2
+        for i in range(4):
+            assert np.array_equal(outs2[i], want[i]), f"key {keys[i]} round 2"
+
+    _group(monkeypatch, body)
