@@ -1126,6 +1126,28 @@ braid_status_t braid_kv_push(braid_kv_worker_t worker,
                              int prio,
                              braid_kv_request_t *req);
 
+// As braid_kv_push, without copying `vals`: the values are sent from `vals` itself (64 KiB or
+// more; smaller ones are copied into the requests), so the call returns at once for any size
+// (as MPI_Isend, the caller keeps the buffer). CUDA device memory is copied first, as
+// braid_kv_push does. braid_kv_wait, braid_kv_test reporting done, and
+// braid_kv_request_free return only once nothing reads `vals` any more (a connection that
+// still holds it a second after the push failed, its server not reading, is closed).
+//
+// Errors: as braid_kv_push.
+//
+// # Safety
+// As braid_kv_push, and `vals` stays valid and UNMODIFIED until the request completes
+// (braid_kv_wait, braid_kv_test reporting done, or braid_kv_request_free): changing it before
+// then changes what the servers receive.
+braid_status_t braid_kv_push_nocopy(braid_kv_worker_t worker,
+                                    const uint64_t *keys,
+                                    const size_t *lens,
+                                    size_t nkeys,
+                                    const void *vals,
+                                    braid_datatype_t datatype,
+                                    int prio,
+                                    braid_kv_request_t *req);
+
 // Pulls `nkeys` keys (arrays as braid_kv_init) into `out` (the sum of `lens` elements of
 // `datatype`, concatenated in key order) and writes a request to `*req` (NULL on failure).
 // `min_version` >= 0: the values of a version at least that (waits for it); -1: the default:

@@ -653,6 +653,57 @@ fn kv_push<T: Element>(
     Ok(Box::new(PushPending(h)))
 }
 
+/// The start of a non-blocking push/pull call: `*req` cleared (it stays NULL on failure), the
+/// worker, datatype and keys checked, `start` run and its operation stored in a new request at
+/// `*req`.
+///
+/// # Safety
+/// `worker` is NULL or live; `keys` and `lens` valid for `nkeys` elements for the call; `req`
+/// NULL or valid for a write; what `start` reads, as its call's contract says.
+unsafe fn kv_start(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    datatype: DatatypeArg,
+    req: *mut braid_kv_request_t,
+    start: impl FnOnce(&KvWorker, &KvKeys<'_>, DataType) -> CResult<Box<dyn KvPending>>,
+) -> CResult<()> {
+    // SAFETY: caller contract.
+    unsafe { put(req, "req", std::ptr::null_mut()) }?;
+    // SAFETY: caller contract.
+    let w = unsafe { kv_worker_ref(worker) }?;
+    let dtype = dtype_of(datatype)?;
+    // SAFETY: caller contract.
+    let k = unsafe { kv_keys(keys, lens, nkeys) }?;
+    let p = start(&w.worker, &k, dtype)?;
+    // SAFETY: `req` checked non-NULL above; caller contract.
+    unsafe { store_kv_request(req, p) };
+    Ok(())
+}
+
+/// A push sent from `vals` itself (braid_kv_push_nocopy); device memory as kv_push (staged).
+fn kv_push_lent<T: Element>(
+    w: &KvWorker,
+    k: &KvKeys<'_>,
+    vals: *const c_void,
+    prio: c_int,
+) -> CResult<Box<dyn KvPending>> {
+    if matches!(
+        braid_core::cuda::pointer_kind(vals),
+        braid_core::cuda::PtrKind::Device(_)
+    ) {
+        return kv_push::<T>(w, k, vals, prio);
+    }
+    // SAFETY: `vals` is NULL or valid for `total` elements until the request completes
+    // (contract of braid_kv_push_nocopy).
+    let v = unsafe { c_slice(vals.cast::<T>(), k.total, "vals") }?;
+    // SAFETY: unmodified until the request completed (contract): the request holds the
+    // handle, which takes `vals` back when it is waited for or dropped.
+    let h = unsafe { w.push_lent(k.keys, k.lens, v, prio) }?;
+    Ok(Box::new(PushPending(h)))
+}
+
 fn kv_pull<T: Element>(
     w: &KvWorker,
     k: &KvKeys<'_>,
@@ -737,16 +788,45 @@ pub unsafe extern "C" fn braid_kv_push(
 ) -> braid_status_t {
     boundary("braid_kv_push", || {
         // SAFETY: caller contract.
-        unsafe { put(req, "req", std::ptr::null_mut()) }?;
+        unsafe {
+            kv_start(worker, keys, lens, nkeys, datatype, req, |w, k, dt| {
+                with_element!(dt, kv_push(w, k, vals, prio))
+            })
+        }
+    })
+}
+
+/// As braid_kv_push, without copying `vals`: the values are sent from `vals` itself (64 KiB or
+/// more; smaller ones are copied into the requests), so the call returns at once for any size
+/// (as MPI_Isend, the caller keeps the buffer). CUDA device memory is copied first, as
+/// braid_kv_push does. braid_kv_wait, braid_kv_test reporting done, and
+/// braid_kv_request_free return only once nothing reads `vals` any more (a connection that
+/// still holds it a second after the push failed, its server not reading, is closed).
+///
+/// Errors: as braid_kv_push.
+///
+/// # Safety
+/// As braid_kv_push, and `vals` stays valid and UNMODIFIED until the request completes
+/// (braid_kv_wait, braid_kv_test reporting done, or braid_kv_request_free): changing it before
+/// then changes what the servers receive.
+#[no_mangle]
+pub unsafe extern "C" fn braid_kv_push_nocopy(
+    worker: braid_kv_worker_t,
+    keys: *const u64,
+    lens: *const usize,
+    nkeys: usize,
+    vals: *const c_void,
+    datatype: DatatypeArg,
+    prio: c_int,
+    req: *mut braid_kv_request_t,
+) -> braid_status_t {
+    boundary("braid_kv_push_nocopy", || {
         // SAFETY: caller contract.
-        let w = unsafe { kv_worker_ref(worker) }?;
-        let dtype = dtype_of(datatype)?;
-        // SAFETY: caller contract.
-        let k = unsafe { kv_keys(keys, lens, nkeys) }?;
-        let p = with_element!(dtype, kv_push(&w.worker, &k, vals, prio))?;
-        // SAFETY: `req` checked non-NULL above; caller contract.
-        unsafe { store_kv_request(req, p) };
-        Ok(())
+        unsafe {
+            kv_start(worker, keys, lens, nkeys, datatype, req, |w, k, dt| {
+                with_element!(dt, kv_push_lent(w, k, vals, prio))
+            })
+        }
     })
 }
 
@@ -829,9 +909,9 @@ pub unsafe extern "C" fn braid_kv_push_pull(
     boundary("braid_kv_push_pull", || {
         // SAFETY: caller contract.
         unsafe {
-            kv_push_pull_request(
-                worker, keys, lens, nkeys, vals, out, datatype, prio, req, true,
-            )
+            kv_start(worker, keys, lens, nkeys, datatype, req, |w, k, dt| {
+                with_element!(dt, kv_pull(w, k, Some(vals), out, None, prio))
+            })
         }
     })
 }
@@ -866,46 +946,11 @@ pub unsafe extern "C" fn braid_kv_push_pull_nocopy(
     boundary("braid_kv_push_pull_nocopy", || {
         // SAFETY: caller contract.
         unsafe {
-            kv_push_pull_request(
-                worker, keys, lens, nkeys, vals, out, datatype, prio, req, false,
-            )
+            kv_start(worker, keys, lens, nkeys, datatype, req, |w, k, dt| {
+                with_element!(dt, kv_push_pull_lent(w, k, vals, out, prio))
+            })
         }
     })
-}
-
-/// braid_kv_push_pull (`copy`: `vals` copied before this returns) and
-/// braid_kv_push_pull_nocopy: the request written to `*req` (NULL on failure).
-///
-/// # Safety
-/// As braid_kv_push_pull, and for `copy` false as braid_kv_push_pull_nocopy.
-#[allow(clippy::too_many_arguments)]
-unsafe fn kv_push_pull_request(
-    worker: braid_kv_worker_t,
-    keys: *const u64,
-    lens: *const usize,
-    nkeys: usize,
-    vals: *const c_void,
-    out: *mut c_void,
-    datatype: DatatypeArg,
-    prio: c_int,
-    req: *mut braid_kv_request_t,
-    copy: bool,
-) -> CResult<()> {
-    // SAFETY: caller contract.
-    unsafe { put(req, "req", std::ptr::null_mut()) }?;
-    // SAFETY: caller contract.
-    let w = unsafe { kv_worker_ref(worker) }?;
-    let dtype = dtype_of(datatype)?;
-    // SAFETY: caller contract.
-    let k = unsafe { kv_keys(keys, lens, nkeys) }?;
-    let p = if copy {
-        with_element!(dtype, kv_pull(&w.worker, &k, Some(vals), out, None, prio))
-    } else {
-        with_element!(dtype, kv_push_pull_lent(&w.worker, &k, vals, out, prio))
-    }?;
-    // SAFETY: `req` checked non-NULL above; caller contract.
-    unsafe { store_kv_request(req, p) };
-    Ok(())
 }
 
 /// A push_pull started without copies ([`braid_kv_push_pull_wait`], one key of

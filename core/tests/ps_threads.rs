@@ -797,6 +797,24 @@ fn push_pull_into_each_keys_in_flight_together() {
                 "key 50 after round {round}"
             );
         }
+        // A push sent from the caller's memory (lent at 64 KiB), then a pull.
+        // SAFETY: `g54` is not modified until the handle was waited for.
+        unsafe { kv.push_lent(&[54], &[at], &g54, 0) }
+            .unwrap()
+            .wait()
+            .unwrap();
+        let p = kv
+            .pull::<f32>(&[54], &[at], None, 0)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(
+            p.values
+                .iter()
+                .enumerate()
+                .all(|(i, x)| *x == 4.0 * (i % 5) as f32),
+            "key 54 after push_lent"
+        );
         drop(kv);
         for h in servers {
             drop(h.join().unwrap());

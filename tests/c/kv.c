@@ -8,6 +8,7 @@
  * braid_kv_push_pull_wait on a key of 1.2 MB (apart and in place); braid_kv_push_pull_waitv
  * of three keys in flight together (lent, apart, in place) and refused mid-call;
  * braid_kv_push_pull_nocopy of two keys in flight (lent and copied), then in place;
+ * braid_kv_push_nocopy then a pull;
  * argument errors (wrong length for a known key names the key, wrong datatype, bad
  * min_version, NULL pointers); a float16 key summed in a sync round; braid_kv_set_rule at run
  * time (sgd with momentum: exact weights, braid_kv_pull_state / braid_kv_push_state of the
@@ -349,6 +350,20 @@ static void worker(int index, int cb) {
             braid_kv_push_pull_nocopy(kv, &k35, &l35, 1, b35, o35, braid_float32, 0, NULL),
             braid_invalid_argument, "nocopy NULL req", "braid_kv_push_pull_nocopy",
             "req is NULL");
+        /* braid_kv_push_nocopy of key 34 (sent from `b34`), then a pull of its round */
+        CHECK(braid_kv_push_nocopy(kv, &k34, &l34, 1, b34, braid_float32, 0, &r34));
+        CHECK(braid_kv_wait(r34, NULL));
+        CHECK(braid_kv_request_free(r34));
+        CHECK(braid_kv_pull(kv, &k34, &l34, 1, o34, braid_float32, -1, 0, &r34));
+        CHECK(braid_kv_wait(r34, &v34));
+        CHECK(braid_kv_request_free(r34));
+        EXPECT(v34 == 2, "push_nocopy then pull: version %llu", (unsigned long long)v34);
+        for (size_t i = 0; i < B34; i++)
+            EXPECT(o34[i] == (cb ? 12.0f : 3.0f) * (float)(i % 7 + 1),
+                   "push_nocopy key 34 element %zu: %g", i, (double)o34[i]);
+        expect_error(braid_kv_push_nocopy(kv, &k34, &l34, 1, b34, braid_float32, 0, NULL),
+                     braid_invalid_argument, "push_nocopy NULL req", "braid_kv_push_nocopy",
+                     "req is NULL");
     }
 
     /* Argument errors: reported before anything is sent; *req is NULL afterwards. */

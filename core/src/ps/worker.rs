@@ -762,6 +762,42 @@ impl KvWorker {
         Ok(handle(&self.inner, op, |_| ()))
     }
 
+    /// As [`KvWorker::push`], without copying `vals` when it is at least 64 KiB: the push is
+    /// sent from the caller's memory (smaller values are copied into the requests). Waiting
+    /// for the handle, or dropping it, takes `vals` back (a connection that has not sent its
+    /// part of them a second after the push failed, its server not reading, is closed).
+    ///
+    /// # Safety
+    /// `vals` must stay valid and unmodified until the handle was waited for or dropped (what
+    /// the servers receive is what `vals` holds while it is sent).
+    pub unsafe fn push_lent<T: Element>(
+        &self,
+        keys: &[u64],
+        lens: &[usize],
+        vals: &[T],
+        prio: i32,
+    ) -> Result<PsHandle<()>> {
+        let bytes: &[u8] = bytemuck::cast_slice(vals);
+        let lending = Lending {
+            inner: self.inner.clone(),
+            // SAFETY: the caller keeps `vals` valid and unmodified until the handle is dropped.
+            loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
+        };
+        let op = self.inner.submit_to(
+            Kind::Push,
+            T::DTYPE,
+            keys,
+            lens,
+            bytes,
+            OutBuf::NONE,
+            None,
+            None,
+            prio,
+            lending.loan(),
+        )?;
+        Ok(handle(&self.inner, op, |_| ()).sending(lending))
+    }
+
     /// Pulls `keys` (`lens[i]` elements each). `min_version`: wait until every part reached
     /// this version; `None`: sync/bounded mode — the round this worker last pushed to (so a
     /// push followed by a pull returns that round's aggregate); async — the latest.

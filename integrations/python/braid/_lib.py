@@ -248,6 +248,8 @@ _PROTOS = {
     "braid_kv_init": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int],
     "braid_kv_push": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int, c_int,
                       POINTER(kv_request_t)],
+    "braid_kv_push_nocopy": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int,
+                             c_int, POINTER(kv_request_t)],
     "braid_kv_pull": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_int, c_int64,
                       c_int, POINTER(kv_request_t)],
     "braid_kv_push_pull": [kv_worker_t, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p,

@@ -333,6 +333,17 @@ class KvWorker:
                                             int(priority), byref(r)), "braid_kv_push")
         return r.value
 
+    def push_nocopy_raw(self, key, ptr, count, dtype, priority=0):
+        """braid_kv_push_nocopy of one key (the buffer is sent from where it is and must stay
+        unmodified until the request completed); returns the request handle."""
+        k = c_uint64(key)
+        n = c_size_t(count)
+        r = ctypes.c_void_p()
+        self._L.check(self._L.braid_kv_push_nocopy(self.handle, byref(k), byref(n), 1, ptr,
+                                                   dtype, int(priority), byref(r)),
+                      "braid_kv_push_nocopy")
+        return r.value
+
     def pull_raw(self, key, ptr, count, dtype, priority=0, min_version=-1):
         """braid_kv_pull of one key into address `ptr` (written by completion); returns the
         request handle."""
@@ -402,13 +413,18 @@ class KvWorker:
             ptr, n, code, _own = _as_buf(a)
             self.init_raw(_key(k), ptr, n, code)
 
-    def push(self, keys, arrays, priority=0):
-        """Pushes arrays (copied before this returns); returns a :class:`KvRequest`."""
+    def push(self, keys, arrays, priority=0, copy=True):
+        """Pushes arrays; returns a :class:`KvRequest`. With ``copy=True`` they are copied
+        before this returns (braid_kv_push); with ``copy=False`` they are sent from where they
+        are (braid_kv_push_nocopy: nothing copied, the call returns at once) and must not be
+        modified until the request completed (its wait, a test that says True, or free)."""
         ks, arrs = _keys_arrays(keys, arrays)
-        req = KvRequest(self._L, [], None)
+        start = self.push_raw if copy else self.push_nocopy_raw
+        # Uncopied arrays stay alive as long as the request.
+        req = KvRequest(self._L, [], None if copy else arrs)
         for k, a in zip(ks, arrs):
             ptr, n, code, _own = _as_buf(a)
-            req._hs.append(self.push_raw(_key(k), ptr, n, code, priority))
+            req._hs.append(start(_key(k), ptr, n, code, priority))
         return req
 
     def pull(self, keys, outs, priority=0, min_version=-1):

@@ -137,7 +137,7 @@ def test_push_pull_without_copy_keys_in_flight(monkeypatch):
     """push_pull(copy=False): braid_kv_push_pull_nocopy per key, the call returns before the
     answers; a lent 1.6 MB key, a 64 KiB one and a small one in flight together, another key
     in place; exact values, the pushed arrays untouched; the request keeps the arrays alive
-    (they are dropped by the caller before the wait)."""
+    (they are dropped by the caller before the wait). Then push(copy=False) and a pull."""
     tri = WORKERS * (WORKERS + 1) // 2
     keys = [41, 42, 43, 44]
     sizes = [BIG, 1 << 14, 3, 7]
@@ -163,5 +163,14 @@ def test_push_pull_without_copy_keys_in_flight(monkeypatch):
         assert r2.wait() == 2
         for i in range(4):
             assert np.array_equal(outs2[i], want[i]), f"key {keys[i]} round 2"
+        # push(copy=False) of the two large keys (braid_kv_push_nocopy), then their round
+        p = wk.push(keys[:2], again[:2], copy=False)
+        del again[:2]
+        assert p.wait() == 0
+        p.free()
+        outs3 = [np.zeros(n, np.float32) for n in sizes[:2]]
+        assert wk.pull(keys[:2], outs3).wait() == 3
+        for i in range(2):
+            assert np.array_equal(outs3[i], want[i]), f"key {keys[i]} round 3"
 
     _group(monkeypatch, body)
