@@ -369,6 +369,65 @@ fn a_push_pull_into_a_stopped_server_fails_and_gives_its_values_back() {
     drop(scribble);
 }
 
+/// A non-blocking `push_lent` (the C ABI's braid_kv_push_nocopy) sends large values from the
+/// caller's memory. On a server that stopped reading, waiting for its handle returns the error
+/// within the timeout plus a grace, and nothing holds the values any more (they are
+/// overwritten and freed while the server is still stopped); once it resumes, only the failed
+/// push's requests it had received whole are applied.
+#[test]
+fn a_lent_push_to_a_stopped_server_fails_and_gives_its_values_back() {
+    const N: usize = 16 << 20;
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let child = server_command(&addr, 0).env(STALL, "1").spawn().unwrap();
+    let mut wc = stall_cfg(&addr);
+    wc.timeout = Duration::from_secs(3);
+    let worker = KvWorker::start(wc, stall_opts()).unwrap();
+    let mut server = Server { child, id: 0 };
+    server.id = common::server_id(&mut server.child);
+    worker.init(&[7], &[N], &vec![0f32; N]).unwrap();
+    let ones = vec![1f32; N];
+    // SAFETY: `ones` is not modified until the handle was waited for.
+    unsafe { worker.push_lent(&[7], &[N], &ones, 0) }
+        .unwrap()
+        .wait()
+        .unwrap();
+
+    let pid = server.child.id() as libc::pid_t;
+    stop(pid);
+    let vals = vec![2f32; N];
+    let t0 = Instant::now();
+    // SAFETY: `vals` is not modified until the handle was waited for (dropped at the end of
+    // this statement).
+    let e = unsafe { worker.push_lent(&[7], &[N], &vals, 0) }
+        .unwrap()
+        .wait()
+        .expect_err("a push to a stopped server was acknowledged");
+    let took = t0.elapsed();
+    drop(vals);
+    let scribble = vec![9f32; N];
+    eprintln!("failed after {took:?}: {e}");
+    assert!(
+        took < Duration::from_secs(12),
+        "took {took:?} (timeout 3 s, grace 1 s): {e}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut out = vec![0f32; N];
+    worker
+        .push_pull_into(&[7], &[N], &vec![4f32; N], &mut out, 0)
+        .unwrap();
+    for (i, part) in out.chunks(1 << 20).enumerate() {
+        assert!(
+            (part[0] == 5.0 || part[0] == 7.0) && part.iter().all(|v| *v == part[0]),
+            "part {i} after the resume: {:?}..{:?}",
+            &part[..4],
+            &part[part.len() - 4..]
+        );
+    }
+    drop(scribble);
+}
+
 /// A blocking `pull_into` of large values receives the answers straight into the caller's
 /// memory. A server stopped while it sends them (stopped, not dead: it stays in the view)
 /// leaves an answer half received: the pull fails within its timeout plus a grace, the
