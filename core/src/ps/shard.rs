@@ -121,7 +121,13 @@ impl Ring {
 
     /// The owner of store key `skey` (`None` on an empty ring).
     pub fn owner(&self, skey: u64) -> Option<u64> {
-        self.owners(skey, 0).first().copied()
+        // The first point at or after `skey`, wrapping round (no list built: this runs for
+        // every part of every request).
+        self.points
+            .range(skey..)
+            .next()
+            .or_else(|| self.points.iter().next())
+            .map(|(_, &id)| id)
     }
 }
 
@@ -178,6 +184,26 @@ mod tests {
         }
         assert_eq!(Ring::new(&[(5, 1.0)]).owners(1, 1), vec![5]);
         assert!(Ring::new(&[]).owner(1).is_none());
+    }
+
+    /// `owner` (no list built) is the first of `owners`, also for keys past the last point
+    /// of the ring (wrapping round to the first) and before the first.
+    #[test]
+    fn owner_is_the_first_of_owners() {
+        for servers in [
+            vec![(7, 1.0)],
+            vec![(1, 1.0), (2, 1.0)],
+            vec![(3, 1.0), (9, 2.5), (4, 0.5)],
+        ] {
+            let r = Ring::new(&servers);
+            let first = *r.points.keys().next().unwrap();
+            let last = *r.points.keys().next_back().unwrap();
+            let edges = [0, first.saturating_sub(1), first, first + 1, last, u64::MAX];
+            for k in (0..5000).map(|k| part_key(k, 0)).chain(edges) {
+                assert_eq!(r.owner(k), r.owners(k, 0).first().copied(), "key {k}");
+            }
+            assert_eq!(r.owner(u64::MAX), Some(*r.points.values().next().unwrap()));
+        }
     }
 
     #[test]

@@ -2401,8 +2401,15 @@ impl WInner {
 
     /// Wakes the threads waiting for operations: on `cv`, and those driving connections
     /// ([`Driving`]) through their wake-up descriptors.
+    ///
+    /// `cv` is notified only when a thread waits on it: a waiter counts itself
+    /// ([`WInner::cv_wait`]) with the state lock held, which every change it waits for takes
+    /// too, so a change made after its last look finds it counted (a notification with no
+    /// waiter is a futex call per answer for nothing).
     fn wake(&self) {
-        self.cv.notify_all();
+        if self.cv_waiters.load(Ordering::SeqCst) > 0 {
+            self.cv.notify_all();
+        }
         let own = WAKER.try_with(|w| w.0.get()).unwrap_or(-1);
         for &fd in lock(&self.waiters).iter() {
             if fd != own {
@@ -2468,26 +2475,28 @@ impl WInner {
     }
 
     fn server_chan(self: &Arc<Self>, id: u64) -> Option<Arc<Chan>> {
-        let (existing, member, cred) = {
+        let (member, cred) = {
             let mut st = lock(&self.st);
             if st.lost.contains_key(&id) {
                 return None;
             }
-            if let Some(why) = st.chans.get(&id).and_then(|c| c.closed()) {
-                // Broke in this view (its `on_lost` may not have run yet): no reconnect
-                // until the view changes, as for a lost server.
-                st.lost.insert(id, (why, Instant::now()));
-                return None;
+            if let Some(c) = st.chans.get(&id) {
+                match c.closed() {
+                    // Broke in this view (its `on_lost` may not have run yet): no reconnect
+                    // until the view changes, as for a lost server.
+                    Some(why) => {
+                        st.lost.insert(id, (why, Instant::now()));
+                        return None;
+                    }
+                    // Connected: the common case, every request (no credential made).
+                    None => return Some(c.clone()),
+                }
             }
             (
-                st.chans.get(&id).cloned(),
                 st.view.members.iter().find(|m| m.id == id).cloned(),
                 self.cred(&st),
             )
         };
-        if existing.is_some() {
-            return existing;
-        }
         let m = member?;
         let deadline = Instant::now() + Duration::from_secs(5).min(self.timeout);
         let conn = match connect_to(&self.transports, &cred, &self.my_host, &m, deadline) {

@@ -27,6 +27,9 @@ pub(super) struct FanOut {
 impl FanOut {
     /// Part `p`, at byte `off` of the body, was applied here: every other copy gets it.
     pub(super) fn add(&mut self, inner: &SInner, st: &SState, p: &PartRef, off: usize) {
+        if inner.opts.replicas == 0 {
+            return;
+        }
         for r in st.ring.owners(p.s, inner.opts.replicas).into_iter().skip(1) {
             if r != inner.me {
                 let e = self.per_replica.entry(r).or_default();
