@@ -778,11 +778,8 @@ impl KvWorker {
         prio: i32,
     ) -> Result<PsHandle<()>> {
         let bytes: &[u8] = bytemuck::cast_slice(vals);
-        let lending = Lending {
-            inner: self.inner.clone(),
-            // SAFETY: the caller keeps `vals` valid and unmodified until the handle is dropped.
-            loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
-        };
+        // SAFETY: the caller keeps `vals` valid and unmodified until the handle is dropped.
+        let lending = unsafe { Lending::of(&self.inner, bytes) };
         let op = self.inner.submit_to(
             Kind::Push,
             T::DTYPE,
@@ -1126,11 +1123,8 @@ impl KvWorker {
         let bytes: &[u8] = bytemuck::cast_slice(vals);
         // The values are sent from `vals` itself; the handle holds the loan until it is
         // dropped (here, on an error).
-        let lending = Lending {
-            inner: self.inner.clone(),
-            // SAFETY: the caller keeps `vals` valid and unmodified until then.
-            loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
-        };
+        // SAFETY: the caller keeps `vals` valid and unmodified until then.
+        let lending = unsafe { Lending::of(&self.inner, bytes) };
         // The answers go straight into `out`, as in `pull_raw`.
         let receiving = self.receiving(out, lens.iter().sum());
         // SAFETY: forwarded from the caller.
@@ -1309,6 +1303,19 @@ struct Lending {
 }
 
 impl Lending {
+    /// Lends `bytes` when they are at least [`LEND_MIN`]; smaller values lend nothing (they
+    /// are copied into the requests).
+    ///
+    /// # Safety
+    /// `bytes` stays valid and unmodified until the returned value is dropped.
+    unsafe fn of(inner: &Arc<WInner>, bytes: &[u8]) -> Lending {
+        Lending {
+            inner: inner.clone(),
+            // SAFETY: the caller's contract.
+            loan: (bytes.len() >= LEND_MIN).then(|| unsafe { Loan::new(bytes) }),
+        }
+    }
+
     /// The loan, to hand out.
     fn loan(&self) -> Option<Arc<Loan>> {
         self.loan.clone()
