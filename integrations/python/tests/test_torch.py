@@ -37,6 +37,12 @@ def test_ddp_matches_single_process_reference(ranks, n):
     assert all("OK ddp" in o for o in outs)
 
 
+def test_torch_libraries_on_braid_groups(ranks):
+    # PowerSGD and ZeRO against Gloo in the same processes, FSDP2, DTensor, nested futures
+    outs = ranks("ecosystem", 2, timeout=240)
+    assert all("OK ecosystem" in o for o in outs)
+
+
 def test_mismatched_collectives_raise_mismatch_on_every_rank(ranks):
     outs = ranks("mismatch", 2, timeout=60)
     assert all("OK mismatch" in o for o in outs)

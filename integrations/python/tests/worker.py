@@ -370,21 +370,32 @@ def batch(step, n_ranks, rank):
     return x[8 * rank:8 * (rank + 1)], y[8 * rank:8 * (rank + 1)], x, y
 
 
+def train(model, opt, steps, whole=False):
+    """`steps` steps of `opt` on `model`: this rank's share of each batch, or with `whole`
+    the whole batch in float64 (a single-process reference)."""
+    for step in range(steps):
+        x, y, gx, gy = batch(step, N, R)
+        if whole:
+            x, y = gx.double(), gy.double()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def train_with_reference(model, steps):
+    """Trains `model` with SGD, and a single-process reference from mlp(seed=0) on the whole
+    batches; returns the reference."""
+    train(model, torch.optim.SGD(model.parameters(), lr=0.05), steps)
+    ref = mlp(seed=0).double()
+    train(ref, torch.optim.SGD(ref.parameters(), lr=0.05), steps, whole=True)
+    return ref
+
+
 def scenario_ddp():
     init()
     model = mlp(seed=R)  # different initial weights: DDP broadcasts rank 0's
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    ref = mlp(seed=0).double()
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    for step in range(20):
-        x, y, gx, gy = batch(step, N, R)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
-        ref_opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(gx.double()), gy.double()).backward()
-        ref_opt.step()
+    ref = train_with_reference(ddp, 20)
     # identical on every rank
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     outs = [torch.zeros_like(flat) for _ in range(N)]
@@ -397,6 +408,94 @@ def scenario_ddp():
     assert rel < 1e-5, f"DDP differs from the reference: {rel}"
     dist.destroy_process_group()
     print("OK ddp", flush=True)
+
+
+def params_of(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def close(got, want, what, rel=1e-6):
+    d = ((got - want).norm() / want.norm()).item()
+    log(f"{what}: relative difference {d:.2e}")
+    assert d <= rel, f"{what}: relative difference {d} > {rel}"
+
+
+def train_ddp(group, hook=None, zero=False, steps=6):
+    """DDP on `group` (a small MLP, rank 0's start, SGD or ZeRO-sharded Adam): parameters."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = mlp(seed=0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group,
+                                                    bucket_cap_mb=0.01)
+    if hook is not None:
+        ddp.register_comm_hook(*hook(group))
+    if zero:
+        opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.Adam,
+                                      process_group=group, lr=0.01)
+    else:
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    train(ddp, opt, steps)
+    if zero:
+        opt.consolidate_state_dict(to=0)
+    return params_of(model)
+
+
+def scenario_ecosystem():
+    """torch libraries over braid groups: DDP with the PowerSGD hook (its future callbacks
+    wait for further all_reduces) and ZeroRedundancyOptimizer against the same run on a Gloo
+    group of the same processes; FSDP2 (fully_shard) against the single-process reference;
+    DeviceMesh/DTensor; group names; futures whose callbacks wait for other futures."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    init(timeout=timedelta(seconds=60))
+    world = dist.group.WORLD
+    # torch looks groups up by name (DeviceMesh, DTensor, functional collectives)
+    name = world.group_name
+    assert name, "the default group has no name"
+    assert dist.distributed_c10d._resolve_process_group(name) is world
+    gloo = dist.new_group(backend="gloo")
+
+    # nested futures: each callback issues an all_reduce and waits for its future (as
+    # PowerSGD's hook does), three deep; the values are closed-form
+    def deeper(k):
+        def cb(fut):
+            t = fut.value()[0] if isinstance(fut.value(), list) else fut.value()
+            t = t.clone()
+            return dist.all_reduce(t, async_op=True).get_future().wait()[0] + k
+        return cb
+    t = torch.ones(4)
+    got = dist.all_reduce(t, async_op=True).get_future().then(deeper(1)).then(
+        deeper(2)).then(deeper(3)).wait()
+    # all_reduce multiplies by N; each step then adds k and the next all_reduce multiplies
+    want = ((float(N) * N + 1) * N + 2) * N + 3
+    eq(got, torch.full((4,), want), "nested future callbacks")
+
+    def power_sgd(group):
+        return (psgd.PowerSGDState(process_group=group, matrix_approximation_rank=1,
+                                   start_powerSGD_iter=2), psgd.powerSGD_hook)
+    close(train_ddp(world, hook=power_sgd), train_ddp(gloo, hook=power_sgd),
+          "DDP + PowerSGD hook, braid vs gloo")
+    close(train_ddp(world, zero=True), train_ddp(gloo, zero=True),
+          "DDP + ZeroRedundancyOptimizer, braid vs gloo")
+
+    # FSDP2 on a DeviceMesh over the braid group: matches a single process on the global
+    # batch (FSDP averages gradients over the mesh)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (N,))
+    model = mlp(seed=0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ref = train_with_reference(model, 6)
+    full_params = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+    close(full_params, params_of(ref).float(), "FSDP2 vs single-process reference", rel=1e-5)
+    dt = distribute_tensor(torch.arange(4.0 * N), mesh, [Shard(0)])
+    eq(dt.to_local(), torch.arange(4.0) + 4 * R, "DTensor shard")
+    eq(dt.redistribute(mesh, [Replicate()]).to_local(), torch.arange(4.0 * N),
+       "DTensor redistribute")
+    dist.destroy_process_group()
+    print("OK ecosystem", flush=True)
 
 
 def scenario_mismatch():

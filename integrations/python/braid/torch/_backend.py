@@ -265,6 +265,24 @@ class ProcessGroupBraid(dist.ProcessGroup):
     def name(self):
         return self._backend_name
 
+    # torch's ProcessGroup reads its name and description from its registered backends; this
+    # group is its own backend (none registered), so it keeps them itself: torch sets them
+    # at creation, and DeviceMesh, DTensor and FSDP2 look groups up by name.
+    _group_name = ""
+    _group_desc = ""
+
+    def setGroupName(self, name):
+        self._group_name = name
+
+    def getGroupName(self):
+        return self._group_name
+
+    def setGroupDesc(self, desc):
+        self._group_desc = desc
+
+    def getGroupDesc(self):
+        return self._group_desc
+
     @property
     def comm(self):
         """The braid.Communicator under this process group."""

@@ -11,8 +11,8 @@ A braid operation is issued in one of three ways:
 * everything else (``async_op=True``, ``isend``/``irecv``, calls from C++ such as DDP's
   reducer) is started with braid's non-blocking calls (braid_i*), which braid's progress
   thread drives; ``wait()`` blocks in ``braid_wait`` (GIL released), and ``get_future()``
-  hands the request to one watcher thread per process that completes futures in issue order
-  (no Python thread per operation).
+  hands the work to the process's watcher threads, which complete futures (no Python thread
+  per operation; see :class:`Watcher`).
 """
 
 import ctypes
@@ -106,20 +106,50 @@ class Request:
 
 
 class Watcher:
-    """One thread per process: completes futures of non-blocking operations and frees
-    requests dropped before they completed. Waits with the GIL released."""
+    """The threads that complete futures of non-blocking operations and free requests dropped
+    before they completed; they wait with the GIL released.
+
+    A future's callbacks run on the thread that completes it, and a callback may itself issue
+    an operation and wait for that one's future (torch's PowerSGD hook does: each step of its
+    chain runs an all_reduce and waits for it). So a thread about to run callbacks first makes
+    sure that another one serves the queue meanwhile: the pool keeps :data:`IDLE` threads,
+    starts one more only when none is idle at that moment (callbacks that block), at most
+    :data:`MAX_THREADS`, and a thread that finds :data:`IDLE` others idle leaves. As with
+    Gloo's worker threads, futures of different operations may complete in any order."""
+
+    #: Threads kept waiting for work.
+    IDLE = 2
+    #: Most threads at once (callbacks blocked on each other's futures, nested this deep).
+    MAX_THREADS = 64
 
     def __init__(self):
         self.q = queue.SimpleQueue()
-        self.t = threading.Thread(target=self._run, name="braid-torch-watcher", daemon=True)
-        self.t.start()
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.idle = 0
+        with self.lock:
+            for _ in range(self.IDLE):
+                self._start()
+
+    def _start(self):
+        # With self.lock held.
+        t = threading.Thread(target=self._run, name="braid-torch-watcher", daemon=True)
+        self.threads += 1
+        t.start()
 
     def _run(self):
         while True:
+            with self.lock:
+                if self.idle >= self.IDLE:
+                    self.threads -= 1
+                    return
+                self.idle += 1
             item = self.q.get()
+            with self.lock:
+                self.idle -= 1
             try:
                 if item[0] == "work":
-                    item[1]._finish()
+                    item[1]._finish(meanwhile=self.serve_meanwhile)
                 else:
                     _, h, _keep = item
                     L = _lib.lib()
@@ -127,6 +157,13 @@ class Watcher:
                     L.braid_request_free(h)
             except Exception:
                 pass
+
+    def serve_meanwhile(self):
+        """Called by a watcher thread before it runs a future's callbacks (which may block):
+        starts another thread if none waits for work."""
+        with self.lock:
+            if self.idle == 0 and self.threads < self.MAX_THREADS and not sys.is_finalizing():
+                self._start()
 
     def watch(self, work):
         """Completes `work` (and its future) when its requests complete."""
@@ -207,12 +244,15 @@ class Work(dist._Work):
         if self._state == PENDING:
             self._pg._flush(self)
 
-    def _finish(self, timeout_s=None):
+    def _finish(self, timeout_s=None, meanwhile=None):
         """Completes the work (waits for its requests; runs copy-backs once). Returns False
-        when `timeout_s` passed first."""
+        when `timeout_s` passed first. `meanwhile` is called before the future's callbacks
+        run (see :meth:`Watcher.serve_meanwhile`)."""
         if self._state == DONE:
             return True
         if self._state == PENDING:
+            if meanwhile is not None:
+                meanwhile()  # the pending group's futures resolve on this thread
             self._pg._run_pending(self)
             if self._state == DONE:
                 return True
@@ -227,6 +267,8 @@ class Work(dist._Work):
                 if st != _lib.SUCCESS and exc is None:
                     exc = r.exc
             fut = self._complete(exc)
+        if fut is not None and meanwhile is not None:
+            meanwhile()
         self._resolve(fut)
         return True
 
