@@ -11,8 +11,8 @@ A braid operation is issued in one of three ways:
 * everything else (``async_op=True``, ``isend``/``irecv``, calls from C++ such as DDP's
   reducer) is started with braid's non-blocking calls (braid_i*), which braid's progress
   thread drives; ``wait()`` blocks in ``braid_wait`` (GIL released), and ``get_future()``
-  hands the work to the process's watcher threads, which complete futures (no Python thread
-  per operation; see :class:`Watcher`).
+  hands the work to the process's watcher thread, which completes futures in issue order (no
+  Python thread per operation; see :class:`Watcher`).
 """
 
 import ctypes
@@ -109,47 +109,42 @@ class Watcher:
     """The threads that complete futures of non-blocking operations and free requests dropped
     before they completed; they wait with the GIL released.
 
-    A future's callbacks run on the thread that completes it, and a callback may itself issue
-    an operation and wait for that one's future (torch's PowerSGD hook does: each step of its
-    chain runs an all_reduce and waits for it). So a thread about to run callbacks first makes
-    sure that another one serves the queue meanwhile: the pool keeps :data:`IDLE` threads,
-    starts one more only when none is idle at that moment (callbacks that block), at most
-    :data:`MAX_THREADS`, and a thread that finds :data:`IDLE` others idle leaves. As with
-    Gloo's worker threads, futures of different operations may complete in any order."""
+    Futures complete, and their callbacks run, one at a time in issue order on the first
+    thread, so every rank runs them in the same order: callbacks that issue collectives (a
+    DDP comm hook's chain) issue them in the same order everywhere. A callback may also issue
+    an operation and wait for its future (torch's PowerSGD hook does, twice per bucket): what
+    a watcher thread issues goes to the next thread, one per such level of nesting, which
+    completes it while the callback waits. (A callback that waits for the future of an
+    operation issued elsewhere and completed after its own still waits forever.)"""
 
-    #: Threads kept waiting for work.
-    IDLE = 2
-    #: Most threads at once (callbacks blocked on each other's futures, nested this deep).
-    MAX_THREADS = 64
+    #: Most levels of nesting (threads); deeper operations share the last one.
+    MAX_LEVELS = 64
 
     def __init__(self):
-        self.q = queue.SimpleQueue()
         self.lock = threading.Lock()
-        self.threads = 0
-        self.idle = 0
+        self.queues = []
+        self._queue(0)
+
+    def _queue(self, level):
+        """The queue of `level`, its thread started first if needed."""
         with self.lock:
-            for _ in range(self.IDLE):
-                self._start()
+            while len(self.queues) <= level:
+                if self.queues and (len(self.queues) >= self.MAX_LEVELS or sys.is_finalizing()):
+                    return self.queues[-1]
+                q = queue.SimpleQueue()
+                t = threading.Thread(target=self._run, args=(q, len(self.queues)),
+                                     name=f"braid-torch-watcher-{len(self.queues)}", daemon=True)
+                t.start()
+                self.queues.append(q)
+            return self.queues[level]
 
-    def _start(self):
-        # With self.lock held.
-        t = threading.Thread(target=self._run, name="braid-torch-watcher", daemon=True)
-        self.threads += 1
-        t.start()
-
-    def _run(self):
+    def _run(self, q, level):
+        _nesting.level = level
         while True:
-            with self.lock:
-                if self.idle >= self.IDLE:
-                    self.threads -= 1
-                    return
-                self.idle += 1
-            item = self.q.get()
-            with self.lock:
-                self.idle -= 1
+            item = q.get()
             try:
                 if item[0] == "work":
-                    item[1]._finish(meanwhile=self.serve_meanwhile)
+                    item[1]._finish()
                 else:
                     _, h, _keep = item
                     L = _lib.lib()
@@ -158,21 +153,21 @@ class Watcher:
             except Exception:
                 pass
 
-    def serve_meanwhile(self):
-        """Called by a watcher thread before it runs a future's callbacks (which may block):
-        starts another thread if none waits for work."""
-        with self.lock:
-            if self.idle == 0 and self.threads < self.MAX_THREADS and not sys.is_finalizing():
-                self._start()
+    def _put(self, item):
+        # Issued by a watcher thread (in a callback): the next level completes it.
+        self._queue(getattr(_nesting, "level", -1) + 1).put(item)
 
     def watch(self, work):
         """Completes `work` (and its future) when its requests complete."""
-        self.q.put(("work", work))
+        self._put(("work", work))
 
     def free_later(self, h, keep):
         """Waits for request `h` and frees it (its buffers `keep` stay alive until then)."""
-        self.q.put(("free", h, keep))
+        self._put(("free", h, keep))
 
+
+# The nesting level of a watcher thread (absent on every other thread).
+_nesting = threading.local()
 
 _w = None
 _w_lock = threading.Lock()
@@ -244,15 +239,12 @@ class Work(dist._Work):
         if self._state == PENDING:
             self._pg._flush(self)
 
-    def _finish(self, timeout_s=None, meanwhile=None):
+    def _finish(self, timeout_s=None):
         """Completes the work (waits for its requests; runs copy-backs once). Returns False
-        when `timeout_s` passed first. `meanwhile` is called before the future's callbacks
-        run (see :meth:`Watcher.serve_meanwhile`)."""
+        when `timeout_s` passed first."""
         if self._state == DONE:
             return True
         if self._state == PENDING:
-            if meanwhile is not None:
-                meanwhile()  # the pending group's futures resolve on this thread
             self._pg._run_pending(self)
             if self._state == DONE:
                 return True
@@ -267,8 +259,6 @@ class Work(dist._Work):
                 if st != _lib.SUCCESS and exc is None:
                     exc = r.exc
             fut = self._complete(exc)
-        if fut is not None and meanwhile is not None:
-            meanwhile()
         self._resolve(fut)
         return True
 
