@@ -370,6 +370,10 @@ def batch(step, n_ranks, rank):
     return x[8 * rank:8 * (rank + 1)], y[8 * rank:8 * (rank + 1)], x, y
 
 
+def params_of(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def train(model, opt, steps, whole=False):
     """`steps` steps of `opt` on `model`: this rank's share of each batch, or with `whole`
     the whole batch in float64 (a single-process reference)."""
@@ -397,21 +401,17 @@ def scenario_ddp():
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
     ref = train_with_reference(ddp, 20)
     # identical on every rank
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = params_of(model)
     outs = [torch.zeros_like(flat) for _ in range(N)]
     dist.all_gather(outs, flat)
     for o in outs:
         assert torch.equal(o, flat), "parameters differ between ranks"
-    reff = torch.cat([p.detach().reshape(-1) for p in ref.parameters()]).float()
+    reff = params_of(ref).float()
     rel = ((flat - reff).norm() / reff.norm()).item()
     log(f"DDP vs single-process reference: relative difference {rel:.2e}")
     assert rel < 1e-5, f"DDP differs from the reference: {rel}"
     dist.destroy_process_group()
     print("OK ddp", flush=True)
-
-
-def params_of(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def close(got, want, what, rel=1e-6):
