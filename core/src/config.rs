@@ -112,7 +112,7 @@ pub const VARS: &[VarSpec] = &[
     VarSpec { name: "BRAID_HEARTBEAT", ty: "seconds", default: "1",
         doc: "Interval of a member's heartbeats to the coordinator." },
     VarSpec { name: "BRAID_HEARTBEAT_TIMEOUT", ty: "seconds", default: "10",
-        doc: "A member silent for this long is declared dead by the coordinator (its id is retired; the next view excludes it)." },
+        doc: "A member silent for this long is declared dead by the coordinator (its id is retired): every group's operations waiting on it fail naming it (an elastic group's next view excludes it). A member that hears nothing from the coordinator for this long fails its operations stuck as long." },
     VarSpec { name: "BRAID_JOB_TOKEN", ty: "string", default: "",
         doc: "Shared secret of the job. Set: registering with the coordinator needs it (HMAC-SHA256 challenge-response; the token never crosses the wire) and data connections between ranks carry a MAC keyed by it. Must be equal for the coordinator and every rank." },
     VarSpec { name: "BRAID_COORDINATOR_STATE", ty: "path", default: "",

@@ -204,6 +204,11 @@ pub(crate) struct Tripwire {
     pub dropped: std::sync::Mutex<Vec<(u64, String)>>,
     /// This member lost contact with the coordinator (it has presumably been declared dead).
     pub isolated: std::sync::Mutex<Option<String>>,
+    /// How long an operation must have made no progress before isolation fails it, in ms (0:
+    /// at once). Groups that are not elastic set their heartbeat timeout: nobody re-forms
+    /// them, so a coordinator that went quiet (stopped, or cut off from this member) fails
+    /// only operations that are stuck too, never a job that moves.
+    pub isolated_after_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Reusable executor state (one per communicator; buffers are kept between calls).
@@ -737,7 +742,7 @@ impl Exec {
 
     /// The error a tripped wire means for this operation: a peer it may wait on was dropped by
     /// the membership, or this member is isolated.
-    fn tripped(&self, peers: &[Option<Peer>]) -> Option<Error> {
+    fn tripped(&self, peers: &[Option<Peer>], quiet: Duration) -> Option<Error> {
         let dropped = self
             .trip
             .dropped
@@ -754,8 +759,21 @@ impl Exec {
                 });
             }
         }
+        let after = Duration::from_millis(self.trip.isolated_after_ms.load(Ordering::Relaxed));
+        if quiet < after {
+            return None;
+        }
         let iso = self.trip.isolated.lock().ok().and_then(|g| g.clone());
-        iso.map(Error::Coordinator)
+        iso.map(|m| {
+            if after.is_zero() {
+                Error::Coordinator(m)
+            } else {
+                Error::Coordinator(format!(
+                    "{m}; this operation has made no progress for {:.1} s",
+                    quiet.as_secs_f64()
+                ))
+            }
+        })
     }
 
     /// Nothing moved: spin briefly, then block in poll on every connection; check the abort
@@ -771,13 +789,13 @@ impl Exec {
         if self.abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted);
         }
+        let now = Instant::now();
+        let quiet = now.duration_since(*last_progress.get_or_insert(now));
         if self.trip.set.load(Ordering::Relaxed) {
-            if let Some(e) = self.tripped(peers) {
+            if let Some(e) = self.tripped(peers, quiet) {
                 return Err(e);
             }
         }
-        let now = Instant::now();
-        let quiet = now.duration_since(*last_progress.get_or_insert(now));
         if quiet > self.timeout {
             let waiting: Vec<String> = peers
                 .iter()

@@ -381,54 +381,141 @@ fn broadcast_against_all_reduce_fails_on_every_rank() {
 fn a_stopped_peer_is_caught_by_the_deadline() {
     let coord = Coordinator::bind("127.0.0.1:0").unwrap();
     let addr = coord.local_addr().to_string();
-    let mut ranks: Vec<Child> = (0..2)
+    // BRAID_TIMEOUT (2 s) comes before the failure detector (10 s by default).
+    stop_drill(
+        2,
+        |r| braid_vars(&addr, 2, r),
+        &[("BRAID_TIMEOUT", "2")],
+        1,
+        &["timeout", "rank 1"],
+        (Duration::from_millis(1500), Duration::from_secs(6)),
+    );
+}
+
+/// The rendezvous variables of rank `r` of `n` with the coordinator at `addr`.
+fn braid_vars(addr: &str, n: usize, r: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("BRAID_COORDINATOR", addr.to_string()),
+        ("BRAID_WORLD_SIZE", n.to_string()),
+        ("BRAID_RANK", r.to_string()),
+    ]
+}
+
+/// Heartbeats every 0.5 s, a member silent for 2 s is dead; the operation timeout (60 s) is
+/// far away, so only the failure detector can end the drills below in time.
+const FAST_DETECTOR: [(&str, &str); 3] = [
+    ("BRAID_TIMEOUT", "60"),
+    ("BRAID_HEARTBEAT", "0.5"),
+    ("BRAID_HEARTBEAT_TIMEOUT", "2"),
+];
+
+/// A TCP port free on 127.0.0.1 a moment ago (for rank 0 to host the coordinator on).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The stop drill: `n` ranks of `braid-perf all_reduce` in a long loop over tcp, each started
+/// with `rendezvous(rank)` (its variables) and `env`; after 1.5 s rank `victim` is stopped
+/// (SIGSTOP), the others awaited (at most 30 s), then the victim killed. Asserts that every
+/// other rank failed with an error containing all of `expect`, between `min` and `max` after
+/// the stop.
+fn stop_drill(
+    n: usize,
+    rendezvous: impl Fn(usize) -> Vec<(&'static str, String)>,
+    env: &[(&str, &str)],
+    victim: usize,
+    expect: &[&str],
+    (min, max): (Duration, Duration),
+) {
+    let mut ranks: Vec<Child> = (0..n)
         .map(|r| {
             Command::new(perf())
-                .args("all_reduce -b 64K -e 64K -n 1000000 -w 0".split_whitespace())
-                .env("BRAID_COORDINATOR", &addr)
-                .env("BRAID_WORLD_SIZE", "2")
-                .env("BRAID_RANK", r.to_string())
-                .env("BRAID_TIMEOUT", "2")
+                .args("all_reduce -b 64K -e 64K -n 100000000 -w 0".split_whitespace())
+                .envs(rendezvous(r))
+                .env("BRAID_TRANSPORT", "tcp")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1000));
-    let victim = ranks.remove(1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let victim = ranks.remove(victim);
     let st = Command::new("kill")
         .args(["-STOP", &victim.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let t0 = Instant::now();
-    let res = wait_all(ranks, Duration::from_secs(20));
+    let res = wait_all(ranks, Duration::from_secs(30));
     let took = t0.elapsed();
     let _ = Command::new("kill")
         .args(["-KILL", &victim.id().to_string()])
         .status();
     let _ = victim.wait_with_output();
-    let (ok, err, _) = &res[0];
-    assert!(!ok);
-    assert!(err.contains("timeout") && err.contains("rank 1"), "{err}");
+    for (ok, err, _) in &res {
+        assert!(!ok, "a survivor exited 0");
+        assert!(expect.iter().all(|e| err.contains(e)), "{err}");
+    }
     eprintln!(
-        "the stopped peer was reported after {:.2} s (BRAID_TIMEOUT=2)",
+        "the others ended {:.2} s after the stop ({env:?})",
         took.as_secs_f64()
     );
-    assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
-        "{took:?}"
+    assert!(took >= min && took < max, "{took:?}");
+}
+
+/// A group that is not elastic has braid's failure detector too: a member that stops (a hung
+/// or stopped process keeps its sockets open, so no connection breaks) is declared dead by the
+/// coordinator after its heartbeat timeout, and every survivor's operation fails with an
+/// error naming it, long before the operation timeout.
+#[test]
+fn a_stopped_member_of_a_fixed_group_is_reported_within_the_heartbeat_timeout() {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    // Dead 2 s after its last heartbeat (sent at most 0.5 s before the stop); the rest of the
+    // bound is slack for a loaded 2-core machine. The operation timeout is 60 s.
+    stop_drill(
+        3,
+        |r| braid_vars(&addr, 3, r),
+        &FAST_DETECTOR,
+        2,
+        &["peer lost: rank 2", "no heartbeat for"],
+        (Duration::from_millis(1000), Duration::from_secs(10)),
+    );
+}
+
+/// The coordinator itself may be what stops: rank 0 hosts it (torchrun's variables, as the
+/// torch backend does). Nobody is left to declare rank 0 dead; the others hear nothing from
+/// the coordinator for their heartbeat timeout, and their operations, stuck as long, fail
+/// with an error saying so. (A job that moves is never failed by a silent coordinator.)
+#[test]
+fn a_stopped_rank_hosting_the_coordinator_fails_the_others_stuck_operations() {
+    let port = free_port();
+    stop_drill(
+        3,
+        |r| {
+            vec![
+                ("MASTER_ADDR", "127.0.0.1".into()),
+                ("MASTER_PORT", port.to_string()),
+                ("RANK", r.to_string()),
+                ("WORLD_SIZE", "3".into()),
+            ]
+        },
+        &FAST_DETECTOR,
+        0,
+        &["no word from the coordinator", "no progress for"],
+        (Duration::from_millis(1500), Duration::from_secs(12)),
     );
 }
 
 #[test]
 fn torchrun_variables_work_with_rank_zero_hosting_the_coordinator() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let children: Vec<Child> = (0..3)
         .map(|r| {
             Command::new(perf())

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use braid_transport::mem::{MemFabric, MemTransport};
 use braid_transport::region::{Regions, RemoteMaps};
@@ -235,6 +235,14 @@ fn tripwire(trip: Arc<crate::exec::Tripwire>, ids: Vec<u64>, me: u64) -> members
         membership::Watch::Reconnected => {
             if let Ok(mut i) = trip.isolated.lock() {
                 *i = None;
+            }
+        }
+        membership::Watch::Failed(id, why) => {
+            if ids.contains(&id) && id != me {
+                if let Ok(mut d) = trip.dropped.lock() {
+                    d.push((id, why.to_string()));
+                }
+                trip.set.store(true, Ordering::SeqCst);
             }
         }
     })
@@ -522,27 +530,19 @@ impl Communicator {
                 max_size: cfg.max_size,
                 join_window_ms: cfg.join_window.as_millis() as u64,
             },
-            heartbeat_timeout_ms: if cfg.elastic {
-                cfg.heartbeat_timeout.as_millis() as u64
-            } else {
-                0
-            },
+            // Every group heartbeats: an elastic one drops a silent member from its next
+            // view; one that is not elastic is told of it (a failure notice), so operations
+            // waiting on a stopped or cut-off member fail within this timeout, not at
+            // BRAID_TIMEOUT.
+            heartbeat_timeout_ms: cfg.heartbeat_timeout.as_millis() as u64,
             light: false,
             view_deltas: true,
             client_nonce: String::new(),
         };
         let copts = ClientOptions {
             token: token.clone(),
-            heartbeat: if cfg.elastic {
-                cfg.heartbeat
-            } else {
-                Duration::ZERO
-            },
-            silence: if cfg.elastic {
-                cfg.heartbeat_timeout
-            } else {
-                Duration::ZERO
-            },
+            heartbeat: cfg.heartbeat,
+            silence: cfg.heartbeat_timeout,
         };
         let stop_acceptor = |acc: JoinHandle<()>| {
             acceptor_stop.store(true, Ordering::Relaxed);
@@ -677,6 +677,14 @@ impl Communicator {
         );
         let epoch = inner.view.epoch;
         let trip = lock(&inner.state).exec.trip.clone();
+        if !inner.cfg.elastic {
+            // Nobody re-forms this group: losing the coordinator fails only operations that
+            // are stuck as long (see `Tripwire::isolated_after_ms`).
+            trip.isolated_after_ms.store(
+                inner.cfg.heartbeat_timeout.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
         let ids: Vec<u64> = inner.view.members.iter().map(|m| m.id).collect();
         self.inner = Arc::new(inner);
         self.stash.installed(epoch, self.inner.dial.clone());

@@ -47,6 +47,10 @@ pub enum Watch<'a> {
     Isolated(String),
     /// The connection to the coordinator is back (this member was not declared dead).
     Reconnected,
+    /// A member of this group's view was declared dead (no heartbeat within its timeout):
+    /// its id and the coordinator's reason. Only groups that are not elastic get this; an
+    /// elastic group learns it from its next view.
+    Failed(u64, &'a str),
 }
 
 /// A watcher callback.
@@ -494,7 +498,7 @@ fn member_thread(sh: Arc<Shared>, mut reader: TcpStream) {
             && now.duration_since(last_rx) > sh.opts.silence
         {
             let msg = format!(
-                "no word from the coordinator at {} for {:.1} s: this member is cut off (presumably declared dead)",
+                "no word from the coordinator at {} for {:.1} s: it is stopped, or this member is cut off from it (and presumably declared dead)",
                 sh.addr,
                 now.duration_since(last_rx).as_secs_f64()
             );
@@ -605,6 +609,19 @@ fn handle_frame(sh: &Shared, f: &proto::Frame) -> bool {
             }
             Err(e) => {
                 tracing::warn!(target: LOG, "member {}: bad view delta from the coordinator: {e}", sh.member_id)
+            }
+        },
+        Some(MsgType::Failure) => match f.body::<proto::FailureMsg>() {
+            Ok(m) if m.member_id == sh.member_id && m.group == sh.group => {
+                tracing::warn!(target: LOG, "member {}: the coordinator declared member {} of view epoch {} dead: {}",
+                    sh.member_id, m.failed, m.epoch, m.reason);
+                notify(sh, Watch::Failed(m.failed, &m.reason));
+            }
+            Ok(_) => {
+                tracing::warn!(target: LOG, "member {}: ignoring a failure notice addressed to another member", sh.member_id)
+            }
+            Err(e) => {
+                tracing::warn!(target: LOG, "member {}: bad failure notice from the coordinator: {e}", sh.member_id)
             }
         },
         Some(MsgType::Notice) => {

@@ -92,6 +92,10 @@ pub(crate) enum MsgType {
     /// coordinator → member that registered with [`super::Registration::view_deltas`]:
     /// [`ViewDeltaMsg`], the next view as a change of the last one sent on this connection.
     ViewDelta = 21,
+    /// coordinator → members of a group that is not elastic: [`FailureMsg`], a member of the
+    /// view was declared dead (no heartbeat within its timeout). An elastic group learns
+    /// this from its next view instead.
+    Failure = 22,
 }
 
 impl MsgType {
@@ -119,6 +123,7 @@ impl MsgType {
             19 => MsgType::Metric,
             20 => MsgType::Checkpoint,
             21 => MsgType::ViewDelta,
+            22 => MsgType::Failure,
             _ => return None,
         })
     }
@@ -413,6 +418,21 @@ pub(crate) struct Notice {
     pub size: usize,
     /// The receiver's rank in it (`None`: not a member any more).
     pub rank: Option<usize>,
+}
+
+/// Body of [`MsgType::Failure`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FailureMsg {
+    /// The receiver's member id.
+    pub member_id: u64,
+    /// Group.
+    pub group: String,
+    /// Epoch of the view the failed member belongs to.
+    pub epoch: u64,
+    /// The member declared dead.
+    pub failed: u64,
+    /// Why (e.g. "failure of 7 (no heartbeat for 10.2 s)").
+    pub reason: String,
 }
 
 /// Body of [`MsgType::View`].
@@ -884,6 +904,7 @@ pub fn fuzz_decode_frame(data: &[u8]) {
         let _ = f.body::<ReaderReq>();
         let _ = f.body::<ReaderGrantMsg>();
         let _ = f.body::<Notice>();
+        let _ = f.body::<FailureMsg>();
         if let Ok(v) = f.body::<ViewMsg>() {
             last = Some(v.view);
         }

@@ -68,6 +68,24 @@ def test_kill_9_survivors_raise_naming_the_dead_rank(tmp_path):
         assert "OK kill" in outs[r]
 
 
+def test_stopped_rank_is_named_within_the_heartbeat_timeout(tmp_path):
+    # SIGSTOP: no connection breaks; only the heartbeats tell (every 0.5 s, dead after 2 s)
+    n = 3
+    env = {"BRAID_HEARTBEAT": "0.5", "BRAID_HEARTBEAT_TIMEOUT": "2"}
+    launch = start("stop", n, tmp_path, env=env)
+    codes = []
+    try:
+        for r in range(n - 1):
+            codes.append(launch.procs[r].wait(timeout=90))
+    except subprocess.TimeoutExpired:
+        pass
+    launch.procs[n - 1].kill()
+    _, outs = launch.wait(10)  # kills whatever is left
+    for r in range(n - 1):
+        assert r < len(codes) and codes[r] == 0, f"rank {r}:\n{outs[r]}"
+        assert "OK stop" in outs[r]
+
+
 def test_monitored_barrier_names_the_missing_rank(ranks):
     outs = ranks("monitored_missing", 3, timeout=60)
     assert all("OK monitored_missing" in o for o in outs)

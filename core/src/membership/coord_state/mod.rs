@@ -1155,7 +1155,7 @@ pub(super) fn tick(st: &mut State, now: Instant) -> Effects {
     let names: Vec<String> = st.groups.keys().cloned().collect();
     for name in names {
         if let Some(g) = st.groups.get_mut(&name) {
-            if !g.elastic || g.view.is_none() {
+            if g.view.is_none() {
                 continue;
             }
             if g.book.next_audit.map_or(true, |t| now >= t) {
@@ -1199,6 +1199,11 @@ pub(super) fn tick(st: &mut State, now: Instant) -> Effects {
                         close.push((c, e.peer));
                     }
                 }
+                if !g.elastic {
+                    // No next view will say it: tell the others at once, so that their
+                    // operations waiting on this member fail instead of hanging.
+                    fx.now.extend(failure_frames(g, &name, id, &why));
+                }
             }
             // The next deadline, from the survivors.
             g.reindex();
@@ -1216,6 +1221,32 @@ pub(super) fn tick(st: &mut State, now: Instant) -> Effects {
         }
     }
     fx
+}
+
+/// The frames telling every connected member of the (not elastic) group `g` that member
+/// `failed` was declared dead, and why.
+fn failure_frames(g: &Group, name: &str, failed: u64, why: &str) -> Vec<Out> {
+    let epoch = g.view.as_ref().map_or(0, |v| v.epoch);
+    g.entries
+        .iter()
+        .filter_map(|e| {
+            let conn = e.conn?;
+            let msg = proto::FailureMsg {
+                member_id: e.id,
+                group: name.to_string(),
+                epoch,
+                failed,
+                reason: why.to_string(),
+            };
+            match proto::encode(MsgType::Failure, &msg) {
+                Ok(b) => Some(Out::send(conn, e.peer, b)),
+                Err(err) => {
+                    tracing::error!(target: LOG, "coordinator: cannot encode a failure notice: {err}");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The status document at `now` (see `Coordinator::status`).

@@ -361,6 +361,63 @@ fn a_silent_member_is_declared_dead_by_the_tick_and_the_others_get_the_next_view
 }
 
 #[test]
+fn a_silent_member_of_a_fixed_group_is_declared_dead_and_the_others_get_a_failure_notice() {
+    let mut b = Bench::new();
+    for i in 1..=3 {
+        let (id, _) = b.register(i, reg("f", 3, None, false), 0).unwrap();
+        assert_eq!(id, i);
+    }
+    assert!(b.ack_all("f", &[1, 2, 3], 1, 0).is_empty());
+    let hb = msg(MsgType::Heartbeat, &proto::Heartbeat { epoch: 1 });
+    for i in 1..=2 {
+        assert_eq!(b.send(i, i, "f", hb.clone(), 900).1.now.len(), 1, "echoed");
+    }
+    let fx = tick(&mut b.st, at(b.t0, 1000));
+    assert!(
+        fx.publish.is_empty() && fx.now.is_empty(),
+        "silent for 1.0 s only"
+    );
+    let fx = tick(&mut b.st, at(b.t0, 1001));
+    assert!(fx.publish.is_empty(), "a fixed group gets no new view");
+    // Members 1 and 2 are told that 3 failed (no new view: nobody re-forms a fixed group);
+    // member 3 gets a goodbye and its connection is shut down.
+    let mut told = Vec::new();
+    let mut retired = Vec::new();
+    for o in &fx.now {
+        match o {
+            Out::Send { conn, frame: f, .. } => {
+                let f = frame(f);
+                if f.ty == MsgType::Failure as u16 {
+                    let m: proto::FailureMsg = f.body().unwrap();
+                    assert_eq!((m.group.as_str(), m.epoch, m.failed), ("f", 1, 3));
+                    assert!(
+                        m.reason
+                            .starts_with("failure of 3 (no heartbeat for 1.0 s)"),
+                        "{m:?}"
+                    );
+                    told.push((*conn, m.member_id));
+                } else {
+                    let e: proto::ErrorMsg = f.body().unwrap();
+                    assert_eq!(e.code.as_deref(), Some("retired"));
+                    retired.push(*conn);
+                }
+            }
+            Out::Close { conn } => retired.push(*conn),
+        }
+    }
+    assert_eq!(told, [(key(1), 1), (key(2), 2)]);
+    assert_eq!(retired, [key(3), key(3)]);
+    // Nothing more while the survivors beat; a late frame of 3 is refused.
+    for i in 1..=2 {
+        b.send(i, i, "f", hb.clone(), 1500);
+    }
+    let fx = tick(&mut b.st, at(b.t0, 1600));
+    assert!(fx.publish.is_empty() && fx.now.is_empty(), "{:?}", fx.now);
+    let (flow, _) = b.send(3, 3, "f", hb, 1700);
+    assert_eq!(flow, Flow::End(false));
+}
+
+#[test]
 fn a_graceful_leave_gives_the_leaver_the_next_view_and_retires_its_id() {
     let mut b = Bench::new();
     b.elastic("e", 3, policy(1, None));
