@@ -8,7 +8,10 @@
 //!   to a view of three and go on; the dead id is never reused and a later joiner gets a higher
 //!   id;
 //! * a network cut (network namespaces, a veth link set down): the cut rank is declared dead
-//!   within the heartbeat timeout and the others continue; the cut rank does not hang;
+//!   within the heartbeat timeout and the others continue; the cut rank does not hang; the
+//!   same cut in a group that is not elastic: every rank fails with an error saying what
+//!   happened (the others name the cut rank, the cut rank hears nothing from the
+//!   coordinator) within the heartbeat timeout + 5 s;
 //! * a joiner with a wrong job token, one without a token and strangers on a data port are
 //!   refused or dropped, and the job is unaffected.
 //!
@@ -644,11 +647,49 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// braid-perf as rank `r` of 3 over tcp with the coordinator at `coord`, run in the
+    /// namespace (`in_ns`) or on the host, bound to that side's address, heartbeats every
+    /// 0.2 s and `hb_timeout` seconds of heartbeat timeout; the caller adds the arguments.
+    fn rank_cmd(&self, in_ns: bool, coord: &str, r: usize, hb_timeout: &str) -> Command {
+        let mut c = if in_ns {
+            let mut c = clean(Path::new("ip"));
+            c.args(["netns", "exec", &self.ns]).arg(perf());
+            c
+        } else {
+            clean(&perf())
+        };
+        c.env("BRAID_COORDINATOR", coord)
+            .env("BRAID_WORLD_SIZE", "3")
+            .env("BRAID_RANK", r.to_string())
+            .env("BRAID_TRANSPORT", "tcp")
+            .env("BRAID_HEARTBEAT", "0.2")
+            .env("BRAID_HEARTBEAT_TIMEOUT", hb_timeout)
+            .env(
+                "BRAID_BIND_ADDR",
+                if in_ns { &self.ns_ip } else { &self.host_ip },
+            );
+        c
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the pair, and with it the host end.
         let _ = ip(&["netns", "del", &self.ns]);
         let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// Lets the ranks' loop run a little (1.5 s) before the cut; none may have ended.
+fn run_then_cut_soon(ranks: &mut [Proc]) {
+    std::thread::sleep(Duration::from_millis(1500));
+    for (r, p) in ranks.iter_mut().enumerate() {
+        assert!(
+            p.exited().is_none(),
+            "rank {r} ended before the cut\n{}",
+            p.dump()
+        );
     }
 }
 
@@ -666,25 +707,9 @@ fn a_rank_whose_link_is_cut_is_declared_dead_and_the_others_continue() {
     let coord = start_coordinator(&format!("{}:0", net.host_ip), &[]);
     let hb_timeout = HEARTBEAT_TIMEOUT_S.to_string();
     let rank = |r: usize, in_ns: bool| -> Proc {
-        let mut c = if in_ns {
-            let mut c = clean(Path::new("ip"));
-            c.args(["netns", "exec", &net.ns]).arg(perf());
-            c
-        } else {
-            clean(&perf())
-        };
+        let mut c = net.rank_cmd(in_ns, &coord.addr, r, &hb_timeout);
         c.args(["all_reduce", "--elastic", "--duration", "14", "-b", "64K"])
-            .env("BRAID_COORDINATOR", &coord.addr)
-            .env("BRAID_WORLD_SIZE", "3")
-            .env("BRAID_RANK", r.to_string())
-            .env("BRAID_ELASTIC", "1")
-            .env("BRAID_TRANSPORT", "tcp")
-            .env("BRAID_HEARTBEAT", "0.2")
-            .env("BRAID_HEARTBEAT_TIMEOUT", &hb_timeout)
-            .env(
-                "BRAID_BIND_ADDR",
-                if in_ns { &net.ns_ip } else { &net.host_ip },
-            );
+            .env("BRAID_ELASTIC", "1");
         if in_ns {
             // The cut rank errors out by itself: its collective hits BRAID_TIMEOUT (4 s), then
             // update() waits at most BRAID_INIT_TIMEOUT (5 s) for a view from the coordinator
@@ -732,14 +757,7 @@ fn a_rank_whose_link_is_cut_is_declared_dead_and_the_others_continue() {
         .unwrap_or_else(|| panic!("pid {cut_pid} (ip netns exec braid-perf) not in {members:?}"))
         .id;
     // Let the loop run a little, then cut the link.
-    std::thread::sleep(Duration::from_millis(1500));
-    for (r, p) in ranks.iter_mut().enumerate() {
-        assert!(
-            p.exited().is_none(),
-            "rank {r} ended before the cut\n{}",
-            p.dump()
-        );
-    }
+    run_then_cut_soon(&mut ranks);
     let mut poll = Poller::start(&coord.addr, None);
     let cut = Instant::now();
     ip(&["link", "set", &net.host_if, "down"]).unwrap();
@@ -834,6 +852,87 @@ fn a_rank_whose_link_is_cut_is_declared_dead_and_the_others_continue() {
         views(&ranks[2].lines()).iter().all(|v| v.0 == 1),
         "the cut rank adopted a later view\n{dump}"
     );
+}
+
+/// The same cut in a group that is NOT elastic (as torch's groups are): nobody re-forms it, so
+/// every rank must fail, each with an error that says what happened, long before the
+/// operation timeout (60 s here): the two on the host name the cut rank ("no heartbeat": the
+/// coordinator declared it dead and sent them a failure notice), the cut rank says it hears
+/// nothing from the coordinator while its operation is stuck.
+#[test]
+fn a_cut_rank_of_a_fixed_group_is_reported_on_both_sides_of_the_cut() {
+    let net = NetNs::create()
+        .unwrap_or_else(|e| panic!("this test needs network namespaces (root, iproute2): {e}"));
+    let coord = start_coordinator(&format!("{}:0", net.host_ip), &[]);
+    let hb_timeout = HEARTBEAT_TIMEOUT_S.to_string();
+    let mut ranks: Vec<Proc> = (0..3)
+        .map(|r| {
+            let mut c = net.rank_cmd(r == 2, &coord.addr, r, &hb_timeout);
+            c.args([
+                "all_reduce",
+                "-b",
+                "64K",
+                "-e",
+                "64K",
+                "-n",
+                "100000000",
+                "-w",
+                "0",
+            ])
+            .env("BRAID_TIMEOUT", "60");
+            Proc::spawn(&format!("rank {r}"), c)
+        })
+        .collect();
+    let mut poll = Poller::start(&coord.addr, None);
+    let formed = poll.wait(Duration::from_secs(60), |v| {
+        view_of(v).is_some_and(|(e, ms)| e == 1 && ms.len() == 3)
+    });
+    poll.finish();
+    let dump = |ranks: &[Proc]| -> String {
+        let mut s: String = ranks.iter().map(Proc::dump).collect();
+        s.push_str(&coord.proc.dump());
+        s
+    };
+    assert!(formed.is_some(), "the group did not form\n{}", dump(&ranks));
+    run_then_cut_soon(&mut ranks);
+    let cut = Instant::now();
+    ip(&["link", "set", &net.host_if, "down"]).unwrap();
+    let bound = Duration::from_secs_f64(HEARTBEAT_TIMEOUT_S + 5.0);
+    let ended: Vec<(Option<ExitStatus>, Duration)> = ranks
+        .iter_mut()
+        .map(|p| {
+            let st = p.wait_exit(bound.saturating_sub(cut.elapsed()));
+            (st, cut.elapsed())
+        })
+        .collect();
+    for p in ranks.iter_mut() {
+        p.finish(Duration::from_secs(1));
+    }
+    let dump = dump(&ranks);
+    eprintln!(
+        "FIGURE fixed group, network cut (heartbeat 0.2 s, timeout {HEARTBEAT_TIMEOUT_S} s): ranks ended after {:?} s",
+        ended.iter().map(|e| secs(e.1)).collect::<Vec<_>>()
+    );
+    let expect: [&[&str]; 3] = [
+        &["peer lost: rank 2", "no heartbeat for"],
+        &["peer lost: rank 2", "no heartbeat for"],
+        &["no word from the coordinator", "no progress for"],
+    ];
+    for (r, (st, _)) in ended.iter().enumerate() {
+        let st = st.unwrap_or_else(|| panic!("rank {r} did not end within {bound:?}\n{dump}"));
+        assert!(!st.success(), "rank {r} exited 0\n{dump}");
+        let err: String = ranks[r]
+            .lines()
+            .iter()
+            .filter(|l| l.stderr)
+            .map(|l| l.text.clone() + "\n")
+            .collect();
+        eprintln!("rank {r}: {}", err.trim_end().lines().last().unwrap_or(""));
+        assert!(
+            expect[r].iter().all(|e| err.contains(e)),
+            "rank {r}: {err}\n{dump}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
