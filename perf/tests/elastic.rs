@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -607,16 +607,19 @@ struct NetNs {
 
 impl NetNs {
     fn create() -> Result<NetNs, String> {
-        let pid = std::process::id();
-        // A /30 per test process: 10.213.X.Y, unlikely to collide with anything else.
-        let (x, y) = ((pid / 64) % 256, (pid % 64) * 4);
+        // Tests of one process run in parallel: a namespace per test (process id and a
+        // count), and a /30 of its own: 10.213.X.Y, unlikely to collide with anything else.
+        static MADE: AtomicU32 = AtomicU32::new(0);
+        let (pid, k) = (std::process::id(), MADE.fetch_add(1, Ordering::SeqCst) % 4);
+        let key = pid.wrapping_mul(4) + k;
+        let (x, y) = ((key / 64) % 256, (key % 64) * 4);
         let n = NetNs {
-            ns: format!("braid-el-{pid}"),
-            host_if: format!("bdh{pid}"),
+            ns: format!("braid-el-{pid}-{k}"),
+            host_if: format!("bdh{pid}{k}"),
             host_ip: format!("10.213.{x}.{}", y + 1),
             ns_ip: format!("10.213.{x}.{}", y + 2),
         };
-        let ns_if = format!("bdn{pid}");
+        let ns_if = format!("bdn{pid}{k}");
         ip(&["netns", "add", &n.ns])?;
         ip(&[
             "link", "add", &n.host_if, "type", "veth", "peer", "name", &ns_if,

@@ -676,7 +676,6 @@ fn announce(sh: &Shared, view: View, reason: String) {
 /// Reconnects and rejoins, retrying with backoff until stopped. `None`: stopped or retired.
 fn reconnect(sh: &Shared) -> Option<TcpStream> {
     let mut backoff = Duration::from_millis(50);
-    let never = AtomicBool::new(false);
     loop {
         // Sleep the backoff in slices, watching the stop flag.
         let until = Instant::now() + backoff;
@@ -688,8 +687,12 @@ fn reconnect(sh: &Shared) -> Option<TcpStream> {
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
         let deadline = Instant::now() + CONNECT_ATTEMPT;
-        let Ok(mut stream) = connect(&sh.addr, deadline, &never, Instant::now()) else {
-            continue;
+        // Stopping (the client dropped) interrupts a connect that waits on an unreachable
+        // coordinator, so that dropping the client never waits for it.
+        let mut stream = match connect(&sh.addr, deadline, &sh.stop, Instant::now()) {
+            Ok(s) => s,
+            Err(Error::Aborted) => return None,
+            Err(_) => continue,
         };
         let _ = stream.set_nodelay(true);
         let (installed, client_nonce) = (lock(&sh.state).installed, super::random_nonce());
