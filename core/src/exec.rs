@@ -211,6 +211,16 @@ pub(crate) struct Tripwire {
     pub isolated_after_ms: std::sync::atomic::AtomicU64,
 }
 
+impl Tripwire {
+    /// Records members dropped by the membership (id, reason) and sets the wire.
+    pub fn drop_members(&self, dropped: impl IntoIterator<Item = (u64, String)>) {
+        if let Ok(mut d) = self.dropped.lock() {
+            d.extend(dropped);
+        }
+        self.set.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Reusable executor state (one per communicator; buffers are kept between calls).
 pub(crate) struct Exec {
     pub spin: Duration,

@@ -19,6 +19,7 @@ BRAID_HEARTBEAT_TIMEOUT; defaults 1 s and 10 s).
 """
 import argparse
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def main():
             [sys.executable, __file__, "--child", "--backend", args.backend],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
     for p in procs:
-        line = p.stdout.readline()
+        # every rank has 120 s to start (a hung init fails the run, never hangs it)
+        ready = select.select([p.stdout], [], [], 120)[0]
+        line = p.stdout.readline() if ready else "(no READY within 120 s)"
         if "READY" not in line:
             for q in procs:
                 q.kill()

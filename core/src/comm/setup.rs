@@ -220,10 +220,7 @@ fn tripwire(trip: Arc<crate::exec::Tripwire>, ids: Vec<u64>, me: u64) -> members
                 .map(|id| (*id, why.to_string()))
                 .collect();
             if !failed.is_empty() {
-                if let Ok(mut d) = trip.dropped.lock() {
-                    d.extend(failed);
-                }
-                trip.set.store(true, Ordering::SeqCst);
+                trip.drop_members(failed);
             }
         }
         membership::Watch::Isolated(msg) => {
@@ -239,10 +236,7 @@ fn tripwire(trip: Arc<crate::exec::Tripwire>, ids: Vec<u64>, me: u64) -> members
         }
         membership::Watch::Failed(id, why) => {
             if ids.contains(&id) && id != me {
-                if let Ok(mut d) = trip.dropped.lock() {
-                    d.push((id, why.to_string()));
-                }
-                trip.set.store(true, Ordering::SeqCst);
+                trip.drop_members([(id, why.to_string())]);
             }
         }
     })

@@ -45,7 +45,7 @@ pub(crate) use persist::state_ok;
 pub(super) use persist::{snapshot, state_from_bytes, Persisted};
 pub(crate) use views::state_machine_bench;
 use views::PipelineMetrics;
-use views::{complete, decide, on_metric, retire, view_frame, view_frames};
+use views::{complete, decide, on_metric, retire, splice, view_frame, view_frames};
 #[cfg(test)]
 pub(crate) use views::{fold_metric, reweigh_decision, MeasuredStage};
 
@@ -1224,27 +1224,30 @@ pub(super) fn tick(st: &mut State, now: Instant) -> Effects {
 }
 
 /// The frames telling every connected member of the (not elastic) group `g` that member
-/// `failed` was declared dead, and why.
+/// `failed` was declared dead, and why (the body encoded once, each receiver's id spliced in).
 fn failure_frames(g: &Group, name: &str, failed: u64, why: &str) -> Vec<Out> {
-    let epoch = g.view.as_ref().map_or(0, |v| v.epoch);
+    let msg = proto::FailureMsg {
+        member_id: 0,
+        group: name.to_string(),
+        epoch: g.view.as_ref().map_or(0, |v| v.epoch),
+        failed,
+        reason: why.to_string(),
+    };
+    let rest = serde_json::to_string(&msg)
+        .ok()
+        .and_then(|s| s.strip_prefix("{\"member_id\":0,").map(str::to_string));
+    let Some(rest) = rest else {
+        tracing::error!(target: LOG, "coordinator: cannot encode a failure notice");
+        return Vec::new();
+    };
     g.entries
         .iter()
         .filter_map(|e| {
-            let conn = e.conn?;
-            let msg = proto::FailureMsg {
-                member_id: e.id,
-                group: name.to_string(),
-                epoch,
-                failed,
-                reason: why.to_string(),
-            };
-            match proto::encode(MsgType::Failure, &msg) {
-                Ok(b) => Some(Out::send(conn, e.peer, b)),
-                Err(err) => {
-                    tracing::error!(target: LOG, "coordinator: cannot encode a failure notice: {err}");
-                    None
-                }
-            }
+            Some(Out::send(
+                e.conn?,
+                e.peer,
+                splice(MsgType::Failure, e.id, &rest),
+            ))
         })
         .collect()
 }

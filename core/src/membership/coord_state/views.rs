@@ -251,7 +251,7 @@ pub(super) struct Delta<'a> {
 
 /// `{"member_id":ID,` + `rest`: a frame body encoded once for every receiver, with the
 /// receiver's id spliced in (`rest` is the encoding's tail after its member id).
-fn splice(ty: MsgType, id: u64, rest: &str) -> Vec<u8> {
+pub(super) fn splice(ty: MsgType, id: u64, rest: &str) -> Vec<u8> {
     let payload = format!("{{\"member_id\":{id},{rest}");
     proto::encode_raw(proto::VERSION, ty as u16, payload.as_bytes())
 }
