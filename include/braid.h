@@ -615,8 +615,11 @@ braid_status_t braid_scatter(const void *sendbuf,
 // `comm` is NULL or live.
 braid_status_t braid_barrier(braid_comm_t comm);
 
-// Sends `count` elements of `buf` to rank `peer` with `tag` (the receive must name this rank
-// and the same tag, count and datatype). Between braid_group_start and braid_group_end the
+// Sends `count` elements of `buf` to rank `peer` with `tag` (the receive must name this rank,
+// or any rank, and the same tag, count and datatype). A receive takes the first message from
+// its source with its tag, whatever was sent before it with other tags (as MPI and Gloo
+// match; such earlier messages are held for their receives, up to BRAID_P2P_HOLD_BYTES);
+// messages with the same tag match in order. Between braid_group_start and braid_group_end the
 // send is only recorded (`buf` must stay valid until braid_group_end returns) and runs there
 // with the group's other sends and receives; otherwise it blocks until done.
 //
@@ -803,6 +806,43 @@ braid_status_t braid_irecv(void *buf,
                            uint64_t tag,
                            braid_comm_t comm,
                            braid_request_t *req);
+
+// Receives `count` elements into `buf`: the first message with `tag` from ANY rank of the
+// communicator (as MPI_ANY_SOURCE), and writes that rank to `*source`. Receives match
+// messages by source and tag, not by arrival: see braid_send. Blocks until done; refused
+// inside a group (braid_invalid_usage). Needs connections that can look at a message before
+// receiving it (tcp, shm; braid_invalid_argument over ib).
+//
+// # Safety
+// `buf` valid for `count` elements for the duration of the call; `comm` is NULL or live;
+// `source` is NULL or writable.
+braid_status_t braid_recv_any(void *buf,
+                              size_t count,
+                              braid_datatype_t datatype,
+                              uint64_t tag,
+                              braid_comm_t comm,
+                              int *source);
+
+// Non-blocking braid_recv_any (request rules as braid_iall_reduce): once the request has
+// completed, braid_request_source gives the rank the message came from. Refused inside a
+// group.
+//
+// # Safety
+// As braid_recv_any, for the lifetime of the operation; `req` is NULL or writable.
+braid_status_t braid_irecv_any(void *buf,
+                               size_t count,
+                               braid_datatype_t datatype,
+                               uint64_t tag,
+                               braid_comm_t comm,
+                               braid_request_t *req);
+
+// Writes to `*source` the rank whose message a completed braid_irecv_any request received
+// (it waits for nothing: braid_invalid_usage while the request runs, or for a request of
+// another call; the failed request's status when it failed).
+//
+// # Safety
+// `req` is NULL or a live request; `source` is NULL or writable.
+braid_status_t braid_request_source(braid_request_t req, int *source);
 
 // All-to-all with a count and a displacement per rank (MPI_Alltoallv): this rank sends
 // `sendcounts[p]` elements starting at element `sdispls[p]` of `sendbuf` to rank p, and

@@ -187,8 +187,11 @@ pub(crate) unsafe fn p2p(
 
 // ---- exported functions: point-to-point and groups -----------------------------------------
 
-/// Sends `count` elements of `buf` to rank `peer` with `tag` (the receive must name this rank
-/// and the same tag, count and datatype). Between braid_group_start and braid_group_end the
+/// Sends `count` elements of `buf` to rank `peer` with `tag` (the receive must name this rank,
+/// or any rank, and the same tag, count and datatype). A receive takes the first message from
+/// its source with its tag, whatever was sent before it with other tags (as MPI and Gloo
+/// match; such earlier messages are held for their receives, up to BRAID_P2P_HOLD_BYTES);
+/// messages with the same tag match in order. Between braid_group_start and braid_group_end the
 /// send is only recorded (`buf` must stay valid until braid_group_end returns) and runs there
 /// with the group's other sends and receives; otherwise it blocks until done.
 ///
@@ -370,6 +373,7 @@ pub unsafe extern "C" fn braid_igroup_end(req: *mut braid_request_t) -> braid_st
         let r = Box::into_raw(Box::new(braid_request {
             result: if h.is_none() { Some(Ok(())) } else { None },
             handle: h,
+            source: None,
         }));
         // SAFETY: `req` was checked non-NULL by reset_request above.
         unsafe { req.write(r) };

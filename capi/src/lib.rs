@@ -37,6 +37,8 @@ mod coll;
 mod group;
 // Non-blocking collectives and point-to-point (braid_i*).
 mod nonblocking;
+// Receives from any rank: braid_recv_any, braid_irecv_any, braid_request_source.
+mod any_source;
 // braid_all_to_allv / braid_iall_to_allv.
 mod alltoallv;
 // braid_comm_split / braid_comm_create_group.

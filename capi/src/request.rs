@@ -15,6 +15,8 @@ use crate::error::{boundary, braid_status_t, CResult, Fail};
 pub struct braid_request {
     pub(crate) handle: Option<Handle<()>>,
     pub(crate) result: Option<Result<(), Fail>>,
+    /// The source of a receive from any rank (braid_irecv_any), for braid_request_source.
+    pub(crate) source: Option<braid_core::AnySource>,
 }
 
 /// Handle of a non-blocking operation. Using it after braid_request_free is undefined
@@ -29,6 +31,7 @@ pub(crate) unsafe fn store_request(req: *mut braid_request_t, h: Handle<()>) {
     let r = Box::into_raw(Box::new(braid_request {
         handle: Some(h),
         result: None,
+        source: None,
     }));
     // SAFETY: the caller checked `req` and guarantees it is valid for a write.
     unsafe { req.write(r) };
@@ -55,8 +58,17 @@ unsafe fn req_mut<'a>(req: braid_request_t) -> CResult<&'a mut braid_request> {
     unsafe { req.as_mut() }.ok_or_else(|| Fail::arg("req is NULL"))
 }
 
+/// The request behind a handle, for the other modules of the ABI.
+///
+/// # Safety
+/// As [`req_mut`].
+pub(crate) unsafe fn request_mut<'a>(req: braid_request_t) -> CResult<&'a mut braid_request> {
+    // SAFETY: forwarded contract.
+    unsafe { req_mut(req) }
+}
+
 /// Waits for a request's operation (if not yet done) and returns its outcome.
-fn finish(r: &mut braid_request, block: bool) -> Option<CResult> {
+pub(crate) fn finish(r: &mut braid_request, block: bool) -> Option<CResult> {
     if r.result.is_none() {
         let h = r.handle.take()?;
         if !block && !h.test() {

@@ -99,6 +99,8 @@ pub const VARS: &[VarSpec] = &[
         doc: "All-reduce messages up to this size use the latency-optimal algorithm." },
     VarSpec { name: "BRAID_SLICE_BYTES", ty: "bytes", default: "524288",
         doc: "Pipelining unit of ring and chain algorithms (must be equal on all ranks; it is checked)." },
+    VarSpec { name: "BRAID_P2P_HOLD_BYTES", ty: "bytes", default: "64M",
+        doc: "Point-to-point: a message that arrives while receives wait on its sender, but with a tag none of them wants, is received into a buffer of its own and held for a later receive, up to this many bytes held per communicator. Past that it stays in the connection, and receives behind it wait (until BRAID_TIMEOUT, whose error names the message)." },
     VarSpec { name: "BRAID_SPIN_US", ty: "microseconds", default: "200",
         doc: "How long a waiting rank polls without sleeping before it blocks in poll(2)." },
     VarSpec { name: "BRAID_ELASTIC", ty: "0|1", default: "0",
@@ -321,6 +323,8 @@ pub struct Config {
     pub small_bytes: usize,
     /// Pipelining unit.
     pub slice_bytes: usize,
+    /// Cap on bytes of point-to-point messages held for later receives (BRAID_P2P_HOLD_BYTES).
+    pub p2p_hold_bytes: usize,
     /// Spin time before blocking.
     pub spin: Duration,
     /// Spin time of the shared-memory transport before blocking.
@@ -398,6 +402,7 @@ impl Default for Config {
                 algo: String::new(),
                 small_bytes: 65536,
                 slice_bytes: 524288,
+                p2p_hold_bytes: 64 << 20,
                 spin: Duration::from_micros(200),
                 shm_spin: Duration::from_micros(20),
                 shm_ring_bytes: 4 << 20,
@@ -722,6 +727,7 @@ impl Config {
             algo: val("BRAID_ALGO"),
             small_bytes: parse_size("BRAID_SMALL_BYTES", &val("BRAID_SMALL_BYTES"))?,
             slice_bytes,
+            p2p_hold_bytes: parse_size("BRAID_P2P_HOLD_BYTES", &val("BRAID_P2P_HOLD_BYTES"))?,
             spin: Duration::from_micros(spin_us as u64),
             shm_spin: Duration::from_micros(shm_spin_us as u64),
             shm_ring_bytes,

@@ -264,12 +264,14 @@ fn exchange(
             peer: p,
             buf: RawBuf::from_slice(mine),
             sig,
+            source: None,
         });
         ops.push(P2pOp {
             send: false,
             peer: p,
             buf: RawBuf::from_mut(t),
             sig,
+            source: None,
         });
     }
     exec.run_p2p(peers, ops)

@@ -23,6 +23,7 @@ use braid_transport::{Conn, Meta, NetError, PollFd, Request, META_LEN};
 
 use crate::coll::{Algo, Buf, CollKind, Op, Plan, PlanCtx, Span};
 use crate::error::{Error, Result};
+use crate::matcher::{set_source, Matcher, SourceSlot, ANY_SOURCE};
 use crate::mem::{self, RawBuf};
 use crate::reduce;
 use crate::types::{DataType, ReduceOp};
@@ -164,7 +165,7 @@ impl Sig {
         }
     }
 
-    fn describe_meta(m: &Meta) -> String {
+    pub(crate) fn describe_meta(m: &Meta) -> String {
         match Sig::decode(m) {
             Some(s) => s.describe(),
             None => "an unknown operation (incompatible braid version?)".into(),
@@ -176,9 +177,25 @@ impl Sig {
 #[derive(Debug, Clone)]
 pub(crate) struct P2pOp {
     pub send: bool,
+    /// A rank, or [`ANY_SOURCE`] for a receive from any rank.
     pub peer: usize,
     pub buf: RawBuf,
     pub sig: Sig,
+    /// Where a receive records the rank its message came from (any-source receives).
+    pub source: Option<SourceSlot>,
+}
+
+impl P2pOp {
+    /// The ranks this operation may use: its peer, or every rank but `me` for a receive from
+    /// any rank of `size`.
+    pub(crate) fn ranks(&self, me: usize, size: usize) -> impl Iterator<Item = usize> {
+        let (lo, hi, one) = if self.peer == ANY_SOURCE {
+            (0, size, None)
+        } else {
+            (0, 0, Some(self.peer))
+        };
+        (lo..hi).filter(move |&r| r != me).chain(one)
+    }
 }
 
 /// How long a rank on an oversubscribed host ([`Conn::oversubscribed`]) keeps yielding the CPU
@@ -241,6 +258,8 @@ pub(crate) struct Exec {
     work: Vec<u32>,
     fill: Vec<u32>,
     queues: Vec<PeerQ>,
+    /// Point-to-point receives matched by tag and source.
+    pub matcher: Matcher,
 }
 
 #[derive(Default)]
@@ -332,6 +351,7 @@ impl Exec {
             work: Vec::new(),
             fill: Vec::new(),
             queues: Vec::new(),
+            matcher: Matcher::new(),
         }
     }
 
@@ -748,6 +768,7 @@ impl Exec {
                 p.conn.abort(why);
             }
         }
+        self.matcher.reset();
     }
 
     /// The error a tripped wire means for this operation: a peer it may wait on was dropped by
@@ -873,9 +894,37 @@ impl Exec {
         Ok(())
     }
 
-    /// Checks a group of point-to-point operations and prepares its state.
-    pub(crate) fn p2p_begin(&self, peers: &[Option<Peer>], ops: Vec<P2pOp>) -> Result<P2pBatch> {
+    /// Checks a group of point-to-point operations and prepares its state: receives of
+    /// point-to-point messages on connections that can peek (and every receive from any
+    /// rank) go to the matcher, the rest are posted in group order by [`Exec::p2p_step`].
+    pub(crate) fn p2p_begin(
+        &mut self,
+        peers: &[Option<Peer>],
+        ops: Vec<P2pOp>,
+    ) -> Result<P2pBatch> {
+        let mut matched = vec![None; ops.len()];
         for (i, o) in ops.iter().enumerate() {
+            if o.peer == ANY_SOURCE {
+                if o.send || o.sig.kind != CollKind::P2p {
+                    return Err(Error::InvalidArgument(format!(
+                        "operation {i} of the group: only a receive can name any source"
+                    )));
+                }
+                if peers.iter().flatten().next().is_none() {
+                    return Err(Error::InvalidArgument(
+                        "a receive from any source in a group of one rank".into(),
+                    ));
+                }
+                if let Some(p) = peers.iter().flatten().find(|p| !p.conn.can_peek()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "a receive from any source needs connections that can look at a \
+                         message before receiving it (tcp, shm); rank {} is connected over \
+                         one that cannot (ib)",
+                        p.rank
+                    )));
+                }
+                continue;
+            }
             if o.peer >= peers.len() || peers[o.peer].is_none() {
                 return Err(Error::InvalidArgument(format!(
                     "operation {i} of the group names rank {}, which is not a peer of rank {}",
@@ -883,11 +932,19 @@ impl Exec {
                 )));
             }
         }
+        for (i, o) in ops.iter().enumerate() {
+            let peeks =
+                o.peer == ANY_SOURCE || peers[o.peer].as_ref().is_some_and(|p| p.conn.can_peek());
+            if !o.send && o.sig.kind == CollKind::P2p && peeks {
+                matched[i] = Some(self.matcher.post(o.peer, &o.buf, o.sig)?);
+            }
+        }
         let n = ops.len();
         Ok(P2pBatch {
             metas: ops.iter().map(|o| o.sig.encode()).collect(),
             ops,
             reqs: vec![None; n],
+            matched,
             complete: vec![false; n],
             done: 0,
             last_progress: None,
@@ -905,7 +962,7 @@ impl Exec {
         let mut progressed = false;
         let mut blocked = vec![false; peers.len()];
         for (i, o) in b.ops.iter().enumerate() {
-            if b.reqs[i].is_some() || b.complete[i] || blocked[o.peer] {
+            if b.matched[i].is_some() || b.reqs[i].is_some() || b.complete[i] || blocked[o.peer] {
                 continue;
             }
             let Some(peer) = peers[o.peer].as_mut() else {
@@ -972,6 +1029,21 @@ impl Exec {
                 }
             }
         }
+        if b.matched.iter().any(|m| m.is_some()) || !self.matcher.idle() {
+            progressed |= self.matcher.step(peers, self.rank)?;
+            for (i, o) in b.ops.iter().enumerate() {
+                let Some(id) = b.matched[i] else { continue };
+                if b.complete[i] {
+                    continue;
+                }
+                if let Some(src) = self.matcher.take_done(id) {
+                    set_source(&o.source, src);
+                    b.complete[i] = true;
+                    b.done += 1;
+                    progressed = true;
+                }
+            }
+        }
         if progressed {
             b.last_progress = None;
         }
@@ -996,11 +1068,14 @@ impl Exec {
                         // Names the peer and both directions' counts.
                         return o.sig.describe_dir(o.send, o.peer);
                     }
+                    let who = match o.peer {
+                        ANY_SOURCE => "any rank".to_string(),
+                        p => format!("rank {p}"),
+                    };
                     format!(
-                        "{} {} rank {}",
+                        "{} {} {who}",
                         o.sig.describe(),
                         if o.send { "to" } else { "from" },
-                        o.peer
                     )
                 })
                 .unwrap_or_default()
@@ -1008,7 +1083,17 @@ impl Exec {
         let (mut lp, mut ls) = (b.last_progress, b.last_sweep);
         let r = self.idle(peers, &mut lp, &mut ls, &what, max_wait);
         (b.last_progress, b.last_sweep) = (lp, ls);
-        r
+        match r {
+            // Receives matched by tag wait on nothing posted: say what they wait for and what
+            // came instead.
+            Err(Error::Timeout { what, secs }) if b.matched.iter().any(|m| m.is_some()) => {
+                Err(Error::Timeout {
+                    what: format!("{what}{}", self.matcher.describe()),
+                    secs,
+                })
+            }
+            r => r,
+        }
     }
 
     /// Runs a group of point-to-point operations: posts all (per-peer order = group order),
@@ -1038,6 +1123,8 @@ pub(crate) struct P2pBatch {
     ops: Vec<P2pOp>,
     metas: Vec<Meta>,
     reqs: Vec<Option<Request>>,
+    /// The matcher's id of each receive it matches.
+    matched: Vec<Option<u64>>,
     complete: Vec<bool>,
     done: usize,
     /// `None`: progress just now (see `Exec::idle`).

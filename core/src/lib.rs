@@ -19,6 +19,7 @@ pub mod error;
 mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
+mod matcher;
 mod mem;
 pub mod membership;
 pub mod ps;
@@ -28,7 +29,7 @@ pub mod topo;
 pub mod types;
 
 pub use braid_transport as transport;
-pub use comm::{Communicator, Group, Handle, P2p, RawColl, RawP2p};
+pub use comm::{AnySource, Communicator, Group, Handle, P2p, RawColl, RawP2p};
 pub use config::Config;
 pub use error::{Error, ErrorClass, Result};
 pub use shared::SharedBuf;

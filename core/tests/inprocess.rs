@@ -294,6 +294,67 @@ fn p2p(c: &Communicator) {
     }
 }
 
+/// Receives match messages by tag (out of order) and by source (any rank), as MPI and Gloo.
+fn p2p_matching(c: &Communicator) {
+    let (n, r) = (c.size(), c.rank());
+    if n == 1 {
+        assert!(c.recv_any(&mut [0u8; 4], 1).is_err());
+        return;
+    }
+    let next = (r + 1) % n;
+    let prev = (r + n - 1) % n;
+    // Two tags sent in one order, received in the other: the large one (held or not) and a
+    // small one; then two messages of one tag, which match in order.
+    let small: Vec<u32> = (0..5).map(|k| (r * 10 + k) as u32).collect();
+    let large: Vec<u32> = (0..70_000).map(|k| (r + k) as u32).collect();
+    let h1 = c.isend(small, next, 11).unwrap();
+    let h2 = c.isend(large, next, 12).unwrap();
+    let h3 = c.isend(vec![1i16; 3], next, 13).unwrap();
+    let h4 = c.isend(vec![2i16; 3], next, 13).unwrap();
+    // (A blocking call waits for this rank's earlier non-blocking ones: receive with irecv.)
+    let g2 = c.irecv(vec![0i16; 3], prev, 13).unwrap();
+    let g1 = c.irecv(vec![0u32; 70_000], prev, 12).unwrap();
+    let g0 = c.irecv(vec![0u32; 5], prev, 11).unwrap();
+    let got_large = g1.wait().unwrap();
+    let got_small = g0.wait().unwrap();
+    let first = g2.wait().unwrap();
+    let second = c.irecv(vec![0i16; 3], prev, 13).unwrap().wait().unwrap();
+    for h in [h1, h2] {
+        h.wait().unwrap();
+    }
+    h3.wait().unwrap();
+    h4.wait().unwrap();
+    assert!(got_large
+        .iter()
+        .enumerate()
+        .all(|(k, &x)| x == (prev + k) as u32));
+    assert_eq!(
+        got_small,
+        (0..5).map(|k| (prev * 10 + k) as u32).collect::<Vec<_>>()
+    );
+    assert_eq!((first, second), (vec![1; 3], vec![2; 3]));
+    // Any source: rank 0 takes one message from every other rank, in whatever order they come,
+    // blocking and non-blocking; the source is reported.
+    if r == 0 {
+        let mut seen = vec![false; n];
+        for i in 1..n {
+            let (v, src) = if i % 2 == 0 {
+                c.irecv_any(vec![0i64; 4], 20).unwrap().wait().unwrap()
+            } else {
+                let mut v = vec![0i64; 4];
+                let src = c.recv_any(&mut v, 20).unwrap();
+                (v, src)
+            };
+            assert!(src > 0 && src < n && !seen[src], "source {src}");
+            seen[src] = true;
+            assert_eq!(v, vec![src as i64; 4]);
+        }
+    } else {
+        c.send(&[r as i64; 4], 0, 20).unwrap();
+    }
+    c.barrier().unwrap();
+}
+
 fn nonblocking(c: &Communicator) {
     let (n, r) = (c.size(), c.rank());
     let h1 = c
@@ -365,6 +426,7 @@ fn full_suite(c: &Communicator) {
     movement::<u8>(c);
     movement::<f64>(c);
     p2p(c);
+    p2p_matching(c);
     nonblocking(c);
 }
 
@@ -746,6 +808,71 @@ fn dropping_with_an_unmatched_receive_does_not_hang() {
                     std::thread::sleep(std::time::Duration::from_secs(12));
                 }
             });
+        }
+    });
+}
+
+/// Runs `f` on 2 ranks (threads over the in-process transport) with timeouts `timeout_s` (per
+/// rank) and the point-to-point hold cap `hold`.
+fn two_ranks(timeout_s: [u64; 2], hold: usize, f: impl Fn(&Communicator) + Send + Sync) {
+    let coord = Coordinator::bind("127.0.0.1:0").unwrap();
+    let addr = coord.local_addr().to_string();
+    let fabric = MemFabric::new();
+    let f = &f;
+    std::thread::scope(|s| {
+        for r in 0..2 {
+            let (addr, fabric) = (addr.clone(), fabric.clone());
+            s.spawn(move || {
+                let cfg = Config {
+                    coordinator: Some(addr),
+                    world_size: Some(2),
+                    rank: Some(r),
+                    timeout: std::time::Duration::from_secs(timeout_s[r]),
+                    p2p_hold_bytes: hold,
+                    ..Config::default()
+                };
+                f(&Communicator::init_in_process(cfg, fabric).unwrap());
+            });
+        }
+    });
+}
+
+#[test]
+fn a_message_past_the_hold_cap_is_named_when_the_receive_times_out() {
+    // Rank 0's sends wait for rank 1 (in-process sends complete when received): only rank 1
+    // times out, and its error reaches rank 0 as an abort.
+    two_ranks([30, 2], 1000, |c| {
+        if c.rank() == 0 {
+            // Held (under the cap), then one past the cap, then the one rank 1 wants.
+            let a = c.isend(vec![1u8; 600], 1, 1).unwrap();
+            let b = c.isend(vec![2u8; 600], 1, 2).unwrap();
+            let w = c.isend(vec![3u8; 4], 1, 3).unwrap();
+            for h in [a, b, w] {
+                let _ = h.wait();
+            }
+        } else {
+            let e = c.recv(&mut [0u8; 4], 0, 3).unwrap_err().to_string();
+            assert!(e.contains("waiting for tag 3 from rank 0"), "{e}");
+            assert!(e.contains("held from rank 0: tag 1 (600 bytes)"), "{e}");
+            assert!(
+                e.contains("tag=2") && e.contains("BRAID_P2P_HOLD_BYTES"),
+                "{e}"
+            );
+        }
+    });
+}
+
+#[test]
+fn same_tag_other_length_is_a_mismatch_before_data_moves() {
+    two_ranks([20, 20], 64 << 20, |c| {
+        if c.rank() == 0 {
+            let _ = c.send(&[1.0f32; 8], 1, 4);
+        } else {
+            let mut got = [0f32; 4];
+            let e = c.recv_any(&mut got, 4).unwrap_err().to_string();
+            assert!(e.contains("mismatch") && e.contains("count=8"), "{e}");
+            assert!(e.contains("count=4"), "{e}");
+            assert_eq!(got, [0.0; 4]);
         }
     });
 }

@@ -1,5 +1,5 @@
-/* Point-to-point: a ring exchange with grouped send/recv, nested groups, blocking pairs, and
- * braid_isend/braid_irecv. Uses braid_comm_init_rank with the coordinator braid-run exports. */
+/* Point-to-point: a ring exchange with grouped send/recv, nested groups, blocking pairs,
+ * braid_isend/braid_irecv, out-of-order tags, and receives from any source. Uses braid_comm_init_rank with the coordinator braid-run exports. */
 #include "common.h"
 
 #include <stdint.h>
@@ -62,6 +62,58 @@ int main(void) {
     CHECK(braid_request_free(rs));
     CHECK(braid_request_free(rr));
     for (int i = 0; i < N; i++) EXPECT(in[i] == (float)(prev * N + i), "iring[%d]", i);
+
+    /* Out-of-order tags: tag 21 then 22 sent, 22 then 21 received (blocking receives after
+     * non-blocking sends: the receives join them in flight). */
+    {
+        int32_t x[2] = {rank, 1}, y[5] = {rank, 2, 2, 2, 2}, gx[2] = {0}, gy[5] = {0};
+        braid_request_t sx = NULL, sy = NULL;
+        CHECK(braid_isend(x, 2, braid_int32, next, 21, comm, &sx));
+        CHECK(braid_isend(y, 5, braid_int32, next, 22, comm, &sy));
+        CHECK(braid_recv(gy, 5, braid_int32, prev, 22, comm));
+        CHECK(braid_recv(gx, 2, braid_int32, prev, 21, comm));
+        CHECK(braid_wait(sx));
+        CHECK(braid_wait(sy));
+        CHECK(braid_request_free(sx));
+        CHECK(braid_request_free(sy));
+        EXPECT(gx[0] == prev && gx[1] == 1 && gy[0] == prev && gy[4] == 2, "tag order");
+    }
+
+    /* Any source: rank 0 receives one message with tag 30 from every other rank, blocking and
+     * non-blocking, and learns each sender. */
+    if (rank == 0) {
+        int seen[64] = {0};
+        for (int k = 1; k < size; k++) {
+            int64_t v[2] = {-1, -1};
+            int src = -1;
+            if (k % 2) {
+                CHECK(braid_recv_any(v, 2, braid_int64, 30, comm, &src));
+            } else {
+                braid_request_t r = NULL;
+                CHECK(braid_irecv_any(v, 2, braid_int64, 30, comm, &r));
+                EXPECT(braid_request_source(r, NULL) == braid_invalid_argument, "NULL source");
+                CHECK(braid_wait(r));
+                CHECK(braid_request_source(r, &src));
+                CHECK(braid_request_free(r));
+            }
+            EXPECT(src > 0 && src < size && src < 64 && !seen[src], "any source: src %d", src);
+            seen[src] = 1;
+            EXPECT(v[0] == src && v[1] == 100 + src, "any source: from %d got %lld",
+                   src, (long long)v[0]);
+        }
+    } else {
+        int64_t v[2] = {rank, 100 + rank};
+        CHECK(braid_send(v, 2, braid_int64, 0, 30, comm));
+    }
+    /* A request of another kind has no source. */
+    {
+        braid_request_t r = NULL;
+        int src = -1;
+        CHECK(braid_ibarrier(comm, &r));
+        CHECK(braid_wait(r));
+        EXPECT(braid_request_source(r, &src) == braid_invalid_usage, "barrier source");
+        CHECK(braid_request_free(r));
+    }
 
     /* An empty group is fine. */
     CHECK(braid_group_start());

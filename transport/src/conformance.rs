@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{
-    Arrival, Challenge, Completion, Conn, ConnectHandle, Listener, NetError, NetResult, Request,
-    Transport, CHALLENGE_LEN, META_LEN,
+    Arrival, Challenge, Completion, Conn, ConnectHandle, Listener, NetError, NetResult, Peeked,
+    Request, Transport, CHALLENGE_LEN, META_LEN,
 };
 
 /// Makes a connected pair (first = accepted side, second = connecting side).
@@ -113,6 +113,69 @@ pub fn both_directions_at_once(pair: MakePair) {
     assert_eq!(wait(b.as_mut(), r).unwrap().meta, [1; META_LEN]);
     drop(th.join().unwrap());
     assert!(dst.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+}
+
+/// Peeks at `c` until a header shows, blocking in poll between looks.
+fn peek_wait(c: &mut dyn Conn) -> Peeked {
+    let end = Instant::now() + Duration::from_secs(20);
+    let (mut fds, mut scratch) = (Vec::new(), Vec::new());
+    loop {
+        if let Some(p) = c.peek().unwrap() {
+            return p;
+        }
+        fds.clear();
+        c.poll_fds(&mut fds);
+        if fds.is_empty() {
+            std::thread::yield_now();
+        } else {
+            crate::wait_fds(&fds, Duration::from_millis(100), &mut scratch).unwrap();
+        }
+        assert!(Instant::now() < end, "timeout");
+    }
+}
+
+/// [`Conn::peek`] shows the next message's tag, length and meta without taking it; receives
+/// then take the messages in order, a small one and one large enough for any single-copy path.
+pub fn peek_shows_the_next_header(pair: MakePair) {
+    let (mut a, mut b) = pair();
+    assert!(b.can_peek());
+    assert_eq!(b.peek().unwrap(), None);
+    let x = [3u8; 5];
+    let y: Vec<u8> = (0..3usize << 20).map(|i| (i % 253) as u8).collect();
+    let (m1, m2) = ([1u8; META_LEN], [2u8; META_LEN]);
+    let th = std::thread::spawn(move || {
+        // SAFETY: the buffers live until the requests complete (waited below).
+        let s1 = unsafe { a.isend(7, &m1, x.as_ptr(), x.len()) }
+            .unwrap()
+            .unwrap();
+        // SAFETY: as above.
+        let s2 = unsafe { a.isend(9, &m2, y.as_ptr(), y.len()) }
+            .unwrap()
+            .unwrap();
+        wait(a.as_mut(), s1).unwrap();
+        wait(a.as_mut(), s2).unwrap();
+        (a, y)
+    });
+    let first = peek_wait(b.as_mut());
+    assert_eq!((first.tag, first.len, first.meta), (7, 5, m1));
+    assert_eq!(b.peek().unwrap(), Some(first), "peek took the message");
+    let mut out = [0u8; 5];
+    // SAFETY: `out` outlives the request (waited below).
+    let r = unsafe { b.irecv(7, out.as_mut_ptr(), 5) }.unwrap().unwrap();
+    assert_eq!(wait(b.as_mut(), r).unwrap().meta, m1);
+    assert_eq!(out, [3u8; 5]);
+    let second = peek_wait(b.as_mut());
+    assert_eq!((second.tag, second.len, second.meta), (9, 3 << 20, m2));
+    let mut big = vec![0u8; 3 << 20];
+    // SAFETY: as above.
+    let r = unsafe { b.irecv(9, big.as_mut_ptr(), big.len()) }
+        .unwrap()
+        .unwrap();
+    wait(b.as_mut(), r).unwrap();
+    let (a, y) = th.join().unwrap();
+    assert!(big == y);
+    assert_eq!(b.peek().unwrap(), None);
+    drop(a);
 }
 
 /// A receive of another length reports the sender's meta and both lengths.

@@ -11,7 +11,9 @@
 //! * [`Transport::register`] registers a memory region (a no-op for tcp),
 //! * [`Conn::isend`] / [`Conn::irecv`] post tagged operations and return a [`Request`] or
 //!   `None` ("not now": backpressure is a value, not an error), [`Conn::test`] asks whether a
-//!   request completed, [`Conn::progress`] moves bytes,
+//!   request completed, [`Conn::progress`] moves bytes, [`Conn::peek`] shows the next incoming
+//!   message's header before a receive is posted for it (so that the layer above can match
+//!   receives by tag, or from any source),
 //! * connections close when dropped.
 //!
 //! Messages on one connection are matched in order: the n-th message sent is received by the
@@ -155,6 +157,17 @@ pub struct Completion {
     /// Bytes transferred.
     pub len: usize,
     /// The sender's meta bytes (zero for a send completion).
+    pub meta: Meta,
+}
+
+/// The header of the next incoming message, seen by [`Conn::peek`] before any receive takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peeked {
+    /// The sender's tag.
+    pub tag: u64,
+    /// The message's length in bytes.
+    pub len: u64,
+    /// The sender's meta bytes.
     pub meta: Meta,
 }
 
@@ -334,6 +347,21 @@ pub trait Conn: Send {
 
     /// Moves bytes for every posted request; returns whether anything moved. Errors are sticky.
     fn progress(&mut self) -> NetResult<bool>;
+
+    /// Whether [`Conn::peek`] works on this connection (tcp, shm and mem do; ib does not).
+    fn can_peek(&self) -> bool {
+        false
+    }
+
+    /// The tag, length and meta of the next incoming message, once its header has arrived,
+    /// without taking it: the message stays first in line for the next receive posted. Only
+    /// answers while no receive is posted on this connection (`Ok(None)` otherwise, and while
+    /// the header has not arrived). Reads ahead as [`Conn::progress`] does, so a connection's
+    /// errors are reported here too. After a `None`, waiting on [`Conn::poll_fds`] wakes when
+    /// a header arrives. Default: `Ok(None)` (see [`Conn::can_peek`]).
+    fn peek(&mut self) -> NetResult<Option<Peeked>> {
+        Ok(None)
+    }
 
     /// Whether `req` completed (does not call `progress`). A receive completion carries the
     /// sender's meta.

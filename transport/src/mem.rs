@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::{
     new_challenge, Arrival, Challenge, Completion, Conn, ConnectHandle, DeviceProps, HelloCheck,
-    HelloFn, Listener, Meta, NetError, NetResult, PollFd, PtrSupport, Request, Transport, META_LEN,
+    HelloFn, Listener, Meta, NetError, NetResult, Peeked, PollFd, PtrSupport, Request, Transport,
+    META_LEN,
 };
 
 /// The in-process "network".
@@ -233,6 +234,23 @@ impl Conn for MemConn {
             }
             None => Ok(moved),
         }
+    }
+
+    fn can_peek(&self) -> bool {
+        true
+    }
+
+    fn peek(&mut self) -> NetResult<Option<Peeked>> {
+        self.progress()?;
+        let c = lock(&self.shared.dir[self.in_dir()]);
+        if !c.recvs.is_empty() {
+            return Ok(None);
+        }
+        Ok(c.sends.front().map(|s| Peeked {
+            tag: s.tag,
+            len: s.len as u64,
+            meta: s.meta,
+        }))
     }
 
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
@@ -660,6 +678,7 @@ mod tests {
         conf::exchange(&mk, conf::SIZES);
         conf::both_directions_at_once(&mk);
         conf::mismatch_is_reported_with_meta(&mk);
+        conf::peek_shows_the_next_header(&mk);
         // Not death_goodbye_and_abort: a mem connection forgets the sends still posted when it
         // closes (it holds no copies), so data sent just before a goodbye may not arrive.
     }

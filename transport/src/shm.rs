@@ -76,8 +76,8 @@ use crate::region::{RegionDesc, Regions, RemoteMaps, DESC_LEN};
 use crate::reqs::ReqTable;
 use crate::{
     Arrival, Challenge, Completion, Conn, ConnectHandle, DeviceProps, HelloCheck, HelloFn,
-    Listener, Meta, NetError, NetResult, PollFd, PtrSupport, Request, Transport, CHALLENGE_LEN,
-    META_LEN,
+    Listener, Meta, NetError, NetResult, Peeked, PollFd, PtrSupport, Request, Transport,
+    CHALLENGE_LEN, META_LEN,
 };
 
 const SEG_MAGIC: u64 = u64::from_le_bytes(*b"BRDSHM01");
@@ -680,6 +680,9 @@ pub struct ShmConn {
     direct_tx: u64,
     direct_rx: u64,
     direct_warned: bool,
+    /// [`Conn::peek`] found no header and no receive is posted since: a published header
+    /// makes the connection ready (see [`ShmConn::rx_ready`]).
+    peeking: bool,
 }
 
 // SAFETY: the raw pointers in Tx/Rx point into buffers that the caller of isend/irecv promised
@@ -740,6 +743,7 @@ impl ShmConn {
             direct_tx: 0,
             direct_rx: 0,
             direct_warned: false,
+            peeking: false,
         }
     }
 
@@ -969,6 +973,56 @@ impl ShmConn {
         Ok(moved)
     }
 
+    /// Skips the padding frame `h` at the tail (`avail` bytes published from there): the writer
+    /// went back to the start of its ring. The padding runs exactly to the ring's end and was
+    /// published with its header.
+    fn skip_pad(&mut self, h: &[u8], avail: u64) -> NetResult<()> {
+        let r = self.ring as u64;
+        let pad = u64_at(h, 16);
+        if pad != r - self.tail % r || pad < HDR as u64 || pad > avail {
+            return Err(corrupt(
+                &self.desc,
+                format!(
+                    "a padding frame of {pad} bytes at ring offset {} ({avail} published)",
+                    self.tail % r
+                ),
+            ));
+        }
+        self.tail += pad;
+        self.tail_pub = self.tail;
+        self.seg
+            .atom(block(1 - self.side) + OFF_TAIL)
+            .store(self.tail, Ordering::Release);
+        wake_if_waiting(&self.seg, 1 - self.side, self.efd_peer.as_raw_fd());
+        Ok(())
+    }
+
+    /// The header of the next frame in the peer's ring, padding skipped, once published.
+    fn head_frame(&mut self) -> NetResult<Option<[u8; HDR]>> {
+        let ring = self.ring_ptr(self.peer());
+        loop {
+            load_head(
+                &self.seg,
+                1 - self.side,
+                self.tail,
+                &mut self.peer_head,
+                self.ring as u64,
+                &self.desc,
+            )?;
+            let avail = self.peer_head - self.tail;
+            if avail < HDR as u64 {
+                return Ok(None);
+            }
+            let mut h = [0u8; HDR];
+            // SAFETY: HDR published bytes start at tail in the peer's ring.
+            unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR, false) };
+            if h[0..4] != PAD_MAGIC {
+                return Ok(Some(h));
+            }
+            self.skip_pad(&h, avail)?;
+        }
+    }
+
     /// Copies data from the peer's ring into posted receives.
     fn progress_rx(&mut self) -> NetResult<bool> {
         let ring = self.ring_ptr(self.peer());
@@ -999,27 +1053,10 @@ impl ShmConn {
                 // SAFETY: HDR published bytes start at tail in the peer's ring.
                 unsafe { ring_read(ring, self.ring, self.tail, h.as_mut_ptr(), HDR, false) };
                 if h[0..4] == PAD_MAGIC {
-                    // The writer went back to the start of its ring: skip to it. The padding
-                    // runs exactly to the ring's end and was published with its header.
-                    let r = self.ring as u64;
-                    let pad = u64_at(&h, 16);
-                    if pad != r - self.tail % r || pad < HDR as u64 || pad > avail {
-                        break Err(corrupt(
-                            &self.desc,
-                            format!(
-                                "a padding frame of {pad} bytes at ring offset {} ({avail} \
-                                 published)",
-                                self.tail % r
-                            ),
-                        ));
+                    if let Err(e) = self.skip_pad(&h, avail) {
+                        break Err(e);
                     }
-                    self.tail += pad;
                     moved = true;
-                    self.tail_pub = self.tail;
-                    self.seg
-                        .atom(block(1 - self.side) + OFF_TAIL)
-                        .store(self.tail, Ordering::Release);
-                    wake_if_waiting(&self.seg, 1 - self.side, self.efd_peer.as_raw_fd());
                     continue;
                 }
                 if h[0..4] == DIRECT_MAGIC {
@@ -1281,7 +1318,9 @@ impl ShmConn {
             }
             return Ok(moved);
         }
-        if !self.rx.is_empty() && !drained {
+        // What the peer published before it died can still be received, by a posted receive
+        // or one about to be posted for a header that a peek waits for.
+        if (!self.rx.is_empty() || self.peeking) && !drained {
             return Ok(moved);
         }
         Err(NetError::Lost(format!(
@@ -1315,8 +1354,14 @@ impl ShmConn {
 
     /// The receive half of [`ShmConn::ready`] (and the peer's state).
     fn rx_ready(&self) -> bool {
-        if let Some(r) = self.rx.front() {
-            let need = if r.got_hdr { 1 } else { HDR as u64 };
+        let need = match self.rx.front() {
+            Some(r) if r.got_hdr => Some(1),
+            Some(_) => Some(HDR as u64),
+            // Someone waits for the next header (peek).
+            None if self.peeking => Some(HDR as u64),
+            None => None,
+        };
+        if let Some(need) = need {
             let head = self.peer_ring_head().load(Ordering::Acquire);
             if head.checked_sub(self.tail).map_or(true, |a| a >= need) {
                 return true;
@@ -1388,6 +1433,7 @@ impl Conn for ShmConn {
         if self.sends.pending() + self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
         }
+        self.peeking = false;
         let req = self.recvs.post(1);
         self.rx.push_back(Rx {
             tag,
@@ -1415,6 +1461,36 @@ impl Conn for ShmConn {
             Ok(m) => Ok(m),
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    fn can_peek(&self) -> bool {
+        true
+    }
+
+    fn peek(&mut self) -> NetResult<Option<Peeked>> {
+        self.check()?;
+        if !self.rx.is_empty() {
+            return Ok(None);
+        }
+        let h = match self.head_frame() {
+            Ok(h) => h,
+            Err(e) => return Err(self.fail(e)),
+        };
+        if let Some(h) = h {
+            if h[0..4] != FRAME_MAGIC && h[0..4] != DIRECT_MAGIC {
+                let e = corrupt(&self.desc, "bad magic in a frame header".into());
+                return Err(self.fail(e));
+            }
+            self.peeking = false;
+            return Ok(Some(Peeked {
+                tag: u64_at(&h, 8),
+                len: u64_at(&h, 16),
+                meta: meta_of(&h),
+            }));
+        }
+        self.peeking = true;
+        self.progress()?;
+        Ok(None)
     }
 
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
@@ -2372,6 +2448,7 @@ mod tests {
         conf::exchange(&default_pair, conf::SIZES);
         conf::both_directions_at_once(&default_pair);
         conf::mismatch_is_reported_with_meta(&default_pair);
+        conf::peek_shows_the_next_header(&default_pair);
         conf::death_goodbye_and_abort(&default_pair);
     }
 

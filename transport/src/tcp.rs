@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crate::reqs::ReqTable;
 use crate::{
     random_bytes, Arrival, Challenge, Completion, Conn, ConnectHandle, DeviceProps, HelloCheck,
-    HelloFn, Listener, Meta, NetError, NetResult, PollFd, PtrSupport, Request, Transport,
+    HelloFn, Listener, Meta, NetError, NetResult, Peeked, PollFd, PtrSupport, Request, Transport,
     CHALLENGE_LEN, META_LEN,
 };
 
@@ -1509,6 +1509,38 @@ impl Conn for TcpConn {
         }
     }
 
+    fn can_peek(&self) -> bool {
+        true
+    }
+
+    fn peek(&mut self) -> NetResult<Option<Peeked>> {
+        self.check()?;
+        if self.socks.iter().any(|s| !s.rx.is_empty()) {
+            return Ok(None);
+        }
+        // Nothing posted: progress reads ahead (bounded by the read buffer) and handles the
+        // control frames at the head of socket 0.
+        if let Err(e) = self.progress_all() {
+            return Err(self.fail(e));
+        }
+        let sock = &self.socks[0];
+        if sock.re - sock.rs < HDR {
+            return Ok(None);
+        }
+        let h = match decode_hdr(&sock.rbuf[sock.rs..sock.rs + HDR]) {
+            Ok(h) => h,
+            Err(e) => return Err(self.fail(e)),
+        };
+        if h.kind != KIND_DATA || h.part != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Peeked {
+            tag: h.tag,
+            len: h.total,
+            meta: h.meta,
+        }))
+    }
+
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {
         let t = if req.send {
             &mut self.sends
@@ -1631,6 +1663,7 @@ mod tests {
         conf::exchange(&default_pair, conf::SIZES);
         conf::both_directions_at_once(&default_pair);
         conf::mismatch_is_reported_with_meta(&default_pair);
+        conf::peek_shows_the_next_header(&default_pair);
         conf::death_goodbye_and_abort(&default_pair);
     }
 

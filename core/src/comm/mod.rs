@@ -39,7 +39,7 @@ mod setup;
 mod typed;
 
 pub use progress::Handle;
-pub use raw::{RawColl, RawP2p};
+pub use raw::{AnySource, RawColl, RawP2p};
 pub use typed::{Group, P2p};
 
 pub(crate) use connect::parse_hello;
@@ -67,6 +67,8 @@ use connect::{Dialer, Stash};
 use progress::{complete, fail_state, tell_unconnected, Job};
 
 struct State {
+    /// Declared (so dropped) before `exec`: the connections go before the buffers that the
+    /// point-to-point matcher may have posted on them.
     peers: Vec<Option<Peer>>,
     exec: Exec,
     seq: u64,

@@ -159,6 +159,15 @@ impl Communicator {
     pub(super) fn run_blocking(&self, desc: JobDesc, bufs: [RawBuf; 2]) -> Result<()> {
         desc.check()?;
         let mut q = lock(&self.inner.queue);
+        if q.outstanding > 0 && matches!(desc, JobDesc::P2p(_)) {
+            // Sends and receives join the non-blocking ones in flight on the progress thread
+            // (an isend whose receiver first waits for a message of this rank completes only
+            // once this receive runs: waiting for it first would deadlock).
+            drop(q);
+            return self
+                .submit(desc, bufs, Box::new(()), |_| ())
+                .and_then(|h| h.wait());
+        }
         while q.outstanding > 0 {
             // Queued jobs of a dead progress thread never complete.
             if let Some(e) = self.inner.poison.orphaned() {
@@ -283,6 +292,7 @@ pub(super) fn fail_state(st: &mut State, e: Error) {
     for p in st.peers.iter_mut().flatten() {
         p.conn.abort(&reason);
     }
+    st.exec.matcher.reset();
 }
 
 /// Refuses work on a failed or aborted communicator.
@@ -468,12 +478,10 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
             let State { peers, exec, .. } = st;
             exec.run_plan(peers, &ctx, &plan, bufs, &sig)
         }
-        JobDesc::P2p(ops) => {
-            connect_first_use(inner, st, ops.iter().map(|o| o.peer)).and_then(|()| {
-                let State { peers, exec, .. } = st;
-                exec.run_p2p(peers, ops)
-            })
-        }
+        JobDesc::P2p(ops) => connect_first_use(inner, st, op_ranks(inner, &ops)).and_then(|()| {
+            let State { peers, exec, .. } = st;
+            exec.run_p2p(peers, ops)
+        }),
         JobDesc::AllToAllV { mut ops, local } => {
             // Ordered with the other collectives: the sequence number is the message tag.
             let seq = st.seq;
@@ -492,7 +500,7 @@ fn run_job(inner: &Inner, st: &mut State, desc: JobDesc, bufs: [RawBuf; 2]) -> R
                 None => Ok(()),
             };
             copied
-                .and_then(|()| connect_first_use(inner, st, ops.iter().map(|o| o.peer)))
+                .and_then(|()| connect_first_use(inner, st, op_ranks(inner, &ops)))
                 .and_then(|()| {
                     let State { peers, exec, .. } = st;
                     exec.run_p2p(peers, ops)
@@ -527,8 +535,15 @@ struct Waiting {
     deadline: Instant,
 }
 
-fn shares_peer(a: &[P2pOp], b: &[P2pOp]) -> bool {
-    a.iter().any(|x| b.iter().any(|y| x.peer == y.peer))
+fn shares_peer(inner: &Inner, a: &[P2pOp], b: &[P2pOp]) -> bool {
+    op_ranks(inner, a).any(|x| op_ranks(inner, b).any(|y| x == y))
+}
+
+/// The ranks a group of point-to-point operations may use (every other rank for a receive
+/// from any source).
+fn op_ranks<'a>(inner: &Inner, ops: &'a [P2pOp]) -> impl Iterator<Item = usize> + 'a {
+    let (me, n) = (inner.rank, inner.size);
+    ops.iter().flat_map(move |o| o.ranks(me, n))
 }
 
 /// Begins a point-to-point job on the progress thread (its peers connected): it joins the jobs
@@ -569,7 +584,7 @@ fn start_waiting(
     let mut held: Vec<usize> = Vec::new();
     let mut i = 0;
     while i < waiting.len() {
-        let need = unconnected(inner, &st, waiting[i].ops.iter().map(|o| o.peer));
+        let need = unconnected(inner, &st, op_ranks(inner, &waiting[i].ops));
         let polled = check_usable(inner, &mut st).and_then(|()| {
             if need.is_empty() {
                 Ok(true)
@@ -584,13 +599,13 @@ fn start_waiting(
             r => r,
         };
         match res {
-            Ok(true) if !waiting[i].ops.iter().any(|o| held.contains(&o.peer)) => {
+            Ok(true) if !op_ranks(inner, &waiting[i].ops).any(|r| held.contains(&r)) => {
                 if let Some(w) = waiting.remove(i) {
                     begin_p2p(inner, &mut st, inflight, w.ops, w.slot, w.keep);
                 }
             }
             Ok(_) => {
-                held.extend(waiting[i].ops.iter().map(|o| o.peer));
+                held.extend(op_ranks(inner, &waiting[i].ops));
                 i += 1;
             }
             Err(e) => {
@@ -660,8 +675,8 @@ fn progress_loop(inner: Arc<Inner>) {
                 // Lazy connections: a job whose peers are not all connected (or that follows a
                 // waiting job with a peer in common) waits without holding up the others.
                 let wait = inner.dial.is_some()
-                    && (waiting.iter().any(|w| shares_peer(&w.ops, &ops))
-                        || !unconnected(&inner, &st, ops.iter().map(|o| o.peer)).is_empty());
+                    && (waiting.iter().any(|w| shares_peer(&inner, &w.ops, &ops))
+                        || !unconnected(&inner, &st, op_ranks(&inner, &ops)).is_empty());
                 if wait {
                     drop(st);
                     waiting.push_back(Waiting {

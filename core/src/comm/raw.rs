@@ -1,9 +1,10 @@
 //! The raw API of the C ABI (collectives and point-to-point on raw buffers) and all_to_allv
 //! (typed and raw).
 
-use crate::coll::{Algo, CollKind};
+use crate::coll::CollKind;
 use crate::error::{Error, Result};
 use crate::exec::{P2pOp, Sig};
+use crate::matcher::{SourceSlot, ANY_SOURCE};
 use crate::mem::RawBuf;
 use crate::types::{DataType, Element, ReduceOp};
 
@@ -80,6 +81,31 @@ pub struct RawP2p {
     pub peer: usize,
     /// Tag (must match the other side's).
     pub tag: u64,
+}
+
+/// The rank a receive from any source took its message from
+/// ([`Communicator::irecv_any_raw`]), once it completed.
+#[derive(Debug, Clone)]
+pub struct AnySource(SourceSlot);
+
+impl AnySource {
+    pub(crate) fn new() -> AnySource {
+        AnySource(std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(
+            usize::MAX,
+        )))
+    }
+
+    pub(crate) fn slot(&self) -> SourceSlot {
+        self.0.clone()
+    }
+
+    /// The source rank; `None` until the receive completed.
+    pub fn rank(&self) -> Option<usize> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            usize::MAX => None,
+            r => Some(r),
+        }
+    }
 }
 
 impl Communicator {
@@ -173,19 +199,76 @@ impl Communicator {
                 peer: o.peer,
                 // SAFETY: the caller of p2p_raw/ip2p_raw guarantees the range is valid.
                 buf: unsafe { RawBuf::from_raw(o.buf, len) },
-                sig: Sig {
-                    kind: CollKind::P2p,
-                    dtype: o.dtype,
-                    op: ReduceOp::Sum,
-                    algo: Algo::P2p,
-                    root: 0,
-                    slice_kib: 0,
-                    count: o.count as u64,
-                    seq: o.tag,
-                },
+                sig: Self::p2p_sig_of(o.dtype, o.count, o.tag),
+                source: None,
             });
         }
         Ok(out)
+    }
+
+    fn any_op(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DataType,
+        tag: u64,
+    ) -> Result<(P2pOp, AnySource)> {
+        let len = count
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::InvalidArgument("count overflows".into()))?;
+        if len > 0 && buf.is_null() {
+            return invalid("recv: NULL buffer".into());
+        }
+        let src = AnySource::new();
+        let op = P2pOp {
+            send: false,
+            peer: ANY_SOURCE,
+            // SAFETY: the caller of recv_any_raw/irecv_any_raw guarantees the range is valid.
+            buf: unsafe { RawBuf::from_raw(buf, len) },
+            sig: Self::p2p_sig_of(dtype, count, tag),
+            source: Some(src.slot()),
+        };
+        Ok((op, src))
+    }
+
+    /// Receives `count` elements of `dtype` into `buf`: the first message with `tag` from any
+    /// rank ([`Communicator::recv_any`]); returns the rank it came from.
+    ///
+    /// # Safety
+    /// `buf` must be valid for `count` elements for the duration of the call.
+    pub unsafe fn recv_any_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DataType,
+        tag: u64,
+    ) -> Result<usize> {
+        let (op, src) = self.any_op(buf, count, dtype, tag)?;
+        self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])?;
+        src.rank()
+            .ok_or_else(|| Error::Internal("a completed receive without a source".into()))
+    }
+
+    /// Starts [`Communicator::recv_any_raw`]; the [`AnySource`] gives the rank once the handle
+    /// completed.
+    ///
+    /// # Safety
+    /// As [`Communicator::recv_any_raw`], until the handle reports completion.
+    pub unsafe fn irecv_any_raw(
+        &self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DataType,
+        tag: u64,
+    ) -> Result<(Handle<()>, AnySource)> {
+        let (op, src) = self.any_op(buf, count, dtype, tag)?;
+        let h = self.submit(
+            JobDesc::P2p(vec![op]),
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(()),
+            |_| (),
+        )?;
+        Ok((h, src))
     }
 
     /// Runs a group of point-to-point operations on raw buffers (blocking).
@@ -391,6 +474,7 @@ impl Communicator {
                 peer: p,
                 buf: block(a.recv, rb[p])?,
                 sig: Sig::all_to_allv(a.dtype, a.recv_counts[p], a.send_counts[p], 0),
+                source: None,
             });
         }
         for k in 1..n {
@@ -400,6 +484,7 @@ impl Communicator {
                 peer: p,
                 buf: block(a.send, sb[p])?,
                 sig: Sig::all_to_allv(a.dtype, a.send_counts[p], a.recv_counts[p], 0),
+                source: None,
             });
         }
         let local = if sb[me].1 > 0 {

@@ -151,7 +151,8 @@ fn assemble(
             Some(ring)
         }
     };
-    let exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
+    let mut exec = Exec::new(rank, cfg.spin, cfg.timeout, abort.clone());
+    exec.matcher.budget = cfg.p2p_hold_bytes;
     let dial = lazy.map(|(stash, token, client)| {
         Dialer::new(
             transports.to_vec(),

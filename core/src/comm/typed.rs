@@ -4,10 +4,12 @@
 use crate::coll::{Algo, CollKind};
 use crate::error::Result;
 use crate::exec::{P2pOp, Sig};
+use crate::matcher::ANY_SOURCE;
 use crate::mem::RawBuf;
 use crate::types::{DataType, Element, ReduceOp};
 
 use super::progress::{Handle, JobDesc};
+use super::raw::AnySource;
 use super::{bytes_of, bytes_of_mut, invalid, sub, Communicator};
 
 impl Communicator {
@@ -370,9 +372,14 @@ impl Communicator {
     }
 
     pub(super) fn p2p_sig<T: Element>(count: usize, tag: u64) -> Sig {
+        Self::p2p_sig_of(T::DTYPE, count, tag)
+    }
+
+    /// The signature of a point-to-point message of `count` elements of `dtype` with `tag`.
+    pub(super) fn p2p_sig_of(dtype: DataType, count: usize, tag: u64) -> Sig {
         Sig {
             kind: CollKind::P2p,
-            dtype: T::DTYPE,
+            dtype,
             op: ReduceOp::Sum,
             algo: Algo::P2p,
             root: 0,
@@ -382,8 +389,11 @@ impl Communicator {
         }
     }
 
-    /// Sends `buf` to `peer` with `tag`. Messages between two ranks are matched in order; the
-    /// receiver's tag, type and count must match (else both sides get an error naming both).
+    /// Sends `buf` to `peer` with `tag`. A receive takes the first message from its source
+    /// (or from any rank, [`Communicator::recv_any`]) with its tag, whatever was sent before it
+    /// with other tags (as MPI and Gloo match); messages with the same tag match in order. The
+    /// receiver's type and count must match the sender's (else both sides get an error naming
+    /// both).
     pub fn send<T: Element>(&self, buf: &[T], peer: usize, tag: u64) -> Result<()> {
         self.check_peer(peer)?;
         let op = P2pOp {
@@ -391,6 +401,7 @@ impl Communicator {
             peer,
             buf: RawBuf::from_slice(bytes_of(buf)),
             sig: Self::p2p_sig::<T>(buf.len(), tag),
+            source: None,
         };
         self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])
     }
@@ -404,8 +415,52 @@ impl Communicator {
             peer,
             buf: RawBuf::from_mut(bytes_of_mut(buf)),
             sig: Self::p2p_sig::<T>(n, tag),
+            source: None,
         };
         self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])
+    }
+
+    /// Receives into `buf` the first message with `tag` from any rank (MPI's
+    /// `MPI_ANY_SOURCE`, torch's `recv(src=None)`) and returns the rank it came from. Needs
+    /// connections that can look at a message before receiving it (tcp, shm; not ib).
+    pub fn recv_any<T: Element>(&self, buf: &mut [T], tag: u64) -> Result<usize> {
+        let src = AnySource::new();
+        let op = P2pOp {
+            send: false,
+            peer: ANY_SOURCE,
+            buf: RawBuf::from_mut(bytes_of_mut(buf)),
+            sig: Self::p2p_sig::<T>(buf.len(), tag),
+            source: Some(src.slot()),
+        };
+        self.run_blocking(JobDesc::P2p(vec![op]), [RawBuf::empty(), RawBuf::empty()])?;
+        src.rank()
+            .ok_or_else(|| crate::Error::Internal("a completed receive without a source".into()))
+    }
+
+    /// Non-blocking [`Communicator::recv_any`] into `buf` (its length is the count); the
+    /// handle returns the buffer and the rank the message came from.
+    pub fn irecv_any<T: Element>(
+        &self,
+        mut buf: Vec<T>,
+        tag: u64,
+    ) -> Result<Handle<(Vec<T>, usize)>> {
+        let src = AnySource::new();
+        let op = P2pOp {
+            send: false,
+            peer: ANY_SOURCE,
+            buf: RawBuf::from_mut(bytes_of_mut(&mut buf)),
+            sig: Self::p2p_sig::<T>(buf.len(), tag),
+            source: Some(src.slot()),
+        };
+        self.submit(
+            JobDesc::P2p(vec![op]),
+            [RawBuf::empty(), RawBuf::empty()],
+            Box::new(buf),
+            move |k| {
+                let b = k.downcast::<Vec<T>>().map(|b| *b).unwrap_or_default();
+                (b, src.rank().unwrap_or(usize::MAX))
+            },
+        )
     }
 
     /// Starts a group of point-to-point operations: post many sends and receives, then
@@ -634,6 +689,7 @@ impl Communicator {
                 peer,
                 buf: rb,
                 sig: Self::p2p_sig::<T>(buf.len(), tag),
+                source: None,
             });
             bufs.push(buf);
         }
@@ -716,6 +772,7 @@ impl<'c, 'b> Group<'c, 'b> {
             peer,
             buf: RawBuf::from_slice(bytes_of(buf)),
             sig: Communicator::p2p_sig::<T>(buf.len(), tag),
+            source: None,
         });
         Ok(self)
     }
@@ -729,6 +786,7 @@ impl<'c, 'b> Group<'c, 'b> {
             peer,
             buf: RawBuf::from_mut(bytes_of_mut(buf)),
             sig: Communicator::p2p_sig::<T>(n, tag),
+            source: None,
         });
         Ok(self)
     }

@@ -48,9 +48,11 @@ def test_mismatched_collectives_raise_mismatch_on_every_rank(ranks):
     assert all("OK mismatch" in o for o in outs)
 
 
-def test_receive_with_another_tag_is_a_mismatch(ranks):
-    outs = ranks("tag_order", 2, timeout=60)
-    assert all("OK tag_order" in o for o in outs)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_receives_match_by_tag_and_from_any_source(ranks, transport):
+    outs = ranks("tag_order", 3, timeout=60, env={"BRAID_TRANSPORT": transport})
+    assert all("OK tag_order" in o for o in outs), outs
+    assert "any source: got tag 9 from [1, 2]" in outs[0], outs[0]
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -212,8 +212,8 @@ def scenario_ops():
                 dist.send(a, dst=nxt, tag=3)
             eq(b, full(9, prv, dtype) if dtype != torch.bool else torch.full(
                 (9,), prv % 2 == 1), f"send/recv {dtype}")
-        # tagged non-blocking sends and receives in flight together (matched in order between
-        # a pair of ranks, as NCCL does; tags are checked: see scenario_tag_order)
+        # tagged non-blocking sends and receives in flight together (matched by tag, as
+        # Gloo does: see scenario_tag_order)
         x1, x2 = torch.full((4,), 1.0 + R), torch.full((4,), 2.0 + R)
         y1, y2 = torch.zeros(4), torch.zeros(4)
         reqs = [dist.isend(x1, nxt, tag=11), dist.isend(x2, nxt, tag=12)]
@@ -519,21 +519,62 @@ def scenario_mismatch():
 
 
 def scenario_tag_order():
-    """Messages between two ranks match in order; a receive whose tag differs from the
-    message's is an error naming both (never data delivered to the wrong receive)."""
+    """Receives match messages by tag, not by arrival (as with Gloo): two tags sent in one
+    order are received in the other (the large message first, over its sender's small one);
+    two messages of one tag match in order; a receive from any source (src=None, blocking and
+    irecv) takes the first message with its tag and names its sender; a receive of another
+    length under the same tag is a mismatch naming both."""
     init()
+    nxt, prv = (R + 1) % N, (R - 1) % N
+    n = 300_000  # 2.4 MB: more than a socket buffer holds
+    a = dist.isend(torch.full((4,), float(R)), nxt, tag=5)
+    b = dist.isend(torch.arange(n, dtype=torch.float64) + R, nxt, tag=6)
+    c1 = dist.isend(torch.tensor([1, R]), nxt, tag=7)
+    c2 = dist.isend(torch.tensor([2, R]), nxt, tag=7)
+    big = torch.zeros(n, dtype=torch.float64)
+    dist.recv(big, prv, tag=6)
+    small = torch.zeros(4)
+    dist.recv(small, prv, tag=5)
+    x, y = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    wx = dist.irecv(x, prv, tag=7)  # posted first: takes the first message of tag 7
+    dist.recv(y, prv, tag=7)
+    wx.wait()
+    for w in (a, b, c1, c2):
+        w.wait()
+    assert torch.equal(big, torch.arange(n, dtype=torch.float64) + prv), big[:4]
+    assert torch.equal(small, torch.full((4,), float(prv))), small
+    assert x.tolist() == [1, prv] and y.tolist() == [2, prv], (x, y)
+    # any source
+    if R == 0:
+        seen = set()
+        for k in range(N - 1):
+            t = torch.zeros(3)
+            if k % 2 == 0:
+                src = dist.recv(t, tag=9)
+            else:
+                w = dist.irecv(t, tag=9)
+                w.wait()
+                src = w._source_rank()
+            assert 0 < src < N and src not in seen and torch.equal(t, torch.full((3,), float(src))), (src, seen, t)
+            seen.add(src)
+        log("any source: got tag 9 from", sorted(seen))
+    else:
+        dist.send(torch.full((3,), float(R)), 0, tag=9)
+    # the same tag with another length: a mismatch on the receiver, named with both sides (on
+    # a group of ranks 0 and 1: the other ranks' exit cannot race the detection)
+    pair = dist.new_group([0, 1])
+    dist.barrier()
     if R == 0:
         try:
-            dist.send(torch.ones(4), 1, tag=5)
-            dist.send(torch.ones(4), 1, tag=6)
+            dist.send(torch.ones(4), 1, tag=10, group=pair)
         except braid.BraidError as e:  # rank 1 aborts the communicator when it detects it
             assert "mismatch" in str(e), str(e)
-    else:
+    elif R == 1:
         try:
-            dist.recv(torch.zeros(4), 0, tag=6)
-            raise AssertionError("a receive took a message of another tag")
+            dist.recv(torch.zeros(6), 0, tag=10, group=pair)
+            raise AssertionError("a receive took a message of another length")
         except braid.BraidError as e:
-            assert "mismatch" in str(e) and "tag=6" in str(e) and "tag=5" in str(e), str(e)
+            assert "mismatch" in str(e) and "count=6" in str(e) and "count=4" in str(e), str(e)
             log("tag order:", e)
     print("OK tag_order", flush=True)
     os._exit(0)

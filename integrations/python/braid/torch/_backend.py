@@ -797,8 +797,31 @@ class ProcessGroupBraid(dist.ProcessGroup):
         return self._p2p("recv", False, t, buf, src, tag, tensors, post)
 
     def recv_anysource(self, tensors, tag=0):
-        raise ValueError("braid recv: receiving from any source is not supported; name the "
-                         "source rank")
+        """dist.recv/irecv with src=None: the first message with `tag` from any rank (the
+        work's source rank says which)."""
+        t = tensors[0]
+        _check_cpu(t, "recv")
+        if t.is_cuda:
+            raise ValueError("braid recv: a receive from any source takes cpu tensors; name "
+                             "the source rank for a cuda tensor")
+        buf = _flat(t)
+        post = _copy_back([(t, buf)]) if buf is not t else None
+        h = self._handle()
+        dt, count = _move_spec(buf)
+        tag = int(tag) & 0xFFFFFFFFFFFFFFFF
+        w = Work(self, tensors, post, "recv")
+        fn = self._L.braid_irecv_any
+
+        def start():
+            r = self._submit(fn, (buf.data_ptr(), count, dt, tag, h), "recv", [buf])
+            w._any = r  # kept (not freed at completion) for braid_request_source
+            return [r]
+
+        with self._lock:
+            if self._pending:
+                self._flush_locked()
+            self._start_or_fail(w, start)
+        return w
 
     # ---- misc -------------------------------------------------------------------------
 

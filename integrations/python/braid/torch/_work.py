@@ -219,6 +219,7 @@ class Work(dist._Work):
     _user_fut = None  # what get_future() returned: base.then(_unwrap)
     _lock = None  # created when the work starts running (threads may then race)
     _src = -1
+    _any = None  # the Request of a receive from any source (see source_rank)
 
     def __init__(self, pg, result, post, what):
         dist._Work.__init__(self)
@@ -329,8 +330,17 @@ class Work(dist._Work):
         return self._result
 
     def source_rank(self):
-        """The peer of a receive."""
+        """The peer of a receive (of a receive from any source: the rank its message came
+        from, once it completed)."""
+        if self._any is not None and self._state == DONE and self._exc is None:
+            src = ctypes.c_int(-1)
+            r = self._any
+            r.L.check(r.L.braid_request_source(r.h, ctypes.byref(src)), "braid_request_source")
+            self._src, self._any = src.value, None
         return self._src
+
+    # torch's dist.recv(src=None) asks this name
+    _source_rank = source_rank
 
     def synchronize(self):
         """Waits (CPU tensors: nothing is stream-ordered)."""
