@@ -820,14 +820,14 @@ fn two_ranks(timeout_s: [u64; 2], hold: usize, f: impl Fn(&Communicator) + Send 
     let fabric = MemFabric::new();
     let f = &f;
     std::thread::scope(|s| {
-        for r in 0..2 {
+        for (r, secs) in timeout_s.into_iter().enumerate() {
             let (addr, fabric) = (addr.clone(), fabric.clone());
             s.spawn(move || {
                 let cfg = Config {
                     coordinator: Some(addr),
                     world_size: Some(2),
                     rank: Some(r),
-                    timeout: std::time::Duration::from_secs(timeout_s[r]),
+                    timeout: std::time::Duration::from_secs(secs),
                     p2p_hold_bytes: hold,
                     ..Config::default()
                 };
