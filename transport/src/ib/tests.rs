@@ -160,8 +160,16 @@ fn large_mismatch_fails_both_sides_clearly() {
             if expected_len == dst.len() as u64 && got_len == src.len() as u64 && meta == [6; META_LEN]),
             "{e}"
         );
+        // As the layer above does with a receiver's mismatch: abort with it. The sender fails
+        // with the abort, or earlier with its own protocol error when the receive's CTS went
+        // out before the RTS was matched (which one comes first is a race).
+        b.abort(&e.to_string());
         let e = h.join().unwrap();
-        assert!(e.to_string().contains("bytes"), "{e}");
+        assert!(
+            matches!(&e, NetError::PeerAborted(r) if r.contains("mismatch"))
+                || e.to_string().contains("bytes"),
+            "{e}"
+        );
     });
     assert!(
         dst.iter().all(|&x| x == 0),
