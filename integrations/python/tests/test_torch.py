@@ -43,6 +43,14 @@ def test_torch_libraries_on_braid_groups(ranks):
     assert all("OK ecosystem" in o for o in outs)
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_operations_from_future_callbacks_keep_their_own_order(ranks, n):
+    # a callback run at once on one rank and later on the others; PowerSGD over 3 buckets
+    outs = ranks("callbacks", n, timeout=120)
+    assert all("OK callbacks" in o for o in outs)
+    assert all("PowerSGD over 3 buckets" in o for o in outs), outs
+
+
 def test_mismatched_collectives_raise_mismatch_on_every_rank(ranks):
     outs = ranks("mismatch", 2, timeout=60)
     assert all("OK mismatch" in o for o in outs)

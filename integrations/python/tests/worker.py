@@ -471,10 +471,10 @@ def scenario_ecosystem():
     def power_sgd(group):
         return (psgd.PowerSGDState(process_group=group, matrix_approximation_rank=1,
                                    start_powerSGD_iter=2), psgd.powerSGD_hook)
-    # One bucket: with several, the hook's callbacks issue all_reduces while DDP's backward
-    # issues the next buckets' from another thread, in an order that differs between ranks
-    # on any backend whose futures complete asynchronously (Gloo hangs; braid raises
-    # "mismatch"); NCCL runs callbacks at enqueue time.
+    # One bucket, for Gloo: with several, the hook's callbacks issue all_reduces while DDP's
+    # backward issues the next buckets', in an order that differs between ranks, and Gloo
+    # hangs (braid runs callbacks' operations on a communicator of their own:
+    # scenario_callbacks checks several buckets).
     close(train_ddp(world, hook=power_sgd, bucket_mb=25),
           train_ddp(gloo, hook=power_sgd, bucket_mb=25), "DDP + PowerSGD hook, braid vs gloo")
     close(train_ddp(world, zero=True), train_ddp(gloo, zero=True),
@@ -500,6 +500,64 @@ def scenario_ecosystem():
        "DTensor redistribute")
     dist.destroy_process_group()
     print("OK ecosystem", flush=True)
+
+
+def scenario_callbacks():
+    """Operations issued from future callbacks run on a communicator of their own (one per
+    depth of nesting), so they cannot interleave with the main thread's in a different order
+    on different ranks: (1) a callback that rank 0 runs at once on its own thread (its future
+    is already complete when it adds it) and the other ranks run later on braid's watcher,
+    while their main threads go on with a broadcast; (2) DDP with torch's PowerSGD hook over
+    several buckets (its callbacks issue two all_reduces per bucket while backward issues the
+    next buckets': Gloo hangs on this), with a rank that makes PowerSGD exact, against the
+    single-process reference."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    init(timeout=timedelta(seconds=60))
+
+    def cb(fut):
+        t = fut.value()[0].clone()
+        return dist.all_reduce(t, async_op=True).get_future().wait()[0] + 1
+
+    for i in range(3):
+        if R == 0:
+            time.sleep(0.3)  # the others add their callback to a future still running
+            w = dist.all_reduce(torch.full((4,), float(i)), async_op=True)
+            w.wait()
+            f = w.get_future()
+            assert f.done()
+        else:
+            f = dist.all_reduce(torch.full((4,), float(i)), async_op=True).get_future()
+        g = f.then(cb)
+        b = torch.full((3,), float(R + i))
+        dist.broadcast(b, src=0)
+        eq(b, torch.full((3,), float(i)), "broadcast after a callback")
+        eq(g.wait(), torch.full((4,), float(i * N * N + 1)), "callback's all_reduce")
+
+    buckets = set()
+
+    def hook(state, bucket):
+        buckets.add(bucket.index())
+        return psgd.powerSGD_hook(state, bucket)
+
+    model = mlp(seed=R)  # DDP broadcasts rank 0's parameters
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0001)
+    # rank >= the smaller side of every weight and no minimum compression rate: every weight
+    # is compressed, and P Q^T reconstructs it exactly (up to rounding)
+    state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=64,
+                               min_compression_rate=0, start_powerSGD_iter=2)
+    ddp.register_comm_hook(state, hook)
+    ref = train_with_reference(ddp, 12)
+    log(f"PowerSGD over {len(buckets)} buckets")
+    assert len(buckets) >= 3, buckets
+    flat = params_of(model)
+    outs = [torch.zeros_like(flat) for _ in range(N)]
+    dist.all_gather(outs, flat)
+    for o in outs:
+        assert torch.equal(o, flat), "parameters differ between ranks"
+    close(flat, params_of(ref).float(), "DDP + PowerSGD (several buckets) vs reference",
+          rel=1e-5)
+    dist.destroy_process_group()
+    print("OK callbacks", flush=True)
 
 
 def scenario_mismatch():

@@ -187,6 +187,7 @@ def update(group=None):
         if not changed:
             return None
         pg._refresh()
+    pg._drop_streams()
     _retorch(pg)
     return pg
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .. import _lib
 from . import _cuda
-from ._work import DONE, PENDING, RUNNING, Request, Work
+from ._work import DONE, PENDING, RUNNING, Request, Work, depth, track
 
 _C10D = "torch.distributed.distributed_c10d"
 
@@ -52,6 +52,9 @@ _BOOL_OPS = {_lib.SUM: _lib.MAX, _lib.PROD: _lib.MIN, _lib.MIN: _lib.MIN, _lib.M
 _FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 _SIZE_T = ctypes.c_size_t
+
+# create_group tag of a process group's depth-d communicator: _DEPTH_TAG + d ("brd\0" + d).
+_DEPTH_TAG = 0x62726400
 
 
 def _redop(op):
@@ -222,6 +225,7 @@ class _Done:
     def get_future(self):
         f = torch.futures.Future()
         f.set_result(self._result)
+        track(f, depth() + 1)
         return f
 
 
@@ -250,6 +254,10 @@ class ProcessGroupBraid(dist.ProcessGroup):
         self._backend_name = name
         self._blocking_fns = {}
         self._all_reduce = self._L.braid_all_reduce
+        # depth -> (lock, handle, Communicator) of the operations issued by callbacks (see
+        # _work.depth): each depth is a stream of its own, ordered the same on every rank
+        self._streams = {}
+        self._streams_lock = threading.Lock()
 
     # ---- identity ---------------------------------------------------------------------
 
@@ -295,9 +303,43 @@ class ProcessGroupBraid(dist.ProcessGroup):
     # ---- issuing and driving ------------------------------------------------------------
 
     def _handle(self):
+        """The communicator handle of the calling context's depth (see _work.depth)."""
         if self._closed is not None:
             raise _lib.InvalidUsage(self._closed, _lib.INVALID_USAGE, "")
-        return self._h
+        d = depth()
+        return self._h if not d else self._stream(d)[1]
+
+    def _lock_here(self):
+        """The lock that orders the calling context's stream, and whether it is the main one
+        (depth 0, whose pending send/recv group runs first)."""
+        d = depth()
+        return (self._lock, True) if not d else (self._stream(d)[0], False)
+
+    def _stream(self, d):
+        """(lock, handle, Communicator) of depth `d` > 0, created at its first operation:
+        collective over the group's members (create_group through the coordinator, so it
+        never interleaves with the operations of another depth), which every member reaches
+        at the same point of its depth-d stream."""
+        s = self._streams.get(d)
+        if s is not None:
+            return s
+        with self._streams_lock:
+            s = self._streams.get(d)
+            if s is None:
+                if self._closed is not None:
+                    raise _lib.InvalidUsage(self._closed, _lib.INVALID_USAGE, "")
+                comm = self._comm.create_group(list(range(self._comm.size)),
+                                               tag=_DEPTH_TAG + d)
+                s = self._streams[d] = (threading.RLock(), comm.handle, comm)
+        return s
+
+    def _drop_streams(self):
+        """Closes the communicators of depths > 0 (after a view change: the next callback
+        operation creates them over the new members)."""
+        with self._streams_lock:
+            streams, self._streams = self._streams, {}
+        for _lock, _h, comm in streams.values():
+            comm.close()
 
     def _submit(self, fn, args, what, keep):
         req = _lib.request_t()
@@ -323,9 +365,10 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 if self._pending:
                     self._flush_locked()
                 return _cuda.run(self, what, result, post, keep, calls, dev)
+        lk, main = self._lock_here()
         if opts is not None and not opts.asyncOp:
-            with self._lock:
-                if self._pending:
+            with lk:
+                if main and self._pending:
                     self._flush_locked()
                 st = self._run_calls(calls)
             if st != _lib.SUCCESS:
@@ -334,8 +377,8 @@ class ProcessGroupBraid(dist.ProcessGroup):
                 post()
             return _Done(result)
         w = Work(self, result, post, what)
-        with self._lock:
-            if self._pending:
+        with lk:
+            if main and self._pending:
                 self._flush_locked()
             self._start_or_fail(w, lambda: self._start_calls(what, calls, keep))
         return w
@@ -388,12 +431,13 @@ class ProcessGroupBraid(dist.ProcessGroup):
             mode = _p2p_mode()
         if buf.is_cuda:
             return self._p2p_cuda(what, op, buf, result, post, mode)
-        with self._lock:
-            if mode == "group":
+        lk, main = self._lock_here()
+        with lk:
+            if mode == "group" and main:
                 self._pending.append(w)
                 self._pending_ops.append(op)
                 return w
-            if self._pending:
+            if main and self._pending:
                 self._flush_locked()
             fn = self._L.braid_isend if send else self._L.braid_irecv
             self._start_or_fail(
@@ -492,11 +536,12 @@ class ProcessGroupBraid(dist.ProcessGroup):
                     spec = None
                 if spec is not None:
                     p = t.data_ptr()
-                    with self._lock:
-                        if self._pending:
+                    h = self._handle()
+                    lk, main = self._lock_here()
+                    with lk:
+                        if main and self._pending:
                             self._flush_locked()
-                        st = self._all_reduce(p, p, t.numel(), spec[0], spec[1],
-                                              self._handle())
+                        st = self._all_reduce(p, p, t.numel(), spec[0], spec[1], h)
                     if st != _lib.SUCCESS:
                         raise self._L.error(st, "all_reduce")
                     return _Done(tensors)
@@ -817,8 +862,9 @@ class ProcessGroupBraid(dist.ProcessGroup):
             w._any = r  # kept (not freed at completion) for braid_request_source
             return [r]
 
-        with self._lock:
-            if self._pending:
+        lk, main = self._lock_here()
+        with lk:
+            if main and self._pending:
                 self._flush_locked()
             self._start_or_fail(w, start)
         return w
@@ -831,6 +877,8 @@ class ProcessGroupBraid(dist.ProcessGroup):
                              f"{self._size}")
 
     def abort(self):
+        for _lock, _h, comm in list(self._streams.values()):
+            comm.abort()
         self._comm.abort()
 
     def shutdown(self):
@@ -846,6 +894,7 @@ class ProcessGroupBraid(dist.ProcessGroup):
             for c in self._children:
                 c.close()
             self._children = []
+            self._drop_streams()
             self._comm.close()
             if self._coordinator is not None:
                 self._coordinator.close()

@@ -19,6 +19,7 @@ import ctypes
 import queue
 import sys
 import threading
+import weakref
 from datetime import timedelta
 
 import torch
@@ -186,6 +187,93 @@ def _watcher():
     return _w
 
 
+# ---- callback depth ------------------------------------------------------------------------
+#
+# A process group's operations form ONE stream per rank, which every rank must issue in the
+# same order. Operations issued from a future's callbacks (a DDP comm hook's chain: PowerSGD
+# issues two all_reduces per bucket from callbacks) are issued whenever the future completes,
+# while the main thread (DDP's backward) keeps issuing its own: the two interleave differently
+# on every rank. So they go to a communicator of their own: an operation issued by a callback
+# of a future of an operation at depth d runs at depth d + 1 (the main thread is depth 0), on
+# the process group's depth-(d + 1) communicator, created when first needed. Each depth's
+# operations are issued in the same order everywhere: callbacks run in their futures' order.
+#
+# The depth follows the callback, not the thread: torch runs a callback added to a future
+# that is already complete on the adding thread at once, and a chain's later callbacks on
+# the thread that completed the earlier ones. torch's Future is a C++ type whose callbacks
+# braid cannot see, so its then/add_done_callback are wrapped (see _patch): callbacks added
+# to braid's futures, and to futures chained from them, run with the depth set; every
+# other future is left exactly as it was.
+
+#: The most depths (communicators) a process group uses; deeper callbacks share the last.
+MAX_DEPTH = 8
+
+_ctx = threading.local()  # .depth: the depth of the callback running on this thread
+
+
+def depth():
+    """The depth of the calling context: 0 outside callbacks of braid futures."""
+    return getattr(_ctx, "depth", 0)
+
+
+_depth_of = weakref.WeakKeyDictionary()  # future -> the depth its callbacks run at
+_patched = False
+_patch_lock = threading.Lock()
+
+
+def _at(callback, d):
+    def run(fut):
+        prev = getattr(_ctx, "depth", 0)
+        _ctx.depth = d
+        try:
+            return callback(fut)
+        finally:
+            _ctx.depth = prev
+    return run
+
+
+def _lookup(fut):
+    try:
+        return _depth_of.get(fut)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _patch():
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        C = torch._C.Future
+        then0, add0 = C.then, C.add_done_callback
+
+        def then(self, callback):
+            d = _lookup(self)
+            if d is None:
+                return then0(self, callback)
+            out = then0(self, _at(callback, d))
+            track(out, d)
+            return out
+
+        def add_done_callback(self, callback):
+            d = _lookup(self)
+            return add0(self, callback if d is None else _at(callback, d))
+
+        then.__doc__, add_done_callback.__doc__ = then0.__doc__, add0.__doc__
+        C.then, C.add_done_callback = then, add_done_callback
+        _patched = True
+
+
+def track(fut, d):
+    """Callbacks added to `fut`, and to the futures chained from it, run at depth `d`."""
+    if not _patched:
+        _patch()
+    try:
+        _depth_of[fut] = min(d, MAX_DEPTH)
+    except TypeError:
+        pass
+
+
 class _Failed:
     """The value of a base future whose operation failed (see Work.get_future)."""
 
@@ -220,6 +308,7 @@ class Work(dist._Work):
     _lock = None  # created when the work starts running (threads may then race)
     _src = -1
     _any = None  # the Request of a receive from any source (see source_rank)
+    _depth = 0  # the depth it was issued at (see depth())
 
     def __init__(self, pg, result, post, what):
         dist._Work.__init__(self)
@@ -227,6 +316,9 @@ class Work(dist._Work):
         self._result = result
         self._post = post
         self._what = what
+        d = getattr(_ctx, "depth", 0)
+        if d:
+            self._depth = d
 
     def _running(self, reqs):
         self._lock = threading.Lock()
@@ -353,10 +445,14 @@ class Work(dist._Work):
         torch's Python ``Future.set_exception`` completes a future *successfully* with the
         exception object as its value, which C++ consumers (DDP's reducer) then read as
         tensors (a crash). So the future handed out is ``base.then(unwrap)``: the callback
-        raises the error, which C++ records as a real failure of the returned future."""
+        raises the error, which C++ records as a real failure of the returned future.
+
+        Its callbacks run one depth deeper than this operation (see depth()): what they
+        issue goes to the group's next communicator."""
         if self._user_fut is None:
             self._fut = torch.futures.Future()
             self._user_fut = self._fut.then(_unwrap)
+            track(self._user_fut, self._depth + 1)
             if self._state == PENDING:
                 self._kick()
             if self._state == DONE:
