@@ -659,11 +659,15 @@ impl Exec {
                     let Some(peer) = peers[p].as_mut() else {
                         continue;
                     };
-                    let moved = peer
-                        .conn
-                        .progress()
-                        .map_err(|e| net_error(peer, e, self.rank, &sig.describe()))?;
-                    progressed |= moved;
+                    // A connection error is acted on after the completions are taken: a peer
+                    // that sent its last message and died has still delivered it.
+                    let failed = match peer.conn.progress() {
+                        Ok(moved) => {
+                            progressed |= moved;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    };
                     while let Some(&(h, r)) = q.inflight_s.front() {
                         match peer.conn.test(r) {
                             Ok(Some(_)) => {
@@ -711,6 +715,11 @@ impl Exec {
                         done += 1;
                         self.finish(h);
                         progressed = true;
+                    }
+                    if let Some(e) = failed {
+                        if q.busy() {
+                            return Err(net_error(peer, e, self.rank, &sig.describe()));
+                        }
                     }
                 }
                 if done == n {
@@ -918,8 +927,8 @@ impl Exec {
                 if let Some(p) = peers.iter().flatten().find(|p| !p.conn.can_peek()) {
                     return Err(Error::InvalidArgument(format!(
                         "a receive from any source needs connections that can look at a \
-                         message before receiving it (tcp, shm); rank {} is connected over \
-                         one that cannot (ib)",
+                         message before receiving it (braid's tcp, shm and ib can); rank {} \
+                         is connected over one that cannot",
                         p.rank
                     )));
                 }
@@ -988,6 +997,9 @@ impl Exec {
             }
         }
         let mut moved_peers = vec![false; peers.len()];
+        // Per peer: the error its connection's progress returned, acted on only for requests
+        // that did not complete (a peer that sent its last message and died delivered it).
+        let mut failed: Vec<Option<NetError>> = vec![None; peers.len()];
         for (i, o) in b.ops.iter().enumerate() {
             let Some(r) = b.reqs[i] else { continue };
             let Some(peer) = peers[o.peer].as_mut() else {
@@ -995,9 +1007,10 @@ impl Exec {
             };
             if !moved_peers[o.peer] {
                 moved_peers[o.peer] = true;
-                progressed |= peer.conn.progress().map_err(|e| {
-                    net_error(peer, e, self.rank, &o.sig.describe_dir(o.send, o.peer))
-                })?;
+                match peer.conn.progress() {
+                    Ok(m) => progressed |= m,
+                    Err(e) => failed[o.peer] = Some(e),
+                }
             }
             match peer.conn.test(r) {
                 Ok(Some(c)) => {
@@ -1018,7 +1031,16 @@ impl Exec {
                     b.done += 1;
                     progressed = true;
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Some(e) = failed[o.peer].clone() {
+                        return Err(net_error(
+                            peer,
+                            e,
+                            self.rank,
+                            &o.sig.describe_dir(o.send, o.peer),
+                        ));
+                    }
+                }
                 Err(e) => {
                     return Err(net_error(
                         peer,

@@ -348,7 +348,8 @@ pub trait Conn: Send {
     /// Moves bytes for every posted request; returns whether anything moved. Errors are sticky.
     fn progress(&mut self) -> NetResult<bool>;
 
-    /// Whether [`Conn::peek`] works on this connection (tcp, shm and mem do; ib does not).
+    /// Whether [`Conn::peek`] works on this connection (every transport of this crate's
+    /// does; default false).
     fn can_peek(&self) -> bool {
         false
     }

@@ -2450,6 +2450,7 @@ mod tests {
         conf::mismatch_is_reported_with_meta(&default_pair);
         conf::peek_shows_the_next_header(&default_pair);
         conf::death_goodbye_and_abort(&default_pair);
+        conf::delivered_before_death_is_received(&default_pair);
     }
 
     #[test]

@@ -634,6 +634,8 @@ def scenario_tag_order():
         except braid.BraidError as e:
             assert "mismatch" in str(e) and "count=6" in str(e) and "count=4" in str(e), str(e)
             log("tag order:", e)
+    # nobody leaves while another still sets up or reads `pair` (os._exit says no goodbye)
+    dist.barrier()
     print("OK tag_order", flush=True)
     os._exit(0)
 

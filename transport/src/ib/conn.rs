@@ -8,7 +8,9 @@
 //!
 //! # Eager (small messages, <= [`EAGER_MAX`])
 //! The sender copies header + payload into a registered send slot and SENDs it into one of
-//! the peer's [`SLOTS`] receive slots; its request completes at once (the bytes are copied).
+//! the peer's [`SLOTS`] receive slots; its request completes when the SEND's completion
+//! arrives, that is once the peer's NIC placed it (RC), as NCCL's sends complete: a process
+//! that exits right after its last send has delivered it.
 //! Flow control is by credits: the sender may have at most `SLOTS` messages unreturned; every
 //! control message carries the receiver's returned credits, and a CREDIT-only message (which
 //! needs no credit; two spare receive slots absorb them) goes out when half the window is owed.
@@ -25,7 +27,9 @@
 //! staging slot. The receive completes when the RTS matched and every chunk of every window
 //! arrived; the send completes when every write completed (RC: the data is placed remotely).
 //!
-//! Messages are matched in order: the n-th message sent meets the n-th receive posted. A
+//! Messages are matched in order: the n-th message sent meets the n-th receive posted; the
+//! header of the next one can be looked at before a receive is posted ([`Conn::peek`]), and
+//! an eager message that arrived before its sender closed or died is still received. A
 //! receive whose tag or length differs from the sender's RTS/eager header fails with
 //! [`NetError::Mismatch`] carrying the sender's meta; the sender, seeing a CTS whose tag or
 //! total disagrees, fails with a protocol error naming both.
@@ -84,6 +88,9 @@ const HS_VERSION: u16 = 1;
 const HS_TAG: u64 = 0x4252_4942_0000_0001;
 /// Tag of the side channel's sentinel receive (never sent: it only watches the channel).
 const WATCH_TAG: u64 = 0x4252_4942_0000_0002;
+
+/// `slot_msg` entry of a slot carrying no eager message.
+const NO_MSG: u64 = u64::MAX;
 
 const K_EAGER: u8 = 1;
 const K_RTS: u8 = 2;
@@ -358,7 +365,7 @@ struct SendMsg {
     len: usize,
     /// lkey of a registered buffer holding all of it.
     lkey: Option<u32>,
-    /// Eager: sent (and complete); rendezvous: RTS sent.
+    /// Eager: sent (complete when its SEND completes); rendezvous: RTS sent.
     started: bool,
     /// Bytes whose writes were posted / completed.
     posted: usize,
@@ -456,6 +463,9 @@ pub struct IbConn {
     credits: usize,
     to_return: usize,
     free_send_slots: Vec<usize>,
+    /// Per control send slot: the eager message it carries (`NO_MSG`: none), completed by
+    /// the slot's SEND completion.
+    slot_msg: Vec<u64>,
     ctrl_out: VecDeque<Hdr>,
     unexpected: HashMap<u64, Unexpected>,
     // Sends.
@@ -575,6 +585,7 @@ impl IbConn {
             credits: SLOTS,
             to_return: 0,
             free_send_slots: (0..SLOTS + SPARE).rev().collect(),
+            slot_msg: vec![NO_MSG; SLOTS + SPARE],
             ctrl_out: VecDeque::new(),
             unexpected: HashMap::new(),
             sends: ReqTable::default(),
@@ -715,7 +726,8 @@ impl IbConn {
     }
 
     /// Posts one control message (header + optional eager payload) from a send slot.
-    fn post_ctrl(&mut self, mut h: Hdr, payload: Option<(*const u8, usize)>) -> NetResult<()> {
+    /// Sends control message `h` (with an eager payload); returns the send slot it used.
+    fn post_ctrl(&mut self, mut h: Hdr, payload: Option<(*const u8, usize)>) -> NetResult<usize> {
         let slot = self
             .free_send_slots
             .pop()
@@ -752,7 +764,7 @@ impl IbConn {
             self.free_send_slots.push(slot);
             return Err(nic_err(e));
         }
-        Ok(())
+        Ok(slot)
     }
 
     /// Reposts control receive slot `slot` and owes the peer a credit if it was a normal one.
@@ -799,7 +811,15 @@ impl IbConn {
         let low = wc.wr_id & !W_KIND;
         match wc.wr_id & W_KIND {
             W_CSEND => {
-                self.free_send_slots.push(low as usize);
+                let slot = low as usize;
+                let msg = self
+                    .slot_msg
+                    .get_mut(slot)
+                    .map_or(NO_MSG, |m| std::mem::replace(m, NO_MSG));
+                self.free_send_slots.push(slot);
+                if msg != NO_MSG {
+                    self.eager_delivered(msg);
+                }
                 Ok(())
             }
             W_CRECV => self.on_ctrl(low as usize, wc.byte_len as usize),
@@ -867,6 +887,15 @@ impl IbConn {
                 self.match_recvs()
             }
         }
+    }
+
+    /// Whether the next message (no receive posted) arrived whole: an eager one.
+    fn next_arrived(&self) -> bool {
+        self.recv_q.is_empty()
+            && matches!(
+                self.unexpected.get(&self.recv_seq),
+                Some(Unexpected::Eager { .. })
+            )
     }
 
     /// Whether the header of message `seq` arrived before (a peer that repeats one is broken).
@@ -1060,6 +1089,23 @@ impl IbConn {
         Ok(())
     }
 
+    /// Eager message `seq` reached the peer (its SEND completed): its send is complete.
+    fn eager_delivered(&mut self, seq: u64) {
+        let base = self.sends_base_seq();
+        if let Some(s) = seq
+            .checked_sub(base)
+            .and_then(|i| self.send_q.get_mut(i as usize))
+        {
+            if s.seq == seq && !s.done {
+                s.done = true;
+                self.sends.part_done(seq);
+            }
+        }
+        while self.send_q.front().is_some_and(|s| s.done) {
+            self.send_q.pop_front();
+        }
+    }
+
     fn complete_sends(&mut self) {
         for s in self.send_q.iter_mut() {
             if !s.done && s.started && s.written == s.len && s.len > EAGER_MAX {
@@ -1096,13 +1142,12 @@ impl IbConn {
             };
             let payload = (s.len <= EAGER_MAX).then_some((s.buf, s.len));
             self.credits -= 1;
-            self.post_ctrl(h, payload)?;
+            let slot = self.post_ctrl(h, payload)?;
             let s = &mut self.send_q[i];
             s.started = true;
             if s.len <= EAGER_MAX {
-                s.done = true;
+                self.slot_msg[slot] = s.seq;
                 self.bytes_tx += s.len as u64;
-                self.sends.part_done(s.seq);
             }
             moved = true;
         }
@@ -1366,12 +1411,12 @@ impl IbConn {
             }
             moved = true;
         }
-        if self.peer_closed.is_some() {
-            return if self.pending() > 0 {
-                Err(self
-                    .peer_closed
-                    .clone()
-                    .unwrap_or(NetError::Closed(String::new())))
+        if let Some(e) = &self.peer_closed {
+            // Idle after a goodbye is fine; after a death, only while a message that arrived
+            // before it waits to be received.
+            let lost = matches!(e, NetError::Lost(_)) && !self.next_arrived();
+            return if self.pending() > 0 || lost {
+                Err(e.clone())
             } else {
                 Ok(moved)
             };
@@ -1404,7 +1449,11 @@ impl IbConn {
                 self.windows_in.len(), self.my_windows.len(), self.data_posted, self.writes_out);
         }
         if let Some(e) = side_err {
-            if matches!(e, NetError::Closed(_)) && !busy {
+            // A goodbye, or a death with a whole message still to receive: kept, and reported
+            // when something is posted that the peer cannot serve any more.
+            let keep = matches!(e, NetError::Closed(_))
+                || (matches!(e, NetError::Lost(_)) && self.next_arrived());
+            if keep && !busy {
                 self.peer_closed = Some(e);
             } else {
                 return Err(e);
@@ -1477,7 +1526,10 @@ impl Conn for IbConn {
     unsafe fn irecv(&mut self, tag: u64, buf: *mut u8, len: usize) -> NetResult<Option<Request>> {
         self.check()?;
         if let Some(e) = &self.peer_closed {
-            return Err(e.clone());
+            // A message that arrived whole before the peer went is still received.
+            if !self.next_arrived() {
+                return Err(e.clone());
+            }
         }
         if self.recvs.pending() >= MAX_POSTED {
             return Ok(None);
@@ -1515,6 +1567,35 @@ impl Conn for IbConn {
             Ok(m) => Ok(m),
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    fn can_peek(&self) -> bool {
+        true
+    }
+
+    /// The eager header or RTS of the next message (sequence `recv_seq`), once it arrived:
+    /// it waits in `unexpected` until a receive is posted, and the sender starts every
+    /// message (eager payload or RTS) without waiting for the receiver, so the header of a
+    /// large message shows before any window is advertised.
+    fn peek(&mut self) -> NetResult<Option<crate::Peeked>> {
+        self.check()?;
+        if !self.recv_q.is_empty() {
+            return Ok(None);
+        }
+        if let Err(e) = self.drive() {
+            return Err(self.fail(e));
+        }
+        Ok(self.unexpected.get(&self.recv_seq).map(|u| {
+            let h = match u {
+                Unexpected::Eager { hdr, .. } => hdr,
+                Unexpected::Rts(h) => h,
+            };
+            crate::Peeked {
+                tag: h.tag,
+                len: h.len,
+                meta: h.meta,
+            }
+        }))
     }
 
     fn test(&mut self, req: Request) -> NetResult<Option<Completion>> {

@@ -1213,6 +1213,9 @@ struct Responder<'a> {
     stop: &'a dyn Fn() -> bool,
 }
 
+/// A receive completion to queue: work request id, opcode, length, immediate.
+type RecvDone = (u64, WcOpcode, u64, Option<u32>);
+
 impl Responder<'_> {
     fn run(&self) {
         loop {
@@ -1240,8 +1243,15 @@ impl Responder<'_> {
                 },
             };
             match r {
-                Ok(()) => {
-                    if self.answer(R_ACK, 0, seq).is_err() {
+                Ok(done) => {
+                    // The ACK leaves before the receive completion is queued, as a NIC acks
+                    // placed data by itself: once the receiving process sees the completion,
+                    // its exit cannot take the requester's ACK with it.
+                    let acked = self.answer(R_ACK, 0, seq).is_ok();
+                    if let Some((wr_id, opcode, len, imm)) = done {
+                        self.finish_recv(wr_id, opcode, len, imm);
+                    }
+                    if !acked {
                         return;
                     }
                 }
@@ -1403,7 +1413,8 @@ impl Responder<'_> {
         Ok(())
     }
 
-    fn on_send(&self, seq: u32, len: u64, imm: Option<u32>) -> Result<(), Refuse> {
+    /// Places a SEND; returns the receive completion to queue once it is acknowledged.
+    fn on_send(&self, seq: u32, len: u64, imm: Option<u32>) -> Result<Option<RecvDone>, Refuse> {
         let (wr_id, sge) = self.take_recv(seq)?;
         let cap = sge.map_or(0, |s| u64::from(s.len));
         if len > cap {
@@ -1437,8 +1448,7 @@ impl Responder<'_> {
                 }
             }
         }
-        self.finish_recv(wr_id, WcOpcode::Recv, len, imm);
-        Ok(())
+        Ok(Some((wr_id, WcOpcode::Recv, len, imm)))
     }
 
     fn on_write(
@@ -1448,7 +1458,7 @@ impl Responder<'_> {
         raddr: u64,
         rkey: u32,
         imm: Option<u32>,
-    ) -> Result<(), Refuse> {
+    ) -> Result<Option<RecvDone>, Refuse> {
         let recv = match imm {
             Some(_) => Some(self.take_recv(seq)?),
             None => None,
@@ -1479,10 +1489,7 @@ impl Responder<'_> {
                 }
             }
         }
-        if let Some((wr_id, _)) = recv {
-            self.finish_recv(wr_id, WcOpcode::RecvRdmaWithImm, len, imm);
-        }
-        Ok(())
+        Ok(recv.map(|(wr_id, _)| (wr_id, WcOpcode::RecvRdmaWithImm, len, imm)))
     }
 }
 

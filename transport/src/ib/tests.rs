@@ -50,6 +50,8 @@ fn conformance_over_emulated_nic() {
     conf::both_directions_at_once(&default_pair);
     conf::mismatch_is_reported_with_meta(&default_pair);
     conf::death_goodbye_and_abort(&default_pair);
+    conf::delivered_before_death_is_received(&default_pair);
+    conf::peek_shows_the_next_header(&default_pair);
 }
 
 fn send_recv(a: &mut dyn Conn, b: &mut dyn Conn, src: &[u8], dst: &mut [u8]) {
