@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--steps", type=int, default=400, help="training steps of the whole job")
     ap.add_argument("--step-time", type=float, default=0.02,
                     help="extra seconds per step (to watch joins and failures)")
+    ap.add_argument("--powersgd", action="store_true",
+                    help="DDP with torch's PowerSGD comm hook over several small buckets")
     args = ap.parse_args()
     os.environ.setdefault("BRAID_ELASTIC", "1")
 
@@ -83,7 +85,17 @@ def main():
                       f"rank={pg.rank()} step={int(step)}", flush=True)
                 check_identical(model, pg)
                 opt = torch.optim.SGD(model.parameters(), lr=0.05)
-                ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=pg)
+                if args.powersgd:
+                    # several buckets: the hook's callbacks issue all_reduces while backward
+                    # issues the next buckets' (braid orders them; Gloo hangs on this)
+                    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+                    ddp = torch.nn.parallel.DistributedDataParallel(
+                        model, process_group=pg, bucket_cap_mb=0.0001)
+                    state = powerSGD_hook.PowerSGDState(
+                        process_group=pg, matrix_approximation_rank=2, start_powerSGD_iter=2)
+                    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+                else:
+                    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=pg)
                 new_view = False
             if int(step) >= args.steps:  # every member holds the same step
                 break

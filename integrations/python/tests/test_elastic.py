@@ -42,11 +42,14 @@ def wait_for(procs, pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}:\n{logs}")
 
 
-def test_join_running_job_then_kill(tmp_path):
+@pytest.mark.parametrize("hook", ["none", "powersgd"])
+def test_join_running_job_then_kill(tmp_path, hook):
+    # powersgd: callbacks' operations run on communicators of their own, which every view
+    # change replaces
     port = free_port()
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                 BRAID_ELASTIC="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    steps = ["--steps", "600", "--step-time", "0.01"]
+    steps = ["--steps", "600", "--step-time", "0.01"] + (["--powersgd"] if hook != "none" else [])
     procs = []
     try:
         for r in range(2):
